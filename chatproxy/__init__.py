@@ -1,0 +1,48 @@
+"""chatproxy: a Flask proxy between web apps and the OpenAI API that keeps the key on the server."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from . import chat, errors, ops
+from .config import SettingsError, raw_settings, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+__all__ = ["create_app", "SettingsError"]
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: defaults, then .env and the environment, then `test_config`; fail fast on a bad setting."""
+    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"),
+                instance_path=str(ROOT / "instance"))
+    app.config.from_mapping(raw_settings(ROOT / ".env"))
+    if test_config is not None:
+        app.config.update(test_config)
+    settings = validate(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["chatproxy.settings"] = settings
+
+    errors.init_app(app)
+    chat.init_app(app)
+    ops.init_app(app)
+
+    @app.before_request
+    def _request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+    return app

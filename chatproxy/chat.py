@@ -1,0 +1,61 @@
+"""The chat blueprint: the page, POST /api/chat (JSON or SSE) and GET /api/models; owns the OpenAI client."""
+
+from __future__ import annotations
+
+import openai
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from openai import OpenAI
+
+from .config import Settings
+from .router import complete, make_client, upstream_error, upstream_params
+from .schemas import parse_chat_request, parse_json_body
+from .streaming import SSE_HEADERS, relay
+
+bp = Blueprint("chat", __name__)
+
+
+def init_app(app: Flask) -> None:
+    """Create the app's one OpenAI client and register the blueprint."""
+    app.extensions["chatproxy.client"] = make_client(app.extensions["chatproxy.settings"])
+    app.register_blueprint(bp)
+
+
+def settings() -> Settings:
+    """The current app's validated settings."""
+    return current_app.extensions["chatproxy.settings"]
+
+
+def client() -> OpenAI:
+    """The current app's OpenAI client."""
+    return current_app.extensions["chatproxy.client"]
+
+
+@bp.get("/")
+def page() -> str:
+    """The chat page."""
+    conf = settings()
+    return render_template("chat.html", models=conf.models, default_model=conf.default_model, demo=conf.demo,
+                           max_messages=conf.max_messages, max_total_chars=conf.max_total_chars)
+
+
+@bp.get("/api/models")
+def models() -> Response:
+    """The models a client may ask for, and the default."""
+    conf = settings()
+    return jsonify({"models": list(conf.models), "default": conf.default_model})
+
+
+@bp.post("/api/chat")
+def chat() -> Response:
+    """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
+    conf = settings()
+    chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), conf)
+    if not chat_request.stream:
+        return jsonify(complete(client(), chat_request, conf))
+    try:
+        # Opened before the first byte, so a refused call still gets a proper JSON error.
+        stream = client().chat.completions.create(**upstream_params(chat_request, conf))
+    except openai.APIError as exc:
+        raise upstream_error(exc) from None
+    return Response(relay(stream, chat_request.model, conf.keepalive_seconds),
+                    mimetype="text/event-stream", headers=SSE_HEADERS)

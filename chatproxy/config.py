@@ -1,0 +1,206 @@
+"""Settings: defaults, then `.env`, then the real environment, then test config; validated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or has a value that is not allowed."""
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _optional_text(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(str(value).strip())
+        if not low <= number <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return number
+
+    parse.allowed = f"an integer from {low} to {high}"  # type: ignore[attr-defined]
+    return parse
+
+
+def _float_range(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(str(value).strip())
+        if not low <= number <= high:
+            raise ValueError
+        return number
+
+    parse.allowed = f"a number from {low:g} to {high:g}"  # type: ignore[attr-defined]
+    return parse
+
+
+def _bool(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError
+
+
+_bool.allowed = "true or false"  # type: ignore[attr-defined]
+
+
+def _list(value: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in str(value).split(",") if item.strip())
+    if not items:
+        raise ValueError
+    return items
+
+
+_list.allowed = "a comma-separated list with at least one item"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its default, its parser and what it means."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("OPENAI_API_KEY", "", _text, "OpenAI API key. Required; stays on the server.", secret=True),
+    Setting("OPENAI_BASE_URL", "", _optional_text,
+            "Any OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama. Empty: api.openai.com."),
+    Setting("CHATPROXY_MODELS", "gpt-4o-mini,gpt-4o", _list, "Models a client may ask for (allowlist)."),
+    Setting("CHATPROXY_DEFAULT_MODEL", "gpt-4o-mini", _text, "Model used when the client names none."),
+    Setting("CHATPROXY_SYSTEM_PROMPT", "You are a helpful assistant.", _text,
+            "System prompt the server puts first in every conversation."),
+    Setting("CHATPROXY_SYSTEM_PROMPT_FILE", "", _optional_text,
+            "File whose text replaces CHATPROXY_SYSTEM_PROMPT."),
+    Setting("CHATPROXY_MAX_TOKENS", "1024", _int_range(1, 128_000),
+            "Server cap on completion tokens; larger client values are clamped."),
+    Setting("CHATPROXY_MAX_MESSAGES", "40", _int_range(1, 1000), "Most messages in one request."),
+    Setting("CHATPROXY_MAX_MESSAGE_CHARS", "8000", _int_range(1, 1_000_000), "Most characters in one message."),
+    Setting("CHATPROXY_MAX_TOTAL_CHARS", "32000", _int_range(1, 10_000_000),
+            "Most characters in all messages of one request."),
+    Setting("CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000),
+            "Largest request body accepted, in bytes."),
+    Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),
+    Setting("CHATPROXY_READ_TIMEOUT", "60", _float_range(0.1, 3600),
+            "Seconds to wait for upstream bytes (between stream chunks)."),
+    Setting("CHATPROXY_MAX_RETRIES", "2", _int_range(0, 10),
+            "Retries of a failed upstream call (429, 5xx, timeouts), done by the openai SDK."),
+    Setting("CHATPROXY_KEEPALIVE_SECONDS", "10", _float_range(0, 300),
+            "Send an SSE `: ping` comment when the upstream is silent this long (0: never)."),
+    Setting("CHATPROXY_DEMO", "false", _bool,
+            "Set by `make run` when it serves the offline demo upstream; shown on the page."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one application."""
+
+    openai_api_key: str
+    openai_base_url: str | None
+    models: tuple[str, ...]
+    default_model: str
+    system_prompt: str
+    max_tokens: int
+    max_messages: int
+    max_message_chars: int
+    max_total_chars: int
+    max_body_bytes: int
+    connect_timeout: float
+    read_timeout: float
+    max_retries: int
+    keepalive_seconds: float
+    demo: bool
+
+
+def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
+                 environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Defaults, overlaid by `.env`, overlaid by the real environment (which wins)."""
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    if env_file and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if k in values and v is not None})
+    environ = os.environ if environ is None else environ
+    values.update({k: environ[k] for k in values if k in environ})
+    return values
+
+
+def validate(config: Mapping[str, Any]) -> Settings:
+    """Parse every setting, or raise SettingsError naming the variable and what is allowed."""
+    parsed: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = config.get(setting.name, setting.default)
+        try:
+            parsed[setting.name] = setting.parse(value) if isinstance(value, str) else _coerce(setting, value)
+        except (TypeError, ValueError):
+            allowed = getattr(setting.parse, "allowed", "a valid value")
+            raise SettingsError(f"{setting.name} must be {allowed}; got {_show(setting, value)}.") from None
+    if not parsed["OPENAI_API_KEY"]:
+        raise SettingsError("OPENAI_API_KEY is not set. Put it in the environment or in .env "
+                            "(see .env.example); `make run` without a key serves the offline demo.")
+    if parsed["CHATPROXY_DEFAULT_MODEL"] not in parsed["CHATPROXY_MODELS"]:
+        raise SettingsError(f"CHATPROXY_DEFAULT_MODEL must be one of CHATPROXY_MODELS "
+                            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_DEFAULT_MODEL']!r}.")
+    base_url = parsed["OPENAI_BASE_URL"]
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")
+    return Settings(
+        openai_api_key=parsed["OPENAI_API_KEY"],
+        openai_base_url=base_url,
+        models=parsed["CHATPROXY_MODELS"],
+        default_model=parsed["CHATPROXY_DEFAULT_MODEL"],
+        system_prompt=_system_prompt(parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]),
+        max_tokens=parsed["CHATPROXY_MAX_TOKENS"],
+        max_messages=parsed["CHATPROXY_MAX_MESSAGES"],
+        max_message_chars=parsed["CHATPROXY_MAX_MESSAGE_CHARS"],
+        max_total_chars=parsed["CHATPROXY_MAX_TOTAL_CHARS"],
+        max_body_bytes=parsed["CHATPROXY_MAX_BODY_BYTES"],
+        connect_timeout=parsed["CHATPROXY_CONNECT_TIMEOUT"],
+        read_timeout=parsed["CHATPROXY_READ_TIMEOUT"],
+        max_retries=parsed["CHATPROXY_MAX_RETRIES"],
+        keepalive_seconds=parsed["CHATPROXY_KEEPALIVE_SECONDS"],
+        demo=parsed["CHATPROXY_DEMO"],
+    )
+
+
+def _coerce(setting: Setting, value: Any) -> Any:
+    """Accept already-typed values from test_config by round-tripping them through the parser."""
+    if isinstance(value, bool):
+        return setting.parse("true" if value else "false")
+    if isinstance(value, (list, tuple)):
+        return setting.parse(",".join(map(str, value)))
+    if value is None:
+        return setting.parse("")
+    return setting.parse(str(value))
+
+
+def _show(setting: Setting, value: Any) -> str:
+    return "a hidden value" if setting.secret else repr(value)
+
+
+def _system_prompt(text: str, path: str | None) -> str:
+    if not path:
+        return text
+    try:
+        prompt = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"CHATPROXY_SYSTEM_PROMPT_FILE must name a readable file; "
+                            f"cannot read {path!r} ({exc.strerror}).") from None
+    if not prompt:
+        raise SettingsError(f"CHATPROXY_SYSTEM_PROMPT_FILE must name a non-empty file; {path!r} is empty.")
+    return prompt

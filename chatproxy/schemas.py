@@ -1,0 +1,130 @@
+"""The /api/chat request: parsed from raw bytes, validated against the caps, unknown fields rejected."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .errors import ApiError, invalid
+
+CHAT_FIELDS = frozenset({"message", "messages", "model", "max_tokens", "temperature", "stream"})
+CLIENT_ROLES = ("user", "assistant")
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat request, ready to send upstream."""
+
+    messages: list[dict[str, str]]  # the client's turns; our system prompt is added by the router
+    model: str
+    max_tokens: int
+    temperature: float | None
+    stream: bool
+
+
+def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
+    """Decode a JSON object body or raise the contract's 4xx error."""
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Send the body as application/json.")
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise invalid("The JSON body is nested too deeply.") from None
+    except UnicodeDecodeError:
+        raise invalid("The body is not valid UTF-8.") from None
+    except ValueError:
+        raise invalid("The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise invalid("The body must be a JSON object.")
+    return body
+
+
+def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
+    """Validate a chat body against the settings' allowlist and caps."""
+    unknown = sorted(set(body) - CHAT_FIELDS)
+    if unknown:
+        raise invalid(f"Unknown field: {unknown[0][:64]!r}. Allowed fields: {', '.join(sorted(CHAT_FIELDS))}.")
+    if ("message" in body) == ("messages" in body):
+        raise invalid("Send either 'message' (a string) or 'messages' (a list), not both or neither.")
+    messages = _messages(body, settings)
+    return ChatRequest(
+        messages=messages,
+        model=_model(body.get("model"), settings),
+        max_tokens=_max_tokens(body.get("max_tokens"), settings),
+        temperature=_temperature(body.get("temperature")),
+        stream=_flag(body.get("stream"), "stream"),
+    )
+
+
+def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
+    if "message" in body:
+        raw: Any = [{"role": "user", "content": body["message"]}]
+    else:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise invalid("'messages' must be a non-empty list of {role, content} objects.")
+    if len(raw) > settings.max_messages:
+        raise invalid(f"Too many messages: at most {settings.max_messages} per request.")
+    messages, total = [], 0
+    for index, item in enumerate(raw):
+        where = "'message'" if "message" in body else f"messages[{index}]"
+        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+            raise invalid(f"{where} must be an object with exactly 'role' and 'content'.")
+        role, content = item["role"], item["content"]
+        if role not in CLIENT_ROLES:
+            raise invalid(f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt.")
+        if not isinstance(content, str) or not content.strip():
+            raise invalid(f"{where} must be a non-empty string." if where == "'message'"
+                          else f"{where}.content must be a non-empty string.")
+        if len(content) > settings.max_message_chars:
+            raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(f"{where} contains characters that are not valid Unicode.") from None
+        total += len(content)
+        messages.append({"role": role, "content": content})
+    if total > settings.max_total_chars:
+        raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
+    if messages[-1]["role"] != "user":
+        raise invalid("The last message must come from the user.")
+    return messages
+
+
+def _model(value: Any, settings: Settings) -> str:
+    if value is None:
+        return settings.default_model
+    if not isinstance(value, str) or value not in settings.models:
+        raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
+    return value
+
+
+def _max_tokens(value: Any, settings: Settings) -> int:
+    if value is None:
+        return settings.max_tokens
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid("'max_tokens' must be an integer.")
+    if value < 1:
+        raise invalid("'max_tokens' must be at least 1.")
+    return min(value, settings.max_tokens)
+
+
+def _temperature(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid("'temperature' must be a number.")
+    if not 0.0 <= value <= MAX_TEMPERATURE:
+        raise invalid(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}.")
+    return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be true or false.")
+    return value

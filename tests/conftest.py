@@ -1,0 +1,83 @@
+"""Fixtures: the loopback fake upstream, the app pointed at it, a test client and a live server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from chatproxy import create_app
+from tests.fake_openai import FakeOpenAI
+
+TEST_KEY = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="session")
+def _fake_server() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(_fake_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """The fake upstream, with no calls, scripts or rules left from other tests."""
+    _fake_server.reset()
+    yield _fake_server
+    _fake_server.reset()
+
+
+@pytest.fixture
+def settings_for(fake: FakeOpenAI):
+    """Build a test_config pointed at the fake, with overrides."""
+
+    def make(**overrides: object) -> dict[str, object]:
+        config: dict[str, object] = {
+            "TESTING": True,
+            "OPENAI_API_KEY": TEST_KEY,
+            "OPENAI_BASE_URL": fake.base_url,
+            "CHATPROXY_MAX_RETRIES": 0,
+            "CHATPROXY_READ_TIMEOUT": 5,
+        }
+        config.update(overrides)
+        return config
+
+    return make
+
+
+@pytest.fixture
+def app(settings_for) -> Flask:
+    """An app talking to the fake upstream, SDK retries off unless a test turns them on."""
+    return create_app(settings_for())
+
+
+@pytest.fixture
+def client(app: Flask):
+    """Flask's test client for `app`."""
+    return app.test_client()
+
+
+@pytest.fixture
+def serve():
+    """Serve an app on a real loopback port in a thread; returns its base URL."""
+    servers = []
+
+    def start(app: Flask) -> str:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def live_url(app: Flask, serve) -> str:
+    """`app` served on a real loopback port."""
+    return serve(app)

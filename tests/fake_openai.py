@@ -1,0 +1,348 @@
+"""A loopback fake of the OpenAI Chat Completions API, with scriptable faults.
+
+One implementation serves the tests, the offline demo (`make run` without a key)
+and the benchmarks. It is a real HTTP server: the `openai` SDK talks to it over
+TCP exactly as it talks to api.openai.com.
+
+    fake = FakeOpenAI().start()
+    fake.script(Reply(status=429, headers={"retry-after-ms": "10"}), Reply())
+    ...  # point OPENAI_BASE_URL at fake.base_url
+    fake.calls  # every request received, in order
+    fake.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """How the fake answers one call; every field has a harmless default."""
+
+    status: int = 200
+    content: str | None = None  # default: an echo of the last user message
+    chunks: list[str] | None = None  # stream deltas; default: `content` split into words
+    headers: dict[str, str] = field(default_factory=dict)
+    error: dict[str, Any] | None = None  # error body for status >= 400
+    delay: float = 0.0  # seconds before the status line
+    pace: float = 0.0  # seconds between stream chunks
+    first_chunk_delay: float = 0.0  # seconds before the first delta
+    drop_after: int | None = None  # stream: close the connection after N deltas
+    malformed_after: int | None = None  # stream: send a broken data line after N deltas
+    stall_after: int | None = None  # stream: stop sending for `stall` seconds after N deltas
+    stall: float = 0.0
+    reset: bool = False  # close the connection without any response
+    finish_reason: str = "stop"
+    model: str | None = None  # answer as this model (default: the one asked for)
+
+
+@dataclass
+class Call:
+    """One request the fake received, and what happened to it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    received_at: float
+    chunk_times: list[float] = field(default_factory=list)  # when each delta was written
+    finished: bool = False
+    disconnected_at: float | None = None  # when the fake saw the client close mid-stream
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def model(self) -> str | None:
+        """The model the caller asked for."""
+        return self.body.get("model") if isinstance(self.body, dict) else None
+
+    @property
+    def stream(self) -> bool:
+        """Whether the caller asked for a stream."""
+        return isinstance(self.body, dict) and bool(self.body.get("stream"))
+
+
+DEMO_TEXT = (
+    "This answer comes from the offline demo upstream, not from OpenAI. "
+    "Set OPENAI_API_KEY to talk to a real model. You said: "
+)
+
+
+def count_tokens(text: str) -> int:
+    """A deterministic stand-in for a tokenizer: one token per 4 characters."""
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+class FakeOpenAI:
+    """A threaded HTTP server speaking the Chat Completions wire format."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, demo: bool = False,
+                 default: Reply | None = None) -> None:
+        self.calls: list[Call] = []
+        self.demo = demo
+        self.default = default or Reply(pace=0.03 if demo else 0.0)
+        self._script: list[Reply] = []
+        self._per_model: dict[str, Reply] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The URL to give the SDK as `base_url`."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def script(self, *replies: Reply) -> None:
+        """Queue replies for the next calls, in order; then the default applies."""
+        with self._lock:
+            self._script.extend(replies)
+
+    def for_model(self, model: str, reply: Reply | None) -> None:
+        """Answer every call for `model` with `reply` (None removes the rule)."""
+        with self._lock:
+            if reply is None:
+                self._per_model.pop(model, None)
+            else:
+                self._per_model[model] = reply
+
+    def reset(self) -> None:
+        """Forget calls, scripts and per-model rules."""
+        with self._lock:
+            self.calls.clear()
+            self._script.clear()
+            self._per_model.clear()
+
+    def chat_calls(self) -> list[Call]:
+        """The calls made to /chat/completions."""
+        return [c for c in self.calls if c.path.split("?")[0].endswith("/chat/completions")]
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> bool:
+        """Poll until `predicate()` is true or `timeout` passes."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return bool(predicate())
+
+    def _next_reply(self, body: Any) -> Reply:
+        with self._lock:
+            model = body.get("model") if isinstance(body, dict) else None
+            if model in self._per_model:
+                return self._per_model[model]
+            if self._script:
+                return self._script.pop(0)
+            return self.default
+
+
+def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            call = self._record(None)
+            if self.path.rstrip("/").endswith("/models"):
+                data = [{"id": m, "object": "model", "owned_by": "fake"} for m in ("gpt-4o", "gpt-4o-mini")]
+                self._json(200, {"object": "list", "data": data})
+            else:
+                self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+            call.finished = True
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            call = self._record(body)
+            if not self.path.split("?")[0].endswith("/chat/completions") or not isinstance(body, dict):
+                self._json(404, {"error": {"message": "unknown route", "type": "invalid_request_error"}})
+                return
+            reply = fake._next_reply(body)
+            if reply.delay:
+                time.sleep(reply.delay)
+            if reply.reset:
+                self._reset()
+                return
+            if reply.status >= 400:
+                error = reply.error or {"message": f"fake error {reply.status}", "type": "server_error"}
+                self._json(reply.status, {"error": error}, reply.headers)
+                call.finished = True
+                return
+            text = reply.content if reply.content is not None else _answer_for(body, fake.demo)
+            call.prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", [])
+                                     if isinstance(m, dict))
+            if body.get("stream"):
+                self._stream(call, body, reply, text)
+            else:
+                call.completion_tokens = count_tokens(text)
+                self._json(200, _completion(body, reply, text, call), reply.headers)
+                call.finished = True
+
+        def _record(self, body: Any) -> Call:
+            call = Call(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+            with fake._lock:
+                fake.calls.append(call)
+            return call
+
+        def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _reset(self) -> None:
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.connection.close()
+
+        def _stream(self, call: Call, body: dict, reply: Reply, text: str) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("cache-control", "no-cache")
+            self.send_header("connection", "close")
+            for key, value in reply.headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.close_connection = True
+            model = reply.model or body.get("model")
+            chunks = reply.chunks if reply.chunks is not None else _split(text)
+            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": model}
+            try:
+                self._send(call, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                        "finish_reason": None}]}, count=False)
+                if reply.first_chunk_delay:
+                    time.sleep(reply.first_chunk_delay)
+                for i, piece in enumerate(chunks):
+                    if i and reply.pace:
+                        time.sleep(reply.pace)
+                    if reply.drop_after is not None and i == reply.drop_after:
+                        return
+                    if reply.malformed_after is not None and i == reply.malformed_after:
+                        self._write(call, b"data: {not json\n\n")
+                        return
+                    if reply.stall_after is not None and i == reply.stall_after:
+                        time.sleep(reply.stall)
+                    self._send(call, {**base, "choices": [{"index": 0, "delta": {"content": piece},
+                                                            "finish_reason": None}]})
+                    call.completion_tokens += 1
+                self._send(call, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
+                           count=False)
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._send(call, {**base, "choices": [], "usage": _usage(call)}, count=False)
+                self._write(call, b"data: [DONE]\n\n")
+                call.finished = True
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                return
+
+        def _send(self, call: Call, payload: dict, count: bool = True) -> None:
+            self._write(call, b"data: " + json.dumps(payload).encode() + b"\n\n")
+            if count:
+                call.chunk_times.append(time.time())
+
+        def _write(self, call: Call, data: bytes) -> None:
+            try:
+                self.wfile.write(data)
+                self.wfile.flush()
+                _peer_closed(self.connection)
+            except OSError:
+                call.disconnected_at = time.time()
+                raise
+
+    return Handler
+
+
+def _peer_closed(sock: socket.socket) -> None:
+    """Raise ConnectionResetError when the peer has closed its end (FIN or RST)."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return
+    except OSError as exc:
+        raise ConnectionResetError from exc
+    if data == b"":
+        raise ConnectionResetError
+
+
+def _answer_for(body: dict, demo: bool) -> str:
+    messages = body.get("messages") or []
+    last = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
+    if not isinstance(last, str):
+        last = json.dumps(last)
+    if demo:
+        return DEMO_TEXT + last
+    return f"Echo: {last}"
+
+
+def _split(text: str) -> list[str]:
+    """Split text into word-sized deltas that join back to the exact text."""
+    pieces, start = [], 0
+    for i, ch in enumerate(text):
+        if ch == " " and i > start:
+            pieces.append(text[start:i])
+            start = i
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+def _usage(call: Call) -> dict[str, int]:
+    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+            "total_tokens": call.prompt_tokens + call.completion_tokens}
+
+
+def _completion(body: dict, reply: Reply, text: str, call: Call) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": reply.model or body.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": reply.finish_reason}],
+        "usage": _usage(call),
+    }
+
+
+def main() -> None:
+    """Run the fake standalone: `python -m tests.fake_openai --port 8081`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--demo", action="store_true", help="pace the words like a real model")
+    args = parser.parse_args()
+    fake = FakeOpenAI(args.host, args.port, demo=args.demo)
+    print(f"fake OpenAI upstream on {fake.base_url}", flush=True)
+    fake._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
