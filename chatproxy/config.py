@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def _int_range(low: int, high: int) -> Callable[[str], int]:
 def _float_range(low: float, high: float) -> Callable[[str], float]:
     def parse(value: str) -> float:
         number = float(str(value).strip())
-        if not low <= number <= high:
+        if not low <= number <= high:  # also refuses NaN
             raise ValueError
         return number
 
@@ -55,6 +56,38 @@ def _bool(value: str) -> bool:
 
 
 _bool.allowed = "true or false"  # type: ignore[attr-defined]
+
+
+def _optional_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in str(value).split(",") if item.strip())
+
+
+_optional_list.allowed = "a comma-separated list"  # type: ignore[attr-defined]
+
+
+def _dollars(value: str) -> int:
+    """Dollars as integer micro-dollars (no floats for money); 0 means no cap."""
+    amount = Decimal(str(value).strip())
+    if not amount.is_finite() or amount < 0:
+        raise ValueError
+    return int(amount * 1_000_000)
+
+
+_dollars.allowed = "an amount in dollars, 0 or more (0: no cap)"  # type: ignore[attr-defined]
+
+
+def _rate(value: str) -> str:
+    text = str(value).strip()
+    try:
+        from limits import parse_many
+
+        parse_many(text)
+    except ValueError:
+        raise ValueError from None
+    return text
+
+
+_rate.allowed = "a rate limit such as '30/minute' or '5/second;100/hour'"  # type: ignore[attr-defined]
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -105,6 +138,52 @@ SETTINGS: tuple[Setting, ...] = (
             "Send an SSE `: ping` comment when the upstream is silent this long (0: never)."),
     Setting("CHATPROXY_DEMO", "false", _bool,
             "Set by `make run` when it serves the offline demo upstream; shown on the page."),
+    # Access control (guards.py)
+    Setting("CHATPROXY_SECRET_KEY", "", _text,
+            "Signs the page's session cookie. Set the same long random value on every worker and host; "
+            "empty: a random key per process (sessions do not survive restarts or span workers).", secret=True),
+    Setting("CHATPROXY_ALLOWED_ORIGINS", "", _optional_list,
+            "Browser origins (scheme://host[:port]) allowed to call /api/* with CORS. Empty: none."),
+    Setting("CHATPROXY_API_TOKENS", "", _optional_list,
+            "Bearer tokens for server-side clients as name=sha256:HEX (from `flask --app chatproxy new-token NAME`)."),
+    Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage."),
+    Setting("CHATPROXY_ALLOW_ANONYMOUS", "false", _bool,
+            "Let requests with no session, origin or token call the API (limited per client IP)."),
+    Setting("CHATPROXY_TRUSTED_PROXIES", "0", _int_range(0, 10),
+            "Reverse proxies in front of the app (nginx: 1). X-Forwarded-For is ignored when 0."),
+    Setting("CHATPROXY_RATE_LIMIT_PAGE", "20/minute", _rate, "Rate limit per chat-page session."),
+    Setting("CHATPROXY_RATE_LIMIT_ORIGIN", "60/minute", _rate, "Rate limit per client IP for allowed origins."),
+    Setting("CHATPROXY_RATE_LIMIT_TOKEN", "120/minute", _rate, "Rate limit per bearer-token name."),
+    Setting("CHATPROXY_RATE_LIMIT_ANONYMOUS", "10/minute", _rate,
+            "Rate limit per client IP when anonymous access is on."),
+    Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000), "Simultaneous streams per identity."),
+    Setting("CHATPROXY_REDIS_URL", "", _optional_text,
+            "redis://host:6379/0 to share limits, budgets and cooldowns across workers and hosts. "
+            "Empty: in-process (one worker)."),
+    # Cost control (usage.py)
+    Setting("CHATPROXY_DATABASE_URL", "", _optional_text,
+            "Ledger database (SQLAlchemy URL). Empty: sqlite:///instance/chatproxy.db. "
+            "PostgreSQL: postgresql+psycopg://user@host/db."),
+    Setting("CHATPROXY_PRICES", "", _optional_text,
+            "JSON overriding the price table, e.g. {\"gpt-4o\": {\"input\": 2.5, \"cached_input\": 1.25, "
+            "\"output\": 10}} (dollars per million tokens)."),
+    Setting("CHATPROXY_DAILY_BUDGET_USD", "10", _dollars, "Spend cap for all callers per UTC day (0: none)."),
+    Setting("CHATPROXY_IDENTITY_DAILY_BUDGET_USD", "1", _dollars, "Spend cap per identity per UTC day (0: none)."),
+    Setting("CHATPROXY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap for all callers per day (0: none)."),
+    Setting("CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12),
+            "Token cap per identity per day (0: none)."),
+    # Resilience (router.py)
+    Setting("CHATPROXY_FALLBACK_CHAIN", "gpt-4o,gpt-4o-mini", _optional_list,
+            "Order of models to fall back through on 429, 5xx, timeouts and connection errors."),
+    Setting("CHATPROXY_RETRY_MAX_WAIT", "5", _float_range(0, 600),
+            "Longest Retry-After we wait before retrying; a longer one falls back instead."),
+    Setting("CHATPROXY_TOTAL_TIMEOUT", "120", _float_range(1, 3600),
+            "Deadline for one request across all retries and fallbacks, in seconds."),
+    Setting("CHATPROXY_COOLDOWN_FAILURES", "3", _int_range(1, 1000),
+            "Failures within the window that put a model in cooldown."),
+    Setting("CHATPROXY_COOLDOWN_WINDOW", "60", _float_range(1, 86400), "Window for counting failures, in seconds."),
+    Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
+            "How long a failing model is skipped (at least the upstream's Retry-After)."),
 )
 
 
@@ -127,6 +206,30 @@ class Settings:
     max_retries: int
     keepalive_seconds: float
     demo: bool
+    secret_key: str
+    allowed_origins: tuple[str, ...]
+    api_tokens: tuple[str, ...]
+    admin_tokens: tuple[str, ...]
+    allow_anonymous: bool
+    trusted_proxies: int
+    rate_limit_page: str
+    rate_limit_origin: str
+    rate_limit_token: str
+    rate_limit_anonymous: str
+    max_streams: int
+    redis_url: str | None
+    database_url: str | None
+    prices: str | None
+    daily_budget_micros: int
+    identity_daily_budget_micros: int
+    daily_token_budget: int
+    identity_daily_token_budget: int
+    fallback_chain: tuple[str, ...]
+    retry_max_wait: float
+    total_timeout: float
+    cooldown_failures: int
+    cooldown_window: float
+    cooldown_seconds: float
 
 
 def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
@@ -147,7 +250,7 @@ def validate(config: Mapping[str, Any]) -> Settings:
         value = config.get(setting.name, setting.default)
         try:
             parsed[setting.name] = setting.parse(value) if isinstance(value, str) else _coerce(setting, value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, InvalidOperation):
             allowed = getattr(setting.parse, "allowed", "a valid value")
             raise SettingsError(f"{setting.name} must be {allowed}; got {_show(setting, value)}.") from None
     if not parsed["OPENAI_API_KEY"]:
@@ -175,6 +278,30 @@ def validate(config: Mapping[str, Any]) -> Settings:
         max_retries=parsed["CHATPROXY_MAX_RETRIES"],
         keepalive_seconds=parsed["CHATPROXY_KEEPALIVE_SECONDS"],
         demo=parsed["CHATPROXY_DEMO"],
+        secret_key=parsed["CHATPROXY_SECRET_KEY"],
+        allowed_origins=parsed["CHATPROXY_ALLOWED_ORIGINS"],
+        api_tokens=parsed["CHATPROXY_API_TOKENS"],
+        admin_tokens=parsed["CHATPROXY_ADMIN_TOKENS"],
+        allow_anonymous=parsed["CHATPROXY_ALLOW_ANONYMOUS"],
+        trusted_proxies=parsed["CHATPROXY_TRUSTED_PROXIES"],
+        rate_limit_page=parsed["CHATPROXY_RATE_LIMIT_PAGE"],
+        rate_limit_origin=parsed["CHATPROXY_RATE_LIMIT_ORIGIN"],
+        rate_limit_token=parsed["CHATPROXY_RATE_LIMIT_TOKEN"],
+        rate_limit_anonymous=parsed["CHATPROXY_RATE_LIMIT_ANONYMOUS"],
+        max_streams=parsed["CHATPROXY_MAX_STREAMS"],
+        redis_url=parsed["CHATPROXY_REDIS_URL"],
+        database_url=parsed["CHATPROXY_DATABASE_URL"],
+        prices=parsed["CHATPROXY_PRICES"],
+        daily_budget_micros=parsed["CHATPROXY_DAILY_BUDGET_USD"],
+        identity_daily_budget_micros=parsed["CHATPROXY_IDENTITY_DAILY_BUDGET_USD"],
+        daily_token_budget=parsed["CHATPROXY_DAILY_TOKEN_BUDGET"],
+        identity_daily_token_budget=parsed["CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET"],
+        fallback_chain=parsed["CHATPROXY_FALLBACK_CHAIN"],
+        retry_max_wait=parsed["CHATPROXY_RETRY_MAX_WAIT"],
+        total_timeout=parsed["CHATPROXY_TOTAL_TIMEOUT"],
+        cooldown_failures=parsed["CHATPROXY_COOLDOWN_FAILURES"],
+        cooldown_window=parsed["CHATPROXY_COOLDOWN_WINDOW"],
+        cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
     )
 
 

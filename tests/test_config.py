@@ -10,6 +10,7 @@ import pytest
 
 from chatproxy import SettingsError, create_app
 from chatproxy.config import SETTINGS, raw_settings, validate
+from docs.gen_settings import env_example, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,12 +68,14 @@ def test_missing_key_names_the_variable():
         validate({"OPENAI_API_KEY": ""})
 
 
-def test_every_setting_is_in_env_example_and_readme():
+def test_env_example_and_readme_list_every_setting():
+    """Run `python docs/gen_settings.py` after changing SETTINGS."""
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert example == env_example()
+    assert readme_table() in readme
     for setting in SETTINGS:
-        assert f"{setting.name}=" in example, setting.name
-        assert f"`{setting.name}`" in readme, setting.name
+        assert f"\n{setting.name}=" in example, setting.name
 
 
 def test_wsgi_without_a_key_refuses_to_start(tmp_path):
