@@ -37,8 +37,8 @@ def main() -> None:
     (ROOT / ".env.example").write_text(env_example(), encoding="utf-8")
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    text = re.sub(r"(<!-- settings:start -->\n).*?(\n<!-- settings:end -->)",
-                  lambda m: m.group(1) + readme_table() + m.group(2), text, flags=re.S)
+    text = re.sub(r"(<!-- settings:start -->\n).*?(<!-- settings:end -->)",
+                  lambda m: m.group(1) + readme_table() + "\n" + m.group(2), text, flags=re.S)
     readme.write_text(text, encoding="utf-8")
 
 
