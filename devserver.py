@@ -8,10 +8,18 @@ from __future__ import annotations
 import argparse
 import os
 
+from dotenv import dotenv_values
+
 from chatproxy import ROOT, SettingsError, create_app
 from chatproxy.config import raw_settings
 
 DEMO_KEY = "sk-demo-offline-not-a-real-key"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _set_by_user(name: str) -> bool:
+    """Whether the environment or .env names this setting explicitly."""
+    return name in os.environ or name in dotenv_values(ROOT / ".env")
 
 
 def main() -> None:
@@ -22,11 +30,16 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides: dict[str, object] = {}
-    if not raw_settings(ROOT / ".env")["OPENAI_API_KEY"].strip():
+    raw = raw_settings(ROOT / ".env")
+    if args.host in LOOPBACK and raw["CHATPROXY_ALLOW_ANONYMOUS"] == "false" and not _set_by_user("CHATPROXY_ALLOW_ANONYMOUS"):
+        # Only this machine can reach a loopback dev server, so plain curl works out of the box here.
+        overrides["CHATPROXY_ALLOW_ANONYMOUS"] = True
+        print("Dev server on loopback: anonymous API calls allowed (gunicorn wsgi:app refuses them).", flush=True)
+    if not raw["OPENAI_API_KEY"].strip():
         from tests.fake_openai import FakeOpenAI
 
         fake = FakeOpenAI(demo=True).start()
-        overrides = {"OPENAI_API_KEY": DEMO_KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DEMO": True}
+        overrides.update({"OPENAI_API_KEY": DEMO_KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DEMO": True})
         print(f"No OPENAI_API_KEY set: serving the OFFLINE DEMO upstream at {fake.base_url}.\n"
               "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API.", flush=True)
     try:

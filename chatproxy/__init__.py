@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import chat, errors, ops
+from . import chat, errors, guards, ops, security
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +32,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["chatproxy.settings"] = settings
 
     errors.init_app(app)
+    security.init_app(app)
+    guards.init_app(app)
     chat.init_app(app)
     ops.init_app(app)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import openai
-from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
 from openai import OpenAI
 
 from .config import Settings
+from .guards import csrf_token, take_stream_slot
 from .router import complete, make_client, upstream_error, upstream_params
 from .schemas import parse_chat_request, parse_json_body
 from .streaming import SSE_HEADERS, relay
@@ -35,7 +36,8 @@ def page() -> str:
     """The chat page."""
     conf = settings()
     return render_template("chat.html", models=conf.models, default_model=conf.default_model, demo=conf.demo,
-                           max_messages=conf.max_messages, max_total_chars=conf.max_total_chars)
+                           max_messages=conf.max_messages, max_total_chars=conf.max_total_chars,
+                           csrf_token=csrf_token())
 
 
 @bp.get("/api/models")
@@ -52,10 +54,14 @@ def chat() -> Response:
     chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), conf)
     if not chat_request.stream:
         return jsonify(complete(client(), chat_request, conf))
+    release_slot = take_stream_slot(g.identity)
     try:
         # Opened before the first byte, so a refused call still gets a proper JSON error.
         stream = client().chat.completions.create(**upstream_params(chat_request, conf))
     except openai.APIError as exc:
+        release_slot()
         raise upstream_error(exc) from None
-    return Response(relay(stream, chat_request.model, conf.keepalive_seconds),
-                    mimetype="text/event-stream", headers=SSE_HEADERS)
+    response = Response(relay(stream, chat_request.model, conf.keepalive_seconds),
+                        mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(release_slot)
+    return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -259,6 +260,10 @@ def validate(config: Mapping[str, Any]) -> Settings:
     if parsed["CHATPROXY_DEFAULT_MODEL"] not in parsed["CHATPROXY_MODELS"]:
         raise SettingsError(f"CHATPROXY_DEFAULT_MODEL must be one of CHATPROXY_MODELS "
                             f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_DEFAULT_MODEL']!r}.")
+    for origin in parsed["CHATPROXY_ALLOWED_ORIGINS"]:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+            raise SettingsError(f"CHATPROXY_ALLOWED_ORIGINS must list exact origins like https://app.example.com "
+                                f"(no '*', no path); got {origin!r}.")
     base_url = parsed["OPENAI_BASE_URL"]
     if base_url and not base_url.startswith(("http://", "https://")):
         raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")

@@ -69,6 +69,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
+        if isinstance(error.response, Response):  # already in the contract's shape (e.g. the rate limiter's)
+            return error.response
         status = error.code or 500
         code = _HTTP_CODES.get(status, "http_error")
         message = _HTTP_MESSAGES.get(status) or (error.description or "The request failed.")

@@ -42,6 +42,12 @@ def settings_for(fake: FakeOpenAI):
             "OPENAI_BASE_URL": fake.base_url,
             "CHATPROXY_MAX_RETRIES": 0,
             "CHATPROXY_READ_TIMEOUT": 5,
+            "CHATPROXY_SECRET_KEY": "test-secret-key",
+            # Proxy behaviour tests call as anonymous; tests/test_guards.py turns access control back on.
+            "CHATPROXY_ALLOW_ANONYMOUS": True,
+            "CHATPROXY_RATE_LIMIT_ANONYMOUS": "100000/minute",
+            "CHATPROXY_RATE_LIMIT_PAGE": "100000/minute",
+            "CHATPROXY_MAX_STREAMS": 1000,
         }
         config.update(overrides)
         return config

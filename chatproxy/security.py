@@ -1,0 +1,67 @@
+"""Security headers on every response, and a log-record factory that redacts keys and Authorization values."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Response, request
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+HSTS = "max-age=31536000; includeSubDomains"
+
+# OpenAI keys (sk-..., sk-proj-..., sess-...), our own bearer tokens, and any Authorization/api-key value.
+_SECRET = re.compile(
+    r"\b(?:sk|sess|cpx)[-_][A-Za-z0-9_\-]{8,}"
+    r"|(?i:(?<=authorization: )|(?<=authorization': ')|(?<=bearer )|(?<=api-key: )|(?<=api-key': '))[^\s'\",]+"
+)
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str) -> str:
+    """Replace anything shaped like a key or an Authorization value."""
+    return _SECRET.sub(REDACTED, text)
+
+
+def init_app(app: Flask) -> None:
+    """Add the security headers to every response and redact secrets from every log record."""
+    install_log_redaction()
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        for name, value in HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
+        if request.path.startswith(("/api/", "/v1/")):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def install_log_redaction() -> None:
+    """Wrap the log-record factory once, so records from every logger (ours, the SDK's, gunicorn's) are redacted."""
+    current = logging.getLogRecordFactory()
+    if getattr(current, "chatproxy_redacting", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not break logging
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    factory.chatproxy_redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -1,0 +1,335 @@
+"""Access control and abuse protection: each test is an attack a reader can recognise."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from chatproxy import create_app
+from chatproxy.guards import hash_token
+from tests.fake_openai import Reply
+from tests.sse import post_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ALLOWED = "https://app.example.com"
+TOKEN = "cpx_test-token-for-alice-0123456789"
+CHAT = {"message": "hi"}
+
+
+@pytest.fixture
+def locked(settings_for):
+    """Build an app with access control as shipped: no anonymous access."""
+
+    def make(**overrides: object):
+        config = {"CHATPROXY_ALLOW_ANONYMOUS": False, "CHATPROXY_ALLOWED_ORIGINS": ALLOWED,
+                  "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}"}
+        config.update(overrides)
+        return create_app(settings_for(**config))
+
+    return make
+
+
+def page_session(client) -> str:
+    """Load the page like a browser and return its CSRF token."""
+    html = client.get("/").get_data(as_text=True)
+    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
+
+
+def test_curl_without_origin_or_token_is_refused(locked, fake):
+    response = locked().test_client().post("/api/chat", json=CHAT)
+
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == "unauthorized"
+    assert fake.calls == []
+
+
+def test_forged_origin_is_refused_and_gets_no_cors_headers(locked, fake):
+    response = locked().test_client().post("/api/chat", json=CHAT, headers={"Origin": "https://evil.example"})
+
+    assert response.status_code == 403
+    assert response.get_json()["error"]["code"] == "forbidden_origin"
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert fake.calls == []
+
+
+def test_forged_origin_is_refused_even_with_a_valid_token(locked, fake):
+    response = locked().test_client().post("/api/chat", json=CHAT, headers={
+        "Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 403
+    assert fake.calls == []
+
+
+def test_allowed_origin_gets_its_own_origin_back(locked, fake):
+    response = locked().test_client().post("/api/chat", json=CHAT, headers={"Origin": ALLOWED})
+
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    assert len(fake.chat_calls()) == 1
+
+
+def test_preflight_is_answered_for_allowed_origins_only(locked):
+    client = locked().test_client()
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+
+    allowed = client.options("/api/chat", headers={"Origin": ALLOWED, **preflight})
+    refused = client.options("/api/chat", headers={"Origin": "https://evil.example", **preflight})
+
+    assert allowed.status_code == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+    assert "content-type" in allowed.headers["Access-Control-Allow-Headers"].lower()
+    assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+def test_no_origin_is_allowed_by_default(settings_for):
+    app = create_app(settings_for(CHATPROXY_ALLOW_ANONYMOUS=False))
+
+    response = app.test_client().post("/api/chat", json=CHAT, headers={"Origin": "https://app.example.com"})
+
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize("origins", ["*", "https://ok.example,*", "app.example.com", "https://x.example/path"])
+def test_wildcard_or_malformed_origins_stop_start_up(settings_for, origins):
+    from chatproxy import SettingsError
+
+    with pytest.raises(SettingsError, match="CHATPROXY_ALLOWED_ORIGINS"):
+        create_app(settings_for(CHATPROXY_ALLOWED_ORIGINS=origins))
+
+
+def test_page_session_with_csrf_token_may_chat(locked, fake):
+    client = locked().test_client()
+    token = page_session(client)
+
+    response = client.post("/api/chat", json=CHAT, headers={"X-CSRF-Token": token})
+
+    assert response.status_code == 200
+    assert len(fake.chat_calls()) == 1
+
+
+@pytest.mark.parametrize("sent", [None, "", "wrong-token"])
+def test_page_session_without_the_right_csrf_token_is_refused(locked, fake, sent):
+    client = locked().test_client()
+    page_session(client)
+    headers = {} if sent is None else {"X-CSRF-Token": sent}
+
+    response = client.post("/api/chat", json=CHAT, headers=headers)
+
+    assert response.status_code == 403
+    assert response.get_json()["error"]["code"] == "csrf_failed"
+    assert fake.calls == []
+
+
+def test_session_cookie_is_httponly_strict_and_secure_on_https(locked):
+    app = locked(CHATPROXY_TRUSTED_PROXIES=1)
+    plain = app.test_client().get("/").headers["Set-Cookie"]
+    https = app.test_client().get("/", headers={"X-Forwarded-Proto": "https"}).headers["Set-Cookie"]
+
+    assert "HttpOnly" in plain and "SameSite=Strict" in plain and "Secure" not in plain
+    assert "Secure" in https
+
+
+def test_token_holder_may_chat(locked, fake):
+    response = locked().test_client().post("/api/chat", json=CHAT, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("header", [f"Bearer {TOKEN}x", "Bearer ", "Bearer", f"Bearer {TOKEN[:-4]}",
+                                    f"Basic {TOKEN}", "", f"Token {TOKEN}"])
+def test_wrong_empty_and_truncated_tokens_are_refused(locked, fake, header):
+    response = locked().test_client().post("/api/chat", json=CHAT, headers={"Authorization": header})
+
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == "unauthorized"
+    assert fake.calls == []
+
+
+def test_malformed_token_setting_stops_start_up(settings_for):
+    from chatproxy import SettingsError
+
+    with pytest.raises(SettingsError, match="CHATPROXY_API_TOKENS"):
+        create_app(settings_for(CHATPROXY_API_TOKENS="alice=plaintext-token"))
+
+
+def test_new_token_command_prints_a_token_that_works(app, settings_for, fake):
+    output = app.test_cli_runner().invoke(args=["new-token", "billing"]).output
+    token = re.search(r"token \(give it to the client, shown once\): (\S+)", output).group(1)
+    entry = re.search(r"setting entry: (billing=sha256:[0-9a-f]{64})", output).group(1)
+
+    assert entry == f"billing=sha256:{hashlib.sha256(token.encode()).hexdigest()}"
+    locked = create_app(settings_for(CHATPROXY_ALLOW_ANONYMOUS=False, CHATPROXY_API_TOKENS=entry))
+    response = locked.test_client().post("/api/chat", json=CHAT, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+def test_rate_limit_lets_exactly_l_requests_through(locked, fake):
+    client = locked(CHATPROXY_RATE_LIMIT_TOKEN="5/minute").test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    statuses = [client.post("/api/chat", json=CHAT, headers=auth).status_code for _ in range(10)]
+
+    assert statuses == [200] * 5 + [429] * 5
+    refused = client.post("/api/chat", json=CHAT, headers=auth)
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61
+    assert len(fake.chat_calls()) == 5
+
+
+def test_limits_are_per_identity(locked, fake):
+    app = locked(CHATPROXY_RATE_LIMIT_TOKEN="2/minute", CHATPROXY_RATE_LIMIT_ORIGIN="3/minute")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    tokens = [client.post("/api/chat", json=CHAT, headers=auth).status_code for _ in range(3)]
+    origins = [client.post("/api/chat", json=CHAT, headers={"Origin": ALLOWED}).status_code for _ in range(4)]
+
+    assert tokens == [200, 200, 429]
+    assert origins == [200, 200, 200, 429]
+
+
+def test_client_ip_comes_from_x_forwarded_for_only_behind_trusted_proxies(locked, fake):
+    for trusted, expected in ((0, [200, 429, 429]), (1, [200, 200, 200])):
+        client = locked(CHATPROXY_ALLOW_ANONYMOUS=True, CHATPROXY_RATE_LIMIT_ANONYMOUS="1/minute",
+                        CHATPROXY_TRUSTED_PROXIES=trusted).test_client()
+        statuses = [client.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+                    for i in range(3)]
+        assert statuses == expected, trusted
+
+
+def test_too_many_parallel_streams_are_refused(locked, fake, serve):
+    url = serve(locked(CHATPROXY_MAX_STREAMS=2))
+    fake.script(*[Reply(chunks=["slow "] * 20, pace=0.05)] * 3)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    results = []
+
+    def stream() -> None:
+        results.append(post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0])
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    assert fake.wait_for(lambda: len(fake.chat_calls()) == 2)
+    third, _ = post_stream(url, {"message": "hi", "stream": True}, headers=auth)
+    for thread in threads:
+        thread.join()
+    after, _ = post_stream(url, {"message": "hi", "stream": True}, headers=auth)
+
+    assert third.status == 429
+    assert b'"rate_limited"' in third.raw
+    assert [r.events[-1]["type"] for r in results] == ["done", "done"]
+    assert after.status == 200
+
+
+def test_security_headers_on_every_response(locked):
+    client = locked().test_client()
+    for response in (client.get("/"), client.post("/api/chat", json=CHAT), client.get("/nope"),
+                     client.get("/static/chat.js")):
+        csp = response.headers["Content-Security-Policy"]
+        assert "unsafe-inline" not in csp
+        assert "frame-ancestors 'none'" in csp
+        assert "script-src 'self'" in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "Strict-Transport-Security" not in response.headers
+
+
+def test_hsts_only_over_https(locked):
+    response = locked(CHATPROXY_TRUSTED_PROXIES=1).test_client().get("/", headers={"X-Forwarded-Proto": "https"})
+
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_health_is_not_rate_limited_or_guarded(locked):
+    client = locked(CHATPROXY_RATE_LIMIT_PAGE="1/minute").test_client()
+
+    assert [client.get("/healthz").status_code for _ in range(5)] == [200] * 5
+
+
+# --- Redis: one limit across workers; what happens when Redis is down ----------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis (TEST_REDIS_URL); the test fails, not skips, when it is missing."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client.ping()
+    return REDIS_URL
+
+
+def _gunicorn(env: dict[str, str], port: int, workers: int = 4) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+         "--worker-class", "gthread", "--threads", "4", "wsgi:app"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(process.stdout.read().decode())
+
+
+def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url):
+    import http.client
+
+    name = f"load-{uuid.uuid4().hex[:8]}"
+    token = f"cpx_{uuid.uuid4().hex}"
+    port = _free_port()
+    server = _gunicorn({"OPENAI_API_KEY": "sk-test-gunicorn", "OPENAI_BASE_URL": fake.base_url,
+                        "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+                        "CHATPROXY_RATE_LIMIT_TOKEN": "10/minute", "CHATPROXY_REDIS_URL": redis_url,
+                        "CHATPROXY_MAX_RETRIES": "0"}, port)
+    try:
+        statuses, pids = [], set()
+        for _ in range(15):  # a new connection each time, so the kernel spreads them over the workers
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/api/chat", body=b'{"message": "hi"}',
+                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            conn.close()
+        workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    assert len(workers) == 4
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 5
+    assert len(fake.chat_calls()) == 10
+    del pids
+
+
+def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_TOKEN="3/minute")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    statuses = [client.post("/api/chat", json=CHAT, headers=auth).status_code for _ in range(5)]
+
+    # The proxy keeps serving, and still limits (per process) while Redis is down.
+    assert statuses == [200, 200, 200, 429, 429]
