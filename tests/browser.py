@@ -1,0 +1,72 @@
+"""Launching the system Chromium for the browser tests, and watching a page for errors and dialogs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = os.environ.get("CHATPROXY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MISSING = (f"Chromium not found at {CHROMIUM}: install the Debian package `chromium` "
+           "(apt-get install chromium), or set CHATPROXY_CHROMIUM to its path. "
+           "Never `playwright install`: the tests drive the system browser.")
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    path = Path(CHROMIUM)
+    if path.is_file() and os.access(path, os.X_OK):
+        return None
+    if shutil.which(CHROMIUM):
+        return None
+    return MISSING
+
+
+def must_run() -> bool:
+    """In CI (or when asked) a missing browser is a failure, not a skip that hides it."""
+    return bool(os.environ.get("CI") or os.environ.get("CHATPROXY_REQUIRE_BROWSER"))
+
+
+def launch(playwright: Any) -> Any:
+    """Start the system Chromium headless with the flags that keep it quiet and offline."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@dataclass
+class Watch:
+    """What a page reported while a test ran: console errors, uncaught exceptions and dialogs."""
+
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+
+def watch(page: Any) -> Watch:
+    """Record console errors, uncaught exceptions and dialogs (which are dismissed) on `page`."""
+    seen = Watch()
+
+    def on_console(msg: Any) -> None:
+        # The browser's own favicon probe is not the page's doing: the app serves no icon (yet).
+        if msg.type == "error" and not (msg.location or {}).get("url", "").endswith("/favicon.ico"):
+            seen.console_errors.append(msg.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: seen.page_errors.append(str(exc)))
+
+    def on_dialog(dialog: Any) -> None:
+        seen.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    return seen
