@@ -57,8 +57,7 @@ def watch(page: Any) -> Watch:
     seen = Watch()
 
     def on_console(msg: Any) -> None:
-        # The browser's own favicon probe is not the page's doing: the app serves no icon (yet).
-        if msg.type == "error" and not (msg.location or {}).get("url", "").endswith("/favicon.ico"):
+        if msg.type == "error":
             seen.console_errors.append(msg.text)
 
     page.on("console", on_console)
