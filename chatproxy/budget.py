@@ -1,0 +1,325 @@
+"""Hard daily budgets: reserve a call's worst case before it, settle the real cost after it, per UTC day.
+
+Counters per (day, identity), plus one global row per day (identity "*"), hold what was spent and what
+is reserved by calls in flight. A reservation is one atomic check-and-add: a conditional UPDATE in SQL
+(SQLite or PostgreSQL, the ledger's database) or a Lua script in Redis when CHATPROXY_REDIS_URL is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Protocol
+
+import redis
+import sqlalchemy as sa
+from flask import Flask, current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .config import Settings
+from .errors import ApiError
+from .usage import Ledger, create_tables
+
+log = logging.getLogger(__name__)
+
+EVERYONE = "*"  # the identity of the global counter row
+FIELDS = ("spent_micros", "reserved_micros", "spent_tokens", "reserved_tokens")
+GLOBAL, IDENTITY = "global", "identity"  # which cap refused a reservation
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Daily caps; 0 means no cap."""
+
+    daily_micros: int = 0
+    identity_daily_micros: int = 0
+    daily_tokens: int = 0
+    identity_daily_tokens: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Caps:
+        """The caps configured by CHATPROXY_*DAILY_*BUDGET* settings."""
+        return cls(settings.daily_budget_micros, settings.identity_daily_budget_micros,
+                   settings.daily_token_budget, settings.identity_daily_token_budget)
+
+
+@dataclass
+class Reservation:
+    """Money and tokens held for one call of `identity` on `day` until it is settled or released."""
+
+    identity: str
+    day: date
+    cost_micros: int
+    tokens: int
+    done: bool = field(default=False, compare=False)
+
+
+class Counters(Protocol):
+    """Where the day's counters live."""
+
+    def create_schema(self) -> None:
+        """Prepare the store."""
+
+    def reserve(self, day: date, identity: str, cost_micros: int, tokens: int, caps: Caps) -> str | None:
+        """Add to reserved on both rows if every cap allows it; else change nothing and return GLOBAL or IDENTITY."""
+
+    def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
+        """Add `deltas` (FIELDS → amount) to both the identity's row and the global row."""
+
+    def totals(self, day: date, identity: str) -> dict[str, int]:
+        """The counters of one row (identity EVERYONE for the global one)."""
+
+
+class _Refused(Exception):
+    """A cap refused a reservation inside a transaction (raised to roll it back)."""
+
+    def __init__(self, cap: str) -> None:
+        super().__init__(cap)
+        self.cap = cap
+
+
+class SqlCounters:
+    """Counters in a `budget_counters` table, one row per (day, identity); SQLite or PostgreSQL."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metadata = sa.MetaData()
+        self.table = sa.Table(
+            "budget_counters", self.metadata,
+            sa.Column("day", sa.Date, primary_key=True),
+            sa.Column("identity", sa.Text, primary_key=True),
+            *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in FIELDS),
+        )
+        dialect = engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"budget counters need SQLite or PostgreSQL, not {dialect}")
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    def create_schema(self) -> None:
+        """Create the counters table if it is missing."""
+        create_tables(self.engine, self.metadata)
+
+    def reserve(self, day: date, identity: str, cost_micros: int, tokens: int, caps: Caps) -> str | None:
+        """One transaction: make sure both rows exist, then a conditional UPDATE per row (global first, always)."""
+        rows = ((EVERYONE, GLOBAL, caps.daily_micros, caps.daily_tokens),
+                (identity, IDENTITY, caps.identity_daily_micros, caps.identity_daily_tokens))
+        c = self.table.c
+        try:
+            with self.engine.begin() as conn:
+                for key, *_ in rows:
+                    conn.execute(self._insert(self.table).values(day=day, identity=key).on_conflict_do_nothing())
+                for key, name, money_cap, token_cap in rows:
+                    conditions = [c.day == day, c.identity == key]
+                    if money_cap:
+                        conditions.append(c.spent_micros + c.reserved_micros + cost_micros <= money_cap)
+                    if token_cap:
+                        conditions.append(c.spent_tokens + c.reserved_tokens + tokens <= token_cap)
+                    update = self.table.update().where(*conditions).values(
+                        reserved_micros=c.reserved_micros + cost_micros, reserved_tokens=c.reserved_tokens + tokens)
+                    if conn.execute(update).rowcount != 1:
+                        raise _Refused(name)  # rolls back the global row's reservation too
+        except _Refused as refused:
+            return refused.cap
+        return None
+
+    def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
+        """Add `deltas` to both rows in one transaction (global first, like reserve, so no deadlock)."""
+        c = self.table.c
+        with self.engine.begin() as conn:
+            for key in (EVERYONE, identity):
+                conn.execute(self.table.update().where(c.day == day, c.identity == key)
+                             .values({name: c[name] + amount for name, amount in deltas.items()}))
+
+    def totals(self, day: date, identity: str) -> dict[str, int]:
+        """One row's counters (zeros when it does not exist)."""
+        c = self.table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*(c[name] for name in FIELDS))
+                               .where(c.day == day, c.identity == identity)).first()
+        return {name: int(row._mapping[name]) if row else 0 for name in FIELDS}
+
+
+# KEYS: global hash, identity hash. ARGV: cost, tokens, global money cap, identity money cap,
+# global token cap, identity token cap, ttl seconds. Returns "global"/"identity" when refused, else "ok".
+_RESERVE = """
+local cost, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function over(key, cap_money, cap_tokens)
+  local v = redis.call('HMGET', key, 'spent_micros', 'reserved_micros', 'spent_tokens', 'reserved_tokens')
+  local money = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + cost
+  local used = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0) + tokens
+  return (cap_money > 0 and money > cap_money) or (cap_tokens > 0 and used > cap_tokens)
+end
+if over(KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[5])) then return 'global' end
+if over(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[6])) then return 'identity' end
+for i = 1, 2 do
+  redis.call('HINCRBY', KEYS[i], 'reserved_micros', cost)
+  redis.call('HINCRBY', KEYS[i], 'reserved_tokens', tokens)
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[7]))
+end
+return 'ok'
+"""
+
+
+class RedisCounters:
+    """Counters in Redis hashes `<prefix>:budget:{<day>}:<identity>` that expire after a few days."""
+
+    TTL = 3 * 86400
+
+    def __init__(self, client: redis.Redis, prefix: str = "chatproxy") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._reserve = client.register_script(_RESERVE)
+
+    def key(self, day: date, identity: str) -> str:
+        """The hash of one row; the {day} hash tag keeps a day's keys in one Redis Cluster slot."""
+        return f"{self.prefix}:budget:{{{day.isoformat()}}}:{identity}"
+
+    def create_schema(self) -> None:
+        """Nothing to create in Redis."""
+
+    def reserve(self, day: date, identity: str, cost_micros: int, tokens: int, caps: Caps) -> str | None:
+        """Check both rows and add to reserved in one Lua script (atomic in Redis)."""
+        result = self._reserve(keys=[self.key(day, EVERYONE), self.key(day, identity)],
+                               args=[cost_micros, tokens, caps.daily_micros, caps.identity_daily_micros,
+                                     caps.daily_tokens, caps.identity_daily_tokens, self.TTL])
+        result = result.decode() if isinstance(result, bytes) else result
+        return None if result == "ok" else result
+
+    def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
+        """Add `deltas` to both hashes in one MULTI/EXEC."""
+        pipe = self.client.pipeline(transaction=True)
+        for key in (self.key(day, EVERYONE), self.key(day, identity)):
+            for name, amount in deltas.items():
+                pipe.hincrby(key, name, amount)
+            pipe.expire(key, self.TTL)
+        pipe.execute()
+
+    def totals(self, day: date, identity: str) -> dict[str, int]:
+        """One hash's counters (zeros when it does not exist)."""
+        values = self.client.hmget(self.key(day, identity), FIELDS)
+        return {name: int(value or 0) for name, value in zip(FIELDS, values)}
+
+
+def utc_now() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+def utc_day(now: datetime) -> date:
+    """The UTC day of `now` (a naive time is taken as UTC)."""
+    return now.astimezone(UTC).date() if now.tzinfo else now.date()
+
+
+def seconds_to_midnight(now: datetime) -> int:
+    """Whole seconds (at least 1) until the next UTC midnight, when the day's budgets start afresh."""
+    now = now.astimezone(UTC) if now.tzinfo else now.replace(tzinfo=UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    return max(1, math.ceil((midnight - now).total_seconds()))
+
+
+class Budget:
+    """Daily spend and token caps, global and per identity, enforced by reservations."""
+
+    def __init__(self, counters: Counters, caps: Caps, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.counters = counters
+        self.caps = caps
+        self.clock = clock
+
+    def create_schema(self) -> None:
+        """Create the counters table (SQL) if it is missing."""
+        self.counters.create_schema()
+
+    def reserve(self, identity: str, cost_micros: int, tokens: int) -> Reservation:
+        """Hold a call's worst-case cost and tokens, or raise 429 budget_exceeded with Retry-After until midnight."""
+        if identity == EVERYONE or cost_micros < 0 or tokens < 0:
+            raise ValueError("reserve needs a real identity and non-negative amounts")
+        now = self.clock()
+        day = utc_day(now)
+        alone = self._too_big_alone(cost_micros, tokens)
+        try:
+            refused = alone or self.counters.reserve(day, identity, cost_micros, tokens, self.caps)
+        except (SQLAlchemyError, redis.RedisError):
+            log.exception("budget counters unavailable")
+            raise ApiError(503, "budget_unavailable", "Spending limits cannot be checked right now, so the request "
+                           "was not sent. Try again shortly.", retry_after=5) from None
+        if refused:
+            log.info("budget refused %s for %s (%s cap)", cost_micros, identity, refused)
+            raise ApiError(429, "budget_exceeded", _MESSAGES[refused],
+                           retry_after=seconds_to_midnight(now))
+        return Reservation(identity, day, cost_micros, tokens)
+
+    def settle(self, reservation: Reservation, actual_cost_micros: int, actual_tokens: int) -> None:
+        """Replace the reservation by what the call really cost (may exceed it). Errors are logged, not raised."""
+        self._finish(reservation, {"reserved_micros": -reservation.cost_micros, "spent_micros": actual_cost_micros,
+                                   "reserved_tokens": -reservation.tokens, "spent_tokens": actual_tokens})
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the reservation back (the call cost nothing). Errors are logged, not raised."""
+        self._finish(reservation, {"reserved_micros": -reservation.cost_micros,
+                                   "reserved_tokens": -reservation.tokens})
+
+    def totals(self, identity: str = EVERYONE, day: date | None = None) -> dict[str, int]:
+        """Spent and reserved money and tokens of `identity` (default: everyone) on `day` (default: today)."""
+        return self.counters.totals(day or utc_day(self.clock()), identity)
+
+    def _too_big_alone(self, cost_micros: int, tokens: int) -> str | None:
+        caps = self.caps
+        for cap, amount in ((caps.daily_micros, cost_micros), (caps.identity_daily_micros, cost_micros),
+                            (caps.daily_tokens, tokens), (caps.identity_daily_tokens, tokens)):
+            if cap and amount > cap:
+                return "alone"
+        return None
+
+    def _finish(self, reservation: Reservation, deltas: dict[str, int]) -> None:
+        if reservation.done:
+            log.warning("reservation for %s settled or released twice; ignored", reservation.identity)
+            return
+        reservation.done = True
+        try:
+            self.counters.adjust(reservation.day, reservation.identity, deltas)
+        except (SQLAlchemyError, redis.RedisError):
+            log.exception("cannot update budget counters for %s: %s", reservation.identity, deltas)
+
+
+_MESSAGES = {
+    GLOBAL: "The service has reached its usage limit for today. Try again after midnight UTC.",
+    IDENTITY: "You have reached your usage limit for today. Try again after midnight UTC.",
+    "alone": "This request could cost more than the daily limit allows. Ask for fewer tokens (max_tokens).",
+}
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client that fails within about a second when Redis is down (one immediate retry, not seconds of backoff)."""
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 1))
+
+
+def init_app(app: Flask, *, key_prefix: str = "chatproxy") -> None:
+    """Build the app's Budget: Redis counters when CHATPROXY_REDIS_URL is set, else the ledger's database.
+
+    Call after usage.init_app (the SQL counters share the ledger's engine).
+    """
+    settings: Settings = app.extensions["chatproxy.settings"]
+    if settings.redis_url:
+        counters: Counters = RedisCounters(redis_client(settings.redis_url), key_prefix)
+    else:
+        ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
+        if ledger is None:
+            raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's "
+                               "database")
+        counters = SqlCounters(ledger.engine)
+        counters.create_schema()
+        ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
+    app.extensions["chatproxy.budget"] = Budget(counters, Caps.from_settings(settings))
+
+
+def current_budget() -> Budget:
+    """The current app's Budget."""
+    return current_app.extensions["chatproxy.budget"]
+

@@ -1,0 +1,176 @@
+"""The price table: dollars per million tokens as data (prices.json), costs as integer micro-dollars.
+
+Rates are held as integer micro-dollars per million tokens, so a cost is exact integer
+arithmetic rounded up once: ceil(sum(tokens * rate) / 1_000_000). The Batch API bills
+half of every rate. A model missing from the table is priced at the highest rate of each
+kind in the table (never cheaper than any known model), which keeps budgets safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, current_app, has_app_context
+
+from .config import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = Path(__file__).with_name("prices.json")
+MICROS = 1_000_000  # micro-dollars per dollar, and tokens per "million tokens"
+BATCH_DIVISOR = 2  # the Batch API costs half
+_KEYS = frozenset({"input", "cached_input", "output"})
+_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")  # gpt-4o-2024-08-06 is priced as gpt-4o
+
+
+@dataclass(frozen=True)
+class Rates:
+    """One model's prices in integer micro-dollars per million tokens."""
+
+    input: int
+    cached_input: int
+    output: int
+
+
+class PriceTable:
+    """Prices per model; computes costs in integer micro-dollars."""
+
+    def __init__(self, rates: dict[str, Rates]) -> None:
+        if not rates:
+            raise ValueError("a price table needs at least one model")
+        self._rates = dict(rates)
+        self._fallback = Rates(max(r.input for r in rates.values()), max(r.cached_input for r in rates.values()),
+                               max(r.output for r in rates.values()))
+        self._warned: set[str] = set()
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models the table knows."""
+        return tuple(self._rates)
+
+    def known(self, model: str) -> bool:
+        """Whether `model` (or its dated snapshot's base name) has its own prices."""
+        return self._lookup(model) is not None
+
+    def rates(self, model: str) -> Rates:
+        """The model's rates; an unknown model gets the table's highest rate of each kind."""
+        rates = self._lookup(model)
+        if rates is None:
+            if model not in self._warned:
+                self._warned.add(model)
+                log.warning("no price for model %r: charging the highest known rates", model)
+            return self._fallback
+        return rates
+
+    def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    batch: bool = False) -> int:
+        """Cost of one call in micro-dollars, rounded up; `cached_tokens` is the cached part of `prompt_tokens`."""
+        if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
+            raise ValueError("token counts cannot be negative")
+        cached = min(cached_tokens, prompt_tokens)
+        rates = self.rates(model)
+        numerator = ((prompt_tokens - cached) * rates.input + cached * rates.cached_input
+                     + completion_tokens * rates.output)
+        divisor = MICROS * (BATCH_DIVISOR if batch else 1)
+        return -(-numerator // divisor)
+
+    def worst_case_micros(self, models: list[str] | tuple[str, ...], prompt_tokens: int, max_tokens: int,
+                          batch: bool = False) -> int:
+        """The most a call could cost on any of `models` (e.g. the requested model and its fallbacks)."""
+        return max(self.cost_micros(model, prompt_tokens, max_tokens, batch=batch) for model in models)
+
+    def _lookup(self, model: str) -> Rates | None:
+        return self._rates.get(model) or self._rates.get(_SNAPSHOT.sub("", model))
+
+
+def parse_prices(text: str, source: str = "CHATPROXY_PRICES") -> dict[str, Rates]:
+    """Parse `{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}` (dollars per 1M tokens) or raise."""
+    try:
+        data = json.loads(text, parse_float=Decimal, parse_int=Decimal)
+    except ValueError as exc:
+        raise SettingsError(f"{source} must be a JSON object of models to prices; it is not valid JSON "
+                            f"({exc}).") from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError(f"{source} must be a non-empty JSON object such as "
+                            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.')
+    return {_model_name(name, source): _rates(name, entry, source) for name, entry in data.items()}
+
+
+def _model_name(name: str, source: str) -> str:
+    if not name.strip():
+        raise SettingsError(f"{source} has an empty model name.")
+    return name.strip()
+
+
+def _rates(model: str, entry: Any, source: str) -> Rates:
+    where = f"{source} entry {model!r}"
+    if not isinstance(entry, dict):
+        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally "
+                            f"\"cached_input\" (dollars per million tokens).")
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed: input, cached_input, output.")
+    for key in ("input", "output"):
+        if key not in entry:
+            raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
+    input_rate = _rate(entry["input"], f"{where} {'input'!r}")
+    cached = _rate(entry["cached_input"], f"{where} 'cached_input'") if "cached_input" in entry else input_rate
+    return Rates(input=input_rate, cached_input=cached, output=_rate(entry["output"], f"{where} 'output'"))
+
+
+def _rate(value: Any, where: str) -> int:
+    """Dollars per million tokens → integer micro-dollars per million tokens."""
+    if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+        raise SettingsError(f"{where} must be a number of dollars per million tokens, 0 or more; got {value!r}.")
+    micros = value * MICROS
+    if micros != micros.to_integral_value():
+        raise SettingsError(f"{where} must not be finer than a millionth of a dollar; got {value}.")
+    return int(micros)
+
+
+@cache
+def default_rates() -> dict[str, Rates]:
+    """The shipped prices from prices.json (read on first use, not at import)."""
+    return parse_prices(DEFAULTS.read_text(encoding="utf-8"), source=DEFAULTS.name)
+
+
+def load_prices(override: str | None = None) -> PriceTable:
+    """The shipped table with the entries of `override` (CHATPROXY_PRICES JSON) replacing or adding models."""
+    rates = dict(default_rates())
+    if override:
+        rates.update(parse_prices(override))
+    return PriceTable(rates)
+
+
+def init_app(app: Flask) -> None:
+    """Build the app's price table from settings (a bad CHATPROXY_PRICES stops start-up)."""
+    settings: Settings = app.extensions["chatproxy.settings"]
+    app.extensions["chatproxy.prices"] = load_prices(settings.prices)
+
+
+def prices() -> PriceTable:
+    """The current app's table (built by init_app, or now from its settings), else the shipped one outside an app."""
+    if not has_app_context():
+        return _shipped_table()
+    if "chatproxy.prices" not in current_app.extensions:
+        init_app(current_app)
+    return current_app.extensions["chatproxy.prices"]
+
+
+@cache
+def _shipped_table() -> PriceTable:
+    return PriceTable(default_rates())
+
+
+def cost_micros(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                batch: bool = False) -> int:
+    """Cost of one call in integer micro-dollars (rounded up) with the current app's prices."""
+    return prices().cost_micros(model, prompt_tokens, completion_tokens, cached_tokens, batch)

@@ -1,0 +1,272 @@
+"""The usage ledger: one row per upstream call, opened before the call and closed after it; token estimates; CLI.
+
+SQLAlchemy Core, one `ledger` table, the same statements on SQLite (one host) and PostgreSQL (many hosts).
+Times are naive UTC. Money is integer micro-dollars.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import sqlalchemy as sa
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from .config import Settings
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+PER_MESSAGE_TOKENS = 4  # role, separators and framing around each message
+REPLY_PRIMING_TOKENS = 3  # the assistant header the model is primed with
+OPEN = "interrupted"  # a row's outcome until close() records the real one
+_OUTCOME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+metadata = sa.MetaData()
+ledger_table = sa.Table(
+    "ledger", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+    sa.Column("identity", sa.Text, nullable=False),
+    sa.Column("model_requested", sa.Text, nullable=False),
+    sa.Column("model_answered", sa.Text),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tokens_exact", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cost_micros", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("outcome", sa.String(64), nullable=False),
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("latency_ms", sa.Integer),
+    sa.Column("ttft_ms", sa.Integer),
+    sa.Column("closed_at", sa.DateTime),
+)
+
+
+def utc_now() -> datetime:
+    """The current time as naive UTC, the form stored in the ledger."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens in `text` without a tokenizer: ceil(UTF-8 bytes / 4), which is chars/4 for English."""
+    return math.ceil(len(text.encode("utf-8")) / 4)
+
+
+def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Prompt tokens of a chat: each message's content estimate + 4 per message, + 3 for the reply priming."""
+    total = REPLY_PRIMING_TOKENS
+    for message in messages:
+        content = message.get("content") or ""
+        total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
+    return total
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get their folder, WAL journaling and a busy timeout on every connection."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    database = parsed.database or ""
+    if database in ("", ":memory:"):
+        # One shared connection: each new connection to :memory: would be a different, empty database.
+        engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; safe for workers on one host
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # wait for the write lock, do not fail
+        cursor.close()
+
+    return engine
+
+
+def create_tables(engine: Engine, meta: sa.MetaData) -> None:
+    """CREATE the tables of `meta` that are missing; tolerates another worker creating them at the same moment."""
+    for attempt in range(3):
+        try:
+            meta.create_all(engine, checkfirst=True)
+            return
+        except SQLAlchemyError:
+            if attempt == 2:
+                raise
+            log.info("schema creation raced with another process; checking again")
+
+
+class Ledger:
+    """The usage ledger in one database."""
+
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.engine = make_engine(url)
+        self.clock = clock
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def create_schema(self) -> None:
+        """Create the ledger table and its indexes if they are missing."""
+        create_tables(self.engine, metadata)
+
+    def dispose(self) -> None:
+        """Close pooled connections (before a fork, or when the app goes away)."""
+        self.engine.dispose()
+
+    def open(self, request_id: str, identity: str, model_requested: str, stream: bool) -> int:
+        """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
+        values = {"request_id": request_id[:64], "created_at": self.clock(), "identity": identity,
+                  "model_requested": model_requested, "outcome": OPEN, "stream": stream}
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(ledger_table.insert().values(**values)).inserted_primary_key[0])
+        except SQLAlchemyError:
+            log.exception("cannot write the usage ledger")
+            raise ApiError(503, "ledger_unavailable", "Usage cannot be recorded right now, so the request was "
+                           "not sent. Try again shortly.", retry_after=5) from None
+
+    def close(self, row_id: int, *, model_answered: str | None, prompt_tokens: int, completion_tokens: int,
+              tokens_exact: bool, cost_micros: int, outcome: str, latency_ms: int | None,
+              ttft_ms: int | None) -> bool:
+        """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
+        if not _OUTCOME.match(outcome) or outcome == OPEN:
+            raise ValueError(f"outcome must be a snake_case code other than {OPEN!r}; got {outcome!r}")
+        values = {"model_answered": model_answered, "prompt_tokens": prompt_tokens,
+                  "completion_tokens": completion_tokens, "tokens_exact": tokens_exact, "cost_micros": cost_micros,
+                  "outcome": outcome, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "closed_at": self.clock()}
+        statement = (ledger_table.update()
+                     .where(ledger_table.c.id == row_id, ledger_table.c.closed_at.is_(None)).values(**values))
+        try:
+            with self.engine.begin() as conn:
+                closed = conn.execute(statement).rowcount == 1
+        except SQLAlchemyError:
+            log.exception("cannot close usage row %s (it stays %r)", row_id, OPEN)
+            return False
+        if not closed:
+            log.warning("usage row %s was already closed or does not exist", row_id)
+        return closed
+
+    def rows(self, *, request_id: str | None = None, identity: str | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts in insertion order, optionally filtered (for tests and debugging)."""
+        query = sa.select(ledger_table).order_by(ledger_table.c.id)
+        if request_id is not None:
+            query = query.where(ledger_table.c.request_id == request_id)
+        if identity is not None:
+            query = query.where(ledger_table.c.identity == identity)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def report(self, since: date, until: date) -> dict[str, Any]:
+        """Requests, tokens and spend from `since` to `until` (UTC days, both included): totals and by day/model/identity."""
+        if since > until:
+            raise ValueError("since must not be after until")
+        t = ledger_table
+        day = sa.func.date(t.c.created_at).label("day")
+        model = sa.func.coalesce(t.c.model_answered, t.c.model_requested).label("model")
+        window = (t.c.created_at >= datetime.combine(since, datetime.min.time()),
+                  t.c.created_at < datetime.combine(until + timedelta(days=1), datetime.min.time()))
+        sums = (sa.func.count().label("requests"), sa.func.sum(t.c.prompt_tokens).label("prompt_tokens"),
+                sa.func.sum(t.c.completion_tokens).label("completion_tokens"),
+                sa.func.sum(t.c.cost_micros).label("cost_micros"))
+        grouped = (sa.select(day, model, t.c.identity, *sums).where(*window)
+                   .group_by(day, model, t.c.identity).order_by(day, model, t.c.identity))
+        outcomes = sa.select(t.c.outcome, sa.func.count()).where(*window).group_by(t.c.outcome).order_by(t.c.outcome)
+        with self.engine.connect() as conn:
+            groups = [_group(row._mapping) for row in conn.execute(grouped)]
+            outcome_counts = {name: int(count) for name, count in conn.execute(outcomes)}
+        return {
+            "since": since.isoformat(), "until": until.isoformat(), "currency": "USD",
+            "totals": _totals(groups), "outcomes": outcome_counts,
+            "by_day": _roll_up(groups, "day"), "by_model": _roll_up(groups, "model"),
+            "by_identity": _roll_up(groups, "identity"), "groups": groups,
+        }
+
+
+METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+
+
+def usd(micros: int) -> str:
+    """Micro-dollars as an exact dollar string with six decimals, e.g. "0.012500"."""
+    return f"{Decimal(micros).scaleb(-6):.6f}"
+
+
+def _group(row: Mapping[str, Any]) -> dict[str, Any]:
+    group = {"day": str(row["day"])[:10], "model": row["model"], "identity": row["identity"]}
+    group.update({metric: int(row[metric] or 0) for metric in METRICS})
+    return _with_totals(group)
+
+
+def _with_totals(entry: dict[str, Any]) -> dict[str, Any]:
+    entry["total_tokens"] = entry["prompt_tokens"] + entry["completion_tokens"]
+    entry["cost_usd"] = usd(entry["cost_micros"])
+    return entry
+
+
+def _totals(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    return _with_totals({metric: sum(g[metric] for g in groups) for metric in METRICS})
+
+
+def _roll_up(groups: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    sums: dict[str, Counter[str]] = {}
+    for group in groups:
+        sums.setdefault(group[key], Counter()).update({metric: group[metric] for metric in METRICS})
+    return [_with_totals({key: name, **{metric: counts[metric] for metric in METRICS}})
+            for name, counts in sorted(sums.items())]
+
+
+def default_database_url(instance_path: str | Path) -> str:
+    """sqlite:///<instance folder>/chatproxy.db, creating the folder."""
+    folder = Path(instance_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'chatproxy.db'}"
+
+
+def init_app(app: Flask) -> None:
+    """Open the ledger from settings, create its table, and register the `init-db` command."""
+    settings: Settings = app.extensions["chatproxy.settings"]
+    ledger = Ledger(settings.database_url or default_database_url(app.instance_path))
+    ledger.create_schema()
+    ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
+    app.extensions["chatproxy.ledger"] = ledger
+    app.cli.add_command(init_db_command)
+
+
+def current_ledger() -> Ledger:
+    """The current app's ledger."""
+    return current_app.extensions["chatproxy.ledger"]
+
+
+def default_range(since: date | None, until: date | None, today: date | None = None) -> tuple[date, date]:
+    """Fill a missing end with today (UTC) and a missing start with 29 days before the end."""
+    until = until or today or utc_now().date()
+    return since or until - timedelta(days=29), until
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command() -> None:
+    """Create the usage ledger and budget counter tables if they are missing."""
+    ledger = current_ledger()
+    ledger.create_schema()
+    budget = current_app.extensions.get("chatproxy.budget")
+    if budget is not None:
+        budget.create_schema()
+    click.echo(f"Ledger ready at {ledger.url}")
