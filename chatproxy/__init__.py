@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import chat, errors, guards, ops, security
+from . import budget, chat, errors, guards, ops, prices, reports, security, usage
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +32,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["chatproxy.settings"] = settings
 
     errors.init_app(app)
+    prices.init_app(app)
+    usage.init_app(app)
+    budget.init_app(app)  # after usage: its SQL counters live in the ledger's database
+    reports.init_app(app)
     security.init_app(app)
     guards.init_app(app)
     chat.init_app(app)

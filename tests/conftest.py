@@ -32,8 +32,8 @@ def fake(_fake_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def settings_for(fake: FakeOpenAI):
-    """Build a test_config pointed at the fake, with overrides."""
+def settings_for(fake: FakeOpenAI, tmp_path):
+    """Build a test_config pointed at the fake, with its own ledger database, with overrides."""
 
     def make(**overrides: object) -> dict[str, object]:
         config: dict[str, object] = {
@@ -43,6 +43,7 @@ def settings_for(fake: FakeOpenAI):
             "CHATPROXY_MAX_RETRIES": 0,
             "CHATPROXY_READ_TIMEOUT": 5,
             "CHATPROXY_SECRET_KEY": "test-secret-key",
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
             # Proxy behaviour tests call as anonymous; tests/test_guards.py turns access control back on.
             "CHATPROXY_ALLOW_ANONYMOUS": True,
             "CHATPROXY_RATE_LIMIT_ANONYMOUS": "100000/minute",

@@ -273,16 +273,19 @@ def test_init_app_keeps_counters_in_the_ledger_database(settings_for, tmp_path: 
     app = create_app(settings_for(CHATPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}",
                                   CHATPROXY_DAILY_BUDGET_USD="2.5", CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.25",
                                   CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=1000))
-    with pytest.raises(RuntimeError, match="usage.init_app"):
-        budget.init_app(app)
-    usage.init_app(app)
-    budget.init_app(app)
-    b: Budget = app.extensions["chatproxy.budget"]
+    b: Budget = app.extensions["chatproxy.budget"]  # create_app initialised usage, then budget
     assert b.caps == Caps(2_500_000, 250_000, 0, 1000)
     assert isinstance(b.counters, SqlCounters)
     assert "budget_counters" in sa.inspect(b.counters.engine).get_table_names()
     with app.app_context():
         assert budget.current_budget() is b
+
+
+def test_budget_needs_the_ledger_initialised_first(app) -> None:
+    bare = Flask(__name__)
+    bare.extensions["chatproxy.settings"] = app.extensions["chatproxy.settings"]
+    with pytest.raises(RuntimeError, match="usage.init_app"):
+        budget.init_app(bare)
 
 
 def test_init_app_uses_redis_when_configured(settings_for, tmp_path: Path) -> None:

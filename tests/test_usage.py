@@ -184,13 +184,11 @@ def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
 
 def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(settings_for) -> None:
     app = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o-mini": {"input": 1, "output": 2}}'))
-    prices.init_app(app)
     with app.app_context():
         assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
     assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # no app: the shipped table
-    bad = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
     with pytest.raises(SettingsError, match="CHATPROXY_PRICES"):
-        prices.init_app(bad)
+        create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
 
 
 # --- token estimates ---------------------------------------------------------------------------------------
@@ -334,12 +332,13 @@ def test_report_of_an_empty_range_is_zeros(ledger: Ledger, clock: Clock) -> None
 # --- the app: default database, CLI, /api/usage ------------------------------------------------------------
 
 def build_app(settings_for, tmp_path: Path, **overrides: object) -> Flask:
-    """An app with the cost-control modules initialised (create_app does not do it yet)."""
+    """An app on its own database; with an empty URL, the ledger is rebuilt in a temporary instance folder."""
     overrides.setdefault("CHATPROXY_DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
     app = create_app(settings_for(**overrides))
-    app.instance_path = str(tmp_path / "instance")
-    for module in (prices, usage, budget, reports):
-        module.init_app(app)
+    if not overrides["CHATPROXY_DATABASE_URL"]:
+        app.instance_path = str(tmp_path / "instance")
+        usage.init_app(app)
+        budget.init_app(app)
     return app
 
 
