@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import openai
+import time
+
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
 from openai import OpenAI
 
+from . import cooldowns
 from .config import Settings
 from .guards import csrf_token, take_stream_slot
-from .router import complete, make_client, upstream_error, upstream_params
+from .router import MODEL_HEADER, complete, make_client
 from .schemas import parse_chat_request, parse_json_body
-from .streaming import SSE_HEADERS, relay
+from .streaming import SSE_HEADERS, open_stream, relay
 
 bp = Blueprint("chat", __name__)
 
@@ -52,16 +54,22 @@ def chat() -> Response:
     """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
     conf = settings()
     chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), conf)
+    gates, deadline = cooldowns.of(current_app), time.monotonic() + conf.total_timeout
     if not chat_request.stream:
-        return jsonify(complete(client(), chat_request, conf))
+        reply = complete(client(), chat_request, conf, gates, deadline)
+        response = jsonify(reply)
+        response.headers[MODEL_HEADER] = reply["model"]
+        return response
     release_slot = take_stream_slot(g.identity)
     try:
-        # Opened before the first byte, so a refused call still gets a proper JSON error.
-        stream = client().chat.completions.create(**upstream_params(chat_request, conf))
-    except openai.APIError as exc:
+        # Opened up to the first delta before the first byte: a refused call still gets a proper JSON
+        # error, and the router can still fall back to another model.
+        routed = open_stream(client(), chat_request, conf, gates, deadline)
+    except BaseException:
         release_slot()
-        raise upstream_error(exc) from None
-    response = Response(relay(stream, chat_request.model, conf.keepalive_seconds),
-                        mimetype="text/event-stream", headers=SSE_HEADERS)
+        raise
+    response = Response(relay(routed, conf.keepalive_seconds, deadline, gates), mimetype="text/event-stream",
+                        headers={**SSE_HEADERS, MODEL_HEADER: routed.model})
+    response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(release_slot)
     return response

@@ -134,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_READ_TIMEOUT", "60", _float_range(0.1, 3600),
             "Seconds to wait for upstream bytes (between stream chunks)."),
     Setting("CHATPROXY_MAX_RETRIES", "2", _int_range(0, 10),
-            "Retries of a failed upstream call (429, 5xx, timeouts), done by the openai SDK."),
+            "Retries per model of a failed upstream call (408, 409, 429, 5xx, timeouts, connection errors), "
+            "done by chatproxy's router (the SDK's own retries are off)."),
     Setting("CHATPROXY_KEEPALIVE_SECONDS", "10", _float_range(0, 300),
             "Send an SSE `: ping` comment when the upstream is silent this long (0: never)."),
     Setting("CHATPROXY_DEMO", "false", _bool,
@@ -175,16 +176,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Token cap per identity per day (0: none)."),
     # Resilience (router.py)
     Setting("CHATPROXY_FALLBACK_CHAIN", "gpt-4o,gpt-4o-mini", _optional_list,
-            "Order of models to fall back through on 429, 5xx, timeouts and connection errors."),
+            "Models in fallback order: a request for one falls back to the allowlisted models after it "
+            "when it keeps failing (408, 409, 429, 5xx, timeouts, connection errors; never other 4xx)."),
     Setting("CHATPROXY_RETRY_MAX_WAIT", "5", _float_range(0, 600),
-            "Longest Retry-After we wait before retrying; a longer one falls back instead."),
+            "Longest wait before a retry (Retry-After or backoff), in seconds; "
+            "a longer Retry-After falls back at once."),
     Setting("CHATPROXY_TOTAL_TIMEOUT", "120", _float_range(1, 3600),
-            "Deadline for one request across all retries and fallbacks, in seconds."),
+            "Deadline for one request across all retries and fallbacks, in seconds; a stream still running "
+            "then ends with an error event."),
     Setting("CHATPROXY_COOLDOWN_FAILURES", "3", _int_range(1, 1000),
-            "Failures within the window that put a model in cooldown."),
+            "Failed attempts (each retry counts) within the window that put a model in cooldown."),
     Setting("CHATPROXY_COOLDOWN_WINDOW", "60", _float_range(1, 86400), "Window for counting failures, in seconds."),
     Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
-            "How long a failing model is skipped (at least the upstream's Retry-After)."),
+            "How long a failing model is skipped (at least the upstream's Retry-After); "
+            "then one probe request decides whether it is back."),
 )
 
 

@@ -1,4 +1,4 @@
-"""SSE framing and the generator that relays one upstream stream to one client."""
+"""SSE framing, opening a stream up to its first delta (so the router can still fall back), and the relay."""
 
 from __future__ import annotations
 
@@ -7,18 +7,42 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import openai
+from openai import OpenAI
 
-from .router import upstream_error, usage_dict
+from .config import Settings
+from .cooldowns import Cooldowns
+from .errors import ApiError
+from .router import Routed, Transient, content_filtered, route, upstream_error, upstream_params, usage_dict
+from .schemas import ChatRequest
 
 log = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _END = object()
+
+
+class Upstream:
+    """An open SDK stream and the chunks already read from it (up to and including the first delta)."""
+
+    def __init__(self, stream: Any, head: list[Any]) -> None:
+        self.stream = stream
+        self.head = head
+
+    def chunks(self) -> Iterator[Any]:
+        """The chunks read so far, then the rest of the stream."""
+        yield from self.head
+        self.head = []
+        yield from self.stream
+
+    def close(self) -> None:
+        """Cancel the upstream stream (safe to call more than once)."""
+        cancel(self.stream)
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -31,12 +55,44 @@ def error_event(code: str, message: str) -> bytes:
     return sse({"type": "error", "code": code, "message": message})
 
 
-def relay(stream: Any, model: str, keepalive: float) -> Iterator[bytes]:
-    """Yield start, deltas and done (or a final error) for an open SDK stream; always close it."""
+def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns,
+                deadline: float) -> Routed[Upstream]:
+    """Open a stream for the model or a fallback, read up to its first delta, and only then commit to it."""
+    return route(lambda model, timeout: _open_once(client, upstream_params(chat, settings, model), timeout),
+                 chat.model, settings, cooldowns, deadline)
+
+
+def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout) -> Upstream:
+    """One attempt: open the stream and read until a chunk carries content or a finish reason."""
+    stream = client.chat.completions.create(**params, timeout=timeout)
+    head: list[Any] = []
+    try:
+        while True:
+            chunk = next(stream, None)
+            if chunk is None:
+                raise Transient("the stream ended before the first delta")
+            head.append(chunk)
+            choice = chunk.choices[0] if chunk.choices else None
+            if choice is not None and choice.finish_reason == "content_filter":
+                raise content_filtered()
+            if choice is not None and ((choice.delta is not None and choice.delta.content) or choice.finish_reason):
+                return Upstream(stream, head)
+    except BaseException:
+        cancel(stream)
+        raise
+
+
+def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns: Cooldowns) -> Iterator[bytes]:
+    """Yield start, deltas and done (or a final error) for a committed stream; always close it."""
+    upstream = routed.value
     finish_reason = usage = None
     try:
-        yield sse({"type": "start", "model": model})
-        for chunk in with_keepalive(stream, keepalive):
+        yield sse({"type": "start", "model": routed.model, "degraded": routed.degraded})
+        for chunk in with_keepalive(upstream.chunks(), keepalive):
+            if time.monotonic() > deadline:
+                log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", routed.model)
+                yield error_event("upstream_timeout", "The answer took too long and was cut short. Try again.")
+                return
             if chunk is PING:
                 yield PING
                 continue
@@ -48,23 +104,40 @@ def relay(stream: Any, model: str, keepalive: float) -> Iterator[bytes]:
                     yield sse({"type": "delta", "content": choice.delta.content})
                 if choice.finish_reason:
                     finish_reason = choice.finish_reason
-        if finish_reason is None:
-            log.warning("upstream stream ended without a finish reason")
-            yield error_event("upstream_truncated", "The model provider cut the answer short. Try again.")
-        else:
-            yield sse({"type": "done", "finish_reason": finish_reason, "usage": usage, "model": model})
-    except openai.APIError as exc:
-        error = upstream_error(exc)
+        yield _last_event(finish_reason, usage, routed, cooldowns)
+    except (openai.APIError, ValueError) as exc:
+        error = upstream_error(exc) if isinstance(exc, openai.APIError) else _unreadable()
+        if error.code != "content_filtered":
+            cooldowns.failure(routed.model)
         yield error_event(error.code, error.message)
-    except ValueError:
-        log.warning("upstream sent a malformed stream chunk")
-        yield error_event("upstream_bad_response", "The model provider sent an answer we could not read.")
     finally:
-        cancel(stream)
+        upstream.close()
+
+
+def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed: Routed[Upstream],
+                cooldowns: Cooldowns) -> bytes:
+    """`done`, or the `error` that says why the answer is not complete."""
+    if finish_reason is None:
+        log.warning("upstream stream from %s ended without a finish reason", routed.model)
+        cooldowns.failure(routed.model)
+        return error_event("upstream_truncated", "The model provider cut the answer short. Try again.")
+    if finish_reason == "content_filter":
+        error = content_filtered()
+        return error_event(error.code, error.message)
+    return sse({"type": "done", "finish_reason": finish_reason, "usage": usage, "model": routed.model,
+                "degraded": routed.degraded})
+
+
+def _unreadable() -> ApiError:
+    """The error for a chunk that is not valid JSON."""
+    log.warning("upstream sent a malformed stream chunk")
+    return ApiError(502, "upstream_bad_response", "The model provider sent an answer we could not read.")
 
 
 def cancel(stream: Any) -> None:
     """Close an SDK stream now: shut the socket down so a reader blocked in recv wakes and the upstream sees FIN."""
+    if stream.response.is_closed:  # read to the end (or failed): its connection may already serve another call
+        return
     try:
         network = stream.response.extensions.get("network_stream")
         sock = network.get_extra_info("socket") if network is not None else None

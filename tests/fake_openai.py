@@ -37,6 +37,7 @@ class Reply:
     first_chunk_delay: float = 0.0  # seconds before the first delta
     drop_after: int | None = None  # stream: close the connection after N deltas
     malformed_after: int | None = None  # stream: send a broken data line after N deltas
+    error_after: int | None = None  # stream: send a `data: {"error": ...}` event (from `error`) after N deltas
     stall_after: int | None = None  # stream: stop sending for `stall` seconds after N deltas
     stall: float = 0.0
     reset: bool = False  # close the connection without any response
@@ -251,6 +252,10 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     if reply.malformed_after is not None and i == reply.malformed_after:
                         self._write(call, b"data: {not json\n\n")
                         return
+                    if reply.error_after is not None and i == reply.error_after:
+                        error = reply.error or {"message": "fake stream error", "type": "server_error"}
+                        self._write(call, b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                        return
                     if reply.stall_after is not None and i == reply.stall_after:
                         time.sleep(reply.stall)
                     self._send(call, {**base, "choices": [{"index": 0, "delta": {"content": piece},
@@ -280,6 +285,46 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 raise
 
     return Handler
+
+
+class Blackhole:
+    """A loopback port whose accept queue is full, so a connect hangs until the client's connect timeout.
+
+        with Blackhole() as hole:  # OPENAI_BASE_URL=hole.base_url
+            ...
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self._fillers = [self._fill() for _ in range(3)]  # never accepted: the kernel drops further SYNs
+
+    def _fill(self) -> socket.socket:
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(self._listener.getsockname())
+        except BlockingIOError:
+            pass
+        return filler
+
+    @property
+    def base_url(self) -> str:
+        """A base URL nobody will answer."""
+        host, port = self._listener.getsockname()[:2]
+        return f"http://{host}:{port}/v1"
+
+    def close(self) -> None:
+        """Release the port."""
+        for sock in (*self._fillers, self._listener):
+            sock.close()
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _peer_closed(sock: socket.socket) -> None:

@@ -133,7 +133,7 @@ def test_refused_stream_is_a_json_error_not_an_event_stream(client, fake):
 
     assert response.status_code == 503
     assert response.is_json
-    assert response.get_json()["error"]["code"] == "upstream_rate_limited"
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
     assert response.headers["Retry-After"] == "2"
 
 
