@@ -300,22 +300,20 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 1))
 
 
-def init_app(app: Flask, *, key_prefix: str = "chatproxy") -> None:
-    """Build the app's Budget: Redis counters when CHATPROXY_REDIS_URL is set, else the ledger's database.
+def init_app(app: Flask) -> None:
+    """Build the app's Budget on counters in the ledger's database (call after usage.init_app).
 
-    Call after usage.init_app (the SQL counters share the ledger's engine).
+    Not in Redis, even when CHATPROXY_REDIS_URL is set: the ledger's database is already a hard
+    dependency of every call, so budgets add none, and a Redis outage (which rate limits and
+    cooldowns survive) cannot stop the proxy. RedisCounters remains for deployments that need it.
     """
     settings: Settings = app.extensions["chatproxy.settings"]
-    if settings.redis_url:
-        counters: Counters = RedisCounters(redis_client(settings.redis_url), key_prefix)
-    else:
-        ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
-        if ledger is None:
-            raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's "
-                               "database")
-        counters = SqlCounters(ledger.engine)
-        counters.create_schema()
-        ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
+    ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
+    if ledger is None:
+        raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's database")
+    counters = SqlCounters(ledger.engine)
+    counters.create_schema()
+    ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
     app.extensions["chatproxy.budget"] = Budget(counters, Caps.from_settings(settings))
 
 

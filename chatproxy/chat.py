@@ -7,9 +7,10 @@ import time
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
 from openai import OpenAI
 
-from . import cooldowns
+from . import cooldowns, metrics
 from .config import Settings
 from .guards import csrf_token, take_stream_slot
+from .metering import Meter
 from .router import MODEL_HEADER, complete, make_client
 from .schemas import parse_chat_request, parse_json_body
 from .streaming import SSE_HEADERS, open_stream, relay
@@ -56,20 +57,38 @@ def chat() -> Response:
     chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), conf)
     gates, deadline = cooldowns.of(current_app), time.monotonic() + conf.total_timeout
     if not chat_request.stream:
-        reply = complete(client(), chat_request, conf, gates, deadline)
+        meter = Meter(chat_request, conf)
+        try:
+            reply = complete(client(), chat_request, conf, gates, deadline, meter)
+        finally:
+            meter.settle()
+        _count_fallback(chat_request.model, reply["model"])
         response = jsonify(reply)
         response.headers[MODEL_HEADER] = reply["model"]
         return response
     release_slot = take_stream_slot(g.identity)
     try:
-        # Opened up to the first delta before the first byte: a refused call still gets a proper JSON
-        # error, and the router can still fall back to another model.
-        routed = open_stream(client(), chat_request, conf, gates, deadline)
+        meter = Meter(chat_request, conf)
     except BaseException:
         release_slot()
         raise
-    response = Response(relay(routed, conf.keepalive_seconds, deadline, gates), mimetype="text/event-stream",
-                        headers={**SSE_HEADERS, MODEL_HEADER: routed.model})
+    try:
+        # Opened up to the first delta before the first byte: a refused call still gets a proper JSON
+        # error, and the router can still fall back to another model.
+        routed = open_stream(client(), chat_request, conf, gates, deadline, meter)
+    except BaseException:
+        meter.settle()
+        release_slot()
+        raise
+    _count_fallback(chat_request.model, routed.model)
+    response = Response(relay(routed, conf.keepalive_seconds, deadline, gates, meter),
+                        mimetype="text/event-stream", headers={**SSE_HEADERS, MODEL_HEADER: routed.model})
     response.call_on_close(routed.value.close)  # also when the generator never started
+    response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op
     response.call_on_close(release_slot)
     return response
+
+
+def _count_fallback(asked: str, answered: str) -> None:
+    if asked != answered:
+        metrics.record_fallback(asked, answered)

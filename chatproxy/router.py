@@ -233,15 +233,18 @@ def _unavailable(chain: list[str], cooldowns: Cooldowns, hints: dict[str, float]
                     retry_after=retry)
 
 
-def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns,
-             deadline: float) -> dict[str, Any]:
-    """Ask for a whole answer (with retries and fallback) and shape it per the JSON contract."""
-    routed = route(lambda model, timeout: _complete_once(client, chat, settings, model, timeout),
-                   chat.model, settings, cooldowns, deadline)
+def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
+             meter: Any) -> dict[str, Any]:
+    """Ask for a whole answer (with retries and fallback), record it on `meter`, and shape it per the contract."""
+    once = meter.attempt(lambda model, timeout, headers: _complete_once(client, chat, settings, model, timeout,
+                                                                         headers))
+    routed = route(once, chat.model, settings, cooldowns, deadline)
     choice, usage = routed.value
+    content = choice.message.content or ""
+    meter.finish(routed.model, usage_dict(usage), content, "ok")
     return {
         "role": "assistant",
-        "content": choice.message.content or "",
+        "content": content,
         "model": routed.model,
         "degraded": routed.degraded,
         "finish_reason": choice.finish_reason,
@@ -249,10 +252,11 @@ def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: C
     }
 
 
-def _complete_once(client: OpenAI, chat: ChatRequest, settings: Settings, model: str,
-                   timeout: openai.Timeout) -> tuple[Any, Any]:
+def _complete_once(client: OpenAI, chat: ChatRequest, settings: Settings, model: str, timeout: openai.Timeout,
+                   headers: dict[str, str]) -> tuple[Any, Any]:
     """One non-streaming attempt: the first choice and the usage."""
-    completion = client.chat.completions.create(**upstream_params(chat, settings, model), timeout=timeout)
+    completion = client.chat.completions.create(**upstream_params(chat, settings, model), timeout=timeout,
+                                                extra_headers=headers)
     if not completion.choices:
         raise Transient("answer without choices")
     choice = completion.choices[0]

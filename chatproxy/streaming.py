@@ -55,16 +55,17 @@ def error_event(code: str, message: str) -> bytes:
     return sse({"type": "error", "code": code, "message": message})
 
 
-def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns,
-                deadline: float) -> Routed[Upstream]:
+def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
+                meter: Any) -> Routed[Upstream]:
     """Open a stream for the model or a fallback, read up to its first delta, and only then commit to it."""
-    return route(lambda model, timeout: _open_once(client, upstream_params(chat, settings, model), timeout),
-                 chat.model, settings, cooldowns, deadline)
+    once = meter.attempt(lambda model, timeout, headers: _open_once(client, upstream_params(chat, settings, model),
+                                                                     timeout, headers))
+    return route(once, chat.model, settings, cooldowns, deadline)
 
 
-def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout) -> Upstream:
+def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]) -> Upstream:
     """One attempt: open the stream and read until a chunk carries content or a finish reason."""
-    stream = client.chat.completions.create(**params, timeout=timeout)
+    stream = client.chat.completions.create(**params, timeout=timeout, extra_headers=headers)
     head: list[Any] = []
     try:
         while True:
@@ -82,15 +83,19 @@ def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout) 
         raise
 
 
-def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns: Cooldowns) -> Iterator[bytes]:
-    """Yield start, deltas and done (or a final error) for a committed stream; always close it."""
+def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns: Cooldowns,
+          meter: Any) -> Iterator[bytes]:
+    """Yield start, deltas and done (or a final error) for a committed stream; always close it and meter it."""
     upstream = routed.value
     finish_reason = usage = None
+    outcome = "aborted"  # unless the stream reaches its last event: the client went away
+    pieces: list[str] = []  # kept only to estimate tokens when the usage chunk never comes
     try:
         yield sse({"type": "start", "model": routed.model, "degraded": routed.degraded})
         for chunk in with_keepalive(upstream.chunks(), keepalive):
             if time.monotonic() > deadline:
                 log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", routed.model)
+                outcome = "upstream_timeout"
                 yield error_event("upstream_timeout", "The answer took too long and was cut short. Try again.")
                 return
             if chunk is PING:
@@ -101,31 +106,36 @@ def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns
             if chunk.choices:
                 choice = chunk.choices[0]
                 if choice.delta is not None and choice.delta.content:
+                    pieces.append(choice.delta.content)
                     yield sse({"type": "delta", "content": choice.delta.content})
                 if choice.finish_reason:
                     finish_reason = choice.finish_reason
-        yield _last_event(finish_reason, usage, routed, cooldowns)
+        outcome, last = _last_event(finish_reason, usage, routed, cooldowns)
+        yield last
     except (openai.APIError, ValueError) as exc:
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else _unreadable()
         if error.code != "content_filtered":
             cooldowns.failure(routed.model)
+        outcome = error.code
         yield error_event(error.code, error.message)
     finally:
         upstream.close()
+        meter.finish(routed.model, usage, "".join(pieces), outcome, meter.ttft)
 
 
 def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed: Routed[Upstream],
-                cooldowns: Cooldowns) -> bytes:
-    """`done`, or the `error` that says why the answer is not complete."""
+                cooldowns: Cooldowns) -> tuple[str, bytes]:
+    """The ledger outcome and `done`, or the `error` that says why the answer is not complete."""
     if finish_reason is None:
         log.warning("upstream stream from %s ended without a finish reason", routed.model)
         cooldowns.failure(routed.model)
-        return error_event("upstream_truncated", "The model provider cut the answer short. Try again.")
+        return "upstream_truncated", error_event("upstream_truncated",
+                                                 "The model provider cut the answer short. Try again.")
     if finish_reason == "content_filter":
         error = content_filtered()
-        return error_event(error.code, error.message)
-    return sse({"type": "done", "finish_reason": finish_reason, "usage": usage, "model": routed.model,
-                "degraded": routed.degraded})
+        return error.code, error_event(error.code, error.message)
+    return "ok", sse({"type": "done", "finish_reason": finish_reason, "usage": usage, "model": routed.model,
+                      "degraded": routed.degraded})
 
 
 def _unreadable() -> ApiError:

@@ -276,10 +276,10 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def _gunicorn(env: dict[str, str], port: int, workers: int = 4) -> subprocess.Popen:
+def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--worker-class", "gthread", "--threads", "4", "wsgi:app"],
+         "--worker-class", "gthread", "--threads", str(threads), "wsgi:app"],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

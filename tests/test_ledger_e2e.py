@@ -1,0 +1,156 @@
+"""The ledger reconciles with the upstream: one row per call, also on errors, fallbacks and client aborts."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from chatproxy import create_app
+from chatproxy.guards import hash_token
+from chatproxy.metering import ROW_HEADER
+from chatproxy.usage import estimate_prompt_tokens
+from tests.fake_openai import Reply
+from tests.sse import post_stream
+from tests.test_guards import _free_port, _gunicorn
+from tests.test_usage import postgres_schema_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The same tests on a SQLite file and on a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        with postgres_schema_url() as url:
+            yield url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else str(url)
+
+
+def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for, serve, database_url):
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_KEEPALIVE_SECONDS=0.2))
+    url, client = serve(app), app.test_client()
+    ledger = app.extensions["chatproxy.ledger"]
+
+    for i in range(4):
+        assert client.post("/api/chat", json={"message": f"json {i}"}).status_code == 200
+    for i in range(3):
+        assert post_stream(url, {"message": f"stream {i}", "stream": True})[0].events[-1]["type"] == "done"
+    for _ in range(2):  # client aborts
+        fake.script(Reply(chunks=[f"t{n} " for n in range(40)], pace=0.05))
+        post_stream(url, {"message": "abort me", "stream": True}, stop_after_deltas=2)
+    fake.script(Reply(status=500))  # an upstream error with no fallback left (gpt-4o-mini ends the chain)
+    assert client.post("/api/chat", json={"message": "fail"}).status_code == 503
+    fake.script(Reply(chunks=["a ", "b ", "c"], drop_after=2))  # cut mid-stream
+    assert post_stream(url, {"message": "cut", "stream": True})[0].events[-1]["code"] == "upstream_truncated"
+    fake.for_model("gpt-4o", Reply(status=503))  # gpt-4o down: one failed call, then gpt-4o-mini answers
+    assert client.post("/api/chat", json={"message": "fallback", "model": "gpt-4o"}).get_json()["degraded"] is True
+    assert client.post("/api/chat", json={"message": ""}).status_code == 400  # no call, no row
+
+    calls = fake.chat_calls()
+    assert fake.wait_for(lambda: all(r["outcome"] != "interrupted" for r in ledger.rows()), timeout=5)
+    rows = {row["id"]: row for row in ledger.rows()}
+    assert len(calls) == 13
+    assert len(rows) == len(calls)
+    assert sorted(int(call.headers[ROW_HEADER.lower()]) for call in calls) == sorted(rows)
+    outcomes = sorted(row["outcome"] for row in rows.values())
+    assert outcomes == sorted(["ok"] * 7 + ["aborted"] * 2 + ["upstream_http_500", "upstream_truncated",
+                                                                   "upstream_http_503", "fallback"])
+    for call in calls:
+        row = rows[int(call.headers[ROW_HEADER.lower()])]
+        assert row["model_requested"] == (call.model if row["outcome"] != "fallback" else "gpt-4o")
+        if row["tokens_exact"]:
+            assert (row["prompt_tokens"], row["completion_tokens"]) == (call.prompt_tokens, call.completion_tokens)
+        assert row["closed_at"] is not None
+    exact_calls = [c for c in calls if rows[int(c.headers[ROW_HEADER.lower()])]["tokens_exact"]]
+    for field in ("prompt_tokens", "completion_tokens"):
+        assert sum(rows[int(c.headers[ROW_HEADER.lower()])][field] for c in exact_calls) == sum(
+            getattr(c, field) for c in exact_calls)
+    aborted = [r for r in rows.values() if r["outcome"] == "aborted"]
+    assert all(not r["tokens_exact"] and r["completion_tokens"] >= 1 and r["cost_micros"] > 0 for r in aborted)
+    ok = [r for r in rows.values() if r["outcome"] in ("ok", "fallback")]
+    assert all(r["tokens_exact"] and r["cost_micros"] > 0 for r in ok)
+
+
+def test_budget_spent_refuses_with_retry_after_and_no_upstream_call(fake, settings_for):
+    app = create_app(settings_for(CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.000001"))
+
+    response = app.test_client().post("/api/chat", json={"message": "hi"})
+
+    assert response.status_code == 429
+    assert response.get_json()["error"]["code"] == "budget_exceeded"
+    assert 0 < int(response.headers["Retry-After"]) <= 86400
+    assert fake.calls == []
+
+
+def test_settled_cost_is_the_real_cost_not_the_reservation(fake, settings_for):
+    app = create_app(settings_for())
+    client = app.test_client()
+
+    client.post("/api/chat", json={"message": "hi", "max_tokens": 1000})
+
+    budget = app.extensions["chatproxy.budget"]
+    [row] = app.extensions["chatproxy.ledger"].rows()
+    totals = budget.totals()
+    assert totals["reserved_micros"] == 0
+    assert totals["spent_micros"] == row["cost_micros"] > 0
+
+
+@pytest.mark.parametrize("k", [5])
+def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, database_url, k):
+    """Room for exactly K worst-case calls; 4K simultaneous requests over 4 workers; exactly K go upstream."""
+    token, name = f"cpx_{uuid.uuid4().hex}", f"budget-{uuid.uuid4().hex[:8]}"
+    max_tokens = 100
+    # $1 per million tokens in and out: one token costs one micro-dollar, so the arithmetic is exact.
+    prices = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
+    worst = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
+                                    {"role": "user", "content": "hi"}]) + max_tokens
+    # Accepted calls hold their reservation for 3 s, while all 4K requests are being decided, and then
+    # settle to more than it (the fake ignores max_tokens), so no room frees up for a late request.
+    fake.default = Reply(delay=3.0, content="x" * 2000)
+    port = _free_port()
+    server = _gunicorn({"OPENAI_API_KEY": "sk-test-budget", "OPENAI_BASE_URL": fake.base_url,
+                        "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+                        "CHATPROXY_RATE_LIMIT_TOKEN": "1000/minute", "CHATPROXY_DATABASE_URL": database_url,
+                        "CHATPROXY_PRICES": prices, "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": f"{k * worst / 1e6:.6f}",
+                        "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_READ_TIMEOUT": "10"}, port, threads=8)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/chat", body=json.dumps({"message": "hi", "max_tokens": max_tokens}),
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        response.read()
+        with lock:
+            statuses.append(response.status)
+        conn.close()
+
+    try:
+        threads = [threading.Thread(target=call) for _ in range(4 * k)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        fake.default = Reply()
+        server.terminate()
+        server.wait(timeout=30)
+
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        counters = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM budget_counters"))]
+    engine.dispose()
+    assert sorted(statuses) == [200] * k + [429] * (3 * k), repr((statuses, counters, worst))
+    assert len(fake.chat_calls()) == k
