@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 
@@ -92,6 +94,8 @@ class FakeOpenAI:
         self.default = default or Reply(pace=0.03 if demo else 0.0)
         self._script: list[Reply] = []
         self._per_model: dict[str, Reply] = {}
+        # Extra endpoints (files, batches...): (method, path regex, handler(request, match, raw body)).
+        self.routes: list[tuple[str, re.Pattern[str], Callable[[Any, re.Match[str], bytes], None]]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -164,7 +168,24 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
             pass
 
+        def _route(self, raw: bytes) -> bool:
+            path = self.path.split("?")[0]
+            for method, pattern, handler in fake.routes:
+                match = pattern.fullmatch(path)
+                if method == self.command and match:
+                    call = self._record(raw)
+                    handler(self, match, raw)
+                    call.finished = True
+                    return True
+            return False
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            if not self._route(b""):
+                self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
         def do_GET(self) -> None:  # noqa: N802
+            if self._route(b""):
+                return
             call = self._record(None)
             if self.path.rstrip("/").endswith("/models"):
                 data = [{"id": m, "object": "model", "owned_by": "fake"} for m in ("gpt-4o", "gpt-4o-mini")]
@@ -176,6 +197,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
+            if self._route(raw):
+                return
             try:
                 body = json.loads(raw) if raw else None
             except ValueError:
