@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import budget, chat, errors, guards, ops, prices, reports, security, usage
+from . import budget, chat, errors, guards, logs, ops, prices, reports, security, usage
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["chatproxy.settings"] = settings
 
+    logs.init_app(app)  # first, so start-up messages are JSON lines too
     errors.init_app(app)
     prices.init_app(app)
     usage.init_app(app)
@@ -41,10 +42,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     chat.init_app(app)
     ops.init_app(app)
 
-    @app.before_request
     def _request_id() -> None:
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    # Before every other hook: requests the guards or the rate limiter refuse get an id too.
+    app.before_request_funcs.setdefault(None, []).insert(0, _request_id)
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -101,6 +102,26 @@ def _list(value: str) -> tuple[str, ...]:
 _list.allowed = "a comma-separated list with at least one item"  # type: ignore[attr-defined]
 
 
+def _bind(value: str) -> str:
+    text = str(value).strip()
+    if text.startswith("unix:") and len(text) > len("unix:"):
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return text
+
+
+_bind.allowed = "HOST:PORT such as 127.0.0.1:8000 or [::1]:8000, or unix:/path/to.sock"  # type: ignore[attr-defined]
+
+
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item) for item in _optional_list(value))
+
+
+_networks.allowed = "a comma-separated list of networks such as 127.0.0.1/32,10.0.0.0/8"  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default, its parser and what it means."""
@@ -190,6 +211,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
             "How long a failing model is skipped (at least the upstream's Retry-After); "
             "then one probe request decides whether it is back."),
+    # Deployment (gunicorn.conf.py, ops.py)
+    Setting("CHATPROXY_WORKERS", "2", _int_range(1, 256),
+            "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits."),
+    Setting("CHATPROXY_THREADS", "32", _int_range(1, 1000),
+            "Threads per gunicorn worker: each open stream holds one thread for its whole life."),
+    Setting("CHATPROXY_BIND", "127.0.0.1:8000", _bind,
+            "Where gunicorn listens: HOST:PORT or unix:/path. Keep it on loopback behind nginx."),
+    Setting("CHATPROXY_GRACEFUL_TIMEOUT", "120", _int_range(1, 3600),
+            "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed."),
+    Setting("CHATPROXY_METRICS_NETWORKS", "127.0.0.1/32,::1/128", _networks,
+            "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
 )
 
 

@@ -1,18 +1,121 @@
-"""Operational routes: liveness."""
+"""Operational routes: liveness (/healthz), readiness (/readyz), Prometheus metrics (/metrics); request metrics."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, jsonify
+import ipaddress
+import logging
+import time
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+from . import metrics
+from .config import SETTINGS, Settings
+from .errors import ApiError
+from .guards import token_name
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__)
+NETWORKS = "chatproxy.metrics_networks"
+READY_REDIS = "chatproxy.ops.redis"
+CHECK_TIMEOUT = 1  # seconds a readiness check may wait for a dependency
 
 
 def init_app(app: Flask) -> None:
-    """Register the operational routes."""
+    """Register the operational routes and the per-request metrics hooks."""
+    settings: Settings = app.extensions["chatproxy.settings"]
+    app.extensions[NETWORKS] = _setting(app, "CHATPROXY_METRICS_NETWORKS")
+    if settings.redis_url:
+        app.extensions[READY_REDIS] = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT)
+    # First of all before_request hooks, so requests the guards refuse are timed too.
+    app.before_request_funcs.setdefault(None, []).insert(0, _start_timer)
+    app.after_request(_count_request)
     app.register_blueprint(bp)
+
+
+def _setting(app: Flask, name: str) -> Any:
+    """A setting validate() checked but Settings does not carry, parsed from the app's config."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    value = app.config.get(name, setting.default)
+    return setting.parse(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _count_request(response: Response) -> Response:
+    """Count the request once its last byte is sent (for a stream: when it ends), under its URL rule."""
+    started = g.get("metrics_started", time.perf_counter())
+    route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+    method, status = request.method, response.status_code
+    response.call_on_close(lambda: metrics.record_request(route, method, status, time.perf_counter() - started))
+    return response
 
 
 @bp.get("/healthz")
 def healthz() -> Response:
     """Alive: the process answers. Never calls the upstream."""
     return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Ready: the ledger database and Redis (when configured) answer. Never calls the upstream."""
+    checks: dict[str, str] = {}
+    ledger = current_app.extensions.get("chatproxy.ledger")
+    if ledger is not None:
+        checks["database"] = _check("database", lambda: _select_one(ledger.engine))
+    client = current_app.extensions.get(READY_REDIS)
+    if client is not None:
+        checks["redis"] = _check("redis", client.ping)
+    failed = [name for name, state in checks.items() if state != "ok"]
+    if failed:
+        raise ApiError(503, "not_ready", f"Not ready: {' and '.join(failed)} unreachable.", retry_after=5)
+    return jsonify({"status": "ready", "checks": checks})
+
+
+def _select_one(engine: sa.Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(sa.text("SELECT 1"))
+
+
+def _check(name: str, probe: Any) -> str:
+    """Run one probe: "ok", or "unreachable" with the reason logged (never sent to the client)."""
+    try:
+        probe()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason goes to the log
+        log.error("readiness: %s unreachable (%s: %s)", name, type(exc).__name__, exc)
+        return "unreachable"
+    return "ok"
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    """Prometheus metrics, for the monitoring network or an admin token; otherwise 403."""
+    if not _may_scrape():
+        raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
+    return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST,
+                    headers={"Cache-Control": "no-store"})
+
+
+def _may_scrape() -> bool:
+    """The client IP (after ProxyFix) is in CHATPROXY_METRICS_NETWORKS, or the bearer token is an admin's."""
+    try:
+        address = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address is not None and any(address in network for network in current_app.extensions[NETWORKS]):
+        return True
+    header = request.headers.get("Authorization")
+    if header is None:
+        return False
+    settings: Settings = current_app.extensions["chatproxy.settings"]
+    name = token_name(header, current_app.extensions["chatproxy.tokens"])
+    return name is not None and name in settings.admin_tokens

@@ -1,0 +1,169 @@
+"""gunicorn settings for chatproxy: `gunicorn -c gunicorn.conf.py` (see docs/deploy.md).
+
+Workers, threads, bind address and graceful timeout come from chatproxy's settings (the environment,
+then `.env`): CHATPROXY_WORKERS, CHATPROXY_THREADS, CHATPROXY_BIND, CHATPROXY_GRACEFUL_TIMEOUT.
+Command-line flags still win over this file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from gunicorn import glogging
+from gunicorn.workers.gthread import ThreadWorker
+
+ROOT = Path(__file__).resolve().parent
+METRICS_TMP_PREFIX = "chatproxy-metrics-"
+
+# Prometheus multiprocess mode: every worker writes its samples to files in this directory and /metrics
+# sums them, so a scrape answered by any one worker counts the requests of all of them. It must be set
+# before anything imports prometheus_client (chatproxy does), which picks its storage at import time.
+# Kept across a config reload (SIGHUP re-reads this file); emptied when the master starts.
+# A directory made here is removed when this process (the master) exits, even after a failed start.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_TMP_PREFIX)
+    _master = os.getpid()  # workers exit through sys.exit too: only the master may remove it
+    atexit.register(lambda directory=os.environ["PROMETHEUS_MULTIPROC_DIR"]:
+                    os.getpid() == _master and shutil.rmtree(directory, ignore_errors=True))
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from chatproxy.config import SETTINGS, raw_settings  # noqa: E402 - after PROMETHEUS_MULTIPROC_DIR is set
+
+
+def _setting(name: str):
+    """One of chatproxy's deployment settings, parsed; a bad value stops gunicorn naming the variable."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    value = raw_settings(ROOT / ".env")[name]
+    try:
+        return setting.parse(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"chatproxy: {name} must be {setting.parse.allowed}; got {value!r}.") from None
+
+
+wsgi_app = "wsgi:app"
+bind = [_setting("CHATPROXY_BIND")]
+
+
+class GracefulThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker, which also closes its copy of the listening socket when it stops.
+
+    On SIGTERM the master closes its copy, but each worker keeps one while it drains for up to
+    graceful_timeout, so the kernel would keep accepting connections nobody serves (nginx would wait
+    on them, then get a reset). Once every stopping worker has closed its copy, new connections are
+    refused at once. On a reload (SIGHUP) or a worker restart the master keeps its copy: nothing changes.
+    """
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """Stop (or start) accepting; when stopping for good, let go of the listening sockets too."""
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
+
+# gthread: each worker serves `threads` requests at once, and an open stream holds one thread for its
+# whole life, so workers x threads is how many answers can stream at the same time.
+worker_class = GracefulThreadWorker
+workers = _setting("CHATPROXY_WORKERS")
+threads = _setting("CHATPROXY_THREADS")
+
+# No preload: create_app() runs in each worker after the fork, so every worker builds its own OpenAI
+# client (one per process, reused by all its threads) and its own Redis and database connections.
+# A client created in the master and inherited through fork() would share sockets between processes.
+preload_app = False
+
+# With gthread the worker timeout is a heartbeat, not a request deadline: the worker's main loop
+# reports to the master every second while its threads serve requests, so a stream that runs for
+# minutes is not killed by it (a sync worker would be). It only catches a worker that hangs as a whole.
+# Long upstream calls are bounded by CHATPROXY_READ_TIMEOUT and CHATPROXY_TOTAL_TIMEOUT instead.
+timeout = 30
+# On SIGTERM (systemctl stop, deploys) workers stop accepting and give in-flight requests, streams
+# included, this long to finish before they are killed; as long as CHATPROXY_TOTAL_TIMEOUT by default.
+graceful_timeout = _setting("CHATPROXY_GRACEFUL_TIMEOUT")
+# Longer than nginx's upstream keepalive_timeout (60 s), so nginx, not gunicorn, closes idle pooled
+# connections: a connection gunicorn closed just as nginx reuses it would be a 502.
+keepalive = 75
+
+# Proxies whose X-Forwarded-Proto gunicorn believes (nginx on this host). The client IP the app uses
+# for rate limits comes from ProxyFix, set up by CHATPROXY_TRUSTED_PROXIES.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+# No gunicornc control socket: systemd owns start, stop and reload, and several instances (tests, a
+# second site) would otherwise compete for the one default path under $HOME or $XDG_RUNTIME_DIR.
+control_socket_disable = True
+
+
+class JsonAccessLogger(glogging.Logger):
+    """gunicorn's logger, with each access line as JSON fields instead of Apache's format."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        """Log one answered request: method, path, status, bytes, duration, client and request id."""
+        if not self.access_log_enabled:
+            return
+        try:
+            status = str(resp.status).split(None, 1)[0]
+            headers = resp.headers.items() if hasattr(resp.headers, "items") else resp.headers
+            request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
+            self.access_log.info("%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, extra={
+                "method": environ.get("REQUEST_METHOD"), "path": environ.get("PATH_INFO"),
+                "status": int(status) if status.isdigit() else status, "bytes": getattr(resp, "sent", None),
+                "duration_ms": round(request_time.total_seconds() * 1000, 1),
+                "remote_addr": environ.get("REMOTE_ADDR"), "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
+                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id})
+        except Exception:  # noqa: BLE001 - a bad access line must not fail the request
+            self.exception("could not write the access log line")
+
+
+logger_class = JsonAccessLogger
+accesslog = "-"  # stdout, as JSON lines (the handler below replaces gunicorn's plain one)
+loglevel = "info"
+# gunicorn's error log, the app's own loggers (the root) and the access log all write JSON lines.
+# Records are redacted by chatproxy's log-record factory in the workers and once more by the formatter.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "chatproxy.logs.JsonFormatter"}},
+    "handlers": {
+        "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+    },
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+        **{name: {"level": "WARNING"} for name in ("httpx2", "httpx", "httpcore")},
+    },
+}
+
+
+def _clear_metrics(directory: str) -> None:
+    for entry in Path(directory).glob("*.db"):
+        entry.unlink(missing_ok=True)
+
+
+def on_starting(server) -> None:
+    """Start every run with empty metrics (the directory may hold files from a previous run)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    _clear_metrics(directory)
+
+
+def child_exit(server, worker) -> None:
+    """Let prometheus-client drop a dead worker's live gauges; its counters stay in the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics directory if this file made it (also when gunicorn daemonized)."""
+    directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    if directory.parent == Path(tempfile.gettempdir()) and directory.name.startswith(METRICS_TMP_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)

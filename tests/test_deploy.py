@@ -1,0 +1,316 @@
+"""The deployment, for real: nginx (from deploy/nginx.conf) -> gunicorn (gunicorn.conf.py) -> the fake upstream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from chatproxy.guards import hash_token
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.sse import post_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TOKEN_NAME = f"deploy-{uuid.uuid4().hex[:8]}"  # fresh per run: the Redis rate-limit counters are shared
+TOKEN = f"cpx_{uuid.uuid4().hex}"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, output: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}:\n" + "\n".join(output))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("did not start listening:\n" + "\n".join(output))
+
+
+@dataclass
+class Server:
+    """A running server process, its port and every line it printed."""
+
+    process: subprocess.Popen
+    port: int
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Its base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def json_lines(self) -> list[dict]:
+        """The printed lines, each parsed as JSON (fails the test on a line that is not)."""
+        return [json.loads(line) for line in self.output if line.strip()]
+
+    def stop(self) -> None:
+        """SIGTERM, then wait."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _collect(process: subprocess.Popen, output: list[str]) -> None:
+    threading.Thread(target=lambda: output.extend(line.decode() for line in process.stdout), daemon=True).start()
+
+
+def start_gunicorn(env: dict[str, str], *args: str) -> Server:
+    """gunicorn -c gunicorn.conf.py on a free loopback port, settings from `env`, extra flags in `args`."""
+    port = _free_port()
+    settings = {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
+                "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
+                "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
+    environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args], cwd=ROOT,
+                               env={**environ, **settings}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = Server(process, port)
+    _collect(process, server.output)
+    _wait_for_port(port, process, server.output)
+    return server
+
+
+def region(text: str, name: str) -> str:
+    """The lines between `# >>> name` and `# <<< name` in deploy/nginx.conf."""
+    return re.search(rf"# >>> {name}\n(.*?)# <<< {name}", text, re.S).group(1)
+
+
+def need_nginx() -> None:
+    """Skip (which fails the run under CI=true) when nginx is missing, naming the Debian package."""
+    if not os.path.exists(NGINX):
+        pytest.skip("nginx is not installed: apt-get install nginx-light (Debian package)")
+
+
+def start_nginx(tmp: Path, upstream_port: int) -> Server:
+    """nginx from the Debian package, with deploy/nginx.conf's upstream and proxy directives, without TLS."""
+    need_nginx()
+    site = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
+    port = _free_port()
+    temp = {name: tmp / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir()
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+error_log {tmp}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+    default_type application/octet-stream;
+    {" ".join(f"{name}_temp_path {path};" for name, path in temp.items())}
+    {region(site, "http").replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        {region(site, "proxy")}
+    }}
+}}
+""", encoding="utf-8")
+    process = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-g", f"daemon off; pid {tmp}/nginx.pid;"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = Server(process, port)
+    _collect(process, server.output)
+    _wait_for_port(port, process, server.output)
+    return server
+
+
+@pytest.fixture(scope="module")
+def stack(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
+    """nginx -> gunicorn (4 workers, Redis, a 2 s worker timeout) -> the fake upstream; yields (nginx, gunicorn)."""
+    need_nginx()
+    redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()  # fails, not skips, without Redis
+    tmp = tmp_path_factory.mktemp("deploy")
+    gunicorn = start_gunicorn({
+        "OPENAI_BASE_URL": _fake_server.base_url, "CHATPROXY_WORKERS": "4", "CHATPROXY_THREADS": "8",
+        "CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp}/ledger.db",
+        "CHATPROXY_TRUSTED_PROXIES": "1", "CHATPROXY_ALLOW_ANONYMOUS": "true",
+        "CHATPROXY_RATE_LIMIT_ANONYMOUS": "1/minute", "CHATPROXY_KEEPALIVE_SECONDS": "0",
+    }, "--timeout", "2")
+    try:
+        nginx = start_nginx(tmp, gunicorn.port)
+    except BaseException:
+        gunicorn.stop()
+        raise
+    yield nginx, gunicorn
+    nginx.stop()
+    gunicorn.stop()
+
+
+def paced(n: int, pace: float) -> Reply:
+    """A stream of `n` deltas, one every `pace` seconds."""
+    return Reply(chunks=[f"w{i} " for i in range(n)], pace=pace)
+
+
+def test_deltas_arrive_through_nginx_as_the_upstream_sends_them(stack, fake):
+    nginx, _ = stack
+    fake.script(paced(20, 0.1))
+
+    received, _ = post_stream(nginx.url, {"message": "hi", "stream": True}, headers=AUTH)
+
+    sent = fake.chat_calls()[-1].chunk_times
+    arrived = [t for t, e in zip(received.times, received.events, strict=True) if e["type"] == "delta"]
+    assert received.events[-1]["type"] == "done"
+    assert len(arrived) == len(sent) == 20
+    assert arrived[0] < sent[-1] - 1.5  # the first delta was read long before the last one was sent
+    lags = [a - s for a, s in zip(arrived, sent, strict=True)]
+    assert max(lags) < 0.3, lags  # each delta arrives right after it was sent: no burst at the end
+    assert arrived[-1] - arrived[0] > 0.8 * (sent[-1] - sent[0])
+
+
+def test_a_stream_longer_than_the_worker_timeout_completes(stack, fake):
+    nginx, gunicorn = stack
+    fake.script(paced(20, 0.2))  # about 4 s; gunicorn runs with --timeout 2
+
+    received, _ = post_stream(nginx.url, {"message": "hi", "stream": True}, headers=AUTH)
+
+    assert received.events[-1]["type"] == "done"
+    assert len(received.of_type("delta")) == 20
+    assert not [line for line in gunicorn.output if "WORKER TIMEOUT" in line]
+
+
+def _post_from(address: str, port: int, headers: dict[str, str] | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(address, 0))
+    conn.request("POST", "/api/chat", body=b'{"message": "hi"}',
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_rate_limits_see_the_client_ip_that_nginx_forwards(stack, fake):
+    nginx, _ = stack
+    # Random loopback addresses: the counters live in Redis and must be fresh on every run.
+    first, second = (f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{n}" for n in (2, 3))
+
+    statuses = [_post_from(first, nginx.port), _post_from(second, nginx.port), _post_from(first, nginx.port),
+                _post_from(second, nginx.port, {"X-Forwarded-For": "203.0.113.9"})]
+
+    # 1/minute per client IP: each address gets one answer; a forged X-Forwarded-For does not help.
+    assert statuses == [200, 200, 429, 429]
+
+
+def _scrape(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    assert response.status == 200
+    body = response.read().decode()
+    conn.close()
+    return body
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_add_up_the_requests_of_every_worker(stack):
+    _, gunicorn = stack
+    route = {"route": "/api/models", "method": "GET", "status": "200"}
+    before = _sample(_scrape(gunicorn.port), "chatproxy_requests_total", **route)
+
+    for _ in range(24):  # a new connection each time, so the kernel spreads them over the 4 workers
+        conn = http.client.HTTPConnection("127.0.0.1", gunicorn.port, timeout=10)
+        conn.request("GET", "/api/models", headers=AUTH)
+        assert conn.getresponse().status == 200
+        conn.close()
+    scraped = _scrape(gunicorn.port)
+
+    assert _sample(scraped, "chatproxy_requests_total", **route) - before == 24
+    assert _sample(scraped, "chatproxy_request_duration_seconds_count", route="/api/models") >= 24
+    time.sleep(0.2)  # the access lines of the last requests
+    pids = {line["pid"] for line in gunicorn.json_lines() if line.get("path") == "/api/models"}
+    assert len(pids) > 1, "all requests went to one worker: the test would prove nothing"
+
+
+def test_readyz_through_nginx_checks_redis_and_the_ledger(stack):
+    nginx, _ = stack
+    conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10)
+    conn.request("GET", "/readyz")
+    response = conn.getresponse()
+
+    assert response.status == 200
+    assert json.loads(response.read()) == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+
+
+def test_logs_are_json_lines_with_request_ids(stack):
+    _, gunicorn = stack
+    lines = gunicorn.json_lines()  # every line gunicorn and the app printed parses as JSON
+
+    access = [line for line in lines if line["logger"] == "gunicorn.access"]
+    assert access and all(line["request_id"] and line["status"] for line in access)
+    assert any(line["logger"] == "gunicorn.error" and "Booting worker" in line["message"] for line in lines)
+    assert not [line for line in lines if line["level"] in {"ERROR", "CRITICAL"}]
+
+
+def test_sigterm_lets_streams_finish_and_refuses_new_connections(fake, tmp_path):
+    gunicorn = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_WORKERS": "2",
+                               "CHATPROXY_GRACEFUL_TIMEOUT": "10", "CHATPROXY_KEEPALIVE_SECONDS": "0",
+                               "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"})
+    fake.script(*[paced(15, 0.15)] * 3)  # about 2 s each
+    results: list = []
+    streams = [threading.Thread(target=lambda: results.append(
+        post_stream(gunicorn.url, {"message": "hi", "stream": True}, headers=AUTH)[0])) for _ in range(3)]
+    for thread in streams:
+        thread.start()
+    assert fake.wait_for(lambda: len(fake.chat_calls()) == 3 and all(c.chunk_times for c in fake.chat_calls()))
+
+    signalled = time.monotonic()
+    gunicorn.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gunicorn.port), timeout=2).close()
+    for thread in streams:
+        thread.join(timeout=15)
+    gunicorn.process.wait(timeout=15)
+    stopped = time.monotonic() - signalled
+
+    assert [r.events[-1]["type"] for r in results] == ["done"] * 3
+    assert all(len(r.of_type("delta")) == 15 for r in results)
+    assert gunicorn.process.returncode == 0
+    assert stopped < 10  # within CHATPROXY_GRACEFUL_TIMEOUT: nobody was killed
+    time.sleep(0.1)
+    lines = gunicorn.json_lines()
+    assert not [line for line in lines if line["level"] in {"ERROR", "CRITICAL"}]
+    assert sum(line["message"].startswith("Worker exiting") for line in lines) == 2
+
+
+def test_a_bad_deployment_setting_stops_gunicorn_naming_it():
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--check-config"], cwd=ROOT,
+                            env={**os.environ, "CHATPROXY_THREADS": "lots"}, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode != 0
+    assert "CHATPROXY_THREADS must be an integer from 1 to 1000; got 'lots'" in result.stderr
