@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import budget, chat, errors, guards, logs, ops, prices, reports, security, usage
+from . import batch, budget, chat, classify, cooldowns, errors, guards, logs, ops, prices, reports, security, usage
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     reports.init_app(app)
     security.init_app(app)
     guards.init_app(app)
+    cooldowns.init_app(app)
     chat.init_app(app)
+    classify.init_app(app)
+    batch.init_app(app)  # after usage: batches live in the ledger's database
     ops.init_app(app)
 
     def _request_id() -> None:

@@ -211,6 +211,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
             "How long a failing model is skipped (at least the upstream's Retry-After); "
             "then one probe request decides whether it is back."),
+    # Structured outputs (classify.py)
+    Setting("CHATPROXY_CLASSIFY_LABELS", "billing,technical,sales,account,other", _list,
+            "Labels /api/classify may choose from; a request may narrow them to a subset."),
+    Setting("CHATPROXY_CLASSIFY_MODEL", "", _optional_text,
+            "Model /api/classify uses (one of CHATPROXY_MODELS). Empty: CHATPROXY_DEFAULT_MODEL."),
     # Deployment (gunicorn.conf.py, ops.py)
     Setting("CHATPROXY_WORKERS", "2", _int_range(1, 256),
             "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits."),
@@ -222,6 +227,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed."),
     Setting("CHATPROXY_METRICS_NETWORKS", "127.0.0.1/32,::1/128", _networks,
             "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
+    # Batch API (batch.py)
+    Setting("CHATPROXY_BATCH_MAX_REQUESTS", "1000", _int_range(1, 50_000),
+            "Most requests in one batch (POST /api/batches, `flask batch submit`); OpenAI allows 50,000."),
+    Setting("CHATPROXY_BATCH_MAX_BODY_BYTES", "1048576", _int_range(1024, 200_000_000),
+            "Largest POST /api/batches body, in bytes (other routes keep CHATPROXY_MAX_BODY_BYTES); "
+            "behind nginx, client_max_body_size must allow it too."),
 )
 
 
@@ -268,6 +279,8 @@ class Settings:
     cooldown_failures: int
     cooldown_window: float
     cooldown_seconds: float
+    classify_labels: tuple[str, ...]
+    classify_model: str
 
 
 def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
@@ -297,6 +310,10 @@ def validate(config: Mapping[str, Any]) -> Settings:
     if parsed["CHATPROXY_DEFAULT_MODEL"] not in parsed["CHATPROXY_MODELS"]:
         raise SettingsError(f"CHATPROXY_DEFAULT_MODEL must be one of CHATPROXY_MODELS "
                             f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_DEFAULT_MODEL']!r}.")
+    parsed["CHATPROXY_CLASSIFY_MODEL"] = parsed["CHATPROXY_CLASSIFY_MODEL"] or parsed["CHATPROXY_DEFAULT_MODEL"]
+    if parsed["CHATPROXY_CLASSIFY_MODEL"] not in parsed["CHATPROXY_MODELS"]:
+        raise SettingsError(f"CHATPROXY_CLASSIFY_MODEL must be one of CHATPROXY_MODELS "
+                            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_CLASSIFY_MODEL']!r}.")
     for origin in parsed["CHATPROXY_ALLOWED_ORIGINS"]:
         if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
             raise SettingsError(f"CHATPROXY_ALLOWED_ORIGINS must list exact origins like https://app.example.com "
@@ -344,6 +361,8 @@ def validate(config: Mapping[str, Any]) -> Settings:
         cooldown_failures=parsed["CHATPROXY_COOLDOWN_FAILURES"],
         cooldown_window=parsed["CHATPROXY_COOLDOWN_WINDOW"],
         cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
+        classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
+        classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
     )
 
 

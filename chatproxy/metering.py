@@ -38,7 +38,7 @@ class Meter:
         self.model = chat.model
         self.stream = chat.stream
         self.started = time.monotonic()
-        messages = [{"role": "system", "content": settings.system_prompt}, *chat.messages]
+        messages = [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages]
         self.prompt_estimate = estimate_prompt_tokens(messages)
         worst = self.prices.worst_case_micros(candidates(chat.model, settings), self.prompt_estimate,
                                               chat.max_tokens, batch=batch)

@@ -10,6 +10,7 @@ for the cooldowns, and tell the client which model answered. Two retry layers wo
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import math
 import random
@@ -68,15 +69,25 @@ def upstream_params(chat: ChatRequest, settings: Settings, model: str | None = N
     """The Chat Completions arguments: our system prompt first, then the client's turns."""
     params: dict[str, Any] = {
         "model": model or chat.model,
-        "messages": [{"role": "system", "content": settings.system_prompt}, *chat.messages],
+        "messages": [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages],
         "max_tokens": chat.max_tokens,
     }
     if chat.temperature is not None:
         params["temperature"] = chat.temperature
+    if chat.response_format is not None:
+        params["response_format"] = chat.response_format
+        if chat.response_format["type"] == "json_object" and not _mentions_json(params["messages"]):
+            # OpenAI refuses JSON mode unless a message asks for JSON; say it in our system message.
+            system = params["messages"][0]["content"]
+            params["messages"][0] = {"role": "system", "content": f"{system}\n\nReply with a JSON object."}
     if chat.stream:
         params["stream"] = True
         params["stream_options"] = {"include_usage": True}
     return params
+
+
+def _mentions_json(messages: list[dict[str, str]]) -> bool:
+    return any("json" in message["content"].lower() for message in messages)
 
 
 _FAILED: Any = object()  # _attempts gave up on a model
@@ -242,7 +253,7 @@ def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: C
     choice, usage = routed.value
     content = choice.message.content or ""
     meter.finish(routed.model, usage_dict(usage), content, "ok")
-    return {
+    reply = {
         "role": "assistant",
         "content": content,
         "model": routed.model,
@@ -250,6 +261,24 @@ def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: C
         "finish_reason": choice.finish_reason,
         "usage": usage_dict(usage),
     }
+    if chat.response_format is not None:
+        reply["parsed"] = structured(choice)
+    return reply
+
+
+def structured(choice: Any) -> Any:
+    """The decoded JSON of a structured answer, or a clear error for a refusal, a cut-off or invalid JSON."""
+    refusal = getattr(choice.message, "refusal", None)
+    if refusal:
+        raise ApiError(422, "model_refused", f"The model declined to answer: {refusal[:500]}")
+    if choice.finish_reason == "length":
+        raise ApiError(502, "invalid_model_output",
+                       "The answer reached max_tokens before its JSON was complete. Allow more tokens.")
+    try:
+        return json.loads(choice.message.content or "")
+    except ValueError:
+        log.warning("the model's structured answer is not valid JSON")
+        raise ApiError(502, "invalid_model_output", "The model's answer was not valid JSON. Try again.") from None
 
 
 def _complete_once(client: OpenAI, chat: ChatRequest, settings: Settings, model: str, timeout: openai.Timeout,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
 from .errors import ApiError, invalid
 
-CHAT_FIELDS = frozenset({"message", "messages", "model", "max_tokens", "temperature", "stream"})
+CHAT_FIELDS = frozenset({"message", "messages", "model", "max_tokens", "temperature", "response_format", "stream"})
+SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_SCHEMA_DEPTH = 32
 CLIENT_ROLES = ("user", "assistant")
 MAX_TEMPERATURE = 2.0
 
@@ -23,6 +26,8 @@ class ChatRequest:
     max_tokens: int
     temperature: float | None
     stream: bool
+    response_format: dict[str, Any] | None = None  # json_object or json_schema; the reply then carries `parsed`
+    system_prompt: str | None = None  # set by server-side features (the classifier); None: the configured one
 
 
 def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
@@ -56,6 +61,7 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
         max_tokens=_max_tokens(body.get("max_tokens"), settings),
         temperature=_temperature(body.get("temperature")),
         stream=_flag(body.get("stream"), "stream"),
+        response_format=response_format(body.get("response_format")),
     )
 
 
@@ -120,6 +126,44 @@ def _temperature(value: Any) -> float | None:
     if not 0.0 <= value <= MAX_TEMPERATURE:
         raise invalid(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}.")
     return float(value)
+
+
+def response_format(value: Any) -> dict[str, Any] | None:
+    """Validate `response_format`: {"type": "text" | "json_object"} or a named `json_schema` with `strict`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in {"text", "json_object", "json_schema"}:
+        raise invalid("'response_format' must be {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.")
+    kind = value["type"]
+    if kind == "text":
+        if set(value) != {"type"}:
+            raise invalid("'response_format' of type 'text' takes no other field.")
+        return None
+    if kind == "json_object":
+        if set(value) != {"type"}:
+            raise invalid("'response_format' of type 'json_object' takes no other field.")
+        return {"type": "json_object"}
+    spec = value.get("json_schema")
+    if set(value) != {"type", "json_schema"} or not isinstance(spec, dict):
+        raise invalid("'response_format' of type 'json_schema' needs a 'json_schema' object.")
+    if not set(spec) <= {"name", "schema", "strict", "description"}:
+        raise invalid("'json_schema' may only have name, schema, strict and description.")
+    if not isinstance(spec.get("name"), str) or not SCHEMA_NAME.match(spec["name"]):
+        raise invalid("'json_schema.name' must be 1-64 letters, digits, '_' or '-'.")
+    if not isinstance(spec.get("schema"), dict) or _depth(spec["schema"]) > MAX_SCHEMA_DEPTH:
+        raise invalid(f"'json_schema.schema' must be a JSON Schema object nested at most {MAX_SCHEMA_DEPTH} deep.")
+    if "strict" in spec and not isinstance(spec["strict"], bool):
+        raise invalid("'json_schema.strict' must be true or false.")
+    if "description" in spec and not isinstance(spec["description"], str):
+        raise invalid("'json_schema.description' must be a string.")
+    return {"type": "json_schema", "json_schema": dict(spec)}
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_SCHEMA_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -45,6 +45,7 @@ class Reply:
     reset: bool = False  # close the connection without any response
     finish_reason: str = "stop"
     model: str | None = None  # answer as this model (default: the one asked for)
+    refusal: str | None = None  # a structured-output refusal instead of content
 
 
 @dataclass
@@ -100,6 +101,7 @@ class FakeOpenAI:
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
+        from tests.fake_batches import install; install(self)  # noqa: E702 - files + batches; late import: cycle
 
     @property
     def base_url(self) -> str:
@@ -367,9 +369,32 @@ def _answer_for(body: dict, demo: bool) -> str:
     last = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
     if not isinstance(last, str):
         last = json.dumps(last)
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return json.dumps(example_of(response_format.get("json_schema", {}).get("schema", {}), last))
+    if response_format.get("type") == "json_object":
+        return json.dumps({"answer": last})
     if demo:
         return DEMO_TEXT + last
     return f"Echo: {last}"
+
+
+def example_of(schema: dict, text: str) -> Any:
+    """A value that satisfies a simple JSON schema; an enum prefers the option named in `text`."""
+    if "enum" in schema:
+        options = schema["enum"]
+        return next((o for o in options if isinstance(o, str) and o.lower() in text.lower()), options[0])
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: example_of(sub, text) for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [example_of(schema.get("items", {}), text)]
+    if kind in ("number", "integer"):
+        low, high = schema.get("minimum", 0), schema.get("maximum", 1)
+        return high if kind == "integer" else round(low + (high - low) * 0.9, 2)
+    if kind == "boolean":
+        return True
+    return f"Demo answer about: {text[:60]}"
 
 
 def _split(text: str) -> list[str]:
@@ -394,7 +419,8 @@ def _completion(body: dict, reply: Reply, text: str, call: Call) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": reply.model or body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None if reply.refusal else text,
+                                              "refusal": reply.refusal},
                      "finish_reason": reply.finish_reason}],
         "usage": _usage(call),
     }
