@@ -247,9 +247,14 @@ def test_metrics_add_up_the_requests_of_every_worker(stack):
         conn.request("GET", "/api/models", headers=AUTH)
         assert conn.getresponse().status == 200
         conn.close()
-    scraped = _scrape(gunicorn.port)
+    # A request is counted when the server closes it, just after the client read the last byte.
+    deadline = time.monotonic() + 5
+    while (counted := _sample(scraped := _scrape(gunicorn.port), "chatproxy_requests_total", **route) - before) < 24:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
-    assert _sample(scraped, "chatproxy_requests_total", **route) - before == 24
+    assert counted == 24
     assert _sample(scraped, "chatproxy_request_duration_seconds_count", route="/api/models") >= 24
     time.sleep(0.2)  # the access lines of the last requests
     pids = {line["pid"] for line in gunicorn.json_lines() if line.get("path") == "/api/models"}
