@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import redis
 
 from chatproxy.guards import hash_token
@@ -311,6 +312,11 @@ def test_sigterm_lets_streams_finish_and_refuses_new_connections(fake, tmp_path)
     lines = gunicorn.json_lines()
     assert not [line for line in lines if line["level"] in {"ERROR", "CRITICAL"}]
     assert sum(line["message"].startswith("Worker exiting") for line in lines) == 2
+    ledger = sa.create_engine(f"sqlite:///{tmp_path}/ledger.db")
+    with ledger.connect() as conn:
+        rows = conn.execute(sa.text("SELECT outcome, tokens_exact FROM ledger")).all()
+    ledger.dispose()
+    assert sorted(rows) == [("ok", True)] * 3  # no ledger row lost or left interrupted by the shutdown
 
 
 def test_a_bad_deployment_setting_stops_gunicorn_naming_it():
