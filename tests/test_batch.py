@@ -106,15 +106,19 @@ def test_submit_answers_202_and_uploads_our_system_prompt_and_capped_max_tokens(
     assert not any("stream" in line["body"] for line in lines)
 
 
-def test_status_then_results_with_a_failed_line(batch_app):
+def test_status_then_results_with_a_failed_line(batch_app, fake):
     client = batch_app().test_client()
+    fake.batch_api.delay = 60  # still running, however slow this machine is
     batch_id = submit(client).get_json()["id"]
 
     early = client.get(f"/api/batches/{batch_id}/results", headers=AS_ALICE)
     assert early.status_code == 409
     assert early.get_json()["error"]["code"] == "batch_not_ready"
     assert early.headers["Retry-After"]
+    assert client.get(f"/api/batches/{batch_id}", headers=AS_ALICE).get_json()["status"] in ("validating",
+                                                                                              "in_progress")
 
+    fake.batch_api.delay = 0  # now it finishes
     view = wait_until_finished(client, batch_id)
     assert view["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     response = client.get(f"/api/batches/{batch_id}/results", headers=AS_ALICE)
