@@ -263,10 +263,11 @@ def default_range(since: date | None, until: date | None, today: date | None = N
 @click.command("init-db")
 @with_appcontext
 def init_db_command() -> None:
-    """Create the usage ledger and budget counter tables if they are missing."""
+    """Create the ledger, budget counter and batch tables if they are missing."""
     ledger = current_ledger()
     ledger.create_schema()
-    budget = current_app.extensions.get("chatproxy.budget")
-    if budget is not None:
-        budget.create_schema()
+    for name in ("chatproxy.budget", "chatproxy.batches"):
+        store = current_app.extensions.get(name)
+        if store is not None:
+            store.create_schema()
     click.echo(f"Ledger ready at {ledger.url}")

@@ -360,10 +360,11 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE ledger")
         conn.exec_driver_sql("DROP TABLE budget_counters")
+        conn.exec_driver_sql("DROP TABLE batches")
     result = app.test_cli_runner().invoke(args=["init-db"])
     assert result.exit_code == 0, result.output
     assert "Ledger ready at sqlite:///" in result.output
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "batches"}
 
 
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
