@@ -10,7 +10,8 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import batch, budget, chat, classify, cooldowns, errors, guards, logs, ops, prices, reports, security, usage
+from . import (batch, budget, chat, classify, cooldowns, errors, guards, logs, openapi, ops, prices, reports,
+               security, usage)
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     classify.init_app(app)
     batch.init_app(app)  # after usage: batches live in the ledger's database
     ops.init_app(app)
+    openapi.init_app(app)  # GET /api/openapi.json, built from the routes registered above
 
     def _request_id() -> None:
         given = request.headers.get("X-Request-ID", "")

@@ -82,8 +82,9 @@ def _validate(body: dict[str, Any], settings: Settings) -> tuple[str, list[str]]
     if len(text) > settings.max_message_chars:
         raise invalid(f"'text' is too long: at most {settings.max_message_chars} characters.")
     labels = body.get("labels", list(settings.classify_labels))
-    if (not isinstance(labels, list) or len(labels) < 2 or len(set(labels)) != len(labels)
-            or not all(isinstance(label, str) and label in settings.classify_labels for label in labels)):
+    if (not isinstance(labels, list) or len(labels) < 2
+            or not all(isinstance(label, str) and label in settings.classify_labels for label in labels)
+            or len(set(labels)) != len(labels)):  # set() only once every label is a (hashable) string
         raise invalid(f"'labels' must be two or more different labels from: {', '.join(settings.classify_labels)}.")
     return text, labels
 

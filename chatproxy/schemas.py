@@ -132,7 +132,7 @@ def response_format(value: Any) -> dict[str, Any] | None:
     """Validate `response_format`: {"type": "text" | "json_object"} or a named `json_schema` with `strict`."""
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("type") not in {"text", "json_object", "json_schema"}:
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
         raise invalid("'response_format' must be {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.")
     kind = value["type"]
     if kind == "text":
