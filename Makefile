@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 5000
 
-.PHONY: run test install system-deps clean
+.PHONY: run test install system-deps clean bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("chatproxy needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -34,6 +34,11 @@ system-deps:
 
 test: install system-deps
 	$(PY) -m pytest
+
+# The benchmark (bench/run.py, under 10 minutes): writes BENCHMARKS.md, docs/bench.png and README's Performance figures.
+bench: install
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -6,11 +6,13 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import httpx2
 import openai
 from openai import OpenAI
 
@@ -45,6 +47,91 @@ class Upstream:
         cancel(self.stream)
 
 
+class Fields(dict):
+    """A decoded JSON object whose keys also read as attributes (None when missing), as on the SDK's models."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+
+class RawStream:
+    """A streamed completion read as raw SSE lines and decoded by json.loads alone, with the SDK's Stream interface.
+
+    The SDK's Stream builds a pydantic object per chunk, the largest per-chunk cost of a stream (see
+    BENCHMARKS.md); `with_streaming_response` still gives the SDK's auth, base URL, timeouts and HTTP
+    errors. Chunks keep the SDK's names (`chunk.choices[0].delta.content`, `chunk.usage.prompt_tokens`),
+    an `error` event raises openai.APIError and a broken read APITimeoutError / APIConnectionError,
+    as the SDK does. After `[DONE]`, close() reads the end of the body so the connection goes back to
+    the pool (the SDK's sync Stream drops it: a new upstream connection for every stream).
+    """
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response = response
+        self.ended = False  # [DONE] was read
+        self._lines = response.iter_lines()
+        self._chunks = self._read()
+
+    @classmethod
+    def open(cls, client: OpenAI, params: dict[str, Any], timeout: openai.Timeout,
+             headers: dict[str, str]) -> RawStream:
+        """Send the request (an HTTP error raises as with `create`) and return its unread stream."""
+        manager = client.chat.completions.with_streaming_response.create(**params, timeout=timeout,
+                                                                          extra_headers=headers)
+        return cls(manager.__enter__().http_response)  # closed by close(), as the manager's __exit__ would
+
+    def __iter__(self) -> Iterator[Fields]:
+        return self._chunks
+
+    def __next__(self) -> Fields:
+        return next(self._chunks)
+
+    def _read(self) -> Iterator[Fields]:
+        data: list[str] = []
+        while True:
+            try:
+                line = next(self._lines, None)
+            except httpx2.TimeoutException as exc:
+                raise openai.APITimeoutError(request=self.response.request) from exc
+            except (httpx2.RequestError, ssl.SSLError) as exc:
+                raise openai.APIConnectionError(request=self.response.request) from exc
+            if line is not None and line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+                continue
+            if data and (line is None or not line):  # a blank line (or the body's end) completes an event
+                payload, data = "\n".join(data), []
+                if payload.startswith("[DONE]"):
+                    self.ended = True
+                    return
+                chunk = json.loads(payload, object_hook=Fields)  # ValueError for a malformed chunk, as the SDK
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    raise _error_event(chunk["error"], self.response.request)
+                yield chunk
+            if line is None:
+                return
+
+    def close(self) -> None:
+        """Close the response; one read to [DONE] first has the rest of its body read, to keep the connection."""
+        if self.ended and not self.response.is_closed:
+            try:
+                for _ in self._lines:
+                    pass
+            except Exception:  # noqa: BLE001 - the answer is complete; a broken tail only costs the connection
+                log.debug("reading the end of a finished upstream stream failed", exc_info=True)
+        self.response.close()
+
+
+def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:
+    """The SDK's exception for an `error` event inside a stream."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return openai.APIError(message=message, request=request, body=error)
+
+
 def sse(event: dict[str, Any]) -> bytes:
     """One `data:` line; json.dumps escapes every control character, so model text cannot break framing."""
     return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
@@ -65,7 +152,7 @@ def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns
 
 def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]) -> Upstream:
     """One attempt: open the stream and read until a chunk carries content or a finish reason."""
-    stream = client.chat.completions.create(**params, timeout=timeout, extra_headers=headers)
+    stream = RawStream.open(client, params, timeout, headers)
     head: list[Any] = []
     try:
         while True:
@@ -147,6 +234,9 @@ def _unreadable() -> ApiError:
 def cancel(stream: Any) -> None:
     """Close an SDK stream now: shut the socket down so a reader blocked in recv wakes and the upstream sees FIN."""
     if stream.response.is_closed:  # read to the end (or failed): its connection may already serve another call
+        return
+    if getattr(stream, "ended", False):  # a RawStream read to [DONE]: it reads the body's end, to reuse the connection
+        stream.close()
         return
     try:
         network = stream.response.extensions.get("network_stream")

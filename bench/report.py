@@ -1,0 +1,342 @@
+"""BENCHMARKS.md, the plot and README's Performance figures, all from one run's results (nothing typed by hand)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+ORDER = "ABCDKPE"
+GOALS = (  # (figure key, goal text, test)
+    ("added_ttft_p50_ms", "added TTFT p50 ≤ 2 ms", lambda v: v is not None and v <= 2),
+    ("added_gap_p99_ms", "added inter-chunk gap p99 ≤ 1 ms at 1 stream", lambda v: v is not None and v <= 1),
+    ("batched_gaps", "no batching (gaps < 1 ms) at 1 stream", lambda v: v == 0),
+    ("sustained_streams", "≥ 256 sustained streams", lambda v: v is not None and v >= 256),
+    ("kib_per_stream", "≤ 100 KiB per open stream", lambda v: v is not None and v <= 100),
+    ("cpu_ms_per_1000_chunks", "≤ 50 ms CPU per 1,000 chunks", lambda v: v is not None and v <= 50),
+    ("reuse_pct", "≥ 99 % upstream connection reuse", lambda v: v is not None and v >= 99),
+    ("chunks_after_abort_max", "≤ 2 chunks after an abort", lambda v: v is not None and v <= 2),
+)
+
+
+def write(results: dict[str, Any], markdown: Path, plot: Path, readme: Path | None) -> None:
+    """Write the report, the plot (if matplotlib is there) and, for a full run, README's figures."""
+    plotted = draw(results, plot)
+    image = _relative(plot, markdown.parent) if plotted else None
+    markdown.write_text(render(results, image), encoding="utf-8")
+    print(f"report: {markdown}" + (f", plot: {plot}" if plotted else " (no plot: matplotlib is not installed)"))
+    if readme is not None and readme.exists():
+        update_readme(results, readme)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _v(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _x(value: Any) -> str:
+    return "–" if value is None else f"×{value:g}"
+
+
+def _letters(results: dict[str, Any]) -> list[str]:
+    return [k for k in ORDER if k in results["figures"]]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def reuse_pct(f: dict[str, Any]) -> float | None:
+    """Upstream connection reuse in the one-client and whole-reply phases: 100 - new connections per 100 calls."""
+    values = [v for k, v in f["conn_per_1000"].items() if k in ("one_client", "json_rate") and v is not None]
+    return round(100 - max(values) / 10, 1) if values else None
+
+
+def render(results: dict[str, Any], image: str | None) -> str:
+    """The whole BENCHMARKS.md."""
+    figures, paths, machine = results["figures"], results["paths"], results["machine"]
+    letters = _letters(results)
+    name = {k: f"{k} ({paths[k]['name']})" for k in letters}
+    quiet = results["quiet_wait"]
+    whole = results["whole_run"]
+    ours = whole["client_cpu_s"] + whole["upstream_cpu_s"] + whole["server_cpu_s"]
+    busy = whole["core_busy"].get("all", 0) * whole["wall_s"] * (machine["cores"] or 1)
+    out = [
+        "# Benchmarks",
+        "",
+        ("What chatproxy adds over calling the upstream directly, next to nginx alone doing the same hop. "
+        "Written by `bench/run.py` from one run; every number below comes from that run "
+        "(raw data: `bench/results/full/results.json`, not committed). Run it again with `make bench`."),
+        "",
+        "## Machine and run",
+        "",
+        _table(["", ""], [
+            ["Command", f"`{results['command']}`"],
+            ["Date (UTC)", datetime.now(UTC).strftime("%Y-%m-%d %H:%M")],
+            ["CPU", f"{machine['cpu']}, {machine['cores']} cores"],
+            ["Kernel", machine["kernel"]],
+            ["Python / gunicorn / openai SDK", f"{machine['python']} / {machine['gunicorn']} / {machine['openai']}"],
+            ["nginx", _v(machine["nginx"])],
+            ["Pinning", results["pinning"]],
+            ["Load average (1, 5, 15 min) at start / end",
+             f"{', '.join(map(str, quiet['loadavg_at_start']))} / {', '.join(map(str, machine['loadavg_at_end']))}"],
+            ["Waited for a quiet machine", (f"{quiet['waited_s']} s (both cores {_v(quiet['busy_before'], 2)} busy "
+                                           f"when it started; quiet means < {quiet['threshold']})")],
+            ["CPU used by other processes during the run",
+             f"{max(0.0, busy - ours):.1f} s of {whole['wall_s'] * (machine['cores'] or 1):.0f} core-seconds"],
+            ["Ledger", f"temporary SQLite file on {machine['tmp_filesystem']}"],
+            ["Run time", f"{results['elapsed_s']} s"],
+        ]),
+        "",
+        "## What runs",
+        "",
+        ("A paced fake upstream (`bench/upstream.py`, asyncio): the first delta 20 ms after the request, then "
+        "64 deltas 20 ms apart on an absolute schedule, in the real `chat.completion.chunk` shape (with JSON "
+        "escapes, non-ASCII and emoji in the text), a usage chunk and `[DONE]`, chunked HTTP/1.1 kept alive; "
+        "whole replies at once. One asyncio load client (`bench/load.py`) timestamps every read. Paths:"),
+        "",
+        *[f"- **{name[k]}**" for k in letters],
+        "",
+        "gunicorn runs the shipped `gunicorn.conf.py` (gthread, 2 workers) with `CHATPROXY_THREADS=512` so that "
+        "threads are not the limit; nginx runs `deploy/nginx.conf`'s upstream and proxy directives without TLS. "
+        "App settings: " + ", ".join(f"`{k}={v}`" for k, v in results["app_settings"].items()) + "; every other "
+        "setting keeps its shipped default (`CHATPROXY_KEEPALIVE_SECONDS=10`: path K turns it off to show what "
+        "the pinger's reader thread costs).",
+        "",
+        (f"One-client figures: {results['plan']['rounds']} rounds after a warm-up, paths interleaved in a rotated "
+        "order each round; p50 is the median of the round medians, p99 and max are over all samples of all "
+        "rounds. *Added* is the path's figure minus the direct path's (A); *× B* is that added part divided by "
+        "nginx's added part (or, for capacities and resources, the path's value divided by B's)."),
+    ]
+    if image:
+        out += ["", f"![Added TTFT and sustained streams per path]({image})"]
+    out += ["", "## Goals", "", _goals(results, letters, name)]
+    out += ["", "## 1. Time to first token, one stream", "", _table(
+        ["Path", "TTFT p50 ms", "TTFT p99 ms", "added p50 ms", "added p99 ms", "× B p50", "× B p99",
+         "round medians ms", "samples"],
+        [[name[k], _v(f["ttft_p50_ms"]), _v(f["ttft_p99_ms"]), _v(f.get("added_ttft_p50_ms")),
+          _v(f.get("added_ttft_p99_ms")), _x(f.get("x_b_ttft_p50_ms")), _x(f.get("x_b_ttft_p99_ms")),
+          ", ".join(_v(v, 1) for v in f["ttft_round_medians_ms"]), str(f["samples"]["ttft"])]
+         for k, f in ((k, figures[k]) for k in letters)])]
+    out += ["", "## 2. Between chunks, one stream", "",
+            ("Gap: time between two deltas at the client (the upstream sends one every 20 ms). Lag: a delta's arrival "
+            "at the client minus the moment the upstream wrote it (same clock). A gap under 1 ms while the upstream "
+            "paces at 20 ms would mean something buffers (batching)."), "", _table(
+                ["Path", "gap p50 ms", "gap p99 ms", "gap max ms", "added gap p50 / p99 / max ms", "× B p99",
+                 "lag p50 ms", "lag p99 ms", "added lag p99 ms", "batched gaps", "content identical",
+                 "chunks per stream"],
+                [[name[k], _v(f["gap_p50_ms"]), _v(f["gap_p99_ms"]), _v(f["gap_max_ms"]),
+                  " / ".join(_v(f.get(x)) for x in ("added_gap_p50_ms", "added_gap_p99_ms", "added_gap_max_ms")),
+                  _x(f.get("x_b_gap_p99_ms")), _v(f["lag_p50_ms"]), _v(f["lag_p99_ms"]),
+                  _v(f.get("added_lag_p99_ms")), f"{f['batched_gaps']} of {f['gaps_measured']}",
+                  _v(f["identical"]), ", ".join(map(str, f["chunks"]))]
+                 for k, f in ((k, figures[k]) for k in letters)])]
+    out += ["", "## 3. Sustained streams", "",
+            ("Concurrent clients each streaming back to back (starts spread over one stream's length, then "
+            f"{results['plan']['hold']} s more). A level passes with no failed stream, no gap over 40 ms (2× the pace) "
+            "and an added TTFT p99 (over A at the same level) under 50 ms; a path stops climbing at its first failure. "
+            "*Client-limited*: the load generator's core was over 90 % busy or the upstream wrote chunks over 5 ms "
+            "late, so the figure may be the client's limit, not the path's."), "", _table(
+                ["Path", "sustained streams", "first failing level", "why", "× B", "client-limited level seen"],
+                [[name[k], str(f["sustained_streams"]), _v(f["sustained_failed_at"]),
+                  "; ".join(f["sustained_failed_because"]) or "–", _x(f.get("x_b_sustained_streams")),
+                  _v(f["sustained_client_limited"])] for k, f in ((k, figures[k]) for k in letters)]),
+            "", "Every level measured:", "", _levels(results, letters)]
+    out += ["", "## 4. Whole (non-streaming) replies", "", _table(
+        ["Path", "latency p50 ms", "latency p99 ms", "added p50 ms", "added p99 ms", "× B p50",
+         "req/s with p99 < 10 ms", "at clients", "× B", "client core > 90 %"],
+        [[name[k], _v(f["json_p50_ms"]), _v(f["json_p99_ms"]), _v(f.get("added_json_p50_ms")),
+          _v(f.get("added_json_p99_ms")), _x(f.get("x_b_json_p50_ms")), _v(f["rps_p99_under_10ms"]),
+          _v(f["rps_clients"]), _x(f.get("x_b_rps")), _v(f["rps_client_limited"])]
+         for k, f in ((k, figures[k]) for k in letters)]), "", "Every concurrency measured:", "", _rates(results, letters)]
+    out += ["", "## 5. Memory, CPU and threads", "",
+            ("Memory: resident memory of the serving workers (gunicorn's workers; nginx's worker) halfway through "
+            "a level, minus their memory before the sustained-stream climb, per open stream, at the path's highest "
+            "measured level. CPU: user + system time of those workers (from /proc) during a level, per 1,000 deltas "
+            "delivered, at 32 streams (or the highest level measured); it includes each stream's per-request work "
+            "(guards, ledger rows, budget, the upstream request), spread over its 64 deltas."), "", _table(
+                ["Path", "KiB per open stream", "at level", "× B", "CPU ms per 1,000 chunks", "at level", "× B",
+                 "threads idle", "threads at level"],
+                [[name[k], _v(f.get("kib_per_stream"), 1), _v(f.get("memory_level")), _x(f.get("x_b_kib_per_stream")),
+                  _v(f.get("cpu_ms_per_1000_chunks"), 1), _v(f.get("cpu_level")),
+                  _x(f.get("x_b_cpu_ms_per_1000_chunks")), _v(f.get("threads_idle")), _v(f.get("threads_at_level"))]
+                 for k, f in ((k, figures[k]) for k in letters if k != "A")])]
+    out += ["", "## 6. Upstream connections and hang-ups", "",
+            ("New upstream connections per 1,000 upstream requests, counted by the upstream (a connection belongs to "
+            "the path of its first request); A's count is the load client's own pattern (one connection per round "
+            "or per client). With the paths interleaved, each one idles longer between its rounds than the SDK's "
+            "5 s keep-alive expiry (httpx's default), so a chatproxy path opens about one new connection per round "
+            "even when every stream hands its connection back. Hang-ups: the client closes the connection after 8 deltas; chunks the upstream still "
+            "wrote after that moment (the proxy must notice and close its upstream stream)."), "", _table(
+                ["Path", "conns / 1,000 (one client)", "conns / 1,000 (whole replies)", "conns / 1,000 (sustained)",
+                 "reuse %", "chunks after abort (median / max)", "upstream closed after (median ms)",
+                 "ran to the end"],
+                [[name[k], _v(f["conn_per_1000"].get("one_client"), 1), _v(f["conn_per_1000"].get("json_rate"), 1),
+                  _v(f["conn_per_1000"].get("sustained"), 1), _v(reuse_pct(f), 1),
+                  f"{_v(f['chunks_after_abort_median'], 0)} / {_v(f['chunks_after_abort_max'])}",
+                  _v(_median_ms(results["aborts"].get(k, {}).get("upstream_closed_after_s", [])), 1),
+                  _v(results["aborts"].get(k, {}).get("ran_to_the_end"))]
+                 for k, f in ((k, figures[k]) for k in letters)])]
+    out += ["", "## Where the time goes", "",
+            "`bench/profile.py streams|replies` records the gunicorn workers under this load with py-spy (install it "
+            "by hand; it is no dependency) and prints the top functions. Per request, the work before the first "
+            "token is the guards, the budget reservation and the ledger row (SQLite transactions; with WAL's default "
+            "`synchronous=FULL` each commit waits for an fsync) and the SDK building the upstream request. Per chunk: "
+            "httpcore/h11 reading the chunked body, decoding the event, and with keep-alive pings on, handing each "
+            "chunk from the reader thread to the response thread. `/api/chat` reads the upstream stream with "
+            "`streaming.RawStream` (raw SSE lines and `json.loads`) instead of the SDK's `Stream`, which built a "
+            "pydantic object per chunk and dropped the connection after each stream; path P, when present, is the "
+            "code before that change, measured in the same run."]
+    notes = [*results["notes"], *results["level_notes"]]
+    if results["server_log_problems"]:
+        notes += [f"{proc} logged: {'; '.join(lines)[:400]}" for proc, lines in results["server_log_problems"].items()]
+    errors = {k: f["errors"] for k, f in figures.items() if f["errors"]}
+    notes += [f"{k}: {len(e)} one-client errors, e.g. {e[0]}" for k, e in errors.items()]
+    out += ["", "## Notes", "", *([f"- {n}" for n in notes] or ["- none: no errors, no server log problems."])]
+    return "\n".join(out) + "\n"
+
+
+def _median_ms(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] * 1000
+
+
+def _goals(results: dict[str, Any], letters: list[str], name: dict[str, str]) -> str:
+    figures = results["figures"]
+    shown = [k for k in letters if k not in ("A",)]
+    rows = []
+    for key, text, test in GOALS:
+        cells = [text]
+        for k in shown:
+            value = reuse_pct(figures[k]) if key == "reuse_pct" else figures[k].get(key)
+            cells.append(f"{_v(value)} {'✓' if test(value) else '✗'}")
+        rows.append(cells)
+    return _table(["Goal", *[name[k] for k in shown]], rows)
+
+
+def _levels(results: dict[str, Any], letters: list[str]) -> str:
+    rows = []
+    for k in letters:
+        for p in results["sustained"].get(k, []):
+            rows.append([k, str(p["level"]), str(p["streams"]), str(p["errors"]), _v(p["ttft_p50_ms"], 1),
+                         _v(p["ttft_p99_ms"], 1), _v(p.get("added_ttft_p99_ms"), 1), _v(p["gap_p99_ms"], 1),
+                         _v(p["gap_max_ms"], 1), str(p["stalls"]), str(p["batched"]),
+                         _v(p["server_cpu_ms_per_1000_chunks"], 0),
+                         _v(None if p["rss_bytes"] is None else p["rss_bytes"] / 2**20, 0), _v(p["threads"]),
+                         f"{p['client_cpu_s'] / p['wall_s']:.0%} / {p['upstream_cpu_s'] / p['wall_s']:.0%}",
+                         f"{p['client_core_busy']:.0%}" if p.get("client_core_busy") is not None else "–",
+                         _v(p["upstream_lateness_p99_ms"], 1), "pass" if p["passed"] else "FAIL",
+                         "client-limited" if p["client_limited"] else ""])
+    return _table(["Path", "streams", "total", "failed", "TTFT p50", "TTFT p99", "added p99", "gap p99", "gap max",
+                   "gaps > 40 ms", "gaps < 1 ms", "server CPU ms/1k chunks", "RSS MiB", "threads",
+                   "client / upstream CPU", "core 0 busy", "upstream late p99 ms", "", ""], rows)
+
+
+def _rates(results: dict[str, Any], letters: list[str]) -> str:
+    rows = [[k, str(p["clients"]), _v(p["rps"], 0), _v(p["p50_ms"]), _v(p["p99_ms"]), str(p["errors"]),
+             f"{p['core_busy'].get('0', p['core_busy'].get('all', 0)):.0%}",
+             _v(p["server_cpu_s"] * 1000 / p["requests"] if p["requests"] else None, 2)]
+            for k in letters for p in results["json_rate"].get(k, [])]
+    return _table(["Path", "clients", "req/s", "p50 ms", "p99 ms", "errors", "client core", "server CPU ms/req"], rows)
+
+
+def draw(results: dict[str, Any], target: Path) -> bool:
+    """Added TTFT (p50, p99) and sustained streams per path, and TTFT p99 per level; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    figures, letters = results["figures"], _letters(results)
+    proxies = [k for k in letters if k != "A"]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
+    width = 0.38
+    xs = range(len(proxies))
+    for offset, key, label in ((-width / 2, "added_ttft_p50_ms", "p50"), (width / 2, "added_ttft_p99_ms", "p99")):
+        values = [figures[k].get(key) or 0 for k in proxies]
+        bars = left.bar([x + offset for x in xs], values, width, label=label)
+        left.bar_label(bars, fmt="%.1f", fontsize=8)
+    left.set_xticks(list(xs), proxies)
+    left.set_ylabel("ms added over direct (A)")
+    left.set_title("Added time to first token, 1 stream")
+    left.legend()
+    values = [figures[k]["sustained_streams"] for k in letters]
+    bars = middle.bar(letters, [max(v, 0.5) for v in values], color="tab:green")
+    middle.bar_label(bars, labels=[str(v) for v in values], fontsize=8)
+    middle.set_yscale("log", base=2)
+    middle.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    middle.set_title("Sustained concurrent streams (2 cores)")
+    middle.set_ylabel("streams (no stall, no error, added TTFT p99 < 50 ms)")
+    for k in letters:
+        points = results["sustained"].get(k, [])
+        if points:
+            right.plot([p["level"] for p in points], [p["ttft_p99_ms"] for p in points], marker="o", label=k)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.set_xlabel("concurrent streams")
+    right.set_ylabel("TTFT p99, ms")
+    right.set_title("TTFT p99 by level")
+    right.legend(fontsize=8)
+    legend = ", ".join(f"{k} = {results['paths'][k]['name']}" for k in letters)
+    fig.suptitle(f"chatproxy bench, {results['machine']['cpu']}, {results['machine']['cores']} cores; {legend}",
+                 fontsize=9)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Replace the text between README's bench markers (only there) with this run's headline figures."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        print("README.md has no bench markers: its Performance section was not updated")
+        return
+    figures, paths = results["figures"], results["paths"]
+    shown = [k for k in "BCDK" if k in figures]
+    rows = [
+        ("Added time to first token, p50 / p99 (1 stream)",
+         lambda f: f"{_v(f.get('added_ttft_p50_ms'), 1)} / {_v(f.get('added_ttft_p99_ms'), 1)} ms"),
+        ("Added gap between chunks, p99 (1 stream)", lambda f: f"{_v(f.get('added_gap_p99_ms'), 1)} ms"),
+        ("Chunks batched together", lambda f: str(f["batched_gaps"])),
+        ("Sustained concurrent streams", lambda f: str(f["sustained_streams"])),
+        ("Added latency of a whole reply, p50", lambda f: f"{_v(f.get('added_json_p50_ms'), 1)} ms"),
+        ("CPU per 1,000 chunks", lambda f: f"{_v(f.get('cpu_ms_per_1000_chunks'), 0)} ms"),
+        ("Memory per open stream", lambda f: f"{_v(f.get('kib_per_stream'), 0)} KiB"),
+        ("Upstream connection reuse", lambda f: f"{_v(reuse_pct(f), 1)} %"),
+        ("Chunks the upstream sent after a hang-up (max)", lambda f: _v(f["chunks_after_abort_max"])),
+    ]
+    table = _table(["Over going direct", *[f"{k}: {paths[k]['name']}" for k in shown]],
+                   [[label, *[fn(figures[k]) for k in shown]] for label, fn in rows])
+    machine = results["machine"]
+    body = (f"{README_START}\n_Measured by `{results['command']}` on {machine['cpu']}, {machine['cores']} cores "
+            f"(Python {machine['python']}, nginx {machine['nginx']}); load client and upstream on one core, the "
+            "servers on the other. Every figure, the method and the raw levels are in "
+            f"[BENCHMARKS.md](BENCHMARKS.md)._\n\n{table}\n{README_END}")
+    text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: body, text, flags=re.DOTALL)
+    readme.write_text(text, encoding="utf-8")
+    print(f"README: Performance figures updated in {readme}")
