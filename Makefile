@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 5000
 
-.PHONY: run test install system-deps clean bench
+.PHONY: run test install system-deps clean bench soak
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("chatproxy needs Python 3.11+") if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +39,10 @@ test: install system-deps
 bench: install
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py
+
+# The soak and fault drill (tests/soak.py, about 6 minutes, loopback only): writes docs/RELIABILITY.md.
+soak: install
+	$(PY) tests/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
