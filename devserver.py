@@ -35,7 +35,7 @@ def main() -> None:
         # Only this machine can reach a loopback dev server, so plain curl works out of the box here.
         overrides["CHATPROXY_ALLOW_ANONYMOUS"] = True
         print("Dev server on loopback: anonymous API calls allowed (gunicorn wsgi:app refuses them).", flush=True)
-    if not raw["OPENAI_API_KEY"].strip():
+    if not raw["OPENAI_API_KEY"].strip() and not raw["AZURE_OPENAI_ENDPOINT"].strip():  # Azure needs no OpenAI key
         from tests.fake_openai import FakeOpenAI
 
         fake = FakeOpenAI(demo=True).start()

@@ -10,8 +10,8 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import (batch, budget, chat, classify, cooldowns, errors, guards, logs, openapi, ops, prices, reports,
-               security, usage)
+from . import (batch, budget, chat, classify, compat, cooldowns, errors, guards, logs, openapi, ops, prices,
+               reports, security, usage)
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     guards.init_app(app)
     cooldowns.init_app(app)
     chat.init_app(app)
+    compat.init_app(app)  # /v1: the OpenAI-compatible API for token holders
     classify.init_app(app)
     batch.init_app(app)  # after usage: batches live in the ledger's database
     ops.init_app(app)

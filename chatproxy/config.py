@@ -122,6 +122,45 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 _networks.allowed = "a comma-separated list of networks such as 127.0.0.1/32,10.0.0.0/8"  # type: ignore[attr-defined]
 
 
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError
+        return text
+
+    parse.allowed = " or ".join(repr(o) for o in options)  # type: ignore[attr-defined]
+    return parse
+
+
+_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _deployments(value: str) -> tuple[tuple[str, str], ...]:
+    """`alias=deployment,...` as ((alias, deployment), ...); deployment names are URL-path safe."""
+    pairs: dict[str, str] = {}
+    for item in _optional_list(value):
+        alias, sep, deployment = (part.strip() for part in item.partition("="))
+        if not sep or not alias or alias in pairs or not _DEPLOYMENT.fullmatch(deployment):
+            raise ValueError
+        pairs[alias] = deployment
+    return tuple(pairs.items())
+
+
+_deployments.allowed = ("a comma-separated list of alias=deployment (deployment names: letters, digits, '.', '_', "
+                        "'-')")  # type: ignore[attr-defined]
+
+
+def _api_version(value: str) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", text):
+        raise ValueError
+    return text
+
+
+_api_version.allowed = "an Azure OpenAI API version such as 2024-10-21"  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default, its parser and what it means."""
@@ -233,6 +272,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_BATCH_MAX_BODY_BYTES", "1048576", _int_range(1024, 200_000_000),
             "Largest POST /api/batches body, in bytes (other routes keep CHATPROXY_MAX_BODY_BYTES); "
             "behind nginx, client_max_body_size must allow it too."),
+    # OpenAI-compatible endpoint (compat.py)
+    Setting("CHATPROXY_COMPAT_SYSTEM_PROMPT", "prepend", _choice("prepend", "replace"),
+            "System messages on /v1/chat/completions: 'prepend' puts ours first and keeps the client's after it; "
+            "'replace' drops the client's."),
+    # Azure OpenAI (router.py)
+    Setting("AZURE_OPENAI_ENDPOINT", "", _optional_text,
+            "Azure OpenAI resource, e.g. https://my-resource.openai.azure.com. Set: Azure mode "
+            "(AZURE_OPENAI_API_KEY and CHATPROXY_AZURE_DEPLOYMENTS are needed, OPENAI_API_KEY is not). Empty: OpenAI."),
+    Setting("AZURE_OPENAI_API_KEY", "", _text, "Azure OpenAI key (Azure mode only); stays on the server.",
+            secret=True),
+    Setting("AZURE_OPENAI_API_VERSION", "2024-10-21", _api_version,
+            "Azure OpenAI API version (the api-version query)."),
+    Setting("CHATPROXY_AZURE_DEPLOYMENTS", "", _deployments,
+            "Azure deployment of each model in CHATPROXY_MODELS, as alias=deployment,alias2=deployment2. "
+            "Clients, the ledger and responses keep the alias."),
 )
 
 
@@ -281,6 +335,11 @@ class Settings:
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
     classify_model: str
+    compat_system_prompt: str
+    azure_endpoint: str | None
+    azure_api_key: str
+    azure_api_version: str
+    azure_deployments: tuple[tuple[str, str], ...]  # (alias, deployment) pairs; empty outside Azure mode
 
 
 def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
@@ -304,7 +363,7 @@ def validate(config: Mapping[str, Any]) -> Settings:
         except (TypeError, ValueError, InvalidOperation):
             allowed = getattr(setting.parse, "allowed", "a valid value")
             raise SettingsError(f"{setting.name} must be {allowed}; got {_show(setting, value)}.") from None
-    if not parsed["OPENAI_API_KEY"]:
+    if not parsed["OPENAI_API_KEY"] and not parsed["AZURE_OPENAI_ENDPOINT"]:
         raise SettingsError("OPENAI_API_KEY is not set. Put it in the environment or in .env "
                             "(see .env.example); `make run` without a key serves the offline demo.")
     if parsed["CHATPROXY_DEFAULT_MODEL"] not in parsed["CHATPROXY_MODELS"]:
@@ -321,6 +380,8 @@ def validate(config: Mapping[str, Any]) -> Settings:
     base_url = parsed["OPENAI_BASE_URL"]
     if base_url and not base_url.startswith(("http://", "https://")):
         raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")
+    if parsed["AZURE_OPENAI_ENDPOINT"]:
+        _check_azure(parsed)
     return Settings(
         openai_api_key=parsed["OPENAI_API_KEY"],
         openai_base_url=base_url,
@@ -363,7 +424,30 @@ def validate(config: Mapping[str, Any]) -> Settings:
         cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
         classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
         classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
+        compat_system_prompt=parsed["CHATPROXY_COMPAT_SYSTEM_PROMPT"],
+        azure_endpoint=parsed["AZURE_OPENAI_ENDPOINT"],
+        azure_api_key=parsed["AZURE_OPENAI_API_KEY"],
+        azure_api_version=parsed["AZURE_OPENAI_API_VERSION"],
+        azure_deployments=parsed["CHATPROXY_AZURE_DEPLOYMENTS"] if parsed["AZURE_OPENAI_ENDPOINT"] else (),
     )
+
+
+def _check_azure(parsed: dict[str, Any]) -> None:
+    """Azure mode needs an https endpoint, its key, and a deployment for every allowlisted model."""
+    endpoint = parsed["AZURE_OPENAI_ENDPOINT"]
+    if not endpoint.startswith(("http://", "https://")):
+        raise SettingsError(f"AZURE_OPENAI_ENDPOINT must start with https:// "
+                            f"(e.g. https://my-resource.openai.azure.com); got {endpoint!r}.")
+    if parsed["OPENAI_BASE_URL"]:
+        raise SettingsError("OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT are both set: unset one of them "
+                            "(AZURE_OPENAI_ENDPOINT selects Azure OpenAI).")
+    if not parsed["AZURE_OPENAI_API_KEY"]:
+        raise SettingsError("AZURE_OPENAI_API_KEY is not set; Azure mode (AZURE_OPENAI_ENDPOINT is set) needs it.")
+    mapped = dict(parsed["CHATPROXY_AZURE_DEPLOYMENTS"])
+    missing = [model for model in parsed["CHATPROXY_MODELS"] if model not in mapped]
+    if missing:
+        raise SettingsError(f"CHATPROXY_AZURE_DEPLOYMENTS must name an Azure deployment for every model in "
+                            f"CHATPROXY_MODELS, as alias=deployment; missing: {', '.join(missing)}.")
 
 
 def _coerce(setting: Setting, value: Any) -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import openai
-from openai import OpenAI
+from openai import AzureOpenAI, OpenAI
 
 from .config import Settings
 from .cooldowns import Cooldowns, Gate
@@ -56,19 +56,31 @@ class Transient(Exception):
 
 
 def make_client(settings: Settings) -> OpenAI:
-    """Create the app's one client: explicit timeouts, no SDK retries (the router owns them)."""
-    return OpenAI(
-        api_key=settings.openai_api_key,
-        base_url=settings.openai_base_url,
-        timeout=openai.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-        max_retries=0,
-    )
+    """Create the app's one client (Azure OpenAI when configured): explicit timeouts, no SDK retries."""
+    timeout = openai.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+    if settings.azure_endpoint:
+        # The SDK puts each call's `model` (our deployment name) into /openai/deployments/{model}/... itself.
+        return AzureOpenAI(azure_endpoint=settings.azure_endpoint, api_key=settings.azure_api_key,
+                           api_version=settings.azure_api_version, timeout=timeout, max_retries=0)
+    return OpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url, timeout=timeout, max_retries=0)
+
+
+def upstream_model(model: str, settings: Settings) -> str:
+    """The name to send upstream for an allowlisted model: its Azure deployment in Azure mode, else itself."""
+    return dict(settings.azure_deployments).get(model, model)
+
+
+def key_setting(settings: Settings) -> tuple[str, str]:
+    """The variable holding the upstream key in use, and the key."""
+    if settings.azure_endpoint:
+        return "AZURE_OPENAI_API_KEY", settings.azure_api_key
+    return "OPENAI_API_KEY", settings.openai_api_key
 
 
 def upstream_params(chat: ChatRequest, settings: Settings, model: str | None = None) -> dict[str, Any]:
     """The Chat Completions arguments: our system prompt first, then the client's turns."""
     params: dict[str, Any] = {
-        "model": model or chat.model,
+        "model": upstream_model(model or chat.model, settings),
         "messages": [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages],
         "max_tokens": chat.max_tokens,
     }
@@ -196,8 +208,9 @@ def _status_failure(exc: openai.APIStatusError, settings: Settings) -> Transient
     if status < 500 and code == "content_filter":
         raise content_filtered()
     if status in (401, 403):
-        log.error("UPSTREAM REJECTED OUR API KEY %s (HTTP %s, upstream request id %s): check OPENAI_API_KEY",
-                  redact(settings.openai_api_key), status, exc.request_id)
+        name, key = key_setting(settings)
+        log.error("UPSTREAM REJECTED OUR API KEY %s (HTTP %s, upstream request id %s): check %s",
+                  redact(key), status, exc.request_id, name)
         raise ApiError(502, "upstream_auth_failed", "The proxy is misconfigured. The operator has been told.")
     should_retry = exc.response.headers.get("x-should-retry")
     if status in RETRY_STATUSES or status >= 500 or should_retry == "true":

@@ -24,16 +24,31 @@ _SECRET = re.compile(
     r"|(?i:(?<=authorization: )|(?<=authorization': ')|(?<=bearer )|(?<=api-key: )|(?<=api-key': '))[^\s'\",]+"
 )
 REDACTED = "[REDACTED]"
+# The configured keys themselves, for keys with no recognisable shape (Azure's are 32 hex characters).
+# Process-wide, like the log-record factory that uses them.
+_KNOWN_SECRETS: set[str] = set()
+MIN_KNOWN_SECRET = 16  # shorter values (e.g. Ollama's "ollama") are not secrets worth blanking everywhere
 
 
 def redact(text: str) -> str:
-    """Replace anything shaped like a key or an Authorization value."""
+    """Replace the configured keys, and anything shaped like a key or an Authorization value."""
+    for secret in tuple(_KNOWN_SECRETS):
+        text = text.replace(secret, REDACTED)
     return _SECRET.sub(REDACTED, text)
+
+
+def remember_secret(value: str) -> None:
+    """Redact this exact value from every log line from now on."""
+    if len(value) >= MIN_KNOWN_SECRET:
+        _KNOWN_SECRETS.add(value)
 
 
 def init_app(app: Flask) -> None:
     """Add the security headers to every response and redact secrets from every log record."""
     install_log_redaction()
+    settings = app.extensions["chatproxy.settings"]
+    for key in (settings.openai_api_key, settings.azure_api_key):
+        remember_secret(key)
 
     @app.after_request
     def _security_headers(response: Response) -> Response:

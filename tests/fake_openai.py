@@ -14,6 +14,7 @@ TCP exactly as it talks to api.openai.com.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import socket
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Reply:
     finish_reason: str = "stop"
     model: str | None = None  # answer as this model (default: the one asked for)
     refusal: str | None = None  # a structured-output refusal instead of content
+    tool_calls: list[dict[str, Any]] | None = None  # answer with these; default: call a tool when `tools` are offered
 
 
 @dataclass
@@ -69,11 +72,23 @@ class Call:
         return self.body.get("model") if isinstance(self.body, dict) else None
 
     @property
+    def deployment(self) -> str | None:
+        """The Azure deployment in the path (/openai/deployments/{name}/...), None for OpenAI paths."""
+        match = AZURE_PATH.match(self.path)
+        return match.group(1) if match else None
+
+    @property
+    def api_version(self) -> str | None:
+        """The Azure `api-version` query parameter."""
+        return (parse_qs(urlsplit(self.path).query).get("api-version") or [None])[0]
+
+    @property
     def stream(self) -> bool:
         """Whether the caller asked for a stream."""
         return isinstance(self.body, dict) and bool(self.body.get("stream"))
 
 
+AZURE_PATH = re.compile(r"^/openai/deployments/([^/?]+)/chat/completions(?:\?|$)")
 DEMO_TEXT = (
     "This answer comes from the offline demo upstream, not from OpenAI. "
     "Set OPENAI_API_KEY to talk to a real model. You said: "
@@ -209,6 +224,13 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             if not self.path.split("?")[0].endswith("/chat/completions") or not isinstance(body, dict):
                 self._json(404, {"error": {"message": "unknown route", "type": "invalid_request_error"}})
                 return
+            if call.deployment is not None:
+                if not call.api_version:
+                    self._json(404, {"error": {"code": "404", "message": "Resource not found"}})
+                    call.finished = True
+                    return
+                body = {**body, "model": call.deployment}
+            self.azure = call.deployment is not None
             reply = fake._next_reply(body)
             if reply.delay:
                 time.sleep(reply.delay)
@@ -223,11 +245,17 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             text = reply.content if reply.content is not None else _answer_for(body, fake.demo)
             call.prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", [])
                                      if isinstance(m, dict))
+            tools = reply.tool_calls if reply.tool_calls is not None else _tool_calls_for(body)
+            if tools and reply.finish_reason == "stop":
+                reply = dataclasses.replace(reply, finish_reason="tool_calls")
             if body.get("stream"):
-                self._stream(call, body, reply, text)
+                self._stream(call, body, reply, text, tools)
             else:
-                call.completion_tokens = count_tokens(text)
-                self._json(200, _completion(body, reply, text, call), reply.headers)
+                call.completion_tokens = count_tokens(json.dumps(tools) if tools else text)
+                completion = _completion(body, reply, text, call, tools)
+                if self.azure:
+                    completion["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
+                self._json(200, completion, reply.headers)
                 call.finished = True
 
         def _record(self, body: Any) -> Call:
@@ -251,7 +279,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.connection.close()
 
-        def _stream(self, call: Call, body: dict, reply: Reply, text: str) -> None:
+        def _stream(self, call: Call, body: dict, reply: Reply, text: str,
+                    tools: list[dict[str, Any]] | None = None) -> None:
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")
@@ -261,10 +290,16 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.close_connection = True
             model = reply.model or body.get("model")
-            chunks = reply.chunks if reply.chunks is not None else _split(text)
+            chunks: list[Any] = reply.chunks if reply.chunks is not None else _split(text)
+            if tools:
+                chunks = _tool_deltas(tools)
             base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": model}
             try:
+                if self.azure:  # Azure's first chunk: prompt filter results, no choices, no model
+                    self._send(call, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                                      "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]},
+                               count=False)
                 self._send(call, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                         "finish_reason": None}]}, count=False)
                 if reply.first_chunk_delay:
@@ -283,7 +318,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                         return
                     if reply.stall_after is not None and i == reply.stall_after:
                         time.sleep(reply.stall)
-                    self._send(call, {**base, "choices": [{"index": 0, "delta": {"content": piece},
+                    delta = piece if isinstance(piece, dict) else {"content": piece}
+                    self._send(call, {**base, "choices": [{"index": 0, "delta": delta,
                                                             "finish_reason": None}]})
                     call.completion_tokens += 1
                 self._send(call, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
@@ -413,15 +449,45 @@ def _usage(call: Call) -> dict[str, int]:
             "total_tokens": call.prompt_tokens + call.completion_tokens}
 
 
-def _completion(body: dict, reply: Reply, text: str, call: Call) -> dict:
+def _tool_calls_for(body: dict) -> list[dict[str, Any]] | None:
+    """A call of the offered tool (the one `tool_choice` names, else the first), unless a tool result just came back."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)] or [{}]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none" or messages[-1].get("role") == "tool":
+        return None
+    wanted = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = next((t["function"] for t in tools if t["function"].get("name") == wanted), tools[0]["function"])
+    last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    arguments = example_of(function.get("parameters") or {"type": "object"}, str(last))
+    return [{"id": "call_fake_0", "type": "function",
+             "function": {"name": function.get("name"), "arguments": json.dumps(arguments)}}]
+
+
+def _tool_deltas(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream deltas for tool calls: the id and name first, then the arguments in pieces."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(tools):
+        function = call["function"]
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": function["name"], "arguments": ""}}]})
+        arguments = function["arguments"]
+        deltas.extend({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 8]}}]}
+                      for i in range(0, len(arguments), 8))
+    return deltas
+
+
+def _completion(body: dict, reply: Reply, text: str, call: Call, tools: list[dict[str, Any]] | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": None if reply.refusal or tools else text,
+                               "refusal": reply.refusal}
+    if tools:
+        message["tool_calls"] = tools
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": reply.model or body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": None if reply.refusal else text,
-                                              "refusal": reply.refusal},
-                     "finish_reason": reply.finish_reason}],
+        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
         "usage": _usage(call),
     }
 
