@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import openai
 from openai import AzureOpenAI, OpenAI
 
+from . import metrics
 from .config import Settings
 from .cooldowns import Cooldowns, Gate
 from .errors import ApiError
@@ -132,6 +133,7 @@ def route(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Set
         if value is not _FAILED:
             if gate is Gate.PROBE:
                 cooldowns.success(name)
+                metrics.set_cooldown(name, False)
             if name != model:
                 log.warning("answered by fallback model %s instead of %s", name, model)
             return Routed(value, name, name != model)
@@ -159,6 +161,7 @@ def _attempts(attempt: Callable[[str, openai.Timeout], T], model: str, settings:
         if failure.retry_after is not None:
             hints[model] = max(hints.get(model, 0.0), failure.retry_after)
         cooling = cooldowns.failure(model, failure.retry_after)
+        metrics.set_cooldown(model, cooling)
         wait = retry_wait(failure, number, settings.retry_max_wait)
         if cooling or wait is None or number + 1 == tries or time.monotonic() + wait >= deadline:
             return _FAILED

@@ -228,3 +228,16 @@ def test_lines_logged_while_streaming_keep_the_request_id(app, serve, json_log):
     lines = [line for line in json_log() if line["message"] == "from the stream"]
 
     assert lines and lines[0]["request_id"] == "stream-7"
+
+
+def test_metrics_show_fallbacks_and_the_cooldown_state(settings_for, fake):
+    app = create_app(settings_for(CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=60))
+    client = app.test_client()
+    fake.for_model("gpt-4o", Reply(status=503))
+
+    assert client.post("/api/chat", json={"message": "hi", "model": "gpt-4o"}).get_json()["degraded"] is True
+    scrape = client.get("/metrics").get_data(as_text=True)
+
+    assert 'chatproxy_model_cooldown{model="gpt-4o"} 1.0' in scrape
+    assert 'chatproxy_fallbacks_total{from_model="gpt-4o",to_model="gpt-4o-mini"}' in scrape
+    fake.for_model("gpt-4o", None)
