@@ -1,8 +1,8 @@
 """Hard daily budgets: reserve a call's worst case before it, settle the real cost after it, per UTC day.
 
 Counters per (day, identity), plus one global row per day (identity "*"), hold what was spent and what
-is reserved by calls in flight. A reservation is one atomic check-and-add: a conditional UPDATE in SQL
-(SQLite or PostgreSQL, the ledger's database) or a Lua script in Redis when CHATPROXY_REDIS_URL is set.
+is reserved by calls in flight, in the ledger's database (SQLite or PostgreSQL). A reservation is one
+atomic check-and-add: a transaction of conditional UPDATEs.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
-import redis
 import sqlalchemy as sa
 from flask import Flask, current_app
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -146,67 +143,6 @@ class SqlCounters:
         return {name: int(row._mapping[name]) if row else 0 for name in FIELDS}
 
 
-# KEYS: global hash, identity hash. ARGV: cost, tokens, global money cap, identity money cap,
-# global token cap, identity token cap, ttl seconds. Returns "global"/"identity" when refused, else "ok".
-_RESERVE = """
-local cost, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
-local function over(key, cap_money, cap_tokens)
-  local v = redis.call('HMGET', key, 'spent_micros', 'reserved_micros', 'spent_tokens', 'reserved_tokens')
-  local money = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + cost
-  local used = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0) + tokens
-  return (cap_money > 0 and money > cap_money) or (cap_tokens > 0 and used > cap_tokens)
-end
-if over(KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[5])) then return 'global' end
-if over(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[6])) then return 'identity' end
-for i = 1, 2 do
-  redis.call('HINCRBY', KEYS[i], 'reserved_micros', cost)
-  redis.call('HINCRBY', KEYS[i], 'reserved_tokens', tokens)
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[7]))
-end
-return 'ok'
-"""
-
-
-class RedisCounters:
-    """Counters in Redis hashes `<prefix>:budget:{<day>}:<identity>` that expire after a few days."""
-
-    TTL = 3 * 86400
-
-    def __init__(self, client: redis.Redis, prefix: str = "chatproxy") -> None:
-        self.client = client
-        self.prefix = prefix
-        self._reserve = client.register_script(_RESERVE)
-
-    def key(self, day: date, identity: str) -> str:
-        """The hash of one row; the {day} hash tag keeps a day's keys in one Redis Cluster slot."""
-        return f"{self.prefix}:budget:{{{day.isoformat()}}}:{identity}"
-
-    def create_schema(self) -> None:
-        """Nothing to create in Redis."""
-
-    def reserve(self, day: date, identity: str, cost_micros: int, tokens: int, caps: Caps) -> str | None:
-        """Check both rows and add to reserved in one Lua script (atomic in Redis)."""
-        result = self._reserve(keys=[self.key(day, EVERYONE), self.key(day, identity)],
-                               args=[cost_micros, tokens, caps.daily_micros, caps.identity_daily_micros,
-                                     caps.daily_tokens, caps.identity_daily_tokens, self.TTL])
-        result = result.decode() if isinstance(result, bytes) else result
-        return None if result == "ok" else result
-
-    def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
-        """Add `deltas` to both hashes in one MULTI/EXEC."""
-        pipe = self.client.pipeline(transaction=True)
-        for key in (self.key(day, EVERYONE), self.key(day, identity)):
-            for name, amount in deltas.items():
-                pipe.hincrby(key, name, amount)
-            pipe.expire(key, self.TTL)
-        pipe.execute()
-
-    def totals(self, day: date, identity: str) -> dict[str, int]:
-        """One hash's counters (zeros when it does not exist)."""
-        values = self.client.hmget(self.key(day, identity), FIELDS)
-        return {name: int(value or 0) for name, value in zip(FIELDS, values)}
-
-
 def utc_now() -> datetime:
     """The current time in UTC."""
     return datetime.now(UTC)
@@ -245,7 +181,7 @@ class Budget:
         alone = self._too_big_alone(cost_micros, tokens)
         try:
             refused = alone or self.counters.reserve(day, identity, cost_micros, tokens, self.caps)
-        except (SQLAlchemyError, redis.RedisError):
+        except SQLAlchemyError:
             log.exception("budget counters unavailable")
             raise ApiError(503, "budget_unavailable", "Spending limits cannot be checked right now, so the request "
                            "was not sent. Try again shortly.", retry_after=5) from None
@@ -284,7 +220,7 @@ class Budget:
         reservation.done = True
         try:
             self.counters.adjust(reservation.day, reservation.identity, deltas)
-        except (SQLAlchemyError, redis.RedisError):
+        except SQLAlchemyError:
             log.exception("cannot update budget counters for %s: %s", reservation.identity, deltas)
 
 
@@ -295,17 +231,12 @@ _MESSAGES = {
 }
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A client that fails within about a second when Redis is down (one immediate retry, not seconds of backoff)."""
-    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 1))
-
-
 def init_app(app: Flask) -> None:
     """Build the app's Budget on counters in the ledger's database (call after usage.init_app).
 
     Not in Redis, even when CHATPROXY_REDIS_URL is set: the ledger's database is already a hard
     dependency of every call, so budgets add none, and a Redis outage (which rate limits and
-    cooldowns survive) cannot stop the proxy. RedisCounters remains for deployments that need it.
+    cooldowns survive) cannot stop the proxy.
     """
     settings: Settings = app.extensions["chatproxy.settings"]
     ledger: Ledger | None = app.extensions.get("chatproxy.ledger")

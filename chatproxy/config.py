@@ -220,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Rate limit per client IP when anonymous access is on."),
     Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000), "Simultaneous streams per identity."),
     Setting("CHATPROXY_REDIS_URL", "", _optional_text,
-            "redis://host:6379/0 to share limits, budgets and cooldowns across workers and hosts. "
+            "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
             "Empty: in-process (one worker)."),
     # Cost control (usage.py)
     Setting("CHATPROXY_DATABASE_URL", "", _optional_text,

@@ -30,6 +30,7 @@ from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
+PG_CONNECT_TIMEOUT_S = 3
 SQLITE_BUSY_TIMEOUT_MS = 5000
 PER_MESSAGE_TOKENS = 4  # role, separators and framing around each message
 REPLY_PRIMING_TOKENS = 3  # the assistant header the model is primed with
@@ -80,7 +81,8 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite files get their folder, WAL journaling and a busy timeout on every connection."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        # connect_timeout: an unreachable host fails the request in seconds, not after the OS's TCP timeout.
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
     database = parsed.database or ""
     if database in ("", ":memory:"):
         # One shared connection: each new connection to :memory: would be a different, empty database.

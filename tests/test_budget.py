@@ -1,29 +1,25 @@
-"""Hard daily budgets on SQLite, PostgreSQL and Redis: caps, settle/release, Retry-After, and concurrent workers."""
+"""Hard daily budgets on SQLite and PostgreSQL: caps, settle/release, Retry-After, and concurrent workers."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis
 import sqlalchemy as sa
 from flask import Flask
 
 from chatproxy import budget, create_app, usage
-from chatproxy.budget import EVERYONE, Budget, Caps, Counters, RedisCounters, SqlCounters, seconds_to_midnight
+from chatproxy.budget import EVERYONE, Budget, Caps, SqlCounters, seconds_to_midnight
 from chatproxy.errors import ApiError
 from chatproxy.usage import make_engine
 from tests.test_usage import postgres_schema_url, process_context
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 NOON = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC)
 DAY = NOON.date()
 
@@ -32,53 +28,29 @@ DAY = NOON.date()
 class Store:
     """How to reach one backend's counters; picklable, so worker processes can open their own connections."""
 
-    kind: str  # sqlite, postgresql, redis
+    kind: str  # sqlite, postgresql
     url: str
-    prefix: str = "chatproxy"
 
-    def open(self) -> Counters:
+    def open(self) -> SqlCounters:
         """New counters on new connections."""
-        if self.kind == "redis":
-            return RedisCounters(redis.Redis.from_url(self.url), self.prefix)
         return SqlCounters(make_engine(self.url))
 
 
-@contextmanager
-def redis_store() -> Iterator[Store]:
-    """A private key prefix in TEST_REDIS_URL, its keys deleted afterwards; skip if Redis is unreachable."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis at TEST_REDIS_URL is not reachable ({type(exc).__name__})")
-    prefix = f"chatproxy-test-{uuid.uuid4().hex[:12]}"
-    try:
-        yield Store("redis", REDIS_URL, prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A SQLite file, a private PostgreSQL schema, or a private Redis key prefix, with the counters ready."""
+    """A SQLite file or a private PostgreSQL schema, with the counters ready."""
     if request.param == "sqlite":
         spec = Store("sqlite", f"sqlite:///{tmp_path / 'budget.db'}")
         counters = spec.open()
         counters.create_schema()
         counters.engine.dispose()
         yield spec
-    elif request.param == "postgresql":
+    else:
         with postgres_schema_url() as url:
             counters = Store("postgresql", url).open()
             counters.create_schema()
             counters.engine.dispose()
             yield Store("postgresql", url)
-    else:
-        with redis_store() as spec:
-            yield spec
 
 
 class Clock:
@@ -192,7 +164,7 @@ def test_settle_may_exceed_the_reservation_and_then_blocks_further_calls(store: 
 
 
 def test_an_unreachable_store_refuses_fast_with_503_and_settle_does_not_raise(tmp_path: Path) -> None:
-    b = Budget(RedisCounters(budget.redis_client("redis://127.0.0.1:1/0")), Caps(1, 1))
+    b = Budget(SqlCounters(make_engine("postgresql+psycopg://chatproxy@127.0.0.1:1/none")), Caps(1, 1))
     started = time.monotonic()
     error = refusal(lambda: b.reserve("token:a", 1, 1))
     assert (error.status, error.code, error.retry_after) == (503, "budget_unavailable", 5)
