@@ -27,7 +27,7 @@ from .guards import take_stream_slot
 from .metering import Meter
 from .router import MODEL_HEADER, Routed, Transient, route, upstream_error, upstream_model, usage_dict
 from .schemas import parse_json_body
-from .streaming import PING, SSE_HEADERS, Upstream, cancel, sse, with_keepalive
+from .streaming import PING, SSE_HEADERS, Upstream, read_to_first, sse, with_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -166,21 +166,14 @@ def _open_once(req: CompatRequest, conf: Settings, model: str, timeout: openai.T
     """One streaming attempt: open it and read until a chunk carries content, a tool call or a finish reason."""
     stream = client().chat.completions.create(**upstream_params(req, conf, model), timeout=timeout,
                                               extra_headers=headers)
-    head: list[Any] = []
-    try:
-        while True:
-            chunk = next(stream, None)
-            if chunk is None:
-                raise Transient("the stream ended before the first delta")
-            head.append(chunk)
-            choice = chunk.choices[0] if chunk.choices else None
-            delta = choice.delta if choice is not None else None
-            if choice is not None and (choice.finish_reason or (delta is not None and (
-                    delta.content or delta.tool_calls or delta.refusal))):
-                return Upstream(stream, head)
-    except BaseException:
-        cancel(stream)
-        raise
+
+    def begun(chunk: Any) -> bool:
+        choice = chunk.choices[0] if chunk.choices else None
+        delta = choice.delta if choice is not None else None
+        return choice is not None and bool(choice.finish_reason or (delta is not None and (
+            delta.content or delta.tool_calls or delta.refusal)))
+
+    return read_to_first(stream, begun)
 
 
 def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadline: float, gates: Cooldowns,

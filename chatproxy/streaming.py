@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx2
@@ -152,7 +152,18 @@ def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns
 
 def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]) -> Upstream:
     """One attempt: open the stream and read until a chunk carries content or a finish reason."""
-    stream = RawStream.open(client, params, timeout, headers)
+
+    def begun(chunk: Any) -> bool:
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is not None and choice.finish_reason == "content_filter":
+            raise content_filtered()
+        return choice is not None and bool((choice.delta is not None and choice.delta.content) or choice.finish_reason)
+
+    return read_to_first(RawStream.open(client, params, timeout, headers), begun)
+
+
+def read_to_first(stream: Any, begun: Callable[[Any], bool]) -> Upstream:
+    """Read chunks until `begun(chunk)`; the stream is cancelled if that fails (the router may then fall back)."""
     head: list[Any] = []
     try:
         while True:
@@ -160,10 +171,7 @@ def _open_once(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, 
             if chunk is None:
                 raise Transient("the stream ended before the first delta")
             head.append(chunk)
-            choice = chunk.choices[0] if chunk.choices else None
-            if choice is not None and choice.finish_reason == "content_filter":
-                raise content_filtered()
-            if choice is not None and ((choice.delta is not None and choice.delta.content) or choice.finish_reason):
+            if begun(chunk):
                 return Upstream(stream, head)
     except BaseException:
         cancel(stream)
