@@ -97,7 +97,42 @@ class SqlCounters:
         dialect = engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"budget counters need SQLite or PostgreSQL, not {dialect}")
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # Statements are built once with bound parameters: building SQLAlchemy expressions per call was a
+        # visible share of a request's CPU (BENCHMARKS.md).
+        self._ensure = insert(self.table).values(day=sa.bindparam("b_day"), identity=sa.bindparam("b_who"))
+        self._ensure = self._ensure.on_conflict_do_nothing()
+        self._reserve: dict[tuple[bool, bool], sa.Update] = {}
+        self._adjust: dict[tuple[str, ...], sa.Update] = {}
+
+    def _row(self) -> list[sa.ColumnElement[bool]]:
+        c = self.table.c
+        return [c.day == sa.bindparam("b_day"), c.identity == sa.bindparam("b_who")]
+
+    def _reserve_statement(self, money_capped: bool, tokens_capped: bool) -> sa.Update:
+        """The conditional UPDATE that adds a reservation if the row's caps allow it."""
+        key = (money_capped, tokens_capped)
+        if key not in self._reserve:
+            c = self.table.c
+            conditions = self._row()
+            if money_capped:
+                conditions.append(c.spent_micros + c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger)
+                                  <= sa.bindparam("b_money_cap", type_=sa.BigInteger))
+            if tokens_capped:
+                conditions.append(c.spent_tokens + c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger)
+                                  <= sa.bindparam("b_token_cap", type_=sa.BigInteger))
+            self._reserve[key] = self.table.update().where(*conditions).values(
+                reserved_micros=c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger),
+                reserved_tokens=c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger))
+        return self._reserve[key]
+
+    def _adjust_statement(self, names: tuple[str, ...]) -> sa.Update:
+        """An UPDATE adding a bound amount `b_<name>` to each named counter of one row."""
+        if names not in self._adjust:
+            c = self.table.c
+            self._adjust[names] = self.table.update().where(*self._row()).values(
+                {name: c[name] + sa.bindparam(f"b_{name}", type_=sa.BigInteger) for name in names})
+        return self._adjust[names]
 
     def create_schema(self) -> None:
         """Create the counters table if it is missing."""
@@ -107,20 +142,14 @@ class SqlCounters:
         """One transaction: make sure both rows exist, then a conditional UPDATE per row (global first, always)."""
         rows = ((EVERYONE, GLOBAL, caps.daily_micros, caps.daily_tokens),
                 (identity, IDENTITY, caps.identity_daily_micros, caps.identity_daily_tokens))
-        c = self.table.c
         try:
             with self.engine.begin() as conn:
-                for key, *_ in rows:
-                    conn.execute(self._insert(self.table).values(day=day, identity=key).on_conflict_do_nothing())
+                conn.execute(self._ensure, [{"b_day": day, "b_who": key} for key, *_ in rows])
                 for key, name, money_cap, token_cap in rows:
-                    conditions = [c.day == day, c.identity == key]
-                    if money_cap:
-                        conditions.append(c.spent_micros + c.reserved_micros + cost_micros <= money_cap)
-                    if token_cap:
-                        conditions.append(c.spent_tokens + c.reserved_tokens + tokens <= token_cap)
-                    update = self.table.update().where(*conditions).values(
-                        reserved_micros=c.reserved_micros + cost_micros, reserved_tokens=c.reserved_tokens + tokens)
-                    if conn.execute(update).rowcount != 1:
+                    params = {"b_day": day, "b_who": key, "b_cost": cost_micros, "b_tokens": tokens,
+                              "b_money_cap": money_cap, "b_token_cap": token_cap}
+                    update = self._reserve_statement(bool(money_cap), bool(token_cap))
+                    if conn.execute(update, params).rowcount != 1:
                         raise _Refused(name)  # rolls back the global row's reservation too
         except _Refused as refused:
             return refused.cap
@@ -128,11 +157,11 @@ class SqlCounters:
 
     def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
         """Add `deltas` to both rows in one transaction (global first, like reserve, so no deadlock)."""
-        c = self.table.c
+        update = self._adjust_statement(tuple(deltas))
+        amounts = {f"b_{name}": amount for name, amount in deltas.items()}
         with self.engine.begin() as conn:
             for key in (EVERYONE, identity):
-                conn.execute(self.table.update().where(c.day == day, c.identity == key)
-                             .values({name: c[name] + amount for name, amount in deltas.items()}))
+                conn.execute(update, {"b_day": day, "b_who": key, **amounts})
 
     def totals(self, day: date, identity: str) -> dict[str, int]:
         """One row's counters (zeros when it does not exist)."""

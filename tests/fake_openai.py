@@ -181,6 +181,7 @@ class FakeOpenAI:
 def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK wait
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
             pass
