@@ -66,7 +66,7 @@ def chat() -> Response:
         response = jsonify(reply)
         response.headers[MODEL_HEADER] = reply["model"]
         return response
-    release_slot = take_stream_slot(g.identity)
+    release_slot = take_stream_slot()
     try:
         meter = Meter(chat_request, conf)
     except BaseException:

@@ -118,7 +118,7 @@ def _complete(req: CompatRequest, conf: Settings, deadline: float) -> Response:
 
 def _stream(req: CompatRequest, conf: Settings, deadline: float) -> Response:
     """The answer as `chat.completion.chunk` events, then usage (if asked) and [DONE]."""
-    release_slot = take_stream_slot(g.identity)
+    release_slot = take_stream_slot()
     try:
         meter = Meter(req.metered, conf)
     except BaseException:

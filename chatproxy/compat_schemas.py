@@ -84,7 +84,7 @@ def _messages(raw: Any, settings: Settings) -> list[dict[str, Any]]:
     for index, item in enumerate(raw):
         where = f"messages[{index}]"
         role = item.get("role") if isinstance(item, dict) else None
-        if role not in MESSAGE_FIELDS:
+        if not isinstance(role, str) or role not in MESSAGE_FIELDS:
             raise invalid(f"{where}.role must be one of: {', '.join(MESSAGE_FIELDS)}.")
         extra = sorted(set(item) - MESSAGE_FIELDS[role])
         if extra:

@@ -245,11 +245,16 @@ class RedisStreamSlots:
             self._fallback.release(identity)
 
 
-def take_stream_slot(identity: str) -> Callable[[], None]:
-    """Take one of the caller's stream slots, or refuse with 429; returns the (idempotent) release."""
+def take_stream_slot() -> Callable[[], None]:
+    """Take one of the caller's stream slots, or refuse with 429; returns the (idempotent) release.
+
+    Slots are counted per rate-limit key: for an allowed origin that is origin and client IP, since
+    anyone can send that Origin and must not lock the frontend's other users out.
+    """
     settings: Settings = current_app.extensions["chatproxy.settings"]
     slots = current_app.extensions["chatproxy.streams"]
-    if not slots.acquire(identity, settings.max_streams):
+    key = _limit_key()
+    if not slots.acquire(key, settings.max_streams):
         raise ApiError(429, "rate_limited", f"At most {settings.max_streams} answers can stream at once. "
                        "Wait for one to finish.", retry_after=1)
     released = threading.Event()
@@ -257,7 +262,7 @@ def take_stream_slot(identity: str) -> Callable[[], None]:
     def release() -> None:
         if not released.is_set():
             released.set()
-            slots.release(identity)
+            slots.release(key)
 
     return release
 

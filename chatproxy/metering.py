@@ -64,7 +64,10 @@ class Meter:
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
-                self._close(row, model, 0, 0, True, code, begun, None)
+                if code == "content_filtered":  # the upstream read (and bills) the prompt before filtering
+                    self._close(row, model, self.prompt_estimate, 0, False, code, begun, None)
+                else:
+                    self._close(row, model, 0, 0, True, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun

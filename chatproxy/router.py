@@ -268,6 +268,9 @@ def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: C
     routed = route(once, chat.model, settings, cooldowns, deadline)
     choice, usage = routed.value
     content = choice.message.content or ""
+    if choice.finish_reason == "content_filter":  # billed by the upstream: recorded with its tokens, then refused
+        meter.finish(routed.model, usage_dict(usage), content, "content_filtered")
+        raise content_filtered()
     meter.finish(routed.model, usage_dict(usage), content, "ok")
     reply = {
         "role": "assistant",
@@ -304,10 +307,7 @@ def _complete_once(client: OpenAI, chat: ChatRequest, settings: Settings, model:
                                                 extra_headers=headers)
     if not completion.choices:
         raise Transient("answer without choices")
-    choice = completion.choices[0]
-    if choice.finish_reason == "content_filter":
-        raise content_filtered()
-    return choice, completion.usage
+    return completion.choices[0], completion.usage
 
 
 def usage_dict(usage: Any) -> dict[str, int] | None:

@@ -272,6 +272,8 @@ def test_a_spent_budget_is_a_rate_limit_error_with_quota_type(sdk, fake):
     ({"messages": USER, "n": 2}, "'n' must be 1"),
     ({"messages": USER, "logit_bias": {"50256": -100}}, "Unknown or unsupported field: 'logit_bias'"),
     ({"messages": [{"role": "developer", "content": "x"}, *USER]}, "role must be one of"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "role must be one of"),
+    ({"messages": [{"role": {"user": 1}, "content": "x"}]}, "role must be one of"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
      "images, audio and files are not accepted"),
     ({"messages": [{"role": "user", "content": "hi", "api_key": "x"}]}, "unsupported field"),

@@ -235,6 +235,25 @@ def test_too_many_parallel_streams_are_refused(locked, fake, serve):
     assert after.status == 200
 
 
+def test_stream_slots_of_an_allowed_origin_are_per_client_ip(locked, fake):
+    """Anyone can send an allowed Origin: one client holding streams must not lock out the frontend's other users."""
+    client = locked(CHATPROXY_MAX_STREAMS=1).test_client()
+    fake.script(*[Reply(chunks=["a ", "b"])] * 3)
+
+    def stream(ip: str):
+        return client.post("/api/chat", json={"message": "hi", "stream": True}, headers={"Origin": ALLOWED},
+                           environ_base={"REMOTE_ADDR": ip}, buffered=False)
+
+    held = stream("198.51.100.1")  # its slot stays taken until the response is closed
+    same_ip, other_ip = stream("198.51.100.1"), stream("198.51.100.2")
+    statuses = [held.status_code, same_ip.status_code, other_ip.status_code]
+    for response in (held, same_ip, other_ip):
+        response.close()
+
+    assert statuses == [200, 429, 200]
+    assert same_ip.get_json()["error"]["code"] == "rate_limited"
+
+
 def test_security_headers_on_every_response(locked):
     client = locked().test_client()
     for response in (client.get("/"), client.post("/api/chat", json=CHAT), client.get("/nope"),

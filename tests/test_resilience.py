@@ -417,6 +417,11 @@ def test_content_filtered_answer_is_a_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
+    (row,) = app.extensions["chatproxy.ledger"].rows()  # the upstream billed it: its tokens are on record
+    call = fake.chat_calls()[0]
+    assert (row["outcome"], row["tokens_exact"]) == ("content_filtered", True)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (call.prompt_tokens, call.completion_tokens)
+    assert row["cost_micros"] > 0
 
 
 def test_content_filtered_stream_before_any_delta_is_a_json_400(make_app, fake):
@@ -428,6 +433,9 @@ def test_content_filtered_stream_before_any_delta_is_a_json_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
+    (row,) = app.extensions["chatproxy.ledger"].rows()  # the stream was cut before its usage: prompt estimated
+    assert (row["outcome"], row["tokens_exact"], row["completion_tokens"]) == ("content_filtered", False, 0)
+    assert row["prompt_tokens"] > 0 and row["cost_micros"] > 0
 
 
 def test_content_filtered_stream_after_deltas_ends_with_an_error_event(make_app, fake):
