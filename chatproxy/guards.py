@@ -74,7 +74,9 @@ def init_app(app: Flask) -> None:
                                                                         "socket_timeout": 1}
                       if settings.redis_url else {})
     app.extensions["chatproxy.limiter"] = limiter
-    app.extensions["chatproxy.streams"] = (RedisStreamSlots(settings.redis_url) if settings.redis_url
+    # A lease outlives any stream: the relay cuts a stream at the total timeout, noticed within a read timeout.
+    lease = settings.total_timeout + settings.read_timeout + 60
+    app.extensions["chatproxy.streams"] = (RedisStreamSlots(settings.redis_url, lease) if settings.redis_url
                                            else MemoryStreamSlots())
     app.cli.add_command(new_token)
 
@@ -189,60 +191,75 @@ def _not_limited() -> bool:
 
 
 class MemoryStreamSlots:
-    """Simultaneous streams per identity, counted in this process."""
+    """Simultaneous streams per key, counted in this process."""
 
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, identity: str, limit: int) -> bool:
-        """Take a slot if fewer than `limit` are open."""
+    def acquire(self, key: str, limit: int) -> str | None:
+        """Take a slot if fewer than `limit` are open; returns the slot's id, or None."""
         with self._lock:
-            if self._open.get(identity, 0) >= limit:
-                return False
-            self._open[identity] = self._open.get(identity, 0) + 1
-            return True
+            if self._open.get(key, 0) >= limit:
+                return None
+            self._open[key] = self._open.get(key, 0) + 1
+            return LOCAL_SLOT
 
-    def release(self, identity: str) -> None:
+    def release(self, key: str, slot: str) -> None:
         """Give a slot back."""
         with self._lock:
-            left = self._open.get(identity, 0) - 1
+            left = self._open.get(key, 0) - 1
             if left > 0:
-                self._open[identity] = left
+                self._open[key] = left
             else:
-                self._open.pop(identity, None)
+                self._open.pop(key, None)
+
+
+LOCAL_SLOT = "local"  # the id of a slot counted in this process
 
 
 class RedisStreamSlots:
-    """Simultaneous streams per identity, counted in Redis for all workers; keys expire if a worker dies."""
+    """Simultaneous streams per key, shared by all workers: a sorted set of slot ids scored by lease expiry.
+
+    A slot a dead worker never gave back lapses when its lease (longer than any stream may run) ends;
+    a refused caller does not extend anything.
+    """
 
     _ACQUIRE = """
-    local n = redis.call('INCR', KEYS[1])
-    redis.call('EXPIRE', KEYS[1], ARGV[2])
-    if n > tonumber(ARGV[1]) then redis.call('DECR', KEYS[1]) return 0 end
+    local t = redis.call('TIME')
+    local now = t[1] * 1000 + math.floor(t[2] / 1000)
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return 1
     """
-    TTL = 3600
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lease_seconds: float) -> None:
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
         self._acquire = self._redis.register_script(self._ACQUIRE)
+        self._lease_ms = math.ceil(lease_seconds * 1000)
         self._fallback = MemoryStreamSlots()
 
-    def acquire(self, identity: str, limit: int) -> bool:
+    def acquire(self, key: str, limit: int) -> str | None:
         """Take a slot; with Redis down, count in this process instead."""
+        slot = secrets.token_hex(8)
         try:
-            return bool(self._acquire(keys=[f"chatproxy:streams:{identity}"], args=[limit, self.TTL]))
+            taken = self._acquire(keys=[f"chatproxy:streams:{key}"], args=[limit, self._lease_ms, slot])
         except redis.RedisError:
             log.error("redis unreachable: counting streams per process")
-            return self._fallback.acquire(identity, limit)
+            return self._fallback.acquire(key, limit)
+        return slot if taken else None
 
-    def release(self, identity: str) -> None:
-        """Give a slot back."""
+    def release(self, key: str, slot: str) -> None:
+        """Give a slot back (a slot Redis could not be told about lapses with its lease)."""
+        if slot == LOCAL_SLOT:
+            self._fallback.release(key, slot)
+            return
         try:
-            self._redis.decr(f"chatproxy:streams:{identity}")
+            self._redis.zrem(f"chatproxy:streams:{key}", slot)
         except redis.RedisError:
-            self._fallback.release(identity)
+            log.warning("redis unreachable: a stream slot of %s lapses with its lease", key)
 
 
 def take_stream_slot() -> Callable[[], None]:
@@ -254,7 +271,8 @@ def take_stream_slot() -> Callable[[], None]:
     settings: Settings = current_app.extensions["chatproxy.settings"]
     slots = current_app.extensions["chatproxy.streams"]
     key = _limit_key()
-    if not slots.acquire(key, settings.max_streams):
+    slot = slots.acquire(key, settings.max_streams)
+    if slot is None:
         raise ApiError(429, "rate_limited", f"At most {settings.max_streams} answers can stream at once. "
                        "Wait for one to finish.", retry_after=1)
     released = threading.Event()
@@ -262,7 +280,7 @@ def take_stream_slot() -> Callable[[], None]:
     def release() -> None:
         if not released.is_set():
             released.set()
-            slots.release(key)
+            slots.release(key, slot)
 
     return release
 

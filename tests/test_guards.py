@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from chatproxy import create_app
-from chatproxy.guards import hash_token
+from chatproxy.guards import RedisStreamSlots, hash_token
 from tests.fake_openai import Reply
 from tests.sse import post_stream
 
@@ -311,7 +311,7 @@ def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4
     raise RuntimeError(process.stdout.read().decode())
 
 
-def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url):
+def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_path):
     import http.client
 
     name = f"load-{uuid.uuid4().hex[:8]}"
@@ -319,7 +319,9 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url):
     port = _free_port()
     server = _gunicorn({"OPENAI_API_KEY": "sk-test-gunicorn", "OPENAI_BASE_URL": fake.base_url,
                         "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-                        "CHATPROXY_RATE_LIMIT_TOKEN": "10/minute", "CHATPROXY_REDIS_URL": redis_url,
+                        # per hour: a fixed window is far less likely to roll over during the 15 calls
+                        "CHATPROXY_RATE_LIMIT_TOKEN": "10/hour", "CHATPROXY_REDIS_URL": redis_url,
+                        "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
                         "CHATPROXY_MAX_RETRIES": "0"}, port)
     try:
         statuses, pids = [], set()
@@ -352,3 +354,26 @@ def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
 
     # The proxy keeps serving, and still limits (per process) while Redis is down.
     assert statuses == [200, 200, 200, 429, 429]
+
+
+def test_redis_stream_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url):
+    key = f"test-{uuid.uuid4().hex}"
+    one, two = RedisStreamSlots(redis_url, lease_seconds=0.5), RedisStreamSlots(redis_url, lease_seconds=0.5)
+    held = [one.acquire(key, 2), two.acquire(key, 2)]  # two workers, one count
+    refused = [one.acquire(key, 2) for _ in range(5)]  # refusals must not keep the lost slots alive
+    time.sleep(0.6)  # both holders "died" without releasing: their leases end
+    again = two.acquire(key, 2)
+    two.release(key, again)
+    after_release = [one.acquire(key, 1), one.acquire(key, 1)]
+
+    assert all(held) and refused == [None] * 5
+    assert again is not None
+    assert after_release[0] is not None and after_release[1] is None
+
+
+def test_stream_slots_fall_back_to_the_process_when_redis_is_down():
+    slots = RedisStreamSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60)
+    first = slots.acquire("k", 1)
+    assert first is not None and slots.acquire("k", 1) is None
+    slots.release("k", first)
+    assert slots.acquire("k", 1) is not None
