@@ -46,6 +46,7 @@ CLI_IDENTITY = "cli:local"  # who `flask batch ...` acts as: it runs on the serv
 FINISHED = frozenset({"completed", "failed", "expired", "cancelled"})  # the upstream's final statuses
 POLL_SECONDS = 30  # Retry-After while a batch is still running
 ID_LENGTH = 38  # "batch_" + 32 hex digits
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 _CUSTOM_ID = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 
 metadata = sa.MetaData()
@@ -129,7 +130,7 @@ class BatchStore:
         """The batch if `owner` submitted it; else 404 (not 403: ids cannot be probed)."""
         t = batches_table.c
         row = None
-        if len(batch_id) <= ID_LENGTH:
+        if BATCH_ID.fullmatch(batch_id):  # anything else cannot exist (and a NUL byte upsets PostgreSQL)
             with _database("read a batch"), self.engine.connect() as conn:
                 row = conn.execute(sa.select(batches_table).where(t.id == batch_id, t.owner == owner)).first()
         if row is None:

@@ -168,10 +168,13 @@ def _open_once(req: CompatRequest, conf: Settings, model: str, timeout: openai.T
                                               extra_headers=headers)
 
     def begun(chunk: Any) -> bool:
-        choice = chunk.choices[0] if chunk.choices else None
-        delta = choice.delta if choice is not None else None
-        return choice is not None and bool(choice.finish_reason or (delta is not None and (
-            delta.content or delta.tool_calls or delta.refusal)))
+        try:
+            choice = chunk.choices[0] if chunk.choices else None
+            delta = choice.delta if choice is not None else None
+            return choice is not None and bool(choice.finish_reason or (delta is not None and (
+                delta.content or delta.tool_calls or delta.refusal)))
+        except SHAPE_ERRORS as exc:
+            raise ValueError("a stream chunk of the wrong shape") from exc
 
     return read_to_first(stream, begun)
 
@@ -216,7 +219,7 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             yield sse({"id": stream_id, "object": "chat.completion.chunk", "created": int(time.time()),
                        "model": model, "choices": [], "usage": usage})
         yield DONE
-    except (openai.APIError, ValueError) as exc:
+    except (openai.APIError, ValueError, *SHAPE_ERRORS) as exc:
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else ApiError(
             502, "upstream_bad_response", "The model provider sent an answer we could not read.")
         if error.code != "content_filtered":
@@ -226,6 +229,10 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
     finally:
         upstream.close()
         meter.finish(model, usage, "".join(pieces), outcome, meter.ttft)
+
+
+# The SDK builds stream chunks without validating them: valid JSON of another shape fails on first use.
+SHAPE_ERRORS = (AttributeError, TypeError, IndexError, KeyError)
 
 
 def completion_body(completion: Any, model: str) -> dict[str, Any]:

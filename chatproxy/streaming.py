@@ -109,6 +109,8 @@ class RawStream:
                 chunk = json.loads(payload, object_hook=Fields)  # ValueError for a malformed chunk, as the SDK
                 if isinstance(chunk, dict) and chunk.get("error"):
                     raise _error_event(chunk["error"], self.response.request)
+                if not well_formed(chunk):
+                    raise ValueError("a stream chunk of the wrong shape")
                 yield chunk
             if line is None:
                 return
@@ -122,6 +124,25 @@ class RawStream:
             except Exception:  # noqa: BLE001 - the answer is complete; a broken tail only costs the connection
                 log.debug("reading the end of a finished upstream stream failed", exc_info=True)
         self.response.close()
+
+
+def well_formed(chunk: Any) -> bool:
+    """Whether a decoded chunk has the shape the relay reads (valid JSON of another shape is an unreadable answer)."""
+    if not isinstance(chunk, dict):
+        return False
+    choices = chunk.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list):
+            return False
+        for choice in choices:
+            if not isinstance(choice, dict) or not isinstance(choice.get("finish_reason") or "", str):
+                return False
+            delta = choice.get("delta")
+            if delta is not None and not (isinstance(delta, dict) and isinstance(delta.get("content") or "", str)):
+                return False
+    usage = chunk.get("usage")
+    return usage is None or (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
+                             and isinstance(usage.get("completion_tokens"), int))
 
 
 def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:

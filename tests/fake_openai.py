@@ -41,6 +41,7 @@ class Reply:
     first_chunk_delay: float = 0.0  # seconds before the first delta
     drop_after: int | None = None  # stream: close the connection after N deltas
     malformed_after: int | None = None  # stream: send a broken data line after N deltas
+    malformed: bytes = b"{not json"  # what that line carries (also valid JSON of the wrong shape)
     error_after: int | None = None  # stream: send a `data: {"error": ...}` event (from `error`) after N deltas
     stall_after: int | None = None  # stream: stop sending for `stall` seconds after N deltas
     stall: float = 0.0
@@ -311,7 +312,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     if reply.drop_after is not None and i == reply.drop_after:
                         return
                     if reply.malformed_after is not None and i == reply.malformed_after:
-                        self._write(call, b"data: {not json\n\n")
+                        self._write(call, b"data: " + reply.malformed + b"\n\n")
                         return
                     if reply.error_after is not None and i == reply.error_after:
                         error = reply.error or {"message": "fake stream error", "type": "server_error"}

@@ -144,6 +144,17 @@ def database_url(request, tmp_path):
             yield url
 
 
+@pytest.mark.parametrize("batch_id", ["%00", "batch_%00", "batch_" + "g" * 32, "batch_" + "a" * 33, "x" * 500])
+def test_a_batch_id_that_cannot_exist_is_a_404_on_every_database(batch_app, database_url, batch_id, caplog):
+    client = batch_app(CHATPROXY_DATABASE_URL=database_url).test_client()
+
+    for path in (f"/api/batches/{batch_id}", f"/api/batches/{batch_id}/results"):
+        response = client.get(path, headers=AS_ALICE)
+        assert response.status_code == 404, path
+        assert response.get_json()["error"]["code"] == "not_found"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url):
     app = batch_app(CHATPROXY_DATABASE_URL=database_url)
     client = app.test_client()

@@ -307,6 +307,18 @@ def test_bad_requests_are_400s_naming_the_problem(make_app, fake, body, says):
 
 # --- retries, fallback, stream failures and the ledger ------------------------------------------
 
+@pytest.mark.parametrize("bad", [b"{not json", b"[]", b'{"choices": "x"}', b'{"choices": [{"delta": []}]}'])
+def test_a_stream_unreadable_before_its_first_delta_falls_back(sdk, fake, bad):
+    client = sdk(CHATPROXY_MAX_RETRIES=0)
+    fake.for_model("gpt-4o", Reply(malformed_after=0, malformed=bad))
+
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=USER, stream=True))
+
+    assert {chunk.model for chunk in chunks} == {"gpt-4o-mini"}
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert [call.model for call in fake.chat_calls()] == ["gpt-4o", "gpt-4o-mini"]
+
+
 def test_fallback_writes_one_ledger_row_per_upstream_attempt(sdk, fake):
     client = sdk()
     fake.for_model("gpt-4o", Reply(status=503))
@@ -340,6 +352,8 @@ def test_a_stream_refused_before_its_first_byte_is_a_json_error(sdk, fake):
     (Reply(chunks=["one ", "two ", "three"], error_after=2), "upstream_error"),
     (Reply(chunks=["one ", "two ", "three"], drop_after=2), "upstream_truncated"),
     (Reply(chunks=["one ", "two ", "three"], malformed_after=2), "upstream_bad_response"),
+    *[(Reply(chunks=["one ", "two ", "three"], malformed_after=2, malformed=bad), "upstream_bad_response")
+      for bad in (b"[]", b'"text"', b'{"choices": "x"}', b'{"choices": [1]}', b'{"choices": [{"delta": []}]}')],
 ])
 def test_a_stream_failing_after_it_started_ends_with_an_error_event(sdk, fake, reply, code):
     client = sdk()

@@ -266,9 +266,15 @@ def test_stream_cut_before_the_first_delta_is_retried(make_app, fake):
     assert called(fake) == ["gpt-4o", "gpt-4o"]
 
 
-def test_malformed_chunk_mid_stream_ends_with_an_error_event(make_app, fake):
+MALFORMED = [b"{not json", b"[]", b'"text"', b'{"choices": "x"}', b'{"choices": [1]}',
+             b'{"choices": [{"delta": {"content": 7}}]}', b'{"choices": [{"delta": []}]}', b'{"usage": 5}',
+             b'{"usage": {"prompt_tokens": "many"}}']
+
+
+@pytest.mark.parametrize("malformed", MALFORMED)
+def test_malformed_chunk_mid_stream_ends_with_an_error_event(make_app, fake, malformed):
     app = make_app()
-    fake.script(Reply(chunks=["one ", "two"], malformed_after=1))
+    fake.script(Reply(chunks=["one ", "two"], malformed_after=1, malformed=malformed))
 
     _, events = ask_stream(app)
 
@@ -277,9 +283,10 @@ def test_malformed_chunk_mid_stream_ends_with_an_error_event(make_app, fake):
     assert called(fake) == ["gpt-4o"]
 
 
-def test_malformed_chunk_before_the_first_delta_falls_back(make_app, fake):
+@pytest.mark.parametrize("malformed", MALFORMED)
+def test_malformed_chunk_before_the_first_delta_falls_back(make_app, fake, malformed):
     app = make_app(CHATPROXY_MAX_RETRIES=0)
-    fake.for_model("gpt-4o", Reply(malformed_after=0))
+    fake.for_model("gpt-4o", Reply(malformed_after=0, malformed=malformed))
 
     response, events = ask_stream(app)
 
