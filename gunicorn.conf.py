@@ -8,6 +8,7 @@ Command-line flags still win over this file.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import sys
@@ -78,6 +79,15 @@ threads = _setting("CHATPROXY_THREADS")
 # client (one per process, reused by all its threads) and its own Redis and database connections.
 # A client created in the master and inherited through fork() would share sockets between processes.
 preload_app = False
+
+
+def post_worker_init(worker) -> None:
+    """Put what start-up built out of the cyclic garbage collector's reach (after the app is loaded)."""
+    # A full collection walks every tracked object holding the GIL: with Flask, the SDK and pydantic
+    # loaded (~135,000 objects) that took ~65 ms on the bench machine, a pause of every stream in the
+    # worker (gaps over 2x the upstream's pace; BENCHMARKS.md). Start-up objects live as long as the
+    # worker, so frozen they cost nothing; a full pass then walks ~5,000 objects (under 1 ms).
+    gc.freeze()
 
 # With gthread the worker timeout is a heartbeat, not a request deadline: the worker's main loop
 # reports to the master every second while its threads serve requests, so a stream that runs for
