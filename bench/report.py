@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,7 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "",
         _table(["", ""], [
             ["Command", f"`{results['command']}`"],
-            ["Date (UTC)", datetime.now(UTC).strftime("%Y-%m-%d %H:%M")],
+            ["Started (UTC)", results.get("started_utc") or "not recorded"],
             ["CPU", f"{machine['cpu']}, {machine['cores']} cores"],
             ["Kernel", machine["kernel"]],
             ["Python / gunicorn / openai SDK", f"{machine['python']} / {machine['gunicorn']} / {machine['openai']}"],

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = wait_for_quiet(args.wait_quiet if args.wait_quiet is not None else (0 if args.quick else 90))
     started = time.monotonic()
+    started_utc = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     results = run(plan, letters, args.baseline)
+    results["started_utc"] = started_utc
     results["quiet_wait"] = quiet
     results["command"] = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if results["command"].strip() == "python bench/run.py":
