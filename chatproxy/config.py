@@ -218,7 +218,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_RATE_LIMIT_TOKEN", "120/minute", _rate, "Rate limit per bearer-token name."),
     Setting("CHATPROXY_RATE_LIMIT_ANONYMOUS", "10/minute", _rate,
             "Rate limit per client IP when anonymous access is on."),
-    Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000), "Simultaneous streams per caller (per client IP for an allowed origin)."),
+    Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000),
+            "Simultaneous streams per caller (per client IP for an allowed origin)."),
     Setting("CHATPROXY_REDIS_URL", "", _optional_text,
             "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
             "Empty: in-process (one worker)."),

@@ -447,10 +447,16 @@ def reconcile(report: Report, fake: FlakyUpstream, ledger: Ledger, label: str) -
     by_id = {row_id: call for row_id, call in zip(ids, calls)}
     lost = [i for i in ids if i not in rows]
     duplicated = [i for i, n in Counter(ids).items() if n > 1]
-    phantom = [i for i in rows if i not in by_id]
+    # A row whose request never reached the upstream (connection refused or reset before the fake read it,
+    # e.g. a pooled connection the server had just closed) has no call to match: it must say so and cost nothing.
+    unsent = [i for i in rows if i not in by_id and rows[i]["outcome"] == "upstream_unreachable"
+              and not rows[i]["prompt_tokens"] and not rows[i]["completion_tokens"] and not rows[i]["cost_micros"]]
+    phantom = [i for i in rows if i not in by_id and i not in unsent]
+    report.figures.setdefault("unsent_rows", {})[label] = len(unsent)
     report.check(f"{label}: one ledger row per upstream call", not lost and not duplicated and not phantom,
                  f"{len(calls)} upstream calls, {len(rows)} rows; lost {len(lost)}, duplicated {len(duplicated)}, "
-                 f"rows without a call {len(phantom)}")
+                 f"rows without a call {len(phantom)} (outcomes {dict(Counter(rows[i]['outcome'] for i in phantom))}); "
+                 f"attempts that never reached the upstream {len(unsent)} (upstream_unreachable, no tokens, no cost)")
     exact = [(rows[i], by_id[i]) for i in ids if i in rows and rows[i]["tokens_exact"]]
     sums = {name: (sum(r[name] for r, _ in exact), sum(getattr(c, name) for _, c in exact))
             for name in ("prompt_tokens", "completion_tokens")}
@@ -703,7 +709,10 @@ def write_reliability(report: Report, command: str) -> None:
         "",
         f"- {f['ledger_rows']} ledger rows, reconciled one for one with the fake upstream's record of calls through the "
         "X-Chatproxy-Row header each upstream call carries: no call without a row, no row without a call, none twice; "
-        f"prompt and completion tokens equal for every row with exact counts. Outcomes: {f['outcomes']}.",
+        f"prompt and completion tokens equal for every row with exact counts. Outcomes: {f['outcomes']}. "
+        f"Rows for attempts that never reached the upstream (the connection failed before the fake read the "
+        f"request; recorded as upstream_unreachable with no tokens and no cost): "
+        f"{f.get('unsent_rows', {}).get('whole run', 0)}.",
         "- Every row recorded before the outages was still there, unchanged, after them.",
         "",
         "## Checks",
