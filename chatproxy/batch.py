@@ -45,6 +45,7 @@ ENDPOINT = "/v1/chat/completions"
 CLI_IDENTITY = "cli:local"  # who `flask batch ...` acts as: it runs on the server, with direct access
 FINISHED = frozenset({"completed", "failed", "expired", "cancelled"})  # the upstream's final statuses
 POLL_SECONDS = 30  # Retry-After while a batch is still running
+LOOKUP_LIMIT = 100  # newest upstream batches searched for one whose create timed out
 ID_LENGTH = 38  # "batch_" + 32 hex digits
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 _CUSTOM_ID = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
@@ -295,10 +296,25 @@ def _create_upstream(batch_id: str, data: bytes) -> Any:
             input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h",
             metadata={"chatproxy_batch": batch_id}))
     except ApiError as exc:
-        if exc.code == "upstream_timeout":
-            log.error("creating batch %s timed out: it may run upstream anyway (metadata chatproxy_batch=%s)",
-                      batch_id, batch_id)
-        raise
+        if exc.code != "upstream_timeout":
+            raise
+        found = _find_upstream(batch_id)  # the create may have worked and only its answer been lost
+        if found is None:
+            log.error("creating batch %s timed out and no upstream batch carries its id (metadata "
+                      "chatproxy_batch=%s): if one appears later it is not on record", batch_id, batch_id)
+            raise
+        log.warning("creating batch %s timed out, but it exists upstream as %s: carrying on", batch_id, found.id)
+        return found
+
+
+def _find_upstream(batch_id: str) -> Any | None:
+    """The upstream batch created for `batch_id` (by its metadata) among the newest ones, or None."""
+    try:
+        page = _client().batches.list(limit=LOOKUP_LIMIT)
+    except openai.OpenAIError:
+        log.warning("could not list upstream batches to look for %s", batch_id, exc_info=True)
+        return None
+    return next((b for b in page.data if (b.metadata or {}).get("chatproxy_batch") == batch_id), None)
 
 
 def status(batch_id: str, identity: str) -> dict[str, Any]:

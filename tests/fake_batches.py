@@ -5,6 +5,7 @@
     GET  /v1/files/{id}/content    the bytes (input, output and error files alike)
     POST /v1/batches               validates the input file like OpenAI, then runs it in the background
     GET  /v1/batches/{id}          the Batch: validating, in_progress (request_counts rising), completed
+    GET  /v1/batches               every batch, newest first (one page)
 
 A batch completes `fake.batch_api.delay` seconds after it was created (default: 0.2 s, 3 s in the demo).
 A request whose last user message contains "FAIL" fails: it lands in the error file with a 400
@@ -68,6 +69,7 @@ class FakeBatchAPI:
     def __init__(self, fake: FakeOpenAI) -> None:
         self.fake = fake
         self.delay = 3.0 if fake.demo else 0.2  # seconds from creation to `completed`
+        self.create_reply_delay = 0.0  # seconds between creating a batch and answering (a slow or lost reply)
         self.files: dict[str, FakeFile] = {}
         self.batches: dict[str, FakeBatch] = {}
         self.lock = threading.Lock()
@@ -194,7 +196,19 @@ def install(fake: FakeOpenAI) -> None:
         if not isinstance(body, dict):
             handler._json(400, _invalid("The body must be a JSON object."))
             return
-        handler._json(200, api.view(api.create(body)))
+        batch = api.create(body)
+        time.sleep(api.create_reply_delay)
+        try:
+            handler._json(200, api.view(batch))
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting: the batch exists anyway
+            pass
+
+    def listing(handler: Any, _match: re.Match[str], _raw: bytes) -> None:
+        with api.lock:
+            batches = sorted(api.batches.values(), key=lambda b: b.created_at, reverse=True)
+        data = [api.view(batch) for batch in batches]
+        handler._json(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                            "last_id": data[-1]["id"] if data else None, "has_more": False})
 
     def retrieve(handler: Any, match: re.Match[str], _raw: bytes) -> None:
         batch = api.batches.get(match["id"])
@@ -208,6 +222,7 @@ def install(fake: FakeOpenAI) -> None:
         ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)"), file_info),
         ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)/content"), file_content),
         ("POST", re.compile(r"/v1/batches"), create),
+        ("GET", re.compile(r"/v1/batches"), listing),
         ("GET", re.compile(r"/v1/batches/(?P<id>[^/]+)"), retrieve),
     ])
 

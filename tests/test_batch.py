@@ -314,6 +314,45 @@ def test_an_unreachable_upstream_gives_503_and_releases_the_reservation(batch_ap
     assert stored_batches(app) == 0
 
 
+@pytest.fixture
+def slow_create_reply(fake):
+    """The upstream creates the batch at once but answers 1 s later: after our read timeout."""
+    fake.batch_api.create_reply_delay = 1.0
+    yield fake
+    fake.batch_api.create_reply_delay = 0.0
+
+
+def test_a_batch_whose_create_answer_timed_out_is_found_by_its_metadata(batch_app, slow_create_reply):
+    app = batch_app(CHATPROXY_READ_TIMEOUT=0.3)
+    client = app.test_client()
+
+    response = submit(client)
+    assert response.status_code == 202
+    batch_id = response.get_json()["id"]
+    wait_until_finished(client, batch_id)
+    answers = client.get(f"/api/batches/{batch_id}/results", headers=AS_ALICE).get_json()["results"]
+
+    upstream = [b for b in slow_create_reply.batch_api.batches.values()
+                if (b.metadata or {}).get("chatproxy_batch") == batch_id]
+    assert len(upstream) == 1  # the one upstream batch, created once and now on record
+    assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in THREE]
+    assert len(batch_rows(app, batch_id)) == len(THREE)
+
+
+def test_a_timed_out_create_that_cannot_be_found_is_a_504_and_releases_the_reservation(
+        batch_app, slow_create_reply, monkeypatch):
+    listing = [route for route in slow_create_reply.routes if route[:2] == ("GET", re.compile(r"/v1/batches"))]
+    monkeypatch.setattr(slow_create_reply, "routes", [r for r in slow_create_reply.routes if r not in listing])
+    app = batch_app(CHATPROXY_READ_TIMEOUT=0.3)
+
+    response = submit(app.test_client())
+
+    assert response.status_code == 504
+    assert response.get_json()["error"]["code"] == "upstream_timeout"
+    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert stored_batches(app) == 0
+
+
 def test_cli_submit_jsonl_wait_and_write_results(batch_app, tmp_path):
     app = batch_app()
     source = tmp_path / "prompts.jsonl"
