@@ -208,7 +208,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Browser origins (scheme://host[:port]) allowed to call /api/* with CORS. Empty: none."),
     Setting("CHATPROXY_API_TOKENS", "", _optional_list,
             "Bearer tokens for server-side clients as name=sha256:HEX (from `flask --app chatproxy new-token NAME`)."),
-    Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage."),
+    Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage and /metrics."),
     Setting("CHATPROXY_ALLOW_ANONYMOUS", "false", _bool,
             "Let requests with no session, origin or token call the API (limited per client IP)."),
     Setting("CHATPROXY_TRUSTED_PROXIES", "0", _int_range(0, 10),
