@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib.util
+import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from gunicorn import glogging
 from gunicorn.workers.gthread import ThreadWorker
@@ -35,7 +40,23 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from chatproxy.config import SETTINGS, raw_settings  # noqa: E402 - after PROMETHEUS_MULTIPROC_DIR is set
+
+def _settings_module() -> Any:
+    """chatproxy/config.py loaded on its own, under a private name.
+
+    The master must not import the chatproxy package (nor Flask or the SDK, which it imports): workers
+    fork from the master, so whatever it imported they would run, and `systemctl reload` (HUP) would
+    start workers with the old code. config.py needs only the standard library and python-dotenv.
+    """
+    spec = importlib.util.spec_from_file_location("_chatproxy_settings", ROOT / "chatproxy" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+_config = _settings_module()
+SETTINGS, raw_settings = _config.SETTINGS, _config.raw_settings
 
 
 def _setting(name: str):
@@ -87,6 +108,11 @@ def post_worker_init(worker) -> None:
     # loaded (~135,000 objects) that took ~65 ms on the bench machine, a pause of every stream in the
     # worker (gaps over 2x the upstream's pace; BENCHMARKS.md). Start-up objects live as long as the
     # worker, so frozen they cost nothing; a full pass then walks ~5,000 objects (under 1 ms).
+    from chatproxy.logs import JsonFormatter  # the worker's own, loaded with the app
+
+    for name in ("", "gunicorn.error", "gunicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.setFormatter(JsonFormatter())
     gc.freeze()
 
 # With gthread the worker timeout is a heartbeat, not a request deadline: the worker's main loop
@@ -131,15 +157,29 @@ class JsonAccessLogger(glogging.Logger):
             self.exception("could not write the access log line")
 
 
+class MasterJsonFormatter(logging.Formatter):
+    """The master's own lines, in the fields chatproxy.logs.JsonFormatter writes (workers switch to that one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One JSON line."""
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "pid": record.process,
+                 "message": record.getMessage(), "request_id": None}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
 logger_class = JsonAccessLogger
 accesslog = "-"  # stdout, as JSON lines (the handler below replaces gunicorn's plain one)
 loglevel = "info"
 # gunicorn's error log, the app's own loggers (the root) and the access log all write JSON lines.
-# Records are redacted by chatproxy's log-record factory in the workers and once more by the formatter.
+# Workers format with chatproxy.logs.JsonFormatter (set in post_worker_init), which redacts once more after
+# chatproxy's log-record factory; the master's own lines (gunicorn's) use MasterJsonFormatter.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "chatproxy.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": MasterJsonFormatter}},
     "handlers": {
         "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
         "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},

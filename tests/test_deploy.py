@@ -86,14 +86,14 @@ def _collect(process: subprocess.Popen, output: list[str]) -> None:
     threading.Thread(target=lambda: output.extend(line.decode() for line in process.stdout), daemon=True).start()
 
 
-def start_gunicorn(env: dict[str, str], *args: str) -> Server:
-    """gunicorn -c gunicorn.conf.py on a free loopback port, settings from `env`, extra flags in `args`."""
+def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
     port = _free_port()
     settings = {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
                 "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
                 "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
     environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args], cwd=cwd,
                                env={**environ, **settings}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = Server(process, port)
     _collect(process, server.output)
@@ -325,3 +325,45 @@ def test_a_bad_deployment_setting_stops_gunicorn_naming_it():
 
     assert result.returncode != 0
     assert "CHATPROXY_THREADS must be an integer from 1 to 1000; got 'lots'" in result.stderr
+
+
+def test_reload_starts_workers_with_the_new_code(tmp_path):
+    """HUP (systemctl reload) after an upgrade: the master never imported chatproxy, so new workers load the new code."""
+    copy = tmp_path / "app"
+    shutil.copytree(ROOT / "chatproxy", copy / "chatproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("templates", "static"):
+        shutil.copytree(ROOT / name, copy / name)
+    for name in ("wsgi.py", "gunicorn.conf.py"):
+        shutil.copy(ROOT / name, copy / name)
+    server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+                             "CHATPROXY_WORKERS": "2"}, cwd=copy)
+    try:
+        before = _get_json(server, "/healthz")
+        old_workers = _workers(server)
+        ops = copy / "chatproxy" / "ops.py"
+        ops.write_text(ops.read_text().replace('jsonify({"status": "ok"})', 'jsonify({"status": "ok", "v": 2})'))
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (set(_workers(server)) & set(old_workers) or len(_workers(server)) < 2):
+            time.sleep(0.1)
+        new_workers = _workers(server)
+        answers = [_get_json(server, "/healthz") for _ in range(6)]  # new connections: both new workers answer
+    finally:
+        server.stop()
+
+    assert before == {"status": "ok"}
+    assert len(new_workers) == 2 and not set(new_workers) & set(old_workers)
+    assert answers == [{"status": "ok", "v": 2}] * 6
+
+
+def _get_json(server: Server, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def _workers(server: Server) -> list[str]:
+    return subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
