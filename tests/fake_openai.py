@@ -114,8 +114,7 @@ class FakeOpenAI:
         # Extra endpoints (files, batches...): (method, path regex, handler(request, match, raw body)).
         self.routes: list[tuple[str, re.Pattern[str], Callable[[Any, re.Match[str], bytes], None]]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
         from tests.fake_batches import install; install(self)  # noqa: E702 - files + batches; late import: cycle
 
@@ -177,6 +176,14 @@ class FakeOpenAI:
             if self._script:
                 return self._script.pop(0)
             return self.default
+
+
+class _Server(ThreadingHTTPServer):
+    """One thread per connection, and a listen backlog like a real server's (socketserver's default is 5,
+    which drops connections when many arrive at once: in the soak they failed before any request)."""
+
+    daemon_threads = True
+    request_queue_size = 1024
 
 
 def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
