@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import nginx_site  # the deploy tests' nginx: bench/run.py puts the project root on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX = nginx_site.NGINX
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -179,40 +179,14 @@ def wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: fl
     raise RuntimeError(f"gunicorn on {port} never became healthy:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def _region(text: str, name: str) -> str:
-    return re.search(rf"# >>> {name}\n(.*?)# <<< {name}", text, re.DOTALL).group(1)
-
-
 def start_nginx(tmp: Path, name: str, backend_port: int, cpu: int | None) -> Proc:
     """nginx with deploy/nginx.conf's upstream and proxy directives (the regions the deploy tests run), no TLS."""
-    site = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
     prefix = tmp / f"nginx-{name}"
-    temp = {kind: prefix / kind for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    for path in temp.values():
-        path.mkdir(parents=True)
     port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""
-{"user root;" if os.geteuid() == 0 else ""}
-worker_processes 1;
-worker_rlimit_nofile 16384;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log {prefix}/access.log;
-    default_type application/octet-stream;
-    {" ".join(f"{kind}_temp_path {path};" for kind, path in temp.items())}
-    {_region(site, "http").replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{backend_port};")}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        server_name localhost;
-        {_region(site, "proxy")}
-    }}
-}}
-""", encoding="utf-8")
+    conf = nginx_site.write_conf(prefix, backend_port, port, connections=8192, backlog=4096, error_level="warn",
+                                 open_files=16384)
     log = prefix / "stdout.log"
-    process = _spawn(name, [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"daemon off; pid {prefix}/nginx.pid;"],
-                     log, cpu)
+    process = _spawn(name, nginx_site.argv(prefix, conf), log, cpu)
     wait_for_port(port, process, log)
     return Proc(name, process, port, log)
 

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Protocol
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -58,22 +57,6 @@ class Reservation:
     done: bool = field(default=False, compare=False)
 
 
-class Counters(Protocol):
-    """Where the day's counters live."""
-
-    def create_schema(self) -> None:
-        """Prepare the store."""
-
-    def reserve(self, day: date, identity: str, cost_micros: int, tokens: int, caps: Caps) -> str | None:
-        """Add to reserved on both rows if every cap allows it; else change nothing and return GLOBAL or IDENTITY."""
-
-    def adjust(self, day: date, identity: str, deltas: dict[str, int]) -> None:
-        """Add `deltas` (FIELDS → amount) to both the identity's row and the global row."""
-
-    def totals(self, day: date, identity: str) -> dict[str, int]:
-        """The counters of one row (identity EVERYONE for the global one)."""
-
-
 class _Refused(Exception):
     """A cap refused a reservation inside a transaction (raised to roll it back)."""
 
@@ -100,8 +83,8 @@ class SqlCounters:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # Statements are built once with bound parameters: building SQLAlchemy expressions per call was a
         # visible share of a request's CPU (BENCHMARKS.md).
-        self._ensure = insert(self.table).values(day=sa.bindparam("b_day"), identity=sa.bindparam("b_who"))
-        self._ensure = self._ensure.on_conflict_do_nothing()
+        self._ensure = (insert(self.table).values(day=sa.bindparam("b_day"), identity=sa.bindparam("b_who"))
+                        .on_conflict_do_nothing())
         self._reserve: dict[tuple[bool, bool], sa.Update] = {}
         self._adjust: dict[tuple[str, ...], sa.Update] = {}
 
@@ -192,7 +175,7 @@ def seconds_to_midnight(now: datetime) -> int:
 class Budget:
     """Daily spend and token caps, global and per identity, enforced by reservations."""
 
-    def __init__(self, counters: Counters, caps: Caps, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, counters: SqlCounters, caps: Caps, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.counters = counters
         self.caps = caps
         self.clock = clock

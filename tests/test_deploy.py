@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -24,11 +23,12 @@ import sqlalchemy as sa
 import redis
 
 from chatproxy.guards import hash_token
+from tests import nginx_site
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.sse import post_stream
 
 ROOT = Path(__file__).resolve().parent.parent
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX = nginx_site.NGINX
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TOKEN_NAME = f"deploy-{uuid.uuid4().hex[:8]}"  # fresh per run: the Redis rate-limit counters are shared
 TOKEN = f"cpx_{uuid.uuid4().hex}"
@@ -101,11 +101,6 @@ def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
     return server
 
 
-def region(text: str, name: str) -> str:
-    """The lines between `# >>> name` and `# <<< name` in deploy/nginx.conf."""
-    return re.search(rf"# >>> {name}\n(.*?)# <<< {name}", text, re.S).group(1)
-
-
 def need_nginx() -> None:
     """Skip (which fails the run under CI=true) when nginx is missing, naming the Debian package."""
     if not os.path.exists(NGINX):
@@ -115,31 +110,9 @@ def need_nginx() -> None:
 def start_nginx(tmp: Path, upstream_port: int) -> Server:
     """nginx from the Debian package, with deploy/nginx.conf's upstream and proxy directives, without TLS."""
     need_nginx()
-    site = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
     port = _free_port()
-    temp = {name: tmp / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    for path in temp.values():
-        path.mkdir()
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-{"user root;" if os.geteuid() == 0 else ""}
-worker_processes 1;
-error_log {tmp}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    default_type application/octet-stream;
-    {" ".join(f"{name}_temp_path {path};" for name, path in temp.items())}
-    {region(site, "http").replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")}
-    server {{
-        listen 127.0.0.1:{port};
-        server_name localhost;
-        {region(site, "proxy")}
-    }}
-}}
-""", encoding="utf-8")
-    process = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-g", f"daemon off; pid {tmp}/nginx.pid;"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    conf = nginx_site.write_conf(tmp, upstream_port, port)
+    process = subprocess.Popen(nginx_site.argv(tmp, conf), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = Server(process, port)
     _collect(process, server.output)
     _wait_for_port(port, process, server.output)
