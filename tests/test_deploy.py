@@ -221,15 +221,19 @@ def test_metrics_add_up_the_requests_of_every_worker(stack):
         conn.request("GET", "/api/models", headers=AUTH)
         assert conn.getresponse().status == 200
         conn.close()
-    # A request is counted when the server closes it, just after the client read the last byte.
+    # A request is counted when the server closes it, just after the client read the last byte; its duration
+    # is observed a moment after its count, so a scrape may fall between the two.
     deadline = time.monotonic() + 5
-    while (counted := _sample(scraped := _scrape(gunicorn.port), "chatproxy_requests_total", **route) - before) < 24:
-        if time.monotonic() > deadline:
+    while True:
+        scraped = _scrape(gunicorn.port)
+        counted = _sample(scraped, "chatproxy_requests_total", **route) - before
+        timed = _sample(scraped, "chatproxy_request_duration_seconds_count", route="/api/models")
+        if (counted >= 24 and timed >= 24) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
 
     assert counted == 24
-    assert _sample(scraped, "chatproxy_request_duration_seconds_count", route="/api/models") >= 24
+    assert timed >= 24
     time.sleep(0.2)  # the access lines of the last requests
     pids = {line["pid"] for line in gunicorn.json_lines() if line.get("path") == "/api/models"}
     assert len(pids) > 1, "all requests went to one worker: the test would prove nothing"
