@@ -1,4 +1,5 @@
 # Two commands: `make run` serves the app, `make test` installs what the tests need and runs them.
+# Either leaves .venv behind, and with it the command line: `.venv/bin/python -m chatproxy --help`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
