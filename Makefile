@@ -1,4 +1,5 @@
 # Two commands: `make run` serves the app, `make test` installs what the tests need and runs them.
+# Either leaves .venv behind, and with it the command line: `.venv/bin/python -m chatproxy --help`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,7 +19,8 @@ install: $(VENV)/.installed
 run: install
 	$(PY) devserver.py --port $(PORT)
 
-# Debian packages the tests drive for real (Chromium for the page tests, nginx for the deploy tests).
+# Debian packages the tests drive for real (Chromium for the page tests, nginx for the deploy tests, curl for
+# the README's examples).
 # Installed with apt when we are root and they are missing; elsewhere the tests that need them skip
 # naming the package, and with CI=true a skip fails the run.
 system-deps:
@@ -26,6 +28,7 @@ system-deps:
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -6,20 +6,36 @@ Development only. Production runs `gunicorn wsgi:app`, which never falls back to
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 from dotenv import dotenv_values
 
-from chatproxy import ROOT, SettingsError, create_app
+from chatproxy import ROOT
 from chatproxy.config import raw_settings
+from chatproxy.demo import create_dev_app
 
-DEMO_KEY = "sk-demo-offline-not-a-real-key"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def _set_by_user(name: str) -> bool:
-    """Whether the environment or .env names this setting explicitly."""
+    """Whether the environment or .env names this setting explicitly (a commented-out line does not)."""
     return name in os.environ or name in dotenv_values(ROOT / ".env")
+
+
+def check_port(host: str, port: int) -> None:
+    """Exit with one line, before anything is printed or started, when we cannot listen on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug's server does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SystemExit(f"chatproxy: port {port} on {host} is already in use (another `make run`?). "
+                                 f"Stop that server or pick another port: PORT=8000 make run") from None
+            raise SystemExit(f"chatproxy: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def main() -> None:
@@ -28,24 +44,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
     args = parser.parse_args()
+    check_port(args.host, args.port)
 
     overrides: dict[str, object] = {}
     raw = raw_settings(ROOT / ".env")
-    if args.host in LOOPBACK and raw["CHATPROXY_ALLOW_ANONYMOUS"] == "false" and not _set_by_user("CHATPROXY_ALLOW_ANONYMOUS"):
+    anonymous_unset = raw["CHATPROXY_ALLOW_ANONYMOUS"] == "false" and not _set_by_user("CHATPROXY_ALLOW_ANONYMOUS")
+    if args.host in LOOPBACK and anonymous_unset:
         # Only this machine can reach a loopback dev server, so plain curl works out of the box here.
         overrides["CHATPROXY_ALLOW_ANONYMOUS"] = True
         print("Dev server on loopback: anonymous API calls allowed (gunicorn wsgi:app refuses them).", flush=True)
-    if not raw["OPENAI_API_KEY"].strip() and not raw["AZURE_OPENAI_ENDPOINT"].strip():  # Azure needs no OpenAI key
-        from tests.fake_openai import FakeOpenAI
-
-        fake = FakeOpenAI(demo=True).start()
-        overrides.update({"OPENAI_API_KEY": DEMO_KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DEMO": True})
-        print(f"No OPENAI_API_KEY set: serving the OFFLINE DEMO upstream at {fake.base_url}.\n"
-              "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API.", flush=True)
-    try:
-        app = create_app(overrides)
-    except SettingsError as exc:
-        raise SystemExit(f"chatproxy: {exc}") from None
+    app = create_dev_app(overrides, say=lambda text: print(text, flush=True))
     print(f"chatproxy on http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
 

@@ -1,8 +1,10 @@
-"""`flask --app chatproxy batch submit|status|results`: the Batch API from the server's shell, as cli:local.
+"""`python -m chatproxy batch submit|status|results`: the Batch API from the server's shell, as cli:local.
 
 The commands call the same functions as the HTTP routes, so a batch from the shell is validated,
 budgeted and recorded like one from a token holder. Human messages go to stderr and data to
-stdout, so `ID=$(flask --app chatproxy batch submit prompts.csv)` works.
+stdout, so `ID=$(python -m chatproxy batch submit prompts.csv)` works. In the offline demo the
+demo upstream lives in this process and forgets its batches when the command ends, so `submit`
+waits for the batch and writes its results itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .errors import ApiError
 batch_group = AppGroup("batch", help="Run requests through the Batch API at half price (as identity cli:local).")
 
 CSV_COLUMNS = ("custom_id", "message", "model", "max_tokens")
+POLL_SECONDS, DEMO_POLL_SECONDS = 10.0, 1.0  # the demo upstream finishes a batch in about 3 s
+DEMO_HINT = " (offline demo: a batch lives only while the `batch submit` that made it runs)"
 
 
 def read_items(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -73,16 +77,27 @@ def _csv_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
     return items, numbers
 
 
+def _demo() -> bool:
+    """Whether this command's upstream is the in-process offline demo."""
+    return current_app.extensions["chatproxy.settings"].demo
+
+
 def _api(call: Any, *args: Any) -> Any:
     """Run a batch function; its contract errors become a one-line CLI error."""
     try:
         return call(*args)
     except ApiError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+        hint = DEMO_HINT if _demo() and exc.code.startswith("upstream_") else ""
+        raise click.ClickException(f"{exc.code}: {exc.message}{hint}") from None
 
 
-def wait(batch_id: str, poll: float) -> dict[str, Any]:
+def _poll(given: float | None) -> float:
+    return given if given is not None else DEMO_POLL_SECONDS if _demo() else POLL_SECONDS
+
+
+def wait(batch_id: str, poll: float | None) -> dict[str, Any]:
     """Poll until the batch has finished, with a progress bar on stderr; its final view."""
+    poll = _poll(poll)
     view = _api(batch.status, batch_id, batch.CLI_IDENTITY)
     shown = 0
     with click.progressbar(length=view["request_counts"]["total"], label=batch_id, show_pos=True,
@@ -129,11 +144,13 @@ def _summary(view: dict[str, Any]) -> str:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish, showing progress.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="With --wait: write the results to this JSONL file.")
-@click.option("--poll", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
-              help="Seconds between status checks while waiting.")
-def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll: float) -> None:
-    """Submit FILE as one batch; print its id."""
-    if output is not None and not wait_:
+@click.option("--poll", type=click.FloatRange(min=0.01),
+              help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
+                   f"{DEMO_POLL_SECONDS:g} in the offline demo].")
+def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll: float | None) -> None:
+    """Submit FILE as one batch; print its id. In the offline demo, wait and write the results too."""
+    demo = _demo()
+    if output is not None and not wait_ and not demo:
         raise click.UsageError("-o/--output needs --wait (or use `batch results ID -o FILE` later).")
     items, numbers = read_items(file, fmt)
     settings = current_app.extensions["chatproxy.settings"]
@@ -142,10 +159,13 @@ def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll:
     view = _api(batch.submit, lines, batch.CLI_IDENTITY)
     click.echo(view["id"])
     click.echo(f"Submitted {len(lines)} requests as batch {view['id']} ({view['status']}).", err=True)
-    if wait_:
+    if demo and not (wait_ and output is not None):
+        click.echo("Offline demo: the demo upstream ends with this command, so it waits for the batch and "
+                   f"writes its results to {output or 'stdout'}.", err=True)
+    if wait_ or demo:
         view = wait(view["id"], poll)
         click.echo(_summary(view), err=True)
-        if output is not None:
+        if output is not None or demo:
             write_results(view["id"], output)
 
 
@@ -161,9 +181,10 @@ def status_command(batch_id: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the results to this JSONL file (default: stdout).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish first, showing progress.")
-@click.option("--poll", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
-              help="Seconds between status checks while waiting.")
-def results_command(batch_id: str, output: Path | None, wait_: bool, poll: float) -> None:
+@click.option("--poll", type=click.FloatRange(min=0.01),
+              help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
+                   f"{DEMO_POLL_SECONDS:g} in the offline demo].")
+def results_command(batch_id: str, output: Path | None, wait_: bool, poll: float | None) -> None:
     """Write a finished batch's results as JSONL: {custom_id, content} or {custom_id, error}."""
     if wait_:
         wait(batch_id, poll)

@@ -207,7 +207,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_ALLOWED_ORIGINS", "", _optional_list,
             "Browser origins (scheme://host[:port]) allowed to call /api/* with CORS. Empty: none."),
     Setting("CHATPROXY_API_TOKENS", "", _optional_list,
-            "Bearer tokens for server-side clients as name=sha256:HEX (from `flask --app chatproxy new-token NAME`)."),
+            "Bearer tokens for server-side clients: one comma-separated list of name=sha256:HEX "
+            "(`python -m chatproxy new-token NAME` prints the whole line with a new token added)."),
     Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage and /metrics."),
     Setting("CHATPROXY_ALLOW_ANONYMOUS", "false", _bool,
             "Let requests with no session, origin or token call the API (limited per client IP)."),
@@ -269,7 +270,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
     # Batch API (batch.py)
     Setting("CHATPROXY_BATCH_MAX_REQUESTS", "1000", _int_range(1, 50_000),
-            "Most requests in one batch (POST /api/batches, `flask batch submit`); OpenAI allows 50,000."),
+            "Most requests in one batch (POST /api/batches, `python -m chatproxy batch submit`); "
+            "OpenAI allows 50,000."),
     Setting("CHATPROXY_BATCH_MAX_BODY_BYTES", "1048576", _int_range(1024, 200_000_000),
             "Largest POST /api/batches body, in bytes (other routes keep CHATPROXY_MAX_BODY_BYTES); "
             "behind nginx, client_max_body_size must allow it too."),

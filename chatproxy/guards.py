@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import click
 import redis
 from flask import Flask, Request, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface
@@ -78,6 +77,8 @@ def init_app(app: Flask) -> None:
     lease = settings.total_timeout + settings.read_timeout + 60
     app.extensions["chatproxy.streams"] = (RedisStreamSlots(settings.redis_url, lease) if settings.redis_url
                                            else MemoryStreamSlots())
+    from .cli import new_token  # here, not at the top: cli imports this module
+
     app.cli.add_command(new_token)
 
 
@@ -283,12 +284,3 @@ def take_stream_slot() -> Callable[[], None]:
             slots.release(key, slot)
 
     return release
-
-
-@click.command("new-token")
-@click.argument("name")
-def new_token(name: str) -> None:
-    """Print a new bearer token for NAME and the CHATPROXY_API_TOKENS entry holding its hash."""
-    token = "cpx_" + secrets.token_urlsafe(32)
-    click.echo(f"token (give it to the client, shown once): {token}")
-    click.echo(f"setting entry: {name}={hash_token(token)}")

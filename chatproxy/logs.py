@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -18,6 +19,8 @@ from .security import redact
 # request context, in the same thread); cleared when the response is closed.
 _request_id: ContextVar[str | None] = ContextVar("chatproxy_request_id", default=None)
 _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Terminal colour codes (werkzeug colours its request lines): noise in a JSON log, and they confuse log viewers.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 QUIET = ("httpx2", "httpx", "httpcore")  # one INFO line per upstream call: noise at INFO, kept at WARNING
 
 
@@ -33,7 +36,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
-            "message": redact(record.getMessage()),
+            "message": redact(_ANSI.sub("", record.getMessage())),
             "request_id": extra.pop("request_id", None) or current_request_id(),
         }
         entry.update({k: v for k, v in extra.items() if k not in entry})

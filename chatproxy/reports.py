@@ -18,6 +18,7 @@ from .usage import current_ledger, default_range, usd
 
 bp = Blueprint("reports", __name__)
 
+QUERY = frozenset({"since", "until"})
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
 
@@ -52,6 +53,13 @@ def parse_day(value: str | None, name: str) -> date | None:
 def usage_report() -> Response:
     """The report from ?since= to ?until= (UTC days, both included; default: the last 30 days)."""
     require_admin()
+    unknown = sorted(set(request.args) - QUERY)
+    if unknown:
+        raise invalid(f"Unknown query parameter: {unknown[0][:64]!r}. /api/usage takes since and until "
+                      "(YYYY-MM-DD).")
+    repeated = sorted(name for name in QUERY if len(request.args.getlist(name)) > 1)
+    if repeated:
+        raise invalid(f"{repeated[0]} is given more than once.")
     since, until = default_range(parse_day(request.args.get("since"), "since"),
                                  parse_day(request.args.get("until"), "until"))
     if since > until:

@@ -11,14 +11,22 @@ sys.path.insert(0, str(ROOT))
 
 from chatproxy.config import SETTINGS  # noqa: E402
 
+FILL_IN = frozenset({"OPENAI_API_KEY"})  # the one line the README's quick start asks you to fill in
+
 
 def env_example() -> str:
-    """The text of .env.example."""
+    """The text of .env.example: OPENAI_API_KEY to fill in, every other setting commented out at its default.
+
+    Copied to .env, it sets nothing but the key: `make run` still decides what a setting left out means
+    (anonymous calls on loopback), and a later change of a default reaches existing .env files.
+    """
     lines = ["# chatproxy settings. Copy to .env (never commit .env) or set them in your platform's secret store.",
-             "# A real environment variable wins over this file. Values shown are the defaults.", ""]
+             "# A real environment variable wins over this file. Each line shows the default: uncomment it to",
+             "# change the value. Settings are read at start-up: restart `make run` after editing this file.", ""]
     for setting in SETTINGS:
         lines.append(f"# {setting.help}")
-        lines.append(f"{setting.name}={'' if setting.secret else setting.default}")
+        value = "" if setting.secret else setting.default
+        lines.append(f"{setting.name}={value}" if setting.name in FILL_IN else f"# {setting.name}={value}")
         lines.append("")
     return "\n".join(lines)
 

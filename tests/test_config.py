@@ -75,7 +75,7 @@ def test_env_example_and_readme_list_every_setting():
     assert example == env_example()
     assert readme_table() in readme
     for setting in SETTINGS:
-        assert f"\n{setting.name}=" in example, setting.name
+        assert f"\n# {setting.name}=" in example or f"\n{setting.name}=" in example, setting.name
 
 
 def test_wsgi_without_a_key_refuses_to_start(tmp_path):

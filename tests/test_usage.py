@@ -480,3 +480,16 @@ def test_api_usage_refuses_bad_dates(filled_app: Flask, query: str) -> None:
     response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
     assert response.status_code == 400
     assert response.json["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("query, says", [
+    ("sinse=2025-03-01", "Unknown query parameter: 'sinse'"),
+    ("since=2025-03-01&format=csv", "Unknown query parameter: 'format'"),
+    ("since=2025-03-01&since=2025-03-02", "since is given more than once"),
+])
+def test_api_usage_refuses_unknown_and_repeated_query_parameters(filled_app: Flask, query: str, says: str) -> None:
+    response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "invalid_request"
+    assert says in response.json["error"]["message"]
+    assert "totals" not in response.get_data(as_text=True)

@@ -1,0 +1,5 @@
+"""`python -m chatproxy COMMAND`: see chatproxy/cli.py."""
+
+from chatproxy.cli import main
+
+main()
