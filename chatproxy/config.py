@@ -220,6 +220,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Rate limit per client IP when anonymous access is on."),
     Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000),
             "Simultaneous streams per caller (per client IP for an allowed origin)."),
+    Setting("CHATPROXY_MAX_CONCURRENT", "10", _int_range(1, 100_000),
+            "Requests of any kind (JSON and streams) one caller may have in flight at once; more get 429."),
+    Setting("CHATPROXY_MAX_CONCURRENT_PER_IP", "20", _int_range(1, 100_000),
+            "Requests one client IP may have in flight at once over all its page sessions, origin and anonymous "
+            "calls (bearer tokens are capped per token only); more get 429."),
+    Setting("CHATPROXY_RATE_LIMIT_SESSIONS", "20/hour", _rate,
+            "New chat-page sessions one client IP may start (each page load without a session cookie starts one)."),
     Setting("CHATPROXY_REDIS_URL", "", _optional_text,
             "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
             "Empty: in-process (one worker)."),
@@ -321,6 +328,9 @@ class Settings:
     rate_limit_token: str
     rate_limit_anonymous: str
     max_streams: int
+    max_concurrent: int
+    max_concurrent_per_ip: int
+    rate_limit_sessions: str
     redis_url: str | None
     database_url: str | None
     prices: str | None
@@ -336,6 +346,7 @@ class Settings:
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
     classify_model: str
+    threads: int  # gunicorn threads per worker: guarded requests leave a few for /healthz
     compat_system_prompt: str
     azure_endpoint: str | None
     azure_api_key: str
@@ -410,6 +421,9 @@ def validate(config: Mapping[str, Any]) -> Settings:
         rate_limit_token=parsed["CHATPROXY_RATE_LIMIT_TOKEN"],
         rate_limit_anonymous=parsed["CHATPROXY_RATE_LIMIT_ANONYMOUS"],
         max_streams=parsed["CHATPROXY_MAX_STREAMS"],
+        max_concurrent=parsed["CHATPROXY_MAX_CONCURRENT"],
+        max_concurrent_per_ip=parsed["CHATPROXY_MAX_CONCURRENT_PER_IP"],
+        rate_limit_sessions=parsed["CHATPROXY_RATE_LIMIT_SESSIONS"],
         redis_url=parsed["CHATPROXY_REDIS_URL"],
         database_url=parsed["CHATPROXY_DATABASE_URL"],
         prices=parsed["CHATPROXY_PRICES"],
@@ -425,6 +439,7 @@ def validate(config: Mapping[str, Any]) -> Settings:
         cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
         classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
         classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
+        threads=parsed["CHATPROXY_THREADS"],
         compat_system_prompt=parsed["CHATPROXY_COMPAT_SYSTEM_PROMPT"],
         azure_endpoint=parsed["AZURE_OPENAI_ENDPOINT"],
         azure_api_key=parsed["AZURE_OPENAI_API_KEY"],
