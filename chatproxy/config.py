@@ -267,7 +267,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_WORKERS", "2", _int_range(1, 256),
             "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits."),
     Setting("CHATPROXY_THREADS", "32", _int_range(1, 1000),
-            "Threads per gunicorn worker: each open stream holds one thread for its whole life."),
+            "Threads per gunicorn worker: each open stream holds one thread for its whole life; API requests get "
+            "all but 2, kept for /healthz, /readyz and /metrics (more in flight: 503 server_busy)."),
     Setting("CHATPROXY_BIND", "127.0.0.1:8000", _bind,
             "Where gunicorn listens: HOST:PORT or unix:/path. Keep it on loopback behind nginx."),
     Setting("CHATPROXY_GRACEFUL_TIMEOUT", "120", _int_range(1, 3600),

@@ -148,7 +148,7 @@ def _count_new_session() -> None:
     for limit in parse_many(settings.rate_limit_sessions):
         try:
             reset = _hit(current_app.extensions["chatproxy.limiter"].limiter, limit, ids)
-        except Exception:  # noqa: BLE001 - storage down (Redis): count in this process, as the rate limits do
+        except redis.RedisError:  # count in this process while Redis is down, as the rate limits do
             log.error("rate limit storage unreachable: counting new sessions per process")
             reset = _hit(state().sessions_fallback, limit, ids)
         if reset is not None:
@@ -379,9 +379,10 @@ def hold_slots() -> None:
         429, "rate_limited", f"Too many requests at once: one caller may have {settings.max_concurrent} running. "
         "Wait for one to finish.", retry_after=1))]
     if caller.kind != "token":
-        claims.append(Claim(f"requests-ip:{request.remote_addr}", settings.max_concurrent_per_ip, ApiError(
-            429, "rate_limited", f"Too many requests at once from your network: at most "
-            f"{settings.max_concurrent_per_ip} may run together. Wait for one to finish.", retry_after=1)))
+        ip, cap = request.remote_addr or "unknown", settings.max_concurrent_per_ip
+        claims.append(Claim(f"requests-ip:{ip}", cap, ApiError(
+            429, "rate_limited", f"Too many requests at once from your network: at most {cap} may run together. "
+            "Wait for one to finish.", retry_after=1)))
     try:
         release = hold(guarding.slots, claims)
     except BaseException:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatproxy.guards import hash_token
+from tests import nginx_site
 from tests.fake_openai import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,3 +192,37 @@ def test_a_full_worker_answers_503_at_once_and_keeps_threads_for_health_checks(g
     busy = next(answer for answer in flood.answers if answer[0] == 503)
     assert error(busy)["code"] == "server_busy"
     assert busy[1]["retry-after"] == "1"
+
+
+def test_nginx_in_front_absorbs_slow_headers_and_slow_bodies(gunicorn, fake, tmp_path):
+    """What the app cannot fix (README, "Why nginx must be in front"): connections that trickle their headers or
+    body hold a gunicorn thread each. nginx reads whole requests first, so gunicorn never sees them."""
+    if not os.path.exists(nginx_site.NGINX):
+        pytest.skip("nginx is not installed: apt-get install nginx-light (Debian package)")
+    setting, auth = tokens("client")
+    port = gunicorn(CHATPROXY_API_TOKENS=setting, CHATPROXY_THREADS="4", CHATPROXY_TRUSTED_PROXIES="1")
+    front = _free_port()
+    conf = nginx_site.write_conf(tmp_path / "nginx", port, front)
+    nginx = subprocess.Popen(nginx_site.argv(tmp_path / "nginx", conf), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    slow: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 10
+        while request(front, "GET", "/healthz", timeout=1)[0] != 200:
+            assert nginx.poll() is None and time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        for i in range(60):  # 15 times gunicorn's threads: half stop inside the headers, half inside the body
+            sock = socket.create_connection(("127.0.0.1", front))
+            head = f"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth['client']['Authorization']}\r\n"
+            sock.sendall(head.encode() if i % 2 else (head + "Content-Type: application/json\r\n"
+                                                      "Content-Length: 1000\r\n\r\n{\"message\": ").encode())
+            slow.append(sock)
+        health = request(front, "GET", "/healthz", timeout=5)
+        chat = request(front, "POST", "/api/chat", {"message": "hi"}, auth["client"], timeout=5)
+    finally:
+        for sock in slow:
+            sock.close()
+        nginx.terminate()
+        nginx.wait(timeout=10)
+
+    assert (health[0], chat[0]) == (200, 200)
