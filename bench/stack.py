@@ -135,6 +135,7 @@ def app_settings(tmp: Path, upstream_port: int, token_hash: str, **overrides: st
         "CHATPROXY_API_TOKENS": f"bench={token_hash}",
         "CHATPROXY_RATE_LIMIT_TOKEN": "10000000/minute",
         "CHATPROXY_MAX_STREAMS": "10000",
+        "CHATPROXY_MAX_CONCURRENT": "100000",
         "CHATPROXY_DAILY_BUDGET_USD": "1000000",
         "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": "1000000",
         "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp}/ledger-{{name}}.db",

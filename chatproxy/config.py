@@ -221,6 +221,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Rate limit per client IP when anonymous access is on."),
     Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000),
             "Simultaneous streams per caller (per client IP for an allowed origin)."),
+    Setting("CHATPROXY_MAX_CONCURRENT", "10", _int_range(1, 100_000),
+            "Requests of any kind (JSON and streams) one caller may have in flight at once; more get 429."),
+    Setting("CHATPROXY_MAX_CONCURRENT_PER_IP", "20", _int_range(1, 100_000),
+            "Requests one client IP may have in flight at once over all its page sessions, origin and anonymous "
+            "calls (bearer tokens are capped per token only); more get 429."),
+    Setting("CHATPROXY_RATE_LIMIT_SESSIONS", "20/hour", _rate,
+            "New chat-page sessions one client IP may start (each page load without a session cookie starts one)."),
     Setting("CHATPROXY_REDIS_URL", "", _optional_text,
             "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
             "Empty: in-process (one worker)."),
@@ -261,7 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_WORKERS", "2", _int_range(1, 256),
             "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits."),
     Setting("CHATPROXY_THREADS", "32", _int_range(1, 1000),
-            "Threads per gunicorn worker: each open stream holds one thread for its whole life."),
+            "Threads per gunicorn worker: each open stream holds one thread for its whole life; API requests get "
+            "all but 2, kept for /healthz, /readyz and /metrics (more in flight: 503 server_busy)."),
     Setting("CHATPROXY_BIND", "127.0.0.1:8000", _bind,
             "Where gunicorn listens: HOST:PORT or unix:/path. Keep it on loopback behind nginx."),
     Setting("CHATPROXY_GRACEFUL_TIMEOUT", "120", _int_range(1, 3600),
@@ -323,6 +331,9 @@ class Settings:
     rate_limit_token: str
     rate_limit_anonymous: str
     max_streams: int
+    max_concurrent: int
+    max_concurrent_per_ip: int
+    rate_limit_sessions: str
     redis_url: str | None
     database_url: str | None
     prices: str | None
@@ -338,6 +349,7 @@ class Settings:
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
     classify_model: str
+    threads: int  # gunicorn threads per worker: guarded requests leave a few for /healthz
     compat_system_prompt: str
     azure_endpoint: str | None
     azure_api_key: str
@@ -412,6 +424,9 @@ def validate(config: Mapping[str, Any]) -> Settings:
         rate_limit_token=parsed["CHATPROXY_RATE_LIMIT_TOKEN"],
         rate_limit_anonymous=parsed["CHATPROXY_RATE_LIMIT_ANONYMOUS"],
         max_streams=parsed["CHATPROXY_MAX_STREAMS"],
+        max_concurrent=parsed["CHATPROXY_MAX_CONCURRENT"],
+        max_concurrent_per_ip=parsed["CHATPROXY_MAX_CONCURRENT_PER_IP"],
+        rate_limit_sessions=parsed["CHATPROXY_RATE_LIMIT_SESSIONS"],
         redis_url=parsed["CHATPROXY_REDIS_URL"],
         database_url=parsed["CHATPROXY_DATABASE_URL"],
         prices=parsed["CHATPROXY_PRICES"],
@@ -427,6 +442,7 @@ def validate(config: Mapping[str, Any]) -> Settings:
         cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
         classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
         classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
+        threads=parsed["CHATPROXY_THREADS"],
         compat_system_prompt=parsed["CHATPROXY_COMPAT_SYSTEM_PROMPT"],
         azure_endpoint=parsed["AZURE_OPENAI_ENDPOINT"],
         azure_api_key=parsed["AZURE_OPENAI_API_KEY"],

@@ -1,4 +1,4 @@
-"""Who may call: origin check, page session + CSRF, bearer tokens, anonymous; rate limits and stream slots."""
+"""Who may call: origin check, page session + CSRF, bearer tokens, anonymous; rate limits and concurrency slots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -17,6 +17,9 @@ from flask import Flask, Request, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_cors import CORS
 from flask_limiter import Limiter, RequestLimit
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Settings, SettingsError
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"
 GUARDED_PREFIXES = ("/api/", "/v1/")
+HEALTH_RESERVE = 2  # threads per worker that guarded requests leave free, so /healthz, /readyz and /metrics answer
+STATE = "chatproxy.guards"
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class PageSessionInterface(SecureCookieSessionInterface):
 
 
 def init_app(app: Flask) -> None:
-    """Wire ProxyFix, sessions, CORS, caller identification, rate limits and stream slots."""
+    """Wire ProxyFix, sessions, CORS, caller identification, rate limits and concurrency slots."""
     settings: Settings = app.extensions["chatproxy.settings"]
     if settings.trusted_proxies:
         n = settings.trusted_proxies
@@ -60,9 +65,10 @@ def init_app(app: Flask) -> None:
     app.session_interface = PageSessionInterface()
     app.extensions["chatproxy.tokens"] = parse_tokens(settings.api_tokens)
     if settings.allowed_origins:
+        # Exactly what the routes take: GET and POST (HEAD is always allowed), and the headers a frontend sends.
         CORS(app, resources={r"/api/*": {"origins": list(settings.allowed_origins)}, r"/v1/*": {
-            "origins": list(settings.allowed_origins)}}, supports_credentials=False,
-             allow_headers=["Content-Type", "Authorization"],
+            "origins": list(settings.allowed_origins)}}, supports_credentials=False, methods=["GET", "POST"],
+             allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
              expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"], max_age=600)
     app.before_request(identify_caller)  # before the limiter's own before_request: limits need the caller
     storage = settings.redis_url or "memory://"
@@ -73,10 +79,14 @@ def init_app(app: Flask) -> None:
                                                                         "socket_timeout": 1}
                       if settings.redis_url else {})
     app.extensions["chatproxy.limiter"] = limiter
-    # A lease outlives any stream: the relay cuts a stream at the total timeout, noticed within a read timeout.
+    # A lease outlives any request: the relay cuts a stream at the total timeout, noticed within a read timeout.
     lease = settings.total_timeout + settings.read_timeout + 60
-    app.extensions["chatproxy.streams"] = (RedisStreamSlots(settings.redis_url, lease) if settings.redis_url
-                                           else MemoryStreamSlots())
+    app.extensions[STATE] = Guarding(RedisSlots(settings.redis_url, lease) if settings.redis_url else MemorySlots(),
+                                     MemorySlots(), max(1, settings.threads - HEALTH_RESERVE),
+                                     FixedWindowRateLimiter(MemoryStorage()))
+    app.before_request(hold_slots)  # after the limiter's hook: a rate-limited request takes no slot
+    app.after_request_funcs.setdefault(None, []).insert(0, _release_on_close)  # the last after_request to run
+    app.teardown_request(_release_unless_streaming)
     from .cli import new_token  # here, not at the top: cli imports this module
 
     app.cli.add_command(new_token)
@@ -125,10 +135,34 @@ def own_origin(req: Request) -> str:
 def csrf_token() -> str:
     """The page session's CSRF token, creating the session on first use."""
     if "sid" not in session:
+        _count_new_session()
         session["sid"] = secrets.token_urlsafe(16)
         session["csrf"] = secrets.token_urlsafe(32)
         session.permanent = True
     return session["csrf"]
+
+
+def _count_new_session() -> None:
+    """Count a session about to be started against its client IP, or refuse with 429 (sessions are free to mint)."""
+    settings: Settings = current_app.extensions["chatproxy.settings"]
+    ids = ("chatproxy", "sessions", request.remote_addr or "unknown")
+    for limit in parse_many(settings.rate_limit_sessions):
+        try:
+            reset = _hit(current_app.extensions["chatproxy.limiter"].limiter, limit, ids)
+        except redis.RedisError:  # count in this process while Redis is down, as the rate limits do
+            log.error("rate limit storage unreachable: counting new sessions per process")
+            reset = _hit(state().sessions_fallback, limit, ids)
+        if reset is not None:
+            retry_after = max(1, math.ceil(reset - time.time()))
+            raise ApiError(429, "rate_limited", f"Too many new chat sessions from your network. "
+                           f"Try again in {retry_after} seconds.", retry_after=retry_after)
+
+
+def _hit(strategy: FixedWindowRateLimiter, limit: RateLimitItem, ids: tuple[str, ...]) -> float | None:
+    """Count one hit: None if it is allowed, else when the window resets."""
+    if strategy.hit(limit, *ids):
+        return None
+    return strategy.get_window_stats(limit, *ids).reset_time
 
 
 def identify_caller() -> None:
@@ -165,8 +199,15 @@ def _csrf_ok(sent: str) -> bool:
 
 
 def _limit_key() -> str:
+    """The caller's rate-limit bucket; reads (GET, HEAD) have one of their own at the same rate.
+
+    So the page's own GET /api/models, or polling a batch, never uses up the messages a caller may send,
+    and reads are still limited. Page loads (no caller yet) are counted per client IP.
+    """
     caller = g.get("caller")
-    return caller.limit_key if caller else f"page-ip:{request.remote_addr}"
+    if caller is None:
+        return f"page-ip:{request.remote_addr}"
+    return f"read:{caller.limit_key}" if request.method in SAFE_METHODS else caller.limit_key
 
 
 def _limit_for_caller() -> str:
@@ -191,76 +232,183 @@ def _not_limited() -> bool:
     return not (request.path.startswith(GUARDED_PREFIXES) or request.endpoint == "chat.page")
 
 
-class MemoryStreamSlots:
-    """Simultaneous streams per key, counted in this process."""
+@dataclass(frozen=True)
+class Claim:
+    """One count a request is held under: its key, how many may be open at once, and the error when all are."""
+
+    key: str
+    limit: int
+    refusal: ApiError
+
+
+class MemorySlots:
+    """Requests in flight per key, counted in this process."""
 
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, key: str, limit: int) -> str | None:
-        """Take a slot if fewer than `limit` are open; returns the slot's id, or None."""
+    def acquire(self, slot: str, claims: Sequence[Claim]) -> Claim | None:
+        """Take a slot under every claim if each has room (all or none); else return the first full claim."""
         with self._lock:
-            if self._open.get(key, 0) >= limit:
-                return None
-            self._open[key] = self._open.get(key, 0) + 1
-            return LOCAL_SLOT
+            full = next((claim for claim in claims if self._open.get(claim.key, 0) >= claim.limit), None)
+            if full is None:
+                for claim in claims:
+                    self._open[claim.key] = self._open.get(claim.key, 0) + 1
+            return full
 
-    def release(self, key: str, slot: str) -> None:
-        """Give a slot back."""
+    def release(self, slot: str, keys: Sequence[str]) -> None:
+        """Give a slot back under every key."""
         with self._lock:
-            left = self._open.get(key, 0) - 1
-            if left > 0:
-                self._open[key] = left
-            else:
-                self._open.pop(key, None)
+            for key in keys:
+                left = self._open.get(key, 0) - 1
+                if left > 0:
+                    self._open[key] = left
+                else:
+                    self._open.pop(key, None)
 
 
-LOCAL_SLOT = "local"  # the id of a slot counted in this process
+class RedisSlots:
+    """Requests in flight per key, shared by all workers: per key, a sorted set of slot ids scored by lease expiry.
 
-
-class RedisStreamSlots:
-    """Simultaneous streams per key, shared by all workers: a sorted set of slot ids scored by lease expiry.
-
-    A slot a dead worker never gave back lapses when its lease (longer than any stream may run) ends;
+    A slot a dead worker never gave back lapses when its lease (longer than any request may run) ends;
     a refused caller does not extend anything.
     """
 
+    # 0 when a slot was taken under every key; else the (1-based) index of the first full key, and nothing taken.
     _ACQUIRE = """
     local t = redis.call('TIME')
     local now = t[1] * 1000 + math.floor(t[2] / 1000)
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return 1
+    for i, key in ipairs(KEYS) do
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      if redis.call('ZCARD', key) >= tonumber(ARGV[i + 2]) then return i end
+    end
+    for _, key in ipairs(KEYS) do
+      redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[2])
+      redis.call('PEXPIRE', key, ARGV[1])
+    end
+    return 0
     """
+    PREFIX = "chatproxy:slots:"
 
     def __init__(self, url: str, lease_seconds: float) -> None:
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
         self._acquire = self._redis.register_script(self._ACQUIRE)
         self._lease_ms = math.ceil(lease_seconds * 1000)
-        self._fallback = MemoryStreamSlots()
+        self._fallback = MemorySlots()
+        self._local: set[str] = set()  # slots counted by the fallback while Redis was unreachable
+        self._lock = threading.Lock()
 
-    def acquire(self, key: str, limit: int) -> str | None:
-        """Take a slot; with Redis down, count in this process instead."""
-        slot = secrets.token_hex(8)
+    def acquire(self, slot: str, claims: Sequence[Claim]) -> Claim | None:
+        """Take a slot under every claim (all or none), or return the first full claim; Redis down: per process."""
         try:
-            taken = self._acquire(keys=[f"chatproxy:streams:{key}"], args=[limit, self._lease_ms, slot])
+            full = self._acquire(keys=[self.PREFIX + claim.key for claim in claims],
+                                 args=[self._lease_ms, slot, *(claim.limit for claim in claims)])
         except redis.RedisError:
-            log.error("redis unreachable: counting streams per process")
-            return self._fallback.acquire(key, limit)
-        return slot if taken else None
+            log.error("redis unreachable: counting requests in flight per process")
+            refused = self._fallback.acquire(slot, claims)
+            if refused is None:
+                with self._lock:
+                    self._local.add(slot)
+            return refused
+        return claims[int(full) - 1] if full else None
 
-    def release(self, key: str, slot: str) -> None:
+    def release(self, slot: str, keys: Sequence[str]) -> None:
         """Give a slot back (a slot Redis could not be told about lapses with its lease)."""
-        if slot == LOCAL_SLOT:
-            self._fallback.release(key, slot)
+        with self._lock:
+            local = slot in self._local
+            self._local.discard(slot)
+        if local:
+            self._fallback.release(slot, keys)
             return
         try:
-            self._redis.zrem(f"chatproxy:streams:{key}", slot)
+            with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrem(self.PREFIX + key, slot)
+                pipe.execute()
         except redis.RedisError:
-            log.warning("redis unreachable: a stream slot of %s lapses with its lease", key)
+            log.warning("redis unreachable: a slot of %s lapses with its lease", ", ".join(keys))
+
+
+@dataclass(frozen=True)
+class Guarding:
+    """One app's concurrency state."""
+
+    slots: MemorySlots | RedisSlots  # per caller, per client IP, streams per caller: shared when Redis is set
+    worker: MemorySlots  # guarded requests in flight in this process
+    worker_cap: int  # this process's threads minus HEALTH_RESERVE
+    sessions_fallback: FixedWindowRateLimiter  # counts new sessions while the limiter's storage is unreachable
+
+
+def state() -> Guarding:
+    """The current app's concurrency state."""
+    return current_app.extensions[STATE]
+
+
+def hold(slots: MemorySlots | RedisSlots, claims: Sequence[Claim]) -> Callable[[], None]:
+    """Take a slot under every claim, or raise the first full claim's refusal; returns the (idempotent) release."""
+    slot = secrets.token_hex(8)
+    full = slots.acquire(slot, claims)
+    if full is not None:
+        raise full.refusal
+    keys = [claim.key for claim in claims]
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            slots.release(slot, keys)
+
+    return release
+
+
+def hold_slots() -> None:
+    """Count a guarded request as in flight until its response is done, or refuse it at once.
+
+    503 server_busy past this worker's share of its threads (the rest stay free for /healthz, /readyz and
+    /metrics); 429 past the caller's cap, and past the client IP's for callers that cost nothing to mint
+    (page sessions, an allowed origin, anonymous): one IP with many sessions gets no more than its cap.
+    """
+    caller: Caller | None = g.get("caller")
+    if caller is None:  # not an API route, or a CORS preflight
+        return
+    settings: Settings = current_app.extensions["chatproxy.settings"]
+    guarding = state()
+    release_worker = hold(guarding.worker, [Claim("worker", guarding.worker_cap, ApiError(
+        503, "server_busy", "The server is busy. Try again in a moment.", retry_after=1))])
+    claims = [Claim(f"requests:{caller.limit_key}", settings.max_concurrent, ApiError(
+        429, "rate_limited", f"Too many requests at once: one caller may have {settings.max_concurrent} running. "
+        "Wait for one to finish.", retry_after=1))]
+    if caller.kind != "token":
+        ip, cap = request.remote_addr or "unknown", settings.max_concurrent_per_ip
+        claims.append(Claim(f"requests-ip:{ip}", cap, ApiError(
+            429, "rate_limited", f"Too many requests at once from your network: at most {cap} may run together. "
+            "Wait for one to finish.", retry_after=1)))
+    try:
+        release = hold(guarding.slots, claims)
+    except BaseException:
+        release_worker()
+        raise
+    g.held_slots = (release, release_worker)
+
+
+def _release_on_close(response: Response) -> Response:
+    """A streamed body outlives the view: its request's slots go back when the server closes the response."""
+    held = g.get("held_slots", ())
+    if held and response.is_streamed:
+        g.held_slots = ()
+        response.call_on_close(lambda: _release(held))
+    return response
+
+
+def _release_unless_streaming(_error: BaseException | None) -> None:
+    """Any other request's slots go back when the request ends (its whole body is built by then)."""
+    _release(g.pop("held_slots", ()))
+
+
+def _release(held: Sequence[Callable[[], None]]) -> None:
+    for release in held:
+        release()
 
 
 def take_stream_slot() -> Callable[[], None]:
@@ -270,17 +418,7 @@ def take_stream_slot() -> Callable[[], None]:
     anyone can send that Origin and must not lock the frontend's other users out.
     """
     settings: Settings = current_app.extensions["chatproxy.settings"]
-    slots = current_app.extensions["chatproxy.streams"]
-    key = _limit_key()
-    slot = slots.acquire(key, settings.max_streams)
-    if slot is None:
-        raise ApiError(429, "rate_limited", f"At most {settings.max_streams} answers can stream at once. "
-                       "Wait for one to finish.", retry_after=1)
-    released = threading.Event()
+    return hold(state().slots, [Claim(f"streams:{g.caller.limit_key}", settings.max_streams, ApiError(
+        429, "rate_limited", f"At most {settings.max_streams} answers can stream at once. Wait for one to finish.",
+        retry_after=1))])
 
-    def release() -> None:
-        if not released.is_set():
-            released.set()
-            slots.release(key, slot)
-
-    return release

@@ -31,7 +31,8 @@ NOT_BLANK = r"\S"  # the server strips the text and refuses what is left empty
 
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
-GUARDED = {401: ("unauthorized",), 403: ("forbidden_origin", "csrf_failed"), 429: ("rate_limited",)}
+GUARDED = {401: ("unauthorized",), 403: ("forbidden_origin", "csrf_failed"), 429: ("rate_limited",),
+           503: ("server_busy",)}
 JSON_BODY = {400: ("invalid_request",), 413: ("payload_too_large",), 415: ("unsupported_media_type",)}
 # A call to the model: the budget and the ledger first (no call without them), then the router.
 UPSTREAM = {400: ("invalid_request", "context_length_exceeded", "content_filtered"),

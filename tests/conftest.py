@@ -49,6 +49,11 @@ def settings_for(fake: FakeOpenAI, tmp_path):
             "CHATPROXY_RATE_LIMIT_ANONYMOUS": "100000/minute",
             "CHATPROXY_RATE_LIMIT_PAGE": "100000/minute",
             "CHATPROXY_MAX_STREAMS": 1000,
+            # The test client never closes a streamed response it was not asked to, so its slots stay taken.
+            "CHATPROXY_MAX_CONCURRENT": 1000,
+            "CHATPROXY_MAX_CONCURRENT_PER_IP": 1000,
+            "CHATPROXY_THREADS": 1000,
+            "CHATPROXY_RATE_LIMIT_SESSIONS": "100000/minute",
         }
         config.update(overrides)
         return config

@@ -771,7 +771,8 @@ def main() -> int:
             "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "soak",
             "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}", "CHATPROXY_DATABASE_URL": url,
             "CHATPROXY_REDIS_URL": rds.url, "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
-            "CHATPROXY_MAX_STREAMS": "10000", "CHATPROXY_DAILY_BUDGET_USD": "1000000",
+            "CHATPROXY_MAX_STREAMS": "10000", "CHATPROXY_MAX_CONCURRENT": "100000",
+            "CHATPROXY_DAILY_BUDGET_USD": "1000000",
             "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": "1000000", "CHATPROXY_MAX_RETRIES": "2",
             "CHATPROXY_RETRY_MAX_WAIT": "2", "CHATPROXY_READ_TIMEOUT": "10", "CHATPROXY_TOTAL_TIMEOUT": "30",
             # Failures here are retried, not cooled down: a 5% failure rate at this volume would otherwise keep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import socket
@@ -12,12 +13,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from chatproxy import create_app
-from chatproxy.guards import RedisStreamSlots, hash_token
+from chatproxy.errors import ApiError
+from chatproxy.guards import Claim, RedisSlots, hash_token
 from tests.fake_openai import Reply
 from tests.sse import post_stream
 
@@ -93,6 +96,32 @@ def test_preflight_is_answered_for_allowed_origins_only(locked):
     assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
     assert "content-type" in allowed.headers["Access-Control-Allow-Headers"].lower()
     assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+def _preflight(url: str, path: str, method: str, headers: str) -> dict[str, str]:
+    """A browser's CORS preflight from the allowed origin, over a real connection; the answer's headers."""
+    split = urlsplit(url)
+    conn = http.client.HTTPConnection(split.hostname, split.port, timeout=10)
+    conn.request("OPTIONS", path, headers={"Origin": ALLOWED, "Access-Control-Request-Method": method,
+                                           "Access-Control-Request-Headers": headers})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return {k.lower(): v for k, v in response.getheaders()}
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/models", "/v1/chat/completions"])
+def test_preflight_allows_exactly_the_methods_and_headers_the_routes_take(locked, serve, path):
+    url = serve(locked())
+
+    asked = _preflight(url, path, "POST", "content-type,authorization,x-request-id")
+    other_methods = [_preflight(url, path, method, "content-type") for method in ("DELETE", "PATCH", "PUT")]
+
+    assert asked["access-control-allow-origin"] == ALLOWED
+    assert sorted(asked["access-control-allow-headers"].lower().split(", ")) == [
+        "authorization", "content-type", "x-request-id"]
+    assert asked["access-control-allow-methods"] == "GET, POST"
+    assert [headers.get("access-control-allow-methods") for headers in other_methods] == [None] * 3
 
 
 def test_no_origin_is_allowed_by_default(settings_for):
@@ -279,6 +308,73 @@ def test_health_is_not_rate_limited_or_guarded(locked):
     assert [client.get("/healthz").status_code for _ in range(5)] == [200] * 5
 
 
+def test_reading_does_not_use_up_the_pages_messages(locked, fake):
+    """The page's own GET /api/models must not cost it a message; reads have a bucket of their own, also limited."""
+    client = locked(CHATPROXY_RATE_LIMIT_PAGE="3/minute").test_client()
+    csrf = {"X-CSRF-Token": page_session(client)}
+
+    first_read = client.get("/api/models").status_code
+    messages = [client.post("/api/chat", json=CHAT, headers=csrf).status_code for _ in range(4)]
+    reads = [client.get("/api/models").status_code for _ in range(3)]
+
+    assert first_read == 200
+    assert messages == [200, 200, 200, 429]
+    assert reads == [200, 200, 429]
+    assert len(fake.chat_calls()) == 3
+
+
+def test_new_page_sessions_are_limited_per_client_ip(locked):
+    app = locked(CHATPROXY_RATE_LIMIT_SESSIONS="3/hour")
+
+    def load(ip: str, client=None):
+        return (client or app.test_client()).get("/", environ_base={"REMOTE_ADDR": ip})
+
+    returning = app.test_client()
+    fresh = [load("198.51.100.7", returning).status_code] + [load("198.51.100.7").status_code for _ in range(3)]
+    reload_ = load("198.51.100.7", returning)  # a session that exists is not a new one
+    elsewhere = load("198.51.100.8")
+
+    assert fresh == [200, 200, 200, 429]
+    assert reload_.status_code == 200 and elsewhere.status_code == 200
+    refused = load("198.51.100.7")
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert "new chat sessions" in refused.get_json()["error"]["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3600
+    assert "Set-Cookie" not in refused.headers
+
+
+def test_finished_requests_give_their_slots_back(locked, fake, serve):
+    """A cap of one still serves one request after another: JSON replies and closed streams release their slot."""
+    url = serve(locked(CHATPROXY_MAX_CONCURRENT=1))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    statuses = []
+    for body in (CHAT, {"message": "hi", "stream": True}, CHAT, {"message": "hi", "stream": True}, CHAT):
+        received, _ = post_stream(url, body, headers=auth)
+        statuses.append(received.status)
+
+    assert statuses == [200] * 5
+
+
+def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
+    url = serve(locked(CHATPROXY_MAX_CONCURRENT=1))
+    fake.script(Reply(chunks=["slow "] * 10, pace=0.1))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    streamed = []
+    thread = threading.Thread(target=lambda: streamed.append(
+        post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0]))
+    thread.start()
+    assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
+
+    during, _ = post_stream(url, CHAT, headers=auth)
+    thread.join()
+    after, _ = post_stream(url, CHAT, headers=auth)
+
+    assert during.status == 429 and b"Too many requests at once" in during.raw
+    assert streamed[0].events[-1]["type"] == "done"
+    assert after.status == 200
+
+
 # --- Redis: one limit across workers; what happens when Redis is down ----------------------------
 
 def _free_port() -> int:
@@ -300,10 +396,14 @@ def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4
         [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
          "--worker-class", "gthread", "--threads", str(threads), "wsgi:app"],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    # Until a worker answers, not just until the master listens: on a busy machine workers take seconds to boot.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                conn.close()
                 return process
         except OSError:
             time.sleep(0.1)
@@ -333,7 +433,8 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
             response.read()
             statuses.append(response.status)
             conn.close()
-        workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True,
+                                 check=False).stdout.split()
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -343,6 +444,27 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
     assert statuses.count(429) == 5
     assert len(fake.chat_calls()) == 10
     del pids
+
+
+def test_in_flight_caps_are_shared_by_workers_through_redis(locked, fake, serve, redis_url):
+    name, token = f"shared-{uuid.uuid4().hex[:8]}", f"cpx_{uuid.uuid4().hex}"
+    config = {"CHATPROXY_REDIS_URL": redis_url, "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+              "CHATPROXY_MAX_CONCURRENT": 1}
+    one, two = serve(locked(**config)), serve(locked(**config))  # two processes' worth of app state
+    fake.for_model("gpt-4o", Reply(delay=1.5))
+    auth = {"Authorization": f"Bearer {token}"}
+    held = []
+    thread = threading.Thread(target=lambda: held.append(post_stream(one, {"message": "hi", "model": "gpt-4o"},
+                                                                     headers=auth)[0]))
+    thread.start()
+    assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
+
+    other_worker, _ = post_stream(two, CHAT, headers=auth)
+    thread.join()
+    after, _ = post_stream(two, CHAT, headers=auth)
+
+    assert other_worker.status == 429 and b"Too many requests at once" in other_worker.raw
+    assert held[0].status == 200 and after.status == 200
 
 
 def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
@@ -356,24 +478,46 @@ def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
     assert statuses == [200, 200, 200, 429, 429]
 
 
-def test_redis_stream_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url):
+def test_unreachable_redis_still_limits_new_sessions_per_process(locked):
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_SESSIONS="2/hour")
+
+    assert [app.test_client().get("/").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def _claims(*pairs: tuple[str, int]) -> list[Claim]:
+    return [Claim(key, limit, ApiError(429, "rate_limited", key)) for key, limit in pairs]
+
+
+def test_redis_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url):
     key = f"test-{uuid.uuid4().hex}"
-    one, two = RedisStreamSlots(redis_url, lease_seconds=0.5), RedisStreamSlots(redis_url, lease_seconds=0.5)
-    held = [one.acquire(key, 2), two.acquire(key, 2)]  # two workers, one count
-    refused = [one.acquire(key, 2) for _ in range(5)]  # refusals must not keep the lost slots alive
+    one, two = RedisSlots(redis_url, lease_seconds=0.5), RedisSlots(redis_url, lease_seconds=0.5)
+    held = [one.acquire("a", _claims((key, 2))), two.acquire("b", _claims((key, 2)))]  # two workers, one count
+    refused = [one.acquire(f"r{i}", _claims((key, 2))) for i in range(5)]  # must not keep the lost slots alive
     time.sleep(0.6)  # both holders "died" without releasing: their leases end
-    again = two.acquire(key, 2)
-    two.release(key, again)
-    after_release = [one.acquire(key, 1), one.acquire(key, 1)]
+    again = two.acquire("c", _claims((key, 2)))
+    two.release("c", [key])
+    after_release = [one.acquire("d", _claims((key, 1))), one.acquire("e", _claims((key, 1)))]
 
-    assert all(held) and refused == [None] * 5
-    assert again is not None
-    assert after_release[0] is not None and after_release[1] is None
+    assert held == [None, None] and [claim.key for claim in refused] == [key] * 5
+    assert again is None
+    assert after_release[0] is None and after_release[1].key == key
 
 
-def test_stream_slots_fall_back_to_the_process_when_redis_is_down():
-    slots = RedisStreamSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60)
-    first = slots.acquire("k", 1)
-    assert first is not None and slots.acquire("k", 1) is None
-    slots.release("k", first)
-    assert slots.acquire("k", 1) is not None
+def test_redis_slots_take_every_key_or_none(redis_url):
+    caller, ip = f"caller-{uuid.uuid4().hex}", f"ip-{uuid.uuid4().hex}"
+    slots = RedisSlots(redis_url, lease_seconds=60)
+    assert slots.acquire("a", _claims((ip, 1))) is None  # another caller from the same IP holds the IP's one slot
+
+    refused = slots.acquire("b", _claims((caller, 5), (ip, 1)))
+    slots.release("a", [ip])
+
+    assert refused.key == ip
+    assert slots.acquire("c", _claims((caller, 1))) is None  # the refused request took nothing under `caller`
+
+
+def test_slots_fall_back_to_the_process_when_redis_is_down():
+    slots = RedisSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60)
+    assert slots.acquire("a", _claims(("k", 1))) is None
+    assert slots.acquire("b", _claims(("k", 1))).key == "k"
+    slots.release("a", ["k"])
+    assert slots.acquire("c", _claims(("k", 1))) is None

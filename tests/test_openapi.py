@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from chatproxy import create_app
-from chatproxy.guards import GUARDED_PREFIXES, identify_caller
+from chatproxy.guards import GUARDED_PREFIXES, hold_slots, identify_caller
 from chatproxy.openapi import OPERATIONS, STREAM_ERRORS, app_operations, build_spec, docs_spec, dumps, openapi_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def route_errors(app: Flask, rule) -> tuple[set[tuple[int, str]], set[str]]:
     hooks = [*app.before_request_funcs.get(None, []), *app.before_request_funcs.get(blueprint, [])]
     guarded = rule.rule.startswith(GUARDED_PREFIXES)
     for function in [app.view_functions[rule.endpoint], *hooks]:
-        if function is identify_caller and not guarded:  # it returns at once outside /api/ and /v1/
+        if function in (identify_caller, hold_slots) and not guarded:  # they return at once outside /api/, /v1/
             continue
         found = GRAPH.definition(function)
         if found is not None:
