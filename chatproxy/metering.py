@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx2
 import openai
 from flask import current_app, g
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
+# Failures before the request was sent: nothing reached the upstream, so nothing was billed.
+NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
+              httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
 
 
 class Meter:
@@ -64,10 +68,8 @@ class Meter:
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
-                if code == "content_filtered":  # the upstream read (and bills) the prompt before filtering
-                    self._close(row, model, self.prompt_estimate, 0, False, code, begun, None)
-                else:
-                    self._close(row, model, 0, 0, True, code, begun, None)
+                billed = reached_upstream(exc)  # estimated prompt: billed once received, answer or not
+                self._close(row, model, self.prompt_estimate if billed else 0, 0, not billed, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun
@@ -127,10 +129,12 @@ def outcome_of(exc: BaseException) -> str:
     """A snake_case ledger outcome for a failed attempt."""
     if isinstance(exc, ApiError):
         return exc.code
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)) and not reached_upstream(exc):
+        return "upstream_unreachable"
     if isinstance(exc, openai.APITimeoutError):
         return "upstream_timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return "upstream_unreachable"
+        return "upstream_disconnected"
     if isinstance(exc, openai.APIStatusError):
         return f"upstream_http_{exc.status_code}"
     if isinstance(exc, Transient):
@@ -138,6 +142,26 @@ def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
     return "upstream_bad_response"
+
+
+def reached_upstream(exc: BaseException) -> bool:
+    """Whether a failed attempt's request reached the upstream, which then bills its prompt.
+
+    OpenAI bills a request once it has received it, whether or not the answer arrives: a read timeout
+    (a non-stream request may even finish upstream), a connection closed or reset while waiting for or
+    reading the answer, an unreadable or cut answer, a worker stopping mid-call. Not billed: an error
+    answer (HTTP 4xx/5xx), and a request that never got there (connection refused, connect timeout).
+    """
+    if isinstance(exc, openai.APIStatusError):
+        return False
+    if isinstance(exc, ApiError):
+        return exc.code == "content_filtered"  # the upstream read the prompt before filtering it
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, NEVER_SENT):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def usage_of(value: Any) -> dict[str, int] | None:

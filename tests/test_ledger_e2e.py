@@ -6,9 +6,7 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from chatproxy import create_app
 from chatproxy.guards import hash_token
 from chatproxy.metering import ROW_HEADER
 from chatproxy.usage import estimate_prompt_tokens
-from tests.fake_openai import Reply
+from tests.fake_openai import Blackhole, Reply
 from tests.sse import post_stream
 from tests.test_guards import _free_port, _gunicorn
 from tests.test_usage import postgres_schema_url
@@ -154,3 +152,61 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
     engine.dispose()
     assert sorted(statuses) == [200] * k + [429] * (3 * k), repr((statuses, counters, worst))
     assert len(fake.chat_calls()) == k
+
+
+# --- spend that never got an answer: timeouts and resets ----------------------------------------------------
+
+ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
+PROMPT = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
+                                 {"role": "user", "content": "hi"}])  # what "hi" is estimated at
+
+
+def _money(row: dict) -> tuple:
+    return row["outcome"], row["prompt_tokens"], row["completion_tokens"], row["tokens_exact"], row["cost_micros"]
+
+
+def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_budget(fake, settings_for):
+    """The issue's case: READ_TIMEOUT=1, a 1.5 s upstream: six generations OpenAI bills, six rows that say so."""
+    app = create_app(settings_for(CHATPROXY_READ_TIMEOUT=1, CHATPROXY_MAX_RETRIES=2, CHATPROXY_RETRY_MAX_WAIT=0.1))
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        fake.for_model(model, Reply(delay=1.5))
+
+    response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
+
+    assert response.status_code in (503, 504)
+    prices = app.extensions["chatproxy.prices"]
+    rows = app.extensions["chatproxy.ledger"].rows()
+    assert len(rows) == len(fake.chat_calls()) == 6  # three attempts on gpt-4o, three on its fallback
+    assert [(row["model_answered"], *_money(row)) for row in rows] == [
+        (model, "upstream_timeout", PROMPT, 0, False, prices.cost_micros(model, PROMPT, 0))
+        for model in ("gpt-4o",) * 3 + ("gpt-4o-mini",) * 3]
+    assert app.extensions["chatproxy.budget"].totals() == {
+        "spent_micros": sum(row["cost_micros"] for row in rows), "reserved_micros": 0,
+        "spent_tokens": 6 * PROMPT, "reserved_tokens": 0}
+
+
+@pytest.mark.parametrize("upstream", ["refused", "connect_timeout"])
+def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_for, upstream):
+    with Blackhole() as hole:
+        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{_free_port()}/v1"
+        app = create_app(settings_for(OPENAI_BASE_URL=base_url, CHATPROXY_CONNECT_TIMEOUT=0.2))
+        response = app.test_client().post("/api/chat", json={"message": "hi"})
+
+    assert response.status_code == 503
+    [row] = app.extensions["chatproxy.ledger"].rows()
+    assert _money(row) == ("upstream_unreachable", 0, 0, True, 0)
+    assert app.extensions["chatproxy.budget"].totals() == {"spent_micros": 0, "reserved_micros": 0,
+                                                           "spent_tokens": 0, "reserved_tokens": 0}
+
+
+def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_estimated_prompt(fake, settings_for):
+    app = create_app(settings_for(CHATPROXY_MAX_RETRIES=1, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
+    fake.script(Reply(reset=True))  # the upstream has the request (the fake recorded it), then the connection dies
+
+    assert app.test_client().post("/api/chat", json={"message": "hi"}).status_code == 200
+
+    reset, answered = app.extensions["chatproxy.ledger"].rows()
+    assert len(fake.chat_calls()) == 2
+    assert _money(reset) == ("upstream_disconnected", PROMPT, 0, False, PROMPT)
+    assert answered["outcome"] == "ok" and answered["tokens_exact"]
+    assert app.extensions["chatproxy.budget"].totals()["spent_micros"] == PROMPT + answered["cost_micros"]
