@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import httpx2
 import openai
-from flask import current_app, g
+from flask import current_app, g, request
 
 from . import metrics
-from .budget import Budget, Reservation
+from .budget import Budget, Hold, Reservation
 from .config import Settings
 from .errors import ApiError
 from .prices import PriceTable
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
+HOLD_MARGIN_S = 60  # a reservation's hold outlives the longest its request may run by this much
 # Failures before the request was sent: nothing reached the upstream, so nothing was billed.
 NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
               httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
@@ -44,16 +45,25 @@ class Meter:
         self.started = time.monotonic()
         messages = [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages]
         self.prompt_estimate = estimate_prompt_tokens(messages)
-        worst = self.prices.worst_case_micros(candidates(chat.model, settings), self.prompt_estimate,
-                                              chat.max_tokens, batch=batch)
-        self.reservation: Reservation = self.budget.reserve(self.identity, worst,
-                                                            self.prompt_estimate + chat.max_tokens)
+        models = candidates(chat.model, settings)
+        worst = self.prices.worst_case_micros(models, self.prompt_estimate, chat.max_tokens, batch=batch)
+        caller = g.get("caller")
+        # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
+        caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
+        # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
+        # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
+        hold = Hold(self.request_id, self.prompt_estimate,
+                    self.prices.worst_case_micros(models, self.prompt_estimate, 0, batch=batch),
+                    settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S)
+        self.reservation: Reservation = self.budget.reserve(
+            self.identity, worst, self.prompt_estimate + chat.max_tokens, caps=caps, hold=hold)
         self.cost = 0
         self.tokens = 0
         self._open_row: int | None = None
         self._attempt_started = self.started
         self.ttft: float | None = None
         self._settled = False
+        self._unrecorded = False  # a ledger row could not be closed: the sweeper settles from the ledger
         self._lock = threading.Lock()
 
     def attempt(self, call: Callable[[str, openai.Timeout, dict[str, str]], T]
@@ -99,7 +109,9 @@ class Meter:
             if self._settled:
                 return
             self._settled = True
-        if self.cost or self.tokens:
+        if self._unrecorded:
+            log.warning("request %s left to the budget sweeper: a ledger row could not be closed", self.request_id)
+        elif self.cost or self.tokens:
             self.budget.settle(self.reservation, self.cost, self.tokens)
         else:
             self.budget.release(self.reservation)
@@ -117,10 +129,13 @@ class Meter:
         self.cost += cost
         self.tokens += prompt + completion
         now = time.monotonic()
-        self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
-                          tokens_exact=exact, cost_micros=cost, outcome=outcome,
-                          latency_ms=round((now - begun) * 1000),
-                          ttft_ms=None if ttft is None else round(ttft * 1000))
+        if not self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
+                                 tokens_exact=exact, cost_micros=cost, outcome=outcome,
+                                 latency_ms=round((now - begun) * 1000),
+                                 ttft_ms=None if ttft is None else round(ttft * 1000)):
+            # The counters must agree with the ledger: settling this cost while the row stays open would
+            # count it twice or never; the sweeper settles the whole request from its rows instead.
+            self._unrecorded = True
         if prompt or completion:
             metrics.record_upstream(model, prompt, completion, cost, ttft)
 
