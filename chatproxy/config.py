@@ -243,6 +243,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap for all callers per day (0: none)."),
     Setting("CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12),
             "Token cap per identity per day (0: none)."),
+    Setting("CHATPROXY_PUBLIC_DAILY_BUDGET_USD", "5", _dollars,
+            "Spend cap per UTC day for all callers without a bearer token together (chat-page sessions, allowed "
+            "origins, anonymous), so they cannot spend what token holders need (0: none)."),
+    Setting("CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD", "2", _dollars,
+            "Spend cap per client IP per UTC day for callers without a bearer token, over all their page "
+            "sessions and calls (0: none)."),
     # Resilience (router.py)
     Setting("CHATPROXY_FALLBACK_CHAIN", "gpt-4o,gpt-4o-mini", _optional_list,
             "Models in fallback order: a request for one falls back to the allowlisted models after it "
@@ -341,6 +347,8 @@ class Settings:
     identity_daily_budget_micros: int
     daily_token_budget: int
     identity_daily_token_budget: int
+    public_daily_budget_micros: int
+    public_ip_daily_budget_micros: int
     fallback_chain: tuple[str, ...]
     retry_max_wait: float
     total_timeout: float
@@ -434,6 +442,8 @@ def validate(config: Mapping[str, Any]) -> Settings:
         identity_daily_budget_micros=parsed["CHATPROXY_IDENTITY_DAILY_BUDGET_USD"],
         daily_token_budget=parsed["CHATPROXY_DAILY_TOKEN_BUDGET"],
         identity_daily_token_budget=parsed["CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET"],
+        public_daily_budget_micros=parsed["CHATPROXY_PUBLIC_DAILY_BUDGET_USD"],
+        public_ip_daily_budget_micros=parsed["CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD"],
         fallback_chain=parsed["CHATPROXY_FALLBACK_CHAIN"],
         retry_max_wait=parsed["CHATPROXY_RETRY_MAX_WAIT"],
         total_timeout=parsed["CHATPROXY_TOTAL_TIMEOUT"],

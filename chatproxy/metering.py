@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx2
 import openai
-from flask import current_app, g
+from flask import current_app, g, request
 
 from . import metrics
-from .budget import Budget, Reservation
+from .budget import Budget, Hold, Reservation
 from .config import Settings
 from .errors import ApiError
 from .prices import PriceTable
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
+HOLD_MARGIN_S = 60  # a reservation's hold outlives the longest its request may run by this much
+# Failures before the request was sent: nothing reached the upstream, so nothing was billed.
+NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
+              httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
 
 
 class Meter:
@@ -40,16 +45,25 @@ class Meter:
         self.started = time.monotonic()
         messages = [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages]
         self.prompt_estimate = estimate_prompt_tokens(messages)
-        worst = self.prices.worst_case_micros(candidates(chat.model, settings), self.prompt_estimate,
-                                              chat.max_tokens, batch=batch)
-        self.reservation: Reservation = self.budget.reserve(self.identity, worst,
-                                                            self.prompt_estimate + chat.max_tokens)
+        models = candidates(chat.model, settings)
+        worst = self.prices.worst_case_micros(models, self.prompt_estimate, chat.max_tokens, batch=batch)
+        caller = g.get("caller")
+        # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
+        caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
+        # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
+        # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
+        hold = Hold(self.request_id, self.prompt_estimate,
+                    self.prices.worst_case_micros(models, self.prompt_estimate, 0, batch=batch),
+                    settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S)
+        self.reservation: Reservation = self.budget.reserve(
+            self.identity, worst, self.prompt_estimate + chat.max_tokens, caps=caps, hold=hold)
         self.cost = 0
         self.tokens = 0
         self._open_row: int | None = None
         self._attempt_started = self.started
         self.ttft: float | None = None
         self._settled = False
+        self._unrecorded = False  # a ledger row could not be closed: the sweeper settles from the ledger
         self._lock = threading.Lock()
 
     def attempt(self, call: Callable[[str, openai.Timeout, dict[str, str]], T]
@@ -64,10 +78,8 @@ class Meter:
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
-                if code == "content_filtered":  # the upstream read (and bills) the prompt before filtering
-                    self._close(row, model, self.prompt_estimate, 0, False, code, begun, None)
-                else:
-                    self._close(row, model, 0, 0, True, code, begun, None)
+                billed = reached_upstream(exc)  # estimated prompt: billed once received, answer or not
+                self._close(row, model, self.prompt_estimate if billed else 0, 0, not billed, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun
@@ -97,7 +109,9 @@ class Meter:
             if self._settled:
                 return
             self._settled = True
-        if self.cost or self.tokens:
+        if self._unrecorded:
+            log.warning("request %s left to the budget sweeper: a ledger row could not be closed", self.request_id)
+        elif self.cost or self.tokens:
             self.budget.settle(self.reservation, self.cost, self.tokens)
         else:
             self.budget.release(self.reservation)
@@ -115,10 +129,13 @@ class Meter:
         self.cost += cost
         self.tokens += prompt + completion
         now = time.monotonic()
-        self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
-                          tokens_exact=exact, cost_micros=cost, outcome=outcome,
-                          latency_ms=round((now - begun) * 1000),
-                          ttft_ms=None if ttft is None else round(ttft * 1000))
+        if not self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
+                                 tokens_exact=exact, cost_micros=cost, outcome=outcome,
+                                 latency_ms=round((now - begun) * 1000),
+                                 ttft_ms=None if ttft is None else round(ttft * 1000)):
+            # The counters must agree with the ledger: settling this cost while the row stays open would
+            # count it twice or never; the sweeper settles the whole request from its rows instead.
+            self._unrecorded = True
         if prompt or completion:
             metrics.record_upstream(model, prompt, completion, cost, ttft)
 
@@ -127,10 +144,12 @@ def outcome_of(exc: BaseException) -> str:
     """A snake_case ledger outcome for a failed attempt."""
     if isinstance(exc, ApiError):
         return exc.code
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)) and not reached_upstream(exc):
+        return "upstream_unreachable"
     if isinstance(exc, openai.APITimeoutError):
         return "upstream_timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return "upstream_unreachable"
+        return "upstream_disconnected"
     if isinstance(exc, openai.APIStatusError):
         return f"upstream_http_{exc.status_code}"
     if isinstance(exc, Transient):
@@ -138,6 +157,26 @@ def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
     return "upstream_bad_response"
+
+
+def reached_upstream(exc: BaseException) -> bool:
+    """Whether a failed attempt's request reached the upstream, which then bills its prompt.
+
+    OpenAI bills a request once it has received it, whether or not the answer arrives: a read timeout
+    (a non-stream request may even finish upstream), a connection closed or reset while waiting for or
+    reading the answer, an unreadable or cut answer, a worker stopping mid-call. Not billed: an error
+    answer (HTTP 4xx/5xx), and a request that never got there (connection refused, connect timeout).
+    """
+    if isinstance(exc, openai.APIStatusError):
+        return False
+    if isinstance(exc, ApiError):
+        return exc.code == "content_filtered"  # the upstream read the prompt before filtering it
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, NEVER_SENT):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def usage_of(value: Any) -> dict[str, int] | None:

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import signal
 import subprocess
-import sys
 import threading
-import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from chatproxy import create_app
+from chatproxy import create_app, usage
+from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
 from chatproxy.guards import hash_token
 from chatproxy.metering import ROW_HEADER
-from chatproxy.usage import estimate_prompt_tokens
-from tests.fake_openai import Reply
+from chatproxy.usage import estimate_prompt_tokens, make_engine
+from tests.fake_openai import Blackhole, Reply
 from tests.sse import post_stream
 from tests.test_guards import _free_port, _gunicorn
 from tests.test_usage import postgres_schema_url
@@ -154,3 +156,135 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
     engine.dispose()
     assert sorted(statuses) == [200] * k + [429] * (3 * k), repr((statuses, counters, worst))
     assert len(fake.chat_calls()) == k
+
+
+# --- spend that never got an answer: timeouts, resets, killed workers, a database blip at settle time --------
+
+ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
+PROMPT = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
+                                 {"role": "user", "content": "hi"}])  # what "hi" is estimated at
+
+
+def _money(row: dict) -> tuple:
+    return row["outcome"], row["prompt_tokens"], row["completion_tokens"], row["tokens_exact"], row["cost_micros"]
+
+
+def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_budget(fake, settings_for):
+    """The issue's case: READ_TIMEOUT=1, a 1.5 s upstream: six generations OpenAI bills, six rows that say so."""
+    app = create_app(settings_for(CHATPROXY_READ_TIMEOUT=1, CHATPROXY_MAX_RETRIES=2, CHATPROXY_RETRY_MAX_WAIT=0.1))
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        fake.for_model(model, Reply(delay=1.5))
+
+    response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
+
+    assert response.status_code in (503, 504)
+    prices = app.extensions["chatproxy.prices"]
+    rows = app.extensions["chatproxy.ledger"].rows()
+    assert len(rows) == len(fake.chat_calls()) == 6  # three attempts on gpt-4o, three on its fallback
+    assert [(row["model_answered"], *_money(row)) for row in rows] == [
+        (model, "upstream_timeout", PROMPT, 0, False, prices.cost_micros(model, PROMPT, 0))
+        for model in ("gpt-4o",) * 3 + ("gpt-4o-mini",) * 3]
+    assert app.extensions["chatproxy.budget"].totals() == {
+        "spent_micros": sum(row["cost_micros"] for row in rows), "reserved_micros": 0,
+        "spent_tokens": 6 * PROMPT, "reserved_tokens": 0}
+
+
+@pytest.mark.parametrize("upstream", ["refused", "connect_timeout"])
+def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_for, upstream):
+    with Blackhole() as hole:
+        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{_free_port()}/v1"
+        app = create_app(settings_for(OPENAI_BASE_URL=base_url, CHATPROXY_CONNECT_TIMEOUT=0.2))
+        response = app.test_client().post("/api/chat", json={"message": "hi"})
+
+    assert response.status_code == 503
+    [row] = app.extensions["chatproxy.ledger"].rows()
+    assert _money(row) == ("upstream_unreachable", 0, 0, True, 0)
+    assert app.extensions["chatproxy.budget"].totals() == {"spent_micros": 0, "reserved_micros": 0,
+                                                           "spent_tokens": 0, "reserved_tokens": 0}
+
+
+def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_estimated_prompt(fake, settings_for):
+    app = create_app(settings_for(CHATPROXY_MAX_RETRIES=1, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
+    fake.script(Reply(reset=True))  # the upstream has the request (the fake recorded it), then the connection dies
+
+    assert app.test_client().post("/api/chat", json={"message": "hi"}).status_code == 200
+
+    reset, answered = app.extensions["chatproxy.ledger"].rows()
+    assert len(fake.chat_calls()) == 2
+    assert _money(reset) == ("upstream_disconnected", PROMPT, 0, False, PROMPT)
+    assert answered["outcome"] == "ok" and answered["tokens_exact"]
+    assert app.extensions["chatproxy.budget"].totals()["spent_micros"] == PROMPT + answered["cost_micros"]
+
+
+@pytest.mark.parametrize("failing", ["settle", "close_and_settle"])
+def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, database_url, failing):
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
+    budget = app.extensions["chatproxy.budget"]
+    failing_statements = ("DELETE FROM budget_holds", "UPDATE ledger")[:1 if failing == "settle" else 2]
+
+    def blip(_conn, _cursor, statement: str, *_: object) -> None:
+        if statement.startswith(failing_statements):
+            raise sa.exc.OperationalError(statement, {}, Exception("the server closed the connection"))
+
+    sa.event.listen(budget.counters.engine, "before_cursor_execute", blip)
+    try:
+        response = app.test_client().post("/api/chat", json={"message": "hi"})
+    finally:
+        sa.event.remove(budget.counters.engine, "before_cursor_execute", blip)
+
+    assert response.status_code == 200  # the answer was delivered; only the bookkeeping failed
+    [row] = app.extensions["chatproxy.ledger"].rows()
+    assert budget.totals()["reserved_micros"] > 0  # held until the sweeper comes
+    assert budget.sweep(datetime.now(UTC) + timedelta(hours=1)) == 1
+    [row] = app.extensions["chatproxy.ledger"].rows()
+    if failing == "settle":  # the row was closed with the real cost: that is what is settled
+        assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] == 10  # 8 prompt + 2 completion
+    else:  # the row stayed open: the estimated prompt is all that is known
+        assert _money(row) == ("abandoned", PROMPT, 0, False, PROMPT)
+    assert budget.totals() == {"spent_micros": row["cost_micros"], "reserved_micros": 0,
+                               "spent_tokens": row["prompt_tokens"] + row["completion_tokens"], "reserved_tokens": 0}
+
+
+@pytest.mark.parametrize("stop", ["sigkill_worker", "sigterm_past_the_graceful_timeout"])
+def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake, database_url, stop):
+    port = _free_port()
+    env = {"OPENAI_API_KEY": "sk-test-killed", "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "x",
+           "CHATPROXY_ALLOW_ANONYMOUS": "true", "CHATPROXY_DATABASE_URL": database_url,
+           "CHATPROXY_PRICES": ONE_MICRO_PER_TOKEN, "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_KEEPALIVE_SECONDS": "0",
+           "GUNICORN_CMD_ARGS": "--graceful-timeout 1"}
+    fake.script(Reply(chunks=[f"w{i} " for i in range(200)], pace=0.05))  # a 10 s answer
+    server = _gunicorn(env, port, workers=1, threads=4)
+
+    def ask() -> None:
+        with contextlib.suppress(OSError):  # the connection dies with the worker
+            post_stream(f"http://127.0.0.1:{port}", {"message": "hi", "stream": True}, timeout=60)
+
+    client = threading.Thread(target=ask)
+    try:
+        client.start()  # a worker that is still booting takes a while on a busy machine
+        assert fake.wait_for(lambda: fake.chat_calls() and len(fake.chat_calls()[0].chunk_times) >= 3, timeout=60)
+        if stop == "sigkill_worker":
+            [worker] = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True,
+                                      check=True).stdout.split()
+            os.kill(int(worker), signal.SIGKILL)
+        else:
+            server.send_signal(signal.SIGTERM)  # the stream outlives the graceful timeout: the master kills it
+            server.wait(timeout=20)
+        client.join(20)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    engine = make_engine(database_url)
+    budget = Budget(SqlCounters(engine), Caps())
+    ledger = usage.Ledger(database_url)
+    [row] = ledger.rows()
+    assert row["outcome"] == "interrupted" and budget.totals()["reserved_micros"] > 0
+    assert budget.sweep(datetime.now(UTC) + timedelta(hours=1)) == 1
+    [row] = ledger.rows()
+    assert _money(row) == ("abandoned", PROMPT, 0, False, PROMPT)
+    for key in (EVERYONE, "ip:127.0.0.1", PUBLIC, "public-ip:127.0.0.1"):
+        assert budget.totals(key) == {"spent_micros": PROMPT, "reserved_micros": 0,
+                                      "spent_tokens": PROMPT, "reserved_tokens": 0}, key
+    ledger.dispose()
+    engine.dispose()

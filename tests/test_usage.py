@@ -350,7 +350,7 @@ def test_default_ledger_is_a_wal_sqlite_file_in_the_instance_folder(settings_for
     with ledger.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds"}
     assert app.extensions["chatproxy.budget"].counters.engine is ledger.engine
 
 
@@ -360,11 +360,13 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE ledger")
         conn.exec_driver_sql("DROP TABLE budget_counters")
+        conn.exec_driver_sql("DROP TABLE budget_holds")
         conn.exec_driver_sql("DROP TABLE batches")
     result = app.test_cli_runner().invoke(args=["init-db"])
     assert result.exit_code == 0, result.output
     assert "Ledger ready at sqlite:///" in result.output
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "batches"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds",
+                                                                "batches"}
 
 
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
