@@ -209,7 +209,7 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             yield sse(chunk_body(chunk, choice, model, include_usage))
         if finish_reason is None:
             log.warning("upstream stream from %s ended without a finish reason", model)
-            gates.failure(model)
+            gates.failure(model, counted=True)
             outcome = "upstream_truncated"
             yield error_event(ApiError(502, "upstream_truncated", "The model provider cut the answer short. "
                                        "Try again."), meter.request_id)
@@ -223,7 +223,7 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else ApiError(
             502, "upstream_bad_response", "The model provider sent an answer we could not read.")
         if error.code != "content_filtered":
-            gates.failure(model)
+            gates.failure(model, counted=True)  # the attempt was counted as answered at its first delta
         outcome = error.code
         yield error_event(error, meter.request_id)
     finally:

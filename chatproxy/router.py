@@ -127,12 +127,11 @@ def route(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Set
         try:
             value = _attempts(attempt, name, settings, cooldowns, deadline, hints)
         except ApiError:
-            if gate is Gate.PROBE:  # the model answered, if only to refuse: it is back
-                cooldowns.success(name)
+            cooldowns.success(name, probe=gate is Gate.PROBE)  # the model answered, if only to refuse
             raise
         if value is not _FAILED:
+            cooldowns.success(name, probe=gate is Gate.PROBE)
             if gate is Gate.PROBE:
-                cooldowns.success(name)
                 metrics.set_cooldown(name, False)
             if name != model:
                 log.warning("answered by fallback model %s instead of %s", name, model)

@@ -231,7 +231,7 @@ def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns
     except (openai.APIError, ValueError) as exc:
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else _unreadable()
         if error.code != "content_filtered":
-            cooldowns.failure(routed.model)
+            cooldowns.failure(routed.model, counted=True)  # the attempt was counted as answered at its first delta
         outcome = error.code
         yield error_event(error.code, error.message)
     finally:
@@ -244,7 +244,7 @@ def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed:
     """The ledger outcome and `done`, or the `error` that says why the answer is not complete."""
     if finish_reason is None:
         log.warning("upstream stream from %s ended without a finish reason", routed.model)
-        cooldowns.failure(routed.model)
+        cooldowns.failure(routed.model, counted=True)
         return "upstream_truncated", error_event("upstream_truncated",
                                                  "The model provider cut the answer short. Try again.")
     if finish_reason == "content_filter":
