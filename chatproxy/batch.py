@@ -241,10 +241,13 @@ def parse_requests(body: Any, settings: Settings, max_requests: int,
 
 
 def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
-    """The JSONL the upstream runs: one Chat Completions request per line, with our system prompt and caps."""
+    """The JSONL the upstream runs: one Chat Completions request per line, with our system prompt and caps.
+
+    Strict JSON, as the SDK encodes a request: a value that fails here is our bug (the edge admits strict JSON only).
+    """
     return "".join(json.dumps({"custom_id": line.custom_id, "method": "POST", "url": ENDPOINT,
-                               "body": upstream_params(line.chat, settings)}, ensure_ascii=False) + "\n"
-                   for line in lines).encode("utf-8")
+                               "body": upstream_params(line.chat, settings)}, ensure_ascii=False, allow_nan=False)
+                   + "\n" for line in lines).encode("utf-8")
 
 
 def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -> tuple[int, int]:
@@ -260,6 +263,7 @@ def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -
 def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
     """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view."""
     settings, store, budget = _settings(), _store(), _budget()
+    data = input_file(lines, settings)  # built first: a request we cannot build holds no reservation and no row
     cost, tokens = worst_case(lines, settings, current_app.extensions["chatproxy.prices"])
     reservation = budget.reserve(identity, cost, tokens)  # 429 budget_exceeded before anything is uploaded
     batch_id = f"batch_{secrets.token_hex(16)}"  # unguessable, and not the upstream's id
@@ -269,7 +273,7 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
         budget.release(reservation)
         raise
     try:
-        upstream = _create_upstream(batch_id, input_file(lines, settings))
+        upstream = _create_upstream(batch_id, data)
     except BaseException:
         budget.release(reservation)
         store.delete(batch_id)

@@ -144,8 +144,6 @@ def _content(value: Any, where: str, *, blank_ok: bool) -> tuple[str | list[dict
         raise invalid(f"{where} must be a string or a non-empty list of text parts.")
     if not blank_ok and not "".join(texts).strip():
         raise invalid(f"{where} must not be empty.")
-    for text in texts:
-        _utf8(text, where)
     return parts, sum(map(len, texts))
 
 
@@ -166,7 +164,6 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             raise invalid(f"{at}.function.arguments must be a string (JSON text).")
-        _utf8(arguments, at)
         calls.append({"id": _text(call.get("id"), f"{at}.id", MAX_ID), "type": "function",
                       "function": {"name": function["name"], "arguments": arguments}})
     return calls
@@ -285,15 +282,7 @@ def _stream_options(value: Any, stream: bool) -> bool:
 def _text(value: Any, where: str, limit: int, *, blank_ok: bool = False) -> str:
     if not isinstance(value, str) or len(value) > limit or (not blank_ok and not value.strip()):
         raise invalid(f"{where} must be a {'' if blank_ok else 'non-empty '}string of at most {limit} characters.")
-    _utf8(value, where)
     return value
-
-
-def _utf8(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(f"{where} contains characters that are not valid Unicode.") from None
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -16,7 +16,7 @@ from .budget import Budget, Reservation
 from .config import Settings
 from .errors import ApiError
 from .prices import PriceTable
-from .router import Transient, candidates
+from .router import NotSent, Transient, UnreadableAnswer, candidates, check_sendable
 from .schemas import ChatRequest
 from .usage import Ledger, estimate_prompt_tokens, estimate_tokens
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
+Send = Callable[[dict[str, Any], openai.Timeout, dict[str, str]], T]  # sends built params (timeout, extra headers)
 
 
 class Meter:
@@ -52,15 +53,23 @@ class Meter:
         self._settled = False
         self._lock = threading.Lock()
 
-    def attempt(self, call: Callable[[str, openai.Timeout, dict[str, str]], T]
-                ) -> Callable[[str, openai.Timeout], T]:
-        """Wrap one upstream attempt: open its ledger row before the call, close it on failure."""
+    def attempt(self, build: Callable[[str], dict[str, Any]], send: Send[T]) -> Callable[[str, openai.Timeout], T]:
+        """Wrap one upstream attempt: build and encode its request, open its ledger row, send; close it on failure.
+
+        A request that cannot be built or recorded raises NotSent before any row exists: it is not an upstream
+        failure (no retry, no cooldown, no upstream-error metric).
+        """
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
-            row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+            try:
+                params = build(model)
+                check_sendable(params)
+                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+            except Exception as exc:  # noqa: BLE001 - handed to the router, which raises it unchanged
+                raise NotSent(exc) from exc
             begun = time.monotonic()
             try:
-                value = call(model, timeout, {ROW_HEADER: str(row)})
+                value = send(params, timeout, {ROW_HEADER: str(row)})
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
@@ -133,11 +142,13 @@ def outcome_of(exc: BaseException) -> str:
         return "upstream_unreachable"
     if isinstance(exc, openai.APIStatusError):
         return f"upstream_http_{exc.status_code}"
+    if isinstance(exc, UnreadableAnswer):
+        return "upstream_bad_response"
     if isinstance(exc, Transient):
         return "upstream_error"
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
-    return "upstream_bad_response"
+    return "internal_error"  # our own bug after the call went out
 
 
 def usage_of(value: Any) -> dict[str, int] | None:

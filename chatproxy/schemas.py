@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,56 @@ def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
         raise invalid("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.")
+    check_strict(body)
     return body
+
+
+def check_strict(value: Any, prefix: str = "") -> None:
+    """Refuse what OpenAI's JSON cannot carry (NaN, Infinity, 1e400, lone surrogates), naming where it is.
+
+    Python's json module reads all of them, and the SDK's encoder (allow_nan=False, then UTF-8) then fails
+    while building the upstream request. The same encoding here is exact and runs at C speed; only a body
+    that fails it is walked to find the place.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except RecursionError:
+        raise invalid(f"{prefix}The JSON body is nested too deeply.") from None
+    except ValueError:  # a non-finite number, or UnicodeEncodeError
+        raise invalid(prefix + (json_problem(value) or "The body is not valid JSON.")) from None
+
+
+def json_problem(value: Any) -> str | None:
+    """A sentence naming the first value (or key) strict JSON cannot carry, or None if there is none."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:  # iterative: the body may be nested as deeply as json.loads allows
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return (f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
+                    f"double (such as 1e400) are not JSON.")
+        if isinstance(item, str) and not _utf8(item):
+            return f"{path or 'The body'} contains characters that are not valid Unicode (a lone surrogate)."
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if not _utf8(key):
+                    return (f"{path or 'The body'} has a key that contains characters that are not valid "
+                            f"Unicode (a lone surrogate).")
+                stack.append((child, f"{path}.{_shown(key)}" if path else _shown(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{index}]") for index, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(key: str) -> str:
+    return key if len(key) <= 64 else key[:61] + "..."
 
 
 def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
@@ -87,10 +137,6 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
                           else f"{where}.content must be a non-empty string.")
         if len(content) > settings.max_message_chars:
             raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid(f"{where} contains characters that are not valid Unicode.") from None
         total += len(content)
         messages.append({"role": role, "content": content})
     if total > settings.max_total_chars:

@@ -587,6 +587,33 @@ def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(set
     assert called(fake).count("gpt-4o") == 10  # tripped at the 10th call (5 of 10 failed): the minimum calls
 
 
+@pytest.mark.parametrize("body", [b"not json {", b'{"id": "x", "choices": "many"}', b"<html>busy</html>"])
+def test_a_json_answer_we_cannot_read_is_retried_and_recorded_as_a_bad_response(make_app, fake, body):
+    """Reading the answer failed (not the request's encoding): an upstream failure, retried like any other."""
+    content_type = "text/html" if body.startswith(b"<") else "application/json"
+
+    def unreadable(handler, match, raw) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", content_type)
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    route = ("POST", re.compile(r".*/chat/completions"), unreadable)
+    fake.routes.insert(0, route)
+    try:
+        app = make_app(CHATPROXY_MAX_RETRIES=1)
+        response = ask(app, "gpt-4o-mini")
+    finally:
+        fake.routes.remove(route)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
+    assert len(fake.calls) == 2
+    rows = app.extensions["chatproxy.ledger"].rows()
+    assert [row["outcome"] for row in rows] == ["upstream_bad_response"] * 2
+
+
 @pytest.mark.parametrize("where", ["test config", ".env", "environment"])
 def test_the_retired_failure_count_stops_start_up_naming_its_replacements(settings_for, tmp_path, where):
     if where == "test config":
