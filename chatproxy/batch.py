@@ -31,10 +31,11 @@ from . import metrics
 from .budget import Budget, Reservation
 from .config import SETTINGS, Settings
 from .errors import ApiError, invalid
+from .metering import estimate_prompt
 from .prices import PriceTable
 from .router import DEFAULT_RETRY_AFTER, classify, content_filtered, upstream_params
 from .schemas import ChatRequest, parse_chat_request, parse_json_body
-from .usage import Ledger, create_tables, estimate_prompt_tokens, ledger_table
+from .usage import Ledger, create_tables, ledger_table
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,11 @@ def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
 
 
 def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -> tuple[int, int]:
-    """Micro-dollars and tokens to reserve: every line's estimated prompt + max_tokens, at batch prices."""
+    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema included) + max_tokens, at batch
+    prices."""
     cost = tokens = 0
     for line in lines:
-        prompt = estimate_prompt_tokens(upstream_params(line.chat, settings)["messages"])
+        prompt = estimate_prompt(line.chat, settings)
         cost += prices.worst_case_micros([line.chat.model], prompt, line.chat.max_tokens, batch=True)
         tokens += prompt + line.chat.max_tokens
     return cost, tokens

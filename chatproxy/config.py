@@ -187,7 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_MAX_MESSAGES", "40", _int_range(1, 1000), "Most messages in one request."),
     Setting("CHATPROXY_MAX_MESSAGE_CHARS", "8000", _int_range(1, 1_000_000), "Most characters in one message."),
     Setting("CHATPROXY_MAX_TOTAL_CHARS", "32000", _int_range(1, 10_000_000),
-            "Most characters in all messages of one request."),
+            "Most characters of prompt in one request: all messages, plus the JSON of /v1 tools and of a "
+            "response_format schema."),
     Setting("CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000),
             "Largest request body accepted, in bytes."),
     Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),

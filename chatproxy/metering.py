@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from .budget import Budget, Reservation
 from .config import Settings
 from .errors import ApiError
 from .prices import PriceTable
-from .router import NotSent, Transient, UnreadableAnswer, candidates, check_sendable
+from .router import NotSent, Transient, UnreadableAnswer, candidates, check_sendable, upstream_params
 from .schemas import ChatRequest
 from .usage import Ledger, estimate_prompt_tokens, estimate_tokens
 
@@ -39,8 +40,7 @@ class Meter:
         self.model = chat.model
         self.stream = chat.stream
         self.started = time.monotonic()
-        messages = [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages]
-        self.prompt_estimate = estimate_prompt_tokens(messages)
+        self.prompt_estimate = estimate_prompt(chat, settings)
         worst = self.prices.worst_case_micros(candidates(chat.model, settings), self.prompt_estimate,
                                               chat.max_tokens, batch=batch)
         self.reservation: Reservation = self.budget.reserve(self.identity, worst,
@@ -149,6 +149,15 @@ def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
     return "internal_error"  # our own bug after the call went out
+
+
+def estimate_prompt(chat: ChatRequest, settings: Settings) -> int:
+    """Prompt tokens to reserve for: our system prompt, the turns (and /v1 tools), and the response_format,
+    whose schema the upstream reads as prompt too."""
+    tokens = estimate_prompt_tokens(upstream_params(chat, settings)["messages"])
+    if chat.response_format is not None:
+        tokens += estimate_tokens(json.dumps(chat.response_format, ensure_ascii=False))
+    return tokens
 
 
 def usage_of(value: Any) -> dict[str, int] | None:

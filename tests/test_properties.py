@@ -15,7 +15,14 @@ from openai._utils._json import openapi_dumps  # how the SDK encodes a request b
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
 from chatproxy.router import upstream_params
-from chatproxy.schemas import CHAT_FIELDS, CLIENT_ROLES, MAX_TEMPERATURE, parse_chat_request, parse_json_body
+from chatproxy.schemas import (
+    CHAT_FIELDS,
+    CLIENT_ROLES,
+    MAX_TEMPERATURE,
+    format_chars,
+    parse_chat_request,
+    parse_json_body,
+)
 from chatproxy.streaming import PING, sse
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -156,6 +163,8 @@ bodies = st.one_of(near_valid, chaotic)
 @example({"messages": [{"role": "user", "content": "x" * 12}] * 4})
 @example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
     "name": "n", "schema": {"maximum": math.nan}}}})  # issue 14: NaN went upstream and failed in the SDK
+@example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
+    "name": "n", "schema": {}, "description": "d" * 40}}})  # issue 14: the schema was outside the caps
 def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any]):
     try:  # the body as it arrives: JSON text (NaN for a NaN, \ud800 escapes for lone surrogates)
         chat = parse_chat_request(parse_json_body(json.dumps(body).encode(), "application/json"), SMALL)
@@ -179,6 +188,7 @@ def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any])
     assert chat.model in SMALL.models
     assert isinstance(chat.stream, bool)
     assert chat.response_format is None or chat.response_format["type"] in ("json_object", "json_schema")
+    assert sum(len(m["content"]) for m in chat.messages) + format_chars(chat.response_format) <= SMALL.max_total_chars
     openapi_dumps(upstream_params(chat, SMALL))  # the SDK can encode what goes upstream
 
 
