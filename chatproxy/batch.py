@@ -31,10 +31,11 @@ from . import metrics
 from .budget import Budget, Reservation
 from .config import SETTINGS, Settings
 from .errors import ApiError, invalid
+from .metering import estimate_prompt
 from .prices import PriceTable
 from .router import DEFAULT_RETRY_AFTER, classify, content_filtered, upstream_params
 from .schemas import ChatRequest, parse_chat_request, parse_json_body
-from .usage import Ledger, create_tables, estimate_prompt_tokens, ledger_table
+from .usage import Ledger, create_tables, ledger_table
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +242,21 @@ def parse_requests(body: Any, settings: Settings, max_requests: int,
 
 
 def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
-    """The JSONL the upstream runs: one Chat Completions request per line, with our system prompt and caps."""
+    """The JSONL the upstream runs: one Chat Completions request per line, with our system prompt and caps.
+
+    Strict JSON, as the SDK encodes a request: a value that fails here is our bug (the edge admits strict JSON only).
+    """
     return "".join(json.dumps({"custom_id": line.custom_id, "method": "POST", "url": ENDPOINT,
-                               "body": upstream_params(line.chat, settings)}, ensure_ascii=False) + "\n"
-                   for line in lines).encode("utf-8")
+                               "body": upstream_params(line.chat, settings)}, ensure_ascii=False, allow_nan=False)
+                   + "\n" for line in lines).encode("utf-8")
 
 
 def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -> tuple[int, int]:
-    """Micro-dollars and tokens to reserve: every line's estimated prompt + max_tokens, at batch prices."""
+    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema included) + max_tokens, at batch
+    prices."""
     cost = tokens = 0
     for line in lines:
-        prompt = estimate_prompt_tokens(upstream_params(line.chat, settings)["messages"])
+        prompt = estimate_prompt(line.chat, settings)
         cost += prices.worst_case_micros([line.chat.model], prompt, line.chat.max_tokens, batch=True)
         tokens += prompt + line.chat.max_tokens
     return cost, tokens
@@ -260,6 +265,7 @@ def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -
 def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
     """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view."""
     settings, store, budget = _settings(), _store(), _budget()
+    data = input_file(lines, settings)  # built first: a request we cannot build holds no reservation and no row
     cost, tokens = worst_case(lines, settings, current_app.extensions["chatproxy.prices"])
     reservation = budget.reserve(identity, cost, tokens)  # 429 budget_exceeded before anything is uploaded
     batch_id = f"batch_{secrets.token_hex(16)}"  # unguessable, and not the upstream's id
@@ -269,7 +275,7 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
         budget.release(reservation)
         raise
     try:
-        upstream = _create_upstream(batch_id, input_file(lines, settings))
+        upstream = _create_upstream(batch_id, data)
     except BaseException:
         budget.release(reservation)
         store.delete(batch_id)

@@ -23,6 +23,7 @@ from flask.cli import AppGroup
 
 from . import batch
 from .errors import ApiError
+from .schemas import check_strict
 
 batch_group = AppGroup("batch", help="Run requests through the Batch API at half price (as identity cli:local).")
 
@@ -48,9 +49,14 @@ def _jsonl_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            item = json.loads(line)
         except ValueError:
             raise click.ClickException(f"{path.name} line {number} is not valid JSON.") from None
+        try:
+            check_strict(item)  # as the HTTP routes' parse_json_body does: NaN, 1e400, lone surrogates
+        except ApiError as exc:
+            raise click.ClickException(f"{path.name} line {number}: {exc.message}") from None
+        items.append(item)
         numbers.append(number)
     return items, numbers
 

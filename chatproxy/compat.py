@@ -25,7 +25,17 @@ from .cooldowns import Cooldowns
 from .errors import ApiError
 from .guards import take_stream_slot
 from .metering import Meter
-from .router import MODEL_HEADER, Routed, Transient, route, upstream_error, upstream_model, usage_dict
+from .router import (
+    MODEL_HEADER,
+    SHAPE_ERRORS,
+    Routed,
+    UnreadableAnswer,
+    create_completion,
+    route,
+    upstream_error,
+    upstream_model,
+    usage_dict,
+)
 from .schemas import parse_json_body
 from .streaming import PING, SSE_HEADERS, Upstream, read_to_first, sse, with_keepalive
 
@@ -102,7 +112,8 @@ def _complete(req: CompatRequest, conf: Settings, deadline: float) -> Response:
     """The whole answer (with retries and fallback), metered, as a `chat.completion` object."""
     meter = Meter(req.metered, conf)
     try:
-        once = meter.attempt(lambda model, timeout, headers: _complete_once(req, conf, model, timeout, headers))
+        once = meter.attempt(lambda model: upstream_params(req, conf, model),
+                             lambda params, timeout, headers: create_completion(client(), params, timeout, headers))
         routed = route(once, req.model, conf, cooldowns.of(current_app), deadline)
         completion = routed.value
         filtered = completion.choices[0].finish_reason == "content_filter"
@@ -128,7 +139,7 @@ def _stream(req: CompatRequest, conf: Settings, deadline: float) -> Response:
     try:
         # Opened up to the first delta before the first byte: a refusal is still a JSON error and the
         # router can still fall back to another model.
-        once = meter.attempt(lambda model, timeout, headers: _open_once(req, conf, model, timeout, headers))
+        once = meter.attempt(lambda model: upstream_params(req, conf, model), _open_once)
         routed = route(once, req.model, conf, gates, deadline)
     except BaseException:
         meter.settle()
@@ -151,21 +162,9 @@ def upstream_params(req: CompatRequest, conf: Settings, model: str) -> dict[str,
     return params
 
 
-def _complete_once(req: CompatRequest, conf: Settings, model: str, timeout: openai.Timeout,
-                   headers: dict[str, str]) -> Any:
-    """One non-streaming attempt."""
-    completion = client().chat.completions.create(**upstream_params(req, conf, model), timeout=timeout,
-                                                  extra_headers=headers)
-    if not completion.choices:
-        raise Transient("answer without choices")
-    return completion
-
-
-def _open_once(req: CompatRequest, conf: Settings, model: str, timeout: openai.Timeout,
-               headers: dict[str, str]) -> Upstream:
+def _open_once(params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]) -> Upstream:
     """One streaming attempt: open it and read until a chunk carries content, a tool call or a finish reason."""
-    stream = client().chat.completions.create(**upstream_params(req, conf, model), timeout=timeout,
-                                              extra_headers=headers)
+    stream = client().chat.completions.create(**params, timeout=timeout, extra_headers=headers)
 
     def begun(chunk: Any) -> bool:
         try:
@@ -174,7 +173,7 @@ def _open_once(req: CompatRequest, conf: Settings, model: str, timeout: openai.T
             return choice is not None and bool(choice.finish_reason or (delta is not None and (
                 delta.content or delta.tool_calls or delta.refusal)))
         except SHAPE_ERRORS as exc:
-            raise ValueError("a stream chunk of the wrong shape") from exc
+            raise UnreadableAnswer("a stream chunk of the wrong shape") from exc
 
     return read_to_first(stream, begun)
 
@@ -209,7 +208,7 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             yield sse(chunk_body(chunk, choice, model, include_usage))
         if finish_reason is None:
             log.warning("upstream stream from %s ended without a finish reason", model)
-            gates.failure(model)
+            gates.failure(model, counted=True)
             outcome = "upstream_truncated"
             yield error_event(ApiError(502, "upstream_truncated", "The model provider cut the answer short. "
                                        "Try again."), meter.request_id)
@@ -219,20 +218,16 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             yield sse({"id": stream_id, "object": "chat.completion.chunk", "created": int(time.time()),
                        "model": model, "choices": [], "usage": usage})
         yield DONE
-    except (openai.APIError, ValueError, *SHAPE_ERRORS) as exc:
+    except (openai.APIError, UnreadableAnswer, *SHAPE_ERRORS) as exc:
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else ApiError(
             502, "upstream_bad_response", "The model provider sent an answer we could not read.")
         if error.code != "content_filtered":
-            gates.failure(model)
+            gates.failure(model, counted=True)  # the attempt was counted as answered at its first delta
         outcome = error.code
         yield error_event(error, meter.request_id)
     finally:
         upstream.close()
         meter.finish(model, usage, "".join(pieces), outcome, meter.ttft)
-
-
-# The SDK builds stream chunks without validating them: valid JSON of another shape fails on first use.
-SHAPE_ERRORS = (AttributeError, TypeError, IndexError, KeyError)
 
 
 def completion_body(completion: Any, model: str) -> dict[str, Any]:

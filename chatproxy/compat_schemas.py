@@ -9,7 +9,15 @@ from typing import Any
 
 from .config import Settings
 from .errors import invalid
-from .schemas import MAX_SCHEMA_DEPTH, MAX_TEMPERATURE, ChatRequest, response_format
+from .schemas import (
+    MAX_SCHEMA_DEPTH,
+    MAX_TEMPERATURE,
+    ChatRequest,
+    check_total,
+    format_chars,
+    response_format,
+    too_deep,
+)
 
 FIELDS = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                     "stream", "stream_options", "stop", "presence_penalty", "frequency_penalty", "seed", "user",
@@ -55,13 +63,14 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
     model = body.get("model", settings.default_model)
     if not isinstance(model, str) or model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
-    client_messages = _messages(body.get("messages"), settings)
+    client_messages, chars = _messages(body.get("messages"), settings)
     options = {**_max_tokens(body, settings), **_sampling(body)}
-    tools = _tools(body.get("tools"), settings)
+    tools = _tools(body.get("tools"))
     options.update(_tool_options(body, tools))
     format_ = response_format(body.get("response_format"))
     if format_ is not None:
         options["response_format"] = format_
+    check_total(chars, (len(json.dumps(tools, ensure_ascii=False)) if tools else 0) + format_chars(format_), settings)
     system = settings.system_prompt
     if format_ is not None and format_["type"] == "json_object" and "json" not in (
             system + json.dumps(client_messages)).lower():
@@ -74,8 +83,9 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
                          stream=stream, include_usage=include_usage, options=options, metered=metered)
 
 
-def _messages(raw: Any, settings: Settings) -> list[dict[str, Any]]:
-    """The client's turns, checked and rebuilt field by field; client system messages dropped in 'replace' mode."""
+def _messages(raw: Any, settings: Settings) -> tuple[list[dict[str, Any]], int]:
+    """The client's turns, checked and rebuilt field by field (client system messages dropped in 'replace' mode),
+    and their characters."""
     if not isinstance(raw, list) or not raw:
         raise invalid("'messages' must be a non-empty list of message objects.")
     if len(raw) > settings.max_messages:
@@ -96,11 +106,9 @@ def _messages(raw: Any, settings: Settings) -> list[dict[str, Any]]:
             continue  # the server's system prompt replaces the client's
         total += chars
         messages.append(message)
-    if total > settings.max_total_chars:
-        raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         raise invalid("The last message must come from the user or a tool.")
-    return messages
+    return messages, total
 
 
 def _message(item: dict[str, Any], role: str, where: str, settings: Settings) -> tuple[dict[str, Any], int]:
@@ -144,8 +152,6 @@ def _content(value: Any, where: str, *, blank_ok: bool) -> tuple[str | list[dict
         raise invalid(f"{where} must be a string or a non-empty list of text parts.")
     if not blank_ok and not "".join(texts).strip():
         raise invalid(f"{where} must not be empty.")
-    for text in texts:
-        _utf8(text, where)
     return parts, sum(map(len, texts))
 
 
@@ -166,14 +172,13 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             raise invalid(f"{at}.function.arguments must be a string (JSON text).")
-        _utf8(arguments, at)
         calls.append({"id": _text(call.get("id"), f"{at}.id", MAX_ID), "type": "function",
                       "function": {"name": function["name"], "arguments": arguments}})
     return calls
 
 
-def _tools(value: Any, settings: Settings) -> list[dict[str, Any]]:
-    """Function tools, bounded in number, size and schema depth."""
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """Function tools, bounded in number and schema depth (their size counts in CHATPROXY_MAX_TOTAL_CHARS)."""
     if value is None:
         return []
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_TOOLS:
@@ -195,15 +200,13 @@ def _tools(value: Any, settings: Settings) -> list[dict[str, Any]]:
             checked["description"] = _text(function["description"], f"{at}.function.description",
                                            MAX_TOOL_DESCRIPTION, blank_ok=True)
         if "parameters" in function:
-            if not isinstance(function["parameters"], dict) or _depth(function["parameters"]) > MAX_SCHEMA_DEPTH:
+            if not isinstance(function["parameters"], dict) or too_deep(function["parameters"]):
                 raise invalid(f"{at}.function.parameters must be a JSON Schema object nested at most "
                               f"{MAX_SCHEMA_DEPTH} deep.")
             checked["parameters"] = function["parameters"]
         if "strict" in function:
             checked["strict"] = _flag(function["strict"], f"{at}.function.strict")
         tools.append({"type": "function", "function": checked})
-    if len(json.dumps(tools)) > settings.max_total_chars:
-        raise invalid(f"'tools' are too large: at most {settings.max_total_chars} characters of JSON.")
     return tools
 
 
@@ -285,15 +288,7 @@ def _stream_options(value: Any, stream: bool) -> bool:
 def _text(value: Any, where: str, limit: int, *, blank_ok: bool = False) -> str:
     if not isinstance(value, str) or len(value) > limit or (not blank_ok and not value.strip()):
         raise invalid(f"{where} must be a {'' if blank_ok else 'non-empty '}string of at most {limit} characters.")
-    _utf8(value, where)
     return value
-
-
-def _utf8(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(f"{where} contains characters that are not valid Unicode.") from None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -302,13 +297,6 @@ def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise invalid(f"'{name}' must be true or false.")
     return value
-
-
-def _depth(value: Any, level: int = 1) -> int:
-    if level > MAX_SCHEMA_DEPTH:
-        return level
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return max((_depth(child, level + 1) for child in children), default=level)
 
 
 def _flat(message: dict[str, Any]) -> dict[str, str]:

@@ -187,7 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_MAX_MESSAGES", "40", _int_range(1, 1000), "Most messages in one request."),
     Setting("CHATPROXY_MAX_MESSAGE_CHARS", "8000", _int_range(1, 1_000_000), "Most characters in one message."),
     Setting("CHATPROXY_MAX_TOTAL_CHARS", "32000", _int_range(1, 10_000_000),
-            "Most characters in all messages of one request."),
+            "Most characters of prompt in one request: all messages, plus the JSON of /v1 tools and of a "
+            "response_format schema."),
     Setting("CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000),
             "Largest request body accepted, in bytes."),
     Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),
@@ -259,9 +260,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHATPROXY_TOTAL_TIMEOUT", "120", _float_range(1, 3600),
             "Deadline for one request across all retries and fallbacks, in seconds; a stream still running "
             "then ends with an error event."),
-    Setting("CHATPROXY_COOLDOWN_FAILURES", "3", _int_range(1, 1000),
-            "Failed attempts (each retry counts) within the window that put a model in cooldown."),
-    Setting("CHATPROXY_COOLDOWN_WINDOW", "60", _float_range(1, 86400), "Window for counting failures, in seconds."),
+    Setting("CHATPROXY_COOLDOWN_FAILURE_RATE", "0.5", _float_range(0.01, 1),
+            "Failure rate that puts a model in cooldown: failed calls / all calls in the window (each attempt "
+            "is a call; answers count too)."),
+    Setting("CHATPROXY_COOLDOWN_MIN_CALLS", "10", _int_range(1, 1_000_000),
+            "Calls a model must have had within the window before its failure rate can put it in cooldown."),
+    Setting("CHATPROXY_COOLDOWN_WINDOW", "60", _float_range(1, 86400),
+            "Sliding window for counting a model's calls and failures, in seconds."),
     Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
             "How long a failing model is skipped (at least the upstream's Retry-After); "
             "then one probe request decides whether it is back."),
@@ -352,7 +357,8 @@ class Settings:
     fallback_chain: tuple[str, ...]
     retry_max_wait: float
     total_timeout: float
-    cooldown_failures: int
+    cooldown_failure_rate: float
+    cooldown_min_calls: int
     cooldown_window: float
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
@@ -365,19 +371,33 @@ class Settings:
     azure_deployments: tuple[tuple[str, str], ...]  # (alias, deployment) pairs; empty outside Azure mode
 
 
+# Settings that were replaced. Set anywhere, they stop start-up saying what replaced them: silently ignoring
+# a safety setting someone chose is worse than one clear error.
+RETIRED = {
+    "CHATPROXY_COOLDOWN_FAILURES": "CHATPROXY_COOLDOWN_FAILURE_RATE and CHATPROXY_COOLDOWN_MIN_CALLS: a model now "
+                                   "cools down on a failure rate, not a count (README: 'Retries, fallback and "
+                                   "cooldowns')",
+}
+
+
 def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Defaults, overlaid by `.env`, overlaid by the real environment (which wins)."""
+    """Defaults, overlaid by `.env`, overlaid by the real environment (which wins); retired names kept for validate."""
     values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    known = values.keys() | RETIRED.keys()
     if env_file and Path(env_file).is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if k in values and v is not None})
+        values.update({k: v for k, v in dotenv_values(env_file).items() if k in known and v is not None})
     environ = os.environ if environ is None else environ
-    values.update({k: environ[k] for k in values if k in environ})
+    values.update({k: environ[k] for k in known if k in environ})
     return values
 
 
 def validate(config: Mapping[str, Any]) -> Settings:
     """Parse every setting, or raise SettingsError naming the variable and what is allowed."""
+    for name, replacement in RETIRED.items():
+        if name in config:
+            raise SettingsError(f"{name} is no longer used; it was replaced by {replacement}. "
+                                f"Remove it from .env or the environment.")
     parsed: dict[str, Any] = {}
     for setting in SETTINGS:
         value = config.get(setting.name, setting.default)
@@ -447,7 +467,8 @@ def validate(config: Mapping[str, Any]) -> Settings:
         fallback_chain=parsed["CHATPROXY_FALLBACK_CHAIN"],
         retry_max_wait=parsed["CHATPROXY_RETRY_MAX_WAIT"],
         total_timeout=parsed["CHATPROXY_TOTAL_TIMEOUT"],
-        cooldown_failures=parsed["CHATPROXY_COOLDOWN_FAILURES"],
+        cooldown_failure_rate=parsed["CHATPROXY_COOLDOWN_FAILURE_RATE"],
+        cooldown_min_calls=parsed["CHATPROXY_COOLDOWN_MIN_CALLS"],
         cooldown_window=parsed["CHATPROXY_COOLDOWN_WINDOW"],
         cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
         classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],

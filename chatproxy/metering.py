@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from .budget import Budget, Hold, Reservation
 from .config import Settings
 from .errors import ApiError
 from .prices import PriceTable
-from .router import Transient, candidates
+from .router import NotSent, Transient, UnreadableAnswer, candidates, check_sendable, upstream_params
 from .schemas import ChatRequest
 from .usage import Ledger, estimate_prompt_tokens, estimate_tokens
 
@@ -29,6 +30,7 @@ HOLD_MARGIN_S = 60  # a reservation's hold outlives the longest its request may 
 # Failures before the request was sent: nothing reached the upstream, so nothing was billed.
 NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
               httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
+Send = Callable[[dict[str, Any], openai.Timeout, dict[str, str]], T]  # sends built params (timeout, extra headers)
 
 
 class Meter:
@@ -43,8 +45,7 @@ class Meter:
         self.model = chat.model
         self.stream = chat.stream
         self.started = time.monotonic()
-        messages = [{"role": "system", "content": chat.system_prompt or settings.system_prompt}, *chat.messages]
-        self.prompt_estimate = estimate_prompt_tokens(messages)
+        self.prompt_estimate = estimate_prompt(chat, settings)
         models = candidates(chat.model, settings)
         worst = self.prices.worst_case_micros(models, self.prompt_estimate, chat.max_tokens, batch=batch)
         caller = g.get("caller")
@@ -66,15 +67,23 @@ class Meter:
         self._unrecorded = False  # a ledger row could not be closed: the sweeper settles from the ledger
         self._lock = threading.Lock()
 
-    def attempt(self, call: Callable[[str, openai.Timeout, dict[str, str]], T]
-                ) -> Callable[[str, openai.Timeout], T]:
-        """Wrap one upstream attempt: open its ledger row before the call, close it on failure."""
+    def attempt(self, build: Callable[[str], dict[str, Any]], send: Send[T]) -> Callable[[str, openai.Timeout], T]:
+        """Wrap one upstream attempt: build and encode its request, open its ledger row, send; close it on failure.
+
+        A request that cannot be built or recorded raises NotSent before any row exists: it is not an upstream
+        failure (no retry, no cooldown, no upstream-error metric).
+        """
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
-            row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+            try:
+                params = build(model)
+                check_sendable(params)
+                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+            except Exception as exc:  # noqa: BLE001 - handed to the router, which raises it unchanged
+                raise NotSent(exc) from exc
             begun = time.monotonic()
             try:
-                value = call(model, timeout, {ROW_HEADER: str(row)})
+                value = send(params, timeout, {ROW_HEADER: str(row)})
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
@@ -152,11 +161,22 @@ def outcome_of(exc: BaseException) -> str:
         return "upstream_disconnected"
     if isinstance(exc, openai.APIStatusError):
         return f"upstream_http_{exc.status_code}"
+    if isinstance(exc, UnreadableAnswer):
+        return "upstream_bad_response"
     if isinstance(exc, Transient):
         return "upstream_error"
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
-    return "upstream_bad_response"
+    return "internal_error"  # our own bug after the call went out
+
+
+def estimate_prompt(chat: ChatRequest, settings: Settings) -> int:
+    """Prompt tokens to reserve for: our system prompt, the turns (and /v1 tools), and the response_format,
+    whose schema the upstream reads as prompt too."""
+    tokens = estimate_prompt_tokens(upstream_params(chat, settings)["messages"])
+    if chat.response_format is not None:
+        tokens += estimate_tokens(json.dumps(chat.response_format, ensure_ascii=False))
+    return tokens
 
 
 def reached_upstream(exc: BaseException) -> bool:

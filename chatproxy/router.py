@@ -26,7 +26,7 @@ from . import metrics
 from .config import Settings
 from .cooldowns import Cooldowns, Gate
 from .errors import ApiError
-from .schemas import ChatRequest
+from .schemas import ChatRequest, json_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,22 @@ class Transient(Exception):
         self.reason = reason
         self.retry_after = retry_after
         self.retry = retry
+
+
+class UnreadableAnswer(Transient):
+    """The upstream answered, but not in a form we can read (invalid JSON, a chunk of the wrong shape)."""
+
+
+class NotSent(Exception):
+    """An attempt that failed before its request went out (it could not be built or recorded).
+
+    It says nothing about the model: never retried, never a fallback, never counted by the cooldowns.
+    The router raises `error`, the client's answer (400/503, or 500 for our own bug).
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
 
 
 def make_client(settings: Settings) -> OpenAI:
@@ -103,6 +119,17 @@ def _mentions_json(messages: list[dict[str, str]]) -> bool:
     return any("json" in message["content"].lower() for message in messages)
 
 
+def check_sendable(params: dict[str, Any]) -> None:
+    """Encode the request as the SDK will (strict JSON, UTF-8); what fails is our bug, as the edge admits only
+    strict JSON: a 500 before any ledger row, never an upstream failure."""
+    try:
+        json.dumps(params, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.error("cannot encode the upstream request (%s): %s", type(exc).__name__,
+                  json_problem(params) or "a value JSON cannot carry")
+        raise ApiError(500, "internal_error", "Something went wrong on our side. Try again.") from exc
+
+
 _FAILED: Any = object()  # _attempts gave up on a model
 
 
@@ -126,13 +153,14 @@ def route(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Set
             continue
         try:
             value = _attempts(attempt, name, settings, cooldowns, deadline, hints)
+        except NotSent as exc:
+            raise exc.error from exc.error.__cause__
         except ApiError:
-            if gate is Gate.PROBE:  # the model answered, if only to refuse: it is back
-                cooldowns.success(name)
+            cooldowns.success(name, probe=gate is Gate.PROBE)  # the model answered, if only to refuse
             raise
         if value is not _FAILED:
+            cooldowns.success(name, probe=gate is Gate.PROBE)
             if gate is Gate.PROBE:
-                cooldowns.success(name)
                 metrics.set_cooldown(name, False)
             if name != model:
                 log.warning("answered by fallback model %s instead of %s", name, model)
@@ -153,7 +181,7 @@ def _attempts(attempt: Callable[[str, openai.Timeout], T], model: str, settings:
             return _FAILED
         try:
             return attempt(model, _timeout(settings, remaining))
-        except ApiError:
+        except (ApiError, NotSent):
             raise
         except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
             failure = classify(exc, settings)
@@ -198,9 +226,7 @@ def classify(exc: Exception, settings: Settings) -> Transient:
         if exc.code == "content_filter":
             raise content_filtered()
         return Transient(f"error event in the stream (code {exc.code})")
-    if isinstance(exc, ValueError):
-        return Transient(f"unreadable answer ({type(exc).__name__})")
-    raise exc
+    raise exc  # our own bug, not the upstream's: no retry, no cooldown
 
 
 def _status_failure(exc: openai.APIStatusError, settings: Settings) -> Transient:
@@ -263,10 +289,10 @@ def _unavailable(chain: list[str], cooldowns: Cooldowns, hints: dict[str, float]
 def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
              meter: Any) -> dict[str, Any]:
     """Ask for a whole answer (with retries and fallback), record it on `meter`, and shape it per the contract."""
-    once = meter.attempt(lambda model, timeout, headers: _complete_once(client, chat, settings, model, timeout,
-                                                                         headers))
+    once = meter.attempt(lambda model: upstream_params(chat, settings, model),
+                         lambda params, timeout, headers: create_completion(client, params, timeout, headers))
     routed = route(once, chat.model, settings, cooldowns, deadline)
-    choice, usage = routed.value
+    choice, usage = routed.value.choices[0], routed.value.usage
     content = choice.message.content or ""
     if choice.finish_reason == "content_filter":  # billed by the upstream: recorded with its tokens, then refused
         meter.finish(routed.model, usage_dict(usage), content, "content_filtered")
@@ -300,14 +326,22 @@ def structured(choice: Any) -> Any:
         raise ApiError(502, "invalid_model_output", "The model's answer was not valid JSON. Try again.") from None
 
 
-def _complete_once(client: OpenAI, chat: ChatRequest, settings: Settings, model: str, timeout: openai.Timeout,
-                   headers: dict[str, str]) -> tuple[Any, Any]:
-    """One non-streaming attempt: the first choice and the usage."""
-    completion = client.chat.completions.create(**upstream_params(chat, settings, model), timeout=timeout,
-                                                extra_headers=headers)
-    if not completion.choices:
-        raise Transient("answer without choices")
-    return completion.choices[0], completion.usage
+def create_completion(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout,
+                      headers: dict[str, str]) -> Any:
+    """One non-streaming call; an answer that is not a completion with choices raises UnreadableAnswer."""
+    raw = client.chat.completions.with_raw_response.create(**params, timeout=timeout, extra_headers=headers)
+    try:
+        completion = raw.parse()  # reading the answer: json.loads, then the SDK's models (built, not validated)
+        choices = completion.choices
+        if not isinstance(choices, list) or not choices or not hasattr(choices[0], "message"):
+            raise UnreadableAnswer("answer without choices")
+    except (ValueError, *SHAPE_ERRORS) as exc:
+        raise UnreadableAnswer(f"unreadable answer ({type(exc).__name__})") from exc
+    return completion
+
+
+# The SDK builds answers without validating them: valid JSON of another shape fails on first use.
+SHAPE_ERRORS = (AttributeError, TypeError, IndexError, KeyError)
 
 
 def usage_dict(usage: Any) -> dict[str, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,56 @@ def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
         raise invalid("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.")
+    check_strict(body)
     return body
+
+
+def check_strict(value: Any, prefix: str = "") -> None:
+    """Refuse what OpenAI's JSON cannot carry (NaN, Infinity, 1e400, lone surrogates), naming where it is.
+
+    Python's json module reads all of them, and the SDK's encoder (allow_nan=False, then UTF-8) then fails
+    while building the upstream request. The same encoding here is exact and runs at C speed; only a body
+    that fails it is walked to find the place.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except RecursionError:
+        raise invalid(f"{prefix}The JSON body is nested too deeply.") from None
+    except ValueError:  # a non-finite number, or UnicodeEncodeError
+        raise invalid(prefix + (json_problem(value) or "The body is not valid JSON.")) from None
+
+
+def json_problem(value: Any) -> str | None:
+    """A sentence naming the first value (or key) strict JSON cannot carry, or None if there is none."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:  # iterative: the body may be nested as deeply as json.loads allows
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return (f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
+                    f"double (such as 1e400) are not JSON.")
+        if isinstance(item, str) and not _utf8(item):
+            return f"{path or 'The body'} contains characters that are not valid Unicode (a lone surrogate)."
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if not _utf8(key):
+                    return (f"{path or 'The body'} has a key that contains characters that are not valid "
+                            f"Unicode (a lone surrogate).")
+                stack.append((child, f"{path}.{_shown(key)}" if path else _shown(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{index}]") for index, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(key: str) -> str:
+    return key if len(key) <= 64 else key[:61] + "..."
 
 
 def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
@@ -55,14 +105,34 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     if ("message" in body) == ("messages" in body):
         raise invalid("Send either 'message' (a string) or 'messages' (a list), not both or neither.")
     messages = _messages(body, settings)
+    format_ = response_format(body.get("response_format"))
+    check_total(sum(len(m["content"]) for m in messages), format_chars(format_), settings)
     return ChatRequest(
         messages=messages,
         model=_model(body.get("model"), settings),
         max_tokens=_max_tokens(body.get("max_tokens"), settings),
         temperature=_temperature(body.get("temperature")),
         stream=_flag(body.get("stream"), "stream"),
-        response_format=response_format(body.get("response_format")),
+        response_format=format_,
     )
+
+
+def format_chars(format_: dict[str, Any] | None) -> int:
+    """The characters a json_schema response_format adds to the prompt: the JSON text of its name, description
+    and schema (OpenAI reads the schema as prompt)."""
+    if format_ is None or format_["type"] != "json_schema":
+        return 0
+    return len(json.dumps(format_["json_schema"], ensure_ascii=False))
+
+
+def check_total(message_chars: int, other_chars: int, settings: Settings) -> None:
+    """CHATPROXY_MAX_TOTAL_CHARS holds for everything that becomes prompt: messages, tools and schemas."""
+    if message_chars > settings.max_total_chars:
+        raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
+    if message_chars + other_chars > settings.max_total_chars:
+        raise invalid(f"The request is too long: its messages, tools and response_format (counted as JSON text) "
+                      f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
+                      f"in all.")
 
 
 def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
@@ -74,7 +144,7 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
             raise invalid("'messages' must be a non-empty list of {role, content} objects.")
     if len(raw) > settings.max_messages:
         raise invalid(f"Too many messages: at most {settings.max_messages} per request.")
-    messages, total = [], 0
+    messages = []
     for index, item in enumerate(raw):
         where = "'message'" if "message" in body else f"messages[{index}]"
         if not isinstance(item, dict) or set(item) != {"role", "content"}:
@@ -87,14 +157,7 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
                           else f"{where}.content must be a non-empty string.")
         if len(content) > settings.max_message_chars:
             raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid(f"{where} contains characters that are not valid Unicode.") from None
-        total += len(content)
         messages.append({"role": role, "content": content})
-    if total > settings.max_total_chars:
-        raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
     if messages[-1]["role"] != "user":
         raise invalid("The last message must come from the user.")
     return messages
@@ -150,13 +213,18 @@ def response_format(value: Any) -> dict[str, Any] | None:
         raise invalid("'json_schema' may only have name, schema, strict and description.")
     if not isinstance(spec.get("name"), str) or not SCHEMA_NAME.match(spec["name"]):
         raise invalid("'json_schema.name' must be 1-64 letters, digits, '_' or '-'.")
-    if not isinstance(spec.get("schema"), dict) or _depth(spec["schema"]) > MAX_SCHEMA_DEPTH:
+    if not isinstance(spec.get("schema"), dict) or too_deep(spec["schema"]):
         raise invalid(f"'json_schema.schema' must be a JSON Schema object nested at most {MAX_SCHEMA_DEPTH} deep.")
     if "strict" in spec and not isinstance(spec["strict"], bool):
         raise invalid("'json_schema.strict' must be true or false.")
     if "description" in spec and not isinstance(spec["description"], str):
         raise invalid("'json_schema.description' must be a string.")
     return {"type": "json_schema", "json_schema": dict(spec)}
+
+
+def too_deep(schema: Any) -> bool:
+    """Whether a JSON Schema is nested more than MAX_SCHEMA_DEPTH deep."""
+    return _depth(schema) > MAX_SCHEMA_DEPTH
 
 
 def _depth(value: Any, level: int = 1) -> int:

@@ -19,7 +19,16 @@ from openai import OpenAI
 from .config import Settings
 from .cooldowns import Cooldowns
 from .errors import ApiError
-from .router import Routed, Transient, content_filtered, route, upstream_error, upstream_params, usage_dict
+from .router import (
+    Routed,
+    Transient,
+    UnreadableAnswer,
+    content_filtered,
+    route,
+    upstream_error,
+    upstream_params,
+    usage_dict,
+)
 from .schemas import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -40,11 +49,32 @@ class Upstream:
         """The chunks read so far, then the rest of the stream."""
         yield from self.head
         self.head = []
-        yield from self.stream
+        yield from readable(self.stream)
 
     def close(self) -> None:
         """Cancel the upstream stream (safe to call more than once)."""
         cancel(self.stream)
+
+
+def readable(stream: Iterable[Any]) -> Iterator[Any]:
+    """A stream's chunks; a chunk the SDK's Stream cannot decode (its json.loads fails) is an UnreadableAnswer.
+
+    Not `yield from`: closing this generator must not close the stream's own iterator.
+    """
+    chunks = iter(stream)
+    while True:
+        chunk = next_chunk(chunks)
+        if chunk is None:
+            return
+        yield chunk
+
+
+def next_chunk(chunks: Iterator[Any]) -> Any | None:
+    """The next chunk, None at the end; a chunk that cannot be decoded raises UnreadableAnswer."""
+    try:
+        return next(chunks, None)
+    except ValueError as exc:  # the SDK's Stream decodes each event with json.loads
+        raise UnreadableAnswer("a malformed stream chunk") from exc
 
 
 class Fields(dict):
@@ -106,11 +136,14 @@ class RawStream:
                 if payload.startswith("[DONE]"):
                     self.ended = True
                     return
-                chunk = json.loads(payload, object_hook=Fields)  # ValueError for a malformed chunk, as the SDK
+                try:
+                    chunk = json.loads(payload, object_hook=Fields)
+                except ValueError as exc:
+                    raise UnreadableAnswer("a malformed stream chunk") from exc
                 if isinstance(chunk, dict) and chunk.get("error"):
                     raise _error_event(chunk["error"], self.response.request)
                 if not well_formed(chunk):
-                    raise ValueError("a stream chunk of the wrong shape")
+                    raise UnreadableAnswer("a stream chunk of the wrong shape")
                 yield chunk
             if line is None:
                 return
@@ -166,8 +199,8 @@ def error_event(code: str, message: str) -> bytes:
 def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
                 meter: Any) -> Routed[Upstream]:
     """Open a stream for the model or a fallback, read up to its first delta, and only then commit to it."""
-    once = meter.attempt(lambda model, timeout, headers: _open_once(client, upstream_params(chat, settings, model),
-                                                                     timeout, headers))
+    once = meter.attempt(lambda model: upstream_params(chat, settings, model),
+                         lambda params, timeout, headers: _open_once(client, params, timeout, headers))
     return route(once, chat.model, settings, cooldowns, deadline)
 
 
@@ -188,7 +221,7 @@ def read_to_first(stream: Any, begun: Callable[[Any], bool]) -> Upstream:
     head: list[Any] = []
     try:
         while True:
-            chunk = next(stream, None)
+            chunk = next_chunk(stream)
             if chunk is None:
                 raise Transient("the stream ended before the first delta")
             head.append(chunk)
@@ -228,10 +261,10 @@ def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns
                     finish_reason = choice.finish_reason
         outcome, last = _last_event(finish_reason, usage, routed, cooldowns)
         yield last
-    except (openai.APIError, ValueError) as exc:
+    except (openai.APIError, UnreadableAnswer) as exc:
         error = upstream_error(exc) if isinstance(exc, openai.APIError) else _unreadable()
         if error.code != "content_filtered":
-            cooldowns.failure(routed.model)
+            cooldowns.failure(routed.model, counted=True)  # the attempt was counted as answered at its first delta
         outcome = error.code
         yield error_event(error.code, error.message)
     finally:
@@ -244,7 +277,7 @@ def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed:
     """The ledger outcome and `done`, or the `error` that says why the answer is not complete."""
     if finish_reason is None:
         log.warning("upstream stream from %s ended without a finish reason", routed.model)
-        cooldowns.failure(routed.model)
+        cooldowns.failure(routed.model, counted=True)
         return "upstream_truncated", error_event("upstream_truncated",
                                                  "The model provider cut the answer short. Try again.")
     if finish_reason == "content_filter":
@@ -255,7 +288,7 @@ def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed:
 
 
 def _unreadable() -> ApiError:
-    """The error for a chunk that is not valid JSON."""
+    """The error for a chunk we cannot read (not JSON, or JSON of the wrong shape)."""
     log.warning("upstream sent a malformed stream chunk")
     return ApiError(502, "upstream_bad_response", "The model provider sent an answer we could not read.")
 

@@ -775,9 +775,9 @@ def main() -> int:
             "CHATPROXY_DAILY_BUDGET_USD": "1000000",
             "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": "1000000", "CHATPROXY_MAX_RETRIES": "2",
             "CHATPROXY_RETRY_MAX_WAIT": "2", "CHATPROXY_READ_TIMEOUT": "10", "CHATPROXY_TOTAL_TIMEOUT": "30",
-            # Failures here are retried, not cooled down: a 5% failure rate at this volume would otherwise keep
-            # the one model in cooldown (tests/test_resilience.py covers cooldowns).
-            "CHATPROXY_COOLDOWN_FAILURES": "1000", "CHATPROXY_GRACEFUL_TIMEOUT": "15",
+            # Failures here are retried, never cooled down, whatever the drill's bursts do to the failure rate
+            # (tests/test_resilience.py covers cooldowns).
+            "CHATPROXY_COOLDOWN_MIN_CALLS": "1000000", "CHATPROXY_GRACEFUL_TIMEOUT": "15",
         }, work / "gunicorn.log", workers=4, threads=64)
         pids = server.workers()
         ledger = Ledger(url)

@@ -19,7 +19,7 @@ from tests.sse import post_stream
 AZURE_KEY = "c0ffee0123456789abcdef0123456789"  # Azure keys are 32 hex characters
 DEPLOYMENTS = {"gpt-4o": "prod-gpt4o", "gpt-4o-mini": "prod-gpt4o-mini"}
 TOKEN = "cpx_azure-test-token-0123456789"
-FAST = {"CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_FAILURES": 100}
+FAST = {"CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_MIN_CALLS": 1000}
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_stream_ends_with_done_despite_azures_prompt_filter_chunk(azure, fake, s
 
 
 def test_fallback_to_the_next_deployment_and_cooldown(azure, fake):
-    app = azure(CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=60)
+    app = azure(CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=60)
     fake.for_model("prod-gpt4o", Reply(status=503))
 
     first, second = ask(app), ask(app)

@@ -259,6 +259,45 @@ def test_a_model_outside_the_allowlist_is_a_bad_request(sdk, fake):
     assert fake.calls == []
 
 
+def big_tool(chars: int) -> dict:
+    """A function tool whose parameters schema is about `chars` characters of JSON."""
+    return {"type": "function", "function": {"name": "big", "parameters": {
+        "type": "object", "properties": {"note": {"type": "string", "description": "p" * chars}}}}}
+
+
+def with_description(chars: int) -> dict:
+    """SCHEMA with a json_schema.description of `chars` characters."""
+    return {"type": "json_schema", "json_schema": {**SCHEMA["json_schema"], "description": "d" * chars}}
+
+
+@pytest.mark.parametrize(("messages", "extra"), [
+    pytest.param([{"role": "user", "content": "x" * 7_900}], {"tools": [big_tool(25_000)]}, id="tools"),
+    pytest.param([{"role": "user", "content": "x" * 7_900}], {"response_format": with_description(25_000)},
+                 id="response_format"),
+    pytest.param(USER, {"tools": [big_tool(16_000)], "response_format": with_description(16_000)}, id="both"),
+])
+def test_messages_tools_and_schema_share_the_character_cap(sdk, fake, messages, extra):
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk().chat.completions.create(model="gpt-4o", messages=messages, **extra)
+
+    assert raised.value.code == "invalid_request"
+    assert "at most 32000 in all" in raised.value.message
+    assert fake.calls == []
+
+
+def test_the_budget_reserves_for_tools_and_the_schema(sdk, fake):
+    client = sdk(CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=4_000, CHATPROXY_MAX_TOKENS=1_000)
+    assert client.chat.completions.create(model="gpt-4o", messages=USER, tools=[big_tool(6_000)]).choices
+
+    for extra in ({"tools": [big_tool(6_000)], "response_format": with_description(6_000)},
+                  {"response_format": with_description(14_000)}):
+        with pytest.raises(openai.RateLimitError) as raised:
+            client.chat.completions.create(model="gpt-4o", messages=USER, **extra)
+        assert raised.value.code == "budget_exceeded"
+
+    assert len(fake.chat_calls()) == 1
+
+
 def test_a_spent_budget_is_a_rate_limit_error_with_quota_type(sdk, fake):
     with pytest.raises(openai.RateLimitError) as raised:
         sdk(CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.000001").chat.completions.create(model="gpt-4o", messages=USER)

@@ -231,7 +231,7 @@ def test_lines_logged_while_streaming_keep_the_request_id(app, serve, json_log):
 
 
 def test_metrics_show_fallbacks_and_the_cooldown_state(settings_for, fake):
-    app = create_app(settings_for(CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=60))
+    app = create_app(settings_for(CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=60))
     client = app.test_client()
     fake.for_model("gpt-4o", Reply(status=503))
 

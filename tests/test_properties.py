@@ -10,10 +10,19 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from openai._utils._json import openapi_dumps  # how the SDK encodes a request body
 
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
-from chatproxy.schemas import CHAT_FIELDS, CLIENT_ROLES, MAX_TEMPERATURE, parse_chat_request
+from chatproxy.router import upstream_params
+from chatproxy.schemas import (
+    CHAT_FIELDS,
+    CLIENT_ROLES,
+    MAX_TEMPERATURE,
+    format_chars,
+    parse_chat_request,
+    parse_json_body,
+)
 from chatproxy.streaming import PING, sse
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -107,10 +116,13 @@ CAPS = {"CHATPROXY_MAX_MESSAGES": 4, "CHATPROXY_MAX_MESSAGE_CHARS": 12, "CHATPRO
         "CHATPROXY_MAX_TOKENS": 50}
 SMALL = validate({**{s.name: s.default for s in SETTINGS}, "OPENAI_API_KEY": "sk-properties-test-key", **CAPS})
 
+# Text around the surrogate block too: a lone surrogate survives json.loads, and the SDK cannot send it.
+near_surrogates = st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010, exclude_categories=()), max_size=3)
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=15))
+                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=15), near_surrogates)
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=10)
+    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), near_surrogates), inner, max_size=4)),
+    max_leaves=10)
 contents = st.one_of(st.text(max_size=16), st.sampled_from(["", "   ", "\n", "x" * 12, "x" * 13, "\ud800"]),
                      json_values)
 roles = st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "developer", "", "User"]), json_values)
@@ -149,9 +161,13 @@ bodies = st.one_of(near_valid, chaotic)
 @example({"message": "hi", "response_format": {"type": {}}})  # found by schemathesis: was a 500
 @example({"message": "x" * 12})
 @example({"messages": [{"role": "user", "content": "x" * 12}] * 4})
+@example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
+    "name": "n", "schema": {"maximum": math.nan}}}})  # issue 14: NaN went upstream and failed in the SDK
+@example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
+    "name": "n", "schema": {}, "description": "d" * 40}}})  # issue 14: the schema was outside the caps
 def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any]):
-    try:
-        chat = parse_chat_request(body, SMALL)
+    try:  # the body as it arrives: JSON text (NaN for a NaN, \ud800 escapes for lone surrogates)
+        chat = parse_chat_request(parse_json_body(json.dumps(body).encode(), "application/json"), SMALL)
     except ApiError as error:  # the only way to refuse: a 400 naming the problem, never another exception
         assert (error.status, error.code) == (400, "invalid_request")
         assert error.message and "Traceback" not in error.message
@@ -172,6 +188,34 @@ def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any])
     assert chat.model in SMALL.models
     assert isinstance(chat.stream, bool)
     assert chat.response_format is None or chat.response_format["type"] in ("json_object", "json_schema")
+    assert sum(len(m["content"]) for m in chat.messages) + format_chars(chat.response_format) <= SMALL.max_total_chars
+    openapi_dumps(upstream_params(chat, SMALL))  # the SDK can encode what goes upstream
+
+
+@PROPERTY_SETTINGS
+@given(json_values)
+@example(float("nan"))
+@example(1e308 * 10)
+@example({"ok": ["\udfff"]})
+@example({"\ud800": 1})
+@example("\ud83d\ude00")
+def test_the_edge_admits_exactly_what_the_sdk_can_send(value: Any):
+    data = json.dumps({"value": value}).encode()  # as a client would send it
+    try:
+        openapi_dumps(json.loads(data))
+    except ValueError:
+        sendable = False
+    else:
+        sendable = True
+
+    try:
+        body = parse_json_body(data, "application/json")
+    except ApiError as error:
+        assert (error.status, error.code, sendable) == (400, "invalid_request", False)
+        assert error.message.startswith("value") and ("finite" in error.message or "Unicode" in error.message)
+        return
+    assert sendable
+    assert openapi_dumps(body) == openapi_dumps(json.loads(data))
 
 
 @pytest.mark.parametrize("labels", [[{}, "billing"], [["billing"], "other"], ["billing", {"a": 1}]])

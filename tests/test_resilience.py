@@ -14,15 +14,16 @@ import uuid
 import pytest
 import redis
 
-from chatproxy import cooldowns, create_app
-from chatproxy.cooldowns import Gate, MemoryCooldowns, RedisCooldowns
+from chatproxy import SettingsError, cooldowns, create_app
+from chatproxy.config import raw_settings
+from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
 from chatproxy.router import redact, retry_after
 from tests.conftest import TEST_KEY
 from tests.fake_openai import Blackhole, Reply
 from tests.sse import parse_sse, post_stream
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-FAST = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_FAILURES": 100}
+FAST = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_MIN_CALLS": 1000}
 
 
 @pytest.fixture
@@ -459,7 +460,7 @@ def test_content_filtered_stream_after_deltas_ends_with_an_error_event(make_app,
 # --- cooldowns ----------------------------------------------------------------------------------
 
 def test_model_down_for_good_is_skipped_once_cooled_down(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=1, CHATPROXY_COOLDOWN_FAILURES=2, CHATPROXY_COOLDOWN_SECONDS=60)
+    app = make_app(CHATPROXY_MAX_RETRIES=1, CHATPROXY_COOLDOWN_MIN_CALLS=2, CHATPROXY_COOLDOWN_SECONDS=60)
     fake.for_model("gpt-4o", Reply(status=503))
 
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
@@ -475,7 +476,7 @@ def test_model_down_for_good_is_skipped_once_cooled_down(make_app, fake):
 
 
 def test_model_is_used_again_after_its_cooldown_once_the_probe_succeeds(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=1)
+    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=1)
     fake.for_model("gpt-4o", Reply(status=503))
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
@@ -489,7 +490,7 @@ def test_model_is_used_again_after_its_cooldown_once_the_probe_succeeds(make_app
 
 
 def test_a_failed_probe_is_one_attempt_and_cools_the_model_down_again(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=2, CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=1)
+    app = make_app(CHATPROXY_MAX_RETRIES=2, CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=1)
     fake.for_model("gpt-4o", Reply(status=503))
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
 
@@ -501,7 +502,7 @@ def test_a_failed_probe_is_one_attempt_and_cools_the_model_down_again(make_app, 
 
 
 def test_exactly_one_request_probes_a_model_after_its_cooldown(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=1)
+    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=1)
     fake.for_model("gpt-4o", Reply(status=503))
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
     fake.for_model("gpt-4o", Reply(delay=0.5))  # back, but slow: the probe is still running when the others ask
@@ -525,7 +526,7 @@ def test_exactly_one_request_probes_a_model_after_its_cooldown(make_app, fake):
 
 
 def test_whole_chain_cooling_down_is_a_503_without_calling_upstream(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=30)
+    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=30)
     fake.for_model("gpt-4o", Reply(status=503))
     fake.for_model("gpt-4o-mini", Reply(status=503))
     unavailable(ask(app))
@@ -539,11 +540,96 @@ def test_whole_chain_cooling_down_is_a_503_without_calling_upstream(make_app, fa
 
 
 def test_cooldown_lasts_at_least_the_upstream_retry_after(make_app, fake):
-    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_FAILURES=1, CHATPROXY_COOLDOWN_SECONDS=1)
+    app = make_app(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_MIN_CALLS=1, CHATPROXY_COOLDOWN_SECONDS=1)
     fake.for_model("gpt-4o", Reply(status=429, headers={"Retry-After": "120"}))
     ask(app)
 
     assert 119 <= cooldowns.of(app).remaining("gpt-4o") <= 120
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_few_upstream_errors_in_a_mixed_run_cause_no_503(settings_for, fake, request, store):
+    """Issue 14: 4 scripted errors among 90 requests (each retried and answered) put the default model, which has no
+    fallback, in cooldown for 30 s under the old count (3 failures in 60 s): 75 of the 90 were 503."""
+    config = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.01}  # the cooldown settings' defaults
+    if store == "redis":
+        config["CHATPROXY_REDIS_URL"] = REDIS_URL
+    app = create_app(settings_for(**config))
+    if store == "redis":
+        cooldowns.init_app(app, key_prefix=request.getfixturevalue("key_prefix"))
+        assert isinstance(cooldowns.of(app), RedisCooldowns)
+    client = app.test_client()
+    statuses = []
+
+    for number in range(90):
+        if number in (2, 3, 30, 60):
+            fake.script(Reply(status=500))
+        stream = number % 3 == 0
+        response = client.post("/api/chat", json={"message": f"request {number}", "stream": stream})
+        statuses.append(response.status_code)
+        if stream and response.status_code == 200:
+            assert parse_sse(response.get_data())[0][-1]["type"] == "done"
+
+    assert statuses == [200] * 90
+    assert called(fake) == ["gpt-4o-mini"] * 94  # each error was retried once, on the same model
+    assert cooldowns.of(app).acquire("gpt-4o-mini") is Gate.OPEN
+
+
+def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(settings_for, fake):
+    app = create_app(settings_for(CHATPROXY_MAX_RETRIES=0, CHATPROXY_COOLDOWN_SECONDS=60))
+    for number in range(12):  # every other call to gpt-4o fails: a fallback answers those
+        fake.for_model("gpt-4o", Reply(status=503) if number % 2 else None)
+        assert ask(app).status_code == 200
+
+    fake.for_model("gpt-4o", None)  # healthy again, but cooling down: skipped until a probe finds it back
+    answered_by(ask(app), "gpt-4o-mini", degraded=True)
+    assert 59 <= cooldowns.of(app).remaining("gpt-4o") <= 60
+    assert called(fake).count("gpt-4o") == 10  # tripped at the 10th call (5 of 10 failed): the minimum calls
+
+
+@pytest.mark.parametrize("body", [b"not json {", b'{"id": "x", "choices": "many"}', b"<html>busy</html>"])
+def test_a_json_answer_we_cannot_read_is_retried_and_recorded_as_a_bad_response(make_app, fake, body):
+    """Reading the answer failed (not the request's encoding): an upstream failure, retried like any other."""
+    content_type = "text/html" if body.startswith(b"<") else "application/json"
+
+    def unreadable(handler, match, raw) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", content_type)
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    route = ("POST", re.compile(r".*/chat/completions"), unreadable)
+    fake.routes.insert(0, route)
+    try:
+        app = make_app(CHATPROXY_MAX_RETRIES=1)
+        response = ask(app, "gpt-4o-mini")
+    finally:
+        fake.routes.remove(route)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
+    assert len(fake.calls) == 2
+    rows = app.extensions["chatproxy.ledger"].rows()
+    assert [row["outcome"] for row in rows] == ["upstream_bad_response"] * 2
+
+
+@pytest.mark.parametrize("where", ["test config", ".env", "environment"])
+def test_the_retired_failure_count_stops_start_up_naming_its_replacements(settings_for, tmp_path, where):
+    if where == "test config":
+        config = settings_for(CHATPROXY_COOLDOWN_FAILURES=3)
+    else:
+        env_file = tmp_path / ".env"
+        env_file.write_text("CHATPROXY_COOLDOWN_FAILURES=3\n" if where == ".env" else "", encoding="utf-8")
+        environ = {"CHATPROXY_COOLDOWN_FAILURES": "3"} if where == "environment" else {}
+        config = {**raw_settings(env_file, environ=environ), **settings_for()}
+
+    with pytest.raises(SettingsError) as raised:
+        create_app(config)
+
+    message = str(raised.value)
+    assert "CHATPROXY_COOLDOWN_FAILURES is no longer used" in message
+    assert "CHATPROXY_COOLDOWN_FAILURE_RATE and CHATPROXY_COOLDOWN_MIN_CALLS" in message
 
 
 # --- the cooldown backends: one contract, in-process and Redis ----------------------------------
@@ -575,17 +661,17 @@ def backend(request):
     """Build a cooldown backend of either kind with small test durations."""
 
     def make(**limits: float):
-        limits = {"failures": 2, "window": 10.0, "seconds": 0.3, "lease": 5.0, **limits}
+        limits = Limits(**{"rate": 0.5, "min_calls": 2, "window": 10.0, "seconds": 0.3, "lease": 5.0, **limits})
         if request.param == "memory":
-            return MemoryCooldowns(**limits)
+            return MemoryCooldowns(limits)
         client = request.getfixturevalue("redis_client")
-        return RedisCooldowns(client, key_prefix=request.getfixturevalue("key_prefix"), **limits)
+        return RedisCooldowns(client, limits, key_prefix=request.getfixturevalue("key_prefix"))
 
     return make
 
 
 def test_backend_trips_after_the_threshold_within_the_window(backend):
-    gates = backend(failures=3)
+    gates = backend(min_calls=3)
 
     assert [gates.failure("m") for _ in range(3)] == [False, False, True]
     assert gates.acquire("m") is Gate.CLOSED
@@ -604,7 +690,7 @@ def test_backend_forgets_failures_older_than_the_window(backend):
 
 
 def test_backend_lets_exactly_one_probe_through_after_the_cooldown(backend):
-    gates = backend(failures=1)
+    gates = backend(min_calls=1)
     gates.failure("m")
     time.sleep(0.35)
     barrier = threading.Barrier(8)
@@ -624,7 +710,7 @@ def test_backend_lets_exactly_one_probe_through_after_the_cooldown(backend):
 
 
 def test_backend_probe_success_reopens_and_probe_failure_trips_again(backend):
-    gates = backend(failures=1)
+    gates = backend(min_calls=1)
     gates.failure("m")
     time.sleep(0.35)
     assert gates.acquire("m") is Gate.PROBE
@@ -633,14 +719,56 @@ def test_backend_probe_success_reopens_and_probe_failure_trips_again(backend):
 
     time.sleep(0.35)
     assert gates.acquire("m") is Gate.PROBE
-    gates.success("m")
+    gates.success("m")  # a straggler's answer from before the trip: not the probe's, the model stays tripped
+    assert gates.acquire("m") is Gate.CLOSED
+    gates.success("m", probe=True)
 
     assert gates.acquire("m") is Gate.OPEN
     assert gates.remaining("m") == 0
 
 
+def test_backend_successes_dilute_the_failure_rate(backend):
+    gates = backend(min_calls=4, rate=0.5)
+    for _ in range(3):
+        gates.success("m")
+
+    assert [gates.failure("m") for _ in range(3)] == [False, False, True]  # 1/4, 2/5, then 3/6 failed
+    assert gates.acquire("m") is Gate.CLOSED
+
+
+def test_backend_needs_the_minimum_calls_before_the_rate_counts(backend):
+    gates = backend(min_calls=5, rate=0.5)
+
+    assert [gates.failure("m") for _ in range(5)] == [False, False, False, False, True]
+
+
+def test_backend_rate_threshold_is_exact(backend):
+    gates = backend(min_calls=10, rate=0.3)
+    for _ in range(7):
+        gates.success("m")
+
+    assert [gates.failure("m") for _ in range(3)] == [False, False, True]  # 3 of 10 is 30%: no float rounding
+
+
+def test_backend_successes_leave_the_window_too(backend):
+    gates = backend(min_calls=3, rate=0.5, window=0.3)
+    for _ in range(4):
+        gates.success("m")
+    time.sleep(0.35)
+
+    assert [gates.failure("m") for _ in range(3)] == [False, False, True]
+
+
+def test_backend_a_stream_failure_after_its_answer_adds_no_call(backend):
+    gates = backend(min_calls=2, rate=0.5)
+    gates.success("m")  # the stream's first delta
+
+    assert gates.failure("m", counted=True) is False  # it broke later: 1 call, 1 failure, under the minimum
+    assert gates.failure("m") is True  # 2 calls, 2 failures
+
+
 def test_backend_gives_the_probe_to_someone_else_when_its_lease_ends(backend):
-    gates = backend(failures=1, lease=0.2)
+    gates = backend(min_calls=1, lease=0.2)
     gates.failure("m")
     time.sleep(0.35)
     assert gates.acquire("m") is Gate.PROBE
@@ -652,7 +780,7 @@ def test_backend_gives_the_probe_to_someone_else_when_its_lease_ends(backend):
 
 
 def test_backend_cooldown_is_at_least_the_retry_after(backend):
-    gates = backend(failures=1)
+    gates = backend(min_calls=1)
 
     gates.failure("m", retry_after=30)
 
@@ -662,7 +790,7 @@ def test_backend_cooldown_is_at_least_the_retry_after(backend):
 # --- shared through Redis -----------------------------------------------------------------------
 
 def test_cooldown_is_shared_by_apps_using_the_same_redis(make_app, fake, key_prefix, redis_client):
-    settings = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_COOLDOWN_FAILURES": 1,
+    settings = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
                 "CHATPROXY_COOLDOWN_SECONDS": 1}
     worker_a, worker_b = make_app(**settings), make_app(**settings)
     for app in (worker_a, worker_b):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from chatproxy import create_app
@@ -141,3 +144,65 @@ def test_classify_is_metered(app, client, fake):
 
     [row] = app.extensions["chatproxy.ledger"].rows()
     assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] > 0
+
+
+# --- response_format counts as prompt: in the character cap and in the budget's worst case (issue 14, finding 7) --
+
+def described(chars: int) -> dict:
+    """SCHEMA with a json_schema.description of `chars` characters."""
+    return {"type": "json_schema", "json_schema": {**SCHEMA["json_schema"], "description": "d" * chars}}
+
+
+@pytest.mark.parametrize(("message", "description"), [
+    pytest.param("hi", 61_200, id="schema-alone"),  # the red team's: twice CHATPROXY_MAX_TOTAL_CHARS (32,000)
+    pytest.param("x" * 7_900, 25_000, id="schema-and-message"),  # each under the cap, together over it
+])
+def test_a_schema_over_the_character_cap_is_a_400_with_nothing_upstream(app, client, fake, message, description):
+    response = client.post("/api/chat", json={"message": message, "response_format": described(description)})
+
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "at most 32000 in all" in error["message"] and "response_format" in error["message"]
+    assert fake.calls == []
+    assert app.extensions["chatproxy.ledger"].rows() == []
+
+
+def test_a_schema_within_the_cap_is_sent_whole(client, fake):
+    response = client.post("/api/chat", json={"message": "hi", "response_format": described(30_000)})
+
+    assert response.status_code == 200
+    assert fake.chat_calls()[0].body["response_format"] == described(30_000)
+
+
+def reserved_while_answering(app, fake, body: dict) -> int:
+    """The tokens the budget holds for `body` while the upstream (slowed down) answers it."""
+    client, budget, seen = app.test_client(), app.extensions["chatproxy.budget"], []
+    fake.script(Reply(delay=0.3))
+    worker = threading.Thread(target=lambda: seen.append(client.post("/api/chat", json=body).status_code))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not (held := budget.totals()["reserved_tokens"]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    worker.join()
+    assert seen == [200] and budget.totals()["reserved_tokens"] == 0
+    return held
+
+
+def test_the_budget_reserves_for_the_schema_too(app, fake):
+    small = reserved_while_answering(app, fake, {"message": "hi", "response_format": described(10)})
+    large = reserved_while_answering(app, fake, {"message": "hi", "response_format": described(20_010)})
+
+    assert large - small >= 20_000 // 4  # at least a token per 4 characters of schema
+
+
+def test_a_schema_that_does_not_fit_the_token_budget_is_refused_before_any_call(fake, settings_for):
+    app = create_app(settings_for(CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=3_000, CHATPROXY_MAX_TOKENS=1_000))
+    client = app.test_client()
+
+    response = client.post("/api/chat", json={"message": "hi", "response_format": described(20_000)})
+
+    assert response.status_code == 429
+    assert response.get_json()["error"]["code"] == "budget_exceeded"
+    assert fake.calls == []
+    assert client.post("/api/chat", json={"message": "hi", "response_format": described(10)}).status_code == 200
