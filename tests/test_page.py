@@ -8,103 +8,31 @@ import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from chatproxy import create_app
-from tests.browser import chromium_missing, launch, must_run, watch
+from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
 from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
+pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="Playwright for Python is not installed (pip install playwright)")
 expect = sync_api.expect
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 DOCS = ROOT / "docs"
-DESKTOP = {"width": 1280, "height": 800}
-MOBILE = {"width": 360, "height": 740}
 SYSTEM_PROMPT = "You are a helpful assistant."
 STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'")
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """One system Chromium for the whole module."""
-    missing = chromium_missing()
-    if missing:
-        if must_run():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    with sync_api.sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def context(browser):
-    """A fresh browser profile at desktop size."""
-    ctx = browser.new_context(viewport=DESKTOP)
-    ctx.set_default_timeout(5000)
-    yield ctx
-    ctx.close()
-
-
-@pytest.fixture
-def page(context):
-    """A page whose console errors, uncaught exceptions and dialogs are recorded in `page.seen`."""
-    tab = context.new_page()
-    tab.seen = watch(tab)
-    yield tab
-    assert tab.seen.page_errors == [], f"uncaught exceptions in the page: {tab.seen.page_errors}"
-    assert tab.seen.dialogs == [], f"the page opened dialogs: {tab.seen.dialogs}"
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def open_chat(page, url: str) -> None:
-    """Load the page and wait until its script has wired everything up."""
-    page.goto(url + "/")
-    expect(page.locator("#app")).to_have_attribute("data-ready", "true")
-
-
-def ask(page, text: str) -> None:
-    """Type a question and press Enter, as a user would."""
-    page.locator("#prompt").fill(text)
-    page.locator("#prompt").press("Enter")
-
-
-def answers(page):
-    return page.locator("#transcript .msg-assistant")
-
-
-def wait_state(page, state: str, index: int = -1, timeout: float = 5000) -> None:
-    """Wait until an answer (default: the last) reaches `state`."""
-    locator = answers(page).nth(index) if index >= 0 else answers(page).last
-    expect(locator).to_have_attribute("data-state", state, timeout=timeout)
-
-
-def answer_text(page, index: int = -1) -> str:
-    locator = answers(page).nth(index) if index >= 0 else answers(page).last
-    return locator.locator(".answer").inner_text()
-
-
-def assert_ready(page) -> None:
-    """The composer is ready for the next question."""
-    expect(page.locator("#send")).to_be_visible()
-    expect(page.locator("#send")).to_be_enabled()
-    expect(page.locator("#prompt")).to_be_enabled()
-    expect(page.locator("#stop")).to_be_hidden()
 
 
 def save_screenshot(page, name: str) -> Path:
