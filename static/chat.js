@@ -1,10 +1,15 @@
-/* chatproxy chat page: streams answers from POST /api/chat (SSE) into the transcript.
+/* chatproxy chat page: streams answers from POST /api/chat (SSE) into the transcript, keeps
+ * conversations in this browser (static/conversations.js) and renders answers as markdown
+ * (static/markdown.js).
  *
- * Safety rule for this file: text from the model, the user or the server is only ever
- * placed with textContent / createTextNode. Nothing here parses HTML.
+ * Safety rule for this file: text from the model, the user, the server or storage is only ever
+ * placed with textContent / createTextNode (or through ChatMarkdown, which follows the same rule).
+ * Nothing here parses HTML.
  */
 (function () {
   "use strict";
+
+  var MAX_COUNTDOWN = 600; // seconds: a longer Retry-After (a daily budget) is stated, not counted down
 
   // ---------------------------------------------------------------- SSE parsing
 
@@ -43,76 +48,6 @@
     };
   }
 
-  // ---------------------------------------------------------------- formatting (DOM only)
-
-  var FENCE = /^\s{0,3}```(.*)$/;
-
-  /** Render text as paragraphs, `inline code` and fenced code blocks, built from DOM nodes only. */
-  function renderText(container, text) {
-    var fragment = document.createDocumentFragment();
-    var paragraph = [];
-    var code = null;
-
-    function flushParagraph() {
-      if (!paragraph.length) return;
-      var p = document.createElement("p");
-      appendInline(p, paragraph.join("\n"));
-      fragment.appendChild(p);
-      paragraph = [];
-    }
-
-    function flushCode() {
-      var figure = document.createElement("div");
-      figure.className = "code";
-      if (code.lang) {
-        var label = document.createElement("div");
-        label.className = "code-lang";
-        label.textContent = code.lang;
-        figure.appendChild(label);
-      }
-      var pre = document.createElement("pre");
-      var element = document.createElement("code");
-      element.textContent = code.lines.join("\n");
-      pre.appendChild(element);
-      figure.appendChild(pre);
-      fragment.appendChild(figure);
-      code = null;
-    }
-
-    text.split("\n").forEach(function (line) {
-      var fence = FENCE.exec(line);
-      if (code) {
-        if (fence && fence[1].trim() === "") flushCode();
-        else code.lines.push(line);
-      } else if (fence) {
-        flushParagraph();
-        code = { lang: fence[1].trim().split(/\s+/)[0].slice(0, 30), lines: [] };
-      } else if (line.trim() === "") {
-        flushParagraph();
-      } else {
-        paragraph.push(line);
-      }
-    });
-    flushParagraph();
-    if (code) flushCode(); // still streaming, or the model never closed the fence
-    container.replaceChildren(fragment);
-  }
-
-  /** Append text to an element, turning `spans` into <code> elements. */
-  function appendInline(parent, text) {
-    var pattern = /`([^`\n]+)`/g;
-    var last = 0;
-    var match;
-    while ((match = pattern.exec(text)) !== null) {
-      if (match.index > last) parent.appendChild(document.createTextNode(text.slice(last, match.index)));
-      var code = document.createElement("code");
-      code.textContent = match[1];
-      parent.appendChild(code);
-      last = pattern.lastIndex;
-    }
-    if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
-  }
-
   // ---------------------------------------------------------------- errors in plain words
 
   function plural(n, word) {
@@ -129,27 +64,22 @@
     return Math.max(1, Math.ceil((when - Date.now()) / 1000));
   }
 
-  /** What to tell the user for an error code from the server. */
+  /** What to tell the user for an error code from the server. A countdown, if any, is shown apart. */
   function describeError(code, message, retryAfter) {
     code = String(code || "");
-    if (code === "rate_limited" || code === "upstream_rate_limited") {
-      return retryAfter
-        ? "Too many requests — try again in " + plural(retryAfter, "second") + "."
-        : "Too many requests — try again in a moment.";
-    }
-    if (code === "budget_exceeded") {
-      return "The spending limit for today has been reached. Please try again tomorrow.";
-    }
+    message = typeof message === "string" ? message.trim() : "";
+    // Our own refusals: the server's message says which limit and when it resets.
+    if (code === "rate_limited") return message || "Too many requests.";
+    if (code === "budget_exceeded") return message || "The spending limit has been reached.";
+    if (code === "upstream_rate_limited") return "The model provider is rate limiting us.";
     if (code.indexOf("upstream_") === 0) {
-      return retryAfter
-        ? "The model provider is having trouble — try again in " + plural(retryAfter, "second") + "."
+      return retryAfter && retryAfter <= MAX_COUNTDOWN ? "The model provider is having trouble."
         : "The model provider is having trouble — try again later.";
     }
-    if (message) return String(message);
-    return "Something went wrong. Try again.";
+    return message || "Something went wrong. Try again.";
   }
 
-  /** Read a non-2xx response as the error contract, or describe it by its status. */
+  /** Read a non-2xx response as the error contract: {text, retryAfter}. */
   function errorFromResponse(response) {
     var retryAfter = retryAfterSeconds(response.headers.get("Retry-After"));
     return response
@@ -157,16 +87,49 @@
       .then(function (body) {
         var error = body && body.error;
         if (!error || typeof error !== "object") throw new Error("not the error contract");
-        return describeError(error.code, error.message, retryAfter);
+        return { text: describeError(error.code, error.message, retryAfter), retryAfter: retryAfter };
       })
       .catch(function () {
-        if (response.status === 429) return describeError("rate_limited", "", retryAfter);
-        if (response.status >= 500) return "The server could not answer (HTTP " + response.status + "). Try again later.";
-        return "The request failed (HTTP " + response.status + ").";
+        var text = response.status === 429 ? describeError("rate_limited", "", retryAfter)
+          : response.status >= 500 ? "The server could not answer (HTTP " + response.status + "). Try again later."
+            : "The request failed (HTTP " + response.status + ").";
+        return { text: text, retryAfter: retryAfter };
       });
   }
 
-  // ---------------------------------------------------------------- history
+  function formatWait(seconds) {
+    if (seconds < 60) return plural(seconds, "second");
+    var minutes = Math.floor(seconds / 60);
+    var rest = seconds % 60;
+    return plural(minutes, "minute") + (rest ? " " + plural(rest, "second") : "");
+  }
+
+  // ---------------------------------------------------------------- what the server is sent
+
+  /**
+   * The turns the model should see: answered questions with their answers, then the new question.
+   * The one place that shapes messages for the server (image content parts would be added here).
+   */
+  function turnsForServer(messages) {
+    var out = [];
+    for (var i = 0; i < messages.length; i++) {
+      var m = messages[i];
+      if (m.role !== "user") continue;
+      var answer = messages[i + 1];
+      if (!answer || answer.role !== "assistant") {
+        if (i === messages.length - 1) out.push({ role: "user", content: m.content });
+        continue;
+      }
+      i += 1;
+      var partial = answer.content.trim() !== "";
+      // A question whose answer failed, or was stopped before any text, never reached the conversation.
+      if (answer.state === "done" || (answer.state === "stopped" && partial)) {
+        out.push({ role: "user", content: m.content });
+        if (partial) out.push({ role: "assistant", content: answer.content });
+      }
+    }
+    return out;
+  }
 
   /** The newest turns that fit the server's caps; drops whole turns from the oldest end. */
   function fitHistory(messages, maxMessages, maxChars) {
@@ -184,11 +147,51 @@
     return { messages: kept, dropped: dropped };
   }
 
+  // ---------------------------------------------------------------- copying
+
+  function legacyCopy(text) {
+    var area = document.createElement("textarea");
+    area.className = "copy-buffer";
+    area.value = text;
+    area.setAttribute("readonly", "");
+    document.body.appendChild(area);
+    area.select();
+    var ok = false;
+    try {
+      ok = document.execCommand("copy");
+    } catch (err) {
+      ok = false;
+    }
+    document.body.removeChild(area);
+    return ok;
+  }
+
+  function copyText(text, button) {
+    var label = button.textContent;
+    function done(ok) {
+      button.textContent = ok ? "Copied" : "Select and copy";
+      window.setTimeout(function () { button.textContent = label; }, 1500);
+    }
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(function () { done(true); }, function () { done(legacyCopy(text)); });
+    } else {
+      done(legacyCopy(text));
+    }
+  }
+
   // ---------------------------------------------------------------- the page
 
   function intAttr(element, name, fallback) {
     var value = parseInt(element.getAttribute(name), 10);
     return isNaN(value) || value < 1 ? fallback : value;
+  }
+
+  function clone(id) {
+    return document.getElementById(id).content.firstElementChild.cloneNode(true);
+  }
+
+  function isTyping(target) {
+    return !!target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
   }
 
   function start() {
@@ -202,8 +205,12 @@
     var newChatButton = document.getElementById("new-chat");
     var modelSelect = document.getElementById("model");
     var note = document.getElementById("note");
-    var userTemplate = document.getElementById("user-template");
-    var assistantTemplate = document.getElementById("assistant-template");
+    var countdown = document.getElementById("countdown");
+    var list = document.getElementById("conversations");
+    var listEmpty = document.getElementById("conversations-empty");
+    var sidebarToggle = document.getElementById("sidebar-toggle");
+    var sidebarClose = document.getElementById("sidebar-close");
+    var scrim = document.getElementById("scrim");
     var csrfMeta = document.querySelector('meta[name="csrf-token"]');
 
     var config = {
@@ -213,26 +220,73 @@
       maxChars: intAttr(app, "data-max-total-chars", 32000),
     };
 
-    var history = []; // [{role, content}] of finished turns, oldest first
-    var current = null; // the turn being generated: {controller, ...}
-    var conversation = 0; // bumped by "New chat" so a late reply cannot land in a new chat
+    var storage = null;
+    try {
+      storage = window.localStorage;
+    } catch (err) {
+      storage = null; // storage blocked: the store keeps conversations in memory
+    }
+    var store = window.ChatStore.create(storage);
 
-    // ---- UI state
+    var conv = null; // the open conversation: {id, title, renamed, created, updated, messages}
+    var nodes = []; // the transcript element of each of conv.messages
+    var current = null; // the turn being generated
+    var blockedUntil = 0; // Date.now() before which the server asked us not to send
+    var countdownTimer = 0;
+    var notes = { history: "", storage: "", unavailable: "" };
 
-    function setBusy(busy) {
-      sendButton.disabled = busy;
-      stopButton.hidden = !busy;
-      stopButton.disabled = !busy;
-      app.classList.toggle("is-busy", busy);
-      if (!busy && (document.activeElement === stopButton || document.activeElement === document.body)) {
-        prompt.focus();
-      }
+    // ---- composer state
+
+    function busy() {
+      return current !== null;
     }
 
-    function showNote(text) {
-      note.textContent = text || "";
+    function blocked() {
+      return blockedUntil > Date.now();
+    }
+
+    function refreshComposer() {
+      var isBusy = busy();
+      sendButton.disabled = isBusy || blocked();
+      stopButton.hidden = !isBusy;
+      stopButton.disabled = !isBusy;
+      app.classList.toggle("is-busy", isBusy);
+      refreshActions();
+    }
+
+    function showNotes() {
+      var text = [notes.history, notes.storage, notes.unavailable].filter(Boolean).join(" ");
+      note.textContent = text;
       note.hidden = !text;
     }
+
+    function startCountdown(seconds) {
+      blockedUntil = Date.now() + seconds * 1000;
+      window.clearInterval(countdownTimer);
+      function tick() {
+        var left = Math.ceil((blockedUntil - Date.now()) / 1000);
+        if (left <= 0) {
+          window.clearInterval(countdownTimer);
+          countdownTimer = 0;
+          blockedUntil = 0;
+          countdown.textContent = "";
+          countdown.hidden = true;
+          refreshComposer();
+          return;
+        }
+        countdown.textContent = "You can send again in " + formatWait(left) + ".";
+        countdown.hidden = false;
+      }
+      tick();
+      countdownTimer = window.setInterval(tick, 250);
+      refreshComposer();
+    }
+
+    function focusPrompt() {
+      prompt.focus();
+    }
+
+    // ---- scrolling
 
     function nearBottom() {
       return transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80;
@@ -242,163 +296,319 @@
       transcript.scrollTop = transcript.scrollHeight;
     }
 
-    function addUserBubble(text) {
-      var node = userTemplate.content.firstElementChild.cloneNode(true);
-      node.querySelector(".bubble").textContent = text;
+    // ---- the transcript
+
+    function addUserBubble(msg) {
+      var node = clone("user-template");
+      node.querySelector(".bubble").textContent = msg.content;
       empty.hidden = true;
       transcript.appendChild(node);
       return node;
     }
 
     /** One assistant answer in the transcript and the ways to update it. */
-    function addAnswer() {
-      var node = assistantTemplate.content.firstElementChild.cloneNode(true);
+    function addAnswer(msg) {
+      var node = clone("assistant-template");
       var answer = node.querySelector(".answer");
-      var errorText = node.querySelector(".error-text");
-      var status = node.querySelector(".status");
-      var usage = node.querySelector(".usage");
-      var copy = node.querySelector(".copy");
-      var text = "";
+      var renderer = window.ChatMarkdown.createRenderer(answer);
       var frame = 0;
+      empty.hidden = true;
       transcript.appendChild(node);
-      status.textContent = "Thinking…";
-      scrollToEnd();
 
       function render() {
         frame = 0;
         var follow = nearBottom();
-        renderText(answer, text);
+        renderer.update(msg.content);
         if (follow) scrollToEnd();
       }
 
-      copy.addEventListener("click", function () {
-        copyText(text, copy);
-      });
-
-      return {
-        append: function (piece) {
-          text += piece;
+      var view = {
+        node: node,
+        /** Show new text of a streaming answer, at most once per frame. */
+        streamed: function () {
           if (node.getAttribute("data-state") === "pending") {
             node.setAttribute("data-state", "streaming");
-            status.textContent = "";
+            node.querySelector(".status").textContent = "";
           }
           if (!frame) frame = window.requestAnimationFrame(render);
         },
-        text: function () {
-          return text;
-        },
-        /** Settle the answer: final text, state, status, usage line and any error, in one layout step. */
-        finish: function (state, details) {
+        /** Show the answer as `msg` has it: text, state, status, usage and any error, in one layout step. */
+        settle: function () {
           var follow = nearBottom();
           if (frame) window.cancelAnimationFrame(frame);
           frame = 0;
-          renderText(answer, text);
-          node.setAttribute("data-state", state);
-          node.setAttribute("aria-busy", "false");
-          status.textContent = details.status || "";
-          usage.textContent = details.usage || "";
-          if (details.error) {
-            errorText.textContent = details.error;
-            errorText.hidden = false;
-          }
-          copy.hidden = text.trim() === "";
+          renderer.update(msg.content);
+          var settled = msg.state !== "pending" && msg.state !== "streaming";
+          node.setAttribute("data-state", msg.state);
+          node.setAttribute("aria-busy", settled ? "false" : "true");
+          node.querySelector(".status").textContent = settled ? msg.status : "Thinking…";
+          node.querySelector(".usage").textContent = msg.usage;
+          var errorText = node.querySelector(".error-text");
+          errorText.textContent = msg.error;
+          errorText.hidden = !msg.error;
+          node.querySelector(".copy").hidden = !settled || msg.content.trim() === "";
           if (follow) scrollToEnd();
         },
       };
+      view.settle();
+      return view;
     }
 
-    function usageLine(done, startEvent) {
-      var parts = [];
-      var u = done.usage;
-      if (u && typeof u === "object") {
-        parts.push((u.prompt_tokens || 0) + " prompt + " + (u.completion_tokens || 0) + " completion tokens");
-      }
-      var model = done.model || (startEvent && startEvent.model) || "";
-      var degraded = done.degraded || (startEvent && startEvent.degraded);
-      if (model) parts.push(degraded ? "answered by " + model + " (fallback)" : model);
-      return parts.join(" · ");
+    function clearTranscript() {
+      nodes.forEach(function (node) { node.remove(); });
+      nodes = [];
+      empty.hidden = false;
     }
 
-    function finishNote(reason) {
-      if (reason === "length") return "Cut off at the length limit";
-      if (reason === "content_filter") return "Stopped by the provider's content filter";
-      return "";
+    /** Show `conv` from scratch (after a reload, a switch or a new chat). */
+    function showConversation() {
+      transcript.setAttribute("aria-busy", "true"); // one announcement, not one per restored message
+      clearTranscript();
+      conv.messages.forEach(function (msg) {
+        nodes.push(msg.role === "user" ? addUserBubble(msg) : addAnswer(msg).node);
+      });
+      transcript.setAttribute("aria-busy", "false");
+      scrollToEnd();
+      notes.history = "";
+      showNotes();
+      refreshActions();
+      renderList();
     }
 
-    // ---- copying
+    /** Which of edit / regenerate / retry each message offers now. */
+    function refreshActions() {
+      var isBusy = busy();
+      var last = conv ? conv.messages.length - 1 : -1;
+      nodes.forEach(function (node, i) {
+        var msg = conv.messages[i];
+        if (msg.role === "user") {
+          node.querySelector(".edit").hidden = isBusy;
+          return;
+        }
+        var regenerate = node.querySelector(".regenerate");
+        var retry = node.querySelector(".retry");
+        var isLast = i === last;
+        regenerate.hidden = isBusy || !isLast || (msg.state !== "done" && msg.state !== "stopped");
+        retry.hidden = isBusy || !isLast || msg.state !== "error";
+        retry.disabled = blocked();
+        regenerate.disabled = blocked();
+        var other = modelSelect.value && msg.model && modelSelect.value !== msg.model;
+        regenerate.textContent = other ? "Regenerate with " + modelSelect.value : "Regenerate";
+      });
+    }
 
-    function copyText(text, button) {
-      function done(ok) {
-        button.textContent = ok ? "Copied" : "Select and copy";
-        window.setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    // ---- storage
+
+    function persist(keepTime) {
+      if (!conv.messages.length) return;
+      var firstQuestion = conv.messages[0];
+      if (!conv.renamed && firstQuestion && firstQuestion.role === "user") {
+        conv.title = window.ChatStore.titleFrom(firstQuestion.content);
       }
-      if (navigator.clipboard && window.isSecureContext) {
-        navigator.clipboard.writeText(text).then(function () { done(true); }, function () { done(legacyCopy(text)); });
-      } else {
-        done(legacyCopy(text));
+      var result = store.save(conv, keepTime);
+      store.setOpen(conv.id);
+      var said = [];
+      if (result.dropped.length) {
+        said.push("To make room in this browser, the oldest saved " +
+          (result.dropped.length === 1 ? "conversation was" : result.dropped.length + " conversations were") +
+          " removed: “" + result.dropped.join("”, “") + "”.");
+      }
+      if (!result.saved) said.push("This browser would not store this conversation: it is gone after a reload.");
+      else if (result.trimmed) {
+        said.push("This conversation is longer than this browser keeps: its oldest " +
+          plural(result.trimmed, "message") + " will not come back after a reload.");
+      }
+      if (said.length || notes.storage) {
+        notes.storage = said.join(" ");
+        showNotes();
+      }
+      renderList();
+    }
+
+    /** The answer a reload interrupted can only be retried. */
+    function interrupted(msg) {
+      if (msg.role === "assistant" && (msg.state === "pending" || msg.state === "streaming")) {
+        msg.state = "error";
+        msg.status = msg.content.trim() ? "Incomplete" : "";
+        msg.error = "The page was closed or reloaded before this answer finished.";
       }
     }
 
-    function legacyCopy(text) {
-      var area = document.createElement("textarea");
-      area.className = "copy-buffer";
-      area.value = text;
-      area.setAttribute("readonly", "");
-      document.body.appendChild(area);
-      area.select();
-      var ok = false;
-      try {
-        ok = document.execCommand("copy");
-      } catch (err) {
-        ok = false;
+    function openConversation(id) {
+      var found = id ? store.load(id) : null;
+      if (found) found.messages.forEach(interrupted);
+      conv = found || store.create();
+      store.setOpen(found ? found.id : "");
+      showConversation();
+    }
+
+    // ---- the conversation list
+
+    function renderList() {
+      var entries = store.list();
+      var fragment = document.createDocumentFragment();
+      entries.forEach(function (entry) {
+        var item = clone("conversation-template");
+        item.setAttribute("data-id", entry.id);
+        var open = item.querySelector(".conv-open");
+        open.textContent = entry.title;
+        open.setAttribute("title", entry.title);
+        if (conv && entry.id === conv.id) {
+          item.classList.add("is-open");
+          open.setAttribute("aria-current", "true");
+        }
+        item.querySelector(".conv-rename").setAttribute("aria-label", "Rename “" + entry.title + "”");
+        item.querySelector(".conv-delete").setAttribute("aria-label", "Delete “" + entry.title + "”");
+        fragment.appendChild(item);
+      });
+      list.replaceChildren(fragment);
+      listEmpty.hidden = entries.length > 0;
+    }
+
+    function itemFor(id) {
+      var items = list.querySelectorAll(".conv");
+      for (var i = 0; i < items.length; i++) {
+        if (items[i].getAttribute("data-id") === id) return items[i];
       }
-      document.body.removeChild(area);
-      return ok;
+      return null;
+    }
+
+    function startRename(item) {
+      var id = item.getAttribute("data-id");
+      var open = item.querySelector(".conv-open");
+      var formEl = clone("rename-template");
+      var input = formEl.querySelector("input");
+      input.value = open.textContent;
+      item.replaceChildren(formEl);
+      input.focus();
+      input.select();
+      var finished = false;
+      function finish(save) {
+        if (finished) return;
+        finished = true;
+        var title = input.value.trim();
+        if (save && title) {
+          if (conv && conv.id === id) {
+            conv.title = title.slice(0, 200);
+            conv.renamed = true;
+            persist(true);
+          } else {
+            store.rename(id, title);
+          }
+        }
+        renderList();
+        var again = itemFor(id);
+        if (again) again.querySelector(".conv-rename").focus();
+      }
+      formEl.addEventListener("submit", function (event) {
+        event.preventDefault();
+        finish(true);
+      });
+      input.addEventListener("keydown", function (event) {
+        if (event.key === "Escape") {
+          event.preventDefault();
+          event.stopPropagation();
+          finish(false);
+        }
+      });
+      input.addEventListener("blur", function () { finish(true); });
+    }
+
+    function confirmDelete(item) {
+      var id = item.getAttribute("data-id");
+      var title = item.querySelector(".conv-open").textContent;
+      var box = clone("confirm-template");
+      box.querySelector(".conv-confirm-text").textContent = "Delete “" + title + "”?";
+      box.setAttribute("aria-label", "Delete “" + title + "”?");
+      item.replaceChildren(box);
+      box.querySelector(".conv-confirm-cancel").addEventListener("click", function () {
+        renderList();
+        var again = itemFor(id);
+        if (again) again.querySelector(".conv-delete").focus();
+      });
+      box.querySelector(".conv-confirm-delete").addEventListener("click", function () {
+        var items = Array.prototype.slice.call(list.querySelectorAll(".conv"));
+        var position = items.indexOf(item);
+        var wasOpen = conv && conv.id === id;
+        if (wasOpen) detachTurn(); // first: settling the turn saves its conversation
+        store.remove(id);
+        if (wasOpen) {
+          conv = store.create();
+          showConversation();
+        } else {
+          renderList();
+        }
+        var rest = list.querySelectorAll(".conv-open");
+        var next = rest[Math.min(position, rest.length - 1)];
+        (next || newChatButton).focus();
+      });
+      box.querySelector(".conv-confirm-cancel").focus();
+    }
+
+    function setDrawer(open) {
+      app.classList.toggle("sidebar-open", open);
+      sidebarToggle.setAttribute("aria-expanded", open ? "true" : "false");
+      scrim.hidden = !open;
+      if (open) {
+        var first = list.querySelector("[aria-current]") || list.querySelector(".conv-open") || sidebarClose;
+        first.focus();
+      }
+    }
+
+    function drawerOpen() {
+      return app.classList.contains("sidebar-open");
     }
 
     // ---- one exchange
 
-    function send() {
-      var text = prompt.value;
-      if (current || text.trim() === "") return;
-      var fitted = fitHistory(history.concat([{ role: "user", content: text }]), config.maxMessages, config.maxChars);
-      showNote(
-        fitted.dropped
-          ? "Older messages were left out to fit the size limit: the model sees the last " +
-              plural(fitted.messages.length, "message") + "."
-          : ""
-      );
-      prompt.value = "";
-      addUserBubble(text);
-      var answer = addAnswer();
-      var controller = new AbortController();
-      var turn = { controller: controller, stopped: false, conversation: conversation };
-      current = turn;
-      setBusy(true);
-
+    function csrfHeaders() {
       var headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
       var csrf = csrfMeta ? csrfMeta.getAttribute("content") : "";
       if (csrf) headers["X-CSRF-Token"] = csrf;
-      var body = JSON.stringify({ messages: fitted.messages, model: modelSelect.value, stream: true });
+      return headers;
+    }
 
-      var startEvent = null;
-      var doneEvent = null;
-      var failure = null;
+    /** Ask for an answer to the conversation as it stands (it ends with a question). */
+    function startTurn() {
+      var fitted = fitHistory(turnsForServer(conv.messages), config.maxMessages, config.maxChars);
+      notes.history = fitted.dropped
+        ? "Older messages were left out to fit the size limit: the model sees the last " +
+          plural(fitted.messages.length, "message") + "."
+        : "";
+      showNotes();
+      var msg = { role: "assistant", content: "", state: "pending", status: "", usage: "", error: "", model: "" };
+      conv.messages.push(msg);
+      var view = addAnswer(msg);
+      nodes.push(view.node);
+      scrollToEnd();
+      var turn = {
+        controller: new AbortController(), stopped: false, settled: false, conv: conv, msg: msg, view: view,
+        startEvent: null, doneEvent: null, failure: null, retryAfter: null,
+      };
+      current = turn;
+      persist();
+      refreshComposer();
 
       function onData(data) {
-        if (doneEvent || failure) return; // nothing counts after the last event
+        if (turn.settled || turn.doneEvent || turn.failure) return; // nothing counts after the last event
         var event;
         try {
           event = JSON.parse(data);
         } catch (err) {
-          failure = "The server sent an answer we could not read. Try again.";
+          turn.failure = "The server sent an answer we could not read. Try again.";
           return;
         }
         if (!event || typeof event !== "object") return;
-        if (event.type === "start") startEvent = event;
-        else if (event.type === "delta" && typeof event.content === "string") answer.append(event.content);
-        else if (event.type === "done") doneEvent = event;
-        else if (event.type === "error") failure = describeError(event.code, event.message, null);
+        if (event.type === "start") {
+          turn.startEvent = event;
+        } else if (event.type === "delta" && typeof event.content === "string") {
+          msg.content += event.content;
+          view.streamed();
+        } else if (event.type === "done") {
+          turn.doneEvent = event;
+        } else if (event.type === "error") {
+          turn.failure = describeError(event.code, event.message, null);
+        }
       }
 
       function readStream(response) {
@@ -412,7 +622,7 @@
               return;
             }
             parser.push(decoder.decode(result.value, { stream: true }));
-            if (failure) return reader.cancel().catch(function () {});
+            if (turn.failure || turn.settled) return reader.cancel().catch(function () {});
             return pump();
           });
         }
@@ -422,84 +632,222 @@
       function readJson(response) {
         return response.json().then(function (reply) {
           if (typeof reply.content !== "string") throw new Error("unexpected reply");
-          answer.append(reply.content);
-          doneEvent = { type: "done", finish_reason: reply.finish_reason, usage: reply.usage, model: reply.model };
+          msg.content += reply.content;
+          turn.doneEvent = { type: "done", finish_reason: reply.finish_reason, usage: reply.usage, model: reply.model };
         });
       }
 
       fetch(config.chatUrl, {
         method: "POST",
-        headers: headers,
-        body: body,
-        signal: controller.signal,
+        headers: csrfHeaders(),
+        body: JSON.stringify({ messages: fitted.messages, model: modelSelect.value, stream: true }),
+        signal: turn.controller.signal,
         credentials: "same-origin",
         cache: "no-store",
       })
         .then(function (response) {
           if (!response.ok) {
-            return errorFromResponse(response).then(function (message) { failure = message; });
+            return errorFromResponse(response).then(function (error) {
+              turn.failure = error.text;
+              turn.retryAfter = error.retryAfter;
+            });
           }
           var type = response.headers.get("Content-Type") || "";
           if (type.indexOf("text/event-stream") === 0 && response.body) return readStream(response);
           if (type.indexOf("application/json") === 0) return readJson(response);
-          failure = "The server sent an answer we could not read. Try again.";
+          turn.failure = "The server sent an answer we could not read. Try again.";
         })
         .catch(function (err) {
           if (turn.stopped || (err && err.name === "AbortError")) turn.stopped = true;
-          else if (!failure) failure = "Could not reach the server. Check your connection and try again.";
+          else if (!turn.failure) turn.failure = "Could not reach the server. Check your connection and try again.";
         })
         .then(function () {
-          finishTurn(turn, text, answer, startEvent, doneEvent, failure);
+          settleTurn(turn);
         });
     }
 
-    function finishTurn(turn, text, answer, startEvent, doneEvent, failure) {
-      if (current === turn) current = null;
-      var partial = answer.text();
-      var sameChat = turn.conversation === conversation;
-      if (doneEvent && !failure && !turn.stopped) {
-        answer.finish("done", { status: finishNote(doneEvent.finish_reason), usage: usageLine(doneEvent, startEvent) });
-        if (sameChat) {
-          history.push({ role: "user", content: text });
-          if (partial.trim()) history.push({ role: "assistant", content: partial });
-        }
-      } else if (turn.stopped) {
-        answer.finish("stopped", { status: "Stopped" });
-        if (sameChat && partial.trim()) {
-          history.push({ role: "user", content: text }, { role: "assistant", content: partial });
-        }
-      } else {
-        answer.finish("error", {
-          status: partial.trim() ? "Incomplete" : "",
-          error: failure || "The answer was cut off before it finished. Try again.",
-        });
-        if (sameChat && prompt.value === "") prompt.value = text; // offer the question again
+    function usageLine(done, startEvent) {
+      var parts = [];
+      var u = done.usage;
+      if (u && typeof u === "object") {
+        parts.push((u.prompt_tokens || 0) + " prompt + " + (u.completion_tokens || 0) + " completion tokens");
       }
-      if (!current) setBusy(false);
+      var model = String(done.model || (startEvent && startEvent.model) || "");
+      var degraded = done.degraded || (startEvent && startEvent.degraded);
+      if (model) parts.push(degraded ? "answered by " + model + " (fallback)" : model);
+      return parts.join(" · ");
+    }
+
+    function finishNote(reason) {
+      if (reason === "length") return "Cut off at the length limit";
+      if (reason === "content_filter") return "Stopped by the provider's content filter";
+      return "";
+    }
+
+    /** Record how the turn ended in its message, save it, and show it. Runs once per turn. */
+    function settleTurn(turn) {
+      if (turn.settled) return;
+      turn.settled = true;
+      if (current === turn) current = null;
+      var msg = turn.msg;
+      var partial = msg.content.trim() !== "";
+      var started = turn.doneEvent || turn.startEvent;
+      msg.model = String((started && started.model) || "");
+      if (turn.doneEvent && !turn.failure && !turn.stopped) {
+        msg.state = "done";
+        msg.status = finishNote(turn.doneEvent.finish_reason);
+        msg.usage = usageLine(turn.doneEvent, turn.startEvent);
+      } else if (turn.stopped) {
+        msg.state = "stopped";
+        msg.status = "Stopped";
+      } else {
+        msg.state = "error";
+        msg.status = partial ? "Incomplete" : "";
+        msg.error = turn.failure || "The answer was cut off before it finished. Try again.";
+      }
+      turn.view.settle();
+      var stillOpen = turn.conv === conv;
+      if (stillOpen) persist();
+      else store.save(turn.conv);
+      if (stillOpen && msg.state === "error") {
+        var question = conv.messages[conv.messages.length - 2];
+        if (question && prompt.value === "") prompt.value = question.content; // offer the question again
+        if (turn.retryAfter && turn.retryAfter <= MAX_COUNTDOWN) startCountdown(turn.retryAfter);
+      }
+      refreshComposer();
+      if (stillOpen && (document.activeElement === document.body || document.activeElement === stopButton ||
+                        !document.activeElement)) {
+        focusPrompt();
+      }
+    }
+
+    /** Stop the turn in flight and settle it now, so nothing of it lands in what is shown next. */
+    function detachTurn() {
+      if (!current) return;
+      var turn = current;
+      turn.stopped = true;
+      turn.controller.abort();
+      settleTurn(turn);
+    }
+
+    function removeFrom(index) {
+      conv.messages.splice(index);
+      nodes.splice(index).forEach(function (node) { node.remove(); });
+      empty.hidden = conv.messages.length > 0;
+    }
+
+    /** Drop a failed last turn (its question and the error), so asking again leaves no duplicate. */
+    function dropFailedTurn() {
+      var n = conv.messages.length;
+      var last = conv.messages[n - 1];
+      if (last && last.role === "assistant" && last.state === "error" && n >= 2) removeFrom(n - 2);
+    }
+
+    function ask(text) {
+      if (!conv.renamed && !conv.messages.length) conv.title = window.ChatStore.titleFrom(text);
+      var msg = { role: "user", content: text };
+      conv.messages.push(msg);
+      nodes.push(addUserBubble(msg));
+      startTurn();
+    }
+
+    function send() {
+      var text = prompt.value;
+      if (busy() || blocked() || text.trim() === "") return;
+      prompt.value = "";
+      dropFailedTurn();
+      ask(text);
+      focusPrompt();
+    }
+
+    function regenerate() {
+      var last = conv.messages[conv.messages.length - 1];
+      if (busy() || blocked() || !last || last.role !== "assistant") return;
+      var question = conv.messages[conv.messages.length - 2];
+      removeFrom(conv.messages.length - 1);
+      if (last.state === "error" && question && prompt.value === question.content) prompt.value = "";
+      startTurn();
+      focusPrompt();
+    }
+
+    function editQuestion(index) {
+      var node = nodes[index];
+      var msg = conv.messages[index];
+      if (busy() || !node || msg.role !== "user" || node.querySelector(".edit-form")) return;
+      var bubble = node.querySelector(".bubble");
+      var editor = clone("edit-template");
+      var input = editor.querySelector(".edit-input");
+      input.value = msg.content;
+      bubble.hidden = true;
+      node.querySelector(".msg-tools").hidden = true;
+      node.classList.add("is-editing");
+      node.insertBefore(editor, bubble);
+      input.focus();
+      input.setSelectionRange(input.value.length, input.value.length);
+
+      function cancel() {
+        editor.remove();
+        bubble.hidden = false;
+        node.querySelector(".msg-tools").hidden = false;
+        node.classList.remove("is-editing");
+        node.querySelector(".edit").focus();
+      }
+
+      function resend() {
+        var text = input.value;
+        if (text.trim() === "" || busy() || blocked()) return;
+        var at = nodes.indexOf(node);
+        if (at === -1) return;
+        removeFrom(at);
+        ask(text);
+        focusPrompt();
+      }
+
+      editor.addEventListener("submit", function (event) {
+        event.preventDefault();
+        resend();
+      });
+      editor.querySelector(".edit-cancel").addEventListener("click", cancel);
+      input.addEventListener("keydown", function (event) {
+        if (event.key === "Escape") {
+          event.preventDefault();
+          event.stopPropagation();
+          cancel();
+        } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey &&
+                   !event.ctrlKey && !event.metaKey) {
+          event.preventDefault();
+          resend();
+        }
+      });
     }
 
     function stop() {
       if (!current) return;
       current.stopped = true;
       current.controller.abort();
+      focusPrompt();
     }
 
     function newChat() {
-      if (current) {
-        current.stopped = true;
-        current.controller.abort();
-        current = null; // the aborted turn settles on its own, outside this chat
-        setBusy(false);
-      }
-      conversation += 1;
-      history = [];
-      Array.prototype.slice.call(transcript.querySelectorAll(".msg")).forEach(function (node) {
-        node.remove();
-      });
-      empty.hidden = false;
-      showNote("");
+      detachTurn();
+      conv = store.create();
+      store.setOpen("");
+      showConversation();
       prompt.value = "";
-      prompt.focus();
+      if (drawerOpen()) setDrawer(false);
+      focusPrompt();
+    }
+
+    function switchTo(id) {
+      if (conv && conv.id === id) {
+        if (drawerOpen()) setDrawer(false);
+        focusPrompt();
+        return;
+      }
+      detachTurn();
+      openConversation(id);
+      if (drawerOpen()) setDrawer(false);
+      focusPrompt();
     }
 
     // ---- models
@@ -523,6 +871,7 @@
           var names = data.models.map(String);
           modelSelect.value = names.indexOf(chosen) !== -1 ? chosen
             : names.indexOf(String(data["default"])) !== -1 ? String(data["default"]) : names[0];
+          refreshActions();
         })
         .catch(function () {
           // Keep the options the page was rendered with.
@@ -539,17 +888,89 @@
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
         event.preventDefault();
         send();
-      } else if (event.key === "Escape" && current) {
+      } else if (event.key === "Escape" && !event.shiftKey && current) {
         event.preventDefault();
         stop();
       }
     });
     stopButton.addEventListener("click", stop);
     newChatButton.addEventListener("click", newChat);
+    modelSelect.addEventListener("change", refreshActions);
 
+    transcript.addEventListener("click", function (event) {
+      var button = event.target.closest("button");
+      if (!button || !transcript.contains(button)) return;
+      var node = button.closest(".msg");
+      var index = nodes.indexOf(node);
+      if (button.classList.contains("code-copy")) {
+        copyText(button.closest(".code").querySelector("pre code").textContent, button);
+      } else if (button.classList.contains("copy") && index !== -1) {
+        copyText(conv.messages[index].content, button);
+      } else if (button.classList.contains("regenerate") || button.classList.contains("retry")) {
+        if (index === conv.messages.length - 1) regenerate();
+      } else if (button.classList.contains("edit") && index !== -1) {
+        editQuestion(index);
+      }
+    });
+
+    list.addEventListener("click", function (event) {
+      var button = event.target.closest("button");
+      var item = button && button.closest(".conv");
+      if (!item || !item.getAttribute("data-id")) return;
+      if (button.classList.contains("conv-open")) switchTo(item.getAttribute("data-id"));
+      else if (button.classList.contains("conv-rename")) startRename(item);
+      else if (button.classList.contains("conv-delete")) confirmDelete(item);
+    });
+
+    sidebarToggle.addEventListener("click", function () { setDrawer(!drawerOpen()); });
+    sidebarClose.addEventListener("click", function () {
+      setDrawer(false);
+      sidebarToggle.focus();
+    });
+    scrim.addEventListener("click", function () { setDrawer(false); });
+
+    document.addEventListener("keydown", function (event) {
+      var key = event.key;
+      if ((event.ctrlKey || event.metaKey) && event.shiftKey && !event.altKey && (key === "O" || key === "o")) {
+        event.preventDefault();
+        newChat();
+      } else if (key === "Escape" && event.shiftKey) {
+        event.preventDefault();
+        if (drawerOpen()) setDrawer(false);
+        focusPrompt();
+      } else if (key === "Escape" && drawerOpen()) {
+        event.preventDefault();
+        setDrawer(false);
+        sidebarToggle.focus();
+      } else if (key === "/" && !event.ctrlKey && !event.metaKey && !event.altKey && !isTyping(event.target)) {
+        event.preventDefault();
+        focusPrompt();
+      }
+    });
+
+    // Another tab changed the saved conversations: show the new list.
+    window.addEventListener("storage", function (event) {
+      if (event.key === null || event.key === window.ChatStore.INDEX) renderList();
+    });
+
+    // Leaving mid-answer: keep what arrived, marked as interrupted, so a reload can offer Retry.
+    window.addEventListener("pagehide", function () {
+      if (!current) return;
+      var turn = current;
+      turn.settled = true; // the request dies with the page: that is not a network error to record
+      current = null;
+      interrupted(turn.msg);
+      store.save(turn.conv);
+    });
+
+    openConversation(store.openId());
+    if (!store.persistent) {
+      notes.unavailable = "This browser does not allow storage here: conversations last until the page is closed.";
+      showNotes();
+    }
     loadModels();
-    setBusy(false);
-    prompt.focus();
+    refreshComposer();
+    focusPrompt();
     app.setAttribute("data-ready", "true");
   }
 

@@ -69,3 +69,58 @@ def watch(page: Any) -> Watch:
 
     page.on("dialog", on_dialog)
     return seen
+
+
+# ---------------------------------------------------------------- shared by the page tests (tests/test_page*.py)
+# The browser, context and page fixtures are in tests/page_fixtures.py.
+
+DESKTOP = {"width": 1280, "height": 800}
+MOBILE = {"width": 360, "height": 740}
+
+
+def open_chat(page: Any, url: str) -> None:
+    """Load the page and wait until its script has wired everything up."""
+    from playwright.sync_api import expect
+
+    page.goto(url + "/")
+    expect(page.locator("#app")).to_have_attribute("data-ready", "true")
+
+
+def ask(page: Any, text: str) -> None:
+    """Type a question and press Enter, as a user would."""
+    page.locator("#prompt").fill(text)
+    page.locator("#prompt").press("Enter")
+
+
+def answers(page: Any) -> Any:
+    """Every assistant answer in the transcript."""
+    return page.locator("#transcript .msg-assistant")
+
+
+def questions(page: Any) -> Any:
+    """Every question bubble in the transcript."""
+    return page.locator("#transcript .msg-user .bubble")
+
+
+def wait_state(page: Any, state: str, index: int = -1, timeout: float = 5000) -> None:
+    """Wait until an answer (default: the last) reaches `state`."""
+    from playwright.sync_api import expect
+
+    locator = answers(page).nth(index) if index >= 0 else answers(page).last
+    expect(locator).to_have_attribute("data-state", state, timeout=timeout)
+
+
+def answer_text(page: Any, index: int = -1) -> str:
+    """The visible text of an answer (default: the last)."""
+    locator = answers(page).nth(index) if index >= 0 else answers(page).last
+    return locator.locator(".answer").inner_text()
+
+
+def assert_ready(page: Any) -> None:
+    """The composer is ready for the next question."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#prompt")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_hidden()

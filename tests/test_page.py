@@ -8,103 +8,31 @@ import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from chatproxy import create_app
-from tests.browser import chromium_missing, launch, must_run, watch
+from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
 from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
+pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="Playwright for Python is not installed (pip install playwright)")
 expect = sync_api.expect
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 DOCS = ROOT / "docs"
-DESKTOP = {"width": 1280, "height": 800}
-MOBILE = {"width": 360, "height": 740}
 SYSTEM_PROMPT = "You are a helpful assistant."
 STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'")
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """One system Chromium for the whole module."""
-    missing = chromium_missing()
-    if missing:
-        if must_run():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    with sync_api.sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def context(browser):
-    """A fresh browser profile at desktop size."""
-    ctx = browser.new_context(viewport=DESKTOP)
-    ctx.set_default_timeout(5000)
-    yield ctx
-    ctx.close()
-
-
-@pytest.fixture
-def page(context):
-    """A page whose console errors, uncaught exceptions and dialogs are recorded in `page.seen`."""
-    tab = context.new_page()
-    tab.seen = watch(tab)
-    yield tab
-    assert tab.seen.page_errors == [], f"uncaught exceptions in the page: {tab.seen.page_errors}"
-    assert tab.seen.dialogs == [], f"the page opened dialogs: {tab.seen.dialogs}"
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def open_chat(page, url: str) -> None:
-    """Load the page and wait until its script has wired everything up."""
-    page.goto(url + "/")
-    expect(page.locator("#app")).to_have_attribute("data-ready", "true")
-
-
-def ask(page, text: str) -> None:
-    """Type a question and press Enter, as a user would."""
-    page.locator("#prompt").fill(text)
-    page.locator("#prompt").press("Enter")
-
-
-def answers(page):
-    return page.locator("#transcript .msg-assistant")
-
-
-def wait_state(page, state: str, index: int = -1, timeout: float = 5000) -> None:
-    """Wait until an answer (default: the last) reaches `state`."""
-    locator = answers(page).nth(index) if index >= 0 else answers(page).last
-    expect(locator).to_have_attribute("data-state", state, timeout=timeout)
-
-
-def answer_text(page, index: int = -1) -> str:
-    locator = answers(page).nth(index) if index >= 0 else answers(page).last
-    return locator.locator(".answer").inner_text()
-
-
-def assert_ready(page) -> None:
-    """The composer is ready for the next question."""
-    expect(page.locator("#send")).to_be_visible()
-    expect(page.locator("#send")).to_be_enabled()
-    expect(page.locator("#prompt")).to_be_enabled()
-    expect(page.locator("#stop")).to_be_hidden()
 
 
 def save_screenshot(page, name: str) -> Path:
@@ -271,27 +199,31 @@ def test_upstream_429_shows_when_to_retry(page, fake, live_url):
     error = answers(page).last.locator(".error-text")
     expect(error).to_be_visible()
     # The server says upstream_rate_limited (or upstream_unavailable once every model is cooling down); either
-    # way the user learns when to come back.
-    expect(error).to_have_text(re.compile(r"^(Too many requests|The model provider is having trouble) — "
-                                          r"try again in 7 seconds\.$"))
-    assert_ready(page)
+    # way the user learns when to come back, from a countdown that stops them sending before then.
+    expect(error).to_have_text(re.compile(r"^The model provider is (rate limiting us|having trouble)\.$"))
+    expect(page.locator("#countdown")).to_have_text(re.compile(r"^You can send again in [67] seconds\.$"))
+    expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#prompt")).to_have_value("Hello?")  # offered again, ready to retry
 
 
-@pytest.mark.parametrize(("status", "headers", "body", "expected"), [
-    (429, {"Retry-After": "30"}, {"error": {"code": "rate_limited", "message": "Slow down."}},
-     "Too many requests — try again in 30 seconds."),
-    (429, {}, {"error": {"code": "budget_exceeded", "message": "Budget exceeded."}},
-     "The spending limit for today has been reached. Please try again tomorrow."),
+@pytest.mark.parametrize(("status", "headers", "body", "expected", "wait"), [
+    (429, {"Retry-After": "30"}, {"error": {"code": "rate_limited", "message": "Slow down: 10 per minute."}},
+     "Slow down: 10 per minute.", 30),
+    (429, {}, {"error": {"code": "budget_exceeded", "message": "You have reached your usage limit for today."}},
+     "You have reached your usage limit for today.", None),
+    (429, {"Retry-After": "40000"}, {"error": {"code": "budget_exceeded", "message": "Try after midnight UTC."}},
+     "Try after midnight UTC.", None),
     (504, {}, {"error": {"code": "upstream_timeout", "message": "The model provider took too long."}},
-     "The model provider is having trouble — try again later."),
-    (503, {"Retry-After": "1"}, {"error": {"code": "upstream_unavailable", "message": "No model is available."}},
-     "The model provider is having trouble — try again in 1 second."),
+     "The model provider is having trouble — try again later.", None),
+    (503, {"Retry-After": "2"}, {"error": {"code": "upstream_unavailable", "message": "No model is available."}},
+     "The model provider is having trouble.", 2),
     (400, {}, {"error": {"code": "invalid_request", "message": "The conversation is too long: at most 10."}},
-     "The conversation is too long: at most 10."),
-    (502, {}, "<html>Bad gateway</html>", "The server could not answer (HTTP 502). Try again later."),
-], ids=["rate-limited", "budget", "upstream", "upstream-retry-after", "server-message", "not-json"])
-def test_error_responses_in_plain_words(page, live_url, status, headers, body, expected):
+     "The conversation is too long: at most 10.", None),
+    (502, {}, "<html>Bad gateway</html>", "The server could not answer (HTTP 502). Try again later.", None),
+], ids=["rate-limited", "budget", "budget-until-midnight", "upstream", "upstream-retry-after", "server-message",
+        "not-json"])
+def test_error_responses_in_plain_words(page, live_url, status, headers, body, expected, wait):
+    """Our own refusals (rate limit, budget) show the server's message; a short Retry-After is counted down."""
     open_chat(page, live_url)
     payload = body if isinstance(body, str) else json.dumps(body)
     kind = "text/html" if isinstance(body, str) else "application/json"
@@ -300,12 +232,18 @@ def test_error_responses_in_plain_words(page, live_url, status, headers, body, e
     ask(page, "Hi")
     wait_state(page, "error")
     expect(answers(page).last.locator(".error-text")).to_have_text(expected)
-    assert_ready(page)
+    if wait is None:
+        expect(page.locator("#countdown")).to_be_hidden()
+        assert_ready(page)
+    else:
+        expect(page.locator("#countdown")).to_have_text(
+            re.compile(rf"^You can send again in ({wait}|{wait - 1}) seconds?\.$"))
+        expect(page.locator("#send")).to_be_disabled()
 
 
 @pytest.mark.parametrize(("stream", "expected"), [
-    ('data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n'
-     'data: {"type":"error","code":"upstream_truncated","message":"cut short"}\n\n',
+    (('data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n'
+     'data: {"type":"error","code":"upstream_truncated","message":"cut short"}\n\n'),
      "The model provider is having trouble — try again later."),
     ('data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n',
      "The answer was cut off before it finished. Try again."),
@@ -376,8 +314,8 @@ def test_multibyte_characters_split_across_reads_render_correctly(page, app, ser
         b'\xa9 \xf0\x9f',  # 😀 split after two of its four bytes
         b'\x98\x80 na\xc3\xafve"}\r',  # event boundary split between \r and \n
         b'\n\r\n: ping\n\ndata: {"type":"delta","content":" \xe2\x82',  # a keep-alive comment, then € split
-        b'\xac5"}\n\ndata: {"type":"done","finish_reason":"stop","model":"gpt-4o-mini",'
-        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n',
+        (b'\xac5"}\n\ndata: {"type":"done","finish_reason":"stop","model":"gpt-4o-mini",'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'),
     ]
     url = serve(RawStream(app.wsgi_app, pieces))
     page.add_init_script("""
@@ -442,12 +380,17 @@ def test_no_console_errors_under_a_strict_csp(page, fake, app, serve):
     assert "<script src=" in html and 'rel="stylesheet"' in html
 
 
-def test_script_never_parses_text_as_html():
-    source = (ROOT / "static" / "chat.js").read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js"])
+def test_script_never_parses_text_as_html(name):
+    source = (ROOT / "static" / name).read_text(encoding="utf-8")
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
-                 "createContextualFragment", "DOMParser", ".style."):
-        assert sink not in source, f"static/chat.js uses {sink}"
-    assert "textContent" in source and "cloneNode" in source
+                 "createContextualFragment", "DOMParser", ".style.", "setTimeout(\"", "srcdoc", "javascript:"):
+        assert sink not in source, f"static/{name} uses {sink}"
+    assert name == "conversations.js" or "textContent" in source
+
+
+def test_every_script_on_the_page_is_checked():
+    assert sorted(p.name for p in (ROOT / "static").glob("*.js")) == ["chat.js", "conversations.js", "markdown.js"]
 
 
 # ---------------------------------------------------------------- 8. keyboard, new chat, model picker
@@ -504,34 +447,52 @@ def test_model_picker_and_request_headers(page, fake, settings_for, serve):
 
 # ---------------------------------------------------------------- layout and screenshots
 
+DEMO_FIRST = ("A proxy keeps the OpenAI key **on the server**:\n\n- the browser never sees it\n"
+              "- the server caps tokens and *spend*\n- every call leaves one ledger row")
 DEMO_ANSWER = (
-    "A reverse proxy sits between clients and your servers. The browser talks only to the proxy, "
-    "so the OpenAI key never leaves the server.\n\n"
-    "Stream an answer from Python like this:\n\n"
+    "Ask for `\"stream\": true` and read the events as they come:\n\n"
     "```python\nfor event in client.stream(\"/api/chat\", json={\"message\": \"Hi\", \"stream\": True}):\n"
     "    print(event)\n```\n\n"
-    "Each `delta` event carries the next few tokens."
+    "| Event | Carries |\n|---|---|\n| `start` | the model |\n| `delta` | the next few tokens |\n"
+    "| `done` | usage and finish reason |\n\n"
+    "**Tip:** stop with an `AbortController`; the proxy then closes the upstream stream too."
 )
 
 
-@pytest.mark.parametrize(("viewport", "name"), [(DESKTOP, "desktop"), (MOBILE, "mobile")])
-def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, name):
+@pytest.mark.parametrize(("viewport", "name", "scheme"), [
+    (DESKTOP, "desktop", "light"), (MOBILE, "mobile", "light"),
+    (DESKTOP, "desktop", "dark"), (MOBILE, "mobile", "dark"),
+], ids=["desktop", "mobile", "desktop-dark", "mobile-dark"])
+def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, name, scheme):
+    """No sideways scrolling at 1280 or 360 px, every control on screen; the README's screenshots come from here
+    (CHATPROXY_UPDATE_SCREENSHOTS=1 rewrites docs/screenshot-*.png)."""
     url = serve(create_app(settings_for(CHATPROXY_DEMO=True)))
     ctx = browser.new_context(viewport=viewport, device_scale_factor=2 if name == "mobile" else 1,
-                              color_scheme="light")
+                              color_scheme=scheme)
     try:
         page = ctx.new_page()
         seen = watch(page)
         open_chat(page, url)
         expect(page.locator("#demo-banner")).to_have_text(
             "Offline demo: answers come from a local fake upstream, not OpenAI")
-        fake.script(Reply(content="Proxies keep secrets on the server."), Reply(content=DEMO_ANSWER))
+        page.evaluate("""() => {
+          const store = ChatStore.create(localStorage);
+          for (const title of ['Budgets per user', 'Deploying behind nginx']) {
+            const conv = store.create();
+            conv.title = title;
+            conv.messages = [{role: 'user', content: title}, {role: 'assistant', content: 'Notes.', state: 'done'}];
+            store.save(conv);
+          }
+        }""")
+        fake.script(Reply(content=DEMO_FIRST), Reply(content=DEMO_ANSWER))
         ask(page, "Why use a proxy for the OpenAI API?")
         wait_state(page, "done")
         ask(page, "How do I stream an answer?")
         wait_state(page, "done", index=1)
         expect(page.locator("#transcript pre code")).to_contain_text("for event in client.stream")
+        expect(page.locator("#conversations .conv-open")).to_have_count(3)
         page.locator("#prompt").blur()
+        page.mouse.move(0, viewport["height"] - 1)
 
         widths = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
                                " document.getElementById('transcript').scrollWidth,"
@@ -541,9 +502,12 @@ def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, na
         for control in ("#prompt", "#send", "#model", "#new-chat"):
             box = page.locator(control).bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], control
+        expect(page.locator("#sidebar")).to_be_visible() if name == "desktop" else expect(
+            page.locator("#sidebar")).to_be_hidden()
 
-        shot = save_screenshot(page, f"chat-{name}.png")
-        target = DOCS / f"screenshot-{name}.png"
+        suffix = "" if scheme == "light" else "-dark"
+        shot = save_screenshot(page, f"chat-{name}{suffix}.png")
+        target = DOCS / f"screenshot-{name}{suffix}.png"
         if os.environ.get("CHATPROXY_UPDATE_SCREENSHOTS") or not target.exists():
             DOCS.mkdir(exist_ok=True)
             shutil.copyfile(shot, target)
