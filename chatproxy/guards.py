@@ -20,7 +20,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter, RequestLimit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .config import Settings, SettingsError
+from .config import Settings, parse_tokens
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -79,23 +79,6 @@ def init_app(app: Flask) -> None:
     app.extensions["chatproxy.streams"] = (RedisStreamSlots(settings.redis_url, lease) if settings.redis_url
                                            else MemoryStreamSlots())
     app.cli.add_command(new_token)
-
-
-def parse_tokens(specs: tuple[str, ...]) -> dict[str, bytes]:
-    """`name=sha256:HEX` entries → {name: digest}; a malformed entry stops start-up."""
-    tokens: dict[str, bytes] = {}
-    for spec in specs:
-        name, _, hashed = spec.partition("=")
-        scheme, _, hexdigest = hashed.partition(":")
-        try:
-            digest = bytes.fromhex(hexdigest)
-        except ValueError:
-            digest = b""
-        if not name.strip() or scheme != "sha256" or len(digest) != 32:
-            raise SettingsError("CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX "
-                                "(make one with `flask --app chatproxy new-token NAME`).")
-        tokens[name.strip()] = digest
-    return tokens
 
 
 def hash_token(token: str) -> str:

@@ -57,11 +57,12 @@ def _wait_for_port(port: int, process: subprocess.Popen, output: list[str], time
 
 @dataclass
 class Server:
-    """A running server process, its port and every line it printed."""
+    """A running server process, its port, the settings it was started with and every line it printed."""
 
     process: subprocess.Popen
     port: int
     output: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -86,19 +87,37 @@ def _collect(process: subprocess.Popen, output: list[str]) -> None:
     threading.Thread(target=lambda: output.extend(line.decode() for line in process.stdout), daemon=True).start()
 
 
-def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
-    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
-    port = _free_port()
-    settings = {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
-                "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
-                "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
-    environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args], cwd=cwd,
-                               env={**environ, **settings}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = Server(process, port)
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+
+
+def gunicorn_settings(env: dict[str, str], port: int) -> dict[str, str]:
+    """Working settings for a test gunicorn on `port`, overridden by `env`."""
+    return {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
+            "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
+            "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
+
+
+def environment(settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))}
+    return {**inherited, **settings}
+
+
+def launch(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn -c gunicorn.conf.py (from `cwd`) with exactly `settings` (which bind it), once it listens."""
+    port = int(settings["CHATPROXY_BIND"].rpartition(":")[2])
+    process = subprocess.Popen([*GUNICORN, *args], cwd=cwd, env=environment(settings), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    server = Server(process, port, settings=settings)
     _collect(process, server.output)
     _wait_for_port(port, process, server.output)
     return server
+
+
+def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
+    return launch(gunicorn_settings(env, _free_port()), *args, cwd=cwd)
 
 
 def need_nginx() -> None:
@@ -304,14 +323,20 @@ def test_a_bad_deployment_setting_stops_gunicorn_naming_it():
     assert "CHATPROXY_THREADS must be an integer from 1 to 1000; got 'lots'" in result.stderr
 
 
-def test_reload_starts_workers_with_the_new_code(tmp_path):
-    """HUP (systemctl reload) after an upgrade: the master never imported chatproxy, so new workers load the new code."""
+def copy_app(tmp_path: Path) -> Path:
+    """A copy of the code gunicorn runs, to change under a running server."""
     copy = tmp_path / "app"
     shutil.copytree(ROOT / "chatproxy", copy / "chatproxy", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("templates", "static"):
         shutil.copytree(ROOT / name, copy / name)
     for name in ("wsgi.py", "gunicorn.conf.py"):
         shutil.copy(ROOT / name, copy / name)
+    return copy
+
+
+def test_reload_starts_workers_with_the_new_code(tmp_path):
+    """HUP (systemctl reload) after an upgrade: the master never imported chatproxy, so new workers load the new code."""
+    copy = copy_app(tmp_path)
     server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
                              "CHATPROXY_WORKERS": "2"}, cwd=copy)
     try:
@@ -320,10 +345,7 @@ def test_reload_starts_workers_with_the_new_code(tmp_path):
         ops = copy / "chatproxy" / "ops.py"
         ops.write_text(ops.read_text().replace('jsonify({"status": "ok"})', 'jsonify({"status": "ok", "v": 2})'))
         server.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (set(_workers(server)) & set(old_workers) or len(_workers(server)) < 2):
-            time.sleep(0.1)
-        new_workers = _workers(server)
+        new_workers = _replaced(server, old_workers)
         answers = [_get_json(server, "/healthz") for _ in range(6)]  # new connections: both new workers answer
     finally:
         server.stop()
@@ -344,3 +366,152 @@ def _get_json(server: Server, path: str) -> dict:
 
 def _workers(server: Server) -> list[str]:
     return subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+
+
+def _replaced(server: Server, old_workers: list[str], count: int = 2) -> list[str]:
+    """The worker pids once none of `old_workers` is left and `count` new ones run (or after 20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (set(_workers(server)) & set(old_workers) or len(_workers(server)) < count):
+        time.sleep(0.1)
+    return _workers(server)
+
+
+def _request(server: Server, method: str, path: str, body: dict | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict, http.client.HTTPMessage]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null"), response.headers
+    finally:
+        conn.close()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# --- a bad setting stops gunicorn at once (issue 14, #2 and #8) --------------------------------------------
+
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("OPENAI_API_KEY", "", "OPENAI_API_KEY is not set"),
+    ("CHATPROXY_MAX_TOKENS", "abc", "CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'"),
+    ("CHATPROXY_API_TOKENS", "foo", "CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX"),
+    ("CHATPROXY_PRICES", "{bad", "CHATPROXY_PRICES must be a JSON object of models to prices"),
+    # Two workers (the default) and no shared key: each would sign page sessions with its own.
+    ("CHATPROXY_SECRET_KEY", "", "CHATPROXY_SECRET_KEY is not set"),
+])
+def test_a_bad_setting_stops_gunicorn_before_any_worker_starts(tmp_path, setting, value, says):
+    port = _free_port()
+    settings = gunicorn_settings({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db", setting: value}, port)
+
+    # A crash loop never ends: the timeout would fail the test.
+    result = subprocess.run(GUNICORN, cwd=ROOT, env=environment(settings), capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, naming the setting
+    assert result.stderr.startswith("chatproxy: ") and says in result.stderr
+    assert "Booting worker" not in result.stdout + result.stderr
+    assert _port_is_free(port)
+
+
+def test_the_secret_key_message_says_how_to_make_one():
+    result = subprocess.run(GUNICORN + ["--check-config"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env=environment(gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "3"},
+                                                              _free_port())))
+
+    assert result.returncode == 1
+    assert "each of the 3 workers" in result.stderr
+    assert "python3 -c 'import secrets; print(secrets.token_hex(32))'" in result.stderr
+
+
+def test_workers_from_the_command_line_need_the_secret_key_too(tmp_path):
+    port = _free_port()
+    settings = gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "1",
+                                  "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"}, port)
+
+    result = subprocess.run(GUNICORN + ["--workers", "2"], cwd=ROOT, env=environment(settings), capture_output=True,
+                            text=True, timeout=30)
+
+    assert result.returncode == 1
+    assert "chatproxy: CHATPROXY_SECRET_KEY is not set, so each of the 2 workers" in result.stderr
+    assert "Booting worker" not in result.stdout + result.stderr
+    assert _port_is_free(port)
+
+
+def test_one_worker_needs_no_secret_key(tmp_path):
+    server = start_gunicorn({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "1",
+                             "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"})
+    try:
+        assert _request(server, "GET", "/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def _write_env(folder: Path, **values: str) -> None:
+    (folder / ".env").write_text("".join(f"{name}={value}\n" for name, value in values.items()), encoding="utf-8")
+
+
+def test_a_reload_with_a_bad_env_file_keeps_serving_with_the_previous_settings(tmp_path):
+    """`kill -HUP` after a bad edit of .env: gunicorn logs the setting and keeps the last good settings."""
+    copy = copy_app(tmp_path)
+    good = {"OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_SECRET_KEY": "deploy-test", "CHATPROXY_WORKERS": "2",
+            "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}",
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini,gpt-4o")
+    server = launch({"CHATPROXY_BIND": f"127.0.0.1:{_free_port()}"}, cwd=copy)  # every other setting: .env
+    try:
+        before = _request(server, "GET", "/api/models", headers=AUTH)[1]["models"]
+        first = _workers(server)
+
+        _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini", CHATPROXY_MAX_TOKENS="abc")
+        server.process.send_signal(signal.SIGHUP)
+        second = _replaced(server, first)  # new workers (new code), with the settings gunicorn had
+        refused = [_request(server, "GET", "/api/models", headers=AUTH)[1]["models"] for _ in range(4)]
+        time.sleep(2)  # a crash loop would boot a worker every fraction of a second
+        booted = sum("Booting worker" in line for line in server.output)
+        alive = server.process.poll() is None
+
+        _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini")
+        server.process.send_signal(signal.SIGHUP)
+        _replaced(server, second)
+        accepted = [_request(server, "GET", "/api/models", headers=AUTH)[1]["models"] for _ in range(4)]
+    finally:
+        server.stop()
+
+    assert before == ["gpt-4o-mini", "gpt-4o"]
+    assert alive and booted == 4 and len(second) == 2 and not set(second) & set(first)
+    assert refused == [["gpt-4o-mini", "gpt-4o"]] * 4
+    errors = [line for line in server.json_lines() if line["level"] == "ERROR"]
+    assert [line["message"] for line in errors] == [
+        "chatproxy: reload refused, still serving with the previous settings: "
+        "CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'."]
+    assert accepted == [["gpt-4o-mini"]] * 4  # a good .env is taken on the next reload
+
+
+def test_workers_that_cannot_start_stop_gunicorn_instead_of_restarting_forever(tmp_path):
+    """New code that refuses the settings (an upgrade, then `systemctl reload`): gunicorn stops, with the reason."""
+    copy = copy_app(tmp_path)
+    server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}, cwd=copy)
+    try:
+        assert _request(server, "GET", "/healthz")[0] == 200
+        config = copy / "chatproxy" / "config.py"
+        config.write_text(config.read_text().replace(
+            "    parsed: dict[str, Any] = {}\n",
+            "    raise SettingsError('CHATPROXY_FUTURE must be set: this version needs it.')\n", 1))
+        server.process.send_signal(signal.SIGHUP)
+        returncode = server.process.wait(timeout=30)  # a crash loop never ends: the timeout fails the test
+    finally:
+        server.stop()
+
+    assert returncode == 3  # gunicorn's "worker failed to boot"
+    text = "\n".join(server.output)
+    assert "chatproxy: CHATPROXY_FUTURE must be set: this version needs it." in text
+    assert sum("Booting worker" in line for line in server.output) <= 4  # 2 at start, at most 2 after the reload
+    assert _port_is_free(server.port)
