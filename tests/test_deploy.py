@@ -26,6 +26,7 @@ from chatproxy.guards import hash_token
 from tests import nginx_site
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.sse import post_stream
+from tests.test_usage import postgres_schema_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = nginx_site.NGINX
@@ -515,3 +516,84 @@ def test_workers_that_cannot_start_stop_gunicorn_instead_of_restarting_forever(t
     assert "chatproxy: CHATPROXY_FUTURE must be set: this version needs it." in text
     assert sum("Booting worker" in line for line in server.output) <= 4  # 2 at start, at most 2 after the reload
     assert _port_is_free(server.port)
+
+
+# --- a database outage does not stop workers from starting (issue 14, #3) ------------------------------------
+
+class Relay:
+    """A TCP relay on a fixed loopback port to `target`: the database 'comes back' when it starts."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stop relaying."""
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_workers_start_during_a_database_outage_and_create_the_schema_when_it_is_back(fake):
+    with postgres_schema_url() as real_url:
+        port = _free_port()  # nothing listens there until the relay starts
+        url = sa.make_url(real_url).set(port=port).render_as_string(hide_password=False)
+        server = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DATABASE_URL": url})
+        relay = None
+        try:
+            health = _request(server, "GET", "/healthz")
+            ready = _request(server, "GET", "/readyz")
+            refused = [_request(server, "POST", "/api/chat", {"message": "hi"}, AUTH) for _ in range(4)]
+            calls_during_outage = len(fake.chat_calls())
+
+            relay = Relay(port, ("127.0.0.1", sa.make_url(real_url).port or 5432))
+            answered = _request(server, "POST", "/api/chat", {"message": "hi"}, AUTH)
+            ready_after = _request(server, "GET", "/readyz")
+        finally:
+            server.stop()
+            if relay is not None:
+                relay.close()
+        engine = sa.create_engine(real_url)
+        tables = set(sa.inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT outcome FROM ledger")).all()
+        engine.dispose()
+
+    assert health[0] == 200
+    assert ready[0] == 503 and "database" in ready[1]["error"]["message"]
+    assert {status for status, _, _ in refused} == {503}
+    assert {body["error"]["code"] for _, body, _ in refused} <= {"budget_unavailable", "ledger_unavailable"}
+    assert all(headers["Retry-After"] for _, _, headers in refused)
+    assert calls_during_outage == 0  # nothing unrecorded went upstream
+    assert answered[0] == 200 and answered[1]["content"]
+    assert ready_after[0] == 200
+    assert {"ledger", "budget_counters", "batches"} <= tables
+    assert rows == [("ok",)]
+    assert "Worker failed to boot" not in "\n".join(server.output)

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import uuid
 import xml.etree.ElementTree as ET
@@ -59,6 +60,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with postgres_schema_url() as url:
             yield url
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def process_context() -> multiprocessing.context.BaseContext:
@@ -267,8 +275,8 @@ def test_a_worker_killed_mid_call_leaves_an_interrupted_row(ledger: Ledger, db_u
     assert row["id"] == row_id and row["outcome"] == "interrupted" and row["closed_at"] is None
 
 
-def test_open_without_a_database_is_a_503_not_an_unrecorded_call(tmp_path: Path) -> None:
-    broken = Ledger(f"sqlite:///{tmp_path / 'no-schema.db'}")  # no create_schema: the insert fails
+def test_open_without_a_database_is_a_503_not_an_unrecorded_call() -> None:
+    broken = Ledger(f"postgresql+psycopg://postgres@127.0.0.1:{dead_port()}/test")  # nothing listens there
     with pytest.raises(ApiError) as error:
         broken.open("req-5", "token:app", "gpt-4o", stream=False)
     assert (error.value.status, error.value.code) == (503, "ledger_unavailable")
@@ -346,8 +354,9 @@ def test_default_ledger_is_a_wal_sqlite_file_in_the_instance_folder(settings_for
     app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL="")
     ledger: Ledger = app.extensions["chatproxy.ledger"]
     path = tmp_path / "instance" / "chatproxy.db"
-    assert path.is_file() and ledger.engine.url.database == str(path)
-    with ledger.engine.connect() as conn:
+    assert ledger.engine.url.database == str(path)
+    with ledger.engine.connect() as conn:  # the first connection makes the file and the tables
+        assert path.is_file()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
     assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters"}
@@ -365,6 +374,74 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Ledger ready at sqlite:///" in result.output
     assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "batches"}
+
+
+def _previous_ledger(url: str) -> None:
+    """The ledger table as the previous release made it (no client_request_id), with one row in it."""
+    old = sa.MetaData()
+    table = sa.Table(
+        "ledger", old,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("request_id", sa.String(64), nullable=False, index=True),
+        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+        sa.Column("identity", sa.Text, nullable=False),
+        sa.Column("model_requested", sa.Text, nullable=False),
+        sa.Column("model_answered", sa.Text),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("tokens_exact", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("cost_micros", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("outcome", sa.String(64), nullable=False),
+        sa.Column("stream", sa.Boolean, nullable=False),
+        sa.Column("latency_ms", sa.Integer),
+        sa.Column("ttft_ms", sa.Integer),
+        sa.Column("closed_at", sa.DateTime),
+    )
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(table.insert().values(request_id="old-1", created_at=datetime(2025, 1, 1), identity="token:a",
+                                           model_requested="gpt-4o", outcome="ok", stream=False, cost_micros=7))
+    engine.dispose()
+
+
+def test_first_use_adds_the_columns_a_previous_ledger_lacks(db_url: str) -> None:
+    _previous_ledger(db_url)
+    ledger = Ledger(db_url)  # no create_schema(): the first connection checks the schema
+
+    ledger.open("new-1", "token:a", "gpt-4o", stream=False, client_request_id="theirs-1")
+
+    rows = ledger.rows()
+    assert [(r["request_id"], r["client_request_id"], r["cost_micros"]) for r in rows] == \
+        [("old-1", None, 7), ("new-1", "theirs-1", 0)]
+    ledger.dispose()
+
+
+def test_init_db_adds_the_columns_a_previous_ledger_lacks(db_url: str, settings_for, tmp_path: Path) -> None:
+    _previous_ledger(db_url)
+    app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=db_url)
+
+    result = app.test_cli_runner().invoke(args=["init-db"])
+
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(db_url)
+    columns = {column["name"] for column in sa.inspect(engine).get_columns("ledger")}
+    tables = set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+    app.extensions["chatproxy.ledger"].dispose()
+    assert "client_request_id" in columns
+    assert {"ledger", "budget_counters", "batches"} <= tables
+
+
+def test_a_new_column_without_a_default_is_refused_not_half_added(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    _previous_ledger(url)
+    strict = sa.MetaData()
+    sa.Table("ledger", strict, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("must", sa.Text, nullable=False))
+
+    with pytest.raises(sa.exc.ArgumentError, match="ledger.must"):
+        usage.create_tables(sa.create_engine(url), strict)
 
 
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
