@@ -113,7 +113,21 @@ def launch(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
     server = Server(process, port, settings=settings)
     _collect(process, server.output)
     _wait_for_port(port, process, server.output)
+    _wait_for_a_worker(server)
     return server
+
+
+def _wait_for_a_worker(server: Server, timeout: float = 60) -> None:
+    """Block until a worker answers: workers import Flask and the SDK first, seconds on a busy machine."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+    except OSError as exc:
+        server.process.kill()
+        raise RuntimeError(f"no worker answered ({exc}):\n" + "\n".join(server.output)) from None
+    finally:
+        conn.close()
 
 
 def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
