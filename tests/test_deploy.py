@@ -525,7 +525,8 @@ def test_workers_that_cannot_start_stop_gunicorn_instead_of_restarting_forever(t
     finally:
         server.stop()
 
-    assert returncode == 3  # gunicorn's "worker failed to boot"
+    # 3: gunicorn's "worker failed to boot" (1 when the second new worker's exit is reaped while it stops).
+    assert returncode in (1, 3)
     text = "\n".join(server.output)
     assert "chatproxy: CHATPROXY_FUTURE must be set: this version needs it." in text
     assert sum("Booting worker" in line for line in server.output) <= 4  # 2 at start, at most 2 after the reload
