@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -205,7 +206,7 @@ class JsonAccessLogger(glogging.Logger):
     """gunicorn's logger, with each access line as JSON fields instead of Apache's format."""
 
     def access(self, resp, req, environ, request_time) -> None:
-        """Log one answered request: method, path, status, bytes, duration, client and request id."""
+        """Log one answered request: method, path, status, bytes, duration, client, our and the client's request ids."""
         if not self.access_log_enabled:
             return
         try:
@@ -217,7 +218,8 @@ class JsonAccessLogger(glogging.Logger):
                 "status": int(status) if status.isdigit() else status, "bytes": getattr(resp, "sent", None),
                 "duration_ms": round(request_time.total_seconds() * 1000, 1),
                 "remote_addr": environ.get("REMOTE_ADDR"), "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
-                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id})
+                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id,
+                "client_request_id": (environ.get("HTTP_X_REQUEST_ID") or "")[:64] or None})
         except Exception:  # noqa: BLE001 - a bad access line must not fail the request
             self.exception("could not write the access log line")
 
@@ -268,9 +270,27 @@ def on_starting(server) -> None:
     problem = _secret_key_problem(server.cfg.workers, _raw["CHATPROXY_SECRET_KEY"])
     if problem:
         raise SystemExit(f"chatproxy: {problem}")
+    _warn_if_exposed(server)
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     Path(directory).mkdir(parents=True, exist_ok=True)
     _clear_metrics(directory)
+
+
+def _warn_if_exposed(server) -> None:
+    """Say so when gunicorn listens beyond loopback while the app believes X-Forwarded-For."""
+    if not _setting("CHATPROXY_TRUSTED_PROXIES"):
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):
+            continue  # a unix socket: only local processes reach it
+        try:
+            loopback = ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:
+            loopback = address[0] == "localhost"
+        if not loopback:
+            server.log.warning("chatproxy: listening on %s with CHATPROXY_TRUSTED_PROXIES set: anyone who reaches "
+                               "gunicorn directly chooses the client IP that rate limits and /metrics see. Bind to "
+                               "127.0.0.1 behind nginx, or let only your proxy reach this port.", address[0])
 
 
 def child_exit(server, worker) -> None:

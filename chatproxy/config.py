@@ -268,6 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed."),
     Setting("CHATPROXY_METRICS_NETWORKS", "127.0.0.1/32,::1/128", _networks,
             "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
+    Setting("CHATPROXY_READY_REQUIRES_REDIS", "false", _bool,
+            "true: /readyz answers 503 while Redis is unreachable. Default: 200 with status 'degraded' "
+            "(limits then count per process), so a Redis outage does not take every host out of the load balancer."),
     # Batch API (batch.py)
     Setting("CHATPROXY_BATCH_MAX_REQUESTS", "1000", _int_range(1, 50_000),
             "Most requests in one batch (POST /api/batches, `flask batch submit`); OpenAI allows 50,000."),

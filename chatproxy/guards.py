@@ -20,6 +20,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter, RequestLimit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import redis_client
 from .config import Settings, parse_tokens
 from .errors import ApiError
 
@@ -70,8 +71,8 @@ def init_app(app: Flask) -> None:
     limiter = Limiter(key_func=_limit_key, app=app, storage_uri=storage, strategy="fixed-window",
                       application_limits=[_limit_for_caller], application_limits_exempt_when=_not_limited,
                       on_breach=_rate_limited, key_prefix="chatproxy",
-                      in_memory_fallback_enabled=True, storage_options={"socket_connect_timeout": 1,
-                                                                        "socket_timeout": 1}
+                      in_memory_fallback_enabled=True,
+                      storage_options={"connection_pool": redis_client.pool(settings.redis_url)}
                       if settings.redis_url else {})
     app.extensions["chatproxy.limiter"] = limiter
     # A lease outlives any stream: the relay cuts a stream at the total timeout, noticed within a read timeout.
@@ -219,7 +220,7 @@ class RedisStreamSlots:
     """
 
     def __init__(self, url: str, lease_seconds: float) -> None:
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        self._redis = redis_client.client(url)
         self._acquire = self._redis.register_script(self._ACQUIRE)
         self._lease_ms = math.ceil(lease_seconds * 1000)
         self._fallback = MemoryStreamSlots()

@@ -35,6 +35,7 @@ class Meter:
         self.prices: PriceTable = current_app.extensions["chatproxy.prices"]
         self.identity: str = g.identity
         self.request_id: str = g.request_id
+        self.client_request_id: str | None = g.get("client_request_id")
         self.model = chat.model
         self.stream = chat.stream
         self.started = time.monotonic()
@@ -57,7 +58,7 @@ class Meter:
         """Wrap one upstream attempt: open its ledger row before the call, close it on failure."""
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
-            row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+            row = self.ledger.open(self.request_id, self.identity, self.model, self.stream, self.client_request_id)
             begun = time.monotonic()
             try:
                 value = call(model, timeout, {ROW_HEADER: str(row)})

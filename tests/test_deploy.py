@@ -504,9 +504,9 @@ def test_a_reload_with_a_bad_env_file_keeps_serving_with_the_previous_settings(t
     assert alive and booted == 4 and len(second) == 2 and not set(second) & set(first)
     assert refused == [["gpt-4o-mini", "gpt-4o"]] * 4
     errors = [line for line in server.json_lines() if line["level"] == "ERROR"]
-    assert [line["message"] for line in errors] == [
-        "chatproxy: reload refused, still serving with the previous settings: "
-        "CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'."]
+    assert [line["message"] for line in errors] == [("chatproxy: reload refused, still serving with the previous "
+                                                     "settings: CHATPROXY_MAX_TOKENS must be an integer from 1 to "
+                                                     "128000; got 'abc'.")]
     assert accepted == [["gpt-4o-mini"]] * 4  # a good .env is taken on the next reload
 
 
@@ -612,3 +612,37 @@ def test_workers_start_during_a_database_outage_and_create_the_schema_when_it_is
     assert {"ledger", "budget_counters", "batches"} <= tables
     assert rows == [("ok",)]
     assert "Worker failed to boot" not in "\n".join(server.output)
+
+
+# --- behind nginx, the client cannot choose the forwarded headers (issue 14, #9) ------------------------------
+
+def test_nginx_replaces_the_forwarded_headers_a_client_sends(stack):
+    nginx, gunicorn = stack
+    client = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.4"
+    theirs = f"client-{uuid.uuid4().hex[:12]}"
+    forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Port": "1", "X-Request-ID": theirs,
+              "Origin": f"http://127.0.0.1:{nginx.port}"}  # the page's own origin, as nginx serves it
+
+    conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10, source_address=(client, 0))
+    conn.request("POST", "/api/chat", body=b'{"message": "hi"}', headers={"Content-Type": "application/json", **forged})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    again = _post_from(client, nginx.port, {"X-Forwarded-For": "203.0.113.10"})  # 1/minute per client IP
+
+    # A forged port would make the app see itself at :1 and refuse its own origin (403).
+    assert response.status == 200
+    assert again == 429  # the forged address did not get a fresh limit
+    ours = response.getheader("X-Request-ID")
+    assert ours != theirs and len(ours) == 32
+    deadline = time.monotonic() + 5
+    while not (lines := [line for line in gunicorn.json_lines() if line.get("client_request_id") == theirs]):
+        assert time.monotonic() < deadline, "no access line for the request"
+        time.sleep(0.05)
+    assert (lines[0]["remote_addr"], lines[0]["forwarded_for"], lines[0]["request_id"]) == (client, client, ours)
+    ledger = sa.create_engine(gunicorn.settings["CHATPROXY_DATABASE_URL"])
+    with ledger.connect() as db:
+        rows = db.execute(sa.text("SELECT request_id FROM ledger WHERE client_request_id = :theirs"),
+                          {"theirs": theirs}).all()
+    ledger.dispose()
+    assert rows == [(ours,)]

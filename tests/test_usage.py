@@ -509,7 +509,8 @@ def test_usage_command_plots_an_empty_range(filled_app: Flask, tmp_path: Path) -
     assert "No spend in this range" in ET.tostring(ET.parse(chart).getroot(), encoding="unicode")
 
 
-@pytest.mark.parametrize("args", [["--since", "2025-13-01"], ["--since", "2025-03-02", "--until", "2025-03-01"]])
+@pytest.mark.parametrize("args", [["--since", "2025-13-01"], ["--since", "2025-03-02", "--until", "2025-03-01"],
+                                  ["--until", "9999-12-31"], ["--until", "0001-01-01"]])
 def test_usage_command_refuses_bad_dates(filled_app: Flask, args: list[str]) -> None:
     result = filled_app.test_cli_runner().invoke(args=["usage", *args])
     assert result.exit_code == 2
@@ -552,8 +553,17 @@ def test_only_an_admin_token_identity_passes(filled_app: Flask, identity: str | 
         assert reports.usage_report().status_code == 200
 
 
-@pytest.mark.parametrize("query", ["since=yesterday", "until=2025-02-30", "since=2025-03-02&until=2025-03-01"])
+@pytest.mark.parametrize("query", ["since=yesterday", "until=2025-02-30", "since=2025-03-02&until=2025-03-01",
+                                   "until=9999-12-31", "until=0001-01-01", "since=0001-01-01&until=0001-03-01"])
 def test_api_usage_refuses_bad_dates(filled_app: Flask, query: str) -> None:
     response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
     assert response.status_code == 400
     assert response.json["error"]["code"] == "invalid_request"
+    assert query.split("=")[0] in response.json["error"]["message"]
+
+
+def test_api_usage_reaches_the_first_and_last_days_it_allows(filled_app: Flask) -> None:
+    response = filled_app.test_client().get(f"/api/usage?since={reports.FIRST_DAY}&until={reports.LAST_DAY}",
+                                            headers={"Authorization": "Bearer cpx-ops-token"})
+    assert response.status_code == 200
+    assert response.json["totals"]["requests"] == len(filled_app.extensions["chatproxy.ledger"].rows())  # all
