@@ -444,6 +444,27 @@ def test_a_new_column_without_a_default_is_refused_not_half_added(tmp_path: Path
         usage.create_tables(sa.create_engine(url), strict)
 
 
+@pytest.mark.parametrize(("retry_seconds", "attempts"), [(usage.SCHEMA_RETRY_SECONDS, 1), (0, 2)])
+def test_a_failed_schema_check_is_logged_and_tried_again_after_a_pause(tmp_path: Path, monkeypatch, caplog,
+                                                                        retry_seconds: float, attempts: int) -> None:
+    monkeypatch.setattr(usage, "SCHEMA_RETRY_SECONDS", retry_seconds)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    _previous_ledger(url)
+    ledger = Ledger(url)
+    impossible = sa.MetaData()  # a column no existing row could have
+    sa.Table("ledger", impossible, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("must", sa.Text, nullable=False))
+    ledger.schema.add(impossible)
+
+    for _ in range(2):
+        with ledger.engine.connect() as conn:  # the connection still works: requests fail or pass on their own
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+
+    failures = [r for r in caplog.records if r.getMessage().startswith("cannot create or check the database schema")]
+    assert len(failures) == attempts
+    ledger.dispose()
+
+
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
     with postgres_schema_url() as url:
         app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=url)
