@@ -297,23 +297,26 @@ def test_sigterm_lets_streams_finish_and_refuses_new_connections(fake, tmp_path)
     gunicorn = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_WORKERS": "2",
                                "CHATPROXY_GRACEFUL_TIMEOUT": "10", "CHATPROXY_KEEPALIVE_SECONDS": "0",
                                "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"})
-    fake.script(*[paced(15, 0.15)] * 3)  # about 2 s each
-    results: list = []
-    streams = [threading.Thread(target=lambda: results.append(
-        post_stream(gunicorn.url, {"message": "hi", "stream": True}, headers=AUTH)[0])) for _ in range(3)]
-    for thread in streams:
-        thread.start()
-    assert fake.wait_for(lambda: len(fake.chat_calls()) == 3 and all(c.chunk_times for c in fake.chat_calls()))
+    try:
+        fake.script(*[paced(15, 0.15)] * 3)  # about 2 s each
+        results: list = []
+        streams = [threading.Thread(target=lambda: results.append(
+            post_stream(gunicorn.url, {"message": "hi", "stream": True}, headers=AUTH)[0])) for _ in range(3)]
+        for thread in streams:
+            thread.start()
+        assert fake.wait_for(lambda: len(fake.chat_calls()) == 3 and all(c.chunk_times for c in fake.chat_calls()))
 
-    signalled = time.monotonic()
-    gunicorn.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", gunicorn.port), timeout=2).close()
-    for thread in streams:
-        thread.join(timeout=15)
-    gunicorn.process.wait(timeout=15)
-    stopped = time.monotonic() - signalled
+        signalled = time.monotonic()
+        gunicorn.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gunicorn.port), timeout=2).close()
+        for thread in streams:
+            thread.join(timeout=15)
+        gunicorn.process.wait(timeout=15)
+        stopped = time.monotonic() - signalled
+    finally:
+        gunicorn.stop()  # only if an assertion above failed: it has stopped by now
 
     assert [r.events[-1]["type"] for r in results] == ["done"] * 3
     assert all(len(r.of_type("delta")) == 15 for r in results)
