@@ -2,7 +2,8 @@
 
 Workers, threads, bind address and graceful timeout come from chatproxy's settings (the environment,
 then `.env`): CHATPROXY_WORKERS, CHATPROXY_THREADS, CHATPROXY_BIND, CHATPROXY_GRACEFUL_TIMEOUT.
-Command-line flags still win over this file.
+Command-line flags still win over this file. Every setting is checked here, before gunicorn binds or
+forks: a bad one stops it naming the variable; on a reload it is refused and the previous settings stay.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from gunicorn import glogging
@@ -57,16 +60,74 @@ def _settings_module() -> Any:
 
 _config = _settings_module()
 SETTINGS, raw_settings = _config.SETTINGS, _config.raw_settings
+SECRET_KEY_RECIPE = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+
+
+def _secret_key_problem(workers: int, secret_key: str) -> str | None:
+    """Several workers need one shared CHATPROXY_SECRET_KEY: each would otherwise sign sessions with its own."""
+    if workers <= 1 or secret_key.strip():
+        return None
+    return (f"CHATPROXY_SECRET_KEY is not set, so each of the {workers} workers would sign page sessions with "
+            f"its own random key and the chat page would fail (401) whenever a message reaches another worker. "
+            f"Set CHATPROXY_SECRET_KEY to a long random value, made with: {SECRET_KEY_RECIPE} "
+            f"(or set CHATPROXY_WORKERS=1).")
+
+
+def _check(raw: dict[str, str]) -> str | None:
+    """The first problem with `raw`: every setting as create_app() checks it, then the deployment rules."""
+    try:
+        settings = _config.validate(raw)
+    except _config.SettingsError as exc:
+        return str(exc)
+    workers = next(s for s in SETTINGS if s.name == "CHATPROXY_WORKERS").parse(raw["CHATPROXY_WORKERS"])
+    return _secret_key_problem(workers, settings.secret_key)
+
+
+def _first_problem(raw: dict[str, str]) -> str | None:
+    """`_check(raw)` run in a short-lived child process, so that the master never forks a worker it must refuse.
+
+    In a child because validation imports what the parsers need (`limits`, for rate strings), and what
+    the master imports its workers inherit instead of loading afresh: after an upgrade, `systemctl reload`
+    would give new workers old packages.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            message = _check(raw) or ""
+        except BaseException as exc:  # noqa: BLE001 - whatever happens, the child reports and exits
+            message = f"the settings could not be checked ({type(exc).__name__})"
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message or None
+
+
+# The settings are checked before gunicorn binds or forks anything: a bad value stops gunicorn with one line
+# naming the variable (exit 1), instead of workers that fail one after another while the master holds the port.
+# On a reload (SIGHUP re-reads this file and .env) a bad value is refused instead: the error is logged and
+# gunicorn keeps the settings it had. Workers get exactly the checked values (post_fork below), also when one
+# is replaced later. This module object outlives reloads; a fresh one means gunicorn is starting.
+_state = sys.modules.setdefault("_chatproxy_master", ModuleType("_chatproxy_master"))
+_raw = raw_settings(ROOT / ".env")
+_problem = _first_problem(_raw)
+if _problem and not hasattr(_state, "raw"):
+    raise SystemExit(f"chatproxy: {_problem}")
+if _problem:
+    logging.getLogger("gunicorn.error").error(
+        "chatproxy: reload refused, still serving with the previous settings: %s", _problem)
+    _raw = _state.raw
+_state.raw = _raw
 
 
 def _setting(name: str):
-    """One of chatproxy's deployment settings, parsed; a bad value stops gunicorn naming the variable."""
-    setting = next(s for s in SETTINGS if s.name == name)
-    value = raw_settings(ROOT / ".env")[name]
-    try:
-        return setting.parse(value)
-    except (TypeError, ValueError):
-        raise SystemExit(f"chatproxy: {name} must be {setting.parse.allowed}; got {value!r}.") from None
+    """One of chatproxy's deployment settings, parsed (from values checked above)."""
+    return next(s for s in SETTINGS if s.name == name).parse(_raw[name])
 
 
 wsgi_app = "wsgi:app"
@@ -100,6 +161,11 @@ threads = _setting("CHATPROXY_THREADS")
 # client (one per process, reused by all its threads) and its own Redis and database connections.
 # A client created in the master and inherited through fork() would share sockets between processes.
 preload_app = False
+
+
+def post_fork(server, worker) -> None:
+    """Give the new worker the settings the master checked: create_app() reads them from the environment."""
+    os.environ.update(_raw)
 
 
 def post_worker_init(worker) -> None:
@@ -140,7 +206,7 @@ class JsonAccessLogger(glogging.Logger):
     """gunicorn's logger, with each access line as JSON fields instead of Apache's format."""
 
     def access(self, resp, req, environ, request_time) -> None:
-        """Log one answered request: method, path, status, bytes, duration, client and request id."""
+        """Log one answered request: method, path, status, bytes, duration, client, our and the client's request ids."""
         if not self.access_log_enabled:
             return
         try:
@@ -152,7 +218,8 @@ class JsonAccessLogger(glogging.Logger):
                 "status": int(status) if status.isdigit() else status, "bytes": getattr(resp, "sent", None),
                 "duration_ms": round(request_time.total_seconds() * 1000, 1),
                 "remote_addr": environ.get("REMOTE_ADDR"), "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
-                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id})
+                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id,
+                "client_request_id": (environ.get("HTTP_X_REQUEST_ID") or "")[:64] or None})
         except Exception:  # noqa: BLE001 - a bad access line must not fail the request
             self.exception("could not write the access log line")
 
@@ -199,10 +266,31 @@ def _clear_metrics(directory: str) -> None:
 
 
 def on_starting(server) -> None:
-    """Start every run with empty metrics (the directory may hold files from a previous run)."""
+    """Refuse several workers without a shared secret key (`-w` may override CHATPROXY_WORKERS); empty the metrics."""
+    problem = _secret_key_problem(server.cfg.workers, _raw["CHATPROXY_SECRET_KEY"])
+    if problem:
+        raise SystemExit(f"chatproxy: {problem}")
+    _warn_if_exposed(server)
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     Path(directory).mkdir(parents=True, exist_ok=True)
     _clear_metrics(directory)
+
+
+def _warn_if_exposed(server) -> None:
+    """Say so when gunicorn listens beyond loopback while the app believes X-Forwarded-For."""
+    if not _setting("CHATPROXY_TRUSTED_PROXIES"):
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):
+            continue  # a unix socket: only local processes reach it
+        try:
+            loopback = ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:
+            loopback = address[0] == "localhost"
+        if not loopback:
+            server.log.warning("chatproxy: listening on %s with CHATPROXY_TRUSTED_PROXIES set: anyone who reaches "
+                               "gunicorn directly chooses the client IP that rate limits and /metrics see. Bind to "
+                               "127.0.0.1 behind nginx, or let only your proxy reach this port.", address[0])
 
 
 def child_exit(server, worker) -> None:

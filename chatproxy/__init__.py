@@ -15,7 +15,7 @@ from . import (batch, budget, chat, classify, compat, cooldowns, errors, guards,
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 __all__ = ["create_app", "SettingsError"]
 
@@ -49,14 +49,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     openapi.init_app(app)  # GET /api/openapi.json, built from the routes registered above
 
     def _request_id() -> None:
+        # Ours, always new: the ledger's rows are grouped by it, so a client must not choose it (nor reuse one).
+        # A sane id the client sent is kept beside it (ledger column client_request_id, the access log line).
+        g.request_id = uuid.uuid4().hex
         given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.client_request_id = given if _REQUEST_ID.fullmatch(given) else None
 
     # Before every other hook: requests the guards or the rate limiter refuse get an id too.
     app.before_request_funcs.setdefault(None, []).insert(0, _request_id)
 
     @app.after_request
-    def _echo_request_id(response: Response) -> Response:
+    def _send_request_id(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
         return response
 

@@ -177,16 +177,14 @@ def _database(what: str) -> Iterator[None]:
 
 
 def init_app(app: Flask) -> None:
-    """Create the batches table in the ledger's database (after usage.init_app); register routes and CLI."""
+    """Keep batches in the ledger's database (after usage.init_app; the table is made on first use); routes, CLI."""
     from .batch_cli import batch_group  # here, not at the top: batch_cli imports this module
 
     ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
     if ledger is None:
         raise RuntimeError("batch.init_app needs usage.init_app first: batches live in the ledger's database")
-    store = BatchStore(ledger)
-    store.create_schema()
-    ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
-    app.extensions["chatproxy.batches"] = store
+    ledger.schema.add(metadata)  # created with the ledger's tables, on first use
+    app.extensions["chatproxy.batches"] = BatchStore(ledger)
     app.extensions["chatproxy.batch_limits"] = BatchLimits(_setting(app, "CHATPROXY_BATCH_MAX_REQUESTS"),
                                                            _setting(app, "CHATPROXY_BATCH_MAX_BODY_BYTES"))
     app.register_blueprint(bp)

@@ -441,8 +441,7 @@ def init_app(app: Flask) -> None:
     if ledger is None:
         raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's database")
     counters = SqlCounters(ledger.engine)
-    counters.create_schema()
-    ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
+    ledger.schema.add(counters.metadata)  # created with the ledger's tables, on first use
     app.extensions["chatproxy.budget"] = Budget(counters, Caps.from_settings(settings))
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -287,6 +288,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed."),
     Setting("CHATPROXY_METRICS_NETWORKS", "127.0.0.1/32,::1/128", _networks,
             "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
+    Setting("CHATPROXY_READY_REQUIRES_REDIS", "false", _bool,
+            "true: /readyz answers 503 while Redis is unreachable. Default: 200 with status 'degraded' "
+            "(limits then count per process), so a Redis outage does not take every host out of the load balancer."),
     # Batch API (batch.py)
     Setting("CHATPROXY_BATCH_MAX_REQUESTS", "1000", _int_range(1, 50_000),
             "Most requests in one batch (POST /api/batches, `python -m chatproxy batch submit`); "
@@ -425,6 +429,11 @@ def validate(config: Mapping[str, Any]) -> Settings:
         raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")
     if parsed["AZURE_OPENAI_ENDPOINT"]:
         _check_azure(parsed)
+    # Parsed again where they are used (guards, prices); checked here so that a bad value stops the gunicorn
+    # master, which runs this module alone, before it forks a worker.
+    parse_tokens(parsed["CHATPROXY_API_TOKENS"])
+    if parsed["CHATPROXY_PRICES"]:
+        parse_prices(parsed["CHATPROXY_PRICES"])
     return Settings(
         openai_api_key=parsed["OPENAI_API_KEY"],
         openai_base_url=base_url,
@@ -526,3 +535,81 @@ def _system_prompt(text: str, path: str | None) -> str:
     if not prompt:
         raise SettingsError(f"CHATPROXY_SYSTEM_PROMPT_FILE must name a non-empty file; {path!r} is empty.")
     return prompt
+
+
+def parse_tokens(specs: Iterable[str]) -> dict[str, bytes]:
+    """CHATPROXY_API_TOKENS entries `name=sha256:HEX` → {name: digest}; a malformed entry is a SettingsError."""
+    tokens: dict[str, bytes] = {}
+    for spec in specs:
+        name, _, hashed = spec.partition("=")
+        scheme, _, hexdigest = hashed.partition(":")
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            digest = b""
+        if not name.strip() or scheme != "sha256" or len(digest) != 32:
+            raise SettingsError("CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX "
+                                "(make one with `flask --app chatproxy new-token NAME`).")
+        tokens[name.strip()] = digest
+    return tokens
+
+
+# --- CHATPROXY_PRICES (the price table itself is prices.py; the parsing is here so the master can run it) ---
+
+MICROS = 1_000_000  # micro-dollars per dollar, and tokens per "million tokens"
+_PRICE_KEYS = frozenset({"input", "cached_input", "output"})
+
+
+@dataclass(frozen=True)
+class Rates:
+    """One model's prices in integer micro-dollars per million tokens."""
+
+    input: int
+    cached_input: int
+    output: int
+
+
+def parse_prices(text: str, source: str = "CHATPROXY_PRICES") -> dict[str, Rates]:
+    """Parse `{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}` (dollars per 1M tokens) or raise."""
+    try:
+        data = json.loads(text, parse_float=Decimal, parse_int=Decimal)
+    except ValueError as exc:
+        raise SettingsError(f"{source} must be a JSON object of models to prices; it is not valid JSON "
+                            f"({exc}).") from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError(f"{source} must be a non-empty JSON object such as "
+                            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.')
+    return {_model_name(name, source): _model_rates(name, entry, source) for name, entry in data.items()}
+
+
+def _model_name(name: str, source: str) -> str:
+    if not name.strip():
+        raise SettingsError(f"{source} has an empty model name.")
+    return name.strip()
+
+
+def _model_rates(model: str, entry: Any, source: str) -> Rates:
+    where = f"{source} entry {model!r}"
+    if not isinstance(entry, dict):
+        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally "
+                            f"\"cached_input\" (dollars per million tokens).")
+    unknown = sorted(set(entry) - _PRICE_KEYS)
+    if unknown:
+        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed: input, cached_input, output.")
+    for key in ("input", "output"):
+        if key not in entry:
+            raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
+    input_rate = _price(entry["input"], f"{where} 'input'")
+    cached = _price(entry["cached_input"], f"{where} 'cached_input'") if "cached_input" in entry else input_rate
+    return Rates(input=input_rate, cached_input=cached, output=_price(entry["output"], f"{where} 'output'"))
+
+
+def _price(value: Any, where: str) -> int:
+    """Dollars per million tokens → integer micro-dollars per million tokens."""
+    if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+        raise SettingsError(f"{where} must be a number of dollars per million tokens, 0 or more; got {value!r}.")
+    micros = value * MICROS
+    if micros != micros.to_integral_value():
+        raise SettingsError(f"{where} must not be finer than a millionth of a dollar; got {value}.")
+    return int(micros)

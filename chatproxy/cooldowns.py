@@ -27,6 +27,7 @@ from typing import Protocol
 import redis
 from flask import Flask
 
+from . import redis_client
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 EXTENSION = "chatproxy.cooldowns"
 DEFAULT_PREFIX = "chatproxy:cooldown:"
 MAX_HINT = 3600.0  # an upstream Retry-After longer than this is not believed
-REDIS_TIMEOUT = 0.5  # seconds; a slow Redis must not hold up requests
 STATE_TTL_MS = 86_400_000  # a tripped model nobody asks for is forgotten a day after its cooldown
 BUCKETS = 60  # slots of the sliding window
 
@@ -97,9 +97,7 @@ def from_settings(settings: Settings, *, key_prefix: str = DEFAULT_PREFIX) -> Co
     limits = Limits(rate=settings.cooldown_failure_rate, min_calls=settings.cooldown_min_calls,
                     window=settings.cooldown_window, seconds=settings.cooldown_seconds, lease=settings.total_timeout)
     if settings.redis_url:
-        return RedisCooldowns(redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT,
-                                                   socket_connect_timeout=REDIS_TIMEOUT),
-                              limits, key_prefix=key_prefix)
+        return RedisCooldowns(redis_client.client(settings.redis_url), limits, key_prefix=key_prefix)
     return MemoryCooldowns(limits)
 
 

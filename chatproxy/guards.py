@@ -22,7 +22,8 @@ from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .config import Settings, SettingsError
+from . import redis_client
+from .config import Settings, parse_tokens
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def init_app(app: Flask) -> None:
     limiter = Limiter(key_func=_limit_key, app=app, storage_uri=storage, strategy="fixed-window",
                       application_limits=[_limit_for_caller], application_limits_exempt_when=_not_limited,
                       on_breach=_rate_limited, key_prefix="chatproxy",
-                      in_memory_fallback_enabled=True, storage_options={"socket_connect_timeout": 1,
-                                                                        "socket_timeout": 1}
+                      in_memory_fallback_enabled=True,
+                      storage_options={"connection_pool": redis_client.pool(settings.redis_url)}
                       if settings.redis_url else {})
     app.extensions["chatproxy.limiter"] = limiter
     # A lease outlives any request: the relay cuts a stream at the total timeout, noticed within a read timeout.
@@ -90,23 +91,6 @@ def init_app(app: Flask) -> None:
     from .cli import new_token  # here, not at the top: cli imports this module
 
     app.cli.add_command(new_token)
-
-
-def parse_tokens(specs: tuple[str, ...]) -> dict[str, bytes]:
-    """`name=sha256:HEX` entries → {name: digest}; a malformed entry stops start-up."""
-    tokens: dict[str, bytes] = {}
-    for spec in specs:
-        name, _, hashed = spec.partition("=")
-        scheme, _, hexdigest = hashed.partition(":")
-        try:
-            digest = bytes.fromhex(hexdigest)
-        except ValueError:
-            digest = b""
-        if not name.strip() or scheme != "sha256" or len(digest) != 32:
-            raise SettingsError("CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX "
-                                "(make one with `flask --app chatproxy new-token NAME`).")
-        tokens[name.strip()] = digest
-    return tokens
 
 
 def hash_token(token: str) -> str:
@@ -292,7 +276,7 @@ class RedisSlots:
     PREFIX = "chatproxy:slots:"
 
     def __init__(self, url: str, lease_seconds: float) -> None:
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        self._redis = redis_client.client(url)
         self._acquire = self._redis.register_script(self._ACQUIRE)
         self._lease_ms = math.ceil(lease_seconds * 1000)
         self._fallback = MemorySlots()

@@ -42,6 +42,7 @@ class Meter:
         self.prices: PriceTable = current_app.extensions["chatproxy.prices"]
         self.identity: str = g.identity
         self.request_id: str = g.request_id
+        self.client_request_id: str | None = g.get("client_request_id")
         self.model = chat.model
         self.stream = chat.stream
         self.started = time.monotonic()
@@ -78,7 +79,8 @@ class Meter:
             try:
                 params = build(model)
                 check_sendable(params)
-                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream)
+                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream,
+                                       self.client_request_id)
             except Exception as exc:  # noqa: BLE001 - handed to the router, which raises it unchanged
                 raise NotSent(exc) from exc
             begun = time.monotonic()

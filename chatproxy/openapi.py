@@ -401,10 +401,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         _const({"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}, "Alive."),
         INTERNAL, security="public"),
     ("/readyz", "get"): Operation(
-        "Readiness: the ledger database and Redis (if configured) answer.",
+        "Readiness: the ledger database answers; Redis (if configured) is reported, and fails readiness only "
+        "with CHATPROXY_READY_REQUIRES_REDIS.",
         _const({"type": "object", "required": ["status", "checks"],
-                "properties": {"status": {"const": "ready"},
-                               "checks": {"type": "object", "additionalProperties": {"const": "ok"}}}}, "Ready."),
+                "properties": {"status": {"enum": ["ready", "degraded"]},
+                               "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "unreachable"]}}}},
+               "Ready; `degraded` while Redis is unreachable."),
         merge(INTERNAL, {503: ("not_ready",)}), security="public"),
     ("/metrics", "get"): Operation(
         "Prometheus metrics of all workers, for CHATPROXY_METRICS_NETWORKS or an admin token.",
@@ -505,8 +507,9 @@ def components(settings: Settings) -> Schema:
             "StreamEvent": event,
         },
         "headers": {
-            "X-Request-ID": {"required": True, "description": "Yours if you sent a sane one, else a new one.",
-                             "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}},
+            "X-Request-ID": {"required": True, "description": "Our id for this request, new each time (an "
+                             "X-Request-ID you send is kept beside it, in the ledger and the access log).",
+                             "schema": {"type": "string", "pattern": r"^[0-9a-f]{32}$"}},
             "Retry-After": {"required": True, "description": "Seconds to wait before trying again.",
                             "schema": {"type": "string", "pattern": r"^\d+$"}},
         },

@@ -7,11 +7,10 @@ import logging
 import time
 from typing import Any
 
-import redis
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import metrics
+from . import metrics, redis_client
 from .config import SETTINGS, Settings
 from .errors import ApiError
 from .guards import token_name
@@ -21,16 +20,16 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__)
 NETWORKS = "chatproxy.metrics_networks"
 READY_REDIS = "chatproxy.ops.redis"
-CHECK_TIMEOUT = 1  # seconds a readiness check may wait for a dependency
+REDIS_REQUIRED = "chatproxy.ops.redis_required"
 
 
 def init_app(app: Flask) -> None:
     """Register the operational routes and the per-request metrics hooks."""
     settings: Settings = app.extensions["chatproxy.settings"]
     app.extensions[NETWORKS] = _setting(app, "CHATPROXY_METRICS_NETWORKS")
+    app.extensions[REDIS_REQUIRED] = _setting(app, "CHATPROXY_READY_REQUIRES_REDIS")
     if settings.redis_url:
-        app.extensions[READY_REDIS] = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT)
+        app.extensions[READY_REDIS] = redis_client.client(settings.redis_url)
     # First of all before_request hooks, so requests the guards refuse are timed too.
     app.before_request_funcs.setdefault(None, []).insert(0, _start_timer)
     app.after_request(_count_request)
@@ -65,7 +64,12 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready: the ledger database and Redis (when configured) answer. Never calls the upstream."""
+    """Ready: the ledger database answers. Never calls the upstream.
+
+    Redis (when configured) is checked and reported, but by default it does not fail readiness: without it
+    every host still serves, with rate limits and stream slots counted per process and cooldowns off, so
+    taking all of them out of the load balancer would be worse. CHATPROXY_READY_REQUIRES_REDIS makes it count.
+    """
     checks: dict[str, str] = {}
     ledger = current_app.extensions.get("chatproxy.ledger")
     if ledger is not None:
@@ -73,10 +77,12 @@ def readyz() -> Response:
     client = current_app.extensions.get(READY_REDIS)
     if client is not None:
         checks["redis"] = _check("redis", client.ping)
-    failed = [name for name, state in checks.items() if state != "ok"]
+    redis_required = current_app.extensions[REDIS_REQUIRED]
+    failed = [name for name, state in checks.items() if state != "ok" and (name != "redis" or redis_required)]
     if failed:
         raise ApiError(503, "not_ready", f"Not ready: {' and '.join(failed)} unreachable.", retry_after=5)
-    return jsonify({"status": "ready", "checks": checks})
+    degraded = any(state != "ok" for state in checks.values())
+    return jsonify({"status": "degraded" if degraded else "ready", "checks": checks})
 
 
 def _select_one(engine: sa.Engine) -> None:

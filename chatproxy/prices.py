@@ -8,35 +8,20 @@ kind in the table (never cheaper than any known model), which keeps budgets safe
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from dataclasses import dataclass
-from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from flask import Flask, current_app, has_app_context
 
-from .config import Settings, SettingsError
+from .config import MICROS, Rates, Settings, parse_prices
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = Path(__file__).with_name("prices.json")
-MICROS = 1_000_000  # micro-dollars per dollar, and tokens per "million tokens"
 BATCH_DIVISOR = 2  # the Batch API costs half
-_KEYS = frozenset({"input", "cached_input", "output"})
 _SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")  # gpt-4o-2024-08-06 is priced as gpt-4o
-
-
-@dataclass(frozen=True)
-class Rates:
-    """One model's prices in integer micro-dollars per million tokens."""
-
-    input: int
-    cached_input: int
-    output: int
 
 
 class PriceTable:
@@ -88,52 +73,6 @@ class PriceTable:
 
     def _lookup(self, model: str) -> Rates | None:
         return self._rates.get(model) or self._rates.get(_SNAPSHOT.sub("", model))
-
-
-def parse_prices(text: str, source: str = "CHATPROXY_PRICES") -> dict[str, Rates]:
-    """Parse `{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}` (dollars per 1M tokens) or raise."""
-    try:
-        data = json.loads(text, parse_float=Decimal, parse_int=Decimal)
-    except ValueError as exc:
-        raise SettingsError(f"{source} must be a JSON object of models to prices; it is not valid JSON "
-                            f"({exc}).") from None
-    if not isinstance(data, dict) or not data:
-        raise SettingsError(f"{source} must be a non-empty JSON object such as "
-                            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.')
-    return {_model_name(name, source): _rates(name, entry, source) for name, entry in data.items()}
-
-
-def _model_name(name: str, source: str) -> str:
-    if not name.strip():
-        raise SettingsError(f"{source} has an empty model name.")
-    return name.strip()
-
-
-def _rates(model: str, entry: Any, source: str) -> Rates:
-    where = f"{source} entry {model!r}"
-    if not isinstance(entry, dict):
-        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally "
-                            f"\"cached_input\" (dollars per million tokens).")
-    unknown = sorted(set(entry) - _KEYS)
-    if unknown:
-        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"allowed: input, cached_input, output.")
-    for key in ("input", "output"):
-        if key not in entry:
-            raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
-    input_rate = _rate(entry["input"], f"{where} {'input'!r}")
-    cached = _rate(entry["cached_input"], f"{where} 'cached_input'") if "cached_input" in entry else input_rate
-    return Rates(input=input_rate, cached_input=cached, output=_rate(entry["output"], f"{where} 'output'"))
-
-
-def _rate(value: Any, where: str) -> int:
-    """Dollars per million tokens → integer micro-dollars per million tokens."""
-    if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
-        raise SettingsError(f"{where} must be a number of dollars per million tokens, 0 or more; got {value!r}.")
-    micros = value * MICROS
-    if micros != micros.to_integral_value():
-        raise SettingsError(f"{where} must not be finer than a millionth of a dollar; got {value}.")
-    return int(micros)
 
 
 @cache

@@ -39,14 +39,22 @@ def require_admin() -> None:
         raise ApiError(403, "forbidden", "Only admin tokens may read usage.")
 
 
+# The days a report can reach: its end plus one day, and a default start 29 days before its end, stay dates.
+FIRST_DAY = date.min + timedelta(days=29)
+LAST_DAY = date.max - timedelta(days=1)
+
+
 def parse_day(value: str | None, name: str) -> date | None:
-    """A YYYY-MM-DD query parameter, or a 400 naming it."""
+    """A YYYY-MM-DD query parameter from FIRST_DAY to LAST_DAY, or a 400 naming it."""
     if value is None or value == "":
         return None
     try:
-        return datetime.strptime(value, "%Y-%m-%d").date()
+        day = datetime.strptime(value, "%Y-%m-%d").date()
     except ValueError:
         raise invalid(f"{name} must be a date as YYYY-MM-DD.") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise invalid(f"{name} must be a day from {FIRST_DAY} to {LAST_DAY}.")
+    return day
 
 
 @bp.get("/api/usage")
@@ -78,6 +86,9 @@ def usage_report() -> Response:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write an SVG chart of spend per day by model.")
 def usage_command(since: datetime | None, until: datetime | None, as_json: bool, plot: str | None) -> None:
     """Requests, tokens and spend per day, model and identity."""
+    for name, value in (("--since", since), ("--until", until)):
+        if value is not None and not FIRST_DAY <= value.date() <= LAST_DAY:
+            raise click.BadParameter(f"must be a day from {FIRST_DAY} to {LAST_DAY}.", param_hint=name)
     first, last = default_range(since.date() if since else None, until.date() if until else None)
     if first > last:
         raise click.BadParameter("--since must not be after --until.")

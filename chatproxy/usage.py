@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import re
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
@@ -31,6 +33,7 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 PG_CONNECT_TIMEOUT_S = 3
+SCHEMA_RETRY_SECONDS = 5  # after a failed schema check, the next one waits this long
 SQLITE_BUSY_TIMEOUT_MS = 5000
 PER_MESSAGE_TOKENS = 4  # role, separators and framing around each message
 REPLY_PRIMING_TOKENS = 3  # the assistant header the model is primed with
@@ -41,7 +44,7 @@ metadata = sa.MetaData()
 ledger_table = sa.Table(
     "ledger", metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("request_id", sa.String(64), nullable=False, index=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),  # ours: one per request, never the client's
     sa.Column("created_at", sa.DateTime, nullable=False, index=True),
     sa.Column("identity", sa.Text, nullable=False),
     sa.Column("model_requested", sa.Text, nullable=False),
@@ -55,6 +58,8 @@ ledger_table = sa.Table(
     sa.Column("latency_ms", sa.Integer),
     sa.Column("ttft_ms", sa.Integer),
     sa.Column("closed_at", sa.DateTime),
+    # Columns added later go last, nullable or with a server default: Schema adds them to existing ledgers.
+    sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
 )
 
 
@@ -104,15 +109,102 @@ def make_engine(url: str) -> Engine:
 
 
 def create_tables(engine: Engine, meta: sa.MetaData) -> None:
-    """CREATE the tables of `meta` that are missing; tolerates another worker creating them at the same moment."""
-    for attempt in range(3):
+    """Create the missing tables of `meta` and add their missing columns now; raises SQLAlchemyError."""
+    with engine.connect() as conn:
+        _apply(conn, [meta])
+
+
+def _apply(conn: sa.Connection, metas: Iterable[sa.MetaData]) -> None:
+    """CREATE missing tables, then migrate; tolerates another process doing the same at the same moment."""
+    for meta in metas:
+        for attempt in range(3):
+            try:
+                meta.create_all(conn, checkfirst=True)
+                add_missing_columns(conn, meta)
+                conn.commit()
+                break
+            except SQLAlchemyError:
+                conn.rollback()
+                if attempt == 2:
+                    raise
+                log.info("schema creation raced with another process; checking again")
+
+
+def add_missing_columns(conn: sa.Connection, meta: sa.MetaData) -> None:
+    """The migration step: ALTER TABLE ... ADD COLUMN for each column of `meta` an existing table lacks (+ its indexes).
+
+    Enough for the one kind of change this schema makes (a new column, nullable or with a server default),
+    on SQLite and PostgreSQL alike. Renames, drops and type changes would need a real migration tool.
+    """
+    inspector = sa.inspect(conn)
+    preparer = conn.dialect.identifier_preparer
+    for table in meta.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in present]
+        for column in missing:
+            if not column.nullable and column.server_default is None:
+                raise sa.exc.ArgumentError(f"cannot add {table.name}.{column.name} to existing rows: "
+                                           "new columns must be nullable or have a server default")
+            spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {spec}"))
+            log.warning("added column %s.%s to the existing table", table.name, column.name)
+        if missing:
+            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn)
+
+
+class Schema:
+    """The tables in one database (ledger, budget counters, batches), created and migrated on first use.
+
+    Not at start-up: a worker that starts while the database is down must serve (503 ledger_unavailable or
+    budget_unavailable, /readyz 503) rather than fail to boot, which would stop gunicorn altogether. The
+    check runs on the engine's `engine_connect` event, so the first connection anything opens in this process
+    (a request, /readyz, a CLI command) makes sure the tables and columns exist, once. A failure is logged
+    and tried again on a connection opened SCHEMA_RETRY_SECONDS later or more; meanwhile requests run
+    their statements and fail as they would on a missing table. `flask init-db` runs it directly.
+    """
+
+    def __init__(self, engine: Engine, *metas: sa.MetaData) -> None:
+        self.engine = engine
+        self._metas = list(metas)
+        self._ready = False
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._direct = threading.local()  # set while ensure() runs in this thread: the event stays out of it
+        sa.event.listen(engine, "engine_connect", self._on_connect)
+
+    def add(self, meta: sa.MetaData) -> None:
+        """Also look after the tables of `meta` (budget counters, batches)."""
+        with self._lock:
+            self._metas.append(meta)
+            self._ready = False
+
+    def ensure(self) -> None:
+        """Create and migrate every table now; raises SQLAlchemyError when the database refuses."""
+        self._direct.active = True
         try:
-            meta.create_all(engine, checkfirst=True)
+            with self.engine.connect() as conn, self._lock:
+                _apply(conn, self._metas)
+                self._ready = True
+        finally:
+            self._direct.active = False
+
+    def _on_connect(self, conn: sa.Connection) -> None:
+        if self._ready or time.monotonic() < self._next_try or getattr(self._direct, "active", False):
             return
-        except SQLAlchemyError:
-            if attempt == 2:
-                raise
-            log.info("schema creation raced with another process; checking again")
+        with self._lock:
+            if self._ready or time.monotonic() < self._next_try:
+                return
+            try:
+                _apply(conn, self._metas)
+            except SQLAlchemyError:
+                self._next_try = time.monotonic() + SCHEMA_RETRY_SECONDS
+                log.exception("cannot create or check the database schema; trying again in %s s",
+                              SCHEMA_RETRY_SECONDS)
+                return
+            self._ready = True
 
 
 # Built once: the keys of the parameters name the columns set (building expressions per call costs CPU).
@@ -125,6 +217,7 @@ class Ledger:
 
     def __init__(self, url: str, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.engine = make_engine(url)
+        self.schema = Schema(self.engine, metadata)
         self.clock = clock
 
     @property
@@ -133,17 +226,19 @@ class Ledger:
         return self.engine.url.render_as_string(hide_password=True)
 
     def create_schema(self) -> None:
-        """Create the ledger table and its indexes if they are missing."""
-        create_tables(self.engine, metadata)
+        """Create or migrate every table in this database now (ledger, and what budget and batches added)."""
+        self.schema.ensure()
 
     def dispose(self) -> None:
         """Close pooled connections (before a fork, or when the app goes away)."""
         self.engine.dispose()
 
-    def open(self, request_id: str, identity: str, model_requested: str, stream: bool) -> int:
+    def open(self, request_id: str, identity: str, model_requested: str, stream: bool,
+             client_request_id: str | None = None) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
         values = {"request_id": request_id[:64], "created_at": self.clock(), "identity": identity,
-                  "model_requested": model_requested, "outcome": OPEN, "stream": stream}
+                  "model_requested": model_requested, "outcome": OPEN, "stream": stream,
+                  "client_request_id": client_request_id[:64] if client_request_id else None}
         try:
             with self.engine.begin() as conn:
                 return int(conn.execute(_INSERT, values).inserted_primary_key[0])
@@ -247,12 +342,9 @@ def default_database_url(instance_path: str | Path) -> str:
 
 
 def init_app(app: Flask) -> None:
-    """Open the ledger from settings, create its table, and register the `init-db` command."""
+    """Open the ledger from settings (its tables are made on first use: see Schema); register `init-db`."""
     settings: Settings = app.extensions["chatproxy.settings"]
-    ledger = Ledger(settings.database_url or default_database_url(app.instance_path))
-    ledger.create_schema()
-    ledger.dispose()  # no pooled connection may survive into gunicorn's forked workers
-    app.extensions["chatproxy.ledger"] = ledger
+    app.extensions["chatproxy.ledger"] = Ledger(settings.database_url or default_database_url(app.instance_path))
     app.cli.add_command(init_db_command)
 
 
@@ -270,11 +362,7 @@ def default_range(since: date | None, until: date | None, today: date | None = N
 @click.command("init-db")
 @with_appcontext
 def init_db_command() -> None:
-    """Create the ledger, budget counter and batch tables if they are missing."""
+    """Create the ledger, budget counter and batch tables, or add the columns they lack."""
     ledger = current_ledger()
     ledger.create_schema()
-    for name in ("chatproxy.budget", "chatproxy.batches"):
-        store = current_app.extensions.get(name)
-        if store is not None:
-            store.create_schema()
     click.echo(f"Ledger ready at {ledger.url}")

@@ -26,6 +26,7 @@ from chatproxy.guards import hash_token
 from tests import nginx_site
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.sse import post_stream
+from tests.test_usage import postgres_schema_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = nginx_site.NGINX
@@ -57,11 +58,12 @@ def _wait_for_port(port: int, process: subprocess.Popen, output: list[str], time
 
 @dataclass
 class Server:
-    """A running server process, its port and every line it printed."""
+    """A running server process, its port, the settings it was started with and every line it printed."""
 
     process: subprocess.Popen
     port: int
     output: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -86,19 +88,51 @@ def _collect(process: subprocess.Popen, output: list[str]) -> None:
     threading.Thread(target=lambda: output.extend(line.decode() for line in process.stdout), daemon=True).start()
 
 
-def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
-    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
-    port = _free_port()
-    settings = {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
-                "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
-                "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
-    environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args], cwd=cwd,
-                               env={**environ, **settings}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = Server(process, port)
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+
+
+def gunicorn_settings(env: dict[str, str], port: int) -> dict[str, str]:
+    """Working settings for a test gunicorn on `port`, overridden by `env`."""
+    return {"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_SECRET_KEY": "deploy-test",
+            "OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_MAX_RETRIES": "0",
+            "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}", **env}
+
+
+def environment(settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))}
+    return {**inherited, **settings}
+
+
+def launch(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn -c gunicorn.conf.py (from `cwd`) with exactly `settings` (which bind it), once it listens."""
+    port = int(settings["CHATPROXY_BIND"].rpartition(":")[2])
+    process = subprocess.Popen([*GUNICORN, *args], cwd=cwd, env=environment(settings), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    server = Server(process, port, settings=settings)
     _collect(process, server.output)
     _wait_for_port(port, process, server.output)
+    _wait_for_a_worker(server)
     return server
+
+
+def _wait_for_a_worker(server: Server, timeout: float = 60) -> None:
+    """Block until a worker answers: workers import Flask and the SDK first, seconds on a busy machine."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+    except OSError as exc:
+        server.process.kill()
+        raise RuntimeError(f"no worker answered ({exc}):\n" + "\n".join(server.output)) from None
+    finally:
+        conn.close()
+
+
+def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
+    return launch(gunicorn_settings(env, _free_port()), *args, cwd=cwd)
 
 
 def need_nginx() -> None:
@@ -263,23 +297,26 @@ def test_sigterm_lets_streams_finish_and_refuses_new_connections(fake, tmp_path)
     gunicorn = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_WORKERS": "2",
                                "CHATPROXY_GRACEFUL_TIMEOUT": "10", "CHATPROXY_KEEPALIVE_SECONDS": "0",
                                "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"})
-    fake.script(*[paced(15, 0.15)] * 3)  # about 2 s each
-    results: list = []
-    streams = [threading.Thread(target=lambda: results.append(
-        post_stream(gunicorn.url, {"message": "hi", "stream": True}, headers=AUTH)[0])) for _ in range(3)]
-    for thread in streams:
-        thread.start()
-    assert fake.wait_for(lambda: len(fake.chat_calls()) == 3 and all(c.chunk_times for c in fake.chat_calls()))
+    try:
+        fake.script(*[paced(15, 0.15)] * 3)  # about 2 s each
+        results: list = []
+        streams = [threading.Thread(target=lambda: results.append(
+            post_stream(gunicorn.url, {"message": "hi", "stream": True}, headers=AUTH)[0])) for _ in range(3)]
+        for thread in streams:
+            thread.start()
+        assert fake.wait_for(lambda: len(fake.chat_calls()) == 3 and all(c.chunk_times for c in fake.chat_calls()))
 
-    signalled = time.monotonic()
-    gunicorn.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", gunicorn.port), timeout=2).close()
-    for thread in streams:
-        thread.join(timeout=15)
-    gunicorn.process.wait(timeout=15)
-    stopped = time.monotonic() - signalled
+        signalled = time.monotonic()
+        gunicorn.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gunicorn.port), timeout=2).close()
+        for thread in streams:
+            thread.join(timeout=15)
+        gunicorn.process.wait(timeout=15)
+        stopped = time.monotonic() - signalled
+    finally:
+        gunicorn.stop()  # only if an assertion above failed: it has stopped by now
 
     assert [r.events[-1]["type"] for r in results] == ["done"] * 3
     assert all(len(r.of_type("delta")) == 15 for r in results)
@@ -304,14 +341,20 @@ def test_a_bad_deployment_setting_stops_gunicorn_naming_it():
     assert "CHATPROXY_THREADS must be an integer from 1 to 1000; got 'lots'" in result.stderr
 
 
-def test_reload_starts_workers_with_the_new_code(tmp_path):
-    """HUP (systemctl reload) after an upgrade: the master never imported chatproxy, so new workers load the new code."""
+def copy_app(tmp_path: Path) -> Path:
+    """A copy of the code gunicorn runs, to change under a running server."""
     copy = tmp_path / "app"
     shutil.copytree(ROOT / "chatproxy", copy / "chatproxy", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("templates", "static"):
         shutil.copytree(ROOT / name, copy / name)
     for name in ("wsgi.py", "gunicorn.conf.py"):
         shutil.copy(ROOT / name, copy / name)
+    return copy
+
+
+def test_reload_starts_workers_with_the_new_code(tmp_path):
+    """HUP (systemctl reload) after an upgrade: the master never imported chatproxy, so new workers load the new code."""
+    copy = copy_app(tmp_path)
     server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
                              "CHATPROXY_WORKERS": "2"}, cwd=copy)
     try:
@@ -320,10 +363,7 @@ def test_reload_starts_workers_with_the_new_code(tmp_path):
         ops = copy / "chatproxy" / "ops.py"
         ops.write_text(ops.read_text().replace('jsonify({"status": "ok"})', 'jsonify({"status": "ok", "v": 2})'))
         server.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (set(_workers(server)) & set(old_workers) or len(_workers(server)) < 2):
-            time.sleep(0.1)
-        new_workers = _workers(server)
+        new_workers = _replaced(server, old_workers)
         answers = [_get_json(server, "/healthz") for _ in range(6)]  # new connections: both new workers answer
     finally:
         server.stop()
@@ -344,3 +384,268 @@ def _get_json(server: Server, path: str) -> dict:
 
 def _workers(server: Server) -> list[str]:
     return subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+
+
+def _replaced(server: Server, old_workers: list[str], count: int = 2) -> list[str]:
+    """The worker pids once none of `old_workers` is left and `count` new ones run (or after 20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (set(_workers(server)) & set(old_workers) or len(_workers(server)) < count):
+        time.sleep(0.1)
+    return _workers(server)
+
+
+def _request(server: Server, method: str, path: str, body: dict | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict, http.client.HTTPMessage]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null"), response.headers
+    finally:
+        conn.close()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# --- a bad setting stops gunicorn at once (issue 14, #2 and #8) --------------------------------------------
+
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("OPENAI_API_KEY", "", "OPENAI_API_KEY is not set"),
+    ("CHATPROXY_MAX_TOKENS", "abc", "CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'"),
+    ("CHATPROXY_API_TOKENS", "foo", "CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX"),
+    ("CHATPROXY_PRICES", "{bad", "CHATPROXY_PRICES must be a JSON object of models to prices"),
+    # Two workers (the default) and no shared key: each would sign page sessions with its own.
+    ("CHATPROXY_SECRET_KEY", "", "CHATPROXY_SECRET_KEY is not set"),
+])
+def test_a_bad_setting_stops_gunicorn_before_any_worker_starts(tmp_path, setting, value, says):
+    port = _free_port()
+    settings = gunicorn_settings({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db", setting: value}, port)
+
+    # A crash loop never ends: the timeout would fail the test.
+    result = subprocess.run(GUNICORN, cwd=ROOT, env=environment(settings), capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, naming the setting
+    assert result.stderr.startswith("chatproxy: ") and says in result.stderr
+    assert "Booting worker" not in result.stdout + result.stderr
+    assert _port_is_free(port)
+
+
+def test_the_secret_key_message_says_how_to_make_one():
+    result = subprocess.run(GUNICORN + ["--check-config"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env=environment(gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "3"},
+                                                              _free_port())))
+
+    assert result.returncode == 1
+    assert "each of the 3 workers" in result.stderr
+    assert "python3 -c 'import secrets; print(secrets.token_hex(32))'" in result.stderr
+
+
+def test_workers_from_the_command_line_need_the_secret_key_too(tmp_path):
+    port = _free_port()
+    settings = gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "1",
+                                  "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"}, port)
+
+    result = subprocess.run(GUNICORN + ["--workers", "2"], cwd=ROOT, env=environment(settings), capture_output=True,
+                            text=True, timeout=30)
+
+    assert result.returncode == 1
+    assert "chatproxy: CHATPROXY_SECRET_KEY is not set, so each of the 2 workers" in result.stderr
+    assert "Booting worker" not in result.stdout + result.stderr
+    assert _port_is_free(port)
+
+
+def test_one_worker_needs_no_secret_key(tmp_path):
+    server = start_gunicorn({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "1",
+                             "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db"})
+    try:
+        assert _request(server, "GET", "/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def _write_env(folder: Path, **values: str) -> None:
+    (folder / ".env").write_text("".join(f"{name}={value}\n" for name, value in values.items()), encoding="utf-8")
+
+
+def test_a_reload_with_a_bad_env_file_keeps_serving_with_the_previous_settings(tmp_path):
+    """`kill -HUP` after a bad edit of .env: gunicorn logs the setting and keeps the last good settings."""
+    copy = copy_app(tmp_path)
+    good = {"OPENAI_API_KEY": "sk-test-deploy", "CHATPROXY_SECRET_KEY": "deploy-test", "CHATPROXY_WORKERS": "2",
+            "CHATPROXY_API_TOKENS": f"{TOKEN_NAME}={hash_token(TOKEN)}",
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini,gpt-4o")
+    server = launch({"CHATPROXY_BIND": f"127.0.0.1:{_free_port()}"}, cwd=copy)  # every other setting: .env
+    try:
+        before = _request(server, "GET", "/api/models", headers=AUTH)[1]["models"]
+        first = _workers(server)
+
+        _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini", CHATPROXY_MAX_TOKENS="abc")
+        server.process.send_signal(signal.SIGHUP)
+        second = _replaced(server, first)  # new workers (new code), with the settings gunicorn had
+        refused = [_request(server, "GET", "/api/models", headers=AUTH)[1]["models"] for _ in range(4)]
+        time.sleep(2)  # a crash loop would boot a worker every fraction of a second
+        booted = sum("Booting worker" in line for line in server.output)
+        alive = server.process.poll() is None
+
+        _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini")
+        server.process.send_signal(signal.SIGHUP)
+        _replaced(server, second)
+        accepted = [_request(server, "GET", "/api/models", headers=AUTH)[1]["models"] for _ in range(4)]
+    finally:
+        server.stop()
+
+    assert before == ["gpt-4o-mini", "gpt-4o"]
+    assert alive and booted == 4 and len(second) == 2 and not set(second) & set(first)
+    assert refused == [["gpt-4o-mini", "gpt-4o"]] * 4
+    errors = [line for line in server.json_lines() if line["level"] == "ERROR"]
+    assert [line["message"] for line in errors] == [("chatproxy: reload refused, still serving with the previous "
+                                                     "settings: CHATPROXY_MAX_TOKENS must be an integer from 1 to "
+                                                     "128000; got 'abc'.")]
+    assert accepted == [["gpt-4o-mini"]] * 4  # a good .env is taken on the next reload
+
+
+def test_workers_that_cannot_start_stop_gunicorn_instead_of_restarting_forever(tmp_path):
+    """New code that refuses the settings (an upgrade, then `systemctl reload`): gunicorn stops, with the reason."""
+    copy = copy_app(tmp_path)
+    server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}, cwd=copy)
+    try:
+        assert _request(server, "GET", "/healthz")[0] == 200
+        config = copy / "chatproxy" / "config.py"
+        config.write_text(config.read_text().replace(
+            "    parsed: dict[str, Any] = {}\n",
+            "    raise SettingsError('CHATPROXY_FUTURE must be set: this version needs it.')\n", 1))
+        server.process.send_signal(signal.SIGHUP)
+        returncode = server.process.wait(timeout=30)  # a crash loop never ends: the timeout fails the test
+    finally:
+        server.stop()
+
+    # 3: gunicorn's "worker failed to boot" (1 when the second new worker's exit is reaped while it stops).
+    assert returncode in (1, 3)
+    text = "\n".join(server.output)
+    assert "chatproxy: CHATPROXY_FUTURE must be set: this version needs it." in text
+    assert sum("Booting worker" in line for line in server.output) <= 4  # 2 at start, at most 2 after the reload
+    assert _port_is_free(server.port)
+
+
+# --- a database outage does not stop workers from starting (issue 14, #3) ------------------------------------
+
+class Relay:
+    """A TCP relay on a fixed loopback port to `target`: the database 'comes back' when it starts."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stop relaying."""
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_workers_start_during_a_database_outage_and_create_the_schema_when_it_is_back(fake):
+    with postgres_schema_url() as real_url:
+        port = _free_port()  # nothing listens there until the relay starts
+        url = sa.make_url(real_url).set(port=port).render_as_string(hide_password=False)
+        server = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DATABASE_URL": url})
+        relay = None
+        try:
+            health = _request(server, "GET", "/healthz")
+            ready = _request(server, "GET", "/readyz")
+            refused = [_request(server, "POST", "/api/chat", {"message": "hi"}, AUTH) for _ in range(4)]
+            calls_during_outage = len(fake.chat_calls())
+
+            relay = Relay(port, ("127.0.0.1", sa.make_url(real_url).port or 5432))
+            answered = _request(server, "POST", "/api/chat", {"message": "hi"}, AUTH)
+            ready_after = _request(server, "GET", "/readyz")
+        finally:
+            server.stop()
+            if relay is not None:
+                relay.close()
+        engine = sa.create_engine(real_url)
+        tables = set(sa.inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT outcome FROM ledger")).all()
+        engine.dispose()
+
+    assert health[0] == 200
+    assert ready[0] == 503 and "database" in ready[1]["error"]["message"]
+    assert {status for status, _, _ in refused} == {503}
+    assert {body["error"]["code"] for _, body, _ in refused} <= {"budget_unavailable", "ledger_unavailable"}
+    assert all(headers["Retry-After"] for _, _, headers in refused)
+    assert calls_during_outage == 0  # nothing unrecorded went upstream
+    assert answered[0] == 200 and answered[1]["content"]
+    assert ready_after[0] == 200
+    assert {"ledger", "budget_counters", "batches"} <= tables
+    assert rows == [("ok",)]
+    assert "Worker failed to boot" not in "\n".join(server.output)
+
+
+# --- behind nginx, the client cannot choose the forwarded headers (issue 14, #9) ------------------------------
+
+def test_nginx_replaces_the_forwarded_headers_a_client_sends(stack):
+    nginx, gunicorn = stack
+    client = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.4"
+    theirs = f"client-{uuid.uuid4().hex[:12]}"
+    forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Port": "1", "X-Request-ID": theirs,
+              "Origin": f"http://127.0.0.1:{nginx.port}"}  # the page's own origin, as nginx serves it
+
+    conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10, source_address=(client, 0))
+    conn.request("POST", "/api/chat", body=b'{"message": "hi"}', headers={"Content-Type": "application/json", **forged})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    again = _post_from(client, nginx.port, {"X-Forwarded-For": "203.0.113.10"})  # 1/minute per client IP
+
+    # A forged port would make the app see itself at :1 and refuse its own origin (403).
+    assert response.status == 200
+    assert again == 429  # the forged address did not get a fresh limit
+    ours = response.getheader("X-Request-ID")
+    assert ours != theirs and len(ours) == 32
+    deadline = time.monotonic() + 5
+    while not (lines := [line for line in gunicorn.json_lines() if line.get("client_request_id") == theirs]):
+        assert time.monotonic() < deadline, "no access line for the request"
+        time.sleep(0.05)
+    assert (lines[0]["remote_addr"], lines[0]["forwarded_for"], lines[0]["request_id"]) == (client, client, ours)
+    ledger = sa.create_engine(gunicorn.settings["CHATPROXY_DATABASE_URL"])
+    with ledger.connect() as db:
+        rows = db.execute(sa.text("SELECT request_id FROM ledger WHERE client_request_id = :theirs"),
+                          {"theirs": theirs}).all()
+    ledger.dispose()
+    assert rows == [(ours,)]

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import socket
+import threading
 import urllib.request
 from types import SimpleNamespace
 
@@ -44,8 +45,20 @@ def test_ready_when_database_and_redis_answer(settings_for, fake):
     assert fake.calls == []  # never calls the upstream
 
 
-def test_not_ready_names_redis_when_it_is_down(settings_for, fake):
+def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
     app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0"))
+
+    response = app.test_client().get("/readyz")
+
+    # Everything kept in Redis degrades to per-process counting: the host still serves, so it stays in rotation.
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "degraded", "checks": {"database": "ok", "redis": "unreachable"}}
+    assert fake.calls == []
+
+
+def test_not_ready_names_redis_when_it_is_down_and_required(settings_for, fake):
+    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0",
+                                  CHATPROXY_READY_REQUIRES_REDIS=True))
 
     response = app.test_client().get("/readyz")
 
@@ -55,6 +68,64 @@ def test_not_ready_names_redis_when_it_is_down(settings_for, fake):
     assert "redis" in error["message"] and "database" not in error["message"]
     assert response.headers["Retry-After"]
     assert fake.calls == []
+
+
+class HungRedis:
+    """A TCP server that accepts connections and reads what clients send, but never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.commands = 0  # writes received that start a RESP command
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._open.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                if data.startswith(b"*"):
+                    with self._lock:
+                        self.commands += 1
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        self._listener.close()
+        for conn in self._open:
+            conn.close()
+
+
+def test_a_hung_redis_is_waited_for_once_not_on_every_request(settings_for, fake):
+    hung = HungRedis()
+    try:
+        client = create_app(settings_for(CHATPROXY_REDIS_URL=hung.url)).test_client()
+        fake.script(*[Reply(content="ok")] * 6)
+
+        answers = [client.post("/api/chat", json={"message": "hi", "stream": stream}) for stream in [False, True] * 3]
+        ready = client.get("/readyz")
+    finally:
+        hung.close()
+
+    assert [a.status_code for a in answers] == [200] * 6
+    assert [json.loads(a.get_data().split(b"\n\n")[-2].removeprefix(b"data: "))["type"] for a in answers[1::2]] \
+        == ["done"] * 3
+    assert len(fake.chat_calls()) == 6
+    # Rate limits, stream slots, cooldowns and /readyz each talk to Redis several times per request. Each wait
+    # lasts at most the timeout (0.25 s), and after the first one the pool stops trying for a few seconds:
+    # six requests (and a readiness check) sent Redis one command, two if it was tried again meanwhile.
+    assert 1 <= hung.commands <= 2
+    assert ready.status_code == 200 and ready.get_json()["checks"]["redis"] == "unreachable"
 
 
 def test_not_ready_names_the_database_when_it_is_down(app, tmp_path):
@@ -206,9 +277,10 @@ def test_log_lines_are_json_with_the_request_id(app, json_log):
         logging.getLogger("chatproxy.test").exception("outside")
 
     inside, outside = [line for line in json_log() if line["logger"] == "chatproxy.test"]
-    assert response.headers["X-Request-ID"] == "req-123"
+    ours = response.headers["X-Request-ID"]
+    assert len(ours) == 32 and ours != "req-123"  # ours, not the client's
     assert {"time", "level", "logger", "pid", "message", "request_id"} <= inside.keys()
-    assert inside["level"] == "INFO" and inside["request_id"] == "req-123"
+    assert inside["level"] == "INFO" and inside["request_id"] == ours
     assert inside["message"] == "inside [REDACTED]"
     assert outside["request_id"] is None
     assert "ValueError" in outside["exception"] and "SECRET" not in outside["exception"]
@@ -227,7 +299,7 @@ def test_lines_logged_while_streaming_keep_the_request_id(app, serve, json_log):
         r.read()
     lines = [line for line in json_log() if line["message"] == "from the stream"]
 
-    assert lines and lines[0]["request_id"] == "stream-7"
+    assert lines and lines[0]["request_id"] == r.headers["X-Request-ID"]
 
 
 def test_metrics_show_fallbacks_and_the_cooldown_state(settings_for, fake):

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import uuid
 import xml.etree.ElementTree as ET
@@ -59,6 +60,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with postgres_schema_url() as url:
             yield url
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def process_context() -> multiprocessing.context.BaseContext:
@@ -267,8 +275,8 @@ def test_a_worker_killed_mid_call_leaves_an_interrupted_row(ledger: Ledger, db_u
     assert row["id"] == row_id and row["outcome"] == "interrupted" and row["closed_at"] is None
 
 
-def test_open_without_a_database_is_a_503_not_an_unrecorded_call(tmp_path: Path) -> None:
-    broken = Ledger(f"sqlite:///{tmp_path / 'no-schema.db'}")  # no create_schema: the insert fails
+def test_open_without_a_database_is_a_503_not_an_unrecorded_call() -> None:
+    broken = Ledger(f"postgresql+psycopg://postgres@127.0.0.1:{dead_port()}/test")  # nothing listens there
     with pytest.raises(ApiError) as error:
         broken.open("req-5", "token:app", "gpt-4o", stream=False)
     assert (error.value.status, error.value.code) == (503, "ledger_unavailable")
@@ -346,8 +354,9 @@ def test_default_ledger_is_a_wal_sqlite_file_in_the_instance_folder(settings_for
     app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL="")
     ledger: Ledger = app.extensions["chatproxy.ledger"]
     path = tmp_path / "instance" / "chatproxy.db"
-    assert path.is_file() and ledger.engine.url.database == str(path)
-    with ledger.engine.connect() as conn:
+    assert ledger.engine.url.database == str(path)
+    with ledger.engine.connect() as conn:  # the first connection makes the file and the tables
+        assert path.is_file()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
     assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds"}
@@ -367,6 +376,95 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     assert "Ledger ready at sqlite:///" in result.output
     assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds",
                                                                 "batches"}
+
+
+def _previous_ledger(url: str) -> None:
+    """The ledger table as the previous release made it (no client_request_id), with one row in it."""
+    old = sa.MetaData()
+    table = sa.Table(
+        "ledger", old,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("request_id", sa.String(64), nullable=False, index=True),
+        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+        sa.Column("identity", sa.Text, nullable=False),
+        sa.Column("model_requested", sa.Text, nullable=False),
+        sa.Column("model_answered", sa.Text),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("tokens_exact", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("cost_micros", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("outcome", sa.String(64), nullable=False),
+        sa.Column("stream", sa.Boolean, nullable=False),
+        sa.Column("latency_ms", sa.Integer),
+        sa.Column("ttft_ms", sa.Integer),
+        sa.Column("closed_at", sa.DateTime),
+    )
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(table.insert().values(request_id="old-1", created_at=datetime(2025, 1, 1), identity="token:a",
+                                           model_requested="gpt-4o", outcome="ok", stream=False, cost_micros=7))
+    engine.dispose()
+
+
+def test_first_use_adds_the_columns_a_previous_ledger_lacks(db_url: str) -> None:
+    _previous_ledger(db_url)
+    ledger = Ledger(db_url)  # no create_schema(): the first connection checks the schema
+
+    ledger.open("new-1", "token:a", "gpt-4o", stream=False, client_request_id="theirs-1")
+
+    rows = ledger.rows()
+    assert [(r["request_id"], r["client_request_id"], r["cost_micros"]) for r in rows] == \
+        [("old-1", None, 7), ("new-1", "theirs-1", 0)]
+    ledger.dispose()
+
+
+def test_init_db_adds_the_columns_a_previous_ledger_lacks(db_url: str, settings_for, tmp_path: Path) -> None:
+    _previous_ledger(db_url)
+    app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=db_url)
+
+    result = app.test_cli_runner().invoke(args=["init-db"])
+
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(db_url)
+    columns = {column["name"] for column in sa.inspect(engine).get_columns("ledger")}
+    tables = set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+    app.extensions["chatproxy.ledger"].dispose()
+    assert "client_request_id" in columns
+    assert {"ledger", "budget_counters", "batches"} <= tables
+
+
+def test_a_new_column_without_a_default_is_refused_not_half_added(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    _previous_ledger(url)
+    strict = sa.MetaData()
+    sa.Table("ledger", strict, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("must", sa.Text, nullable=False))
+
+    with pytest.raises(sa.exc.ArgumentError, match="ledger.must"):
+        usage.create_tables(sa.create_engine(url), strict)
+
+
+@pytest.mark.parametrize(("retry_seconds", "attempts"), [(usage.SCHEMA_RETRY_SECONDS, 1), (0, 2)])
+def test_a_failed_schema_check_is_logged_and_tried_again_after_a_pause(tmp_path: Path, monkeypatch, caplog,
+                                                                        retry_seconds: float, attempts: int) -> None:
+    monkeypatch.setattr(usage, "SCHEMA_RETRY_SECONDS", retry_seconds)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    _previous_ledger(url)
+    ledger = Ledger(url)
+    impossible = sa.MetaData()  # a column no existing row could have
+    sa.Table("ledger", impossible, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("must", sa.Text, nullable=False))
+    ledger.schema.add(impossible)
+
+    for _ in range(2):
+        with ledger.engine.connect() as conn:  # the connection still works: requests fail or pass on their own
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+
+    failures = [r for r in caplog.records if r.getMessage().startswith("cannot create or check the database schema")]
+    assert len(failures) == attempts
+    ledger.dispose()
 
 
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
@@ -434,7 +532,8 @@ def test_usage_command_plots_an_empty_range(filled_app: Flask, tmp_path: Path) -
     assert "No spend in this range" in ET.tostring(ET.parse(chart).getroot(), encoding="unicode")
 
 
-@pytest.mark.parametrize("args", [["--since", "2025-13-01"], ["--since", "2025-03-02", "--until", "2025-03-01"]])
+@pytest.mark.parametrize("args", [["--since", "2025-13-01"], ["--since", "2025-03-02", "--until", "2025-03-01"],
+                                  ["--until", "9999-12-31"], ["--until", "0001-01-01"]])
 def test_usage_command_refuses_bad_dates(filled_app: Flask, args: list[str]) -> None:
     result = filled_app.test_cli_runner().invoke(args=["usage", *args])
     assert result.exit_code == 2
@@ -477,11 +576,13 @@ def test_only_an_admin_token_identity_passes(filled_app: Flask, identity: str | 
         assert reports.usage_report().status_code == 200
 
 
-@pytest.mark.parametrize("query", ["since=yesterday", "until=2025-02-30", "since=2025-03-02&until=2025-03-01"])
+@pytest.mark.parametrize("query", ["since=yesterday", "until=2025-02-30", "since=2025-03-02&until=2025-03-01",
+                                   "until=9999-12-31", "until=0001-01-01", "since=0001-01-01&until=0001-03-01"])
 def test_api_usage_refuses_bad_dates(filled_app: Flask, query: str) -> None:
     response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
     assert response.status_code == 400
     assert response.json["error"]["code"] == "invalid_request"
+    assert query.split("=")[0] in response.json["error"]["message"]
 
 
 @pytest.mark.parametrize("query, says", [
@@ -495,3 +596,10 @@ def test_api_usage_refuses_unknown_and_repeated_query_parameters(filled_app: Fla
     assert response.json["error"]["code"] == "invalid_request"
     assert says in response.json["error"]["message"]
     assert "totals" not in response.get_data(as_text=True)
+
+
+def test_api_usage_reaches_the_first_and_last_days_it_allows(filled_app: Flask) -> None:
+    response = filled_app.test_client().get(f"/api/usage?since={reports.FIRST_DAY}&until={reports.LAST_DAY}",
+                                            headers={"Authorization": "Bearer cpx-ops-token"})
+    assert response.status_code == 200
+    assert response.json["totals"]["requests"] == len(filled_app.extensions["chatproxy.ledger"].rows())  # all
