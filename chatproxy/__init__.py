@@ -10,20 +10,39 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import (batch, budget, chat, classify, compat, cooldowns, errors, guards, logs, openapi, ops, prices,
-               reports, security, usage)
+from . import (
+    batch,
+    budget,
+    chat,
+    classify,
+    compat,
+    cooldowns,
+    errors,
+    guards,
+    logs,
+    openapi,
+    ops,
+    prices,
+    reports,
+    security,
+    usage,
+)
 from .config import SettingsError, raw_settings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-__all__ = ["create_app", "SettingsError"]
+__all__ = ["SettingsError", "create_app"]
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: defaults, then .env and the environment, then `test_config`; fail fast on a bad setting."""
-    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"),
-                instance_path=str(ROOT / "instance"))
+    app = Flask(
+        __name__,
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(ROOT / "static"),
+        instance_path=str(ROOT / "instance"),
+    )
     app.config.from_mapping(raw_settings(ROOT / ".env"))
     if test_config is not None:
         app.config.update(test_config)

@@ -53,7 +53,8 @@ _CUSTOM_ID = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 
 metadata = sa.MetaData()
 batches_table = sa.Table(
-    "batches", metadata,
+    "batches",
+    metadata,
     sa.Column("id", sa.String(ID_LENGTH), primary_key=True),  # ours, given to the client; never the upstream's
     sa.Column("owner", sa.Text, nullable=False, index=True),  # the identity that submitted it
     sa.Column("created_at", sa.DateTime, nullable=False),
@@ -120,11 +121,18 @@ class BatchStore:
 
     def insert(self, batch_id: str, owner: str, lines: list[BatchLine], reservation: Reservation) -> None:
         """Remember a batch before it is uploaded; 503 if the database is down."""
-        values = {"id": batch_id, "owner": owner, "created_at": self.clock(), "model": lines[0].chat.model,
-                  "custom_ids": json.dumps([line.custom_id for line in lines]), "status": "submitting",
-                  "request_counts": json.dumps({"total": len(lines), "completed": 0, "failed": 0}),
-                  "reserved_day": reservation.day, "reserved_micros": reservation.cost_micros,
-                  "reserved_tokens": reservation.tokens}
+        values = {
+            "id": batch_id,
+            "owner": owner,
+            "created_at": self.clock(),
+            "model": lines[0].chat.model,
+            "custom_ids": json.dumps([line.custom_id for line in lines]),
+            "status": "submitting",
+            "request_counts": json.dumps({"total": len(lines), "completed": 0, "failed": 0}),
+            "reserved_day": reservation.day,
+            "reserved_micros": reservation.cost_micros,
+            "reserved_tokens": reservation.tokens,
+        }
         with _database("store a new batch"), self.engine.begin() as conn:
             conn.execute(batches_table.insert().values(**values))
 
@@ -155,8 +163,9 @@ class BatchStore:
     def record_once(self, batch_id: str, rows: list[dict[str, Any]]) -> bool:
         """Flip `results_recorded` and insert the ledger rows in one transaction; False if already recorded."""
         t = batches_table.c
-        claim = batches_table.update().where(t.id == batch_id, t.results_recorded.is_(False)).values(
-            results_recorded=True)
+        claim = (
+            batches_table.update().where(t.id == batch_id, t.results_recorded.is_(False)).values(results_recorded=True)
+        )
         with _database(f"record the results of batch {batch_id}"), self.engine.begin() as conn:
             if conn.execute(claim).rowcount != 1:  # another fetch got there first (it held the lock until then)
                 return False
@@ -172,8 +181,9 @@ def _database(what: str) -> Iterator[None]:
         yield
     except SQLAlchemyError:
         log.exception("cannot %s: the ledger's database failed", what)
-        raise ApiError(503, "ledger_unavailable", "Usage cannot be recorded right now. Try again shortly.",
-                       retry_after=5) from None
+        raise ApiError(
+            503, "ledger_unavailable", "Usage cannot be recorded right now. Try again shortly.", retry_after=5
+        ) from None
 
 
 def init_app(app: Flask) -> None:
@@ -185,8 +195,9 @@ def init_app(app: Flask) -> None:
         raise RuntimeError("batch.init_app needs usage.init_app first: batches live in the ledger's database")
     ledger.schema.add(metadata)  # created with the ledger's tables, on first use
     app.extensions["chatproxy.batches"] = BatchStore(ledger)
-    app.extensions["chatproxy.batch_limits"] = BatchLimits(_setting(app, "CHATPROXY_BATCH_MAX_REQUESTS"),
-                                                           _setting(app, "CHATPROXY_BATCH_MAX_BODY_BYTES"))
+    app.extensions["chatproxy.batch_limits"] = BatchLimits(
+        _setting(app, "CHATPROXY_BATCH_MAX_REQUESTS"), _setting(app, "CHATPROXY_BATCH_MAX_BODY_BYTES")
+    )
     app.register_blueprint(bp)
     app.cli.add_command(batch_group)
 
@@ -202,13 +213,17 @@ def limits() -> BatchLimits:
     return current_app.extensions["chatproxy.batch_limits"]
 
 
-def parse_requests(body: Any, settings: Settings, max_requests: int,
-                   where: Callable[[int], str] = lambda index: f"requests[{index}]") -> list[BatchLine]:
+def parse_requests(
+    body: Any, settings: Settings, max_requests: int, where: Callable[[int], str] = lambda index: f"requests[{index}]"
+) -> list[BatchLine]:
     """Validate {"requests": [...]}: each item a /api/chat body plus a unique custom_id, one model, no stream."""
     if not isinstance(body, dict) or set(body) != {"requests"}:
         extra = sorted(set(body) - {"requests"}) if isinstance(body, dict) else []
-        raise invalid(f"Unknown field: {extra[0][:64]!r}. The body is {{\"requests\": [...]}}." if extra
-                      else "The body must be {\"requests\": [...]}.")
+        raise invalid(
+            f'Unknown field: {extra[0][:64]!r}. The body is {{"requests": [...]}}.'
+            if extra
+            else 'The body must be {"requests": [...]}.'
+        )
     items = body["requests"]
     if not isinstance(items, list) or not items:
         raise invalid("'requests' must be a non-empty list of {custom_id, message or messages, ...} objects.")
@@ -234,8 +249,10 @@ def parse_requests(body: Any, settings: Settings, max_requests: int,
         lines.append(BatchLine(custom_id, chat))
     models = sorted({line.chat.model for line in lines})
     if len(models) > 1:
-        raise invalid(f"All requests in one batch must use the same model (the Batch API's rule); this one "
-                      f"mixes {', '.join(models)}. Send one batch per model.")
+        raise invalid(
+            f"All requests in one batch must use the same model (the Batch API's rule); this one "
+            f"mixes {', '.join(models)}. Send one batch per model."
+        )
     return lines
 
 
@@ -244,9 +261,20 @@ def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
 
     Strict JSON, as the SDK encodes a request: a value that fails here is our bug (the edge admits strict JSON only).
     """
-    return "".join(json.dumps({"custom_id": line.custom_id, "method": "POST", "url": ENDPOINT,
-                               "body": upstream_params(line.chat, settings)}, ensure_ascii=False, allow_nan=False)
-                   + "\n" for line in lines).encode("utf-8")
+    return "".join(
+        json.dumps(
+            {
+                "custom_id": line.custom_id,
+                "method": "POST",
+                "url": ENDPOINT,
+                "body": upstream_params(line.chat, settings),
+            },
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+        + "\n"
+        for line in lines
+    ).encode("utf-8")
 
 
 def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -> tuple[int, int]:
@@ -281,31 +309,52 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
     try:
         store.update(batch_id, upstream_id=upstream.id, input_file_id=upstream.input_file_id, **_state(upstream))
     except ApiError:
-        log.error("batch %s runs upstream as %s, but that could not be stored; its reservation stays held",
-                  batch_id, upstream.id)
+        log.error(
+            "batch %s runs upstream as %s, but that could not be stored; its reservation stays held",
+            batch_id,
+            upstream.id,
+        )
         raise
-    log.info("batch %s (%d requests, %s) submitted by %s as upstream %s; reserved %d micro-dollars",
-             batch_id, len(lines), lines[0].chat.model, identity, upstream.id, cost)
+    log.info(
+        "batch %s (%d requests, %s) submitted by %s as upstream %s; reserved %d micro-dollars",
+        batch_id,
+        len(lines),
+        lines[0].chat.model,
+        identity,
+        upstream.id,
+        cost,
+    )
     return public(store.owned(batch_id, identity))
 
 
 def _create_upstream(batch_id: str, data: bytes) -> Any:
     """Upload the file and create the batch (no retries: a retried create could run the batch twice)."""
     client = _client()
-    file = _upstream("upload the batch file",
-                     lambda: client.files.create(file=(f"{batch_id}.jsonl", data, "application/jsonl"),
-                                                 purpose="batch"))
+    file = _upstream(
+        "upload the batch file",
+        lambda: client.files.create(file=(f"{batch_id}.jsonl", data, "application/jsonl"), purpose="batch"),
+    )
     try:
-        return _upstream("create the batch", lambda: client.batches.create(
-            input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h",
-            metadata={"chatproxy_batch": batch_id}))
+        return _upstream(
+            "create the batch",
+            lambda: client.batches.create(
+                input_file_id=file.id,
+                endpoint=ENDPOINT,
+                completion_window="24h",
+                metadata={"chatproxy_batch": batch_id},
+            ),
+        )
     except ApiError as exc:
         if exc.code != "upstream_timeout":
             raise
         found = _find_upstream(batch_id)  # the create may have worked and only its answer been lost
         if found is None:
-            log.error("creating batch %s timed out and no upstream batch carries its id (metadata "
-                      "chatproxy_batch=%s): if one appears later it is not on record", batch_id, batch_id)
+            log.error(
+                "creating batch %s timed out and no upstream batch carries its id (metadata "
+                "chatproxy_batch=%s): if one appears later it is not on record",
+                batch_id,
+                batch_id,
+            )
             raise
         log.warning("creating batch %s timed out, but it exists upstream as %s: carrying on", batch_id, found.id)
         return found
@@ -330,11 +379,16 @@ def results(batch_id: str, identity: str) -> dict[str, Any]:
     """Every line's answer or error, in submitted order; the first fetch records them and settles the budget."""
     row = _refreshed(_store().owned(batch_id, identity))
     if row["status"] not in FINISHED:
-        raise ApiError(409, "batch_not_ready", f"The batch is {row['status']}; its results are not ready yet.",
-                       retry_after=POLL_SECONDS)
+        raise ApiError(
+            409,
+            "batch_not_ready",
+            f"The batch is {row['status']}; its results are not ready yet.",
+            retry_after=POLL_SECONDS,
+        )
     outcomes = _download(row)
-    lines = [outcomes.get(custom_id) or _unprocessed(custom_id, row["status"])
-             for custom_id in json.loads(row["custom_ids"])]
+    lines = [
+        outcomes.get(custom_id) or _unprocessed(custom_id, row["status"]) for custom_id in json.loads(row["custom_ids"])
+    ]
     if not row["results_recorded"]:
         _record(row, lines)
     return {"id": row["id"], "status": row["status"], "results": [line.public() for line in lines]}
@@ -342,8 +396,13 @@ def results(batch_id: str, identity: str) -> dict[str, Any]:
 
 def public(row: dict[str, Any]) -> dict[str, Any]:
     """What a client sees of a batch."""
-    return {"id": row["id"], "status": row["status"], "model": row["model"],
-            "request_counts": json.loads(row["request_counts"]), "created_at": row["created_at"].isoformat() + "Z"}
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "model": row["model"],
+        "request_counts": json.loads(row["request_counts"]),
+        "created_at": row["created_at"].isoformat() + "Z",
+    }
 
 
 def _refreshed(row: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +412,11 @@ def _refreshed(row: dict[str, Any]) -> dict[str, Any]:
     upstream = _upstream("read the batch", lambda: _client().batches.retrieve(row["upstream_id"]))
     state = _state(upstream)
     if upstream.status == "failed" and upstream.errors and upstream.errors.data:
-        log.warning("upstream batch %s failed validation: %s", upstream.id,
-                    ", ".join(f"{e.code} (line {e.line})" for e in upstream.errors.data))
+        log.warning(
+            "upstream batch %s failed validation: %s",
+            upstream.id,
+            ", ".join(f"{e.code} (line {e.line})" for e in upstream.errors.data),
+        )
     if any(row[key] != value for key, value in state.items()):
         _store().update(row["id"], **state)
     return {**row, **state}
@@ -363,11 +425,15 @@ def _refreshed(row: dict[str, Any]) -> dict[str, Any]:
 def _state(upstream: Any) -> dict[str, Any]:
     """The columns that follow the upstream Batch object."""
     counts = upstream.request_counts
-    state: dict[str, Any] = {"status": upstream.status, "output_file_id": upstream.output_file_id,
-                             "error_file_id": upstream.error_file_id}
+    state: dict[str, Any] = {
+        "status": upstream.status,
+        "output_file_id": upstream.output_file_id,
+        "error_file_id": upstream.error_file_id,
+    }
     if counts is not None and counts.total:
-        state["request_counts"] = json.dumps({"total": counts.total, "completed": counts.completed,
-                                              "failed": counts.failed})
+        state["request_counts"] = json.dumps(
+            {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+        )
     return state
 
 
@@ -377,7 +443,7 @@ def _download(row: dict[str, Any]) -> dict[str, Outcome]:
     for file_id in (row["output_file_id"], row["error_file_id"]):
         if not file_id:
             continue
-        content = _upstream("download batch results", lambda: _client().files.content(file_id)).content
+        content = _upstream("download batch results", lambda file_id=file_id: _client().files.content(file_id)).content
         for number, text in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
             if not text.strip():
                 continue
@@ -409,10 +475,14 @@ def parse_result_line(entry: dict[str, Any]) -> Outcome:
     message = choice.get("message") or {}
     usage = body.get("usage") or {}
     details = usage.get("prompt_tokens_details") or {}
-    outcome = Outcome(custom_id, content=message.get("content") or "", model=body.get("model"),
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0),
-                      cached_tokens=int(details.get("cached_tokens") or 0))
+    outcome = Outcome(
+        custom_id,
+        content=message.get("content") or "",
+        model=body.get("model"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )
     if choice.get("finish_reason") == "content_filter":
         outcome.error = (content_filtered().code, content_filtered().message)
     elif message.get("refusal"):
@@ -449,15 +519,31 @@ def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
     rows, cost, tokens = [], 0, 0
     for line in lines:
         billed = line.prompt_tokens or line.completion_tokens
-        line_cost = prices.cost_micros(line.model or row["model"], line.prompt_tokens, line.completion_tokens,
-                                       line.cached_tokens, batch=True) if billed else 0
+        line_cost = (
+            prices.cost_micros(
+                line.model or row["model"], line.prompt_tokens, line.completion_tokens, line.cached_tokens, batch=True
+            )
+            if billed
+            else 0
+        )
         cost += line_cost
         tokens += line.prompt_tokens + line.completion_tokens
-        rows.append({"request_id": row["id"], "created_at": now, "identity": row["owner"],
-                     "model_requested": row["model"], "model_answered": line.model,
-                     "prompt_tokens": line.prompt_tokens, "completion_tokens": line.completion_tokens,
-                     "tokens_exact": True, "cost_micros": line_cost,  # the upstream's counts (0 when not run)
-                     "outcome": line.error[0] if line.error else "ok", "stream": False, "closed_at": now})
+        rows.append(
+            {
+                "request_id": row["id"],
+                "created_at": now,
+                "identity": row["owner"],
+                "model_requested": row["model"],
+                "model_answered": line.model,
+                "prompt_tokens": line.prompt_tokens,
+                "completion_tokens": line.completion_tokens,
+                "tokens_exact": True,
+                "cost_micros": line_cost,  # the upstream's counts (0 when not run)
+                "outcome": line.error[0] if line.error else "ok",
+                "stream": False,
+                "closed_at": now,
+            }
+        )
     if not store.record_once(row["id"], rows):
         return
     reservation = Reservation(row["owner"], row["reserved_day"], row["reserved_micros"], row["reserved_tokens"])
@@ -470,8 +556,14 @@ def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
             metrics.record_upstream_error(line.error[0])
         if line.prompt_tokens or line.completion_tokens:
             metrics.record_upstream(row["model"], line.prompt_tokens, line.completion_tokens, entry["cost_micros"])
-    log.info("batch %s: %d results recorded for %s, %d micro-dollars (reserved %d)", row["id"], len(rows),
-             row["owner"], cost, row["reserved_micros"])
+    log.info(
+        "batch %s: %d results recorded for %s, %d micro-dollars (reserved %d)",
+        row["id"],
+        len(rows),
+        row["owner"],
+        cost,
+        row["reserved_micros"],
+    )
 
 
 def _upstream(what: str, call: Callable[[], T]) -> T:
@@ -483,10 +575,15 @@ def _upstream(what: str, call: Callable[[], T]) -> T:
         log.warning("could not %s: %s", what, failure.reason)
         retry = math.ceil(failure.retry_after) if failure.retry_after else DEFAULT_RETRY_AFTER
         if isinstance(exc, openai.APITimeoutError):
-            raise ApiError(504, "upstream_timeout", "The model provider took too long to answer. Try again.",
-                           retry_after=retry) from None
-        raise ApiError(503, "upstream_unavailable", "The model provider could not be reached. Try again shortly.",
-                       retry_after=retry) from None
+            raise ApiError(
+                504, "upstream_timeout", "The model provider took too long to answer. Try again.", retry_after=retry
+            ) from None
+        raise ApiError(
+            503,
+            "upstream_unavailable",
+            "The model provider could not be reached. Try again shortly.",
+            retry_after=retry,
+        ) from None
 
 
 def _settings() -> Settings:

@@ -38,9 +38,15 @@ def client() -> OpenAI:
 def page() -> str:
     """The chat page."""
     conf = settings()
-    return render_template("chat.html", models=conf.models, default_model=conf.default_model, demo=conf.demo,
-                           max_messages=conf.max_messages, max_total_chars=conf.max_total_chars,
-                           csrf_token=csrf_token())
+    return render_template(
+        "chat.html",
+        models=conf.models,
+        default_model=conf.default_model,
+        demo=conf.demo,
+        max_messages=conf.max_messages,
+        max_total_chars=conf.max_total_chars,
+        csrf_token=csrf_token(),
+    )
 
 
 @bp.get("/api/models")
@@ -81,8 +87,11 @@ def chat() -> Response:
         release_slot()
         raise
     _count_fallback(chat_request.model, routed.model)
-    response = Response(relay(routed, conf.keepalive_seconds, deadline, gates, meter),
-                        mimetype="text/event-stream", headers={**SSE_HEADERS, MODEL_HEADER: routed.model})
+    response = Response(
+        relay(routed, conf.keepalive_seconds, deadline, gates, meter),
+        mimetype="text/event-stream",
+        headers={**SSE_HEADERS, MODEL_HEADER: routed.model},
+    )
     response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op
     response.call_on_close(release_slot)

@@ -57,13 +57,25 @@ def classify() -> Response:
     settings: Settings = current_app.extensions["chatproxy.settings"]
     body = parse_json_body(request.get_data(cache=False), request.content_type)
     text, labels = _validate(body, settings)
-    chat = ChatRequest(messages=[{"role": "user", "content": text}], model=settings.classify_model,
-                       max_tokens=min(MAX_ANSWER_TOKENS, settings.max_tokens), temperature=0.0, stream=False,
-                       response_format=schema(labels), system_prompt=SYSTEM_PROMPT)
+    chat = ChatRequest(
+        messages=[{"role": "user", "content": text}],
+        model=settings.classify_model,
+        max_tokens=min(MAX_ANSWER_TOKENS, settings.max_tokens),
+        temperature=0.0,
+        stream=False,
+        response_format=schema(labels),
+        system_prompt=SYSTEM_PROMPT,
+    )
     meter = Meter(chat, settings)
     try:
-        reply = complete(current_app.extensions["chatproxy.client"], chat, settings, cooldowns.of(current_app),
-                         time.monotonic() + settings.total_timeout, meter)
+        reply = complete(
+            current_app.extensions["chatproxy.client"],
+            chat,
+            settings,
+            cooldowns.of(current_app),
+            time.monotonic() + settings.total_timeout,
+            meter,
+        )
     finally:
         meter.settle()
     result = _checked(reply["parsed"], labels)
@@ -82,17 +94,25 @@ def _validate(body: dict[str, Any], settings: Settings) -> tuple[str, list[str]]
     if len(text) > settings.max_message_chars:
         raise invalid(f"'text' is too long: at most {settings.max_message_chars} characters.")
     labels = body.get("labels", list(settings.classify_labels))
-    if (not isinstance(labels, list) or len(labels) < 2
-            or not all(isinstance(label, str) and label in settings.classify_labels for label in labels)
-            or len(set(labels)) != len(labels)):  # set() only once every label is a (hashable) string
+    if (
+        not isinstance(labels, list)
+        or len(labels) < 2
+        or not all(isinstance(label, str) and label in settings.classify_labels for label in labels)
+        or len(set(labels)) != len(labels)
+    ):  # set() only once every label is a (hashable) string
         raise invalid(f"'labels' must be two or more different labels from: {', '.join(settings.classify_labels)}.")
     return text, labels
 
 
 def _checked(parsed: Any, labels: list[str]) -> dict[str, Any]:
     """The model's answer, held to the schema even if the upstream did not enforce it."""
-    if (not isinstance(parsed, dict) or parsed.get("label") not in labels
-            or not isinstance(parsed.get("confidence"), (int, float)) or isinstance(parsed.get("confidence"), bool)
-            or not 0 <= parsed["confidence"] <= 1 or not isinstance(parsed.get("rationale"), str)):
+    if (
+        not isinstance(parsed, dict)
+        or parsed.get("label") not in labels
+        or not isinstance(parsed.get("confidence"), (int, float))
+        or isinstance(parsed.get("confidence"), bool)
+        or not 0 <= parsed["confidence"] <= 1
+        or not isinstance(parsed.get("rationale"), str)
+    ):
         raise ApiError(502, "invalid_model_output", "The model's answer did not match the classification schema.")
     return {"label": parsed["label"], "confidence": float(parsed["confidence"]), "rationale": parsed["rationale"]}

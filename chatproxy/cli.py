@@ -33,8 +33,10 @@ def cli_app() -> Flask:
 
 def _valid_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
     if not TOKEN_NAME.fullmatch(name):
-        raise click.BadParameter(f"{name[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-' "
-                                 "(the name is the caller's identity in limits, budgets and the ledger).")
+        raise click.BadParameter(
+            f"{name[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-' "
+            "(the name is the caller's identity in limits, budgets and the ledger)."
+        )
     return name
 
 
@@ -48,7 +50,8 @@ def new_token(name: str) -> None:
         raise click.ClickException(
             f"CHATPROXY_API_TOKENS already has a token named {name!r}, and a second entry under that name would "
             f"replace it. To rotate it, make a token under a new name, add it, restart, move the client over, "
-            f"then remove the old entry (README: Access control).")
+            f"then remove the old entry (README: Access control)."
+        )
     token = "cpx_" + secrets.token_urlsafe(32)
     entry = f"{name}={hash_token(token)}"
     click.echo(f"token (give it to the client, shown once): {token}")
@@ -60,9 +63,14 @@ def new_token(name: str) -> None:
 
 def build() -> FlaskGroup:
     """The command group: the app's commands (built by cli_app) and new-token."""
-    group = FlaskGroup(name="chatproxy", create_app=cli_app, add_default_commands=False, load_dotenv=False,
-                       add_version_option=False,
-                       help="chatproxy's commands; run them from the project directory. See README.md.")
+    group = FlaskGroup(
+        name="chatproxy",
+        create_app=cli_app,
+        add_default_commands=False,
+        load_dotenv=False,
+        add_version_option=False,
+        help="chatproxy's commands; run them from the project directory. See README.md.",
+    )
     group.params = [p for p in group.params if p.name not in {"app", "env_file", "debug"}]  # cli_app decides
     group.add_command(new_token)  # on the group itself: it runs without building the app
     return group

@@ -65,8 +65,11 @@ def _token_holders_only() -> None:
     """Only bearer-token callers: the page, origins and anonymous callers have /api/*."""
     caller = g.get("caller")
     if request.method != "OPTIONS" and (caller is None or caller.kind != "token"):
-        raise ApiError(401, "unauthorized", "The OpenAI-compatible API needs a token: "
-                       "send it as the API key (Authorization: Bearer <token>).")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "The OpenAI-compatible API needs a token: send it as the API key (Authorization: Bearer <token>).",
+        )
 
 
 @bp.after_request
@@ -95,8 +98,14 @@ def error_type(status: int, code: str) -> str:
 @bp.get("/models")
 def models() -> Response:
     """The allowlisted models, as OpenAI lists models."""
-    return jsonify({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"}
-                                               for name in settings().models]})
+    return jsonify(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"} for name in settings().models
+            ],
+        }
+    )
 
 
 @bp.post("/chat/completions")
@@ -112,13 +121,19 @@ def _complete(req: CompatRequest, conf: Settings, deadline: float) -> Response:
     """The whole answer (with retries and fallback), metered, as a `chat.completion` object."""
     meter = Meter(req.metered, conf)
     try:
-        once = meter.attempt(lambda model: upstream_params(req, conf, model),
-                             lambda params, timeout, headers: create_completion(client(), params, timeout, headers))
+        once = meter.attempt(
+            lambda model: upstream_params(req, conf, model),
+            lambda params, timeout, headers: create_completion(client(), params, timeout, headers),
+        )
         routed = route(once, req.model, conf, cooldowns.of(current_app), deadline)
         completion = routed.value
         filtered = completion.choices[0].finish_reason == "content_filter"
-        meter.finish(routed.model, usage_dict(completion.usage), _answer_text(completion),
-                     "content_filtered" if filtered else "ok")
+        meter.finish(
+            routed.model,
+            usage_dict(completion.usage),
+            _answer_text(completion),
+            "content_filtered" if filtered else "ok",
+        )
     finally:
         meter.settle()
     _count_fallback(req.model, routed.model)
@@ -146,8 +161,11 @@ def _stream(req: CompatRequest, conf: Settings, deadline: float) -> Response:
         release_slot()
         raise
     _count_fallback(req.model, routed.model)
-    response = Response(relay(routed, req.include_usage, conf.keepalive_seconds, deadline, gates, meter),
-                        mimetype="text/event-stream", headers={**SSE_HEADERS, MODEL_HEADER: routed.model})
+    response = Response(
+        relay(routed, req.include_usage, conf.keepalive_seconds, deadline, gates, meter),
+        mimetype="text/event-stream",
+        headers={**SSE_HEADERS, MODEL_HEADER: routed.model},
+    )
     response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op
     response.call_on_close(release_slot)
@@ -170,16 +188,18 @@ def _open_once(params: dict[str, Any], timeout: openai.Timeout, headers: dict[st
         try:
             choice = chunk.choices[0] if chunk.choices else None
             delta = choice.delta if choice is not None else None
-            return choice is not None and bool(choice.finish_reason or (delta is not None and (
-                delta.content or delta.tool_calls or delta.refusal)))
+            return choice is not None and bool(
+                choice.finish_reason or (delta is not None and (delta.content or delta.tool_calls or delta.refusal))
+            )
         except SHAPE_ERRORS as exc:
             raise UnreadableAnswer("a stream chunk of the wrong shape") from exc
 
     return read_to_first(stream, begun)
 
 
-def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadline: float, gates: Cooldowns,
-          meter: Meter) -> Iterator[bytes]:
+def relay(
+    routed: Routed[Upstream], include_usage: bool, keepalive: float, deadline: float, gates: Cooldowns, meter: Meter
+) -> Iterator[bytes]:
     """Re-emit a committed stream as `chat.completion.chunk` events, then usage (if asked) and [DONE]; or an error."""
     upstream, model = routed.value, routed.model
     finish_reason = usage = None
@@ -191,8 +211,10 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             if time.monotonic() > deadline:
                 log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", model)
                 outcome = "upstream_timeout"
-                yield error_event(ApiError(504, "upstream_timeout", "The answer took too long and was cut short. "
-                                           "Try again."), meter.request_id)
+                yield error_event(
+                    ApiError(504, "upstream_timeout", "The answer took too long and was cut short. Try again."),
+                    meter.request_id,
+                )
                 return
             if chunk is PING:
                 yield PING
@@ -210,17 +232,30 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
             log.warning("upstream stream from %s ended without a finish reason", model)
             gates.failure(model, counted=True)
             outcome = "upstream_truncated"
-            yield error_event(ApiError(502, "upstream_truncated", "The model provider cut the answer short. "
-                                       "Try again."), meter.request_id)
+            yield error_event(
+                ApiError(502, "upstream_truncated", "The model provider cut the answer short. Try again."),
+                meter.request_id,
+            )
             return
         outcome = "content_filtered" if finish_reason == "content_filter" else "ok"
         if include_usage:
-            yield sse({"id": stream_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                       "model": model, "choices": [], "usage": usage})
+            yield sse(
+                {
+                    "id": stream_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         yield DONE
     except (openai.APIError, UnreadableAnswer, *SHAPE_ERRORS) as exc:
-        error = upstream_error(exc) if isinstance(exc, openai.APIError) else ApiError(
-            502, "upstream_bad_response", "The model provider sent an answer we could not read.")
+        error = (
+            upstream_error(exc)
+            if isinstance(exc, openai.APIError)
+            else ApiError(502, "upstream_bad_response", "The model provider sent an answer we could not read.")
+        )
         if error.code != "content_filtered":
             gates.failure(model, counted=True)  # the attempt was counted as answered at its first delta
         outcome = error.code
@@ -233,25 +268,41 @@ def relay(routed: Routed[Upstream], include_usage: bool, keepalive: float, deadl
 def completion_body(completion: Any, model: str) -> dict[str, Any]:
     """A `chat.completion` object from the upstream's, naming the model alias that answered."""
     choice = completion.choices[0]
-    message: dict[str, Any] = {"role": "assistant", "content": choice.message.content,
-                               "refusal": choice.message.refusal}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": choice.message.content,
+        "refusal": choice.message.refusal,
+    }
     if choice.message.tool_calls:
         message["tool_calls"] = [call.to_dict() for call in choice.message.tool_calls]
-    return {"id": completion.id, "object": "chat.completion", "created": completion.created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}],
-            "usage": completion.usage.to_dict() if completion.usage is not None else None}
+    return {
+        "id": completion.id,
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}],
+        "usage": completion.usage.to_dict() if completion.usage is not None else None,
+    }
 
 
 def chunk_body(chunk: Any, choice: Any, model: str, include_usage: bool) -> dict[str, Any]:
     """One `chat.completion.chunk` with the delta's role, content, refusal and tool calls."""
     delta: dict[str, Any] = {}
     if choice.delta is not None:
-        delta = {name: value for name in ("role", "content", "refusal")
-                 if (value := getattr(choice.delta, name, None)) is not None}
+        delta = {
+            name: value
+            for name in ("role", "content", "refusal")
+            if (value := getattr(choice.delta, name, None)) is not None
+        }
         if choice.delta.tool_calls:
             delta["tool_calls"] = [call.to_dict() for call in choice.delta.tool_calls]
-    body = {"id": chunk.id, "object": "chat.completion.chunk", "created": chunk.created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": choice.finish_reason}]}
+    body = {
+        "id": chunk.id,
+        "object": "chat.completion.chunk",
+        "created": chunk.created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": choice.finish_reason}],
+    }
     if include_usage:
         body["usage"] = None  # as OpenAI sends it: only the last chunk carries usage
     return body
@@ -259,8 +310,13 @@ def chunk_body(chunk: Any, choice: Any, model: str, include_usage: bool) -> dict
 
 def error_event(error: ApiError, request_id: str) -> bytes:
     """The final event of a stream that could not finish: the SDKs raise APIError on it."""
-    body = {"code": error.code, "message": error.message, "type": error_type(error.status, error.code), "param": None,
-            "request_id": request_id}
+    body = {
+        "code": error.code,
+        "message": error.message,
+        "type": error_type(error.status, error.code),
+        "param": None,
+        "request_id": request_id,
+    }
     return b"data: " + json.dumps({"error": body}, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -268,8 +324,9 @@ def _answer_text(completion: Any) -> str:
     """The answer's text (content and tool call arguments), for token estimates."""
     message = completion.choices[0].message
     calls = message.tool_calls or []
-    return (message.content or "") + "".join(call.function.name + call.function.arguments for call in calls
-                                              if getattr(call, "function", None) is not None)
+    return (message.content or "") + "".join(
+        call.function.name + call.function.arguments for call in calls if getattr(call, "function", None) is not None
+    )
 
 
 def _delta_text(delta: Any) -> str:

@@ -40,8 +40,10 @@ def create_dev_app(overrides: Mapping[str, object] | None = None, say: Callable[
         if wanted(raw):
             validate({**raw, "OPENAI_API_KEY": DEMO_KEY})  # a bad setting stops us before the demo starts
             config.update(start_upstream())
-            say(f"No OPENAI_API_KEY set: using the OFFLINE DEMO upstream at {config['OPENAI_BASE_URL']}.\n"
-                "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API.")
+            say(
+                f"No OPENAI_API_KEY set: using the OFFLINE DEMO upstream at {config['OPENAI_BASE_URL']}.\n"
+                "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API."
+            )
         return create_app(config)
     except SettingsError as exc:
         raise SystemExit(f"chatproxy: {exc}") from None

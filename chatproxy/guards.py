@@ -61,30 +61,51 @@ def init_app(app: Flask) -> None:
     app.secret_key = settings.secret_key or secrets.token_hex(32)
     if not settings.secret_key:
         log.warning("CHATPROXY_SECRET_KEY is not set: page sessions are valid in this process only")
-    app.config.update(SESSION_COOKIE_NAME="chatproxy_session", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Strict", PERMANENT_SESSION_LIFETIME=86400)
+    app.config.update(
+        SESSION_COOKIE_NAME="chatproxy_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        PERMANENT_SESSION_LIFETIME=86400,
+    )
     app.session_interface = PageSessionInterface()
     app.extensions["chatproxy.tokens"] = parse_tokens(settings.api_tokens)
     if settings.allowed_origins:
         # Exactly what the routes take: GET and POST (HEAD is always allowed), and the headers a frontend sends.
-        CORS(app, resources={r"/api/*": {"origins": list(settings.allowed_origins)}, r"/v1/*": {
-            "origins": list(settings.allowed_origins)}}, supports_credentials=False, methods=["GET", "POST"],
-             allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-             expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"], max_age=600)
+        CORS(
+            app,
+            resources={
+                r"/api/*": {"origins": list(settings.allowed_origins)},
+                r"/v1/*": {"origins": list(settings.allowed_origins)},
+            },
+            supports_credentials=False,
+            methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"],
+            max_age=600,
+        )
     app.before_request(identify_caller)  # before the limiter's own before_request: limits need the caller
     storage = settings.redis_url or "memory://"
-    limiter = Limiter(key_func=_limit_key, app=app, storage_uri=storage, strategy="fixed-window",
-                      application_limits=[_limit_for_caller], application_limits_exempt_when=_not_limited,
-                      on_breach=_rate_limited, key_prefix="chatproxy",
-                      in_memory_fallback_enabled=True,
-                      storage_options={"connection_pool": redis_client.pool(settings.redis_url)}
-                      if settings.redis_url else {})
+    limiter = Limiter(
+        key_func=_limit_key,
+        app=app,
+        storage_uri=storage,
+        strategy="fixed-window",
+        application_limits=[_limit_for_caller],
+        application_limits_exempt_when=_not_limited,
+        on_breach=_rate_limited,
+        key_prefix="chatproxy",
+        in_memory_fallback_enabled=True,
+        storage_options={"connection_pool": redis_client.pool(settings.redis_url)} if settings.redis_url else {},
+    )
     app.extensions["chatproxy.limiter"] = limiter
     # A lease outlives any request: the relay cuts a stream at the total timeout, noticed within a read timeout.
     lease = settings.total_timeout + settings.read_timeout + 60
-    app.extensions[STATE] = Guarding(RedisSlots(settings.redis_url, lease) if settings.redis_url else MemorySlots(),
-                                     MemorySlots(), max(1, settings.threads - HEALTH_RESERVE),
-                                     FixedWindowRateLimiter(MemoryStorage()))
+    app.extensions[STATE] = Guarding(
+        RedisSlots(settings.redis_url, lease) if settings.redis_url else MemorySlots(),
+        MemorySlots(),
+        max(1, settings.threads - HEALTH_RESERVE),
+        FixedWindowRateLimiter(MemoryStorage()),
+    )
     app.before_request(hold_slots)  # after the limiter's hook: a rate-limited request takes no slot
     app.after_request_funcs.setdefault(None, []).insert(0, _release_on_close)  # the last after_request to run
     app.teardown_request(_release_unless_streaming)
@@ -138,8 +159,12 @@ def _count_new_session() -> None:
             reset = _hit(state().sessions_fallback, limit, ids)
         if reset is not None:
             retry_after = max(1, math.ceil(reset - time.time()))
-            raise ApiError(429, "rate_limited", f"Too many new chat sessions from your network. "
-                           f"Try again in {retry_after} seconds.", retry_after=retry_after)
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"Too many new chat sessions from your network. Try again in {retry_after} seconds.",
+                retry_after=retry_after,
+            )
 
 
 def _hit(strategy: FixedWindowRateLimiter, limit: RateLimitItem, ids: tuple[str, ...]) -> float | None:
@@ -198,15 +223,20 @@ def _limit_for_caller() -> str:
     settings: Settings = current_app.extensions["chatproxy.settings"]
     caller = g.get("caller")
     kind = caller.kind if caller else "page"
-    return {"page": settings.rate_limit_page, "token": settings.rate_limit_token,
-            "origin": settings.rate_limit_origin, "anonymous": settings.rate_limit_anonymous}[kind]
+    return {
+        "page": settings.rate_limit_page,
+        "token": settings.rate_limit_token,
+        "origin": settings.rate_limit_origin,
+        "anonymous": settings.rate_limit_anonymous,
+    }[kind]
 
 
 def _rate_limited(limit: RequestLimit) -> Response:
     """The contract's 429 with Retry-After until the window resets (Flask-Limiter's headers would stamp every reply)."""
     retry_after = max(1, math.ceil(limit.reset_at - time.time()))
-    return ApiError(429, "rate_limited", f"Too many requests. Try again in {retry_after} seconds.",
-                    retry_after=retry_after).response()
+    return ApiError(
+        429, "rate_limited", f"Too many requests. Try again in {retry_after} seconds.", retry_after=retry_after
+    ).response()
 
 
 def _not_limited() -> bool:
@@ -286,8 +316,10 @@ class RedisSlots:
     def acquire(self, slot: str, claims: Sequence[Claim]) -> Claim | None:
         """Take a slot under every claim (all or none), or return the first full claim; Redis down: per process."""
         try:
-            full = self._acquire(keys=[self.PREFIX + claim.key for claim in claims],
-                                 args=[self._lease_ms, slot, *(claim.limit for claim in claims)])
+            full = self._acquire(
+                keys=[self.PREFIX + claim.key for claim in claims],
+                args=[self._lease_ms, slot, *(claim.limit for claim in claims)],
+            )
         except redis.RedisError:
             log.error("redis unreachable: counting requests in flight per process")
             refused = self._fallback.acquire(slot, claims)
@@ -358,16 +390,44 @@ def hold_slots() -> None:
         return
     settings: Settings = current_app.extensions["chatproxy.settings"]
     guarding = state()
-    release_worker = hold(guarding.worker, [Claim("worker", guarding.worker_cap, ApiError(
-        503, "server_busy", "The server is busy. Try again in a moment.", retry_after=1))])
-    claims = [Claim(f"requests:{caller.limit_key}", settings.max_concurrent, ApiError(
-        429, "rate_limited", f"Too many requests at once: one caller may have {settings.max_concurrent} running. "
-        "Wait for one to finish.", retry_after=1))]
+    release_worker = hold(
+        guarding.worker,
+        [
+            Claim(
+                "worker",
+                guarding.worker_cap,
+                ApiError(503, "server_busy", "The server is busy. Try again in a moment.", retry_after=1),
+            )
+        ],
+    )
+    claims = [
+        Claim(
+            f"requests:{caller.limit_key}",
+            settings.max_concurrent,
+            ApiError(
+                429,
+                "rate_limited",
+                f"Too many requests at once: one caller may have {settings.max_concurrent} running. "
+                "Wait for one to finish.",
+                retry_after=1,
+            ),
+        )
+    ]
     if caller.kind != "token":
         ip, cap = request.remote_addr or "unknown", settings.max_concurrent_per_ip
-        claims.append(Claim(f"requests-ip:{ip}", cap, ApiError(
-            429, "rate_limited", f"Too many requests at once from your network: at most {cap} may run together. "
-            "Wait for one to finish.", retry_after=1)))
+        claims.append(
+            Claim(
+                f"requests-ip:{ip}",
+                cap,
+                ApiError(
+                    429,
+                    "rate_limited",
+                    f"Too many requests at once from your network: at most {cap} may run together. "
+                    "Wait for one to finish.",
+                    retry_after=1,
+                ),
+            )
+        )
     try:
         release = hold(guarding.slots, claims)
     except BaseException:
@@ -402,7 +462,18 @@ def take_stream_slot() -> Callable[[], None]:
     anyone can send that Origin and must not lock the frontend's other users out.
     """
     settings: Settings = current_app.extensions["chatproxy.settings"]
-    return hold(state().slots, [Claim(f"streams:{g.caller.limit_key}", settings.max_streams, ApiError(
-        429, "rate_limited", f"At most {settings.max_streams} answers can stream at once. Wait for one to finish.",
-        retry_after=1))])
-
+    return hold(
+        state().slots,
+        [
+            Claim(
+                f"streams:{g.caller.limit_key}",
+                settings.max_streams,
+                ApiError(
+                    429,
+                    "rate_limited",
+                    f"At most {settings.max_streams} answers can stream at once. Wait for one to finish.",
+                    retry_after=1,
+                ),
+            )
+        ],
+    )

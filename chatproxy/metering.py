@@ -28,8 +28,16 @@ T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
 HOLD_MARGIN_S = 60  # a reservation's hold outlives the longest its request may run by this much
 # Failures before the request was sent: nothing reached the upstream, so nothing was billed.
-NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
-              httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
+NEVER_SENT = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.WriteError,
+    httpx2.WriteTimeout,
+    httpx2.UnsupportedProtocol,
+    httpx2.ProxyError,
+    httpx2.LocalProtocolError,
+)
 Send = Callable[[dict[str, Any], openai.Timeout, dict[str, str]], T]  # sends built params (timeout, extra headers)
 
 
@@ -54,11 +62,15 @@ class Meter:
         caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
         # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
-        hold = Hold(self.request_id, self.prompt_estimate,
-                    self.prices.worst_case_micros(models, self.prompt_estimate, 0, batch=batch),
-                    settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S)
+        hold = Hold(
+            self.request_id,
+            self.prompt_estimate,
+            self.prices.worst_case_micros(models, self.prompt_estimate, 0, batch=batch),
+            settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S,
+        )
         self.reservation: Reservation = self.budget.reserve(
-            self.identity, worst, self.prompt_estimate + chat.max_tokens, caps=caps, hold=hold)
+            self.identity, worst, self.prompt_estimate + chat.max_tokens, caps=caps, hold=hold
+        )
         self.cost = 0
         self.tokens = 0
         self._open_row: int | None = None
@@ -79,9 +91,8 @@ class Meter:
             try:
                 params = build(model)
                 check_sendable(params)
-                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream,
-                                       self.client_request_id)
-            except Exception as exc:  # noqa: BLE001 - handed to the router, which raises it unchanged
+                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream, self.client_request_id)
+            except Exception as exc:
                 raise NotSent(exc) from exc
             begun = time.monotonic()
             try:
@@ -99,8 +110,9 @@ class Meter:
 
         return attempt
 
-    def finish(self, model: str, usage: dict[str, int] | None, completion_text: str, outcome: str,
-               ttft: float | None = None) -> None:
+    def finish(
+        self, model: str, usage: dict[str, int] | None, completion_text: str, outcome: str, ttft: float | None = None
+    ) -> None:
         """Close the open row with the answer's tokens (exact from usage, else estimated) and settle."""
         with self._lock:
             row, self._open_row = self._open_row, None
@@ -134,16 +146,32 @@ class Meter:
         else:
             self.settle()
 
-    def _close(self, row: int, model: str, prompt: int, completion: int, exact: bool, outcome: str,
-               begun: float, ttft: float | None) -> None:
+    def _close(
+        self,
+        row: int,
+        model: str,
+        prompt: int,
+        completion: int,
+        exact: bool,
+        outcome: str,
+        begun: float,
+        ttft: float | None,
+    ) -> None:
         cost = self.prices.cost_micros(model, prompt, completion) if prompt or completion else 0
         self.cost += cost
         self.tokens += prompt + completion
         now = time.monotonic()
-        if not self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
-                                 tokens_exact=exact, cost_micros=cost, outcome=outcome,
-                                 latency_ms=round((now - begun) * 1000),
-                                 ttft_ms=None if ttft is None else round(ttft * 1000)):
+        if not self.ledger.close(
+            row,
+            model_answered=model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            tokens_exact=exact,
+            cost_micros=cost,
+            outcome=outcome,
+            latency_ms=round((now - begun) * 1000),
+            ttft_ms=None if ttft is None else round(ttft * 1000),
+        ):
             # The counters must agree with the ledger: settling this cost while the row stays open would
             # count it twice or never; the sweeper settles the whole request from its rows instead.
             self._unrecorded = True

@@ -33,8 +33,20 @@ TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 SAMPLING = ("any", "fixed", "effort_none")  # any value / only the default 1 / any value when reasoning_effort is none
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 SAMPLING_RANGES = {"temperature": (0, 2), "top_p": (0, 1)}
-FIELDS = ("kind", "token_param", "sampling", "reasoning_efforts", "default_effort", "images", "context_window",
-          "max_output", "prices", "shutdown", "replacement", "source")
+FIELDS = (
+    "kind",
+    "token_param",
+    "sampling",
+    "reasoning_efforts",
+    "default_effort",
+    "images",
+    "context_window",
+    "max_output",
+    "prices",
+    "shutdown",
+    "replacement",
+    "source",
+)
 _PRICE_KEYS = frozenset({"input", "cached_input", "output", "long_context"})
 _LONG_KEYS = frozenset({"above", "input", "cached_input", "output"})
 _SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
@@ -151,22 +163,29 @@ class ModelTable:
             return spec
         if name not in self._warned:
             self._warned.add(name)
-            log.warning("model %r is not in the model table: using the conservative default (%s)", name,
-                        "highest known prices" if self.openai_upstream else "priced at 0")
+            log.warning(
+                "model %r is not in the model table: using the conservative default (%s)",
+                name,
+                "highest known prices" if self.openai_upstream else "priced at 0",
+            )
         return replace(self.unknown, name=name)
 
-    def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                    batch: bool = False) -> int:
+    def cost_micros(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
+    ) -> int:
         """Cost of one call in micro-dollars, rounded up once; completion_tokens includes reasoning tokens."""
         if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
             raise ValueError("token counts cannot be negative")
         cached = min(cached_tokens, prompt_tokens)  # cached tokens are part of the prompt
         rates = self.spec(model).prices.rates(prompt_tokens)
-        numerator = (prompt_tokens - cached) * rates.input + cached * rates.cached_input + completion_tokens * rates.output
+        numerator = (
+            (prompt_tokens - cached) * rates.input + cached * rates.cached_input + completion_tokens * rates.output
+        )
         return -(-numerator // (MICROS * (BATCH_DIVISOR if batch else 1)))
 
-    def worst_case_micros(self, models: Iterable[str], prompt_tokens: int, max_output_tokens: int | None = None,
-                          batch: bool = False) -> int:
+    def worst_case_micros(
+        self, models: Iterable[str], prompt_tokens: int, max_output_tokens: int | None = None, batch: bool = False
+    ) -> int:
         """The most a call could cost on any of `models`; no cap means each model's max output (reasoning included)."""
         costs = []
         for model in models:
@@ -202,15 +221,23 @@ def _unknown_spec(specs: Iterable[ModelSpec], openai_upstream: bool) -> ModelSpe
     else:
         dearest = Rates(0, 0, 0)
     return ModelSpec(
-        name="", kind="chat",
+        name="",
+        kind="chat",
         # api.openai.com: every chat model takes max_completion_tokens and new ones refuse max_tokens and sampling;
         # OpenAI-compatible servers (Ollama, llama.cpp) all take max_tokens and temperature.
         token_param="max_completion_tokens" if openai_upstream else "max_tokens",
         sampling="fixed" if openai_upstream else "any",
-        reasoning_efforts=(), default_effort=None, images=False,
-        context_window=max(s.context_window for s in chats), max_output=max(s.max_output for s in chats),
-        prices=Prices(dearest), shutdown=None, replacement=None,
-        source="conservative default (docs/models.md)", known=False)
+        reasoning_efforts=(),
+        default_effort=None,
+        images=False,
+        context_window=max(s.context_window for s in chats),
+        max_output=max(s.max_output for s in chats),
+        prices=Prices(dearest),
+        shutdown=None,
+        replacement=None,
+        source="conservative default (docs/models.md)",
+        known=False,
+    )
 
 
 def read_override(value: str, setting: str = SETTING) -> str:
@@ -220,8 +247,10 @@ def read_override(value: str, setting: str = SETTING) -> str:
     try:
         return Path(value.strip()).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"{setting} must be a JSON object or the path of a readable JSON file; "
-                            f"cannot read {value.strip()!r} ({type(exc).__name__}).") from None
+        raise SettingsError(
+            f"{setting} must be a JSON object or the path of a readable JSON file; "
+            f"cannot read {value.strip()!r} ({type(exc).__name__})."
+        ) from None
 
 
 def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
@@ -229,11 +258,13 @@ def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_duplicates)
     except ValueError as exc:
-        raise SettingsError(f"{source} must be a JSON object of models to entries; it is not valid JSON ({exc}).") \
-            from None
+        raise SettingsError(
+            f"{source} must be a JSON object of models to entries; it is not valid JSON ({exc})."
+        ) from None
     if not isinstance(data, dict):
-        raise SettingsError(f"{source} must be a JSON object such as "
-                            '{"my-model": {"prices": {"input": 0.5, "output": 2}}}.')
+        raise SettingsError(
+            f'{source} must be a JSON object such as {{"my-model": {{"prices": {{"input": 0.5, "output": 2}}}}}}.'
+        )
     for name, entry in data.items():
         where = f"{source} entry {name!r}"
         if not name.strip() or "*" in name[:-1]:
@@ -242,8 +273,9 @@ def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
             raise SettingsError(f"{where} must be an object with the fields {', '.join(FIELDS)}.")
         unknown = sorted(set(entry) - set(FIELDS))
         if unknown:
-            raise SettingsError(f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; "
-                                f"allowed: {', '.join(FIELDS)}.")
+            raise SettingsError(
+                f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)}."
+            )
     return data
 
 
@@ -261,8 +293,9 @@ def build_spec(name: str, fields: Mapping[str, Any], source: str, base: ModelSpe
     missing = [f for f in FIELDS if f not in fields] if base is None else []
     if missing:
         raise SettingsError(f"{where} is missing {', '.join(map(repr, missing))}.")
-    values = {"source": source} | {field: _FIELD_PARSERS[field](value, f"{where} {field!r}")
-                                   for field, value in fields.items()}
+    values = {"source": source} | {
+        field: _FIELD_PARSERS[field](value, f"{where} {field!r}") for field, value in fields.items()
+    }
     spec = ModelSpec(name=name, **values) if base is None else replace(base, name=name, known=True, **values)
     if spec.token_param is None and spec.kind == "chat":
         raise SettingsError(f"{where}: a chat model needs a token_param ({' or '.join(TOKEN_PARAMS)}).")
@@ -280,9 +313,11 @@ def _choice(options: tuple[str, ...], optional: bool = False) -> Any:
         if value is None and optional:
             return None
         if value not in options:
-            raise SettingsError(f"{where} must be {'null or ' if optional else ''}one of {', '.join(options)}; "
-                                f"got {value!r}.")
+            raise SettingsError(
+                f"{where} must be {'null or ' if optional else ''}one of {', '.join(options)}; got {value!r}."
+            )
         return value
+
     return parse
 
 
@@ -303,6 +338,7 @@ def _count(minimum: int) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise SettingsError(f"{where} must be a whole number of tokens, {minimum} or more; got {value!r}.")
         return value
+
     return parse
 
 
@@ -324,6 +360,7 @@ def _text(optional: bool) -> Any:
         if not isinstance(value, str) or (optional and not value.strip()):
             raise SettingsError(f"{where} must be {'null or a model name' if optional else 'a string'}; got {value!r}.")
         return value
+
     return parse
 
 
@@ -338,12 +375,15 @@ def _prices(value: Any, where: str) -> Prices:
 
 def _rates(value: Any, where: str, keys: frozenset[str]) -> Rates:
     if not isinstance(value, dict):
-        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally \"cached_input\" "
-                            f"(dollars per million tokens).")
+        raise SettingsError(
+            f'{where} must be an object with "input", "output" and optionally "cached_input" '
+            f"(dollars per million tokens)."
+        )
     unknown = sorted(set(value) - keys)
     if unknown:
-        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"allowed: {', '.join(sorted(keys))}.")
+        raise SettingsError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(keys))}."
+        )
     for key in ("input", "output"):
         if key not in value:
             raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
@@ -363,10 +403,18 @@ def _rate(value: Any, where: str) -> int:
 
 
 _FIELD_PARSERS = {
-    "kind": _choice(KINDS), "token_param": _choice(TOKEN_PARAMS, optional=True), "sampling": _choice(SAMPLING),
-    "reasoning_efforts": _efforts, "default_effort": _choice(EFFORTS, optional=True), "images": _flag,
-    "context_window": _count(1), "max_output": _count(0), "prices": _prices, "shutdown": _day,
-    "replacement": _text(optional=True), "source": _text(optional=False),
+    "kind": _choice(KINDS),
+    "token_param": _choice(TOKEN_PARAMS, optional=True),
+    "sampling": _choice(SAMPLING),
+    "reasoning_efforts": _efforts,
+    "default_effort": _choice(EFFORTS, optional=True),
+    "images": _flag,
+    "context_window": _count(1),
+    "max_output": _count(0),
+    "prices": _prices,
+    "shutdown": _day,
+    "replacement": _text(optional=True),
+    "source": _text(optional=False),
 }
 
 

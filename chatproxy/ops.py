@@ -105,8 +105,9 @@ def prometheus() -> Response:
     """Prometheus metrics, for the monitoring network or an admin token; otherwise 403."""
     if not _may_scrape():
         raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
-    return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST,
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"}
+    )
 
 
 def _may_scrape() -> bool:

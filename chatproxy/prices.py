@@ -31,8 +31,11 @@ class PriceTable:
         if not rates:
             raise ValueError("a price table needs at least one model")
         self._rates = dict(rates)
-        self._fallback = Rates(max(r.input for r in rates.values()), max(r.cached_input for r in rates.values()),
-                               max(r.output for r in rates.values()))
+        self._fallback = Rates(
+            max(r.input for r in rates.values()),
+            max(r.cached_input for r in rates.values()),
+            max(r.output for r in rates.values()),
+        )
         self._warned: set[str] = set()
 
     @property
@@ -54,20 +57,23 @@ class PriceTable:
             return self._fallback
         return rates
 
-    def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                    batch: bool = False) -> int:
+    def cost_micros(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
+    ) -> int:
         """Cost of one call in micro-dollars, rounded up; `cached_tokens` is the cached part of `prompt_tokens`."""
         if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
             raise ValueError("token counts cannot be negative")
         cached = min(cached_tokens, prompt_tokens)
         rates = self.rates(model)
-        numerator = ((prompt_tokens - cached) * rates.input + cached * rates.cached_input
-                     + completion_tokens * rates.output)
+        numerator = (
+            (prompt_tokens - cached) * rates.input + cached * rates.cached_input + completion_tokens * rates.output
+        )
         divisor = MICROS * (BATCH_DIVISOR if batch else 1)
         return -(-numerator // divisor)
 
-    def worst_case_micros(self, models: list[str] | tuple[str, ...], prompt_tokens: int, max_tokens: int,
-                          batch: bool = False) -> int:
+    def worst_case_micros(
+        self, models: list[str] | tuple[str, ...], prompt_tokens: int, max_tokens: int, batch: bool = False
+    ) -> int:
         """The most a call could cost on any of `models` (e.g. the requested model and its fallbacks)."""
         return max(self.cost_micros(model, prompt_tokens, max_tokens, batch=batch) for model in models)
 
@@ -109,7 +115,8 @@ def _shipped_table() -> PriceTable:
     return PriceTable(default_rates())
 
 
-def cost_micros(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                batch: bool = False) -> int:
+def cost_micros(
+    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
+) -> int:
     """Cost of one call in integer micro-dollars (rounded up) with the current app's prices."""
     return prices().cost_micros(model, prompt_tokens, completion_tokens, cached_tokens, batch)

@@ -77,8 +77,13 @@ def make_client(settings: Settings) -> OpenAI:
     timeout = openai.Timeout(settings.read_timeout, connect=settings.connect_timeout)
     if settings.azure_endpoint:
         # The SDK puts each call's `model` (our deployment name) into /openai/deployments/{model}/... itself.
-        return AzureOpenAI(azure_endpoint=settings.azure_endpoint, api_key=settings.azure_api_key,
-                           api_version=settings.azure_api_version, timeout=timeout, max_retries=0)
+        return AzureOpenAI(
+            azure_endpoint=settings.azure_endpoint,
+            api_key=settings.azure_api_key,
+            api_version=settings.azure_api_version,
+            timeout=timeout,
+            max_retries=0,
+        )
     return OpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url, timeout=timeout, max_retries=0)
 
 
@@ -125,8 +130,11 @@ def check_sendable(params: dict[str, Any]) -> None:
     try:
         json.dumps(params, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (ValueError, TypeError, RecursionError) as exc:
-        log.error("cannot encode the upstream request (%s): %s", type(exc).__name__,
-                  json_problem(params) or "a value JSON cannot carry")
+        log.error(
+            "cannot encode the upstream request (%s): %s",
+            type(exc).__name__,
+            json_problem(params) or "a value JSON cannot carry",
+        )
         raise ApiError(500, "internal_error", "Something went wrong on our side. Try again.") from exc
 
 
@@ -138,11 +146,12 @@ def candidates(model: str, settings: Settings) -> list[str]:
     chain = settings.fallback_chain
     if model not in chain:
         return [model]
-    return [model, *(m for m in chain[chain.index(model) + 1:] if m in settings.models and m != model)]
+    return [model, *(m for m in chain[chain.index(model) + 1 :] if m in settings.models and m != model)]
 
 
-def route(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Settings, cooldowns: Cooldowns,
-          deadline: float) -> Routed[T]:
+def route(
+    attempt: Callable[[str, openai.Timeout], T], model: str, settings: Settings, cooldowns: Cooldowns, deadline: float
+) -> Routed[T]:
     """Call `attempt(model, timeout)` for the model and its fallbacks until one answers, or raise our error."""
     chain = candidates(model, settings)
     hints: dict[str, float] = {}
@@ -171,8 +180,14 @@ def route(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Set
     raise _unavailable(chain, cooldowns, hints)
 
 
-def _attempts(attempt: Callable[[str, openai.Timeout], T], model: str, settings: Settings, cooldowns: Cooldowns,
-              deadline: float, hints: dict[str, float]) -> T:
+def _attempts(
+    attempt: Callable[[str, openai.Timeout], T],
+    model: str,
+    settings: Settings,
+    cooldowns: Cooldowns,
+    deadline: float,
+    hints: dict[str, float],
+) -> T:
     """Try one model up to 1 + max_retries times; _FAILED when it should be given up for the next one."""
     tries = settings.max_retries + 1
     for number in range(tries):
@@ -203,7 +218,7 @@ def retry_wait(failure: Transient, number: int, max_wait: float) -> float | None
         return None
     if failure.retry_after is not None:
         return failure.retry_after if failure.retry_after <= max_wait else None
-    step = min(max_wait, BACKOFF_BASE * 2 ** number)
+    step = min(max_wait, BACKOFF_BASE * 2**number)
     return step / 2 + random.uniform(0, step / 2)  # exponential backoff, "equal jitter"
 
 
@@ -232,21 +247,29 @@ def classify(exc: Exception, settings: Settings) -> Transient:
 def _status_failure(exc: openai.APIStatusError, settings: Settings) -> Transient:
     status, code = exc.status_code, exc.code
     if status < 500 and code == "context_length_exceeded":
-        raise ApiError(400, "context_length_exceeded",
-                       "The conversation is too long for the model. Shorten it or start a new one.")
+        raise ApiError(
+            400, "context_length_exceeded", "The conversation is too long for the model. Shorten it or start a new one."
+        )
     if status < 500 and code == "content_filter":
         raise content_filtered()
     if status in (401, 403):
         name, key = key_setting(settings)
-        log.error("UPSTREAM REJECTED OUR API KEY %s (HTTP %s, upstream request id %s): check %s",
-                  redact(key), status, exc.request_id, name)
+        log.error(
+            "UPSTREAM REJECTED OUR API KEY %s (HTTP %s, upstream request id %s): check %s",
+            redact(key),
+            status,
+            exc.request_id,
+            name,
+        )
         raise ApiError(502, "upstream_auth_failed", "The proxy is misconfigured. The operator has been told.")
     should_retry = exc.response.headers.get("x-should-retry")
     if status in RETRY_STATUSES or status >= 500 or should_retry == "true":
-        return Transient(f"HTTP {status} (upstream request id {exc.request_id})",
-                         retry_after=retry_after(exc.response.headers), retry=should_retry != "false")
-    log.warning("upstream refused the request: HTTP %s, code %s (upstream request id %s)", status, code,
-                exc.request_id)
+        return Transient(
+            f"HTTP {status} (upstream request id {exc.request_id})",
+            retry_after=retry_after(exc.response.headers),
+            retry=should_retry != "false",
+        )
+    log.warning("upstream refused the request: HTTP %s, code %s (upstream request id %s)", status, code, exc.request_id)
     raise ApiError(502, "upstream_rejected", "The model provider refused the request.")
 
 
@@ -282,15 +305,19 @@ def _unavailable(chain: list[str], cooldowns: Cooldowns, hints: dict[str, float]
     waits = [w for w in (max(cooldowns.remaining(m), hints.get(m, 0.0)) for m in chain) if w > 0]
     retry = max(1, math.ceil(min(waits))) if waits else DEFAULT_RETRY_AFTER
     log.warning("no model could answer (chain %s); Retry-After %d s", ", ".join(chain), retry)
-    return ApiError(503, "upstream_unavailable", "No model is available right now. Try again shortly.",
-                    retry_after=retry)
+    return ApiError(
+        503, "upstream_unavailable", "No model is available right now. Try again shortly.", retry_after=retry
+    )
 
 
-def complete(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
-             meter: Any) -> dict[str, Any]:
+def complete(
+    client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float, meter: Any
+) -> dict[str, Any]:
     """Ask for a whole answer (with retries and fallback), record it on `meter`, and shape it per the contract."""
-    once = meter.attempt(lambda model: upstream_params(chat, settings, model),
-                         lambda params, timeout, headers: create_completion(client, params, timeout, headers))
+    once = meter.attempt(
+        lambda model: upstream_params(chat, settings, model),
+        lambda params, timeout, headers: create_completion(client, params, timeout, headers),
+    )
     routed = route(once, chat.model, settings, cooldowns, deadline)
     choice, usage = routed.value.choices[0], routed.value.usage
     content = choice.message.content or ""
@@ -317,8 +344,11 @@ def structured(choice: Any) -> Any:
     if refusal:
         raise ApiError(422, "model_refused", f"The model declined to answer: {refusal[:500]}")
     if choice.finish_reason == "length":
-        raise ApiError(502, "invalid_model_output",
-                       "The answer reached max_tokens before its JSON was complete. Allow more tokens.")
+        raise ApiError(
+            502,
+            "invalid_model_output",
+            "The answer reached max_tokens before its JSON was complete. Allow more tokens.",
+        )
     try:
         return json.loads(choice.message.content or "")
     except ValueError:
@@ -326,8 +356,7 @@ def structured(choice: Any) -> Any:
         raise ApiError(502, "invalid_model_output", "The model's answer was not valid JSON. Try again.") from None
 
 
-def create_completion(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout,
-                      headers: dict[str, str]) -> Any:
+def create_completion(client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]) -> Any:
     """One non-streaming call; an answer that is not a completion with choices raises UnreadableAnswer."""
     raw = client.chat.completions.with_raw_response.create(**params, timeout=timeout, extra_headers=headers)
     try:
@@ -348,8 +377,11 @@ def usage_dict(usage: Any) -> dict[str, int] | None:
     """Token counts as a plain dict (None when the upstream sent none)."""
     if usage is None:
         return None
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def upstream_error(exc: Exception) -> ApiError:

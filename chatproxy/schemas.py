@@ -70,15 +70,19 @@ def json_problem(value: Any) -> str | None:
     while stack:  # iterative: the body may be nested as deeply as json.loads allows
         item, path = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            return (f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
-                    f"double (such as 1e400) are not JSON.")
+            return (
+                f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
+                f"double (such as 1e400) are not JSON."
+            )
         if isinstance(item, str) and not _utf8(item):
             return f"{path or 'The body'} contains characters that are not valid Unicode (a lone surrogate)."
         if isinstance(item, dict):
             for key, child in reversed(item.items()):
                 if not _utf8(key):
-                    return (f"{path or 'The body'} has a key that contains characters that are not valid "
-                            f"Unicode (a lone surrogate).")
+                    return (
+                        f"{path or 'The body'} has a key that contains characters that are not valid "
+                        f"Unicode (a lone surrogate)."
+                    )
                 stack.append((child, f"{path}.{_shown(key)}" if path else _shown(key)))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{index}]") for index, child in reversed(list(enumerate(item))))
@@ -130,9 +134,11 @@ def check_total(message_chars: int, other_chars: int, settings: Settings) -> Non
     if message_chars > settings.max_total_chars:
         raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
     if message_chars + other_chars > settings.max_total_chars:
-        raise invalid(f"The request is too long: its messages, tools and response_format (counted as JSON text) "
-                      f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
-                      f"in all.")
+        raise invalid(
+            f"The request is too long: its messages, tools and response_format (counted as JSON text) "
+            f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
+            f"in all."
+        )
 
 
 def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
@@ -153,8 +159,11 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
         if role not in CLIENT_ROLES:
             raise invalid(f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt.")
         if not isinstance(content, str) or not content.strip():
-            raise invalid(f"{where} must be a non-empty string." if where == "'message'"
-                          else f"{where}.content must be a non-empty string.")
+            raise invalid(
+                f"{where} must be a non-empty string."
+                if where == "'message'"
+                else f"{where}.content must be a non-empty string."
+            )
         if len(content) > settings.max_message_chars:
             raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
         messages.append({"role": role, "content": content})
@@ -196,7 +205,7 @@ def response_format(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise invalid("'response_format' must be {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.")
+        raise invalid('\'response_format\' must be {"type": "json_object"} or {"type": "json_schema", ...}.')
     kind = value["type"]
     if kind == "text":
         if set(value) != {"type"}:

@@ -106,11 +106,13 @@ class RawStream:
         self._chunks = self._read()
 
     @classmethod
-    def open(cls, client: OpenAI, params: dict[str, Any], timeout: openai.Timeout,
-             headers: dict[str, str]) -> RawStream:
+    def open(
+        cls, client: OpenAI, params: dict[str, Any], timeout: openai.Timeout, headers: dict[str, str]
+    ) -> RawStream:
         """Send the request (an HTTP error raises as with `create`) and return its unread stream."""
-        manager = client.chat.completions.with_streaming_response.create(**params, timeout=timeout,
-                                                                          extra_headers=headers)
+        manager = client.chat.completions.with_streaming_response.create(
+            **params, timeout=timeout, extra_headers=headers
+        )
         return cls(manager.__enter__().http_response)  # closed by close(), as the manager's __exit__ would
 
     def __iter__(self) -> Iterator[Fields]:
@@ -154,7 +156,7 @@ class RawStream:
             try:
                 for _ in self._lines:
                     pass
-            except Exception:  # noqa: BLE001 - the answer is complete; a broken tail only costs the connection
+            except Exception:
                 log.debug("reading the end of a finished upstream stream failed", exc_info=True)
         self.response.close()
 
@@ -174,8 +176,11 @@ def well_formed(chunk: Any) -> bool:
             if delta is not None and not (isinstance(delta, dict) and isinstance(delta.get("content") or "", str)):
                 return False
     usage = chunk.get("usage")
-    return usage is None or (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
-                             and isinstance(usage.get("completion_tokens"), int))
+    return usage is None or (
+        isinstance(usage, dict)
+        and isinstance(usage.get("prompt_tokens"), int)
+        and isinstance(usage.get("completion_tokens"), int)
+    )
 
 
 def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:
@@ -196,11 +201,14 @@ def error_event(code: str, message: str) -> bytes:
     return sse({"type": "error", "code": code, "message": message})
 
 
-def open_stream(client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float,
-                meter: Any) -> Routed[Upstream]:
+def open_stream(
+    client: OpenAI, chat: ChatRequest, settings: Settings, cooldowns: Cooldowns, deadline: float, meter: Any
+) -> Routed[Upstream]:
     """Open a stream for the model or a fallback, read up to its first delta, and only then commit to it."""
-    once = meter.attempt(lambda model: upstream_params(chat, settings, model),
-                         lambda params, timeout, headers: _open_once(client, params, timeout, headers))
+    once = meter.attempt(
+        lambda model: upstream_params(chat, settings, model),
+        lambda params, timeout, headers: _open_once(client, params, timeout, headers),
+    )
     return route(once, chat.model, settings, cooldowns, deadline)
 
 
@@ -232,8 +240,9 @@ def read_to_first(stream: Any, begun: Callable[[Any], bool]) -> Upstream:
         raise
 
 
-def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns: Cooldowns,
-          meter: Any) -> Iterator[bytes]:
+def relay(
+    routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns: Cooldowns, meter: Any
+) -> Iterator[bytes]:
     """Yield start, deltas and done (or a final error) for a committed stream; always close it and meter it."""
     upstream = routed.value
     finish_reason = usage = None
@@ -272,19 +281,28 @@ def relay(routed: Routed[Upstream], keepalive: float, deadline: float, cooldowns
         meter.finish(routed.model, usage, "".join(pieces), outcome, meter.ttft)
 
 
-def _last_event(finish_reason: str | None, usage: dict[str, int] | None, routed: Routed[Upstream],
-                cooldowns: Cooldowns) -> tuple[str, bytes]:
+def _last_event(
+    finish_reason: str | None, usage: dict[str, int] | None, routed: Routed[Upstream], cooldowns: Cooldowns
+) -> tuple[str, bytes]:
     """The ledger outcome and `done`, or the `error` that says why the answer is not complete."""
     if finish_reason is None:
         log.warning("upstream stream from %s ended without a finish reason", routed.model)
         cooldowns.failure(routed.model, counted=True)
-        return "upstream_truncated", error_event("upstream_truncated",
-                                                 "The model provider cut the answer short. Try again.")
+        return "upstream_truncated", error_event(
+            "upstream_truncated", "The model provider cut the answer short. Try again."
+        )
     if finish_reason == "content_filter":
         error = content_filtered()
         return error.code, error_event(error.code, error.message)
-    return "ok", sse({"type": "done", "finish_reason": finish_reason, "usage": usage, "model": routed.model,
-                      "degraded": routed.degraded})
+    return "ok", sse(
+        {
+            "type": "done",
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "model": routed.model,
+            "degraded": routed.degraded,
+        }
+    )
 
 
 def _unreadable() -> ApiError:
@@ -309,7 +327,7 @@ def cancel(stream: Any) -> None:
         pass
     try:
         stream.close()
-    except Exception:  # noqa: BLE001 - closing a half-dead connection may raise anything; it is closed either way
+    except Exception:
         log.debug("closing the upstream stream raised", exc_info=True)
 
 

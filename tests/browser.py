@@ -18,9 +18,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MISSING = (f"Chromium not found at {CHROMIUM}: install the Debian package `chromium` "
-           "(apt-get install chromium), or set CHATPROXY_CHROMIUM to its path. "
-           "Never `playwright install`: the tests drive the system browser.")
+MISSING = (
+    f"Chromium not found at {CHROMIUM}: install the Debian package `chromium` "
+    "(apt-get install chromium), or set CHATPROXY_CHROMIUM to its path. "
+    "Never `playwright install`: the tests drive the system browser."
+)
 
 
 def chromium_missing() -> str | None:

@@ -14,15 +14,16 @@ TCP exactly as it talks to api.openai.com.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -104,8 +105,9 @@ def count_tokens(text: str) -> int:
 class FakeOpenAI:
     """A threaded HTTP server speaking the Chat Completions wire format."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, demo: bool = False,
-                 default: Reply | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, demo: bool = False, default: Reply | None = None
+    ) -> None:
         self.calls: list[Call] = []
         self.demo = demo
         self.default = default or Reply(pace=0.03 if demo else 0.0)
@@ -116,7 +118,9 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._server = _Server((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
-        from tests.fake_batches import install; install(self)  # noqa: E702 - files + batches; late import: cycle
+        from tests.fake_batches import install
+
+        install(self)
 
     @property
     def base_url(self) -> str:
@@ -191,7 +195,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK wait
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _route(self, raw: bytes) -> bool:
@@ -205,11 +209,11 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     return True
             return False
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             if not self._route(b""):
                 self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self._route(b""):
                 return
             call = self._record(None)
@@ -220,7 +224,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             call.finished = True
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
             if self._route(raw):
@@ -252,8 +256,9 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 call.finished = True
                 return
             text = reply.content if reply.content is not None else _answer_for(body, fake.demo)
-            call.prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", [])
-                                     if isinstance(m, dict))
+            call.prompt_tokens = sum(
+                count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict)
+            )
             tools = reply.tool_calls if reply.tool_calls is not None else _tool_calls_for(body)
             if tools and reply.finish_reason == "stop":
                 reply = dataclasses.replace(reply, finish_reason="tool_calls")
@@ -288,8 +293,9 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.connection.close()
 
-        def _stream(self, call: Call, body: dict, reply: Reply, text: str,
-                    tools: list[dict[str, Any]] | None = None) -> None:
+        def _stream(
+            self, call: Call, body: dict, reply: Reply, text: str, tools: list[dict[str, Any]] | None = None
+        ) -> None:
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")
@@ -302,15 +308,34 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             chunks: list[Any] = reply.chunks if reply.chunks is not None else _split(text)
             if tools:
                 chunks = _tool_deltas(tools)
-            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model}
+            base = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+            }
             try:
                 if self.azure:  # Azure's first chunk: prompt filter results, no choices, no model
-                    self._send(call, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
-                                      "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]},
-                               count=False)
-                self._send(call, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}]}, count=False)
+                    self._send(
+                        call,
+                        {
+                            "id": "",
+                            "object": "",
+                            "created": 0,
+                            "model": "",
+                            "choices": [],
+                            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+                        },
+                        count=False,
+                    )
+                self._send(
+                    call,
+                    {
+                        **base,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    },
+                    count=False,
+                )
                 if reply.first_chunk_delay:
                     time.sleep(reply.first_chunk_delay)
                 for i, piece in enumerate(chunks):
@@ -328,11 +353,13 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     if reply.stall_after is not None and i == reply.stall_after:
                         time.sleep(reply.stall)
                     delta = piece if isinstance(piece, dict) else {"content": piece}
-                    self._send(call, {**base, "choices": [{"index": 0, "delta": delta,
-                                                            "finish_reason": None}]})
+                    self._send(call, {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     call.completion_tokens += 1
-                self._send(call, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
-                           count=False)
+                self._send(
+                    call,
+                    {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
+                    count=False,
+                )
                 if (body.get("stream_options") or {}).get("include_usage"):
                     self._send(call, {**base, "choices": [], "usage": _usage(call)}, count=False)
                 self._write(call, b"data: [DONE]\n\n")
@@ -360,8 +387,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 class Blackhole:
     """A loopback port whose accept queue is full, so a connect hangs until the client's connect timeout.
 
-        with Blackhole() as hole:  # OPENAI_BASE_URL=hole.base_url
-            ...
+    with Blackhole() as hole:  # OPENAI_BASE_URL=hole.base_url
+        ...
     """
 
     def __init__(self) -> None:
@@ -373,10 +400,8 @@ class Blackhole:
     def _fill(self) -> socket.socket:
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             filler.connect(self._listener.getsockname())
-        except BlockingIOError:
-            pass
         return filler
 
     @property
@@ -454,8 +479,11 @@ def _split(text: str) -> list[str]:
 
 
 def _usage(call: Call) -> dict[str, int]:
-    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-            "total_tokens": call.prompt_tokens + call.completion_tokens}
+    return {
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "total_tokens": call.prompt_tokens + call.completion_tokens,
+    }
 
 
 def _tool_calls_for(body: dict) -> list[dict[str, Any]] | None:
@@ -469,8 +497,13 @@ def _tool_calls_for(body: dict) -> list[dict[str, Any]] | None:
     function = next((t["function"] for t in tools if t["function"].get("name") == wanted), tools[0]["function"])
     last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
     arguments = example_of(function.get("parameters") or {"type": "object"}, str(last))
-    return [{"id": "call_fake_0", "type": "function",
-             "function": {"name": function.get("name"), "arguments": json.dumps(arguments)}}]
+    return [
+        {
+            "id": "call_fake_0",
+            "type": "function",
+            "function": {"name": function.get("name"), "arguments": json.dumps(arguments)},
+        }
+    ]
 
 
 def _tool_deltas(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -478,17 +511,32 @@ def _tool_deltas(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     deltas: list[dict[str, Any]] = []
     for index, call in enumerate(tools):
         function = call["function"]
-        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                       "function": {"name": function["name"], "arguments": ""}}]})
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": function["name"], "arguments": ""},
+                    }
+                ]
+            }
+        )
         arguments = function["arguments"]
-        deltas.extend({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 8]}}]}
-                      for i in range(0, len(arguments), 8))
+        deltas.extend(
+            {"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + 8]}}]}
+            for i in range(0, len(arguments), 8)
+        )
     return deltas
 
 
 def _completion(body: dict, reply: Reply, text: str, call: Call, tools: list[dict[str, Any]] | None = None) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": None if reply.refusal or tools else text,
-                               "refusal": reply.refusal}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None if reply.refusal or tools else text,
+        "refusal": reply.refusal,
+    }
     if tools:
         message["tool_calls"] = tools
     return {

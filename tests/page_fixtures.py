@@ -16,8 +16,9 @@ from tests.browser import DESKTOP, chromium_missing, launch, must_run, watch
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One system Chromium for the whole module."""
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="Playwright for Python is not installed (pip install playwright)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+    )
     missing = chromium_missing()
     if missing:
         if must_run():

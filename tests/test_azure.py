@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
@@ -27,10 +26,16 @@ def azure(settings_for, fake):
     """Build an app in Azure mode, pointed at the fake as its Azure resource; no OPENAI_API_KEY at all."""
 
     def make(**overrides: object):
-        config = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": "",
-                  "AZURE_OPENAI_ENDPOINT": fake.base_url.removesuffix("/v1"), "AZURE_OPENAI_API_KEY": AZURE_KEY,
-                  "CHATPROXY_AZURE_DEPLOYMENTS": ",".join(f"{a}={d}" for a, d in DEPLOYMENTS.items()),
-                  "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}", **FAST, **overrides}
+        config = {
+            "OPENAI_API_KEY": "",
+            "OPENAI_BASE_URL": "",
+            "AZURE_OPENAI_ENDPOINT": fake.base_url.removesuffix("/v1"),
+            "AZURE_OPENAI_API_KEY": AZURE_KEY,
+            "CHATPROXY_AZURE_DEPLOYMENTS": ",".join(f"{a}={d}" for a, d in DEPLOYMENTS.items()),
+            "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
+            **FAST,
+            **overrides,
+        }
         return create_app(settings_for(**config))
 
     return make
@@ -111,13 +116,23 @@ def test_fallback_to_the_next_deployment_and_cooldown(azure, fake):
     spoke_azure(fake)
     rows = app.extensions["chatproxy.ledger"].rows()
     assert [(r["model_answered"], r["outcome"]) for r in rows] == [
-        ("gpt-4o", "upstream_http_503"), ("gpt-4o-mini", "fallback"), ("gpt-4o-mini", "fallback")]
+        ("gpt-4o", "upstream_http_503"),
+        ("gpt-4o-mini", "fallback"),
+        ("gpt-4o-mini", "fallback"),
+    ]
 
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_rejected_azure_key_is_upstream_auth_failed_and_logged_without_the_key(azure, fake, caplog, status):
-    fake.script(Reply(status=status, error={"code": str(status), "message": "Access denied due to invalid "
-                                            "subscription key or wrong API endpoint."}))
+    fake.script(
+        Reply(
+            status=status,
+            error={
+                "code": str(status),
+                "message": "Access denied due to invalid subscription key or wrong API endpoint.",
+            },
+        )
+    )
 
     response = ask(azure())
 
@@ -133,8 +148,9 @@ def test_the_compat_endpoint_works_in_azure_mode(azure, fake, serve):
     client = OpenAI(base_url=f"{serve(azure())}/v1", api_key=TOKEN, max_retries=0)
 
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hey"}])
-    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hey"}],
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hey"}], stream=True)
+    )
 
     assert (completion.model, completion.choices[0].message.content) == ("gpt-4o-mini", "Echo: hey")
     assert {chunk.model for chunk in chunks} == {"gpt-4o"}
@@ -155,7 +171,11 @@ def test_the_azure_key_leaks_nowhere(azure, fake, serve, caplog):
             fake.script(Reply(status=status, error=echo, headers={"x-echo": AZURE_KEY}))
             response = app.test_client().post("/api/chat", json={"message": "hi", "stream": stream})
             seen += [response.get_data(as_text=True), str(response.headers)]
-    for reply in (Reply(), Reply(chunks=["a ", "b"], error_after=1, error=echo), Reply(chunks=["a ", "b"], drop_after=1)):
+    for reply in (
+        Reply(),
+        Reply(chunks=["a ", "b"], error_after=1, error=echo),
+        Reply(chunks=["a ", "b"], drop_after=1),
+    ):
         fake.script(reply)
         received, _ = post_stream(url, {"message": "hi", "stream": True})
         seen += [received.raw.decode(), str(received.headers)]
@@ -170,15 +190,19 @@ def test_the_azure_key_leaks_nowhere(azure, fake, serve, caplog):
 
 # --- settings: Azure mode fails fast, naming the variable ---------------------------------------
 
-@pytest.mark.parametrize(("overrides", "variable"), [
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod-gpt4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod/../../x,gpt-4o-mini=m"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"AZURE_OPENAI_API_KEY": ""}, "AZURE_OPENAI_API_KEY"),
-    ({"AZURE_OPENAI_API_VERSION": "latest"}, "AZURE_OPENAI_API_VERSION"),
-    ({"AZURE_OPENAI_ENDPOINT": "my-resource.openai.azure.com"}, "AZURE_OPENAI_ENDPOINT"),
-    ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "OPENAI_BASE_URL"),
-])
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod-gpt4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod/../../x,gpt-4o-mini=m"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"AZURE_OPENAI_API_KEY": ""}, "AZURE_OPENAI_API_KEY"),
+        ({"AZURE_OPENAI_API_VERSION": "latest"}, "AZURE_OPENAI_API_VERSION"),
+        ({"AZURE_OPENAI_ENDPOINT": "my-resource.openai.azure.com"}, "AZURE_OPENAI_ENDPOINT"),
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "OPENAI_BASE_URL"),
+    ],
+)
 def test_a_bad_azure_setting_stops_start_up_naming_it(azure, overrides, variable):
     with pytest.raises(SettingsError, match=variable) as raised:
         azure(**overrides)

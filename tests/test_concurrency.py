@@ -41,13 +41,28 @@ def gunicorn(fake, tmp_path):
     def start(**settings: str) -> int:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update({"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_WORKERS": "1", "OPENAI_API_KEY": "sk-test-c",
-                    "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "concurrency-test",
-                    "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-                    "CHATPROXY_REDIS_URL": "", "CHATPROXY_RATE_LIMIT_PAGE": "1000/minute",
-                    "CHATPROXY_GRACEFUL_TIMEOUT": "1", **settings})
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env.update(
+            {
+                "CHATPROXY_BIND": f"127.0.0.1:{port}",
+                "CHATPROXY_WORKERS": "1",
+                "OPENAI_API_KEY": "sk-test-c",
+                "OPENAI_BASE_URL": fake.base_url,
+                "CHATPROXY_SECRET_KEY": "concurrency-test",
+                "CHATPROXY_MAX_RETRIES": "0",
+                "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+                "CHATPROXY_REDIS_URL": "",
+                "CHATPROXY_RATE_LIMIT_PAGE": "1000/minute",
+                "CHATPROXY_GRACEFUL_TIMEOUT": "1",
+                **settings,
+            }
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         processes.append(process)
         deadline = time.monotonic() + 30
         while request(port, "GET", "/healthz", timeout=1)[0] != 200:
@@ -61,8 +76,14 @@ def gunicorn(fake, tmp_path):
         process.wait(timeout=30)
 
 
-def request(port: int, method: str, path: str, body: dict | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
     """One request on a new connection: status, headers (lower-case names), body; (0, {}, b"") if it failed."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -104,8 +125,10 @@ def settle(flood: Flood, fake, upstream: int, refused: int, status: int) -> None
     """Wait until `upstream` flood calls run at the fake and `refused` were answered `status` at once."""
     deadline = time.monotonic() + 10
     while not (len(fake.chat_calls()) == upstream and flood.statuses().count(status) == refused):
-        assert time.monotonic() < deadline, (f"expected {upstream} calls upstream and {refused} x {status}; got "
-                                             f"{len(fake.chat_calls())} calls and {flood.statuses()}")
+        assert time.monotonic() < deadline, (
+            f"expected {upstream} calls upstream and {refused} x {status}; got "
+            f"{len(fake.chat_calls())} calls and {flood.statuses()}"
+        )
         time.sleep(0.02)
 
 
@@ -203,8 +226,9 @@ def test_nginx_in_front_absorbs_slow_headers_and_slow_bodies(gunicorn, fake, tmp
     port = gunicorn(CHATPROXY_API_TOKENS=setting, CHATPROXY_THREADS="4", CHATPROXY_TRUSTED_PROXIES="1")
     front = _free_port()
     conf = nginx_site.write_conf(tmp_path / "nginx", port, front)
-    nginx = subprocess.Popen(nginx_site.argv(tmp_path / "nginx", conf), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    nginx = subprocess.Popen(
+        nginx_site.argv(tmp_path / "nginx", conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     slow: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 10
@@ -214,8 +238,11 @@ def test_nginx_in_front_absorbs_slow_headers_and_slow_bodies(gunicorn, fake, tmp
         for i in range(60):  # 15 times gunicorn's threads: half stop inside the headers, half inside the body
             sock = socket.create_connection(("127.0.0.1", front))
             head = f"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth['client']['Authorization']}\r\n"
-            sock.sendall(head.encode() if i % 2 else (head + "Content-Type: application/json\r\n"
-                                                      "Content-Length: 1000\r\n\r\n{\"message\": ").encode())
+            sock.sendall(
+                head.encode()
+                if i % 2
+                else (head + 'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"message": ').encode()
+            )
             slow.append(sock)
         health = request(front, "GET", "/healthz", timeout=5)
         chat = request(front, "POST", "/api/chat", {"message": "hi"}, auth["client"], timeout=5)

@@ -63,12 +63,15 @@ def test_a_bad_value_stops_start_up_naming_the_variable(settings_for, name, valu
     assert says in str(excinfo.value)
 
 
-@pytest.mark.parametrize(("name", "value", "says"), [
-    ("CHATPROXY_API_TOKENS", "foo", "name=sha256:HEX"),
-    ("CHATPROXY_API_TOKENS", "app=sha256:abcd", "name=sha256:HEX"),
-    ("CHATPROXY_PRICES", "{bad", "not valid JSON"),
-    ("CHATPROXY_PRICES", '{"gpt-4o": {"input": 1}}', "missing 'output'"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("CHATPROXY_API_TOKENS", "foo", "name=sha256:HEX"),
+        ("CHATPROXY_API_TOKENS", "app=sha256:abcd", "name=sha256:HEX"),
+        ("CHATPROXY_PRICES", "{bad", "not valid JSON"),
+        ("CHATPROXY_PRICES", '{"gpt-4o": {"input": 1}}', "missing 'output'"),
+    ],
+)
 def test_validate_alone_refuses_what_start_up_would(name, value, says):
     """The gunicorn master runs config.py alone (no Flask): every value create_app() refuses must fail here."""
     raw = raw_settings(None, environ={"OPENAI_API_KEY": "sk-test", name: value})
@@ -97,8 +100,9 @@ def test_env_example_and_readme_list_every_setting():
 def test_wsgi_without_a_key_refuses_to_start(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
 
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 3  # gunicorn's worker boot error: it stops instead of starting workers forever
     assert "OPENAI_API_KEY is not set" in result.stderr

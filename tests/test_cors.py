@@ -14,8 +14,9 @@ from tests.browser import chromium_missing, launch, must_run
 
 pytestmark = pytest.mark.browser
 
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
 
 FETCH = """async ([url, init]) => {
   try {
@@ -70,8 +71,9 @@ def test_frontend_may_send_x_request_id_but_no_method_the_routes_lack(browser, f
     page.goto(frontend + "/")
     headers = {"Content-Type": "application/json", "X-Request-ID": "frontend-0001"}
 
-    chat = page.evaluate(FETCH, [api + "/api/chat", {"method": "POST", "headers": headers,
-                                                      "body": '{"message": "hi"}'}])
+    chat = page.evaluate(
+        FETCH, [api + "/api/chat", {"method": "POST", "headers": headers, "body": '{"message": "hi"}'}]
+    )
     delete = page.evaluate(FETCH, [api + "/api/chat", {"method": "DELETE", "headers": headers}])
     page.close()
 

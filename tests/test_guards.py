@@ -36,8 +36,11 @@ def locked(settings_for):
     """Build an app with access control as shipped: no anonymous access."""
 
     def make(**overrides: object):
-        config = {"CHATPROXY_ALLOW_ANONYMOUS": False, "CHATPROXY_ALLOWED_ORIGINS": ALLOWED,
-                  "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}"}
+        config = {
+            "CHATPROXY_ALLOW_ANONYMOUS": False,
+            "CHATPROXY_ALLOWED_ORIGINS": ALLOWED,
+            "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
+        }
         config.update(overrides)
         return create_app(settings_for(**config))
 
@@ -68,8 +71,11 @@ def test_forged_origin_is_refused_and_gets_no_cors_headers(locked, fake):
 
 
 def test_forged_origin_is_refused_even_with_a_valid_token(locked, fake):
-    response = locked().test_client().post("/api/chat", json=CHAT, headers={
-        "Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
+    response = (
+        locked()
+        .test_client()
+        .post("/api/chat", json=CHAT, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
+    )
 
     assert response.status_code == 403
     assert fake.calls == []
@@ -102,8 +108,11 @@ def _preflight(url: str, path: str, method: str, headers: str) -> dict[str, str]
     """A browser's CORS preflight from the allowed origin, over a real connection; the answer's headers."""
     split = urlsplit(url)
     conn = http.client.HTTPConnection(split.hostname, split.port, timeout=10)
-    conn.request("OPTIONS", path, headers={"Origin": ALLOWED, "Access-Control-Request-Method": method,
-                                           "Access-Control-Request-Headers": headers})
+    conn.request(
+        "OPTIONS",
+        path,
+        headers={"Origin": ALLOWED, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers},
+    )
     response = conn.getresponse()
     response.read()
     conn.close()
@@ -119,7 +128,10 @@ def test_preflight_allows_exactly_the_methods_and_headers_the_routes_take(locked
 
     assert asked["access-control-allow-origin"] == ALLOWED
     assert sorted(asked["access-control-allow-headers"].lower().split(", ")) == [
-        "authorization", "content-type", "x-request-id"]
+        "authorization",
+        "content-type",
+        "x-request-id",
+    ]
     assert asked["access-control-allow-methods"] == "GET, POST"
     assert [headers.get("access-control-allow-methods") for headers in other_methods] == [None] * 3
 
@@ -178,8 +190,9 @@ def test_token_holder_may_chat(locked, fake):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("header", [f"Bearer {TOKEN}x", "Bearer ", "Bearer", f"Bearer {TOKEN[:-4]}",
-                                    f"Basic {TOKEN}", "", f"Token {TOKEN}"])
+@pytest.mark.parametrize(
+    "header", [f"Bearer {TOKEN}x", "Bearer ", "Bearer", f"Bearer {TOKEN[:-4]}", f"Basic {TOKEN}", "", f"Token {TOKEN}"]
+)
 def test_wrong_empty_and_truncated_tokens_are_refused(locked, fake, header):
     response = locked().test_client().post("/api/chat", json=CHAT, headers={"Authorization": header})
 
@@ -233,10 +246,13 @@ def test_limits_are_per_identity(locked, fake):
 
 def test_client_ip_comes_from_x_forwarded_for_only_behind_trusted_proxies(locked, fake):
     for trusted, expected in ((0, [200, 429, 429]), (1, [200, 200, 200])):
-        client = locked(CHATPROXY_ALLOW_ANONYMOUS=True, CHATPROXY_RATE_LIMIT_ANONYMOUS="1/minute",
-                        CHATPROXY_TRUSTED_PROXIES=trusted).test_client()
-        statuses = [client.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
-                    for i in range(3)]
+        client = locked(
+            CHATPROXY_ALLOW_ANONYMOUS=True, CHATPROXY_RATE_LIMIT_ANONYMOUS="1/minute", CHATPROXY_TRUSTED_PROXIES=trusted
+        ).test_client()
+        statuses = [
+            client.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+            for i in range(3)
+        ]
         assert statuses == expected, trusted
 
 
@@ -270,8 +286,13 @@ def test_stream_slots_of_an_allowed_origin_are_per_client_ip(locked, fake):
     fake.script(*[Reply(chunks=["a ", "b"])] * 3)
 
     def stream(ip: str):
-        return client.post("/api/chat", json={"message": "hi", "stream": True}, headers={"Origin": ALLOWED},
-                           environ_base={"REMOTE_ADDR": ip}, buffered=False)
+        return client.post(
+            "/api/chat",
+            json={"message": "hi", "stream": True},
+            headers={"Origin": ALLOWED},
+            environ_base={"REMOTE_ADDR": ip},
+            buffered=False,
+        )
 
     held = stream("198.51.100.1")  # its slot stays taken until the response is closed
     same_ip, other_ip = stream("198.51.100.1"), stream("198.51.100.2")
@@ -285,8 +306,12 @@ def test_stream_slots_of_an_allowed_origin_are_per_client_ip(locked, fake):
 
 def test_security_headers_on_every_response(locked):
     client = locked().test_client()
-    for response in (client.get("/"), client.post("/api/chat", json=CHAT), client.get("/nope"),
-                     client.get("/static/chat.js")):
+    for response in (
+        client.get("/"),
+        client.post("/api/chat", json=CHAT),
+        client.get("/nope"),
+        client.get("/static/chat.js"),
+    ):
         csp = response.headers["Content-Security-Policy"]
         assert "unsafe-inline" not in csp
         assert "frame-ancestors 'none'" in csp
@@ -361,8 +386,9 @@ def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
     fake.script(Reply(chunks=["slow "] * 10, pace=0.1))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     streamed = []
-    thread = threading.Thread(target=lambda: streamed.append(
-        post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0]))
+    thread = threading.Thread(
+        target=lambda: streamed.append(post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0])
+    )
     thread.start()
     assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
 
@@ -376,6 +402,7 @@ def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
 
 
 # --- Redis: one limit across workers; what happens when Redis is down ----------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -393,9 +420,25 @@ def redis_url() -> str:
 
 def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--worker-class", "gthread", "--threads", str(threads), "wsgi:app"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(threads),
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     # Until a worker answers, not just until the master listens: on a busy machine workers take seconds to boot.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -417,24 +460,37 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
     name = f"load-{uuid.uuid4().hex[:8]}"
     token = f"cpx_{uuid.uuid4().hex}"
     port = _free_port()
-    server = _gunicorn({"OPENAI_API_KEY": "sk-test-gunicorn", "OPENAI_BASE_URL": fake.base_url,
-                        "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-                        # per hour: a fixed window is far less likely to roll over during the 15 calls
-                        "CHATPROXY_RATE_LIMIT_TOKEN": "10/hour", "CHATPROXY_REDIS_URL": redis_url,
-                        "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-                        "CHATPROXY_MAX_RETRIES": "0"}, port)
+    server = _gunicorn(
+        {
+            "OPENAI_API_KEY": "sk-test-gunicorn",
+            "OPENAI_BASE_URL": fake.base_url,
+            "CHATPROXY_SECRET_KEY": "x",
+            "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+            # per hour: a fixed window is far less likely to roll over during the 15 calls
+            "CHATPROXY_RATE_LIMIT_TOKEN": "10/hour",
+            "CHATPROXY_REDIS_URL": redis_url,
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "CHATPROXY_MAX_RETRIES": "0",
+        },
+        port,
+    )
     try:
         statuses, pids = [], set()
         for _ in range(15):  # a new connection each time, so the kernel spreads them over the workers
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/api/chat", body=b'{"message": "hi"}',
-                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            conn.request(
+                "POST",
+                "/api/chat",
+                body=b'{"message": "hi"}',
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+            )
             response = conn.getresponse()
             response.read()
             statuses.append(response.status)
             conn.close()
-        workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True,
-                                 check=False).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(server.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -448,14 +504,18 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
 
 def test_in_flight_caps_are_shared_by_workers_through_redis(locked, fake, serve, redis_url):
     name, token = f"shared-{uuid.uuid4().hex[:8]}", f"cpx_{uuid.uuid4().hex}"
-    config = {"CHATPROXY_REDIS_URL": redis_url, "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-              "CHATPROXY_MAX_CONCURRENT": 1}
+    config = {
+        "CHATPROXY_REDIS_URL": redis_url,
+        "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+        "CHATPROXY_MAX_CONCURRENT": 1,
+    }
     one, two = serve(locked(**config)), serve(locked(**config))  # two processes' worth of app state
     fake.for_model("gpt-4o", Reply(delay=1.5))
     auth = {"Authorization": f"Bearer {token}"}
     held = []
-    thread = threading.Thread(target=lambda: held.append(post_stream(one, {"message": "hi", "model": "gpt-4o"},
-                                                                     headers=auth)[0]))
+    thread = threading.Thread(
+        target=lambda: held.append(post_stream(one, {"message": "hi", "model": "gpt-4o"}, headers=auth)[0])
+    )
     thread.start()
     assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
 

@@ -20,9 +20,38 @@ PACKAGE = ROOT / "chatproxy"
 # Errors that come from Flask/werkzeug rather than an ApiError(...) in our code, where a route can answer them.
 FRAMEWORK = {(500, "internal_error"), (413, "payload_too_large")}
 STATIC = {(404, "not_found")}  # Flask's static view
-LIBRARY_NAMES = frozenset({"update", "close", "values", "execute", "insert", "delete", "select", "get", "open",
-                           "create", "retrieve", "content", "read", "write", "begin", "connect", "dispose", "where",
-                           "status", "results", "parse", "run", "send", "start", "stop", "set", "pop", "items"})
+LIBRARY_NAMES = frozenset(
+    {
+        "update",
+        "close",
+        "values",
+        "execute",
+        "insert",
+        "delete",
+        "select",
+        "get",
+        "open",
+        "create",
+        "retrieve",
+        "content",
+        "read",
+        "write",
+        "begin",
+        "connect",
+        "dispose",
+        "where",
+        "status",
+        "results",
+        "parse",
+        "run",
+        "send",
+        "start",
+        "stop",
+        "set",
+        "pop",
+        "items",
+    }
+)
 
 
 @pytest.fixture
@@ -32,6 +61,7 @@ def full_app(settings_for) -> Flask:
 
 
 # --- a small static call graph of the package ------------------------------------------------------------------
+
 
 class CallGraph:
     """Functions of the chatproxy package by module, the names they call, and the error codes they raise."""
@@ -82,14 +112,19 @@ class CallGraph:
                     # Names that libraries use too (SQLAlchemy's table.update(), a stream's close()) only resolve
                     # to classes of the module itself or of modules it imports.
                     known = {module} | {source for source, _ in self.imports[module].values()}
-                    yield from ((m, n) for m, n in self.methods.get(func.attr, [])
-                                if m in known or func.attr not in LIBRARY_NAMES)
+                    yield from (
+                        (m, n)
+                        for m, n in self.methods.get(func.attr, [])
+                        if m in known or func.attr not in LIBRARY_NAMES
+                    )
 
     @staticmethod
     def is_generator(node: ast.AST) -> bool:
         """Its code runs after the response started: its errors are stream events, not HTTP statuses."""
         decorators = {getattr(d, "id", getattr(d, "attr", None)) for d in getattr(node, "decorator_list", [])}
-        return "contextmanager" not in decorators and any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in ast.walk(node))
+        return "contextmanager" not in decorators and any(
+            isinstance(n, (ast.Yield, ast.YieldFrom)) for n in ast.walk(node)
+        )
 
     @staticmethod
     def raised(node: ast.AST) -> set[tuple[int, str]]:
@@ -101,8 +136,12 @@ class CallGraph:
             name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
             if name == "invalid":
                 found.add((400, "invalid_request"))
-            elif (name == "ApiError" and len(call.args) >= 2 and isinstance(call.args[0], ast.Constant)
-                  and isinstance(call.args[1], ast.Constant)):
+            elif (
+                name == "ApiError"
+                and len(call.args) >= 2
+                and isinstance(call.args[0], ast.Constant)
+                and isinstance(call.args[1], ast.Constant)
+            ):
                 found.add((call.args[0].value, call.args[1].value))
         return found
 
@@ -165,12 +204,18 @@ def route_errors(app: Flask, rule) -> tuple[set[tuple[int, str]], set[str]]:
 def spec_errors(spec: dict, rule: str, method: str) -> set[tuple[int, str]]:
     """(status, code) pairs the spec lists for one operation."""
     responses = spec["paths"][openapi_path(rule)][method]["responses"]
-    return {(int(status), code) for status, response in responses.items() if int(status) >= 400
-            for code in response["content"]["application/json"]["schema"]["properties"]["error"]["properties"]
-            ["code"]["enum"]}
+    return {
+        (int(status), code)
+        for status, response in responses.items()
+        if int(status) >= 400
+        for code in response["content"]["application/json"]["schema"]["properties"]["error"]["properties"]["code"][
+            "enum"
+        ]
+    }
 
 
 # --- the tests ---------------------------------------------------------------------------------------------------
+
 
 def test_every_route_is_described_and_every_description_is_a_route(full_app):
     served = app_operations(full_app)
@@ -179,18 +224,27 @@ def test_every_route_is_described_and_every_description_is_a_route(full_app):
     assert served - described == set(), "routes missing from chatproxy/openapi.py OPERATIONS"
     spec = build_spec(full_app)  # lists exactly what the app serves: an unregistered blueprint is left out
     assert {(path, method) for path, item in spec["paths"].items() for method in item} == {
-        (openapi_path(rule), method) for rule, method in served}
+        (openapi_path(rule), method) for rule, method in served
+    }
 
 
 def test_the_call_graph_finds_known_errors():
     """A guard against the analysis going blind: errors we know are raised on these paths are found."""
-    app = create_app({"OPENAI_API_KEY": "sk-test-graph-key", "CHATPROXY_DATABASE_URL": "sqlite://",
-                      "CHATPROXY_SECRET_KEY": "x"})
+    app = create_app(
+        {"OPENAI_API_KEY": "sk-test-graph-key", "CHATPROXY_DATABASE_URL": "sqlite://", "CHATPROXY_SECRET_KEY": "x"}
+    )
     rules = {rule.rule: rule for rule in app.url_map.iter_rules()}
     http, events = route_errors(app, rules["/api/chat"])
 
-    assert {(400, "invalid_request"), (401, "unauthorized"), (429, "budget_exceeded"), (503, "ledger_unavailable"),
-            (503, "upstream_unavailable"), (422, "model_refused"), (502, "upstream_auth_failed")} <= http
+    assert {
+        (400, "invalid_request"),
+        (401, "unauthorized"),
+        (429, "budget_exceeded"),
+        (503, "ledger_unavailable"),
+        (503, "upstream_unavailable"),
+        (422, "model_refused"),
+        (502, "upstream_auth_failed"),
+    } <= http
     assert {"upstream_truncated", "upstream_bad_response"} <= events
     assert (502, "upstream_truncated") not in http  # only ever an event: relay() is a generator
 
@@ -244,8 +298,15 @@ def test_request_schemas_refuse_unknown_fields(full_app):
 
 
 def test_the_caps_in_the_spec_are_the_settings_in_force(settings_for):
-    app = create_app(settings_for(CHATPROXY_MAX_MESSAGES=7, CHATPROXY_MAX_MESSAGE_CHARS=99, CHATPROXY_MODELS="a,b",
-                                  CHATPROXY_DEFAULT_MODEL="a", CHATPROXY_FALLBACK_CHAIN=""))
+    app = create_app(
+        settings_for(
+            CHATPROXY_MAX_MESSAGES=7,
+            CHATPROXY_MAX_MESSAGE_CHARS=99,
+            CHATPROXY_MODELS="a,b",
+            CHATPROXY_DEFAULT_MODEL="a",
+            CHATPROXY_FALLBACK_CHAIN="",
+        )
+    )
     body = build_spec(app)["paths"]["/api/chat"]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
     assert body["properties"]["messages"]["maxItems"] == 7

@@ -37,6 +37,7 @@ def _sample(name: str, **labels: str) -> float:
 
 # --- /readyz --------------------------------------------------------------------------------------
 
+
 def test_ready_when_database_and_redis_answer(settings_for, fake):
     response = create_app(settings_for(CHATPROXY_REDIS_URL=REDIS_URL)).test_client().get("/readyz")
 
@@ -57,8 +58,9 @@ def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
 
 
 def test_not_ready_names_redis_when_it_is_down_and_required(settings_for, fake):
-    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0",
-                                  CHATPROXY_READY_REQUIRES_REDIS=True))
+    app = create_app(
+        settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0", CHATPROXY_READY_REQUIRES_REDIS=True)
+    )
 
     response = app.test_client().get("/readyz")
 
@@ -118,8 +120,9 @@ def test_a_hung_redis_is_waited_for_once_not_on_every_request(settings_for, fake
         hung.close()
 
     assert [a.status_code for a in answers] == [200] * 6
-    assert [json.loads(a.get_data().split(b"\n\n")[-2].removeprefix(b"data: "))["type"] for a in answers[1::2]] \
-        == ["done"] * 3
+    assert [json.loads(a.get_data().split(b"\n\n")[-2].removeprefix(b"data: "))["type"] for a in answers[1::2]] == [
+        "done"
+    ] * 3
     assert len(fake.chat_calls()) == 6
     # Rate limits, stream slots, cooldowns and /readyz each talk to Redis several times per request. Each wait
     # lasts at most the timeout (0.25 s), and after the first one the pool stops trying for a few seconds:
@@ -147,15 +150,19 @@ def test_health_and_readiness_are_not_guarded(settings_for):
 
 # --- /metrics: who may read it ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def guarded(settings_for):
     """An app whose metrics network is 10.0.0.0/8 (the test client calls from 127.0.0.1)."""
-    return create_app(settings_for(CHATPROXY_METRICS_NETWORKS="10.0.0.0/8", CHATPROXY_API_TOKENS=TOKENS,
-                                   CHATPROXY_ADMIN_TOKENS="ops"))
+    return create_app(
+        settings_for(CHATPROXY_METRICS_NETWORKS="10.0.0.0/8", CHATPROXY_API_TOKENS=TOKENS, CHATPROXY_ADMIN_TOKENS="ops")
+    )
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": f"Bearer {USER}"}, {"Authorization": "Bearer nope"},
-                                     {"X-Forwarded-For": "10.0.0.7"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": f"Bearer {USER}"}, {"Authorization": "Bearer nope"}, {"X-Forwarded-For": "10.0.0.7"}],
+)
 def test_metrics_are_refused_outside_the_network_without_an_admin_token(guarded, headers):
     response = guarded.test_client().get("/metrics", headers=headers)
 
@@ -186,17 +193,23 @@ def test_metrics_network_uses_the_forwarded_ip_behind_a_trusted_proxy(settings_f
     assert client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 403
 
 
-@pytest.mark.parametrize(("name", "value"), [("CHATPROXY_METRICS_NETWORKS", "10.0.0.0/33"),
-                                             ("CHATPROXY_METRICS_NETWORKS", "10.0.0.1/8"),
-                                             ("CHATPROXY_BIND", "localhost"),
-                                             ("CHATPROXY_WORKERS", "0"),
-                                             ("CHATPROXY_GRACEFUL_TIMEOUT", "soon")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CHATPROXY_METRICS_NETWORKS", "10.0.0.0/33"),
+        ("CHATPROXY_METRICS_NETWORKS", "10.0.0.1/8"),
+        ("CHATPROXY_BIND", "localhost"),
+        ("CHATPROXY_WORKERS", "0"),
+        ("CHATPROXY_GRACEFUL_TIMEOUT", "soon"),
+    ],
+)
 def test_bad_deployment_settings_stop_start_up(settings_for, name, value):
     with pytest.raises(SettingsError, match=name):
         create_app(settings_for(**{name: value}))
 
 
 # --- /metrics: what it counts -------------------------------------------------------------------------
+
 
 def test_requests_are_counted_by_route_pattern_and_status(client):
     labels = {"route": "(unmatched)", "method": "GET", "status": "404"}
@@ -247,6 +260,7 @@ def test_recording_functions_for_the_request_path():
 
 
 # --- JSON logs ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def json_log():

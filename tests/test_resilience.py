@@ -76,6 +76,7 @@ def unavailable(response) -> None:
 
 # --- retries on the same model ------------------------------------------------------------------
 
+
 def test_429_with_retry_after_ms_is_retried_on_the_same_model_after_that_wait(make_app, fake):
     app = make_app(CHATPROXY_RETRY_MAX_WAIT=1)
     fake.script(Reply(status=429, headers={"retry-after-ms": "300"}))
@@ -187,6 +188,7 @@ def test_connect_timeout_tries_the_chain_within_the_connect_timeout(make_app, ca
 
 # --- the request's deadline ---------------------------------------------------------------------
 
+
 def test_the_total_timeout_bounds_retries_and_fallbacks(make_app, fake):
     app = make_app(CHATPROXY_TOTAL_TIMEOUT=1, CHATPROXY_READ_TIMEOUT=5)
     fake.for_model("gpt-4o", Reply(delay=3.0))
@@ -215,6 +217,7 @@ def test_the_total_timeout_ends_a_long_stream_with_an_error_event(make_app, fake
 
 
 # --- streams: fallback only before the first delta ----------------------------------------------
+
 
 def test_stream_stall_before_the_first_delta_falls_back(make_app, fake, serve):
     app = make_app(CHATPROXY_READ_TIMEOUT=0.3, CHATPROXY_MAX_RETRIES=0)
@@ -267,9 +270,17 @@ def test_stream_cut_before_the_first_delta_is_retried(make_app, fake):
     assert called(fake) == ["gpt-4o", "gpt-4o"]
 
 
-MALFORMED = [b"{not json", b"[]", b'"text"', b'{"choices": "x"}', b'{"choices": [1]}',
-             b'{"choices": [{"delta": {"content": 7}}]}', b'{"choices": [{"delta": []}]}', b'{"usage": 5}',
-             b'{"usage": {"prompt_tokens": "many"}}']
+MALFORMED = [
+    b"{not json",
+    b"[]",
+    b'"text"',
+    b'{"choices": "x"}',
+    b'{"choices": [1]}',
+    b'{"choices": [{"delta": {"content": 7}}]}',
+    b'{"choices": [{"delta": []}]}',
+    b'{"usage": 5}',
+    b'{"usage": {"prompt_tokens": "many"}}',
+]
 
 
 @pytest.mark.parametrize("malformed", MALFORMED)
@@ -315,12 +326,13 @@ def test_refused_stream_falls_back_before_any_byte(make_app, fake):
     response, events = ask_stream(app)
 
     assert response.headers["X-Chatproxy-Model"] == "gpt-4o-mini"
-    assert [e["type"] for e in events][0::len(events) - 1] == ["start", "done"]
+    assert [e["type"] for e in events][0 :: len(events) - 1] == ["start", "done"]
     assert events[0]["degraded"] is True
     assert called(fake) == ["gpt-4o", "gpt-4o-mini"]
 
 
 # --- the whole chain down -----------------------------------------------------------------------
+
 
 def test_whole_chain_down_is_a_503_with_retry_after(make_app, fake):
     app = make_app(CHATPROXY_MAX_RETRIES=1)
@@ -375,10 +387,19 @@ def test_the_last_model_of_the_chain_has_no_fallback(make_app, fake):
 
 # --- upstream 4xx: clear errors, no retry, no fallback ------------------------------------------
 
+
 def test_context_too_long_is_a_400_without_retry_or_fallback(make_app, fake):
     app = make_app()
-    fake.script(Reply(status=400, error={"message": "This model's maximum context length is 128000 tokens.",
-                                         "type": "invalid_request_error", "code": "context_length_exceeded"}))
+    fake.script(
+        Reply(
+            status=400,
+            error={
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "code": "context_length_exceeded",
+            },
+        )
+    )
 
     response = ask(app)
 
@@ -391,8 +412,10 @@ def test_context_too_long_is_a_400_without_retry_or_fallback(make_app, fake):
 @pytest.mark.parametrize("status", [401, 403])
 def test_upstream_auth_failure_is_a_502_logged_loudly_without_the_key(make_app, fake, caplog, status):
     app = make_app()
-    fake.for_model("gpt-4o", Reply(status=status, error={"message": f"Incorrect API key provided: {TEST_KEY}",
-                                                         "code": "invalid_api_key"}))
+    fake.for_model(
+        "gpt-4o",
+        Reply(status=status, error={"message": f"Incorrect API key provided: {TEST_KEY}", "code": "invalid_api_key"}),
+    )
 
     response = ask(app)
 
@@ -406,8 +429,9 @@ def test_upstream_auth_failure_is_a_502_logged_loudly_without_the_key(make_app, 
 
 def test_content_filter_error_is_a_400(make_app, fake):
     app = make_app()
-    fake.script(Reply(status=400, error={"message": "flagged", "type": "invalid_request_error",
-                                         "code": "content_filter"}))
+    fake.script(
+        Reply(status=400, error={"message": "flagged", "type": "invalid_request_error", "code": "content_filter"})
+    )
 
     response = ask(app)
 
@@ -458,6 +482,7 @@ def test_content_filtered_stream_after_deltas_ends_with_an_error_event(make_app,
 
 
 # --- cooldowns ----------------------------------------------------------------------------------
+
 
 def test_model_down_for_good_is_skipped_once_cooled_down(make_app, fake):
     app = make_app(CHATPROXY_MAX_RETRIES=1, CHATPROXY_COOLDOWN_MIN_CALLS=2, CHATPROXY_COOLDOWN_SECONDS=60)
@@ -634,6 +659,7 @@ def test_the_retired_failure_count_stops_start_up_naming_its_replacements(settin
 
 # --- the cooldown backends: one contract, in-process and Redis ----------------------------------
 
+
 @pytest.fixture
 def redis_client():
     """A client for the test Redis; skips (which fails under CI=true) when none is running."""
@@ -789,9 +815,14 @@ def test_backend_cooldown_is_at_least_the_retry_after(backend):
 
 # --- shared through Redis -----------------------------------------------------------------------
 
+
 def test_cooldown_is_shared_by_apps_using_the_same_redis(make_app, fake, key_prefix, redis_client):
-    settings = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
-                "CHATPROXY_COOLDOWN_SECONDS": 1}
+    settings = {
+        "CHATPROXY_REDIS_URL": REDIS_URL,
+        "CHATPROXY_MAX_RETRIES": 0,
+        "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
+        "CHATPROXY_COOLDOWN_SECONDS": 1,
+    }
     worker_a, worker_b = make_app(**settings), make_app(**settings)
     for app in (worker_a, worker_b):
         cooldowns.init_app(app, key_prefix=key_prefix)
@@ -823,11 +854,18 @@ def test_redis_outage_does_not_stop_the_proxy(make_app, fake, caplog):
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("headers", "seconds"),
-    [({"retry-after-ms": "1500"}, 1.5), ({"retry-after": "2"}, 2.0), ({"retry-after": "0.5"}, 0.5),
-     ({"retry-after-ms": "250", "retry-after": "9"}, 0.25), ({"retry-after": "soon"}, None), ({}, None),
-     ({"retry-after": "-3"}, 0.0)],
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+        ({"retry-after": "-3"}, 0.0),
+    ],
 )
 def test_retry_after_header_parsing(headers, seconds):
     assert retry_after(headers) == seconds

@@ -23,9 +23,13 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_headers_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 import tests.fake_openai as fake_openai
 from chatproxy import create_app
@@ -39,23 +43,46 @@ REPORT = Path(os.environ.get("CHATPROXY_SCHEMATHESIS_REPORT", ROOT / "artifacts"
 ADMIN_TOKEN = "cpx_schemathesis-admin-token-0123456789"
 EXAMPLES_PER_OPERATION = int(os.environ.get("CHATPROXY_SCHEMATHESIS_EXAMPLES", "100"))
 MIN_CASES = 1000  # across every operation; lower it only with a smaller CHATPROXY_SCHEMATHESIS_EXAMPLES
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection]
-TOKEN_ONLY = {"/api/usage", "/api/batches", "/api/batches/{batch_id}", "/api/batches/{batch_id}/results",
-              "/v1/chat/completions", "/v1/models", "/metrics"}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+TOKEN_ONLY = {
+    "/api/usage",
+    "/api/batches",
+    "/api/batches/{batch_id}",
+    "/api/batches/{batch_id}/results",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/metrics",
+}
 
 
 def app_config(base_url: str, database_url: str) -> dict[str, object]:
     """Anonymous callers allowed (the page's and the API's defaults otherwise), one admin token, no limits that
     generated traffic could reach: a 429 here would hide what the case was meant to test."""
     return {
-        "TESTING": True, "OPENAI_API_KEY": TEST_KEY, "OPENAI_BASE_URL": base_url, "CHATPROXY_SECRET_KEY": "st",
-        "CHATPROXY_DATABASE_URL": database_url, "CHATPROXY_ALLOW_ANONYMOUS": True,
-        "CHATPROXY_API_TOKENS": f"admin={hash_token(ADMIN_TOKEN)}", "CHATPROXY_ADMIN_TOKENS": "admin",
-        "CHATPROXY_RATE_LIMIT_ANONYMOUS": "1000000/minute", "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
-        "CHATPROXY_RATE_LIMIT_PAGE": "1000000/minute", "CHATPROXY_MAX_STREAMS": 1000,
-        "CHATPROXY_DAILY_BUDGET_USD": 0, "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": 0,
-        "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_READ_TIMEOUT": 5, "CHATPROXY_KEEPALIVE_SECONDS": 0,
+        "TESTING": True,
+        "OPENAI_API_KEY": TEST_KEY,
+        "OPENAI_BASE_URL": base_url,
+        "CHATPROXY_SECRET_KEY": "st",
+        "CHATPROXY_DATABASE_URL": database_url,
+        "CHATPROXY_ALLOW_ANONYMOUS": True,
+        "CHATPROXY_API_TOKENS": f"admin={hash_token(ADMIN_TOKEN)}",
+        "CHATPROXY_ADMIN_TOKENS": "admin",
+        "CHATPROXY_RATE_LIMIT_ANONYMOUS": "1000000/minute",
+        "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
+        "CHATPROXY_RATE_LIMIT_PAGE": "1000000/minute",
+        "CHATPROXY_MAX_STREAMS": 1000,
+        "CHATPROXY_DAILY_BUDGET_USD": 0,
+        "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": 0,
+        "CHATPROXY_MAX_RETRIES": 0,
+        "CHATPROXY_READ_TIMEOUT": 5,
+        "CHATPROXY_KEEPALIVE_SECONDS": 0,
     }
 
 
@@ -115,8 +142,11 @@ def check_stream(response) -> None:
 def test_generated_requests_get_documented_answers_and_never_a_5xx(case, wsgi_app):
     path = case.operation.path
     # Who calls is decided here, not generated: an admin token for token-only routes, anonymous otherwise.
-    case.headers = {k: v for k, v in (case.headers or {}).items()
-                    if k.lower() not in ("authorization", "cookie", "x-csrf-token", "origin")}
+    case.headers = {
+        k: v
+        for k, v in (case.headers or {}).items()
+        if k.lower() not in ("authorization", "cookie", "x-csrf-token", "origin")
+    }
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"} if path in TOKEN_ONLY else {}
     case.headers.update(headers)
 
@@ -139,8 +169,19 @@ def test_enough_cases_ran_for_every_operation():
     operations = {f"{method.upper()} {path}" for path, item in SCHEMA.raw_schema["paths"].items() for method in item}
     total = sum(CASES.values())
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"cases": total, "operations": len(operations), "by_operation": dict(
-        sorted(CASES.items())), "examples_per_operation": EXAMPLES_PER_OPERATION}, indent=2) + "\n", encoding="utf-8")
+    REPORT.write_text(
+        json.dumps(
+            {
+                "cases": total,
+                "operations": len(operations),
+                "by_operation": dict(sorted(CASES.items())),
+                "examples_per_operation": EXAMPLES_PER_OPERATION,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
     assert set(CASES) == operations, "every operation got generated cases"
     assert total >= MIN_CASES * min(1, EXAMPLES_PER_OPERATION / 100), CASES

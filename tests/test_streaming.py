@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from chatproxy import create_app
 from chatproxy.streaming import sse
 from tests.fake_openai import Reply
@@ -26,8 +24,11 @@ def test_stream_sends_start_deltas_done_with_usage(live_url, fake):
     assert done["finish_reason"] == "stop"
     assert done["model"] == "gpt-4o-mini"
     [call] = fake.chat_calls()
-    assert done["usage"] == {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                             "total_tokens": call.prompt_tokens + call.completion_tokens}
+    assert done["usage"] == {
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "total_tokens": call.prompt_tokens + call.completion_tokens,
+    }
     assert call.body["stream"] is True
     assert call.body["stream_options"] == {"include_usage": True}
 
@@ -57,7 +58,7 @@ def test_deltas_arrive_as_the_upstream_writes_them(live_url, fake):
 def test_client_disconnect_closes_the_upstream_within_a_second(live_url, fake):
     fake.script(Reply(chunks=[f"t{i} " for i in range(60)], pace=0.1))
 
-    received, hung_up_at = post_stream(live_url, {"message": "hi", "stream": True}, stop_after_deltas=3)
+    _received, hung_up_at = post_stream(live_url, {"message": "hi", "stream": True}, stop_after_deltas=3)
 
     call = fake.chat_calls()[0]
     assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=3)

@@ -32,6 +32,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 # --- databases: every ledger test runs on a SQLite file and on a private PostgreSQL schema -------------------
 
+
 @contextmanager
 def postgres_schema_url() -> Iterator[str]:
     """A URL whose connections use a fresh schema of TEST_DATABASE_URL (dropped afterwards); skip if unreachable."""
@@ -104,29 +105,40 @@ def ledger(db_url: str, clock: Clock) -> Iterator[Ledger]:
 
 def close_ok(ledger: Ledger, row_id: int, **changes: object) -> bool:
     """Close a row with plausible values, overridden by `changes`."""
-    values: dict[str, object] = {"model_answered": "gpt-4o", "prompt_tokens": 100, "completion_tokens": 50,
-                                 "tokens_exact": True, "cost_micros": 750, "outcome": "ok", "latency_ms": 800,
-                                 "ttft_ms": 200}
+    values: dict[str, object] = {
+        "model_answered": "gpt-4o",
+        "prompt_tokens": 100,
+        "completion_tokens": 50,
+        "tokens_exact": True,
+        "cost_micros": 750,
+        "outcome": "ok",
+        "latency_ms": 800,
+        "ttft_ms": 200,
+    }
     values.update(changes)
     return ledger.close(row_id, **values)  # type: ignore[arg-type]
 
 
 # --- prices ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("model", "prompt", "completion", "cached", "batch", "expected"), [
-    ("gpt-4o", 1_000_000, 0, 0, False, 2_500_000),  # $2.50 per million input tokens
-    ("gpt-4o", 0, 1_000_000, 0, False, 10_000_000),
-    ("gpt-4o", 1_000_000, 0, 1_000_000, False, 1_250_000),
-    ("gpt-4o-mini", 1_000_000, 1_000_000, 0, False, 750_000),
-    ("gpt-4o-mini", 1_000_000, 0, 1_000_000, False, 75_000),
-    ("gpt-4o", 1_000_000, 1_000_000, 0, True, 6_250_000),  # Batch API: half of every rate
-    ("gpt-4o-mini", 1000, 1000, 400, False, 90 + 30 + 600),
-    ("gpt-4o-mini", 1, 0, 0, False, 1),  # 0.15 micro-dollars rounds up to 1
-    ("gpt-4o-mini", 0, 0, 1, True, 0),  # cached beyond the prompt is clamped: nothing to pay
-    ("gpt-4o-mini", 1, 0, 1, True, 1),  # 0.0375 rounds up
-    ("gpt-4o-mini", 0, 0, 0, False, 0),
-    ("gpt-4o", 3, 7, 1, False, 77),  # 2 × 2.50 + 1 × 1.25 + 7 × 10.00 = 76.25 micro-dollars, rounded up
-])
+
+@pytest.mark.parametrize(
+    ("model", "prompt", "completion", "cached", "batch", "expected"),
+    [
+        ("gpt-4o", 1_000_000, 0, 0, False, 2_500_000),  # $2.50 per million input tokens
+        ("gpt-4o", 0, 1_000_000, 0, False, 10_000_000),
+        ("gpt-4o", 1_000_000, 0, 1_000_000, False, 1_250_000),
+        ("gpt-4o-mini", 1_000_000, 1_000_000, 0, False, 750_000),
+        ("gpt-4o-mini", 1_000_000, 0, 1_000_000, False, 75_000),
+        ("gpt-4o", 1_000_000, 1_000_000, 0, True, 6_250_000),  # Batch API: half of every rate
+        ("gpt-4o-mini", 1000, 1000, 400, False, 90 + 30 + 600),
+        ("gpt-4o-mini", 1, 0, 0, False, 1),  # 0.15 micro-dollars rounds up to 1
+        ("gpt-4o-mini", 0, 0, 1, True, 0),  # cached beyond the prompt is clamped: nothing to pay
+        ("gpt-4o-mini", 1, 0, 1, True, 1),  # 0.0375 rounds up
+        ("gpt-4o-mini", 0, 0, 0, False, 0),
+        ("gpt-4o", 3, 7, 1, False, 77),  # 2 × 2.50 + 1 × 1.25 + 7 × 10.00 = 76.25 micro-dollars, rounded up
+    ],
+)
 def test_cost_is_integer_micro_dollars_rounded_up(model, prompt, completion, cached, batch, expected) -> None:
     cost = load_prices().cost_micros(model, prompt, completion, cached, batch)
     assert cost == expected
@@ -162,27 +174,31 @@ def test_worst_case_is_the_dearest_model_that_may_answer() -> None:
 
 
 def test_override_replaces_and_adds_models() -> None:
-    table = load_prices('{"gpt-4o": {"input": 5, "cached_input": 2.5, "output": 20}, "o-new": {"input": 1.1, '
-                        '"output": 4.4}}')
+    table = load_prices(
+        '{"gpt-4o": {"input": 5, "cached_input": 2.5, "output": 20}, "o-new": {"input": 1.1, "output": 4.4}}'
+    )
     assert table.cost_micros("gpt-4o", 1_000_000, 1_000_000) == 25_000_000
     assert table.cost_micros("gpt-4o-mini", 1_000_000, 0) == 150_000  # untouched
     assert table.cost_micros("o-new", 1_000_000, 0, cached_tokens=1_000_000) == 1_100_000  # cached = input
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ("{not json", "not valid JSON"),
-    ("[]", "non-empty JSON object"),
-    ("{}", "non-empty JSON object"),
-    ('{"gpt-4o": 2.5}', "must be an object"),
-    ('{"gpt-4o": {"input": 2.5}}', "missing 'output'"),
-    ('{"gpt-4o": {"input": 2.5, "ouput": 10}}', "unknown key(s) 'ouput'"),
-    ('{"gpt-4o": {"input": -1, "output": 10}}', "0 or more"),
-    ('{"gpt-4o": {"input": "2.5", "output": 10}}', "must be a number"),
-    ('{"gpt-4o": {"input": true, "output": 10}}', "must be a number"),
-    ('{"gpt-4o": {"input": NaN, "output": 10}}', "must be a number"),
-    ('{"gpt-4o": {"input": 0.0000001, "output": 10}}', "millionth of a dollar"),
-    ('{" ": {"input": 1, "output": 1}}', "empty model name"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "non-empty JSON object"),
+        ("{}", "non-empty JSON object"),
+        ('{"gpt-4o": 2.5}', "must be an object"),
+        ('{"gpt-4o": {"input": 2.5}}', "missing 'output'"),
+        ('{"gpt-4o": {"input": 2.5, "ouput": 10}}', "unknown key(s) 'ouput'"),
+        ('{"gpt-4o": {"input": -1, "output": 10}}', "0 or more"),
+        ('{"gpt-4o": {"input": "2.5", "output": 10}}', "must be a number"),
+        ('{"gpt-4o": {"input": true, "output": 10}}', "must be a number"),
+        ('{"gpt-4o": {"input": NaN, "output": 10}}', "must be a number"),
+        ('{"gpt-4o": {"input": 0.0000001, "output": 10}}', "millionth of a dollar"),
+        ('{" ": {"input": 1, "output": 1}}', "empty model name"),
+    ],
+)
 def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
     with pytest.raises(SettingsError) as error:
         load_prices(text)
@@ -201,8 +217,10 @@ def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(setting
 
 # --- token estimates ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "tokens"), [("", 0), ("abcd", 1), ("abcde", 2), ("a" * 400, 100),
-                                              ("é", 1), ("日本語", 3), ("🙂🙂", 2)])
+
+@pytest.mark.parametrize(
+    ("text", "tokens"), [("", 0), ("abcd", 1), ("abcde", 2), ("a" * 400, 100), ("é", 1), ("日本語", 3), ("🙂🙂", 2)]
+)
 def test_estimate_tokens_is_a_quarter_of_the_utf8_bytes_rounded_up(text: str, tokens: int) -> None:
     assert estimate_tokens(text) == tokens
 
@@ -215,16 +233,26 @@ def test_prompt_estimate_adds_four_per_message_and_three_for_the_reply() -> None
 
 # --- the ledger (SQLite and PostgreSQL) --------------------------------------------------------------------
 
+
 def test_open_inserts_an_interrupted_row_before_the_call(ledger: Ledger, clock: Clock) -> None:
     row_id = ledger.open("req-1", "token:app", "gpt-4o", stream=True)
     [row] = ledger.rows()
     assert row["id"] == row_id
     assert row["outcome"] == "interrupted"
-    assert (row["request_id"], row["identity"], row["model_requested"], row["stream"]) == \
-        ("req-1", "token:app", "gpt-4o", True)
+    assert (row["request_id"], row["identity"], row["model_requested"], row["stream"]) == (
+        "req-1",
+        "token:app",
+        "gpt-4o",
+        True,
+    )
     assert row["created_at"] == clock.now and row["closed_at"] is None
-    assert (row["model_answered"], row["prompt_tokens"], row["completion_tokens"], row["cost_micros"],
-            row["tokens_exact"]) == (None, 0, 0, 0, False)
+    assert (
+        row["model_answered"],
+        row["prompt_tokens"],
+        row["completion_tokens"],
+        row["cost_micros"],
+        row["tokens_exact"],
+    ) == (None, 0, 0, 0, False)
 
 
 def test_close_records_the_result_once(ledger: Ledger, clock: Clock) -> None:
@@ -249,8 +277,17 @@ def test_close_refuses_an_outcome_that_is_not_a_code(ledger: Ledger, outcome: st
 
 def test_fallback_attempts_share_a_request_id(ledger: Ledger) -> None:
     first = ledger.open("req-4", "token:app", "gpt-4o", stream=True)
-    close_ok(ledger, first, model_answered=None, prompt_tokens=0, completion_tokens=0, tokens_exact=False,
-             cost_micros=0, outcome="fallback", ttft_ms=None)
+    close_ok(
+        ledger,
+        first,
+        model_answered=None,
+        prompt_tokens=0,
+        completion_tokens=0,
+        tokens_exact=False,
+        cost_micros=0,
+        outcome="fallback",
+        ttft_ms=None,
+    )
     second = ledger.open("req-4", "token:app", "gpt-4o-mini", stream=True)
     close_ok(ledger, second, model_answered="gpt-4o-mini")
     assert [r["outcome"] for r in ledger.rows(request_id="req-4")] == ["fallback", "ok"]
@@ -280,8 +317,20 @@ def test_open_without_a_database_is_a_503_not_an_unrecorded_call() -> None:
     with pytest.raises(ApiError) as error:
         broken.open("req-5", "token:app", "gpt-4o", stream=False)
     assert (error.value.status, error.value.code) == (503, "ledger_unavailable")
-    assert broken.close(1, model_answered=None, prompt_tokens=0, completion_tokens=0, tokens_exact=False,
-                        cost_micros=0, outcome="ok", latency_ms=None, ttft_ms=None) is False
+    assert (
+        broken.close(
+            1,
+            model_answered=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            tokens_exact=False,
+            cost_micros=0,
+            outcome="ok",
+            latency_ms=None,
+            ttft_ms=None,
+        )
+        is False
+    )
     broken.dispose()
 
 
@@ -307,23 +356,42 @@ def _fill(ledger: Ledger, clock: Clock) -> None:
         clock.now = when
         row_id = ledger.open(f"r-{when}-{identity}", identity, model, stream=False)
         if outcome:
-            close_ok(ledger, row_id, model_answered=model, prompt_tokens=10, completion_tokens=5,
-                     cost_micros=cost, outcome=outcome)
+            close_ok(
+                ledger,
+                row_id,
+                model_answered=model,
+                prompt_tokens=10,
+                completion_tokens=5,
+                cost_micros=cost,
+                outcome=outcome,
+            )
 
 
 def test_report_totals_by_day_model_and_identity(ledger: Ledger, clock: Clock) -> None:
     _fill(ledger, clock)
     report = ledger.report(date(2025, 3, 1), date(2025, 3, 2))
     assert (report["since"], report["until"], report["currency"]) == ("2025-03-01", "2025-03-02", "USD")
-    assert report["totals"] == {"requests": 4, "prompt_tokens": 30, "completion_tokens": 15, "cost_micros": 3_500_251,
-                                "total_tokens": 45, "cost_usd": "3.500251"}
+    assert report["totals"] == {
+        "requests": 4,
+        "prompt_tokens": 30,
+        "completion_tokens": 15,
+        "cost_micros": 3_500_251,
+        "total_tokens": 45,
+        "cost_usd": "3.500251",
+    }
     assert report["outcomes"] == {"interrupted": 1, "ok": 2, "upstream_timeout": 1}
-    assert [(d["day"], d["requests"], d["cost_usd"]) for d in report["by_day"]] == \
-        [("2025-03-01", 2, "1.500250"), ("2025-03-02", 2, "2.000001")]
-    assert [(m["model"], m["requests"], m["cost_micros"]) for m in report["by_model"]] == \
-        [("gpt-4o", 2, 3_500_001), ("gpt-4o-mini", 2, 250)]  # the interrupted row counts under its requested model
-    assert [(i["identity"], i["requests"], i["total_tokens"]) for i in report["by_identity"]] == \
-        [("token:a", 3, 30), ("token:b", 1, 15)]
+    assert [(d["day"], d["requests"], d["cost_usd"]) for d in report["by_day"]] == [
+        ("2025-03-01", 2, "1.500250"),
+        ("2025-03-02", 2, "2.000001"),
+    ]
+    assert [(m["model"], m["requests"], m["cost_micros"]) for m in report["by_model"]] == [
+        ("gpt-4o", 2, 3_500_001),
+        ("gpt-4o-mini", 2, 250),
+    ]  # the interrupted row counts under its requested model
+    assert [(i["identity"], i["requests"], i["total_tokens"]) for i in report["by_identity"]] == [
+        ("token:a", 3, 30),
+        ("token:b", 1, 15),
+    ]
     assert len(report["groups"]) == 4
     assert json.loads(json.dumps(report)) == report  # plain JSON: no Decimal, no datetime
 
@@ -338,6 +406,7 @@ def test_report_of_an_empty_range_is_zeros(ledger: Ledger, clock: Clock) -> None
 
 
 # --- the app: default database, CLI, /api/usage ------------------------------------------------------------
+
 
 def build_app(settings_for, tmp_path: Path, **overrides: object) -> Flask:
     """An app on its own database; with an empty URL, the ledger is rebuilt in a temporary instance folder."""
@@ -374,15 +443,15 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     result = app.test_cli_runner().invoke(args=["init-db"])
     assert result.exit_code == 0, result.output
     assert "Ledger ready at sqlite:///" in result.output
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds",
-                                                                "batches"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds", "batches"}
 
 
 def _previous_ledger(url: str) -> None:
     """The ledger table as the previous release made it (no client_request_id), with one row in it."""
     old = sa.MetaData()
     table = sa.Table(
-        "ledger", old,
+        "ledger",
+        old,
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
         sa.Column("request_id", sa.String(64), nullable=False, index=True),
         sa.Column("created_at", sa.DateTime, nullable=False, index=True),
@@ -402,8 +471,17 @@ def _previous_ledger(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         old.create_all(conn)
-        conn.execute(table.insert().values(request_id="old-1", created_at=datetime(2025, 1, 1), identity="token:a",
-                                           model_requested="gpt-4o", outcome="ok", stream=False, cost_micros=7))
+        conn.execute(
+            table.insert().values(
+                request_id="old-1",
+                created_at=datetime(2025, 1, 1),
+                identity="token:a",
+                model_requested="gpt-4o",
+                outcome="ok",
+                stream=False,
+                cost_micros=7,
+            )
+        )
     engine.dispose()
 
 
@@ -414,8 +492,10 @@ def test_first_use_adds_the_columns_a_previous_ledger_lacks(db_url: str) -> None
     ledger.open("new-1", "token:a", "gpt-4o", stream=False, client_request_id="theirs-1")
 
     rows = ledger.rows()
-    assert [(r["request_id"], r["client_request_id"], r["cost_micros"]) for r in rows] == \
-        [("old-1", None, 7), ("new-1", "theirs-1", 0)]
+    assert [(r["request_id"], r["client_request_id"], r["cost_micros"]) for r in rows] == [
+        ("old-1", None, 7),
+        ("new-1", "theirs-1", 0),
+    ]
     ledger.dispose()
 
 
@@ -439,23 +519,26 @@ def test_a_new_column_without_a_default_is_refused_not_half_added(tmp_path: Path
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _previous_ledger(url)
     strict = sa.MetaData()
-    sa.Table("ledger", strict, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("must", sa.Text, nullable=False))
+    sa.Table(
+        "ledger", strict, sa.Column("id", sa.Integer, primary_key=True), sa.Column("must", sa.Text, nullable=False)
+    )
 
-    with pytest.raises(sa.exc.ArgumentError, match="ledger.must"):
+    with pytest.raises(sa.exc.ArgumentError, match=r"ledger.must"):
         usage.create_tables(sa.create_engine(url), strict)
 
 
 @pytest.mark.parametrize(("retry_seconds", "attempts"), [(usage.SCHEMA_RETRY_SECONDS, 1), (0, 2)])
-def test_a_failed_schema_check_is_logged_and_tried_again_after_a_pause(tmp_path: Path, monkeypatch, caplog,
-                                                                        retry_seconds: float, attempts: int) -> None:
+def test_a_failed_schema_check_is_logged_and_tried_again_after_a_pause(
+    tmp_path: Path, monkeypatch, caplog, retry_seconds: float, attempts: int
+) -> None:
     monkeypatch.setattr(usage, "SCHEMA_RETRY_SECONDS", retry_seconds)
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _previous_ledger(url)
     ledger = Ledger(url)
     impossible = sa.MetaData()  # a column no existing row could have
-    sa.Table("ledger", impossible, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("must", sa.Text, nullable=False))
+    sa.Table(
+        "ledger", impossible, sa.Column("id", sa.Integer, primary_key=True), sa.Column("must", sa.Text, nullable=False)
+    )
     ledger.schema.add(impossible)
 
     for _ in range(2):
@@ -477,15 +560,23 @@ def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: 
 
 @pytest.fixture
 def filled_app(settings_for, tmp_path: Path) -> Flask:
-    app = build_app(settings_for, tmp_path, CHATPROXY_API_TOKENS=f"ops={hash_token('cpx-ops-token')},"
-                    f"app={hash_token('cpx-app-token')}", CHATPROXY_ADMIN_TOKENS="ops")
+    app = build_app(
+        settings_for,
+        tmp_path,
+        CHATPROXY_API_TOKENS=f"ops={hash_token('cpx-ops-token')},app={hash_token('cpx-app-token')}",
+        CHATPROXY_ADMIN_TOKENS="ops",
+    )
     ledger: Ledger = app.extensions["chatproxy.ledger"]
     clock = Clock(datetime(2025, 3, 1))
     ledger.clock = clock
     _fill(ledger, clock)
     clock.now = datetime(2025, 3, 2, 12)
-    close_ok(ledger, ledger.open("r-odd", "token:a", "<weird & model>", stream=True),
-             model_answered="<weird & model>", cost_micros=500_000)
+    close_ok(
+        ledger,
+        ledger.open("r-odd", "token:a", "<weird & model>", stream=True),
+        model_answered="<weird & model>",
+        cost_micros=500_000,
+    )
     return app
 
 
@@ -499,8 +590,9 @@ def test_usage_command_prints_a_table(filled_app: Flask) -> None:
 
 
 def test_usage_command_json(filled_app: Flask) -> None:
-    result = filled_app.test_cli_runner().invoke(args=["usage", "--since", "2025-03-02", "--until", "2025-03-02",
-                                                       "--json"])
+    result = filled_app.test_cli_runner().invoke(
+        args=["usage", "--since", "2025-03-02", "--until", "2025-03-02", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["totals"]["requests"] == 3 and report["by_day"][0]["day"] == "2025-03-02"
@@ -508,40 +600,58 @@ def test_usage_command_json(filled_app: Flask) -> None:
 
 def test_usage_command_plots_a_valid_svg(filled_app: Flask, tmp_path: Path) -> None:
     chart = tmp_path / "spend.svg"
-    result = filled_app.test_cli_runner().invoke(args=["usage", "--since", "2025-02-27", "--until", "2025-03-03",
-                                                       "--plot", str(chart)])
+    result = filled_app.test_cli_runner().invoke(
+        args=["usage", "--since", "2025-02-27", "--until", "2025-03-03", "--plot", str(chart)]
+    )
     assert result.exit_code == 0, result.output
     root = ET.parse(chart).getroot()  # well-formed XML, even with "<weird & model>" in it
     assert root.tag == f"{SVG}svg" and int(root.get("width")) > 0
     bars = [el for el in root.iter(f"{SVG}rect") if el.get("class") == "bar"]
     assert sorted((b.get("data-day"), b.get("data-model")) for b in bars) == [
-        ("2025-03-01", "gpt-4o"), ("2025-03-01", "gpt-4o-mini"), ("2025-03-02", "<weird & model>"),
-        ("2025-03-02", "gpt-4o"), ("2025-03-03", "gpt-4o")]
+        ("2025-03-01", "gpt-4o"),
+        ("2025-03-01", "gpt-4o-mini"),
+        ("2025-03-02", "<weird & model>"),
+        ("2025-03-02", "gpt-4o"),
+        ("2025-03-03", "gpt-4o"),
+    ]
     heights = {(b.get("data-day"), b.get("data-model")): float(b.get("height")) for b in bars}
-    assert heights[("2025-03-02", "gpt-4o")] > heights[("2025-03-01", "gpt-4o")] > heights[
-        ("2025-03-02", "<weird & model>")] > 0  # taller bar, more spend
+    assert (
+        heights[("2025-03-02", "gpt-4o")]
+        > heights[("2025-03-01", "gpt-4o")]
+        > heights[("2025-03-02", "<weird & model>")]
+        > 0
+    )  # taller bar, more spend
     legend = {el.text for el in root.iter(f"{SVG}text")}
     assert {"gpt-4o", "gpt-4o-mini", "<weird & model>"} <= legend
 
 
 def test_usage_command_plots_an_empty_range(filled_app: Flask, tmp_path: Path) -> None:
     chart = tmp_path / "empty.svg"
-    result = filled_app.test_cli_runner().invoke(args=["usage", "--since", "2020-01-01", "--until", "2020-01-01",
-                                                       "--plot", str(chart)])
+    result = filled_app.test_cli_runner().invoke(
+        args=["usage", "--since", "2020-01-01", "--until", "2020-01-01", "--plot", str(chart)]
+    )
     assert result.exit_code == 0 and "No usage in this range." in result.output
     assert "No spend in this range" in ET.tostring(ET.parse(chart).getroot(), encoding="unicode")
 
 
-@pytest.mark.parametrize("args", [["--since", "2025-13-01"], ["--since", "2025-03-02", "--until", "2025-03-01"],
-                                  ["--until", "9999-12-31"], ["--until", "0001-01-01"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--since", "2025-13-01"],
+        ["--since", "2025-03-02", "--until", "2025-03-01"],
+        ["--until", "9999-12-31"],
+        ["--until", "0001-01-01"],
+    ],
+)
 def test_usage_command_refuses_bad_dates(filled_app: Flask, args: list[str]) -> None:
     result = filled_app.test_cli_runner().invoke(args=["usage", *args])
     assert result.exit_code == 2
 
 
 def test_api_usage_serves_admin_tokens(filled_app: Flask) -> None:
-    response = filled_app.test_client().get("/api/usage?since=2025-03-01&until=2025-03-02",
-                                            headers={"Authorization": "Bearer cpx-ops-token"})
+    response = filled_app.test_client().get(
+        "/api/usage?since=2025-03-01&until=2025-03-02", headers={"Authorization": "Bearer cpx-ops-token"}
+    )
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     assert response.json["totals"]["cost_usd"] == "4.000251"
@@ -563,8 +673,9 @@ def test_api_usage_refuses_everyone_else(filled_app: Flask, headers: dict[str, s
     assert "totals" not in response.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("identity", [None, "session:ops", "origin:https://ops.example", "ip:10.0.0.1",
-                                      "token:app", "tokenops"])
+@pytest.mark.parametrize(
+    "identity", [None, "session:ops", "origin:https://ops.example", "ip:10.0.0.1", "token:app", "tokenops"]
+)
 def test_only_an_admin_token_identity_passes(filled_app: Flask, identity: str | None) -> None:
     with filled_app.test_request_context("/api/usage"):
         if identity is not None:
@@ -576,8 +687,17 @@ def test_only_an_admin_token_identity_passes(filled_app: Flask, identity: str | 
         assert reports.usage_report().status_code == 200
 
 
-@pytest.mark.parametrize("query", ["since=yesterday", "until=2025-02-30", "since=2025-03-02&until=2025-03-01",
-                                   "until=9999-12-31", "until=0001-01-01", "since=0001-01-01&until=0001-03-01"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=yesterday",
+        "until=2025-02-30",
+        "since=2025-03-02&until=2025-03-01",
+        "until=9999-12-31",
+        "until=0001-01-01",
+        "since=0001-01-01&until=0001-03-01",
+    ],
+)
 def test_api_usage_refuses_bad_dates(filled_app: Flask, query: str) -> None:
     response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
     assert response.status_code == 400
@@ -585,11 +705,14 @@ def test_api_usage_refuses_bad_dates(filled_app: Flask, query: str) -> None:
     assert query.split("=")[0] in response.json["error"]["message"]
 
 
-@pytest.mark.parametrize("query, says", [
-    ("sinse=2025-03-01", "Unknown query parameter: 'sinse'"),
-    ("since=2025-03-01&format=csv", "Unknown query parameter: 'format'"),
-    ("since=2025-03-01&since=2025-03-02", "since is given more than once"),
-])
+@pytest.mark.parametrize(
+    "query, says",
+    [
+        ("sinse=2025-03-01", "Unknown query parameter: 'sinse'"),
+        ("since=2025-03-01&format=csv", "Unknown query parameter: 'format'"),
+        ("since=2025-03-01&since=2025-03-02", "since is given more than once"),
+    ],
+)
 def test_api_usage_refuses_unknown_and_repeated_query_parameters(filled_app: Flask, query: str, says: str) -> None:
     response = filled_app.test_client().get(f"/api/usage?{query}", headers={"Authorization": "Bearer cpx-ops-token"})
     assert response.status_code == 400
@@ -599,7 +722,9 @@ def test_api_usage_refuses_unknown_and_repeated_query_parameters(filled_app: Fla
 
 
 def test_api_usage_reaches_the_first_and_last_days_it_allows(filled_app: Flask) -> None:
-    response = filled_app.test_client().get(f"/api/usage?since={reports.FIRST_DAY}&until={reports.LAST_DAY}",
-                                            headers={"Authorization": "Bearer cpx-ops-token"})
+    response = filled_app.test_client().get(
+        f"/api/usage?since={reports.FIRST_DAY}&until={reports.LAST_DAY}",
+        headers={"Authorization": "Bearer cpx-ops-token"},
+    )
     assert response.status_code == 200
     assert response.json["totals"]["requests"] == len(filled_app.extensions["chatproxy.ledger"].rows())  # all
