@@ -28,7 +28,7 @@ import scenarios  # noqa: E402
 import stack  # noqa: E402
 from load import CHATPROXY, Path, Slot  # noqa: E402
 
-from chatproxy.guards import hash_token  # noqa: E402
+from chatproxy.callers import hash_token  # noqa: E402
 
 
 def top(collapsed: FilePath, count: int = 30) -> str:

@@ -309,7 +309,7 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
 
 
 def _hash_token(token: str) -> str:
-    from chatproxy.guards import hash_token
+    from chatproxy.callers import hash_token
 
     return hash_token(token)
 

@@ -25,14 +25,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, current_app
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import ApiError
-from .usage import Ledger, create_tables, ledger_table
+from .usage import create_tables, ledger_table
 
 log = logging.getLogger(__name__)
 
@@ -519,24 +518,3 @@ _MESSAGES = {
     IDENTITY: "You have reached your usage limit for today. Try again after midnight UTC.",
     ALONE: "This request could cost more than the daily limit allows. Ask for fewer tokens (max_tokens).",
 }
-
-
-def init_app(app: Flask) -> None:
-    """Build the app's Budget on counters in the ledger's database (call after usage.init_app).
-
-    Not in Redis, even when CHATPROXY_REDIS_URL is set: the ledger's database is already a hard
-    dependency of every call, so budgets add none, and a Redis outage (which rate limits and
-    cooldowns survive) cannot stop the proxy.
-    """
-    settings: Settings = app.extensions["chatproxy.settings"]
-    ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
-    if ledger is None:
-        raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's database")
-    counters = SqlCounters(ledger.engine)
-    ledger.schema.add(counters.metadata)  # created with the ledger's tables, on first use
-    app.extensions["chatproxy.budget"] = Budget(counters, Caps.from_settings(settings))
-
-
-def current_budget() -> Budget:
-    """The current app's Budget."""
-    return current_app.extensions["chatproxy.budget"]

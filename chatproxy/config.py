@@ -14,6 +14,8 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+ROOT = Path(__file__).resolve().parent.parent  # the project: .env, templates/, static/, instance/
+
 
 class SettingsError(RuntimeError):
     """A setting is missing or has a value that is not allowed."""
@@ -116,6 +118,16 @@ def _bind(value: str) -> str:
 _bind.allowed = "HOST:PORT such as 127.0.0.1:8000 or [::1]:8000, or unix:/path/to.sock"  # type: ignore[attr-defined]
 
 
+def _redis_prefix(value: str) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise ValueError
+    return text if text.endswith(":") else text + ":"
+
+
+_redis_prefix.allowed = "1-64 letters, digits, '_', '.', ':' or '-', such as chatproxy:"  # type: ignore[attr-defined]
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(item) for item in _optional_list(value))
 
@@ -170,6 +182,12 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    field: str = ""  # its Settings attribute, when not the name without CHATPROXY_, in lower case
+
+    @property
+    def attribute(self) -> str:
+        """The Settings attribute holding the parsed value."""
+        return self.field or self.name.removeprefix("CHATPROXY_").lower()
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -306,6 +324,13 @@ SETTINGS: tuple[Setting, ...] = (
         "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
         "Empty: in-process (one worker).",
     ),
+    Setting(
+        "CHATPROXY_REDIS_PREFIX",
+        "chatproxy:",
+        _redis_prefix,
+        "Prefix of every key chatproxy writes in Redis (rate limits, slots, cooldowns), so several deployments "
+        "can share one Redis database.",
+    ),
     # Cost control (usage.py)
     Setting(
         "CHATPROXY_DATABASE_URL",
@@ -321,8 +346,20 @@ SETTINGS: tuple[Setting, ...] = (
         'JSON overriding the price table, e.g. {"gpt-4o": {"input": 2.5, "cached_input": 1.25, '
         '"output": 10}} (dollars per million tokens).',
     ),
-    Setting("CHATPROXY_DAILY_BUDGET_USD", "10", _dollars, "Spend cap for all callers per UTC day (0: none)."),
-    Setting("CHATPROXY_IDENTITY_DAILY_BUDGET_USD", "1", _dollars, "Spend cap per identity per UTC day (0: none)."),
+    Setting(
+        "CHATPROXY_DAILY_BUDGET_USD",
+        "10",
+        _dollars,
+        "Spend cap for all callers per UTC day (0: none).",
+        field="daily_budget_micros",
+    ),
+    Setting(
+        "CHATPROXY_IDENTITY_DAILY_BUDGET_USD",
+        "1",
+        _dollars,
+        "Spend cap per identity per UTC day (0: none).",
+        field="identity_daily_budget_micros",
+    ),
     Setting("CHATPROXY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap for all callers per day (0: none)."),
     Setting(
         "CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap per identity per day (0: none)."
@@ -333,6 +370,7 @@ SETTINGS: tuple[Setting, ...] = (
         _dollars,
         "Spend cap per UTC day for all callers without a bearer token together (chat-page sessions, allowed "
         "origins, anonymous), so they cannot spend what token holders need (0: none).",
+        field="public_daily_budget_micros",
     ),
     Setting(
         "CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD",
@@ -340,6 +378,7 @@ SETTINGS: tuple[Setting, ...] = (
         _dollars,
         "Spend cap per client IP per UTC day for callers without a bearer token, over all their page "
         "sessions and calls (0: none).",
+        field="public_ip_daily_budget_micros",
     ),
     # Resilience (router.py)
     Setting(
@@ -469,10 +508,22 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_text,
         "Azure OpenAI resource, e.g. https://my-resource.openai.azure.com. Set: Azure mode "
         "(AZURE_OPENAI_API_KEY and CHATPROXY_AZURE_DEPLOYMENTS are needed, OPENAI_API_KEY is not). Empty: OpenAI.",
+        field="azure_endpoint",
     ),
-    Setting("AZURE_OPENAI_API_KEY", "", _text, "Azure OpenAI key (Azure mode only); stays on the server.", secret=True),
     Setting(
-        "AZURE_OPENAI_API_VERSION", "2024-10-21", _api_version, "Azure OpenAI API version (the api-version query)."
+        "AZURE_OPENAI_API_KEY",
+        "",
+        _text,
+        "Azure OpenAI key (Azure mode only); stays on the server.",
+        secret=True,
+        field="azure_api_key",
+    ),
+    Setting(
+        "AZURE_OPENAI_API_VERSION",
+        "2024-10-21",
+        _api_version,
+        "Azure OpenAI API version (the api-version query).",
+        field="azure_api_version",
     ),
     Setting(
         "CHATPROXY_AZURE_DEPLOYMENTS",
@@ -486,13 +537,14 @@ SETTINGS: tuple[Setting, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings of one application."""
+    """Validated settings of one application: one attribute per entry of SETTINGS (Setting.attribute)."""
 
     openai_api_key: str
     openai_base_url: str | None
     models: tuple[str, ...]
     default_model: str
-    system_prompt: str
+    system_prompt: str  # CHATPROXY_SYSTEM_PROMPT_FILE's text when that is set
+    system_prompt_file: str | None
     max_tokens: int
     max_messages: int
     max_message_chars: int
@@ -518,6 +570,7 @@ class Settings:
     max_concurrent_per_ip: int
     rate_limit_sessions: str
     redis_url: str | None
+    redis_prefix: str  # ends with ":"
     database_url: str | None
     prices: str | None
     daily_budget_micros: int
@@ -534,8 +587,15 @@ class Settings:
     cooldown_window: float
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
-    classify_model: str
+    classify_model: str  # the default model when CHATPROXY_CLASSIFY_MODEL is empty
+    workers: int
     threads: int  # gunicorn threads per worker: guarded requests leave a few for /healthz
+    bind: str
+    graceful_timeout: int
+    metrics_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    ready_requires_redis: bool
+    batch_max_requests: int
+    batch_max_body_bytes: int
     compat_system_prompt: str
     azure_endpoint: str | None
     azure_api_key: str
@@ -612,61 +672,12 @@ def validate(config: Mapping[str, Any]) -> Settings:
     parse_tokens(parsed["CHATPROXY_API_TOKENS"])
     if parsed["CHATPROXY_PRICES"]:
         parse_prices(parsed["CHATPROXY_PRICES"])
-    return Settings(
-        openai_api_key=parsed["OPENAI_API_KEY"],
-        openai_base_url=base_url,
-        models=parsed["CHATPROXY_MODELS"],
-        default_model=parsed["CHATPROXY_DEFAULT_MODEL"],
-        system_prompt=_system_prompt(parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]),
-        max_tokens=parsed["CHATPROXY_MAX_TOKENS"],
-        max_messages=parsed["CHATPROXY_MAX_MESSAGES"],
-        max_message_chars=parsed["CHATPROXY_MAX_MESSAGE_CHARS"],
-        max_total_chars=parsed["CHATPROXY_MAX_TOTAL_CHARS"],
-        max_body_bytes=parsed["CHATPROXY_MAX_BODY_BYTES"],
-        connect_timeout=parsed["CHATPROXY_CONNECT_TIMEOUT"],
-        read_timeout=parsed["CHATPROXY_READ_TIMEOUT"],
-        max_retries=parsed["CHATPROXY_MAX_RETRIES"],
-        keepalive_seconds=parsed["CHATPROXY_KEEPALIVE_SECONDS"],
-        demo=parsed["CHATPROXY_DEMO"],
-        secret_key=parsed["CHATPROXY_SECRET_KEY"],
-        allowed_origins=parsed["CHATPROXY_ALLOWED_ORIGINS"],
-        api_tokens=parsed["CHATPROXY_API_TOKENS"],
-        admin_tokens=parsed["CHATPROXY_ADMIN_TOKENS"],
-        allow_anonymous=parsed["CHATPROXY_ALLOW_ANONYMOUS"],
-        trusted_proxies=parsed["CHATPROXY_TRUSTED_PROXIES"],
-        rate_limit_page=parsed["CHATPROXY_RATE_LIMIT_PAGE"],
-        rate_limit_origin=parsed["CHATPROXY_RATE_LIMIT_ORIGIN"],
-        rate_limit_token=parsed["CHATPROXY_RATE_LIMIT_TOKEN"],
-        rate_limit_anonymous=parsed["CHATPROXY_RATE_LIMIT_ANONYMOUS"],
-        max_streams=parsed["CHATPROXY_MAX_STREAMS"],
-        max_concurrent=parsed["CHATPROXY_MAX_CONCURRENT"],
-        max_concurrent_per_ip=parsed["CHATPROXY_MAX_CONCURRENT_PER_IP"],
-        rate_limit_sessions=parsed["CHATPROXY_RATE_LIMIT_SESSIONS"],
-        redis_url=parsed["CHATPROXY_REDIS_URL"],
-        database_url=parsed["CHATPROXY_DATABASE_URL"],
-        prices=parsed["CHATPROXY_PRICES"],
-        daily_budget_micros=parsed["CHATPROXY_DAILY_BUDGET_USD"],
-        identity_daily_budget_micros=parsed["CHATPROXY_IDENTITY_DAILY_BUDGET_USD"],
-        daily_token_budget=parsed["CHATPROXY_DAILY_TOKEN_BUDGET"],
-        identity_daily_token_budget=parsed["CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET"],
-        public_daily_budget_micros=parsed["CHATPROXY_PUBLIC_DAILY_BUDGET_USD"],
-        public_ip_daily_budget_micros=parsed["CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD"],
-        fallback_chain=parsed["CHATPROXY_FALLBACK_CHAIN"],
-        retry_max_wait=parsed["CHATPROXY_RETRY_MAX_WAIT"],
-        total_timeout=parsed["CHATPROXY_TOTAL_TIMEOUT"],
-        cooldown_failure_rate=parsed["CHATPROXY_COOLDOWN_FAILURE_RATE"],
-        cooldown_min_calls=parsed["CHATPROXY_COOLDOWN_MIN_CALLS"],
-        cooldown_window=parsed["CHATPROXY_COOLDOWN_WINDOW"],
-        cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
-        classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
-        classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
-        threads=parsed["CHATPROXY_THREADS"],
-        compat_system_prompt=parsed["CHATPROXY_COMPAT_SYSTEM_PROMPT"],
-        azure_endpoint=parsed["AZURE_OPENAI_ENDPOINT"],
-        azure_api_key=parsed["AZURE_OPENAI_API_KEY"],
-        azure_api_version=parsed["AZURE_OPENAI_API_VERSION"],
-        azure_deployments=parsed["CHATPROXY_AZURE_DEPLOYMENTS"] if parsed["AZURE_OPENAI_ENDPOINT"] else (),
+    parsed["CHATPROXY_SYSTEM_PROMPT"] = _system_prompt(
+        parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]
     )
+    if not parsed["AZURE_OPENAI_ENDPOINT"]:
+        parsed["CHATPROXY_AZURE_DEPLOYMENTS"] = ()
+    return Settings(**{setting.attribute: parsed[setting.name] for setting in SETTINGS})
 
 
 def _check_azure(parsed: dict[str, Any]) -> None:

@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
-from flask import Flask
 
 from . import redis_client
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "chatproxy.cooldowns"
 DEFAULT_PREFIX = "chatproxy:cooldown:"
 MAX_HINT = 3600.0  # an upstream Retry-After longer than this is not believed
 STATE_TTL_MS = 86_400_000  # a tripped model nobody asks for is forgotten a day after its cooldown
@@ -79,20 +77,7 @@ class Limits:
         return calls >= self.min_calls and failures * 1_000_000 >= _ppm(self.rate) * calls
 
 
-def init_app(app: Flask, *, key_prefix: str = DEFAULT_PREFIX) -> None:
-    """Create the app's cooldowns: in Redis when CHATPROXY_REDIS_URL is set, else in this process."""
-    app.extensions[EXTENSION] = from_settings(app.extensions["chatproxy.settings"], key_prefix=key_prefix)
-
-
-def of(app: Flask) -> Cooldowns:
-    """The app's cooldowns (made on first use when the factory did not call `init_app`)."""
-    found = app.extensions.get(EXTENSION)
-    if found is None:
-        found = app.extensions.setdefault(EXTENSION, from_settings(app.extensions["chatproxy.settings"]))
-    return found
-
-
-def from_settings(settings: Settings, *, key_prefix: str = DEFAULT_PREFIX) -> Cooldowns:
+def from_settings(settings: Settings) -> Cooldowns:
     """The backend the settings ask for."""
     limits = Limits(
         rate=settings.cooldown_failure_rate,
@@ -102,7 +87,9 @@ def from_settings(settings: Settings, *, key_prefix: str = DEFAULT_PREFIX) -> Co
         lease=settings.total_timeout,
     )
     if settings.redis_url:
-        return RedisCooldowns(redis_client.client(settings.redis_url), limits, key_prefix=key_prefix)
+        return RedisCooldowns(
+            redis_client.client(settings.redis_url), limits, key_prefix=settings.redis_prefix + "cooldown:"
+        )
     return MemoryCooldowns(limits)
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from flask import Flask
 
-from . import ROOT, SettingsError, create_app
-from .config import raw_settings, validate
+from . import create_app
+from .config import ROOT, SettingsError, raw_settings, validate
 
 DEMO_KEY = "sk-demo-offline-not-a-real-key"
 

@@ -21,6 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from .config import Settings
 from .schemas import CLIENT_ROLES, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE
+from .state import state
 
 bp = Blueprint("openapi", __name__)
 
@@ -196,7 +197,6 @@ def classify_request(_app: Flask, settings: Settings) -> Schema:
 
 def batch_request(app: Flask, settings: Settings) -> Schema:
     """POST /api/batches: chat bodies (without `stream`) with unique custom ids, all for one model."""
-    limits = app.extensions.get("chatproxy.batch_limits")
     fields = {k: v for k, v in chat_fields(settings).items() if k != "stream"}
     fields["custom_id"] = {
         "type": "string",
@@ -216,8 +216,7 @@ def batch_request(app: Flask, settings: Settings) -> Schema:
         "items": item,
         "description": "All lines must ask for the same model.",
     }
-    if limits is not None:
-        requests["maxItems"] = limits.max_requests
+    requests["maxItems"] = settings.batch_max_requests
     return {
         "type": "object",
         "additionalProperties": False,
@@ -975,7 +974,7 @@ def components(settings: Settings) -> Schema:
 
 def build_spec(app: Flask) -> Schema:
     """The OpenAPI 3.1 document of the routes `app` serves, with its settings' caps and allowlists."""
-    settings: Settings = app.extensions["chatproxy.settings"]
+    settings = state(app).settings
     served = app_operations(app)
     paths: dict[str, dict[str, Schema]] = {}
     for (rule, method), operation in OPERATIONS.items():

@@ -8,39 +8,24 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 
-from . import metrics, redis_client
-from .config import SETTINGS, Settings
+from . import metrics
+from .callers import token_name
 from .errors import ApiError
-from .guards import token_name
+from .state import state
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__)
-NETWORKS = "chatproxy.metrics_networks"
-READY_REDIS = "chatproxy.ops.redis"
-REDIS_REQUIRED = "chatproxy.ops.redis_required"
 
 
 def init_app(app: Flask) -> None:
     """Register the operational routes and the per-request metrics hooks."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    app.extensions[NETWORKS] = _setting(app, "CHATPROXY_METRICS_NETWORKS")
-    app.extensions[REDIS_REQUIRED] = _setting(app, "CHATPROXY_READY_REQUIRES_REDIS")
-    if settings.redis_url:
-        app.extensions[READY_REDIS] = redis_client.client(settings.redis_url)
     # First of all before_request hooks, so requests the guards refuse are timed too.
     app.before_request_funcs.setdefault(None, []).insert(0, _start_timer)
     app.after_request(_count_request)
     app.register_blueprint(bp)
-
-
-def _setting(app: Flask, name: str) -> Any:
-    """A setting validate() checked but Settings does not carry, parsed from the app's config."""
-    setting = next(s for s in SETTINGS if s.name == name)
-    value = app.config.get(name, setting.default)
-    return setting.parse(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 def _start_timer() -> None:
@@ -70,18 +55,15 @@ def readyz() -> Response:
     every host still serves, with rate limits and stream slots counted per process and cooldowns off, so
     taking all of them out of the load balancer would be worse. CHATPROXY_READY_REQUIRES_REDIS makes it count.
     """
-    checks: dict[str, str] = {}
-    ledger = current_app.extensions.get("chatproxy.ledger")
-    if ledger is not None:
-        checks["database"] = _check("database", lambda: _select_one(ledger.engine))
-    client = current_app.extensions.get(READY_REDIS)
-    if client is not None:
-        checks["redis"] = _check("redis", client.ping)
-    redis_required = current_app.extensions[REDIS_REQUIRED]
-    failed = [name for name, state in checks.items() if state != "ok" and (name != "redis" or redis_required)]
+    app_state = state()
+    checks = {"database": _check("database", lambda: _select_one(app_state.ledger.engine))}
+    if app_state.redis is not None:
+        checks["redis"] = _check("redis", app_state.redis.ping)
+    redis_required = app_state.settings.ready_requires_redis
+    failed = [name for name, check in checks.items() if check != "ok" and (name != "redis" or redis_required)]
     if failed:
         raise ApiError(503, "not_ready", f"Not ready: {' and '.join(failed)} unreachable.", retry_after=5)
-    degraded = any(state != "ok" for state in checks.values())
+    degraded = any(check != "ok" for check in checks.values())
     return jsonify({"status": "degraded" if degraded else "ready", "checks": checks})
 
 
@@ -118,11 +100,11 @@ def _may_scrape() -> bool:
         address = None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if address is not None and any(address in network for network in current_app.extensions[NETWORKS]):
+    app_state = state()
+    if address is not None and any(address in network for network in app_state.settings.metrics_networks):
         return True
     header = request.headers.get("Authorization")
     if header is None:
         return False
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    name = token_name(header, current_app.extensions["chatproxy.tokens"])
-    return name is not None and name in settings.admin_tokens
+    name = token_name(header, app_state.tokens)
+    return name is not None and name in app_state.settings.admin_tokens

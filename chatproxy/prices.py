@@ -13,9 +13,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from flask import Flask, current_app, has_app_context
-
-from .config import MICROS, Rates, Settings, parse_prices
+from .config import MICROS, Rates, parse_prices
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +91,3 @@ def load_prices(override: str | None = None) -> PriceTable:
     if override:
         rates.update(parse_prices(override))
     return PriceTable(rates)
-
-
-def init_app(app: Flask) -> None:
-    """Build the app's price table from settings (a bad CHATPROXY_PRICES stops start-up)."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    app.extensions["chatproxy.prices"] = load_prices(settings.prices)
-
-
-def prices() -> PriceTable:
-    """The current app's table (built by init_app, or now from its settings), else the shipped one outside an app."""
-    if not has_app_context():
-        return _shipped_table()
-    if "chatproxy.prices" not in current_app.extensions:
-        init_app(current_app)
-    return current_app.extensions["chatproxy.prices"]
-
-
-@cache
-def _shipped_table() -> PriceTable:
-    return PriceTable(default_rates())
-
-
-def cost_micros(
-    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
-) -> int:
-    """Cost of one call in integer micro-dollars (rounded up) with the current app's prices."""
-    return prices().cost_micros(model, prompt_tokens, completion_tokens, cached_tokens, batch)

@@ -1,4 +1,4 @@
-"""The ledger's report for people: GET /api/usage for admin tokens, `flask usage` as text/JSON, an SVG chart."""
+"""The ledger's report for people: the `usage` command as text or JSON, an SVG chart, the dates a report takes."""
 
 from __future__ import annotations
 
@@ -9,34 +9,13 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import click
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 
-from .config import Settings
-from .errors import ApiError, invalid
-from .usage import current_ledger, default_range, usd
+from .errors import invalid
+from .state import state
+from .usage import default_range, usd
 
-bp = Blueprint("reports", __name__)
-
-QUERY = frozenset({"since", "until"})
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
-
-
-def init_app(app: Flask) -> None:
-    """Register GET /api/usage and the `usage` command (after usage.init_app)."""
-    app.register_blueprint(bp)
-    app.cli.add_command(usage_command)
-
-
-def require_admin() -> None:
-    """Let only bearer tokens named in CHATPROXY_ADMIN_TOKENS through: 401 without an identity, else 403."""
-    identity = g.get("identity")
-    if not identity:
-        raise ApiError(401, "unauthorized", "Send an admin bearer token to read usage.")
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    kind, _, name = str(identity).partition(":")
-    if kind != "token" or name not in settings.admin_tokens:
-        raise ApiError(403, "forbidden", "Only admin tokens may read usage.")
 
 
 # The days a report can reach: its end plus one day, and a default start 29 days before its end, stay dates.
@@ -57,26 +36,6 @@ def parse_day(value: str | None, name: str) -> date | None:
     return day
 
 
-@bp.get("/api/usage")
-def usage_report() -> Response:
-    """The report from ?since= to ?until= (UTC days, both included; default: the last 30 days)."""
-    require_admin()
-    unknown = sorted(set(request.args) - QUERY)
-    if unknown:
-        raise invalid(f"Unknown query parameter: {unknown[0][:64]!r}. /api/usage takes since and until (YYYY-MM-DD).")
-    repeated = sorted(name for name in QUERY if len(request.args.getlist(name)) > 1)
-    if repeated:
-        raise invalid(f"{repeated[0]} is given more than once.")
-    since, until = default_range(
-        parse_day(request.args.get("since"), "since"), parse_day(request.args.get("until"), "until")
-    )
-    if since > until:
-        raise invalid("since must not be after until.")
-    response = jsonify(current_ledger().report(since, until))
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 @click.command("usage")
 @with_appcontext
 @click.option(
@@ -93,7 +52,7 @@ def usage_command(since: datetime | None, until: datetime | None, as_json: bool,
     first, last = default_range(since.date() if since else None, until.date() if until else None)
     if first > last:
         raise click.BadParameter("--since must not be after --until.")
-    report = current_ledger().report(first, last)
+    report = state().ledger.report(first, last)
     click.echo(json.dumps(report, indent=2) if as_json else text_report(report))
     if plot:
         Path(plot).write_text(spend_chart_svg(report), encoding="utf-8")

@@ -19,15 +19,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import click
 import sqlalchemy as sa
-from flask import Flask, current_app
-from flask.cli import with_appcontext
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from .config import Settings
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -81,6 +77,14 @@ def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
         content = message.get("content") or ""
         total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
     return total
+
+
+def estimate_prompt(messages: Iterable[Mapping[str, Any]], response_format: Mapping[str, Any] | None = None) -> int:
+    """Prompt tokens of a request: its messages, and the response_format, whose schema the upstream reads too."""
+    tokens = estimate_prompt_tokens(messages)
+    if response_format is not None:
+        tokens += estimate_tokens(json.dumps(response_format, ensure_ascii=False))
+    return tokens
 
 
 def make_engine(url: str) -> Engine:
@@ -389,28 +393,7 @@ def default_database_url(instance_path: str | Path) -> str:
     return f"sqlite:///{folder / 'chatproxy.db'}"
 
 
-def init_app(app: Flask) -> None:
-    """Open the ledger from settings (its tables are made on first use: see Schema); register `init-db`."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    app.extensions["chatproxy.ledger"] = Ledger(settings.database_url or default_database_url(app.instance_path))
-    app.cli.add_command(init_db_command)
-
-
-def current_ledger() -> Ledger:
-    """The current app's ledger."""
-    return current_app.extensions["chatproxy.ledger"]
-
-
 def default_range(since: date | None, until: date | None, today: date | None = None) -> tuple[date, date]:
     """Fill a missing end with today (UTC) and a missing start with 29 days before the end."""
     until = until or today or utc_now().date()
     return since or until - timedelta(days=29), until
-
-
-@click.command("init-db")
-@with_appcontext
-def init_db_command() -> None:
-    """Create the ledger, budget counter and batch tables, or add the columns they lack."""
-    ledger = current_ledger()
-    ledger.create_schema()
-    click.echo(f"Ledger ready at {ledger.url}")

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
-from chatproxy.guards import hash_token  # noqa: E402
+from chatproxy.callers import hash_token  # noqa: E402
 from chatproxy.metering import ROW_HEADER  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Reply  # noqa: E402
 

@@ -9,8 +9,9 @@ import pytest
 from openai import AzureOpenAI, OpenAI
 
 from chatproxy import SettingsError, create_app
-from chatproxy.guards import hash_token
-from chatproxy.router import redact
+from chatproxy.callers import hash_token
+from chatproxy.upstream import mask_key as redact
+from chatproxy.state import state
 from tests.conftest import TEST_KEY
 from tests.fake_openai import Reply
 from tests.sse import post_stream
@@ -67,7 +68,7 @@ def spoke_azure(fake) -> None:
 
 
 def test_the_client_is_an_azure_client_without_sdk_retries(azure):
-    client = azure().extensions["chatproxy.client"]
+    client = state(azure()).client
 
     assert isinstance(client, AzureOpenAI) and client.max_retries == 0
 
@@ -83,7 +84,7 @@ def test_json_chat_goes_to_the_models_deployment_and_answers_with_the_alias(azur
     assert response.headers["X-Chatproxy-Model"] == "gpt-4o"
     assert deployments(fake) == ["prod-gpt4o"]
     spoke_azure(fake)
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert (row["model_requested"], row["model_answered"], row["outcome"]) == ("gpt-4o", "gpt-4o", "ok")
     assert row["tokens_exact"] and row["cost_micros"] > 0  # priced as the alias, not as the deployment name
 
@@ -114,7 +115,7 @@ def test_fallback_to_the_next_deployment_and_cooldown(azure, fake):
         assert response.headers["X-Chatproxy-Model"] == "gpt-4o-mini"
     assert deployments(fake) == ["prod-gpt4o", "prod-gpt4o-mini", "prod-gpt4o-mini"]  # cooling down: skipped
     spoke_azure(fake)
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert [(r["model_answered"], r["outcome"]) for r in rows] == [
         ("gpt-4o", "upstream_http_503"),
         ("gpt-4o-mini", "fallback"),
@@ -226,7 +227,7 @@ def test_openai_mode_is_unchanged(settings_for, fake):
     response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
 
     assert response.status_code == 200
-    assert not isinstance(app.extensions["chatproxy.client"], AzureOpenAI)
+    assert not isinstance(state(app).client, AzureOpenAI)
     [call] = fake.chat_calls()
     assert (call.path, call.model, call.deployment) == ("/v1/chat/completions", "gpt-4o", None)
     assert call.headers["authorization"] == f"Bearer {TEST_KEY}" and "api-key" not in call.headers

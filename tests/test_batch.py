@@ -13,9 +13,11 @@ import pytest
 import sqlalchemy as sa
 
 from chatproxy import create_app
-from chatproxy.batch import batches_table, parse_result_line
-from chatproxy.guards import hash_token
-from chatproxy.router import content_filtered
+from chatproxy.batches.service import parse_result_line
+from chatproxy.batches.store import batches_table
+from chatproxy.callers import hash_token
+from chatproxy.upstream import content_filtered
+from chatproxy.state import state
 from tests.fake_openai import count_tokens
 from tests.test_usage import postgres_schema_url
 
@@ -85,12 +87,12 @@ def wait_until_finished(client, batch_id: str, headers=AS_ALICE) -> dict:
 
 def batch_rows(app, batch_id: str) -> list[dict]:
     """The ledger rows of one batch."""
-    return app.extensions["chatproxy.ledger"].rows(request_id=batch_id)
+    return state(app).ledger.rows(request_id=batch_id)
 
 
 def stored_batches(app) -> int:
     """How many batches the app remembers."""
-    with app.extensions["chatproxy.batches"].engine.connect() as conn:
+    with state(app).batches.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(batches_table)).scalar_one()
 
 
@@ -176,7 +178,7 @@ def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url)
     batch_id = submit(client).get_json()["id"]
     wait_until_finished(client, batch_id)
     assert batch_rows(app, batch_id) == []  # nothing is recorded before the results are fetched
-    budget = app.extensions["chatproxy.budget"]
+    budget = state(app).budget
     assert budget.totals("token:alice")["reserved_micros"] > 0
 
     url = f"{serve(app)}/api/batches/{batch_id}/results"
@@ -205,7 +207,7 @@ def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url)
     system = count_tokens(SYSTEM)
     chat_tokens = sum(count_tokens(m["content"]) for m in THREE[2]["messages"])
     assert [row["prompt_tokens"] for row in ok] == [system + count_tokens("Hello there"), system + chat_tokens]
-    prices = app.extensions["chatproxy.prices"]
+    prices = state(app).prices
     for row in ok:
         full_price = prices.cost_micros("gpt-4o-mini", row["prompt_tokens"], row["completion_tokens"])
         assert full_price == row["prompt_tokens"] * 10 + row["completion_tokens"] * 20
@@ -231,7 +233,7 @@ def test_a_batch_the_upstream_fails_reports_every_line_and_releases_the_reservat
     assert "upstream words" not in json.dumps(answer)
     rows = batch_rows(app, batch_id)
     assert [(row["outcome"], row["cost_micros"]) for row in rows] == [("batch_failed", 0)] * 3
-    assert app.extensions["chatproxy.budget"].totals("token:alice") == {
+    assert state(app).budget.totals("token:alice") == {
         "spent_micros": 0,
         "reserved_micros": 0,
         "spent_tokens": 0,
@@ -329,7 +331,7 @@ def test_a_batch_over_budget_is_refused_and_nothing_is_uploaded(batch_app, fake)
     assert int(response.headers["Retry-After"]) > 0
     assert fake.calls == []  # no upload, no batch
     assert stored_batches(app) == 0
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert submit(client, THREE[:1]).status_code == 202
 
 
@@ -343,7 +345,7 @@ def test_an_unreachable_upstream_gives_503_and_releases_the_reservation(batch_ap
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "upstream_unavailable"
     assert response.headers["Retry-After"]
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert stored_batches(app) == 0
 
 
@@ -384,7 +386,7 @@ def test_a_timed_out_create_that_cannot_be_found_is_a_504_and_releases_the_reser
 
     assert response.status_code == 504
     assert response.get_json()["error"]["code"] == "upstream_timeout"
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert stored_batches(app) == 0
 
 

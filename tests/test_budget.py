@@ -17,8 +17,9 @@ from flask import Flask
 
 from chatproxy import budget, create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, Hold, SqlCounters, seconds_to_midnight
+from chatproxy.callers import hash_token
 from chatproxy.errors import ApiError
-from chatproxy.guards import hash_token
+from chatproxy.state import state
 from chatproxy.usage import estimate_prompt_tokens, make_engine
 from tests.fake_openai import Reply
 from tests.test_guards import page_session
@@ -505,7 +506,7 @@ def test_threads_of_one_worker_share_the_budget_exactly(store: Store) -> None:
     assert sorted(statuses) == [200] * K + [429] * (3 * K)
 
 
-# --- init_app -----------------------------------------------------------------------------------------------
+# --- the app's budget -----------------------------------------------------------------------------------------------
 
 
 def test_init_app_keeps_counters_in_the_ledger_database(settings_for, tmp_path: Path) -> None:
@@ -517,21 +518,14 @@ def test_init_app_keeps_counters_in_the_ledger_database(settings_for, tmp_path: 
             CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=1000,
         )
     )
-    b: Budget = app.extensions["chatproxy.budget"]  # create_app initialised usage, then budget
+    b: Budget = state(app).budget  # create_app initialised usage, then budget
     assert b.caps == Caps(
         2_500_000, 250_000, 0, 1000, public_daily_micros=5_000_000, public_ip_daily_micros=2_000_000
     )  # the public caps' defaults
     assert isinstance(b.counters, SqlCounters)
-    assert "budget_counters" in sa.inspect(b.counters.engine).get_table_names()
     with app.app_context():
-        assert budget.current_budget() is b
-
-
-def test_budget_needs_the_ledger_initialised_first(app) -> None:
-    bare = Flask(__name__)
-    bare.extensions["chatproxy.settings"] = app.extensions["chatproxy.settings"]
-    with pytest.raises(RuntimeError, match=r"usage\.init_app"):
-        budget.init_app(bare)
+        state().ledger.create_schema()
+    assert "budget_counters" in sa.inspect(b.counters.engine).get_table_names()
 
 
 def test_budgets_stay_in_the_database_when_redis_is_configured(settings_for, tmp_path: Path) -> None:
@@ -544,7 +538,7 @@ def test_budgets_stay_in_the_database_when_redis_is_configured(settings_for, tmp
             CHATPROXY_DAILY_BUDGET_USD="0",
         )
     )
-    b: Budget = app.extensions["chatproxy.budget"]
+    b: Budget = state(app).budget
     assert isinstance(b.counters, SqlCounters)
     b.reserve("token:redis-app", 1_000, 1)
     assert refusal(lambda: b.reserve("token:redis-app", 1, 1)).code == "budget_exceeded"
@@ -627,7 +621,7 @@ def test_page_sessions_from_one_ip_stop_at_the_ip_cap_while_others_get_through(p
         },
     )
     assert 0 < int(refused.headers["Retry-After"]) <= 86_400
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert len({row["identity"] for row in rows}) == len(answered) == len(fake.chat_calls())  # one call a session
     assert fits_exactly([row["cost_micros"] for row in rows], 400)
     assert page_call(app, "198.51.100.8").status_code == 200  # another visitor
@@ -647,9 +641,9 @@ def test_public_traffic_stops_at_its_share_while_a_token_caller_gets_through(pub
     )
     assert (refused.status_code, refused.get_json()["error"]["message"]) == (429, message)
     assert origin_call(app, "203.0.113.1").get_json()["error"]["message"] == message  # frontends share it
-    assert fits_exactly([row["cost_micros"] for row in app.extensions["chatproxy.ledger"].rows()], 400)
+    assert fits_exactly([row["cost_micros"] for row in state(app).ledger.rows()], 400)
     assert token_call(app).status_code == 200  # the server-side caller was not starved
-    assert app.extensions["chatproxy.budget"].totals(PUBLIC)["reserved_micros"] == 0
+    assert state(app).budget.totals(PUBLIC)["reserved_micros"] == 0
 
 
 def test_one_client_of_an_allowed_origin_cannot_lock_its_other_users_out(public_app) -> None:

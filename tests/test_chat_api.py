@@ -7,6 +7,7 @@ import json
 import pytest
 
 from chatproxy import create_app
+from chatproxy.state import state
 from tests.fake_openai import Reply
 
 
@@ -104,19 +105,19 @@ def test_every_response_carries_our_own_request_id(client):
 
 
 def test_one_client_is_reused_across_requests(app, client, fake):
-    sdk_client = app.extensions["chatproxy.client"]
+    sdk_client = state(app).client
 
     for _ in range(3):
         client.post("/api/chat", json={"message": "hi"})
 
-    assert app.extensions["chatproxy.client"] is sdk_client
+    assert state(app).client is sdk_client
     assert len(fake.chat_calls()) == 3
 
 
 def test_client_has_explicit_timeouts(settings_for):
     app = create_app(settings_for(CHATPROXY_CONNECT_TIMEOUT=2, CHATPROXY_READ_TIMEOUT=30))
 
-    timeout = app.extensions["chatproxy.client"].timeout
+    timeout = state(app).client.timeout
     assert timeout.connect == 2
     assert timeout.read == 30
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from chatproxy import create_app
 from chatproxy.cli import build, new_token
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from tests.fresh_copy import clean_env, free_port, fresh_copy, run
 
 CHAT = {"message": "hi"}

@@ -11,7 +11,8 @@ import pytest
 from openai import OpenAI
 
 from chatproxy import create_app
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
+from chatproxy.state import state
 from tests.fake_openai import Reply
 
 TOKEN = "cpx_compat-token-for-alice-0123456789"
@@ -76,7 +77,7 @@ def sdk(make_app, serve):
 
 def rows(sdk, fake) -> list[dict]:
     """The ledger of the app `sdk` served, once every row is closed (a stream closes its row after its last event)."""
-    ledger = sdk.app.extensions["chatproxy.ledger"]
+    ledger = state(sdk.app).ledger
     assert fake.wait_for(lambda: all(row["outcome"] != "interrupted" for row in ledger.rows()))
     return ledger.rows()
 

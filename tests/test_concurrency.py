@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from tests import nginx_site
 from tests.fake_openai import Reply
 

@@ -10,6 +10,7 @@ import pytest
 
 from chatproxy import SettingsError, create_app
 from chatproxy.config import SETTINGS, raw_settings, validate
+from chatproxy.state import state
 from docs.gen_settings import env_example, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_test_config_wins_over_environment(monkeypatch, settings_for):
 
     app = create_app(settings_for(CHATPROXY_MAX_TOKENS=300))
 
-    assert app.extensions["chatproxy.settings"].max_tokens == 300
+    assert state(app).settings.max_tokens == 300
 
 
 def test_environment_is_read_by_create_app(monkeypatch, settings_for):
@@ -39,7 +40,7 @@ def test_environment_is_read_by_create_app(monkeypatch, settings_for):
 
     app = create_app(settings_for())
 
-    assert app.extensions["chatproxy.settings"].max_messages == 7
+    assert state(app).settings.max_messages == 7
 
 
 @pytest.mark.parametrize(

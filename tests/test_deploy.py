@@ -23,7 +23,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from tests import nginx_site
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.sse import post_stream

@@ -20,7 +20,8 @@ import redis
 
 from chatproxy import create_app
 from chatproxy.errors import ApiError
-from chatproxy.guards import Claim, RedisSlots, hash_token
+from chatproxy.callers import hash_token
+from chatproxy.limits import Claim, RedisSlots
 from tests.fake_openai import Reply
 from tests.sse import post_stream
 
@@ -550,7 +551,10 @@ def _claims(*pairs: tuple[str, int]) -> list[Claim]:
 
 def test_redis_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url):
     key = f"test-{uuid.uuid4().hex}"
-    one, two = RedisSlots(redis_url, lease_seconds=0.5), RedisSlots(redis_url, lease_seconds=0.5)
+    one, two = (
+        RedisSlots(redis_url, lease_seconds=0.5, prefix="chatproxy:"),
+        RedisSlots(redis_url, lease_seconds=0.5, prefix="chatproxy:"),
+    )
     held = [one.acquire("a", _claims((key, 2))), two.acquire("b", _claims((key, 2)))]  # two workers, one count
     refused = [one.acquire(f"r{i}", _claims((key, 2))) for i in range(5)]  # must not keep the lost slots alive
     time.sleep(0.6)  # both holders "died" without releasing: their leases end
@@ -565,7 +569,7 @@ def test_redis_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url)
 
 def test_redis_slots_take_every_key_or_none(redis_url):
     caller, ip = f"caller-{uuid.uuid4().hex}", f"ip-{uuid.uuid4().hex}"
-    slots = RedisSlots(redis_url, lease_seconds=60)
+    slots = RedisSlots(redis_url, lease_seconds=60, prefix="chatproxy:")
     assert slots.acquire("a", _claims((ip, 1))) is None  # another caller from the same IP holds the IP's one slot
 
     refused = slots.acquire("b", _claims((caller, 5), (ip, 1)))
@@ -576,7 +580,7 @@ def test_redis_slots_take_every_key_or_none(redis_url):
 
 
 def test_slots_fall_back_to_the_process_when_redis_is_down():
-    slots = RedisSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60)
+    slots = RedisSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60, prefix="chatproxy:")
     assert slots.acquire("a", _claims(("k", 1))) is None
     assert slots.acquire("b", _claims(("k", 1))).key == "k"
     slots.release("a", ["k"])

@@ -18,9 +18,10 @@ import sqlalchemy as sa
 
 from chatproxy import create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from chatproxy.metering import ROW_HEADER
 from chatproxy.usage import estimate_prompt_tokens, make_engine
+from chatproxy.state import state
 from tests.fake_openai import Blackhole, Reply
 from tests.sse import post_stream
 from tests.test_guards import _free_port, _gunicorn
@@ -42,7 +43,7 @@ def database_url(request, tmp_path):
 def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for, serve, database_url):
     app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_KEEPALIVE_SECONDS=0.2))
     url, client = serve(app), app.test_client()
-    ledger = app.extensions["chatproxy.ledger"]
+    ledger = state(app).ledger
 
     for i in range(4):
         assert client.post("/api/chat", json={"message": f"json {i}"}).status_code == 200
@@ -103,8 +104,8 @@ def test_settled_cost_is_the_real_cost_not_the_reservation(fake, settings_for):
 
     client.post("/api/chat", json={"message": "hi", "max_tokens": 1000})
 
-    budget = app.extensions["chatproxy.budget"]
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    budget = state(app).budget
+    [row] = state(app).ledger.rows()
     totals = budget.totals()
     assert totals["reserved_micros"] == 0
     assert totals["spent_micros"] == row["cost_micros"] > 0
@@ -200,14 +201,14 @@ def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_bu
     response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
 
     assert response.status_code in (503, 504)
-    prices = app.extensions["chatproxy.prices"]
-    rows = app.extensions["chatproxy.ledger"].rows()
+    prices = state(app).prices
+    rows = state(app).ledger.rows()
     assert len(rows) == len(fake.chat_calls()) == 6  # three attempts on gpt-4o, three on its fallback
     assert [(row["model_answered"], *_money(row)) for row in rows] == [
         (model, "upstream_timeout", PROMPT, 0, False, prices.cost_micros(model, PROMPT, 0))
         for model in ("gpt-4o",) * 3 + ("gpt-4o-mini",) * 3
     ]
-    assert app.extensions["chatproxy.budget"].totals() == {
+    assert state(app).budget.totals() == {
         "spent_micros": sum(row["cost_micros"] for row in rows),
         "reserved_micros": 0,
         "spent_tokens": 6 * PROMPT,
@@ -223,9 +224,9 @@ def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_fo
         response = app.test_client().post("/api/chat", json={"message": "hi"})
 
     assert response.status_code == 503
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert _money(row) == ("upstream_unreachable", 0, 0, True, 0)
-    assert app.extensions["chatproxy.budget"].totals() == {
+    assert state(app).budget.totals() == {
         "spent_micros": 0,
         "reserved_micros": 0,
         "spent_tokens": 0,
@@ -239,17 +240,17 @@ def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_e
 
     assert app.test_client().post("/api/chat", json={"message": "hi"}).status_code == 200
 
-    reset, answered = app.extensions["chatproxy.ledger"].rows()
+    reset, answered = state(app).ledger.rows()
     assert len(fake.chat_calls()) == 2
     assert _money(reset) == ("upstream_disconnected", PROMPT, 0, False, PROMPT)
     assert answered["outcome"] == "ok" and answered["tokens_exact"]
-    assert app.extensions["chatproxy.budget"].totals()["spent_micros"] == PROMPT + answered["cost_micros"]
+    assert state(app).budget.totals()["spent_micros"] == PROMPT + answered["cost_micros"]
 
 
 @pytest.mark.parametrize("failing", ["settle", "close_and_settle"])
 def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, database_url, failing):
     app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
-    budget = app.extensions["chatproxy.budget"]
+    budget = state(app).budget
     failing_statements = ("DELETE FROM budget_holds", "UPDATE ledger")[: 1 if failing == "settle" else 2]
 
     def blip(_conn, _cursor, statement: str, *_: object) -> None:
@@ -263,10 +264,10 @@ def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, 
         sa.event.remove(budget.counters.engine, "before_cursor_execute", blip)
 
     assert response.status_code == 200  # the answer was delivered; only the bookkeeping failed
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert budget.totals()["reserved_micros"] > 0  # held until the sweeper comes
     assert budget.sweep(datetime.now(UTC) + timedelta(hours=1)) == 1
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     if failing == "settle":  # the row was closed with the real cost: that is what is settled
         assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] == 10  # 8 prompt + 2 completion
     else:  # the row stayed open: the estimated prompt is all that is known

@@ -12,7 +12,8 @@ import pytest
 from flask import Flask
 
 from chatproxy import create_app
-from chatproxy.guards import GUARDED_PREFIXES, hold_slots, identify_caller
+from chatproxy.callers import GUARDED_PREFIXES, identify_caller
+from chatproxy.limits import hold_slots
 from chatproxy.openapi import OPERATIONS, STREAM_ERRORS, app_operations, build_spec, docs_spec, dumps, openapi_path
 
 ROOT = Path(__file__).resolve().parent.parent

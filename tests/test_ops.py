@@ -8,14 +8,12 @@ import logging
 import socket
 import threading
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
-import sqlalchemy as sa
 from flask import Response
 
 from chatproxy import SettingsError, create_app, metrics
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from chatproxy.logs import JsonFormatter
 from tests.fake_openai import Reply
 from tests.sse import post_stream
@@ -131,9 +129,8 @@ def test_a_hung_redis_is_waited_for_once_not_on_every_request(settings_for, fake
     assert ready.status_code == 200 and ready.get_json()["checks"]["redis"] == "unreachable"
 
 
-def test_not_ready_names_the_database_when_it_is_down(app, tmp_path):
-    broken = sa.create_engine(f"sqlite:///{tmp_path}/no/such/dir/ledger.db")
-    app.extensions["chatproxy.ledger"] = SimpleNamespace(engine=broken)
+def test_not_ready_names_the_database_when_it_is_down(settings_for):
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none"))
 
     response = app.test_client().get("/readyz")
 

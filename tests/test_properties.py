@@ -14,7 +14,8 @@ from openai._utils._json import openapi_dumps  # how the SDK encodes a request b
 
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
-from chatproxy.router import upstream_params
+from chatproxy.api.chat import chat_call
+from chatproxy.pipeline import params_for
 from chatproxy.schemas import (
     CHAT_FIELDS,
     CLIENT_ROLES,
@@ -23,7 +24,8 @@ from chatproxy.schemas import (
     parse_chat_request,
     parse_json_body,
 )
-from chatproxy.streaming import PING, sse
+from chatproxy.sse import PING
+from chatproxy.sse import data as sse
 
 PROPERTY_SETTINGS = settings(
     max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -244,7 +246,7 @@ def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any])
     assert isinstance(chat.stream, bool)
     assert chat.response_format is None or chat.response_format["type"] in ("json_object", "json_schema")
     assert sum(len(m["content"]) for m in chat.messages) + format_chars(chat.response_format) <= SMALL.max_total_chars
-    openapi_dumps(upstream_params(chat, SMALL))  # the SDK can encode what goes upstream
+    openapi_dumps(params_for(chat_call(chat, SMALL), chat.model, SMALL))  # the SDK can encode what goes upstream
 
 
 @PROPERTY_SETTINGS

@@ -14,10 +14,12 @@ import uuid
 import pytest
 import redis
 
-from chatproxy import SettingsError, cooldowns, create_app
+from chatproxy import SettingsError, create_app
 from chatproxy.config import raw_settings
 from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
-from chatproxy.router import redact, retry_after
+from chatproxy.upstream import mask_key as redact
+from chatproxy.upstream import retry_after
+from chatproxy.state import state
 from tests.conftest import TEST_KEY
 from tests.fake_openai import Blackhole, Reply
 from tests.sse import parse_sse, post_stream
@@ -138,7 +140,7 @@ def test_retries_per_model_follow_the_setting_and_the_sdk_does_none(make_app, fa
 
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
 
-    assert app.extensions["chatproxy.client"].max_retries == 0
+    assert state(app).client.max_retries == 0
     assert called(fake) == ["gpt-4o"] * 5 + ["gpt-4o-mini"]
 
 
@@ -449,7 +451,7 @@ def test_content_filtered_answer_is_a_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
-    (row,) = app.extensions["chatproxy.ledger"].rows()  # the upstream billed it: its tokens are on record
+    (row,) = state(app).ledger.rows()  # the upstream billed it: its tokens are on record
     call = fake.chat_calls()[0]
     assert (row["outcome"], row["tokens_exact"]) == ("content_filtered", True)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (call.prompt_tokens, call.completion_tokens)
@@ -465,7 +467,7 @@ def test_content_filtered_stream_before_any_delta_is_a_json_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
-    (row,) = app.extensions["chatproxy.ledger"].rows()  # the stream was cut before its usage: prompt estimated
+    (row,) = state(app).ledger.rows()  # the stream was cut before its usage: prompt estimated
     assert (row["outcome"], row["tokens_exact"], row["completion_tokens"]) == ("content_filtered", False, 0)
     assert row["prompt_tokens"] > 0 and row["cost_micros"] > 0
 
@@ -569,7 +571,7 @@ def test_cooldown_lasts_at_least_the_upstream_retry_after(make_app, fake):
     fake.for_model("gpt-4o", Reply(status=429, headers={"Retry-After": "120"}))
     ask(app)
 
-    assert 119 <= cooldowns.of(app).remaining("gpt-4o") <= 120
+    assert 119 <= state(app).cooldowns.remaining("gpt-4o") <= 120
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
@@ -578,11 +580,10 @@ def test_a_few_upstream_errors_in_a_mixed_run_cause_no_503(settings_for, fake, r
     fallback, in cooldown for 30 s under the old count (3 failures in 60 s): 75 of the 90 were 503."""
     config = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.01}  # the cooldown settings' defaults
     if store == "redis":
-        config["CHATPROXY_REDIS_URL"] = REDIS_URL
+        config.update(CHATPROXY_REDIS_URL=REDIS_URL, CHATPROXY_REDIS_PREFIX=request.getfixturevalue("key_prefix"))
     app = create_app(settings_for(**config))
     if store == "redis":
-        cooldowns.init_app(app, key_prefix=request.getfixturevalue("key_prefix"))
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     client = app.test_client()
     statuses = []
 
@@ -597,7 +598,7 @@ def test_a_few_upstream_errors_in_a_mixed_run_cause_no_503(settings_for, fake, r
 
     assert statuses == [200] * 90
     assert called(fake) == ["gpt-4o-mini"] * 94  # each error was retried once, on the same model
-    assert cooldowns.of(app).acquire("gpt-4o-mini") is Gate.OPEN
+    assert state(app).cooldowns.acquire("gpt-4o-mini") is Gate.OPEN
 
 
 def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(settings_for, fake):
@@ -608,7 +609,7 @@ def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(set
 
     fake.for_model("gpt-4o", None)  # healthy again, but cooling down: skipped until a probe finds it back
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
-    assert 59 <= cooldowns.of(app).remaining("gpt-4o") <= 60
+    assert 59 <= state(app).cooldowns.remaining("gpt-4o") <= 60
     assert called(fake).count("gpt-4o") == 10  # tripped at the 10th call (5 of 10 failed): the minimum calls
 
 
@@ -635,7 +636,7 @@ def test_a_json_answer_we_cannot_read_is_retried_and_recorded_as_a_bad_response(
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "upstream_unavailable"
     assert len(fake.calls) == 2
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert [row["outcome"] for row in rows] == ["upstream_bad_response"] * 2
 
 
@@ -822,11 +823,11 @@ def test_cooldown_is_shared_by_apps_using_the_same_redis(make_app, fake, key_pre
         "CHATPROXY_MAX_RETRIES": 0,
         "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
         "CHATPROXY_COOLDOWN_SECONDS": 1,
+        "CHATPROXY_REDIS_PREFIX": key_prefix,
     }
     worker_a, worker_b = make_app(**settings), make_app(**settings)
     for app in (worker_a, worker_b):
-        cooldowns.init_app(app, key_prefix=key_prefix)
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     fake.for_model("gpt-4o", Reply(status=503))
 
     answered_by(ask(worker_a), "gpt-4o-mini", degraded=True)

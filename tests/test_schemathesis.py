@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 
 import tests.fake_openai as fake_openai
 from chatproxy import create_app
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
 from chatproxy.openapi import STREAM_ERRORS, build_spec
 from tests.conftest import TEST_KEY
 from tests.sse import parse_sse

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatproxy import create_app
-from chatproxy.streaming import sse
+from chatproxy.sse import data as sse
 from tests.fake_openai import Reply
 from tests.sse import parse_sse, post_stream
 

@@ -14,9 +14,10 @@ import uuid
 import pytest
 import redis
 
-from chatproxy import cooldowns, create_app, schemas
+from chatproxy import create_app, schemas
 from chatproxy.cooldowns import Gate, RedisCooldowns
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
+from chatproxy.state import state
 
 TOKEN = "cpx_strict-input-token-0123456789ab"
 AS_TOKEN = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -120,8 +121,8 @@ def refused(response, where: str, says: str) -> None:
 def untouched(app, fake) -> None:
     """No upstream call, no ledger row, and the model still open."""
     assert fake.calls == []
-    assert app.extensions["chatproxy.ledger"].rows() == []
-    gates = cooldowns.of(app)
+    assert state(app).ledger.rows() == []
+    gates = state(app).cooldowns
     assert gates.remaining("gpt-4o") == 0
     assert gates.acquire("gpt-4o") is Gate.OPEN
 
@@ -167,7 +168,7 @@ def test_a_poisoned_batch_is_a_400_with_nothing_uploaded_or_reserved(make_app, f
 
     refused(response, f"requests[1].{AT_MAXIMUM}", says)
     untouched(app, fake)
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
 
 
 @pytest.mark.parametrize("poison", POISONS)
@@ -224,10 +225,10 @@ def key_prefix():
 
 @pytest.mark.parametrize("place", ["chat-schema", "chat-stream", "v1-stop", "v1-stream-schema"])
 def test_poison_on_one_worker_leaves_the_shared_redis_cooldowns_alone(make_app, fake, key_prefix, place):
-    worker_a, worker_b = make_app(CHATPROXY_REDIS_URL=REDIS_URL), make_app(CHATPROXY_REDIS_URL=REDIS_URL)
+    shared = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_REDIS_PREFIX": key_prefix}
+    worker_a, worker_b = make_app(**shared), make_app(**shared)
     for app in (worker_a, worker_b):
-        cooldowns.init_app(app, key_prefix=key_prefix)
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     route, template, where = PLACES[place]
 
     for _ in range(3):
@@ -235,7 +236,7 @@ def test_poison_on_one_worker_leaves_the_shared_redis_cooldowns_alone(make_app, 
             refused(worker_a.test_client().post(route, data=(template % text).encode(), headers=AS_TOKEN), where, says)
 
     untouched(worker_b, fake)
-    assert redis.Redis.from_url(REDIS_URL).exists(*cooldowns.of(worker_b).keys("gpt-4o")) == 0
+    assert redis.Redis.from_url(REDIS_URL).exists(*state(worker_b).cooldowns.keys("gpt-4o")) == 0
     answered_by_gpt_4o(worker_b)
     answered_by_gpt_4o(worker_a)
 
@@ -291,7 +292,7 @@ def test_a_batch_we_cannot_encode_is_a_500_with_nothing_uploaded_or_reserved(mak
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"
     untouched(app, fake)  # before: a 202, and an input file with NaN in it uploaded
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from chatproxy import create_app
+from chatproxy.state import state
 from tests.fake_openai import Reply
 
 SCHEMA = {
@@ -172,7 +173,7 @@ def test_classify_answer_outside_the_schema_is_an_error(client, fake):
 def test_classify_is_metered(app, client, fake):
     client.post("/api/classify", json={"text": "hello"})
 
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] > 0
 
 
@@ -199,7 +200,7 @@ def test_a_schema_over_the_character_cap_is_a_400_with_nothing_upstream(app, cli
     assert error["code"] == "invalid_request"
     assert "at most 32000 in all" in error["message"] and "response_format" in error["message"]
     assert fake.calls == []
-    assert app.extensions["chatproxy.ledger"].rows() == []
+    assert state(app).ledger.rows() == []
 
 
 def test_a_schema_within_the_cap_is_sent_whole(client, fake):
@@ -211,7 +212,7 @@ def test_a_schema_within_the_cap_is_sent_whole(client, fake):
 
 def reserved_while_answering(app, fake, body: dict) -> int:
     """The tokens the budget holds for `body` while the upstream (slowed down) answers it."""
-    client, budget, seen = app.test_client(), app.extensions["chatproxy.budget"], []
+    client, budget, seen = app.test_client(), state(app).budget, []
     fake.script(Reply(delay=0.3))
     worker = threading.Thread(target=lambda: seen.append(client.post("/api/chat", json=body).status_code))
     worker.start()

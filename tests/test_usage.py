@@ -19,11 +19,14 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask, g
 
-from chatproxy import budget, create_app, prices, reports, usage
+from chatproxy import build_state, create_app, reports, usage
+from chatproxy import state as state_module
+from chatproxy.api.usage import usage_report
+from chatproxy.callers import Caller, hash_token
 from chatproxy.config import SettingsError
 from chatproxy.errors import ApiError
-from chatproxy.guards import hash_token
 from chatproxy.prices import load_prices
+from chatproxy.state import state
 from chatproxy.usage import Ledger, estimate_prompt_tokens, estimate_tokens
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -208,9 +211,8 @@ def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
 
 def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(settings_for) -> None:
     app = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o-mini": {"input": 1, "output": 2}}'))
-    with app.app_context():
-        assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
-    assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # no app: the shipped table
+    assert state(app).prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
+    assert state(create_app(settings_for())).prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000
     with pytest.raises(SettingsError, match="CHATPROXY_PRICES"):
         create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
 
@@ -413,28 +415,26 @@ def build_app(settings_for, tmp_path: Path, **overrides: object) -> Flask:
     overrides.setdefault("CHATPROXY_DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
     app = create_app(settings_for(**overrides))
     if not overrides["CHATPROXY_DATABASE_URL"]:
-        app.instance_path = str(tmp_path / "instance")
-        usage.init_app(app)
-        budget.init_app(app)
+        state_module.init_app(app, build_state(state(app).settings, str(tmp_path / "instance")))
     return app
 
 
 def test_default_ledger_is_a_wal_sqlite_file_in_the_instance_folder(settings_for, tmp_path: Path) -> None:
     app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL="")
-    ledger: Ledger = app.extensions["chatproxy.ledger"]
+    ledger: Ledger = state(app).ledger
     path = tmp_path / "instance" / "chatproxy.db"
     assert ledger.engine.url.database == str(path)
     with ledger.engine.connect() as conn:  # the first connection makes the file and the tables
         assert path.is_file()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds"}
-    assert app.extensions["chatproxy.budget"].counters.engine is ledger.engine
+    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds", "batches"}
+    assert state(app).budget.counters.engine is ledger.engine
 
 
 def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     app = build_app(settings_for, tmp_path)
-    ledger: Ledger = app.extensions["chatproxy.ledger"]
+    ledger: Ledger = state(app).ledger
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE ledger")
         conn.exec_driver_sql("DROP TABLE budget_counters")
@@ -510,7 +510,7 @@ def test_init_db_adds_the_columns_a_previous_ledger_lacks(db_url: str, settings_
     columns = {column["name"] for column in sa.inspect(engine).get_columns("ledger")}
     tables = set(sa.inspect(engine).get_table_names())
     engine.dispose()
-    app.extensions["chatproxy.ledger"].dispose()
+    state(app).ledger.dispose()
     assert "client_request_id" in columns
     assert {"ledger", "budget_counters", "batches"} <= tables
 
@@ -553,7 +553,7 @@ def test_a_failed_schema_check_is_logged_and_tried_again_after_a_pause(
 def test_a_fresh_start_on_postgresql_creates_the_schema(settings_for, tmp_path: Path) -> None:
     with postgres_schema_url() as url:
         app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=url)
-        ledger: Ledger = app.extensions["chatproxy.ledger"]
+        ledger: Ledger = state(app).ledger
         assert {"ledger", "budget_counters"} <= set(sa.inspect(ledger.engine).get_table_names())
         ledger.dispose()
 
@@ -566,7 +566,7 @@ def filled_app(settings_for, tmp_path: Path) -> Flask:
         CHATPROXY_API_TOKENS=f"ops={hash_token('cpx-ops-token')},app={hash_token('cpx-app-token')}",
         CHATPROXY_ADMIN_TOKENS="ops",
     )
-    ledger: Ledger = app.extensions["chatproxy.ledger"]
+    ledger: Ledger = state(app).ledger
     clock = Clock(datetime(2025, 3, 1))
     ledger.clock = clock
     _fill(ledger, clock)
@@ -679,12 +679,13 @@ def test_api_usage_refuses_everyone_else(filled_app: Flask, headers: dict[str, s
 def test_only_an_admin_token_identity_passes(filled_app: Flask, identity: str | None) -> None:
     with filled_app.test_request_context("/api/usage"):
         if identity is not None:
-            g.identity = identity
+            kind = identity.partition(":")[0] if ":" in identity else "token"
+            g.caller = Caller(identity, {"session": "page", "ip": "anonymous"}.get(kind, kind), identity)
         with pytest.raises(ApiError) as error:
-            reports.usage_report()
+            usage_report()
         assert error.value.status == (401 if identity is None else 403)
-        g.identity = "token:ops"
-        assert reports.usage_report().status_code == 200
+        g.caller = Caller("token:ops", "token", "token:ops")
+        assert usage_report().status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -727,4 +728,4 @@ def test_api_usage_reaches_the_first_and_last_days_it_allows(filled_app: Flask) 
         headers={"Authorization": "Bearer cpx-ops-token"},
     )
     assert response.status_code == 200
-    assert response.json["totals"]["requests"] == len(filled_app.extensions["chatproxy.ledger"].rows())  # all
+    assert response.json["totals"]["requests"] == len(state(filled_app).ledger.rows())  # all

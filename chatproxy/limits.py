@@ -1,9 +1,12 @@
-"""Who may call: origin check, page session + CSRF, bearer tokens, anonymous; rate limits and concurrency slots."""
+"""Limits: rate limits per caller (Flask-Limiter), new page sessions per IP, and requests in flight.
+
+Requests in flight are counted per caller, per client IP (for callers that cost nothing to mint) and per
+worker process (a few threads stay free for /healthz, /readyz and /metrics), and streams per caller: in
+Redis when configured, so every worker and host counts together, else in this process.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
 import secrets
@@ -13,150 +16,66 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
-from flask import Flask, Request, Response, current_app, g, request, session
-from flask.sessions import SecureCookieSessionInterface
-from flask_cors import CORS
+from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RequestLimit
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import redis_client
-from .config import Settings, parse_tokens
+from .callers import GUARDED_PREFIXES, SAFE_METHODS, Caller
+from .config import Settings
 from .errors import ApiError
+from .state import state
 
 log = logging.getLogger(__name__)
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CSRF_HEADER = "X-CSRF-Token"
-GUARDED_PREFIXES = ("/api/", "/v1/")
 HEALTH_RESERVE = 2  # threads per worker that guarded requests leave free, so /healthz, /readyz and /metrics answer
-STATE = "chatproxy.guards"
+LEASE_MARGIN_S = 60  # a slot's lease outlives the longest a request may run by this much
 
 
-@dataclass(frozen=True)
-class Caller:
-    """The identity a request is counted under, and which limit applies to it."""
-
-    identity: str  # session:<id>, token:<name>, origin:<origin>, ip:<addr>
-    kind: str  # page, token, origin, anonymous
-    limit_key: str
-
-
-class PageSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie session, marked Secure whenever the request came over https."""
-
-    def get_cookie_secure(self, app: Flask) -> bool:
-        """Secure on https (behind a trusted proxy, ProxyFix makes the scheme right)."""
-        return request.is_secure or super().get_cookie_secure(app)
-
-
-def init_app(app: Flask) -> None:
-    """Wire ProxyFix, sessions, CORS, caller identification, rate limits and concurrency slots."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    if settings.trusted_proxies:
-        n = settings.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
-    app.secret_key = settings.secret_key or secrets.token_hex(32)
-    if not settings.secret_key:
-        log.warning("CHATPROXY_SECRET_KEY is not set: page sessions are valid in this process only")
-    app.config.update(
-        SESSION_COOKIE_NAME="chatproxy_session",
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=86400,
-    )
-    app.session_interface = PageSessionInterface()
-    app.extensions["chatproxy.tokens"] = parse_tokens(settings.api_tokens)
-    if settings.allowed_origins:
-        # Exactly what the routes take: GET and POST (HEAD is always allowed), and the headers a frontend sends.
-        CORS(
-            app,
-            resources={
-                r"/api/*": {"origins": list(settings.allowed_origins)},
-                r"/v1/*": {"origins": list(settings.allowed_origins)},
-            },
-            supports_credentials=False,
-            methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-            expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"],
-            max_age=600,
-        )
-    app.before_request(identify_caller)  # before the limiter's own before_request: limits need the caller
-    storage = settings.redis_url or "memory://"
-    limiter = Limiter(
+def make_limiter(settings: Settings) -> Limiter:
+    """The rate limiter: per caller and kind (CHATPROXY_RATE_LIMIT_*), shared through Redis when configured."""
+    return Limiter(
         key_func=_limit_key,
-        app=app,
-        storage_uri=storage,
+        storage_uri=settings.redis_url or "memory://",
         strategy="fixed-window",
         application_limits=[_limit_for_caller],
         application_limits_exempt_when=_not_limited,
         on_breach=_rate_limited,
-        key_prefix="chatproxy",
+        key_prefix=settings.redis_prefix.rstrip(":"),
         in_memory_fallback_enabled=True,
         storage_options={"connection_pool": redis_client.pool(settings.redis_url)} if settings.redis_url else {},
     )
-    app.extensions["chatproxy.limiter"] = limiter
-    # A lease outlives any request: the relay cuts a stream at the total timeout, noticed within a read timeout.
-    lease = settings.total_timeout + settings.read_timeout + 60
-    app.extensions[STATE] = Guarding(
-        RedisSlots(settings.redis_url, lease) if settings.redis_url else MemorySlots(),
-        MemorySlots(),
-        max(1, settings.threads - HEALTH_RESERVE),
-        FixedWindowRateLimiter(MemoryStorage()),
+
+
+def make_slots(settings: Settings) -> Slots:
+    """The counts of requests in flight; a lease outlives any request (the relay cuts a stream at the total timeout)."""
+    lease = settings.total_timeout + settings.read_timeout + LEASE_MARGIN_S
+    shared = RedisSlots(settings.redis_url, lease, settings.redis_prefix) if settings.redis_url else MemorySlots()
+    return Slots(
+        shared, MemorySlots(), max(1, settings.threads - HEALTH_RESERVE), FixedWindowRateLimiter(MemoryStorage())
     )
+
+
+def init_app(app: Flask) -> None:
+    """Rate limits (after identify_caller: limits need the caller), then the in-flight counts."""
+    state(app).limiter.init_app(app)
     app.before_request(hold_slots)  # after the limiter's hook: a rate-limited request takes no slot
     app.after_request_funcs.setdefault(None, []).insert(0, _release_on_close)  # the last after_request to run
     app.teardown_request(_release_unless_streaming)
-    from .cli import new_token  # here, not at the top: cli imports this module
-
-    app.cli.add_command(new_token)
 
 
-def hash_token(token: str) -> str:
-    """The settings form of a token's hash."""
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_name(header: str, tokens: dict[str, bytes]) -> str | None:
-    """The name of the token in an `Authorization: Bearer` header, compared in constant time; None if invalid."""
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    digest = hashlib.sha256(token.strip().encode()).digest()
-    found = None
-    for name, expected in tokens.items():
-        if hmac.compare_digest(digest, expected):
-            found = name
-    return found
-
-
-def own_origin(req: Request) -> str:
-    """scheme://host[:port] of this app as the browser sees it."""
-    return req.host_url.rstrip("/")
-
-
-def csrf_token() -> str:
-    """The page session's CSRF token, creating the session on first use."""
-    if "sid" not in session:
-        _count_new_session()
-        session["sid"] = secrets.token_urlsafe(16)
-        session["csrf"] = secrets.token_urlsafe(32)
-        session.permanent = True
-    return session["csrf"]
-
-
-def _count_new_session() -> None:
+def count_new_session() -> None:
     """Count a session about to be started against its client IP, or refuse with 429 (sessions are free to mint)."""
-    settings: Settings = current_app.extensions["chatproxy.settings"]
+    settings = state().settings
     ids = ("chatproxy", "sessions", request.remote_addr or "unknown")
     for limit in parse_many(settings.rate_limit_sessions):
         try:
-            reset = _hit(current_app.extensions["chatproxy.limiter"].limiter, limit, ids)
+            reset = _hit(state().limiter.limiter, limit, ids)
         except redis.RedisError:  # count in this process while Redis is down, as the rate limits do
             log.error("rate limit storage unreachable: counting new sessions per process")
-            reset = _hit(state().sessions_fallback, limit, ids)
+            reset = _hit(state().slots.sessions_fallback, limit, ids)
         if reset is not None:
             retry_after = max(1, math.ceil(reset - time.time()))
             raise ApiError(
@@ -174,39 +93,6 @@ def _hit(strategy: FixedWindowRateLimiter, limit: RateLimitItem, ids: tuple[str,
     return strategy.get_window_stats(limit, *ids).reset_time
 
 
-def identify_caller() -> None:
-    """Decide who is calling an API route, or refuse: 403 forbidden_origin, 403 csrf_failed, 401."""
-    if request.method == "OPTIONS" or not request.path.startswith(GUARDED_PREFIXES):
-        return
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    origin = request.headers.get("Origin")
-    if origin and origin != own_origin(request) and origin not in settings.allowed_origins:
-        raise ApiError(403, "forbidden_origin", "Requests from this origin are not allowed.")
-    ip = request.remote_addr or "unknown"
-    auth = request.headers.get("Authorization")
-    if auth is not None:
-        name = token_name(auth, current_app.extensions["chatproxy.tokens"])
-        if name is None:
-            raise ApiError(401, "unauthorized", "The bearer token is not valid.")
-        g.caller = Caller(f"token:{name}", "token", f"token:{name}")
-    elif "sid" in session:
-        if request.method not in SAFE_METHODS and not _csrf_ok(request.headers.get(CSRF_HEADER, "")):
-            raise ApiError(403, "csrf_failed", "The page's security token is missing or wrong. Reload the page.")
-        g.caller = Caller(f"session:{session['sid']}", "page", f"session:{session['sid']}")
-    elif origin and origin in settings.allowed_origins:
-        g.caller = Caller(f"origin:{origin}", "origin", f"origin-ip:{ip}")
-    elif settings.allow_anonymous:
-        g.caller = Caller(f"ip:{ip}", "anonymous", f"ip:{ip}")
-    else:
-        raise ApiError(401, "unauthorized", "Use the chat page, an allowed origin or a bearer token.")
-    g.identity = g.caller.identity
-
-
-def _csrf_ok(sent: str) -> bool:
-    expected = session.get("csrf", "")
-    return bool(sent) and bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
-
-
 def _limit_key() -> str:
     """The caller's rate-limit bucket; reads (GET, HEAD) have one of their own at the same rate.
 
@@ -220,7 +106,7 @@ def _limit_key() -> str:
 
 
 def _limit_for_caller() -> str:
-    settings: Settings = current_app.extensions["chatproxy.settings"]
+    settings = state().settings
     caller = g.get("caller")
     kind = caller.kind if caller else "page"
     return {
@@ -303,9 +189,9 @@ class RedisSlots:
     end
     return 0
     """
-    PREFIX = "chatproxy:slots:"
 
-    def __init__(self, url: str, lease_seconds: float) -> None:
+    def __init__(self, url: str, lease_seconds: float, prefix: str) -> None:
+        self.prefix = prefix + "slots:"
         self._redis = redis_client.client(url)
         self._acquire = self._redis.register_script(self._ACQUIRE)
         self._lease_ms = math.ceil(lease_seconds * 1000)
@@ -317,7 +203,7 @@ class RedisSlots:
         """Take a slot under every claim (all or none), or return the first full claim; Redis down: per process."""
         try:
             full = self._acquire(
-                keys=[self.PREFIX + claim.key for claim in claims],
+                keys=[self.prefix + claim.key for claim in claims],
                 args=[self._lease_ms, slot, *(claim.limit for claim in claims)],
             )
         except redis.RedisError:
@@ -340,25 +226,20 @@ class RedisSlots:
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.zrem(self.PREFIX + key, slot)
+                    pipe.zrem(self.prefix + key, slot)
                 pipe.execute()
         except redis.RedisError:
             log.warning("redis unreachable: a slot of %s lapses with its lease", ", ".join(keys))
 
 
 @dataclass(frozen=True)
-class Guarding:
-    """One app's concurrency state."""
+class Slots:
+    """One app's counts of requests in flight."""
 
-    slots: MemorySlots | RedisSlots  # per caller, per client IP, streams per caller: shared when Redis is set
+    shared: MemorySlots | RedisSlots  # per caller, per client IP, streams per caller: in Redis when configured
     worker: MemorySlots  # guarded requests in flight in this process
     worker_cap: int  # this process's threads minus HEALTH_RESERVE
     sessions_fallback: FixedWindowRateLimiter  # counts new sessions while the limiter's storage is unreachable
-
-
-def state() -> Guarding:
-    """The current app's concurrency state."""
-    return current_app.extensions[STATE]
 
 
 def hold(slots: MemorySlots | RedisSlots, claims: Sequence[Claim]) -> Callable[[], None]:
@@ -388,14 +269,14 @@ def hold_slots() -> None:
     caller: Caller | None = g.get("caller")
     if caller is None:  # not an API route, or a CORS preflight
         return
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    guarding = state()
+    app_state = state()
+    settings, slots = app_state.settings, app_state.slots
     release_worker = hold(
-        guarding.worker,
+        slots.worker,
         [
             Claim(
                 "worker",
-                guarding.worker_cap,
+                slots.worker_cap,
                 ApiError(503, "server_busy", "The server is busy. Try again in a moment.", retry_after=1),
             )
         ],
@@ -429,7 +310,7 @@ def hold_slots() -> None:
             )
         )
     try:
-        release = hold(guarding.slots, claims)
+        release = hold(slots.shared, claims)
     except BaseException:
         release_worker()
         raise
@@ -461,9 +342,9 @@ def take_stream_slot() -> Callable[[], None]:
     Slots are counted per rate-limit key: for an allowed origin that is origin and client IP, since
     anyone can send that Origin and must not lock the frontend's other users out.
     """
-    settings: Settings = current_app.extensions["chatproxy.settings"]
+    settings = state().settings
     return hold(
-        state().slots,
+        state().slots.shared,
         [
             Claim(
                 f"streams:{g.caller.limit_key}",

@@ -1,11 +1,11 @@
-"""The Batch API at half price: POST /api/batches, GET /api/batches/<id>[/results], for bearer tokens.
+"""The Batch API at half price: validate, reserve, upload and create a batch; its status; its results, recorded once.
 
 A batch takes the path of a chat request, once for all its lines: each line is validated by the
-/api/chat schema, the worst case of every line is priced at batch rates and reserved against the
-caller's budget before anything is uploaded, and the input file carries our system prompt and the
-clamped max_tokens. The first fetch of the finished results writes one ledger row per line (at
-batch prices) and settles the reservation, in one transaction guarded by `results_recorded`, so
-concurrent fetches record once. Batches live in a `batches` table in the ledger's database.
+/api/chat schema and built into the same Call (our system prompt, the clamped max_tokens), the worst
+case of every line is priced at batch rates and reserved against the caller's budget before anything
+is uploaded. The first fetch of the finished results writes one ledger row per line (at batch prices)
+and settles the reservation, in one transaction guarded by `results_recorded`, so concurrent fetches
+record once. Creating a batch is never retried (a retried create could run the batch twice).
 """
 
 from __future__ import annotations
@@ -15,62 +15,34 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import openai
-import sqlalchemy as sa
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
-from openai import OpenAI
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from . import metrics
-from .budget import Budget, Reservation
-from .config import SETTINGS, Settings
-from .errors import ApiError, invalid
-from .metering import estimate_prompt
-from .prices import PriceTable
-from .router import DEFAULT_RETRY_AFTER, classify, content_filtered, upstream_params
-from .schemas import ChatRequest, parse_chat_request, parse_json_body
-from .usage import Ledger, create_tables, ledger_table
+from .. import metrics
+from ..api.chat import chat_call
+from ..budget import Reservation
+from ..config import Settings
+from ..errors import ApiError, invalid
+from ..pipeline import Call, params_for
+from ..prices import PriceTable
+from ..schemas import parse_chat_request
+from ..state import state
+from ..upstream import DEFAULT_RETRY_AFTER, as_failure, content_filtered
+from .store import BATCH_ID, batches_table  # noqa: F401 - re-exported for callers that name batches by id
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-bp = Blueprint("batch", __name__)
 
 ENDPOINT = "/v1/chat/completions"
-CLI_IDENTITY = "cli:local"  # who `flask batch ...` acts as: it runs on the server, with direct access
+CLI_IDENTITY = "cli:local"  # who `python -m chatproxy batch ...` acts as: it runs on the server, with direct access
 FINISHED = frozenset({"completed", "failed", "expired", "cancelled"})  # the upstream's final statuses
 POLL_SECONDS = 30  # Retry-After while a batch is still running
 LOOKUP_LIMIT = 100  # newest upstream batches searched for one whose create timed out
-ID_LENGTH = 38  # "batch_" + 32 hex digits
-BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 _CUSTOM_ID = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
-
-metadata = sa.MetaData()
-batches_table = sa.Table(
-    "batches",
-    metadata,
-    sa.Column("id", sa.String(ID_LENGTH), primary_key=True),  # ours, given to the client; never the upstream's
-    sa.Column("owner", sa.Text, nullable=False, index=True),  # the identity that submitted it
-    sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("model", sa.Text, nullable=False),
-    sa.Column("custom_ids", sa.Text, nullable=False),  # JSON list, in submitted order
-    sa.Column("status", sa.String(32), nullable=False),  # "submitting", then the upstream's status
-    sa.Column("request_counts", sa.Text),  # JSON {"total", "completed", "failed"} as last seen
-    sa.Column("upstream_id", sa.Text),
-    sa.Column("input_file_id", sa.Text),
-    sa.Column("output_file_id", sa.Text),
-    sa.Column("error_file_id", sa.Text),
-    sa.Column("reserved_day", sa.Date, nullable=False),  # the budget reservation, settled with the results
-    sa.Column("reserved_micros", sa.BigInteger, nullable=False),
-    sa.Column("reserved_tokens", sa.BigInteger, nullable=False),
-    sa.Column("results_recorded", sa.Boolean, nullable=False, server_default=sa.false()),
-)
 
 
 @dataclass(frozen=True)
@@ -78,15 +50,7 @@ class BatchLine:
     """One validated request of a batch."""
 
     custom_id: str
-    chat: ChatRequest
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """The caps on one batch."""
-
-    max_requests: int
-    max_body_bytes: int
+    call: Call
 
 
 @dataclass
@@ -106,111 +70,6 @@ class Outcome:
         if self.error is not None:
             return {"custom_id": self.custom_id, "error": {"code": self.error[0], "message": self.error[1]}}
         return {"custom_id": self.custom_id, "content": self.content}
-
-
-class BatchStore:
-    """The `batches` table: who owns which batch, its upstream ids and status, its reservation."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.engine: Engine = ledger.engine
-        self.clock = ledger.clock
-
-    def create_schema(self) -> None:
-        """Create the table if it is missing."""
-        create_tables(self.engine, metadata)
-
-    def insert(self, batch_id: str, owner: str, lines: list[BatchLine], reservation: Reservation) -> None:
-        """Remember a batch before it is uploaded; 503 if the database is down."""
-        values = {
-            "id": batch_id,
-            "owner": owner,
-            "created_at": self.clock(),
-            "model": lines[0].chat.model,
-            "custom_ids": json.dumps([line.custom_id for line in lines]),
-            "status": "submitting",
-            "request_counts": json.dumps({"total": len(lines), "completed": 0, "failed": 0}),
-            "reserved_day": reservation.day,
-            "reserved_micros": reservation.cost_micros,
-            "reserved_tokens": reservation.tokens,
-        }
-        with _database("store a new batch"), self.engine.begin() as conn:
-            conn.execute(batches_table.insert().values(**values))
-
-    def owned(self, batch_id: str, owner: str) -> dict[str, Any]:
-        """The batch if `owner` submitted it; else 404 (not 403: ids cannot be probed)."""
-        t = batches_table.c
-        row = None
-        if BATCH_ID.fullmatch(batch_id):  # anything else cannot exist (and a NUL byte upsets PostgreSQL)
-            with _database("read a batch"), self.engine.connect() as conn:
-                row = conn.execute(sa.select(batches_table).where(t.id == batch_id, t.owner == owner)).first()
-        if row is None:
-            raise ApiError(404, "not_found", "There is no batch with this id.")
-        return dict(row._mapping)
-
-    def update(self, batch_id: str, **values: Any) -> None:
-        """Change some columns of a batch."""
-        with _database(f"update batch {batch_id}"), self.engine.begin() as conn:
-            conn.execute(batches_table.update().where(batches_table.c.id == batch_id).values(**values))
-
-    def delete(self, batch_id: str) -> None:
-        """Forget a batch whose submission failed (best effort: logged, never raised)."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(batches_table.delete().where(batches_table.c.id == batch_id))
-        except SQLAlchemyError:
-            log.exception("cannot delete the failed batch %s", batch_id)
-
-    def record_once(self, batch_id: str, rows: list[dict[str, Any]]) -> bool:
-        """Flip `results_recorded` and insert the ledger rows in one transaction; False if already recorded."""
-        t = batches_table.c
-        claim = (
-            batches_table.update().where(t.id == batch_id, t.results_recorded.is_(False)).values(results_recorded=True)
-        )
-        with _database(f"record the results of batch {batch_id}"), self.engine.begin() as conn:
-            if conn.execute(claim).rowcount != 1:  # another fetch got there first (it held the lock until then)
-                return False
-            if rows:
-                conn.execute(ledger_table.insert(), rows)
-        return True
-
-
-@contextmanager
-def _database(what: str) -> Iterator[None]:
-    """Turn a database failure into 503 ledger_unavailable (logged with what was being done)."""
-    try:
-        yield
-    except SQLAlchemyError:
-        log.exception("cannot %s: the ledger's database failed", what)
-        raise ApiError(
-            503, "ledger_unavailable", "Usage cannot be recorded right now. Try again shortly.", retry_after=5
-        ) from None
-
-
-def init_app(app: Flask) -> None:
-    """Keep batches in the ledger's database (after usage.init_app; the table is made on first use); routes, CLI."""
-    from .batch_cli import batch_group  # here, not at the top: batch_cli imports this module
-
-    ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
-    if ledger is None:
-        raise RuntimeError("batch.init_app needs usage.init_app first: batches live in the ledger's database")
-    ledger.schema.add(metadata)  # created with the ledger's tables, on first use
-    app.extensions["chatproxy.batches"] = BatchStore(ledger)
-    app.extensions["chatproxy.batch_limits"] = BatchLimits(
-        _setting(app, "CHATPROXY_BATCH_MAX_REQUESTS"), _setting(app, "CHATPROXY_BATCH_MAX_BODY_BYTES")
-    )
-    app.register_blueprint(bp)
-    app.cli.add_command(batch_group)
-
-
-def _setting(app: Flask, name: str) -> Any:
-    """A setting validate() checked at start-up, parsed from the app's config."""
-    setting = next(s for s in SETTINGS if s.name == name)
-    return setting.parse(str(app.config.get(name, setting.default)))
-
-
-def limits() -> BatchLimits:
-    """The current app's batch caps."""
-    return current_app.extensions["chatproxy.batch_limits"]
 
 
 def parse_requests(
@@ -246,8 +105,8 @@ def parse_requests(
             chat = parse_chat_request({k: v for k, v in item.items() if k != "custom_id"}, settings)
         except ApiError as exc:
             raise invalid(f"{where(index)} ({custom_id}): {exc.message}") from None
-        lines.append(BatchLine(custom_id, chat))
-    models = sorted({line.chat.model for line in lines})
+        lines.append(BatchLine(custom_id, chat_call(chat, settings)))
+    models = sorted({line.call.model for line in lines})
     if len(models) > 1:
         raise invalid(
             f"All requests in one batch must use the same model (the Batch API's rule); this one "
@@ -267,7 +126,7 @@ def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
                 "custom_id": line.custom_id,
                 "method": "POST",
                 "url": ENDPOINT,
-                "body": upstream_params(line.chat, settings),
+                "body": params_for(line.call, line.call.model, settings),
             },
             ensure_ascii=False,
             allow_nan=False,
@@ -282,17 +141,18 @@ def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -
     prices."""
     cost = tokens = 0
     for line in lines:
-        prompt = estimate_prompt(line.chat, settings)
-        cost += prices.worst_case_micros([line.chat.model], prompt, line.chat.max_tokens, batch=True)
-        tokens += prompt + line.chat.max_tokens
+        call = line.call
+        cost += prices.worst_case_micros([call.model], call.prompt_estimate, call.max_output, batch=True)
+        tokens += call.prompt_estimate + call.max_output
     return cost, tokens
 
 
 def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
     """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view."""
-    settings, store, budget = _settings(), _store(), _budget()
+    app_state = state()
+    settings, store, budget = app_state.settings, app_state.batches, app_state.budget
     data = input_file(lines, settings)  # built first: a request we cannot build holds no reservation and no row
-    cost, tokens = worst_case(lines, settings, current_app.extensions["chatproxy.prices"])
+    cost, tokens = worst_case(lines, settings, app_state.prices)
     reservation = budget.reserve(identity, cost, tokens)  # 429 budget_exceeded before anything is uploaded
     batch_id = f"batch_{secrets.token_hex(16)}"  # unguessable, and not the upstream's id
     try:
@@ -307,7 +167,7 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
         store.delete(batch_id)
         raise
     try:
-        store.update(batch_id, upstream_id=upstream.id, input_file_id=upstream.input_file_id, **_state(upstream))
+        store.update(batch_id, upstream_id=upstream.id, input_file_id=upstream.input_file_id, **_tracked(upstream))
     except ApiError:
         log.error(
             "batch %s runs upstream as %s, but that could not be stored; its reservation stays held",
@@ -319,7 +179,7 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
         "batch %s (%d requests, %s) submitted by %s as upstream %s; reserved %d micro-dollars",
         batch_id,
         len(lines),
-        lines[0].chat.model,
+        lines[0].call.model,
         identity,
         upstream.id,
         cost,
@@ -329,7 +189,7 @@ def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
 
 def _create_upstream(batch_id: str, data: bytes) -> Any:
     """Upload the file and create the batch (no retries: a retried create could run the batch twice)."""
-    client = _client()
+    client = state().client
     file = _upstream(
         "upload the batch file",
         lambda: client.files.create(file=(f"{batch_id}.jsonl", data, "application/jsonl"), purpose="batch"),
@@ -363,7 +223,7 @@ def _create_upstream(batch_id: str, data: bytes) -> Any:
 def _find_upstream(batch_id: str) -> Any | None:
     """The upstream batch created for `batch_id` (by its metadata) among the newest ones, or None."""
     try:
-        page = _client().batches.list(limit=LOOKUP_LIMIT)
+        page = state().client.batches.list(limit=LOOKUP_LIMIT)
     except openai.OpenAIError:
         log.warning("could not list upstream batches to look for %s", batch_id, exc_info=True)
         return None
@@ -372,12 +232,12 @@ def _find_upstream(batch_id: str) -> Any | None:
 
 def status(batch_id: str, identity: str) -> dict[str, Any]:
     """The batch's public view, refreshed from the upstream while it runs."""
-    return public(_refreshed(_store().owned(batch_id, identity)))
+    return public(_refreshed(state().batches.owned(batch_id, identity)))
 
 
 def results(batch_id: str, identity: str) -> dict[str, Any]:
     """Every line's answer or error, in submitted order; the first fetch records them and settles the budget."""
-    row = _refreshed(_store().owned(batch_id, identity))
+    row = _refreshed(state().batches.owned(batch_id, identity))
     if row["status"] not in FINISHED:
         raise ApiError(
             409,
@@ -409,20 +269,20 @@ def _refreshed(row: dict[str, Any]) -> dict[str, Any]:
     """The row with the upstream's current status (no upstream call once the batch has finished)."""
     if row["status"] in FINISHED or row["upstream_id"] is None:
         return row
-    upstream = _upstream("read the batch", lambda: _client().batches.retrieve(row["upstream_id"]))
-    state = _state(upstream)
+    upstream = _upstream("read the batch", lambda: state().client.batches.retrieve(row["upstream_id"]))
+    tracked = _tracked(upstream)
     if upstream.status == "failed" and upstream.errors and upstream.errors.data:
         log.warning(
             "upstream batch %s failed validation: %s",
             upstream.id,
             ", ".join(f"{e.code} (line {e.line})" for e in upstream.errors.data),
         )
-    if any(row[key] != value for key, value in state.items()):
-        _store().update(row["id"], **state)
-    return {**row, **state}
+    if any(row[key] != value for key, value in tracked.items()):
+        state().batches.update(row["id"], **tracked)
+    return {**row, **tracked}
 
 
-def _state(upstream: Any) -> dict[str, Any]:
+def _tracked(upstream: Any) -> dict[str, Any]:
     """The columns that follow the upstream Batch object."""
     counts = upstream.request_counts
     state: dict[str, Any] = {
@@ -443,7 +303,9 @@ def _download(row: dict[str, Any]) -> dict[str, Outcome]:
     for file_id in (row["output_file_id"], row["error_file_id"]):
         if not file_id:
             continue
-        content = _upstream("download batch results", lambda file_id=file_id: _client().files.content(file_id)).content
+        content = _upstream(
+            "download batch results", lambda file_id=file_id: state().client.files.content(file_id)
+        ).content
         for number, text in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
             if not text.strip():
                 continue
@@ -513,8 +375,9 @@ def _unprocessed(custom_id: str, batch_status: str) -> Outcome:
 
 def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
     """One ledger row per line at batch prices, then settle the reservation; only the first fetch does it."""
-    prices: PriceTable = current_app.extensions["chatproxy.prices"]
-    store = _store()
+    app_state = state()
+    prices: PriceTable = app_state.prices
+    store = app_state.batches
     now = store.clock()
     rows, cost, tokens = [], 0, 0
     for line in lines:
@@ -548,9 +411,9 @@ def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
         return
     reservation = Reservation(row["owner"], row["reserved_day"], row["reserved_micros"], row["reserved_tokens"])
     if cost or tokens:
-        _budget().settle(reservation, cost, tokens)
+        app_state.budget.settle(reservation, cost, tokens)
     else:
-        _budget().release(reservation)
+        app_state.budget.release(reservation)
     for line, entry in zip(lines, rows):
         if line.error:
             metrics.record_upstream_error(line.error[0])
@@ -571,7 +434,7 @@ def _upstream(what: str, call: Callable[[], T]) -> T:
     try:
         return call()
     except openai.OpenAIError as exc:
-        failure = classify(exc, _settings())  # raises the client-safe ApiError for final refusals
+        failure = as_failure(exc, state().settings)  # raises the client-safe ApiError for final refusals
         log.warning("could not %s: %s", what, failure.reason)
         retry = math.ceil(failure.retry_after) if failure.retry_after else DEFAULT_RETRY_AFTER
         if isinstance(exc, openai.APITimeoutError):
@@ -584,52 +447,3 @@ def _upstream(what: str, call: Callable[[], T]) -> T:
             "The model provider could not be reached. Try again shortly.",
             retry_after=retry,
         ) from None
-
-
-def _settings() -> Settings:
-    return current_app.extensions["chatproxy.settings"]
-
-
-def _store() -> BatchStore:
-    return current_app.extensions["chatproxy.batches"]
-
-
-def _budget() -> Budget:
-    return current_app.extensions["chatproxy.budget"]
-
-
-def _client() -> OpenAI:
-    return current_app.extensions["chatproxy.client"]
-
-
-def _require_token() -> str:
-    """The caller's identity if it holds a bearer token; the page, origins and anonymous callers get 403."""
-    caller = g.get("caller")
-    if caller is None or caller.kind != "token":
-        raise ApiError(403, "forbidden", "The Batch API is for bearer tokens: send Authorization: Bearer <token>.")
-    return caller.identity
-
-
-@bp.post("/api/batches")
-def create_batch() -> Response:
-    """Submit a batch: 202 with its id and status."""
-    identity = _require_token()
-    request.max_content_length = limits().max_body_bytes  # batches may be larger than chat bodies
-    body = parse_json_body(request.get_data(cache=False), request.content_type)
-    view = submit(parse_requests(body, _settings(), limits().max_requests), identity)
-    response = jsonify(view)
-    response.status_code = 202
-    response.headers["Location"] = url_for("batch.batch_status", batch_id=view["id"])
-    return response
-
-
-@bp.get("/api/batches/<batch_id>")
-def batch_status(batch_id: str) -> Response:
-    """A batch's status and request counts."""
-    return jsonify(status(batch_id, _require_token()))
-
-
-@bp.get("/api/batches/<batch_id>/results")
-def batch_results(batch_id: str) -> Response:
-    """A finished batch's answers and errors per custom_id; 409 while it runs."""
-    return jsonify(results(batch_id, _require_token()))

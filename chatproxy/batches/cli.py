@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
-from . import batch
-from .errors import ApiError
-from .schemas import check_strict
+from ..errors import ApiError
+from ..schemas import check_strict
+from ..state import state
+from . import service as batch
 
 batch_group = AppGroup("batch", help="Run requests through the Batch API at half price (as identity cli:local).")
 
@@ -88,7 +88,7 @@ def _csv_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
 
 def _demo() -> bool:
     """Whether this command's upstream is the in-process offline demo."""
-    return current_app.extensions["chatproxy.settings"].demo
+    return state().settings.demo
 
 
 def _api(call: Any, *args: Any) -> Any:
@@ -181,12 +181,12 @@ def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll:
     if output is not None and not wait_ and not demo:
         raise click.UsageError("-o/--output needs --wait (or use `batch results ID -o FILE` later).")
     items, numbers = read_items(file, fmt)
-    settings = current_app.extensions["chatproxy.settings"]
+    settings = state().settings
     lines = _api(
         batch.parse_requests,
         {"requests": items},
         settings,
-        batch.limits().max_requests,
+        settings.batch_max_requests,
         lambda index: f"{file.name} line {numbers[index]}",
     )
     view = _api(batch.submit, lines, batch.CLI_IDENTITY)
