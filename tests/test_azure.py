@@ -10,8 +10,8 @@ from openai import AzureOpenAI, OpenAI
 
 from chatproxy import SettingsError, create_app
 from chatproxy.callers import hash_token
-from chatproxy.upstream import mask_key as redact
 from chatproxy.state import state
+from chatproxy.upstream import mask_key as redact
 from tests.conftest import TEST_KEY
 from tests.fake_openai import Reply
 from tests.sse import post_stream

@@ -16,8 +16,8 @@ from chatproxy import create_app
 from chatproxy.batches.service import parse_result_line
 from chatproxy.batches.store import batches_table
 from chatproxy.callers import hash_token
-from chatproxy.upstream import content_filtered
 from chatproxy.state import state
+from chatproxy.upstream import content_filtered
 from tests.fake_openai import count_tokens
 from tests.test_usage import postgres_schema_url
 

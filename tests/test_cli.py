@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from chatproxy import create_app
-from chatproxy.cli import build, new_token
 from chatproxy.callers import hash_token
+from chatproxy.cli import build, new_token
 from tests.fresh_copy import clean_env, free_port, fresh_copy, run
 
 CHAT = {"message": "hi"}

@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from chatproxy import create_app
-from chatproxy.errors import ApiError
 from chatproxy.callers import hash_token
+from chatproxy.errors import ApiError
 from chatproxy.limits import Claim, RedisSlots
 from tests.fake_openai import Reply
 from tests.sse import post_stream

@@ -20,8 +20,8 @@ from chatproxy import create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
 from chatproxy.callers import hash_token
 from chatproxy.metering import ROW_HEADER
-from chatproxy.usage import estimate_prompt_tokens, make_engine
 from chatproxy.state import state
+from chatproxy.usage import estimate_prompt_tokens, make_engine
 from tests.fake_openai import Blackhole, Reply
 from tests.sse import post_stream
 from tests.test_guards import _free_port, _gunicorn

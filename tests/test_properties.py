@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai._utils._json import openapi_dumps  # how the SDK encodes a request body
 
+from chatproxy.api.chat import chat_call
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
-from chatproxy.api.chat import chat_call
 from chatproxy.pipeline import params_for
 from chatproxy.schemas import (
     CHAT_FIELDS,

@@ -17,9 +17,9 @@ import redis
 from chatproxy import SettingsError, create_app
 from chatproxy.config import raw_settings
 from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
+from chatproxy.state import state
 from chatproxy.upstream import mask_key as redact
 from chatproxy.upstream import retry_after
-from chatproxy.state import state
 from tests.conftest import TEST_KEY
 from tests.fake_openai import Blackhole, Reply
 from tests.sse import parse_sse, post_stream

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from chatproxy import create_app, schemas
-from chatproxy.cooldowns import Gate, RedisCooldowns
 from chatproxy.callers import hash_token
+from chatproxy.cooldowns import Gate, RedisCooldowns
 from chatproxy.state import state
 
 TOKEN = "cpx_strict-input-token-0123456789ab"

@@ -15,12 +15,12 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .. import sse
 from ..callers import token_required
+from ..compat_schemas import CompatRequest, parse_compat_request
 from ..dialects import CHAT, Answer, Tally
 from ..errors import ApiError
 from ..pipeline import Call, serve
 from ..relay import Upstream
 from ..router import Routed
-from ..compat_schemas import CompatRequest, parse_compat_request
 from ..schemas import parse_json_body
 from ..sse import Event
 from ..state import state
