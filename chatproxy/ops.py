@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -82,11 +84,22 @@ def _check(name: str, probe: Any) -> str:
     return "ok"
 
 
+def scrapers_only(view: Callable[[], Response]) -> Callable[[], Response]:
+    """A route for the monitoring network (CHATPROXY_METRICS_NETWORKS) or an admin token; 403 for anyone else."""
+
+    @functools.wraps(view)
+    def guarded() -> Response:
+        if not _may_scrape():
+            raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
+        return view()
+
+    return guarded
+
+
 @bp.get("/metrics")
+@scrapers_only
 def prometheus() -> Response:
-    """Prometheus metrics, for the monitoring network or an admin token; otherwise 403."""
-    if not _may_scrape():
-        raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
+    """Prometheus metrics."""
     return Response(
         metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"}
     )
