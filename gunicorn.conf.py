@@ -79,10 +79,15 @@ def _secret_key_problem(workers: int, secret_key: str) -> str | None:
 
 
 def _check(raw: dict[str, str]) -> str | None:
-    """The first problem with `raw`: every setting as create_app() checks it, then the deployment rules."""
+    """The first problem with `raw`: every setting as create_app() checks it (the model table and retired models
+    included), then the deployment rules. Runs in the child process of _first_problem, which may import chatproxy."""
+    from chatproxy.config import SettingsError, validate
+    from chatproxy.models import prepare
+
     try:
-        settings = _config.validate(raw)
-    except _config.SettingsError as exc:
+        settings = validate(raw)
+        prepare(settings)
+    except SettingsError as exc:
         return str(exc)
     workers = next(s for s in SETTINGS if s.name == "CHATPROXY_WORKERS").parse(raw["CHATPROXY_WORKERS"])
     return _secret_key_problem(workers, settings.secret_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -9,15 +10,15 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import api, callers, commands, errors, limits, logs, openapi, ops, redis_client, security, state
+from . import api, callers, commands, errors, limits, logs, models, openapi, ops, redis_client, security, state
 from .batches.store import BatchStore
 from .budget import Budget, Caps, SqlCounters
 from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings, validate
 from .cooldowns import from_settings as cooldowns_from
-from .prices import load_prices
 from .upstream import make_client
 from .usage import Ledger, default_database_url
 
+log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 __all__ = ["ROOT", "SettingsError", "create_app"]
@@ -35,11 +36,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.update(test_config)
     settings = validate(app.config)
+    table, startup = models.prepare(settings)  # refuses a retired model; warns about one about to retire
+    settings = startup.settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
     logs.init_app(app)  # first, so start-up messages are JSON lines too
-    state.init_app(app, build_state(settings, app.instance_path))
+    for warning in startup.warnings:
+        log.warning("%s", warning)
+    state.init_app(app, build_state(settings, table, startup, app.instance_path))
     errors.init_app(app)
     security.init_app(app, settings)
     ops.init_app(app)  # its timer is the first before_request hook: refused requests are timed too
@@ -67,7 +72,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-def build_state(settings: Settings, instance_path: str) -> state.AppState:
+def build_state(
+    settings: Settings, table: models.ModelTable, startup: models.Startup, instance_path: str
+) -> state.AppState:
     """Every long-lived object, built from validated settings; nothing connects yet (the database on first use)."""
     ledger = Ledger(settings.database_url or default_database_url(instance_path))
     counters = SqlCounters(ledger.engine)
@@ -77,7 +84,8 @@ def build_state(settings: Settings, instance_path: str) -> state.AppState:
     return state.AppState(
         settings=settings,
         client=make_client(settings),
-        prices=load_prices(settings.prices),
+        models=table,
+        retiring=startup.retiring,
         ledger=ledger,
         budget=Budget(counters, Caps.from_settings(settings)),
         batches=batches,

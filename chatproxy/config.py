@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -340,11 +339,26 @@ SETTINGS: tuple[Setting, ...] = (
         "PostgreSQL: postgresql+psycopg://user@host/db.",
     ),
     Setting(
+        "CHATPROXY_MODEL_TABLE",
+        "",
+        _optional_text,
+        "Entries added to or replacing fields of the model table (chatproxy/models.json; docs/models.md): JSON "
+        'text or the path of a JSON file, e.g. {"llama3.1:8b": {"max_output": 8192, "prices": {"input": 0, '
+        '"output": 0}}}.',
+    ),
+    Setting(
         "CHATPROXY_PRICES",
         "",
         _optional_text,
-        'JSON overriding the price table, e.g. {"gpt-4o": {"input": 2.5, "cached_input": 1.25, '
+        'Prices only, the older form of CHATPROXY_MODEL_TABLE: {"gpt-4o": {"input": 2.5, "cached_input": 1.25, '
         '"output": 10}} (dollars per million tokens).',
+    ),
+    Setting(
+        "CHATPROXY_UNSUPPORTED_PARAMS",
+        "refuse",
+        _choice("refuse", "drop"),
+        "A temperature, top_p or penalty the requested model does not accept: 'refuse' answers 400 naming the "
+        "model and the parameter; 'drop' sends the request without it. Fallback models never get one they refuse.",
     ),
     Setting(
         "CHATPROXY_DAILY_BUDGET_USD",
@@ -572,7 +586,9 @@ class Settings:
     redis_url: str | None
     redis_prefix: str  # ends with ":"
     database_url: str | None
+    model_table: str | None
     prices: str | None
+    unsupported_params: str  # refuse or drop
     daily_budget_micros: int
     identity_daily_budget_micros: int
     daily_token_budget: int
@@ -667,11 +683,7 @@ def validate(config: Mapping[str, Any]) -> Settings:
         raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")
     if parsed["AZURE_OPENAI_ENDPOINT"]:
         _check_azure(parsed)
-    # Parsed again where they are used (guards, prices); checked here so that a bad value stops the gunicorn
-    # master, which runs this module alone, before it forks a worker.
-    parse_tokens(parsed["CHATPROXY_API_TOKENS"])
-    if parsed["CHATPROXY_PRICES"]:
-        parse_prices(parsed["CHATPROXY_PRICES"])
+    parse_tokens(parsed["CHATPROXY_API_TOKENS"])  # parsed again by create_app; here it stops a bad value early
     parsed["CHATPROXY_SYSTEM_PROMPT"] = _system_prompt(
         parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]
     )
@@ -750,70 +762,3 @@ def parse_tokens(specs: Iterable[str]) -> dict[str, bytes]:
             )
         tokens[name.strip()] = digest
     return tokens
-
-
-# --- CHATPROXY_PRICES (the price table itself is prices.py; the parsing is here so the master can run it) ---
-
-MICROS = 1_000_000  # micro-dollars per dollar, and tokens per "million tokens"
-_PRICE_KEYS = frozenset({"input", "cached_input", "output"})
-
-
-@dataclass(frozen=True)
-class Rates:
-    """One model's prices in integer micro-dollars per million tokens."""
-
-    input: int
-    cached_input: int
-    output: int
-
-
-def parse_prices(text: str, source: str = "CHATPROXY_PRICES") -> dict[str, Rates]:
-    """Parse `{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}` (dollars per 1M tokens) or raise."""
-    try:
-        data = json.loads(text, parse_float=Decimal, parse_int=Decimal)
-    except ValueError as exc:
-        raise SettingsError(
-            f"{source} must be a JSON object of models to prices; it is not valid JSON ({exc})."
-        ) from None
-    if not isinstance(data, dict) or not data:
-        raise SettingsError(
-            f"{source} must be a non-empty JSON object such as "
-            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.'
-        )
-    return {_model_name(name, source): _model_rates(name, entry, source) for name, entry in data.items()}
-
-
-def _model_name(name: str, source: str) -> str:
-    if not name.strip():
-        raise SettingsError(f"{source} has an empty model name.")
-    return name.strip()
-
-
-def _model_rates(model: str, entry: Any, source: str) -> Rates:
-    where = f"{source} entry {model!r}"
-    if not isinstance(entry, dict):
-        raise SettingsError(
-            f'{where} must be an object with "input", "output" and optionally '
-            f'"cached_input" (dollars per million tokens).'
-        )
-    unknown = sorted(set(entry) - _PRICE_KEYS)
-    if unknown:
-        raise SettingsError(
-            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: input, cached_input, output."
-        )
-    for key in ("input", "output"):
-        if key not in entry:
-            raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
-    input_rate = _price(entry["input"], f"{where} 'input'")
-    cached = _price(entry["cached_input"], f"{where} 'cached_input'") if "cached_input" in entry else input_rate
-    return Rates(input=input_rate, cached_input=cached, output=_price(entry["output"], f"{where} 'output'"))
-
-
-def _price(value: Any, where: str) -> int:
-    """Dollars per million tokens → integer micro-dollars per million tokens."""
-    if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
-        raise SettingsError(f"{where} must be a number of dollars per million tokens, 0 or more; got {value!r}.")
-    micros = value * MICROS
-    if micros != micros.to_integral_value():
-        raise SettingsError(f"{where} must not be finer than a millionth of a dollar; got {value}.")
-    return int(micros)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import openai
 
 from .errors import ApiError
+from .models import ModelSpec
 from .sse import Event
 from .upstream import UnreadableAnswer
 
@@ -30,12 +31,14 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
 
-    def public(self) -> dict[str, int]:
-        """The usage object of our replies and `done` events."""
+    def public(self) -> dict[str, Any]:
+        """The usage object of our replies and `done` events, with OpenAI's details (cached and reasoning tokens)."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
         }
 
 
@@ -69,6 +72,11 @@ class Dialect(Protocol):
     path: str  # e.g. /chat/completions
     stream_params: dict[str, Any]  # what asks this endpoint for a stream that reports its usage
 
+    def options(
+        self, spec: ModelSpec, max_output: int, sampling: dict[str, float], effort: str | None
+    ) -> dict[str, Any]:
+        """The output cap, sampling and reasoning effort, under the names this endpoint and `spec` take."""
+
     def answer(self, body: Any) -> Answer:
         """A whole answer; one of the wrong shape raises UnreadableAnswer."""
 
@@ -87,6 +95,15 @@ class ChatCompletions:
 
     path = "/chat/completions"
     stream_params: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}  # noqa: RUF012
+
+    def options(
+        self, spec: ModelSpec, max_output: int, sampling: dict[str, float], effort: str | None
+    ) -> dict[str, Any]:
+        """max_tokens or max_completion_tokens (as the model takes it), the sampling, reasoning_effort."""
+        options: dict[str, Any] = {spec.token_param or "max_completion_tokens": max_output, **sampling}
+        if effort is not None:
+            options["reasoning_effort"] = effort
+        return options
 
     def answer(self, body: Any) -> Answer:
         """The first choice's message, finish reason and the usage."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx2
@@ -17,8 +17,7 @@ from .budget import Budget, Hold, Reservation
 from .config import Settings
 from .dialects import Usage
 from .errors import ApiError
-from .prices import PriceTable
-from .router import candidates
+from .models import ModelTable
 from .state import state
 from .upstream import AttemptFailed, NotSent, UnreadableAnswer
 from .usage import Ledger, estimate_tokens
@@ -49,11 +48,11 @@ Send = Callable[[bytes, str, openai.Timeout, dict[str, str]], T]  # sends it (bo
 class Meter:
     """Reserve a request's worst case, record each attempt, and settle to what it really cost."""
 
-    def __init__(self, call: Call, settings: Settings) -> None:
+    def __init__(self, call: Call, chain: Sequence[str], settings: Settings) -> None:
         app_state = state()
         self.ledger: Ledger = app_state.ledger
         self.budget: Budget = app_state.budget
-        self.prices: PriceTable = app_state.prices
+        self.models: ModelTable = app_state.models
         self.identity: str = g.identity
         self.request_id: str = g.request_id
         self.client_request_id: str | None = g.get("client_request_id")
@@ -61,8 +60,8 @@ class Meter:
         self.stream = call.stream
         self.started = time.monotonic()
         self.prompt_estimate = call.prompt_estimate
-        models = candidates(call.model, settings)
-        worst = self.prices.worst_case_micros(models, self.prompt_estimate, call.max_output)
+        # The worst case over every model the router may try: each one's output cap, reasoning included, at its rates.
+        worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
         caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
@@ -71,7 +70,7 @@ class Meter:
         hold = Hold(
             self.request_id,
             self.prompt_estimate,
-            self.prices.worst_case_micros(models, self.prompt_estimate, 0),
+            self.models.worst_case_micros(chain, self.prompt_estimate, 0),
             settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S,
         )
         self.reservation: Reservation = self.budget.reserve(
@@ -106,7 +105,7 @@ class Meter:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
                 billed = reached_upstream(exc)  # estimated prompt: billed once received, answer or not
-                self._close(row, model, self.prompt_estimate if billed else 0, 0, not billed, code, begun, None)
+                self._close(row, model, Usage(self.prompt_estimate if billed else 0, 0), not billed, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun
@@ -122,13 +121,12 @@ class Meter:
         with self._lock:
             row, self._open_row = self._open_row, None
         if row is not None:
-            if usage is not None:
-                prompt, completion, exact = usage.prompt_tokens, usage.completion_tokens, True
-            else:
-                prompt, completion, exact = self.prompt_estimate, estimate_tokens(completion_text), False
+            exact = usage is not None
+            if usage is None:
+                usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
             if outcome == "ok" and model != self.model:
                 outcome = "fallback"
-            self._close(row, model, prompt, completion, exact, outcome, self._attempt_started, ttft)
+            self._close(row, model, usage, exact, outcome, self._attempt_started, ttft)
         self.settle()
 
     def settle(self) -> None:
@@ -152,17 +150,10 @@ class Meter:
             self.settle()
 
     def _close(
-        self,
-        row: int,
-        model: str,
-        prompt: int,
-        completion: int,
-        exact: bool,
-        outcome: str,
-        begun: float,
-        ttft: float | None,
+        self, row: int, model: str, usage: Usage, exact: bool, outcome: str, begun: float, ttft: float | None
     ) -> None:
-        cost = self.prices.cost_micros(model, prompt, completion) if prompt or completion else 0
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cost = self.models.cost_micros(model, prompt, completion, usage.cached_tokens) if prompt or completion else 0
         self.cost += cost
         self.tokens += prompt + completion
         now = time.monotonic()
@@ -171,6 +162,8 @@ class Meter:
             model_answered=model,
             prompt_tokens=prompt,
             completion_tokens=completion,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
             tokens_exact=exact,
             cost_micros=cost,
             outcome=outcome,

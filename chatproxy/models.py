@@ -14,13 +14,14 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .config import SettingsError
+from .config import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ KINDS = ("chat", "embedding")
 TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 SAMPLING = ("any", "fixed", "effort_none")  # any value / only the default 1 / any value when reasoning_effort is none
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
-SAMPLING_RANGES = {"temperature": (0, 2), "top_p": (0, 1)}
+# The sampling parameters whose acceptance depends on the model: their range, and the default every model takes.
+SAMPLING_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
 FIELDS = (
     "kind",
     "token_param",
@@ -110,8 +113,8 @@ class ModelSpec:
         low, high = SAMPLING_RANGES[param]
         if not low <= value <= high:
             return False
-        # The default 1 is accepted everywhere; the pipeline need not send it to a model whose sampling is not "any".
-        if value == 1 or self.sampling == "any":
+        # The default is accepted everywhere; the pipeline need not send it to a model whose sampling is not "any".
+        if value == SAMPLING_DEFAULTS[param] or self.sampling == "any":
             return True
         return self.sampling == "effort_none" and (effort or self.default_effort) == "none"
 
@@ -433,3 +436,144 @@ def load_table(override: str | None = None, *, openai_upstream: bool = True, set
         for name, fields in parse_entries(read_override(override, setting), setting).items():
             specs[name] = build_spec(name, fields, setting, base=specs.get(name) or default)
     return ModelTable(specs, openai_upstream=openai_upstream)
+
+
+# --- the app's table, and what start-up checks -----------------------------------------------------------------
+
+RETIRING_DAYS = 30  # a configured model this close to its shutdown is warned about (and named by /readyz)
+REASONING_MIN_TOKENS = 4096  # below this cap a reasoning model may spend it all on hidden reasoning
+
+
+def openai_upstream(settings: Settings) -> bool:
+    """Whether calls go to OpenAI (or Azure OpenAI), whose prices the table knows; else an OpenAI-compatible server."""
+    if settings.azure_endpoint or not settings.openai_base_url:
+        return True
+    return urlsplit(settings.openai_base_url).hostname == "api.openai.com"
+
+
+def load_models(settings: Settings) -> ModelTable:
+    """The shipped table with CHATPROXY_PRICES (prices only) and CHATPROXY_MODEL_TABLE applied, in that order."""
+    entries: dict[str, dict[str, Any]] = {}
+    if settings.prices:
+        for name, prices in parse_entries_of_prices(settings.prices).items():
+            entries[name] = {"prices": prices}
+    if settings.model_table:
+        for name, fields in parse_entries(read_override(settings.model_table, SETTING), SETTING).items():
+            entries.setdefault(name, {}).update(fields)
+    override = json.dumps(entries, default=str) if entries else None
+    return load_table(override, openai_upstream=openai_upstream(settings), setting=SETTING)
+
+
+def parse_entries_of_prices(text: str, setting: str = "CHATPROXY_PRICES") -> dict[str, Any]:
+    """CHATPROXY_PRICES: {"model": {"input", "cached_input", "output"}}, each checked as a table entry's prices."""
+    try:
+        data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{setting} must be a JSON object of models to prices; it is not valid JSON ({exc})."
+        ) from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError(
+            f"{setting} must be a non-empty JSON object such as "
+            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.'
+        )
+    for name, prices in data.items():
+        if not name.strip():
+            raise SettingsError(f"{setting} has an empty model name.")
+        _prices(prices, f"{setting} entry {name!r}")
+    return data
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What start-up found about the configured models: warnings to log, and the ones about to retire."""
+
+    settings: Settings  # with retired default models replaced by their replacements (see configured_models)
+    warnings: tuple[str, ...]
+    retiring: tuple[Retirement, ...]
+
+
+def configured(settings: Settings) -> tuple[str, ...]:
+    """Every model the settings name: the allowlist, the default, the fallback chain, the classifier's."""
+    names = [*settings.models, settings.default_model, *settings.fallback_chain, settings.classify_model]
+    return tuple(dict.fromkeys(names))
+
+
+def check_configured(settings: Settings, table: ModelTable, today: date) -> Startup:
+    """Refuse a configured model past its shutdown (naming its date and replacement); warn about one within
+    RETIRING_DAYS, about models the table does not know, and about reasoning models given a small cap.
+
+    The models a new user gets by default follow their announced replacements once their shutdown date
+    has come; models someone configured are never changed behind their back.
+    """
+    settings = _default_successors(settings, table, today)
+    warnings: list[str] = []
+    retiring: list[Retirement] = []
+    for name in configured(settings):
+        retirement = table.retirement(name, today)
+        if retirement is not None and retirement.retired:
+            replacement = (
+                f"; OpenAI names {retirement.replacement} as its replacement" if retirement.replacement else ""
+            )
+            raise SettingsError(
+                f"{name} was shut down by OpenAI on {retirement.shutdown}{replacement or ''}. Remove it from "
+                f"CHATPROXY_MODELS, CHATPROXY_DEFAULT_MODEL, CHATPROXY_FALLBACK_CHAIN and CHATPROXY_CLASSIFY_MODEL "
+                f"(README: 'Models of 2027')."
+            )
+        if retirement is not None and retirement.days_left <= RETIRING_DAYS:
+            retiring.append(retirement)
+            warnings.append(
+                f"{name} shuts down on {retirement.shutdown} ({retirement.days_left} days): move to "
+                f"{retirement.replacement or 'another model'} before then (README: 'Models of 2027')."
+            )
+        if not table.known(name):
+            priced = "the highest known prices" if table.openai_upstream else "0 (not OpenAI: set its prices)"
+            warnings.append(
+                f"{name} is not in the model table: it gets the conservative defaults (docs/models.md) and is priced "
+                f"at {priced}; describe it in CHATPROXY_MODEL_TABLE."
+            )
+        elif table.spec(name).reasons and settings.max_tokens < REASONING_MIN_TOKENS:
+            warnings.append(
+                f"{name} reasons: its hidden reasoning counts against CHATPROXY_MAX_TOKENS={settings.max_tokens}, "
+                f"which may leave no room for the answer; {REASONING_MIN_TOKENS} or more is safer."
+            )
+    return Startup(settings, tuple(warnings), tuple(retiring))
+
+
+MODEL_SETTINGS = ("CHATPROXY_MODELS", "CHATPROXY_DEFAULT_MODEL", "CHATPROXY_FALLBACK_CHAIN", "CHATPROXY_CLASSIFY_MODEL")
+
+
+def _default_successors(settings: Settings, table: ModelTable, today: date) -> Settings:
+    """The settings with their default models replaced once those are retired, if the models are the defaults."""
+    defaults = {s.name: s.parse(s.default) for s in SETTINGS if s.name in MODEL_SETTINGS}
+    chosen = {
+        "CHATPROXY_MODELS": settings.models,
+        "CHATPROXY_DEFAULT_MODEL": settings.default_model,
+        "CHATPROXY_FALLBACK_CHAIN": settings.fallback_chain,
+        "CHATPROXY_CLASSIFY_MODEL": settings.classify_model,
+    }
+    defaults["CHATPROXY_CLASSIFY_MODEL"] = defaults["CHATPROXY_CLASSIFY_MODEL"] or defaults["CHATPROXY_DEFAULT_MODEL"]
+    if chosen != defaults:
+        return settings
+
+    def successor(name: str) -> str:
+        retirement = table.retirement(name, today)
+        return retirement.replacement if retirement and retirement.retired and retirement.replacement else name
+
+    models = tuple(dict.fromkeys(successor(name) for name in settings.models))
+    if models == settings.models:
+        return settings
+    log.warning("the default models %s are retired: using %s instead", ", ".join(settings.models), ", ".join(models))
+    return replace(
+        settings,
+        models=models,
+        default_model=successor(settings.default_model),
+        fallback_chain=tuple(dict.fromkeys(successor(name) for name in settings.fallback_chain)),
+        classify_model=successor(settings.classify_model),
+    )
+
+
+def prepare(settings: Settings, today: date | None = None) -> tuple[ModelTable, Startup]:
+    """The app's table and the start-up check of its models (today: the UTC date); raises SettingsError."""
+    table = load_models(settings)
+    return table, check_configured(settings, table, today or datetime.now(UTC).date())

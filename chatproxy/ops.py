@@ -66,7 +66,18 @@ def readyz() -> Response:
     if failed:
         raise ApiError(503, "not_ready", f"Not ready: {' and '.join(failed)} unreachable.", retry_after=5)
     degraded = any(check != "ok" for check in checks.values())
-    return jsonify({"status": "degraded" if degraded else "ready", "checks": checks})
+    body: dict[str, Any] = {"status": "degraded" if degraded else "ready", "checks": checks}
+    if app_state.retiring:  # still ready: the operator is told, in the log at start-up and here
+        body["retiring_models"] = [
+            {
+                "model": r.model,
+                "shutdown": r.shutdown.isoformat(),
+                "replacement": r.replacement,
+                "days_left": r.days_left,
+            }
+            for r in app_state.retiring
+        ]
+    return jsonify(body)
 
 
 def _select_one(engine: sa.Engine) -> None:

@@ -14,19 +14,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
 from flask import Response
 
 from . import metrics, sse
-from .config import Settings
 from .dialects import Answer, Dialect
+from .errors import invalid
 from .limits import take_stream_slot
 from .metering import Meter
+from .models import SAMPLING_DEFAULTS, ModelSpec
 from .relay import StreamWriter, Upstream, read_to_first, relay
-from .router import Routed, route
+from .router import Routed, candidates, route
 from .state import AppState, state
 from .upstream import UnreadableAnswer, encode, send, upstream_model
 
@@ -39,11 +40,13 @@ class Call:
 
     dialect: Dialect
     model: str  # the allowlisted model asked for; fallbacks follow CHATPROXY_FALLBACK_CHAIN
-    body: dict[str, Any]  # sent as is to every model: messages (our system prompt first), tools, formats, sampling
-    max_output: int  # the output-token cap, already clamped to the server's
+    body: dict[str, Any]  # sent as is to every model: messages (our system prompt first), tools, formats
+    max_output: int  # the output-token cap (reasoning included), already clamped to the server's
     stream: bool
     prompt_estimate: int  # tokens of everything the upstream reads as prompt, for the worst-case reservation
-    token_param: str = "max_tokens"  # noqa: S105 - the name the cap is sent under, not a secret
+    sampling: dict[str, float] = field(default_factory=dict)  # temperature, top_p, penalties: per model, below
+    reasoning_effort: str | None = None  # for models that reason
+    images: int = 0  # image inputs: only models that see may answer
 
 
 class Adapter(StreamWriter, Protocol):
@@ -53,9 +56,48 @@ class Adapter(StreamWriter, Protocol):
         """The response for a whole answer; may raise the contract's error instead (e.g. content filtered)."""
 
 
-def params_for(call: Call, model: str, settings: Settings) -> dict[str, Any]:
-    """The request body for one model of the chain."""
-    params = {"model": upstream_model(model, settings), **call.body, call.token_param: call.max_output}
+def plan(call: Call, app_state: AppState) -> list[str]:
+    """The models to try, the one asked for first; a parameter that model refuses is our 400, sent nowhere.
+
+    The requested model must take the call as it is (CHATPROXY_UNSUPPORTED_PARAMS=drop lets a sampling
+    parameter it refuses be left out instead). A fallback model is tried only if it can answer the call at
+    all (images need a model that sees); a sampling parameter or reasoning effort it does not take is left
+    out for it (its answer is marked degraded anyway).
+    """
+    table, settings = app_state.models, app_state.settings
+    spec = table.spec(call.model)
+    for name, value in call.sampling.items():
+        if not spec.allows_sampling(name, value, call.reasoning_effort) and settings.unsupported_params == "refuse":
+            raise invalid(_refused_sampling(call.model, spec, name, value))
+    effort = call.reasoning_effort
+    if effort is not None and not spec.takes_effort(effort):
+        if not spec.reasons:
+            raise invalid(f"{call.model} does not reason: 'reasoning_effort' is not accepted for it.")
+        raise invalid(f"'reasoning_effort' for {call.model} must be one of: {', '.join(spec.reasoning_efforts)}.")
+    if call.images and not spec.images:
+        raise invalid(f"{call.model} does not accept images. Choose a model that does, or send text only.")
+    fallbacks = candidates(call.model, settings)[1:]
+    return [call.model, *(name for name in fallbacks if not call.images or table.spec(name).images)]
+
+
+def _refused_sampling(model: str, spec: ModelSpec, name: str, value: float) -> str:
+    """The 400's sentence for a sampling value `model` does not accept."""
+    if spec.sampling == "effort_none":
+        return f"{model} accepts '{name}' only with 'reasoning_effort': 'none'; leave '{name}' out or set it."
+    if spec.sampling == "fixed":
+        return f"{model} does not accept '{name}' = {value:g}: only its default ({SAMPLING_DEFAULTS[name]:g})."
+    return f"'{name}' = {value:g} is out of range for {model}."
+
+
+def params_for(call: Call, model: str, app_state: AppState) -> dict[str, Any]:
+    """The request body for one model of the chain, in the parameters that model takes (models.json)."""
+    spec = app_state.models.spec(model)
+    params = {"model": upstream_model(model, app_state.settings), **call.body}
+    sampling = {
+        name: value for name, value in call.sampling.items() if spec.allows_sampling(name, value, call.reasoning_effort)
+    }
+    effort = call.reasoning_effort if call.reasoning_effort and spec.takes_effort(call.reasoning_effort) else None
+    params.update(call.dialect.options(spec, min(call.max_output, spec.max_output), sampling, effort))
     if call.stream:
         params.update(call.dialect.stream_params)
     return params
@@ -71,10 +113,11 @@ def serve(call: Call, adapter: Adapter) -> Response:
 def _reply(call: Call, adapter: Adapter, app_state: AppState, deadline: float) -> Response:
     """The whole answer (with retries and fallback), metered, then shaped by the adapter."""
     settings = app_state.settings
-    meter = Meter(call, settings)
+    chain = plan(call, app_state)
+    meter = Meter(call, chain, settings)
     try:
-        once = meter.attempt(_builder(call, settings), _sender(call, app_state, _read_answer(call.dialect)))
-        routed = route(once, call.model, settings, app_state.cooldowns, deadline)
+        once = meter.attempt(_builder(call, app_state), _sender(call, app_state, _read_answer(call.dialect)))
+        routed = route(once, chain, settings, app_state.cooldowns, deadline)
         answer = routed.value
         outcome = "content_filtered" if answer.finish_reason == "content_filter" else "ok"
         meter.finish(routed.model, answer.usage, answer.text, outcome)  # billed by the upstream, filtered or not
@@ -89,17 +132,18 @@ def _reply(call: Call, adapter: Adapter, app_state: AppState, deadline: float) -
 def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) -> Response:
     """The stream, opened up to its first output before the first byte, then relayed."""
     settings = app_state.settings
+    chain = plan(call, app_state)
     release_slot = take_stream_slot()
     try:
-        meter = Meter(call, settings)
+        meter = Meter(call, chain, settings)
     except BaseException:
         release_slot()
         raise
     try:
         # Opened before the first byte: a refused call still gets a JSON error, and the router can still fall back.
         opened = _open_stream(call.dialect, adapter.opened)
-        once = meter.attempt(_builder(call, settings), _sender(call, app_state, opened))
-        routed = route(once, call.model, settings, app_state.cooldowns, deadline)
+        once = meter.attempt(_builder(call, app_state), _sender(call, app_state, opened))
+        routed = route(once, chain, settings, app_state.cooldowns, deadline)
     except BaseException:
         meter.settle()
         release_slot()
@@ -113,9 +157,9 @@ def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) 
     return response
 
 
-def _builder(call: Call, settings: Settings) -> Callable[[str], bytes]:
+def _builder(call: Call, app_state: AppState) -> Callable[[str], bytes]:
     """The encoded body for one model (a body we cannot encode is our bug: 500, nothing sent)."""
-    return lambda model: encode(params_for(call, model, settings))
+    return lambda model: encode(params_for(call, model, app_state))
 
 
 def _sender(

@@ -64,15 +64,16 @@ def text_report(report: dict[str, Any]) -> str:
     totals = report["totals"]
     lines = [
         f"Usage {report['since']} .. {report['until']} (UTC)",
-        f"Total: {totals['requests']} requests, {totals['prompt_tokens']} prompt + "
-        f"{totals['completion_tokens']} completion tokens, ${totals['cost_usd']}",
+        f"Total: {totals['requests']} requests, {totals['prompt_tokens']} prompt ({totals['cached_tokens']} cached) + "
+        f"{totals['completion_tokens']} completion ({totals['reasoning_tokens']} reasoning) tokens, "
+        f"${totals['cost_usd']}",
     ]
     if report["outcomes"]:
         lines.append("Outcomes: " + ", ".join(f"{name} {count}" for name, count in report["outcomes"].items()))
     if not report["groups"]:
         lines.append("No usage in this range.")
         return "\n".join(lines)
-    header = ("day", "model", "identity", "requests", "prompt", "completion", "USD")
+    header = ("day", "model", "identity", "requests", "prompt", "cached", "completion", "reasoning", "USD")
     rows = [
         (
             g["day"],
@@ -80,7 +81,9 @@ def text_report(report: dict[str, Any]) -> str:
             g["identity"],
             str(g["requests"]),
             str(g["prompt_tokens"]),
+            str(g["cached_tokens"]),
             str(g["completion_tokens"]),
+            str(g["reasoning_tokens"]),
             g["cost_usd"],
         )
         for g in report["groups"]

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -52,10 +52,14 @@ def candidates(model: str, settings: Settings) -> list[str]:
 
 
 def route(
-    attempt: Callable[[str, openai.Timeout], T], model: str, settings: Settings, cooldowns: Cooldowns, deadline: float
+    attempt: Callable[[str, openai.Timeout], T],
+    chain: Sequence[str],
+    settings: Settings,
+    cooldowns: Cooldowns,
+    deadline: float,
 ) -> Routed[T]:
-    """Call `attempt(model, timeout)` for the model and its fallbacks until one answers, or raise our error."""
-    chain = candidates(model, settings)
+    """Call `attempt(model, timeout)` for the model asked for (chain[0]) and then its fallbacks until one answers."""
+    model = chain[0]
     hints: dict[str, float] = {}
     for name in chain:
         gate = cooldowns.acquire(name)
@@ -129,7 +133,7 @@ def _timeout(settings: Settings, remaining: float) -> openai.Timeout:
     return openai.Timeout(min(settings.read_timeout, remaining), connect=min(settings.connect_timeout, remaining))
 
 
-def _unavailable(chain: list[str], cooldowns: Cooldowns, hints: dict[str, float]) -> ApiError:
+def _unavailable(chain: Sequence[str], cooldowns: Cooldowns, hints: dict[str, float]) -> ApiError:
     """503 when no model in the chain answered; Retry-After is when the first of them may be back."""
     waits = [w for w in (max(cooldowns.remaining(m), hints.get(m, 0.0)) for m in chain) if w > 0]
     retry = max(1, math.ceil(min(waits))) if waits else DEFAULT_RETRY_AFTER

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # types only: every module may import this one, so it imports
     from .config import Settings
     from .cooldowns import Cooldowns
     from .limits import Slots
-    from .prices import PriceTable
+    from .models import ModelTable, Retirement
     from .usage import Ledger
 
 KEY = "chatproxy"
@@ -29,7 +29,8 @@ class AppState:
 
     settings: Settings
     client: OpenAI  # one per process, after gunicorn forks; reused by every request
-    prices: PriceTable
+    models: ModelTable  # what each model takes and costs
+    retiring: tuple[Retirement, ...]  # configured models within 30 days of their shutdown
     ledger: Ledger
     budget: Budget  # counters in the ledger's database
     batches: BatchStore  # in the ledger's database

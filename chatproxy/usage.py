@@ -57,6 +57,8 @@ ledger_table = sa.Table(
     sa.Column("closed_at", sa.DateTime),
     # Columns added later go last, nullable or with a server default: Schema adds them to existing ledgers.
     sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
+    sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
 )
 
 
@@ -276,6 +278,8 @@ class Ledger:
         outcome: str,
         latency_ms: int | None,
         ttft_ms: int | None,
+        cached_tokens: int = 0,
+        reasoning_tokens: int = 0,
     ) -> bool:
         """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
         if not _OUTCOME.match(outcome) or outcome == OPEN:
@@ -285,6 +289,8 @@ class Ledger:
             "model_answered": model_answered,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+            "reasoning_tokens": reasoning_tokens,
             "tokens_exact": tokens_exact,
             "cost_micros": cost_micros,
             "outcome": outcome,
@@ -327,6 +333,8 @@ class Ledger:
             sa.func.count().label("requests"),
             sa.func.sum(t.c.prompt_tokens).label("prompt_tokens"),
             sa.func.sum(t.c.completion_tokens).label("completion_tokens"),
+            sa.func.sum(t.c.cached_tokens).label("cached_tokens"),
+            sa.func.sum(t.c.reasoning_tokens).label("reasoning_tokens"),
             sa.func.sum(t.c.cost_micros).label("cost_micros"),
         )
         grouped = (
@@ -352,7 +360,7 @@ class Ledger:
         }
 
 
-METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+METRICS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_micros")
 
 
 def usd(micros: int) -> str:

@@ -861,10 +861,14 @@
           if (!data || !Array.isArray(data.models) || !data.models.length) return;
           var chosen = modelSelect.value;
           var options = document.createDocumentFragment();
+          var details = data.details && typeof data.details === "object" ? data.details : {};
           data.models.forEach(function (name) {
             var option = document.createElement("option");
+            var about = details[name] || {};
             option.value = String(name);
-            option.textContent = String(name);
+            option.textContent = String(name) + (about.reasoning === true ? " · reasoning" : "");
+            option.setAttribute("data-reasoning", about.reasoning === true ? "true" : "false");
+            option.setAttribute("data-images", about.images === true ? "true" : "false");
             options.appendChild(option);
           });
           modelSelect.replaceChildren(options);

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from .. import sse
 from ..callers import csrf_token, has_page_session
 from ..config import Settings
-from ..dialects import CHAT, Answer, Tally
+from ..dialects import CHAT, Answer, Tally, Usage
 from ..errors import ApiError
 from ..limits import count_new_session
 from ..pipeline import Call, serve
@@ -21,7 +21,7 @@ from ..schemas import ChatRequest, parse_chat_request, parse_json_body
 from ..sse import Event
 from ..state import state
 from ..upstream import content_filtered
-from ..usage import estimate_prompt
+from ..usage import estimate_prompt, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def page() -> str:
     return render_template(
         "chat.html",
         models=settings.models,
+        details=model_details(),
         default_model=settings.default_model,
         demo=settings.demo,
         max_messages=settings.max_messages,
@@ -50,7 +51,21 @@ def page() -> str:
 def models() -> Response:
     """The models a client may ask for, and the default."""
     settings = state().settings
-    return jsonify({"models": list(settings.models), "default": settings.default_model})
+    return jsonify({"models": list(settings.models), "default": settings.default_model, "details": model_details()})
+
+
+def model_details() -> dict[str, dict[str, Any]]:
+    """What the page shows of each allowlisted model (models.json): whether it reasons, sees images, retires."""
+    app_state = state()
+    details = {}
+    for name in app_state.settings.models:
+        spec = app_state.models.spec(name)
+        details[name] = {
+            "reasoning": spec.reasons,
+            "images": spec.images,
+            "shutdown": spec.shutdown.isoformat() if spec.shutdown else None,
+        }
+    return details
 
 
 @bp.post("/api/chat")
@@ -58,7 +73,8 @@ def chat() -> Response:
     """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
     settings = state().settings
     chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), settings)
-    return serve(chat_call(chat_request, settings), ChatWire(structured=chat_request.response_format is not None))
+    call = chat_call(chat_request, settings)
+    return serve(call, ChatWire(structured=chat_request.response_format is not None, prompt=call.prompt_estimate))
 
 
 def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
@@ -66,8 +82,7 @@ def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
     system = chat_request.system_prompt or settings.system_prompt
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *chat_request.messages]
     body: dict[str, Any] = {"messages": messages}
-    if chat_request.temperature is not None:
-        body["temperature"] = chat_request.temperature
+    sampling = {} if chat_request.temperature is None else {"temperature": chat_request.temperature}
     response_format = chat_request.response_format
     if response_format is not None:
         body["response_format"] = response_format
@@ -81,14 +96,16 @@ def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
         max_output=chat_request.max_tokens,
         stream=chat_request.stream,
         prompt_estimate=estimate_prompt(messages, response_format),
+        sampling=sampling,
     )
 
 
 class ChatWire:
     """Our wire format: {role, content, model, degraded, finish_reason, usage[, parsed]}, or start/delta/done events."""
 
-    def __init__(self, *, structured: bool) -> None:
+    def __init__(self, *, structured: bool, prompt: int) -> None:
         self.structured = structured
+        self.prompt = prompt  # the prompt's estimate, for a stream whose upstream reports no usage
 
     def reply(self, answer: Answer, routed: Routed[Answer]) -> Response:
         """The JSON reply; a filtered answer (recorded: it was billed) is refused."""
@@ -124,7 +141,10 @@ class ChatWire:
         """The `done` event, or an `error` event for an answer the upstream filtered part-way."""
         if tally.finish_reason == "content_filter":
             return self.error(content_filtered())
-        usage = tally.usage.public() if tally.usage else None
+        if tally.usage is not None:
+            usage = tally.usage.public()
+        else:  # some servers (llama.cpp) ignore stream_options.include_usage: say what we estimate instead
+            usage = {**Usage(self.prompt, estimate_tokens(tally.text)).public(), "estimated": True}
         return sse.data(
             {
                 "type": "done",

@@ -18,6 +18,7 @@ from ..callers import token_required
 from ..compat_schemas import CompatRequest, parse_compat_request
 from ..dialects import CHAT, Answer, Tally
 from ..errors import ApiError
+from ..models import SAMPLING_DEFAULTS
 from ..pipeline import Call, serve
 from ..relay import Upstream
 from ..router import Routed
@@ -74,9 +75,11 @@ def chat_completions() -> Response:
 
 
 def compat_call(req: CompatRequest) -> Call:
-    """The Chat Completions call: the client's options as validated, the cap under the name the client used."""
+    """The Chat Completions call: the client's options as validated; the cap, sampling and reasoning effort are
+    sent per model, as each takes them."""
     token_param = next(name for name in TOKEN_PARAMS if name in req.options)
-    options = {name: value for name, value in req.options.items() if name != token_param}
+    per_model = {token_param, *SAMPLING_DEFAULTS, "reasoning_effort"}
+    options = {name: value for name, value in req.options.items() if name not in per_model}
     metered = req.metered  # the turns as plain text, tools included: what the prompt estimate counts
     estimate = [{"role": "system", "content": metered.system_prompt}, *metered.messages]
     return Call(
@@ -86,7 +89,8 @@ def compat_call(req: CompatRequest) -> Call:
         max_output=req.options[token_param],
         stream=req.stream,
         prompt_estimate=estimate_prompt(estimate, metered.response_format),
-        token_param=token_param,
+        sampling={name: req.options[name] for name in SAMPLING_DEFAULTS if name in req.options},
+        reasoning_effort=req.options.get("reasoning_effort"),
     )
 
 

@@ -26,10 +26,10 @@ from ..api.chat import chat_call
 from ..budget import Reservation
 from ..config import Settings
 from ..errors import ApiError, invalid
-from ..pipeline import Call, params_for
-from ..prices import PriceTable
+from ..models import ModelTable
+from ..pipeline import Call, params_for, plan
 from ..schemas import parse_chat_request
-from ..state import state
+from ..state import AppState, state
 from ..upstream import DEFAULT_RETRY_AFTER, as_failure, content_filtered
 from .store import BATCH_ID, batches_table  # noqa: F401 - re-exported for callers that name batches by id
 
@@ -63,7 +63,8 @@ class Outcome:
     model: str | None = None  # the model that answered, as the upstream names it
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # part of prompt_tokens
+    reasoning_tokens: int = 0  # part of completion_tokens
 
     def public(self) -> dict[str, Any]:
         """The client's view: {custom_id, content} or {custom_id, error: {code, message}}."""
@@ -103,9 +104,11 @@ def parse_requests(
             raise invalid(f"{where(index)} ({custom_id}): 'stream' is not allowed in a batch.")
         try:
             chat = parse_chat_request({k: v for k, v in item.items() if k != "custom_id"}, settings)
+            call = chat_call(chat, settings)
+            plan(call, state())  # what the model refuses is refused here, before anything is reserved or uploaded
         except ApiError as exc:
             raise invalid(f"{where(index)} ({custom_id}): {exc.message}") from None
-        lines.append(BatchLine(custom_id, chat_call(chat, settings)))
+        lines.append(BatchLine(custom_id, call))
     models = sorted({line.call.model for line in lines})
     if len(models) > 1:
         raise invalid(
@@ -115,7 +118,7 @@ def parse_requests(
     return lines
 
 
-def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
+def input_file(lines: list[BatchLine], app_state: AppState) -> bytes:
     """The JSONL the upstream runs: one Chat Completions request per line, with our system prompt and caps.
 
     Strict JSON, as the SDK encodes a request: a value that fails here is our bug (the edge admits strict JSON only).
@@ -126,7 +129,7 @@ def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
                 "custom_id": line.custom_id,
                 "method": "POST",
                 "url": ENDPOINT,
-                "body": params_for(line.call, line.call.model, settings),
+                "body": params_for(line.call, line.call.model, app_state),
             },
             ensure_ascii=False,
             allow_nan=False,
@@ -136,13 +139,13 @@ def input_file(lines: list[BatchLine], settings: Settings) -> bytes:
     ).encode("utf-8")
 
 
-def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -> tuple[int, int]:
-    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema included) + max_tokens, at batch
-    prices."""
+def worst_case(lines: list[BatchLine], table: ModelTable) -> tuple[int, int]:
+    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema included) + its output cap
+    (reasoning included), at batch prices."""
     cost = tokens = 0
     for line in lines:
         call = line.call
-        cost += prices.worst_case_micros([call.model], call.prompt_estimate, call.max_output, batch=True)
+        cost += table.worst_case_micros([call.model], call.prompt_estimate, call.max_output, batch=True)
         tokens += call.prompt_estimate + call.max_output
     return cost, tokens
 
@@ -150,9 +153,9 @@ def worst_case(lines: list[BatchLine], settings: Settings, prices: PriceTable) -
 def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
     """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view."""
     app_state = state()
-    settings, store, budget = app_state.settings, app_state.batches, app_state.budget
-    data = input_file(lines, settings)  # built first: a request we cannot build holds no reservation and no row
-    cost, tokens = worst_case(lines, settings, app_state.prices)
+    store, budget = app_state.batches, app_state.budget
+    data = input_file(lines, app_state)  # built first: a request we cannot build holds no reservation and no row
+    cost, tokens = worst_case(lines, app_state.models)
     reservation = budget.reserve(identity, cost, tokens)  # 429 budget_exceeded before anything is uploaded
     batch_id = f"batch_{secrets.token_hex(16)}"  # unguessable, and not the upstream's id
     try:
@@ -344,6 +347,7 @@ def parse_result_line(entry: dict[str, Any]) -> Outcome:
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         cached_tokens=int(details.get("cached_tokens") or 0),
+        reasoning_tokens=int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0),
     )
     if choice.get("finish_reason") == "content_filter":
         outcome.error = (content_filtered().code, content_filtered().message)
@@ -376,14 +380,14 @@ def _unprocessed(custom_id: str, batch_status: str) -> Outcome:
 def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
     """One ledger row per line at batch prices, then settle the reservation; only the first fetch does it."""
     app_state = state()
-    prices: PriceTable = app_state.prices
+    table = app_state.models
     store = app_state.batches
     now = store.clock()
     rows, cost, tokens = [], 0, 0
     for line in lines:
         billed = line.prompt_tokens or line.completion_tokens
         line_cost = (
-            prices.cost_micros(
+            table.cost_micros(
                 line.model or row["model"], line.prompt_tokens, line.completion_tokens, line.cached_tokens, batch=True
             )
             if billed
@@ -400,6 +404,8 @@ def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
                 "model_answered": line.model,
                 "prompt_tokens": line.prompt_tokens,
                 "completion_tokens": line.completion_tokens,
+                "cached_tokens": line.cached_tokens,
+                "reasoning_tokens": line.reasoning_tokens,
                 "tokens_exact": True,
                 "cost_micros": line_cost,  # the upstream's counts (0 when not run)
                 "outcome": line.error[0] if line.error else "ok",
