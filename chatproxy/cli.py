@@ -17,7 +17,7 @@ from flask.cli import FlaskGroup
 
 from . import ROOT, logs
 from .config import raw_settings
-from .demo import create_dev_app
+from .demo.app import create_dev_app
 from .guards import hash_token
 
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

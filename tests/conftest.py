@@ -11,7 +11,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from chatproxy import create_app
-from tests.fake_openai import FakeOpenAI
+from chatproxy.demo.upstream import FakeOpenAI
 
 TEST_KEY = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
 

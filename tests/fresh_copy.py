@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("chatproxy", "templates", "static", "tests", "devserver.py", ".env.example", "README.md", "pyproject.toml")
+# No tests/: the product (`make run`, the command line, the offline demo) must run without it.
+PARTS = ("chatproxy", "templates", "static", "devserver.py", ".env.example", "README.md", "pyproject.toml")
 PREFIXES = ("OPENAI_", "CHATPROXY_", "AZURE_", "FLASK_", "PYTHON")
 
 

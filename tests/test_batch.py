@@ -14,9 +14,9 @@ import sqlalchemy as sa
 
 from chatproxy import create_app
 from chatproxy.batch import batches_table, parse_result_line
+from chatproxy.demo.answers import count_tokens
 from chatproxy.guards import hash_token
 from chatproxy.router import content_filtered
-from tests.fake_openai import count_tokens
 from tests.test_usage import postgres_schema_url
 
 ALICE = "cpx_test-token-for-alice-0123456789"

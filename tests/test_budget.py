@@ -17,10 +17,10 @@ from flask import Flask
 
 from chatproxy import budget, create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, Hold, SqlCounters, seconds_to_midnight
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
 from chatproxy.guards import hash_token
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Reply
 from tests.test_guards import page_session
 from tests.test_usage import postgres_schema_url, process_context
 

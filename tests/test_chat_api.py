@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chatproxy import create_app
-from tests.fake_openai import Reply
+from chatproxy.demo.upstream import Reply
 
 
 def test_simple_message_is_answered_by_the_upstream(client, fake):

@@ -11,8 +11,8 @@ import pytest
 from openai import OpenAI
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from chatproxy.guards import hash_token
-from tests.fake_openai import Reply
 
 TOKEN = "cpx_compat-token-for-alice-0123456789"
 CANARY = "sk-proj-CANARY0123456789abcdefghijklmnopqrstuv"

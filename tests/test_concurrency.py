@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from chatproxy.demo.upstream import Reply
 from chatproxy.guards import hash_token
 from tests import nginx_site
-from tests.fake_openai import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_MODEL = "gpt-4o"  # the fake answers it after SLOW seconds; everyone else's calls use gpt-4o-mini, at once

@@ -23,9 +23,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from chatproxy.demo.upstream import FakeOpenAI, Reply
 from chatproxy.guards import hash_token
 from tests import nginx_site
-from tests.fake_openai import FakeOpenAI, Reply
 from tests.sse import post_stream
 from tests.test_usage import postgres_schema_url
 

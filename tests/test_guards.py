@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
 from chatproxy.guards import Claim, RedisSlots, hash_token
-from tests.fake_openai import Reply
 from tests.sse import post_stream
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,10 +18,10 @@ import sqlalchemy as sa
 
 from chatproxy import create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
+from chatproxy.demo.upstream import Blackhole, Reply
 from chatproxy.guards import hash_token
 from chatproxy.metering import ROW_HEADER
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Blackhole, Reply
 from tests.sse import post_stream
 from tests.test_guards import _free_port, _gunicorn
 from tests.test_usage import postgres_schema_url

@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from flask import Response
 
 from chatproxy import SettingsError, create_app, metrics
+from chatproxy.demo.upstream import Reply
 from chatproxy.guards import hash_token
 from chatproxy.logs import JsonFormatter
-from tests.fake_openai import Reply
 from tests.sse import post_stream
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
 pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures

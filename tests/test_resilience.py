@@ -17,9 +17,9 @@ import redis
 from chatproxy import SettingsError, cooldowns, create_app
 from chatproxy.config import raw_settings
 from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
+from chatproxy.demo.upstream import Blackhole, Reply
 from chatproxy.router import redact, retry_after
 from tests.conftest import TEST_KEY
-from tests.fake_openai import Blackhole, Reply
 from tests.sse import parse_sse, post_stream
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

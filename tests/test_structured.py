@@ -8,7 +8,7 @@ import time
 import pytest
 
 from chatproxy import create_app
-from tests.fake_openai import Reply
+from chatproxy.demo.upstream import Reply
 
 SCHEMA = {
     "type": "json_schema",
