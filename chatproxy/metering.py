@@ -227,10 +227,3 @@ def reached_upstream(exc: BaseException) -> bool:
             return False
         cause = cause.__cause__
     return True
-
-
-def usage_of(value: Any) -> dict[str, int] | None:
-    """Token counts from an SDK usage object."""
-    if value is None:
-        return None
-    return {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens}

@@ -13,7 +13,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask
 
 from .config import MICROS, Rates, Settings, parse_prices
 
@@ -99,24 +99,3 @@ def init_app(app: Flask) -> None:
     """Build the app's price table from settings (a bad CHATPROXY_PRICES stops start-up)."""
     settings: Settings = app.extensions["chatproxy.settings"]
     app.extensions["chatproxy.prices"] = load_prices(settings.prices)
-
-
-def prices() -> PriceTable:
-    """The current app's table (built by init_app, or now from its settings), else the shipped one outside an app."""
-    if not has_app_context():
-        return _shipped_table()
-    if "chatproxy.prices" not in current_app.extensions:
-        init_app(current_app)
-    return current_app.extensions["chatproxy.prices"]
-
-
-@cache
-def _shipped_table() -> PriceTable:
-    return PriceTable(default_rates())
-
-
-def cost_micros(
-    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
-) -> int:
-    """Cost of one call in integer micro-dollars (rounded up) with the current app's prices."""
-    return prices().cost_micros(model, prompt_tokens, completion_tokens, cached_tokens, batch)

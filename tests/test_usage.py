@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask, g
 
-from chatproxy import budget, create_app, prices, reports, usage
+from chatproxy import budget, create_app, reports, usage
 from chatproxy.config import SettingsError
 from chatproxy.errors import ApiError
 from chatproxy.guards import hash_token
@@ -208,9 +208,8 @@ def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
 
 def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(settings_for) -> None:
     app = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o-mini": {"input": 1, "output": 2}}'))
-    with app.app_context():
-        assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
-    assert prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # no app: the shipped table
+    assert app.extensions["chatproxy.prices"].cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
+    assert load_prices().cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # the shipped table
     with pytest.raises(SettingsError, match="CHATPROXY_PRICES"):
         create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
 
