@@ -44,6 +44,7 @@ import sqlalchemy as sa  # noqa: E402
 from chatproxy.demo.upstream import FakeOpenAI, Reply  # noqa: E402
 from chatproxy.guards import hash_token  # noqa: E402
 from chatproxy.metering import ROW_HEADER  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 KEY = "sk-soak-" + "k" * 40  # the upstream key: it must appear in no response
 FAILURE_RATE = 0.05
@@ -109,12 +110,6 @@ class FlakyUpstream(FakeOpenAI):
 
 
 # --- PostgreSQL and Redis that may be stopped ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from chatproxy import SettingsError, create_app
 from chatproxy.demo.upstream import Reply
 from chatproxy.guards import hash_token
 from chatproxy.router import redact
-from tests.conftest import TEST_KEY
+from tests.helpers import TEST_KEY
 from tests.sse import post_stream
 
 AZURE_KEY = "c0ffee0123456789abcdef0123456789"  # Azure keys are 32 hex characters

@@ -18,7 +18,6 @@ from chatproxy.demo.upstream import Reply
 from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"

@@ -15,7 +15,6 @@ from chatproxy.demo.upstream import Reply
 from tests.browser import MOBILE, answers, ask, open_chat, questions, wait_state, watch
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 CSS = Path(__file__).resolve().parent.parent / "static" / "chat.css"
 

@@ -35,7 +35,7 @@ from chatproxy import create_app
 from chatproxy.demo import answers
 from chatproxy.guards import hash_token
 from chatproxy.openapi import STREAM_ERRORS, build_spec
-from tests.conftest import TEST_KEY
+from tests.helpers import TEST_KEY
 from tests.sse import parse_sse
 
 ROOT = Path(__file__).resolve().parent.parent
