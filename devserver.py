@@ -14,7 +14,7 @@ from dotenv import dotenv_values
 
 from chatproxy import ROOT
 from chatproxy.config import raw_settings
-from chatproxy.demo import create_dev_app
+from chatproxy.demo.app import create_dev_app
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -17,7 +17,7 @@ from flask.cli import FlaskGroup
 from . import logs
 from .commands import new_token
 from .config import ROOT, raw_settings
-from .demo import create_dev_app
+from .demo.app import create_dev_app
 
 
 def cli_app() -> Flask:

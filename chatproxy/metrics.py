@@ -97,7 +97,7 @@ def record_upstream(
 
 
 def record_upstream_error(code: str) -> None:
-    """Count one upstream failure by our snake_case code (upstream_timeout, upstream_rate_limited, ...)."""
+    """Count one upstream failure by our snake_case code (upstream_timeout, upstream_unavailable, ...)."""
     UPSTREAM_ERRORS.labels(code).inc()
 
 

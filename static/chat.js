@@ -71,7 +71,6 @@
     // Our own refusals: the server's message says which limit and when it resets.
     if (code === "rate_limited") return message || "Too many requests.";
     if (code === "budget_exceeded") return message || "The spending limit has been reached.";
-    if (code === "upstream_rate_limited") return "The model provider is rate limiting us.";
     if (code.indexOf("upstream_") === 0) {
       return retryAfter && retryAfter <= MAX_COUNTDOWN ? "The model provider is having trouble."
         : "The model provider is having trouble — try again later.";

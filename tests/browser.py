@@ -74,7 +74,7 @@ def watch(page: Any) -> Watch:
 
 
 # ---------------------------------------------------------------- shared by the page tests (tests/test_page*.py)
-# The browser, context and page fixtures are in tests/page_fixtures.py.
+# The browser, context and page fixtures are in tests/conftest.py.
 
 DESKTOP = {"width": 1280, "height": 800}
 MOBILE = {"width": 360, "height": 740}

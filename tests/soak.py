@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa  # noqa: E402
 
 from chatproxy.callers import hash_token  # noqa: E402
+from chatproxy.demo.upstream import FakeOpenAI, Reply  # noqa: E402
 from chatproxy.metering import ROW_HEADER  # noqa: E402
-from tests.fake_openai import FakeOpenAI, Reply  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 KEY = "sk-soak-" + "k" * 40  # the upstream key: it must appear in no response
 FAILURE_RATE = 0.05
@@ -109,12 +110,6 @@ class FlakyUpstream(FakeOpenAI):
 
 
 # --- PostgreSQL and Redis that may be stopped ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -838,8 +833,8 @@ def write_reliability(report: Report, command: str) -> None:
         "",
         f"Figures from the last real run of `{command}` on {f['when']} ({f['machine']}); this file is written by "
         "tests/soak.py, not by hand. Everything ran on loopback: gunicorn with 4 gthread workers (gunicorn.conf.py), "
-        "PostgreSQL ledger, Redis limits and cooldowns, and the fake upstream from tests/fake_openai.py in the soak "
-        "process.",
+        "PostgreSQL ledger, Redis limits and cooldowns, and the fake upstream from chatproxy/demo/upstream.py in the "
+        "soak process.",
         "",
         f"**Result: {'every check passed' if report.ok else 'SOME CHECKS FAILED'}.**",
         "",

@@ -10,10 +10,10 @@ from openai import AzureOpenAI, OpenAI
 
 from chatproxy import SettingsError, create_app
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.state import state
 from chatproxy.upstream import mask_key as redact
-from tests.conftest import TEST_KEY
-from tests.fake_openai import Reply
+from tests.helpers import TEST_KEY
 from tests.sse import post_stream
 
 AZURE_KEY = "c0ffee0123456789abcdef0123456789"  # Azure keys are 32 hex characters

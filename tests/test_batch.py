@@ -16,10 +16,9 @@ from chatproxy import create_app
 from chatproxy.batches.service import parse_result_line
 from chatproxy.batches.store import batches_table
 from chatproxy.callers import hash_token
+from chatproxy.demo.answers import count_tokens
 from chatproxy.state import state
 from chatproxy.upstream import content_filtered
-from tests.fake_openai import count_tokens
-from tests.test_usage import postgres_schema_url
 
 ALICE = "cpx_test-token-for-alice-0123456789"
 BOB = "cpx_test-token-for-bob-0123456789ab"
@@ -149,16 +148,6 @@ def test_status_then_results_with_a_failed_line(batch_app, fake):
         {"custom_id": "chat", "content": "Echo: Tell me more"},
     ]
     assert "fake upstream" not in response.get_data(as_text=True)  # the upstream's own error text stays out
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """The ledger's database: a SQLite file (one host) or a private PostgreSQL schema (many hosts)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'batches.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
 
 
 @pytest.mark.parametrize("batch_id", ["%00", "batch_%00", "batch_" + "g" * 32, "batch_" + "a" * 33, "x" * 500])

@@ -6,7 +6,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,12 +17,11 @@ from flask import Flask
 from chatproxy import budget, create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, Hold, SqlCounters, seconds_to_midnight
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
 from chatproxy.state import state
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Reply
-from tests.test_guards import page_session
-from tests.test_usage import postgres_schema_url, process_context
+from tests.helpers import page_session, process_context
 
 NOON = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC)
 DAY = NOON.date()
@@ -41,18 +39,12 @@ class Store:
         return SqlCounters(make_engine(self.url))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+@pytest.fixture
+def store(database_url: str) -> Store:
     """A SQLite file or a private PostgreSQL schema, with the counters ready."""
-    if request.param == "sqlite":
-        spec = Store("sqlite", f"sqlite:///{tmp_path / 'budget.db'}")
-        _create(spec)
-        yield spec
-    else:
-        with postgres_schema_url() as url:
-            spec = Store("postgresql", url)
-            _create(spec)
-            yield spec
+    spec = Store("sqlite" if database_url.startswith("sqlite") else "postgresql", database_url)
+    _create(spec)
+    return spec
 
 
 def _create(spec: Store) -> None:

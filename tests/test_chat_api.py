@@ -7,8 +7,8 @@ import json
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from chatproxy.state import state
-from tests.fake_openai import Reply
 
 
 def test_simple_message_is_answered_by_the_upstream(client, fake):

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from chatproxy import create_app
 from chatproxy.callers import hash_token
 from chatproxy.cli import build, new_token
-from tests.fresh_copy import clean_env, free_port, fresh_copy, run
+from tests.fresh_copy import clean_env, fresh_copy, run
+from tests.helpers import free_port
 
 CHAT = {"message": "hi"}
 BAD_SETTING = "chatproxy: CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'."

@@ -12,8 +12,9 @@ from openai import OpenAI
 
 from chatproxy import create_app
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.state import state
-from tests.fake_openai import Reply
+from tests.helpers import CITY_FORMAT, described
 
 TOKEN = "cpx_compat-token-for-alice-0123456789"
 CANARY = "sk-proj-CANARY0123456789abcdefghijklmnopqrstuv"
@@ -29,19 +30,6 @@ WEATHER = {
             "type": "object",
             "properties": {"city": {"type": "string"}},
             "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "city",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
-            "required": ["name", "population"],
             "additionalProperties": False,
         },
     },
@@ -192,11 +180,11 @@ def test_response_format_passes_through(sdk, fake):
     client = sdk()
 
     completion = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "A big city?"}], response_format=SCHEMA
+        model="gpt-4o", messages=[{"role": "user", "content": "A big city?"}], response_format=CITY_FORMAT
     )
 
     assert set(json.loads(completion.choices[0].message.content)) == {"name", "population"}
-    assert fake.chat_calls()[0].body["response_format"] == SCHEMA
+    assert fake.chat_calls()[0].body["response_format"] == CITY_FORMAT
 
 
 def test_json_mode_gets_the_word_json_that_openai_requires(sdk, fake):
@@ -322,21 +310,16 @@ def big_tool(chars: int) -> dict:
     }
 
 
-def with_description(chars: int) -> dict:
-    """SCHEMA with a json_schema.description of `chars` characters."""
-    return {"type": "json_schema", "json_schema": {**SCHEMA["json_schema"], "description": "d" * chars}}
-
-
 @pytest.mark.parametrize(
     ("messages", "extra"),
     [
         pytest.param([{"role": "user", "content": "x" * 7_900}], {"tools": [big_tool(25_000)]}, id="tools"),
         pytest.param(
             [{"role": "user", "content": "x" * 7_900}],
-            {"response_format": with_description(25_000)},
+            {"response_format": described(25_000)},
             id="response_format",
         ),
-        pytest.param(USER, {"tools": [big_tool(16_000)], "response_format": with_description(16_000)}, id="both"),
+        pytest.param(USER, {"tools": [big_tool(16_000)], "response_format": described(16_000)}, id="both"),
     ],
 )
 def test_messages_tools_and_schema_share_the_character_cap(sdk, fake, messages, extra):
@@ -353,8 +336,8 @@ def test_the_budget_reserves_for_tools_and_the_schema(sdk, fake):
     assert client.chat.completions.create(model="gpt-4o", messages=USER, tools=[big_tool(6_000)]).choices
 
     for extra in (
-        {"tools": [big_tool(6_000)], "response_format": with_description(6_000)},
-        {"response_format": with_description(14_000)},
+        {"tools": [big_tool(6_000)], "response_format": described(6_000)},
+        {"response_format": described(14_000)},
     ):
         with pytest.raises(openai.RateLimitError) as raised:
             client.chat.completions.create(model="gpt-4o", messages=USER, **extra)

@@ -10,13 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from chatproxy import create_app
-from tests.browser import chromium_missing, launch, must_run
 
 pytestmark = pytest.mark.browser
-
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
-)
 
 FETCH = """async ([url, init]) => {
   try {
@@ -26,20 +21,6 @@ FETCH = """async ([url, init]) => {
     return {failed: String(error)};
   }
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """One system Chromium for the module."""
-    missing = chromium_missing()
-    if missing:
-        if must_run():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    with sync_api.sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

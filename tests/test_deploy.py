@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,72 +23,24 @@ import redis
 import sqlalchemy as sa
 
 from chatproxy.callers import hash_token
-from tests import nginx_site
-from tests.fake_openai import FakeOpenAI, Reply
+from chatproxy.demo.upstream import FakeOpenAI, Reply
+from tests.helpers import (
+    GUNICORN,
+    REDIS_URL,
+    ROOT,
+    Server,
+    environment,
+    free_port,
+    need_nginx,
+    postgres_schema_url,
+    start_gunicorn,
+    start_nginx,
+)
 from tests.sse import post_stream
-from tests.test_usage import postgres_schema_url
 
-ROOT = Path(__file__).resolve().parent.parent
-NGINX = nginx_site.NGINX
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TOKEN_NAME = f"deploy-{uuid.uuid4().hex[:8]}"  # fresh per run: the Redis rate-limit counters are shared
 TOKEN = f"cpx_{uuid.uuid4().hex}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, output: list[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}:\n" + "\n".join(output))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("did not start listening:\n" + "\n".join(output))
-
-
-@dataclass
-class Server:
-    """A running server process, its port, the settings it was started with and every line it printed."""
-
-    process: subprocess.Popen
-    port: int
-    output: list[str] = field(default_factory=list)
-    settings: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        """Its base URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def json_lines(self) -> list[dict]:
-        """The printed lines, each parsed as JSON (fails the test on a line that is not)."""
-        return [json.loads(line) for line in self.output if line.strip()]
-
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def _collect(process: subprocess.Popen, output: list[str]) -> None:
-    threading.Thread(target=lambda: output.extend(line.decode() for line in process.stdout), daemon=True).start()
-
-
-GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
 
 def gunicorn_settings(env: dict[str, str], port: int) -> dict[str, str]:
@@ -104,63 +55,9 @@ def gunicorn_settings(env: dict[str, str], port: int) -> dict[str, str]:
     }
 
 
-def environment(settings: dict[str, str]) -> dict[str, str]:
-    """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`."""
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))
-    }
-    return {**inherited, **settings}
-
-
-def launch(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
-    """gunicorn -c gunicorn.conf.py (from `cwd`) with exactly `settings` (which bind it), once it listens."""
-    port = int(settings["CHATPROXY_BIND"].rpartition(":")[2])
-    process = subprocess.Popen(
-        [*GUNICORN, *args], cwd=cwd, env=environment(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    server = Server(process, port, settings=settings)
-    _collect(process, server.output)
-    _wait_for_port(port, process, server.output)
-    _wait_for_a_worker(server)
-    return server
-
-
-def _wait_for_a_worker(server: Server, timeout: float = 60) -> None:
-    """Block until a worker answers: workers import Flask and the SDK first, seconds on a busy machine."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-    try:
-        conn.request("GET", "/healthz")
-        conn.getresponse().read()
-    except OSError as exc:
-        server.process.kill()
-        raise RuntimeError(f"no worker answered ({exc}):\n" + "\n".join(server.output)) from None
-    finally:
-        conn.close()
-
-
-def start_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
-    """gunicorn -c gunicorn.conf.py (from `cwd`) on a free loopback port, settings from `env`, flags in `args`."""
-    return launch(gunicorn_settings(env, _free_port()), *args, cwd=cwd)
-
-
-def need_nginx() -> None:
-    """Skip (which fails the run under CI=true) when nginx is missing, naming the Debian package."""
-    if not os.path.exists(NGINX):
-        pytest.skip("nginx is not installed: apt-get install nginx-light (Debian package)")
-
-
-def start_nginx(tmp: Path, upstream_port: int) -> Server:
-    """nginx from the Debian package, with deploy/nginx.conf's upstream and proxy directives, without TLS."""
-    need_nginx()
-    port = _free_port()
-    conf = nginx_site.write_conf(tmp, upstream_port, port)
-    process = subprocess.Popen(nginx_site.argv(tmp, conf), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = Server(process, port)
-    _collect(process, server.output)
-    _wait_for_port(port, process, server.output)
-    return server
+def deploy_gunicorn(env: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:
+    """gunicorn with working deploy-test settings (gunicorn_settings) overridden by `env`, on a free port."""
+    return start_gunicorn(gunicorn_settings(env, free_port()), *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +66,7 @@ def stack(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[tuple[Server, 
     need_nginx()
     redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()  # fails, not skips, without Redis
     tmp = tmp_path_factory.mktemp("deploy")
-    gunicorn = start_gunicorn(
+    gunicorn = deploy_gunicorn(
         {
             "OPENAI_BASE_URL": _fake_server.base_url,
             "CHATPROXY_WORKERS": "4",
@@ -318,7 +215,7 @@ def test_logs_are_json_lines_with_request_ids(stack):
 
 
 def test_sigterm_lets_streams_finish_and_refuses_new_connections(fake, tmp_path):
-    gunicorn = start_gunicorn(
+    gunicorn = deploy_gunicorn(
         {
             "OPENAI_BASE_URL": fake.base_url,
             "CHATPROXY_WORKERS": "2",
@@ -397,7 +294,7 @@ def copy_app(tmp_path: Path) -> Path:
 def test_reload_starts_workers_with_the_new_code(tmp_path):
     """HUP (systemctl reload) after an upgrade: the master never imported chatproxy; new workers load the new code."""
     copy = copy_app(tmp_path)
-    server = start_gunicorn(
+    server = deploy_gunicorn(
         {"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}", "CHATPROXY_WORKERS": "2"}, cwd=copy
     )
     try:
@@ -488,7 +385,7 @@ def _port_is_free(port: int) -> bool:
     ],
 )
 def test_a_bad_setting_stops_gunicorn_before_any_worker_starts(tmp_path, setting, value, says):
-    port = _free_port()
+    port = free_port()
     settings = gunicorn_settings({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path}/ledger.db", setting: value}, port)
 
     # A crash loop never ends: the timeout would fail the test.
@@ -508,7 +405,7 @@ def test_the_secret_key_message_says_how_to_make_one():
         capture_output=True,
         text=True,
         timeout=30,
-        env=environment(gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "3"}, _free_port())),
+        env=environment(gunicorn_settings({"CHATPROXY_SECRET_KEY": "", "CHATPROXY_WORKERS": "3"}, free_port())),
     )
 
     assert result.returncode == 1
@@ -517,7 +414,7 @@ def test_the_secret_key_message_says_how_to_make_one():
 
 
 def test_workers_from_the_command_line_need_the_secret_key_too(tmp_path):
-    port = _free_port()
+    port = free_port()
     settings = gunicorn_settings(
         {
             "CHATPROXY_SECRET_KEY": "",
@@ -538,7 +435,7 @@ def test_workers_from_the_command_line_need_the_secret_key_too(tmp_path):
 
 
 def test_one_worker_needs_no_secret_key(tmp_path):
-    server = start_gunicorn(
+    server = deploy_gunicorn(
         {
             "CHATPROXY_SECRET_KEY": "",
             "CHATPROXY_WORKERS": "1",
@@ -566,7 +463,7 @@ def test_a_reload_with_a_bad_env_file_keeps_serving_with_the_previous_settings(t
         "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
     }
     _write_env(copy, **good, CHATPROXY_MODELS="gpt-4o-mini,gpt-4o")
-    server = launch({"CHATPROXY_BIND": f"127.0.0.1:{_free_port()}"}, cwd=copy)  # every other setting: .env
+    server = start_gunicorn({}, cwd=copy)  # every other setting: .env
     try:
         before = _request(server, "GET", "/api/models", headers=AUTH)[1]["models"]
         first = _workers(server)
@@ -603,7 +500,7 @@ def test_a_reload_with_a_bad_env_file_keeps_serving_with_the_previous_settings(t
 def test_workers_that_cannot_start_stop_gunicorn_instead_of_restarting_forever(tmp_path):
     """New code that refuses the settings (an upgrade, then `systemctl reload`): gunicorn stops, with the reason."""
     copy = copy_app(tmp_path)
-    server = start_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}, cwd=copy)
+    server = deploy_gunicorn({"CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}, cwd=copy)
     try:
         assert _request(server, "GET", "/healthz")[0] == 200
         config = copy / "chatproxy" / "config.py"
@@ -672,9 +569,9 @@ class Relay:
 
 def test_workers_start_during_a_database_outage_and_create_the_schema_when_it_is_back(fake):
     with postgres_schema_url() as real_url:
-        port = _free_port()  # nothing listens there until the relay starts
+        port = free_port()  # nothing listens there until the relay starts
         url = sa.make_url(real_url).set(port=port).render_as_string(hide_password=False)
-        server = start_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DATABASE_URL": url})
+        server = deploy_gunicorn({"OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DATABASE_URL": url})
         relay = None
         try:
             health = _request(server, "GET", "/healthz")

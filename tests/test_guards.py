@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,13 +16,12 @@ import redis
 
 from chatproxy import create_app
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
 from chatproxy.limits import Claim, RedisSlots
-from tests.fake_openai import Reply
+from tests.helpers import REDIS_URL, free_port, page_session, start_gunicorn
 from tests.sse import post_stream
 
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ALLOWED = "https://app.example.com"
 TOKEN = "cpx_test-token-for-alice-0123456789"
 CHAT = {"message": "hi"}
@@ -46,12 +41,6 @@ def locked(settings_for):
         return create_app(settings_for(**config))
 
     return make
-
-
-def page_session(client) -> str:
-    """Load the page like a browser and return its CSRF token."""
-    html = client.get("/").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
 
 
 def test_curl_without_origin_or_token_is_refused(locked, fake):
@@ -405,12 +394,6 @@ def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
 # --- Redis: one limit across workers; what happens when Redis is down ----------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def redis_url() -> str:
     """The test Redis (TEST_REDIS_URL); the test fails, not skips, when it is missing."""
@@ -419,49 +402,12 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--worker-class",
-            "gthread",
-            "--threads",
-            str(threads),
-            "wsgi:app",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    # Until a worker answers, not just until the master listens: on a busy machine workers take seconds to boot.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(process.stdout.read().decode())
-
-
 def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_path):
     import http.client
 
     name = f"load-{uuid.uuid4().hex[:8]}"
     token = f"cpx_{uuid.uuid4().hex}"
-    port = _free_port()
-    server = _gunicorn(
+    server = start_gunicorn(
         {
             "OPENAI_API_KEY": "sk-test-gunicorn",
             "OPENAI_BASE_URL": fake.base_url,
@@ -473,12 +419,12 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
             "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
             "CHATPROXY_MAX_RETRIES": "0",
         },
-        port,
+        *("--workers", "4", "--threads", "4"),
     )
     try:
         statuses, pids = [], set()
         for _ in range(15):  # a new connection each time, so the kernel spreads them over the workers
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
             conn.request(
                 "POST",
                 "/api/chat",
@@ -490,11 +436,10 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
             statuses.append(response.status)
             conn.close()
         workers = subprocess.run(
-            ["pgrep", "-P", str(server.pid)], capture_output=True, text=True, check=False
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=False
         ).stdout.split()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     assert len(workers) == 4
     assert statuses.count(200) == 10
@@ -529,7 +474,7 @@ def test_in_flight_caps_are_shared_by_workers_through_redis(locked, fake, serve,
 
 
 def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
-    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_TOKEN="3/minute")
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_RATE_LIMIT_TOKEN="3/minute")
     client = app.test_client()
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -540,7 +485,7 @@ def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
 
 
 def test_unreachable_redis_still_limits_new_sessions_per_process(locked):
-    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_SESSIONS="2/hour")
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_RATE_LIMIT_SESSIONS="2/hour")
 
     assert [app.test_client().get("/").status_code for _ in range(3)] == [200, 200, 429]
 
@@ -580,7 +525,7 @@ def test_redis_slots_take_every_key_or_none(redis_url):
 
 
 def test_slots_fall_back_to_the_process_when_redis_is_down():
-    slots = RedisSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60, prefix="chatproxy:")
+    slots = RedisSlots(f"redis://127.0.0.1:{free_port()}/0", lease_seconds=60, prefix="chatproxy:")
     assert slots.acquire("a", _claims(("k", 1))) is None
     assert slots.acquire("b", _claims(("k", 1))).key == "k"
     slots.release("a", ["k"])

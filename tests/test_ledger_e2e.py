@@ -11,7 +11,6 @@ import subprocess
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -19,25 +18,12 @@ import sqlalchemy as sa
 from chatproxy import create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Blackhole, Reply
 from chatproxy.metering import ROW_HEADER
 from chatproxy.state import state
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Blackhole, Reply
+from tests.helpers import free_port, start_gunicorn
 from tests.sse import post_stream
-from tests.test_guards import _free_port, _gunicorn
-from tests.test_usage import postgres_schema_url
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """The same tests on a SQLite file and on a private PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else str(url)
 
 
 def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for, serve, database_url):
@@ -127,8 +113,7 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
     # Accepted calls hold their reservation for 3 s, while all 4K requests are being decided, and then
     # settle to more than it (the fake ignores max_tokens), so no room frees up for a late request.
     fake.default = Reply(delay=3.0, content="x" * 2000)
-    port = _free_port()
-    server = _gunicorn(
+    server = start_gunicorn(
         {
             "OPENAI_API_KEY": "sk-test-budget",
             "OPENAI_BASE_URL": fake.base_url,
@@ -141,14 +126,15 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
             "CHATPROXY_MAX_RETRIES": "0",
             "CHATPROXY_READ_TIMEOUT": "10",
         },
-        port,
-        threads=8,
+        # Flags, not CHATPROXY_THREADS: the app keeps its default per-worker cap, so a worker that accepts more
+        # than its share of the 4K requests queues them instead of answering 503 server_busy.
+        *("--workers", "4", "--threads", "8"),
     )
     statuses: list[int] = []
     lock = threading.Lock()
 
     def call() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request(
             "POST",
             "/api/chat",
@@ -169,8 +155,7 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
             thread.join(60)
     finally:
         fake.default = Reply()
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
@@ -219,7 +204,7 @@ def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_bu
 @pytest.mark.parametrize("upstream", ["refused", "connect_timeout"])
 def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_for, upstream):
     with Blackhole() as hole:
-        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{_free_port()}/v1"
+        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{free_port()}/v1"
         app = create_app(settings_for(OPENAI_BASE_URL=base_url, CHATPROXY_CONNECT_TIMEOUT=0.2))
         response = app.test_client().post("/api/chat", json={"message": "hi"})
 
@@ -282,7 +267,6 @@ def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, 
 
 @pytest.mark.parametrize("stop", ["sigkill_worker", "sigterm_past_the_graceful_timeout"])
 def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake, database_url, stop):
-    port = _free_port()
     env = {
         "OPENAI_API_KEY": "sk-test-killed",
         "OPENAI_BASE_URL": fake.base_url,
@@ -295,11 +279,11 @@ def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake,
         "GUNICORN_CMD_ARGS": "--graceful-timeout 1",
     }
     fake.script(Reply(chunks=[f"w{i} " for i in range(200)], pace=0.05))  # a 10 s answer
-    server = _gunicorn(env, port, workers=1, threads=4)
+    server = start_gunicorn(env, "--workers", "1", "--threads", "4")
 
     def ask() -> None:
         with contextlib.suppress(OSError):  # the connection dies with the worker
-            post_stream(f"http://127.0.0.1:{port}", {"message": "hi", "stream": True}, timeout=60)
+            post_stream(server.url, {"message": "hi", "stream": True}, timeout=60)
 
     client = threading.Thread(target=ask)
     try:
@@ -307,16 +291,15 @@ def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake,
         assert fake.wait_for(lambda: fake.chat_calls() and len(fake.chat_calls()[0].chunk_times) >= 3, timeout=60)
         if stop == "sigkill_worker":
             [worker] = subprocess.run(
-                ["pgrep", "-P", str(server.pid)], capture_output=True, text=True, check=True
+                ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=True
             ).stdout.split()
             os.kill(int(worker), signal.SIGKILL)
         else:
-            server.send_signal(signal.SIGTERM)  # the stream outlives the graceful timeout: the master kills it
-            server.wait(timeout=20)
+            server.process.send_signal(signal.SIGTERM)  # the stream outlives the graceful timeout: the master kills it
+            server.process.wait(timeout=20)
         client.join(20)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     engine = make_engine(database_url)
     budget = Budget(SqlCounters(engine), Caps())

@@ -14,19 +14,13 @@ from flask import Response
 
 from chatproxy import SettingsError, create_app, metrics
 from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.logs import JsonFormatter
-from tests.fake_openai import Reply
+from tests.helpers import REDIS_URL, free_port
 from tests.sse import post_stream
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 ADMIN, USER = "cpx_admin-token-0123456789", "cpx_user-token-0123456789"
 TOKENS = f"ops={hash_token(ADMIN)},app={hash_token(USER)}"
-
-
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -45,7 +39,7 @@ def test_ready_when_database_and_redis_answer(settings_for, fake):
 
 
 def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
-    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0"))
+    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
 
     response = app.test_client().get("/readyz")
 
@@ -57,7 +51,7 @@ def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
 
 def test_not_ready_names_redis_when_it_is_down_and_required(settings_for, fake):
     app = create_app(
-        settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0", CHATPROXY_READY_REQUIRES_REDIS=True)
+        settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_READY_REQUIRES_REDIS=True)
     )
 
     response = app.test_client().get("/readyz")

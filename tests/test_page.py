@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
@@ -206,9 +205,9 @@ def test_upstream_429_shows_when_to_retry(page, fake, live_url):
     wait_state(page, "error")
     error = answers(page).last.locator(".error-text")
     expect(error).to_be_visible()
-    # The server says upstream_rate_limited (or upstream_unavailable once every model is cooling down); either
-    # way the user learns when to come back, from a countdown that stops them sending before then.
-    expect(error).to_have_text(re.compile(r"^The model provider is (rate limiting us|having trouble)\.$"))
+    # The server says upstream_unavailable (the upstream's 429 put every model in the chain out of reach); the
+    # user learns when to come back from a countdown that stops them sending before then.
+    expect(error).to_have_text(re.compile(r"^The model provider is having trouble\.$"))
     expect(page.locator("#countdown")).to_have_text(re.compile(r"^You can send again in [67] seconds\.$"))
     expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#prompt")).to_have_value("Hello?")  # offered again, ready to retry

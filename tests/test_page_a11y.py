@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from chatproxy.demo.upstream import Reply
 from tests.browser import MOBILE, answers, ask, open_chat, questions, wait_state, watch
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 CSS = Path(__file__).resolve().parent.parent / "static" / "chat.css"
 

@@ -9,11 +9,10 @@ import time
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from tests.browser import answer_text, answers, ask, assert_ready, open_chat, questions, wait_state
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"

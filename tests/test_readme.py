@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from tests.fresh_copy import ROOT, clean_env, free_port, fresh_copy, run
+from tests.fresh_copy import clean_env, fresh_copy, run
+from tests.helpers import ROOT, free_port
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 CLI = ".venv/bin/python -m chatproxy"

@@ -5,26 +5,22 @@ Every test checks what the client sees and how many upstream attempts were made,
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 
 from chatproxy import SettingsError, create_app
 from chatproxy.config import raw_settings
 from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
+from chatproxy.demo.upstream import Blackhole, Reply
 from chatproxy.state import state
 from chatproxy.upstream import mask_key as redact
 from chatproxy.upstream import retry_after
-from tests.conftest import TEST_KEY
-from tests.fake_openai import Blackhole, Reply
+from tests.helpers import REDIS_URL, TEST_KEY
 from tests.sse import parse_sse, post_stream
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FAST = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_MIN_CALLS": 1000}
 
 
@@ -659,28 +655,6 @@ def test_the_retired_failure_count_stops_start_up_naming_its_replacements(settin
 
 
 # --- the cooldown backends: one contract, in-process and Redis ----------------------------------
-
-
-@pytest.fixture
-def redis_client():
-    """A client for the test Redis; skips (which fails under CI=true) when none is running."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip(f"needs a Redis server at TEST_REDIS_URL={REDIS_URL} (Debian: redis-server)")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def key_prefix(redis_client):
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"test:chatproxy:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(redis_client.scan_iter(match=prefix + "*"))
-    if keys:
-        redis_client.delete(*keys)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -31,11 +31,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-import tests.fake_openai as fake_openai
 from chatproxy import create_app
 from chatproxy.callers import hash_token
+from chatproxy.demo import answers
 from chatproxy.openapi import STREAM_ERRORS, build_spec
-from tests.conftest import TEST_KEY
+from tests.helpers import TEST_KEY
 from tests.sse import parse_sse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def wsgi_app(_fake_server, tmp_path_factory):
 def robust_fake(monkeypatch):
     """The fake answers a structured-output request with an example of the client's schema; generated schemas
     can be anything (an empty enum, a string as `properties`), which is the fake's problem, not the proxy's."""
-    original = fake_openai.example_of
+    original = answers.example_of
 
     def example_of(schema, text):
         try:
@@ -112,7 +112,7 @@ def robust_fake(monkeypatch):
         except Exception:  # noqa: BLE001 - any schema the fake cannot follow gets a plain object
             return {}
 
-    monkeypatch.setattr(fake_openai, "example_of", example_of)
+    monkeypatch.setattr(answers, "example_of", example_of)
 
 
 def check_error_contract(response, path: str) -> None:

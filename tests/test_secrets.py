@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from chatproxy import create_app
-from tests.fake_openai import Reply
+from chatproxy.demo.upstream import Reply
 from tests.sse import post_stream
 
 CANARY = "sk-proj-CANARY0123456789abcdefghijklmnopqrstuv"

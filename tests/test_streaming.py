@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from chatproxy.sse import data as sse
-from tests.fake_openai import Reply
 from tests.sse import parse_sse, post_stream
 
 

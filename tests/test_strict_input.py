@@ -8,8 +8,6 @@ no ledger row and no cooldown, on every route that sends client values upstream.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 import pytest
 import redis
@@ -18,10 +16,10 @@ from chatproxy import create_app, schemas
 from chatproxy.callers import hash_token
 from chatproxy.cooldowns import Gate, RedisCooldowns
 from chatproxy.state import state
+from tests.helpers import REDIS_URL
 
 TOKEN = "cpx_strict-input-token-0123456789ab"
 AS_TOKEN = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 # Trip on the first counted failure, retry twice: a poisoned request counted as an upstream failure shows at once.
 STRICT = {
     "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
@@ -205,22 +203,6 @@ def test_valid_unicode_escapes_and_large_integers_still_go_upstream(make_app, fa
 
 
 # --- shared Redis cooldowns: a poisoned request on one worker cannot take the model away from another ---------
-
-
-@pytest.fixture
-def key_prefix():
-    """A Redis key prefix of this test's own (skips, which fails under CI=true, without a Redis server)."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip(f"needs a Redis server at TEST_REDIS_URL={REDIS_URL} (Debian: redis-server)")
-    prefix = f"test:chatproxy:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.mark.parametrize("place", ["chat-schema", "chat-stream", "v1-stop", "v1-stream-schema"])

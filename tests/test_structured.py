@@ -8,32 +8,19 @@ import time
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from chatproxy.state import state
-from tests.fake_openai import Reply
-
-SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "city",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
-            "required": ["name", "population"],
-            "additionalProperties": False,
-        },
-    },
-}
+from tests.helpers import CITY_FORMAT, described
 
 
 def test_json_schema_reply_carries_parsed(client, fake):
-    response = client.post("/api/chat", json={"message": "Name a big city.", "response_format": SCHEMA})
+    response = client.post("/api/chat", json={"message": "Name a big city.", "response_format": CITY_FORMAT})
 
     assert response.status_code == 200
     body = response.get_json()
     assert set(body["parsed"]) == {"name", "population"}
     assert isinstance(body["parsed"]["population"], int)
-    assert fake.chat_calls()[0].body["response_format"] == SCHEMA
+    assert fake.chat_calls()[0].body["response_format"] == CITY_FORMAT
 
 
 def test_json_object_mode_asks_for_json_when_nobody_did(client, fake):
@@ -63,7 +50,7 @@ def test_plain_text_has_no_parsed(client, fake):
 def test_bad_structured_answers_are_clear_errors(client, fake, reply, status, code):
     fake.script(reply)
 
-    response = client.post("/api/chat", json={"message": "hi", "response_format": SCHEMA})
+    response = client.post("/api/chat", json={"message": "hi", "response_format": CITY_FORMAT})
 
     assert response.status_code == status
     assert response.get_json()["error"]["code"] == code
@@ -178,11 +165,6 @@ def test_classify_is_metered(app, client, fake):
 
 
 # --- response_format counts as prompt: in the character cap and in the budget's worst case (issue 14, finding 7) --
-
-
-def described(chars: int) -> dict:
-    """SCHEMA with a json_schema.description of `chars` characters."""
-    return {"type": "json_schema", "json_schema": {**SCHEMA["json_schema"], "description": "d" * chars}}
 
 
 @pytest.mark.parametrize(

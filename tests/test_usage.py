@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
-import socket
 import threading
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -28,59 +24,12 @@ from chatproxy.errors import ApiError
 from chatproxy.prices import load_prices
 from chatproxy.state import state
 from chatproxy.usage import Ledger, estimate_prompt_tokens, estimate_tokens
+from tests.helpers import free_port, postgres_schema_url, process_context
 
-PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-# --- databases: every ledger test runs on a SQLite file and on a private PostgreSQL schema -------------------
-
-
-@contextmanager
-def postgres_schema_url() -> Iterator[str]:
-    """A URL whose connections use a fresh schema of TEST_DATABASE_URL (dropped afterwards); skip if unreachable."""
-    admin = sa.create_engine(PG_URL)
-    schema = f"chatproxy_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at TEST_DATABASE_URL is not reachable ({type(exc.orig).__name__})")
-    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A ledger database URL: a SQLite file, or a private PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
-
-
-def dead_port() -> int:
-    """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_context() -> multiprocessing.context.BaseContext:
-    """Fresh worker processes that share nothing with pytest's (no inherited connections, threads or locks).
-
-    A forkserver imports the heavy modules once; each worker is then a cheap fork of it.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["chatproxy.usage", "chatproxy.budget", "tests.test_usage", "tests.test_budget"])
-    return ctx
+# --- databases: every ledger test runs on a SQLite file and on a private PostgreSQL schema (database_url) ------
 
 
 class Clock:
@@ -99,8 +48,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ledger(db_url: str, clock: Clock) -> Iterator[Ledger]:
-    ledger = Ledger(db_url, clock=clock)
+def ledger(database_url: str, clock: Clock) -> Iterator[Ledger]:
+    ledger = Ledger(database_url, clock=clock)
     ledger.create_schema()
     yield ledger
     ledger.dispose()
@@ -212,7 +161,7 @@ def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
 def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(settings_for) -> None:
     app = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o-mini": {"input": 1, "output": 2}}'))
     assert state(app).prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
-    assert state(create_app(settings_for())).prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000
+    assert load_prices().cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # the shipped table
     with pytest.raises(SettingsError, match="CHATPROXY_PRICES"):
         create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
 
@@ -302,10 +251,10 @@ def _open_then_hang(url: str, ready) -> None:
     signal.pause()
 
 
-def test_a_worker_killed_mid_call_leaves_an_interrupted_row(ledger: Ledger, db_url: str) -> None:
+def test_a_worker_killed_mid_call_leaves_an_interrupted_row(ledger: Ledger, database_url: str) -> None:
     ctx = process_context()
     ready = ctx.Queue()
-    worker = ctx.Process(target=_open_then_hang, args=(db_url, ready))
+    worker = ctx.Process(target=_open_then_hang, args=(database_url, ready))
     worker.start()
     row_id = ready.get(timeout=20)
     os.kill(worker.pid, signal.SIGKILL)
@@ -315,7 +264,7 @@ def test_a_worker_killed_mid_call_leaves_an_interrupted_row(ledger: Ledger, db_u
 
 
 def test_open_without_a_database_is_a_503_not_an_unrecorded_call() -> None:
-    broken = Ledger(f"postgresql+psycopg://postgres@127.0.0.1:{dead_port()}/test")  # nothing listens there
+    broken = Ledger(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test")  # nothing listens there
     with pytest.raises(ApiError) as error:
         broken.open("req-5", "token:app", "gpt-4o", stream=False)
     assert (error.value.status, error.value.code) == (503, "ledger_unavailable")
@@ -485,9 +434,9 @@ def _previous_ledger(url: str) -> None:
     engine.dispose()
 
 
-def test_first_use_adds_the_columns_a_previous_ledger_lacks(db_url: str) -> None:
-    _previous_ledger(db_url)
-    ledger = Ledger(db_url)  # no create_schema(): the first connection checks the schema
+def test_first_use_adds_the_columns_a_previous_ledger_lacks(database_url: str) -> None:
+    _previous_ledger(database_url)
+    ledger = Ledger(database_url)  # no create_schema(): the first connection checks the schema
 
     ledger.open("new-1", "token:a", "gpt-4o", stream=False, client_request_id="theirs-1")
 
@@ -499,14 +448,14 @@ def test_first_use_adds_the_columns_a_previous_ledger_lacks(db_url: str) -> None
     ledger.dispose()
 
 
-def test_init_db_adds_the_columns_a_previous_ledger_lacks(db_url: str, settings_for, tmp_path: Path) -> None:
-    _previous_ledger(db_url)
-    app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=db_url)
+def test_init_db_adds_the_columns_a_previous_ledger_lacks(database_url: str, settings_for, tmp_path: Path) -> None:
+    _previous_ledger(database_url)
+    app = build_app(settings_for, tmp_path, CHATPROXY_DATABASE_URL=database_url)
 
     result = app.test_cli_runner().invoke(args=["init-db"])
 
     assert result.exit_code == 0, result.output
-    engine = sa.create_engine(db_url)
+    engine = sa.create_engine(database_url)
     columns = {column["name"] for column in sa.inspect(engine).get_columns("ledger")}
     tables = set(sa.inspect(engine).get_table_names())
     engine.dispose()

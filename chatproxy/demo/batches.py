@@ -21,15 +21,18 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from tests.fake_openai import Call, FakeOpenAI, Reply, _answer_for, _completion, count_tokens
+from .answers import answer_for, completion, count_tokens, prompt_tokens, usage
 
 FAIL_MARKER = "FAIL"
 ENDPOINTS = frozenset({"/v1/chat/completions"})
+# An endpoint of the fake besides /chat/completions: method, path pattern, handler(request handler, match, raw body).
+Route = tuple[str, re.Pattern[str], Callable[[Any, re.Match[str], bytes], None]]
 
 
 @dataclass
@@ -74,9 +77,9 @@ class FakeBatch:
 class FakeBatchAPI:
     """The state behind the endpoints: files, batches and how long a batch takes."""
 
-    def __init__(self, fake: FakeOpenAI) -> None:
-        self.fake = fake
-        self.delay = 3.0 if fake.demo else 0.2  # seconds from creation to `completed`
+    def __init__(self, demo: bool) -> None:
+        self.demo = demo
+        self.delay = 3.0 if demo else 0.2  # seconds from creation to `completed`
         self.create_reply_delay = 0.0  # seconds between creating a batch and answering (a slow or lost reply)
         self.files: dict[str, FakeFile] = {}
         self.batches: dict[str, FakeBatch] = {}
@@ -176,24 +179,17 @@ class FakeBatchAPI:
             }
             entry["response"] = {"status_code": 400, "request_id": request_id, "body": {"error": error}}
             return entry
-        text = _answer_for(body, self.fake.demo)
-        call = Call("POST", line["url"], {}, body, time.time())
-        call.prompt_tokens = sum(
-            count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict)
-        )
-        call.completion_tokens = count_tokens(text)
+        text = answer_for(body, self.demo)
         entry["response"] = {
             "status_code": 200,
             "request_id": request_id,
-            "body": _completion(body, Reply(), text, call),
+            "body": completion(body, text, usage(prompt_tokens(body), count_tokens(text))),
         }
         return entry
 
 
-def install(fake: FakeOpenAI) -> None:
-    """Add the Files and Batch endpoints to `fake` (its state: `fake.batch_api`)."""
-    api = FakeBatchAPI(fake)
-    fake.batch_api = api  # type: ignore[attr-defined]
+def batch_routes(api: FakeBatchAPI) -> list[Route]:
+    """The Files and Batch endpoints, serving `api`'s files and batches."""
 
     def upload(handler: Any, _match: re.Match[str], raw: bytes) -> None:
         fields = _multipart(handler.headers.get("content-type", ""), raw)
@@ -256,16 +252,14 @@ def install(fake: FakeOpenAI) -> None:
         else:
             handler._json(200, api.view(batch))
 
-    fake.routes.extend(
-        [
-            ("POST", re.compile(r"/v1/files"), upload),
-            ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)"), file_info),
-            ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)/content"), file_content),
-            ("POST", re.compile(r"/v1/batches"), create),
-            ("GET", re.compile(r"/v1/batches"), listing),
-            ("GET", re.compile(r"/v1/batches/(?P<id>[^/]+)"), retrieve),
-        ]
-    )
+    return [
+        ("POST", re.compile(r"/v1/files"), upload),
+        ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)"), file_info),
+        ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)/content"), file_content),
+        ("POST", re.compile(r"/v1/batches"), create),
+        ("GET", re.compile(r"/v1/batches"), listing),
+        ("GET", re.compile(r"/v1/batches/(?P<id>[^/]+)"), retrieve),
+    ]
 
 
 def _parse_input(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
