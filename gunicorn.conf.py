@@ -81,12 +81,11 @@ def _secret_key_problem(workers: int, secret_key: str) -> str | None:
 def _check(raw: dict[str, str]) -> str | None:
     """The first problem with `raw`: every setting as create_app() checks it (the model table and retired models
     included), then the deployment rules. Runs in the child process of _first_problem, which may import chatproxy."""
-    from chatproxy.config import SettingsError, validate
-    from chatproxy.models import prepare
+    from chatproxy.config import SettingsError
+    from chatproxy.startup import check
 
     try:
-        settings = validate(raw)
-        prepare(settings)
+        settings = check(raw)[0]
     except SettingsError as exc:
         return str(exc)
     workers = next(s for s in SETTINGS if s.name == "CHATPROXY_WORKERS").parse(raw["CHATPROXY_WORKERS"])

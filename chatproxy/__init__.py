@@ -10,10 +10,10 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import api, callers, commands, errors, limits, logs, models, openapi, ops, redis_client, security, state
+from . import api, callers, commands, errors, limits, logs, models, openapi, ops, redis_client, security, startup, state
 from .batches.store import BatchStore
 from .budget import Budget, Caps, SqlCounters
-from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings, validate
+from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings
 from .cooldowns import from_settings as cooldowns_from
 from .upstream import make_client
 from .usage import Ledger, default_database_url
@@ -35,16 +35,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(raw_settings(ROOT / ".env"))
     if test_config is not None:
         app.config.update(test_config)
-    settings = validate(app.config)
-    table, startup = models.prepare(settings)  # refuses a retired model; warns about one about to retire
-    settings = startup.settings
+    settings, table, found = startup.check(app.config)  # refuses a retired model; warns about one about to retire
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
     logs.init_app(app)  # first, so start-up messages are JSON lines too
-    for warning in startup.warnings:
+    for warning in found.warnings:
         log.warning("%s", warning)
-    state.init_app(app, build_state(settings, table, startup, app.instance_path))
+    state.init_app(app, build_state(settings, table, found.retiring, app.instance_path))
     errors.init_app(app)
     security.init_app(app, settings)
     ops.init_app(app)  # its timer is the first before_request hook: refused requests are timed too
@@ -73,7 +71,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def build_state(
-    settings: Settings, table: models.ModelTable, startup: models.Startup, instance_path: str
+    settings: Settings, table: models.ModelTable, retiring: tuple[models.Retirement, ...], instance_path: str
 ) -> state.AppState:
     """Every long-lived object, built from validated settings; nothing connects yet (the database on first use)."""
     ledger = Ledger(settings.database_url or default_database_url(instance_path))
@@ -85,7 +83,7 @@ def build_state(
         settings=settings,
         client=make_client(settings),
         models=table,
-        retiring=startup.retiring,
+        retiring=retiring,
         ledger=ledger,
         budget=Budget(counters, Caps.from_settings(settings)),
         batches=batches,

@@ -430,11 +430,16 @@ def shipped_specs() -> dict[str, ModelSpec]:
 
 def load_table(override: str | None = None, *, openai_upstream: bool = True, setting: str = SETTING) -> ModelTable:
     """The shipped table with `override` (JSON text or a file path) replacing fields of entries or adding entries."""
+    entries = parse_entries(read_override(override, setting), setting) if override and override.strip() else {}
+    return _table(entries, openai_upstream, setting)
+
+
+def _table(entries: Mapping[str, Mapping[str, Any]], openai_upstream: bool, setting: str) -> ModelTable:
+    """The shipped table with parsed override `entries` applied."""
     specs = dict(shipped_specs())
-    if override and override.strip():
-        default = _unknown_spec(specs.values(), openai_upstream)
-        for name, fields in parse_entries(read_override(override, setting), setting).items():
-            specs[name] = build_spec(name, fields, setting, base=specs.get(name) or default)
+    default = _unknown_spec(specs.values(), openai_upstream)
+    for name, fields in entries.items():
+        specs[name] = build_spec(name, fields, setting, base=specs.get(name) or default)
     return ModelTable(specs, openai_upstream=openai_upstream)
 
 
@@ -460,8 +465,7 @@ def load_models(settings: Settings) -> ModelTable:
     if settings.model_table:
         for name, fields in parse_entries(read_override(settings.model_table, SETTING), SETTING).items():
             entries.setdefault(name, {}).update(fields)
-    override = json.dumps(entries, default=str) if entries else None
-    return load_table(override, openai_upstream=openai_upstream(settings), setting=SETTING)
+    return _table(entries, openai_upstream(settings), SETTING)
 
 
 def parse_entries_of_prices(text: str, setting: str = "CHATPROXY_PRICES") -> dict[str, Any]:

@@ -196,7 +196,7 @@ def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url)
     system = count_tokens(SYSTEM)
     chat_tokens = sum(count_tokens(m["content"]) for m in THREE[2]["messages"])
     assert [row["prompt_tokens"] for row in ok] == [system + count_tokens("Hello there"), system + chat_tokens]
-    prices = state(app).prices
+    prices = state(app).models
     for row in ok:
         full_price = prices.cost_micros("gpt-4o-mini", row["prompt_tokens"], row["completion_tokens"])
         assert full_price == row["prompt_tokens"] * 10 + row["completion_tokens"] * 20

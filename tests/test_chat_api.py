@@ -79,13 +79,23 @@ def test_models_lists_the_allowlist_and_default(client):
     response = client.get("/api/models")
 
     assert response.status_code == 200
-    assert response.get_json() == {"models": ["gpt-4o-mini", "gpt-4o"], "default": "gpt-4o-mini"}
+    details = {"reasoning": False, "images": True, "shutdown": "2027-01-14"}  # models.json
+    assert response.get_json() == {
+        "models": ["gpt-4o-mini", "gpt-4o"],
+        "default": "gpt-4o-mini",
+        "details": {"gpt-4o-mini": details, "gpt-4o": details},
+    }
 
 
 def test_models_follow_the_settings(settings_for):
     app = create_app(settings_for(CHATPROXY_MODELS="llama3.1,qwen2.5", CHATPROXY_DEFAULT_MODEL="qwen2.5"))
 
-    assert app.test_client().get("/api/models").get_json() == {"models": ["llama3.1", "qwen2.5"], "default": "qwen2.5"}
+    unknown = {"reasoning": False, "images": False, "shutdown": None}  # not in models.json: the cautious default
+    assert app.test_client().get("/api/models").get_json() == {
+        "models": ["llama3.1", "qwen2.5"],
+        "default": "qwen2.5",
+        "details": {"llama3.1": unknown, "qwen2.5": unknown},
+    }
 
 
 def test_healthz_does_not_call_the_upstream(client, fake):

@@ -126,9 +126,9 @@ def test_streaming_reply_without_usage_still_asks_upstream_for_it(sdk, fake):
 
 
 def test_models_list_is_the_allowlist(sdk, fake):
-    client = sdk(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,o3-mini")
+    client = sdk(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini")
 
-    assert [model.id for model in client.models.list()] == ["gpt-4o-mini", "gpt-4o", "o3-mini"]
+    assert [model.id for model in client.models.list()] == ["gpt-4o-mini", "gpt-4o", "gpt-5.4-mini"]
     assert fake.calls == []
 
 
@@ -219,12 +219,14 @@ def test_replace_mode_drops_the_clients_system_messages(sdk, fake):
 
 
 @pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
-def test_token_caps_are_clamped_to_the_servers(sdk, fake, name):
-    sdk(CHATPROXY_MAX_TOKENS=100).chat.completions.create(model="gpt-4o", messages=USER, **{name: 100_000})
+@pytest.mark.parametrize(("model", "takes"), [("gpt-4o", "max_tokens"), ("gpt-5.4-mini", "max_completion_tokens")])
+def test_token_caps_are_clamped_and_sent_under_the_name_the_model_takes(sdk, fake, name, model, takes):
+    client = sdk(CHATPROXY_MAX_TOKENS=100, CHATPROXY_MODELS=f"gpt-4o-mini,{model}")
+    client.chat.completions.create(model=model, messages=USER, **{name: 100_000})
 
     sent = fake.chat_calls()[0].body
-    assert sent[name] == 100
-    assert ({"max_tokens", "max_completion_tokens"} - {name}).isdisjoint(sent)
+    assert sent[takes] == 100  # whichever name the client used (models.json: gpt-4o takes both, gpt-5.x one)
+    assert ({"max_tokens", "max_completion_tokens"} - {takes}).isdisjoint(sent)
 
 
 def test_the_upstream_sees_our_key_never_the_clients_token(fake, settings_for, serve, caplog):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproxy import SettingsError, create_app
+from chatproxy import SettingsError, create_app, startup
 from chatproxy.config import SETTINGS, raw_settings, validate
 from chatproxy.state import state
 from docs.gen_settings import env_example, readme_table
@@ -73,12 +73,12 @@ def test_a_bad_value_stops_start_up_naming_the_variable(settings_for, name, valu
         ("CHATPROXY_PRICES", '{"gpt-4o": {"input": 1}}', "missing 'output'"),
     ],
 )
-def test_validate_alone_refuses_what_start_up_would(name, value, says):
-    """The gunicorn master runs config.py alone (no Flask): every value create_app() refuses must fail here."""
+def test_the_check_before_gunicorn_forks_refuses_what_start_up_would(name, value, says):
+    """gunicorn checks the settings (in a child, before it forks workers) with startup.check, as create_app does."""
     raw = raw_settings(None, environ={"OPENAI_API_KEY": "sk-test", name: value})
 
     with pytest.raises(SettingsError) as excinfo:
-        validate(raw)
+        startup.check(raw)
 
     assert name in str(excinfo.value) and says in str(excinfo.value)
 

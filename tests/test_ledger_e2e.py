@@ -186,7 +186,7 @@ def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_bu
     response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
 
     assert response.status_code in (503, 504)
-    prices = state(app).prices
+    prices = state(app).models
     rows = state(app).ledger.rows()
     assert len(rows) == len(fake.chat_calls()) == 6  # three attempts on gpt-4o, three on its fallback
     assert [(row["model_answered"], *_money(row)) for row in rows] == [

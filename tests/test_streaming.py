@@ -28,6 +28,8 @@ def test_stream_sends_start_deltas_done_with_usage(live_url, fake):
         "prompt_tokens": call.prompt_tokens,
         "completion_tokens": call.completion_tokens,
         "total_tokens": call.prompt_tokens + call.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert call.body["stream"] is True
     assert call.body["stream_options"] == {"include_usage": True}

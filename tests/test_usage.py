@@ -21,10 +21,11 @@ from chatproxy.api.usage import usage_report
 from chatproxy.callers import Caller, hash_token
 from chatproxy.config import SettingsError
 from chatproxy.errors import ApiError
-from chatproxy.prices import load_prices
+from chatproxy.config import raw_settings, validate
+from chatproxy.models import ModelTable, load_models
 from chatproxy.state import state
 from chatproxy.usage import Ledger, estimate_prompt_tokens, estimate_tokens
-from tests.helpers import free_port, postgres_schema_url, process_context
+from tests.helpers import TEST_KEY, free_port, postgres_schema_url, process_context
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -74,6 +75,11 @@ def close_ok(ledger: Ledger, row_id: int, **changes: object) -> bool:
 # --- prices ------------------------------------------------------------------------------------------------
 
 
+def load_prices(prices: str | None = None) -> ModelTable:
+    """The app's model table, with CHATPROXY_PRICES set to `prices`."""
+    return load_models(validate({**raw_settings(None), "OPENAI_API_KEY": TEST_KEY, "CHATPROXY_PRICES": prices or ""}))
+
+
 @pytest.mark.parametrize(
     ("model", "prompt", "completion", "cached", "batch", "expected"),
     [
@@ -101,23 +107,25 @@ def test_costs_add_up_exactly_without_float_drift() -> None:
     table = load_prices()
     # 0.1 + 0.2 style drift would show here: 10 million calls worth of tokens, summed in one go.
     assert table.cost_micros("gpt-4o-mini", 10_000_000 * 3, 0) == 4_500_000
-    assert table.rates("gpt-4o-mini").cached_input == 75_000  # $0.075 per million, exact
+    assert table.spec("gpt-4o-mini").prices.base.cached_input == 75_000  # $0.075 per million, exact
 
 
 def test_dated_snapshots_are_priced_as_their_model_and_unknown_models_at_the_highest_rates(caplog) -> None:
     table = load_prices()
     assert table.cost_micros("gpt-4o-mini-2024-07-18", 1000, 1000) == table.cost_micros("gpt-4o-mini", 1000, 1000)
-    assert table.known("gpt-4o-2024-08-06") and not table.known("gpt-5")
-    assert table.cost_micros("gpt-5", 1000, 1000, 500) == table.cost_micros("gpt-4o", 1000, 1000, 500)
-    assert "gpt-5" in caplog.text
+    assert table.known("gpt-4o-2024-08-06") and not table.known("mystery-model")
+    dearest = table.spec("mystery-model").prices.base  # never cheaper than any known model
+    assert all(dearest.output >= table.spec(name).prices.base.output for name in ("gpt-4o", "o1", "gpt-6-astra"))
+    assert table.cost_micros("mystery-model", 1_000_000, 0) == dearest.input
+    assert "mystery-model" in caplog.text
     with pytest.raises(ValueError):
         table.cost_micros("gpt-4o", -1, 0)
 
 
 def test_unknown_model_takes_the_highest_rate_of_each_kind_across_models() -> None:
     table = load_prices('{"cheap-in": {"input": 100, "output": 0.01}}')
-    rates = table.rates("mystery")
-    assert (rates.input, rates.cached_input, rates.output) == (100_000_000, 100_000_000, 10_000_000)
+    rates = table.spec("mystery").prices.base
+    assert (rates.input, rates.cached_input) == (100_000_000, 100_000_000)  # cheap-in's input is the dearest now
 
 
 def test_worst_case_is_the_dearest_model_that_may_answer() -> None:
@@ -160,7 +168,7 @@ def test_bad_price_override_names_the_variable(text: str, says: str) -> None:
 
 def test_app_prices_come_from_settings_and_a_bad_override_stops_start_up(settings_for) -> None:
     app = create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o-mini": {"input": 1, "output": 2}}'))
-    assert state(app).prices.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
+    assert state(app).models.cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 3_000_000
     assert load_prices().cost_micros("gpt-4o-mini", 1_000_000, 1_000_000) == 750_000  # the shipped table
     with pytest.raises(SettingsError, match="CHATPROXY_PRICES"):
         create_app(settings_for(CHATPROXY_PRICES='{"gpt-4o": {"input": 1}}'))
@@ -326,6 +334,8 @@ def test_report_totals_by_day_model_and_identity(ledger: Ledger, clock: Clock) -
         "requests": 4,
         "prompt_tokens": 30,
         "completion_tokens": 15,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
         "cost_micros": 3_500_251,
         "total_tokens": 45,
         "cost_usd": "3.500251",
@@ -364,7 +374,9 @@ def build_app(settings_for, tmp_path: Path, **overrides: object) -> Flask:
     overrides.setdefault("CHATPROXY_DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
     app = create_app(settings_for(**overrides))
     if not overrides["CHATPROXY_DATABASE_URL"]:
-        state_module.init_app(app, build_state(state(app).settings, str(tmp_path / "instance")))
+        app_state = state(app)
+        instance = str(tmp_path / "instance")
+        state_module.init_app(app, build_state(app_state.settings, app_state.models, app_state.retiring, instance))
     return app
 
 
@@ -534,8 +546,8 @@ def test_usage_command_prints_a_table(filled_app: Flask) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "Usage 2025-03-01 .. 2025-03-02 (UTC)"
-    assert lines[1] == "Total: 5 requests, 130 prompt + 65 completion tokens, $4.000251"
-    assert any(line.split() == ["2025-03-01", "gpt-4o", "token:a", "1", "10", "5", "1.500000"] for line in lines)
+    assert lines[1] == "Total: 5 requests, 130 prompt (0 cached) + 65 completion (0 reasoning) tokens, $4.000251"
+    assert any(line.split() == ["2025-03-01", "gpt-4o", "token:a", "1", "10", "0", "5", "0", "1.500000"] for line in lines)
 
 
 def test_usage_command_json(filled_app: Flask) -> None:

@@ -21,6 +21,7 @@ bp = Blueprint("classify", __name__)
 
 FIELDS = frozenset({"text", "labels"})
 MAX_ANSWER_TOKENS = 300
+STEADY = {"temperature": 0.0}  # the same text, the same label: for models that take a temperature at all
 SYSTEM_PROMPT = (
     "You are a document classifier. Read the user's text and choose exactly one label from the schema's "
     "enum: the one that best describes what the text is about. Give your confidence from 0 to 1 and a "
@@ -52,17 +53,21 @@ def schema(labels: list[str]) -> dict[str, Any]:
 @bp.post("/api/classify")
 def classify() -> Response:
     """Classify a text into one of the allowed labels."""
-    settings = state().settings
+    app_state = state()
+    settings = app_state.settings
     text, labels = _validate(parse_json_body(request.get_data(cache=False), request.content_type), settings)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
     response_format = schema(labels)
+    spec = app_state.models.spec(settings.classify_model)
     call = Call(
         dialect=CHAT,
         model=settings.classify_model,
-        body={"messages": messages, "temperature": 0.0, "response_format": response_format},
-        max_output=min(MAX_ANSWER_TOKENS, settings.max_tokens),
+        body={"messages": messages, "response_format": response_format},
+        # A reasoning model's hidden reasoning counts against the cap: it gets the server's whole cap.
+        max_output=settings.max_tokens if spec.reasons else min(MAX_ANSWER_TOKENS, settings.max_tokens),
         stream=False,
         prompt_estimate=estimate_prompt(messages, response_format),
+        sampling=STEADY if spec.allows_sampling("temperature", 0.0) else {},
     )
     return serve(call, Classification(labels))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -22,9 +23,69 @@ def prompt_tokens(body: dict) -> int:
     return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    """The `usage` object of a completion."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """The `usage` object of a completion, with its details as OpenAI sends them (reasoning is part of completion)."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion + reasoning,
+        "total_tokens": prompt + completion + reasoning,
+        "prompt_tokens_details": {"cached_tokens": min(cached, prompt), "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+# The model families that reason (the o-series, gpt-5 and later) and take their parameters as OpenAI's do:
+# max_completion_tokens only, the default temperature only (gpt-5.1 and later: any, with reasoning_effort none).
+REASONING = re.compile(r"^(o\d|gpt-5|gpt-6)")
+SAMPLING_WITH_EFFORT_NONE = re.compile(r"^gpt-(5\.[1-9]|6)")
+SAMPLING = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+REASONING_TOKENS = 12  # what a reasoning model of the fake "thinks" before each answer
+
+
+def parameter_error(body: dict) -> dict[str, Any] | None:
+    """The 400 error body the real API answers for a parameter the model refuses, or None."""
+    model = str(body.get("model") or "")
+    if not REASONING.match(model):
+        if body.get("reasoning_effort") is not None:
+            return _unsupported(
+                "reasoning_effort",
+                "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+                "unsupported_parameter",
+            )
+        return None
+    if "max_tokens" in body:
+        return _unsupported(
+            "max_tokens",
+            "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+            "instead.",
+            "unsupported_parameter",
+        )
+    if body.get("reasoning_effort") == "none" and SAMPLING_WITH_EFFORT_NONE.match(model):
+        return None
+    for name, default in SAMPLING.items():
+        value = body.get(name)
+        if value is not None and value != default:
+            return _unsupported(
+                name,
+                f"Unsupported value: '{name}' does not support {value} with this model. Only the default "
+                f"({default}) value is supported.",
+                "unsupported_value",
+            )
+    return None
+
+
+def _unsupported(param: str, message: str, code: str) -> dict[str, Any]:
+    return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def reasoning_tokens(body: dict) -> int:
+    """Hidden reasoning tokens the fake bills for an answer (0 for models that do not reason)."""
+    return REASONING_TOKENS if REASONING.match(str(body.get("model") or "")) else 0
 
 
 def answer_for(body: dict, demo: bool) -> str:

@@ -27,7 +27,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .answers import answer_for, completion, count_tokens, prompt_tokens, tool_calls_for, usage
+from .answers import (
+    answer_for,
+    completion,
+    count_tokens,
+    parameter_error,
+    prompt_tokens,
+    reasoning_tokens,
+    tool_calls_for,
+    usage,
+)
 from .batches import FakeBatchAPI, Route, batch_routes
 
 
@@ -54,6 +63,8 @@ class Reply:
     model: str | None = None  # answer as this model (default: the one asked for)
     refusal: str | None = None  # a structured-output refusal instead of content
     tool_calls: list[dict[str, Any]] | None = None  # answer with these; default: call a tool when `tools` are offered
+    cached_tokens: int = 0  # report this many of the prompt's tokens as cached (billed at the cached rate)
+    omit_usage: bool = False  # stream: no usage chunk even when asked (llama.cpp's server ignores include_usage)
 
 
 @dataclass
@@ -69,7 +80,9 @@ class Call:
     finished: bool = False
     disconnected_at: float | None = None  # when the fake saw the client close mid-stream
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # the answer's; reasoning tokens are on top
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def model(self) -> str | None:
@@ -246,8 +259,15 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._json(reply.status, {"error": error}, reply.headers)
                 call.finished = True
                 return
+            refused = parameter_error(body)
+            if refused is not None:  # as the real API does, before anything is generated (and billed)
+                self._json(400, {"error": refused})
+                call.finished = True
+                return
             text = reply.content if reply.content is not None else answer_for(body, fake.demo)
             call.prompt_tokens = prompt_tokens(body)
+            call.reasoning_tokens = reasoning_tokens(body)
+            call.cached_tokens = min(reply.cached_tokens, call.prompt_tokens)
             tools = reply.tool_calls if reply.tool_calls is not None else tool_calls_for(body)
             if tools and reply.finish_reason == "stop":
                 reply = dataclasses.replace(reply, finish_reason="tool_calls")
@@ -258,7 +278,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 answer = completion(
                     body,
                     text,
-                    usage(call.prompt_tokens, call.completion_tokens),
+                    usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens),
                     model=reply.model,
                     refusal=reply.refusal,
                     finish_reason=reply.finish_reason,
@@ -357,10 +377,16 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
                     count=False,
                 )
-                if (body.get("stream_options") or {}).get("include_usage"):
+                if (body.get("stream_options") or {}).get("include_usage") and not reply.omit_usage:
                     self._send(
                         call,
-                        {**base, "choices": [], "usage": usage(call.prompt_tokens, call.completion_tokens)},
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": usage(
+                                call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens
+                            ),
+                        },
                         count=False,
                     )
                 self._write(call, b"data: [DONE]\n\n")
