@@ -545,11 +545,21 @@ def check_configured(settings: Settings, table: ModelTable, today: date) -> Star
 
 
 MODEL_SETTINGS = ("CHATPROXY_MODELS", "CHATPROXY_DEFAULT_MODEL", "CHATPROXY_FALLBACK_CHAIN", "CHATPROXY_CLASSIFY_MODEL")
+# What a new user gets once the default models are shut down (2027-01-14): OpenAI's named replacement, and a
+# stronger model that falls back to it, as gpt-4o did to gpt-4o-mini (README: "Models of 2027"). Both reason,
+# so their hidden reasoning needs a larger output cap than the old default 1024.
+NEXT_DEFAULTS = {
+    "models": ("gpt-6-luna", "gpt-6.1-terra"),
+    "default_model": "gpt-6-luna",
+    "fallback_chain": ("gpt-6.1-terra", "gpt-6-luna"),
+    "classify_model": "gpt-6-luna",
+}
+NEXT_MAX_TOKENS = 8192
 
 
 def _default_successors(settings: Settings, table: ModelTable, today: date) -> Settings:
-    """The settings with their default models replaced once those are retired, if the models are the defaults."""
-    defaults = {s.name: s.parse(s.default) for s in SETTINGS if s.name in MODEL_SETTINGS}
+    """The settings with NEXT_DEFAULTS once the default models are retired, if the models are the defaults."""
+    defaults = {s.name: s.parse(s.default) for s in SETTINGS if s.name in (*MODEL_SETTINGS, "CHATPROXY_MAX_TOKENS")}
     chosen = {
         "CHATPROXY_MODELS": settings.models,
         "CHATPROXY_DEFAULT_MODEL": settings.default_model,
@@ -557,24 +567,16 @@ def _default_successors(settings: Settings, table: ModelTable, today: date) -> S
         "CHATPROXY_CLASSIFY_MODEL": settings.classify_model,
     }
     defaults["CHATPROXY_CLASSIFY_MODEL"] = defaults["CHATPROXY_CLASSIFY_MODEL"] or defaults["CHATPROXY_DEFAULT_MODEL"]
-    if chosen != defaults:
+    retired = any((r := table.retirement(name, today)) is not None and r.retired for name in settings.models)
+    if not retired or any(chosen[name] != defaults[name] for name in MODEL_SETTINGS):
         return settings
-
-    def successor(name: str) -> str:
-        retirement = table.retirement(name, today)
-        return retirement.replacement if retirement and retirement.retired and retirement.replacement else name
-
-    models = tuple(dict.fromkeys(successor(name) for name in settings.models))
-    if models == settings.models:
-        return settings
-    log.warning("the default models %s are retired: using %s instead", ", ".join(settings.models), ", ".join(models))
-    return replace(
-        settings,
-        models=models,
-        default_model=successor(settings.default_model),
-        fallback_chain=tuple(dict.fromkeys(successor(name) for name in settings.fallback_chain)),
-        classify_model=successor(settings.classify_model),
+    log.warning(
+        "the default models %s are shut down: using %s instead (README: 'Models of 2027')",
+        ", ".join(settings.models),
+        ", ".join(NEXT_DEFAULTS["models"]),
     )
+    cap = NEXT_MAX_TOKENS if settings.max_tokens == defaults["CHATPROXY_MAX_TOKENS"] else settings.max_tokens
+    return replace(settings, **NEXT_DEFAULTS, max_tokens=cap)
 
 
 def prepare(settings: Settings, today: date | None = None) -> tuple[ModelTable, Startup]:

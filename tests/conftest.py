@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 from chatproxy import create_app
 from chatproxy.demo.upstream import FakeOpenAI
 from tests.browser import DESKTOP, chromium_missing, launch, must_run, watch
-from tests.helpers import REDIS_URL, TEST_KEY, postgres_schema_url
+from tests.helpers import LIVING_MODELS, REDIS_URL, TEST_KEY, postgres_schema_url
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,7 @@ def settings_for(fake: FakeOpenAI, tmp_path):
             "CHATPROXY_MAX_CONCURRENT_PER_IP": 1000,
             "CHATPROXY_THREADS": 1000,
             "CHATPROXY_RATE_LIMIT_SESSIONS": "100000/minute",
+            "CHATPROXY_MODEL_TABLE": LIVING_MODELS,
         }
         config.update(overrides)
         return config

@@ -166,6 +166,11 @@ def start_nginx(tmp: Path, upstream_port: int) -> Server:
     return server
 
 
+# The suite's models do not retire while it runs: gpt-4o and gpt-4o-mini shut down on 2027-01-14, and start-up
+# refuses a model past its shutdown. Tests of retirement set their own dates (tests/test_model_capabilities.py).
+LIVING_MODELS = json.dumps({"gpt-4o": {"shutdown": None}, "gpt-4o-mini": {"shutdown": None}})
+
+
 def environment(settings: dict[str, str]) -> dict[str, str]:
     """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`."""
     inherited = {
@@ -173,7 +178,7 @@ def environment(settings: dict[str, str]) -> dict[str, str]:
         for k, v in os.environ.items()
         if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))
     }
-    return {**inherited, **settings}
+    return {**inherited, "CHATPROXY_MODEL_TABLE": LIVING_MODELS, **settings}
 
 
 def start_gunicorn(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:

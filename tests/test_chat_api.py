@@ -79,7 +79,7 @@ def test_models_lists_the_allowlist_and_default(client):
     response = client.get("/api/models")
 
     assert response.status_code == 200
-    details = {"reasoning": False, "images": True, "shutdown": "2027-01-14"}  # models.json
+    details = {"reasoning": False, "images": True, "shutdown": None}  # models.json, shutdowns pinned: conftest
     assert response.get_json() == {
         "models": ["gpt-4o-mini", "gpt-4o"],
         "default": "gpt-4o-mini",

@@ -280,8 +280,11 @@ def test_a_new_user_on_2027_01_15_gets_the_replacements_of_the_retired_defaults(
     table = models.load_models(settings_with())
     found = models.check_configured(settings_with(), table, date(2027, 1, 15))
 
-    assert found.settings.models == ("gpt-6-luna",)  # both defaults name it as their replacement
+    assert found.settings.models == ("gpt-6-luna", "gpt-6.1-terra")  # OpenAI's replacement, and a stronger one
     assert found.settings.default_model == found.settings.classify_model == "gpt-6-luna"
+    assert found.settings.fallback_chain == ("gpt-6.1-terra", "gpt-6-luna")
+    assert found.settings.max_tokens == 8192  # room for their hidden reasoning
+    assert not [w for w in found.warnings if "reasons" in w]
 
 
 def test_models_someone_chose_are_never_replaced_behind_their_back():

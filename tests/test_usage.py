@@ -19,9 +19,8 @@ from chatproxy import build_state, create_app, reports, usage
 from chatproxy import state as state_module
 from chatproxy.api.usage import usage_report
 from chatproxy.callers import Caller, hash_token
-from chatproxy.config import SettingsError
+from chatproxy.config import SettingsError, raw_settings, validate
 from chatproxy.errors import ApiError
-from chatproxy.config import raw_settings, validate
 from chatproxy.models import ModelTable, load_models
 from chatproxy.state import state
 from chatproxy.usage import Ledger, estimate_prompt_tokens, estimate_tokens
@@ -547,7 +546,9 @@ def test_usage_command_prints_a_table(filled_app: Flask) -> None:
     lines = result.output.splitlines()
     assert lines[0] == "Usage 2025-03-01 .. 2025-03-02 (UTC)"
     assert lines[1] == "Total: 5 requests, 130 prompt (0 cached) + 65 completion (0 reasoning) tokens, $4.000251"
-    assert any(line.split() == ["2025-03-01", "gpt-4o", "token:a", "1", "10", "0", "5", "0", "1.500000"] for line in lines)
+    assert any(
+        line.split() == ["2025-03-01", "gpt-4o", "token:a", "1", "10", "0", "5", "0", "1.500000"] for line in lines
+    )
 
 
 def test_usage_command_json(filled_app: Flask) -> None:
