@@ -153,15 +153,31 @@ def current_caller() -> Caller:
     return g.caller
 
 
-def token_required(message: str, status: int = 401) -> Callable[[F], F]:
-    """A route only bearer-token holders may call; anyone else gets `status` with `message`."""
+def token_required(message: str) -> Callable[[F], F]:
+    """A route only bearer-token holders may call: 401 unauthorized with `message` for anyone else."""
 
+    def refuse() -> None:
+        raise ApiError(401, "unauthorized", message)
+
+    return _tokens_only(refuse)
+
+
+def tokens_only(message: str) -> Callable[[F], F]:
+    """A route other callers are known but not allowed on: 403 forbidden with `message` for them."""
+
+    def refuse() -> None:
+        raise ApiError(403, "forbidden", message)
+
+    return _tokens_only(refuse)
+
+
+def _tokens_only(refuse: Callable[[], None]) -> Callable[[F], F]:
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             caller = g.get("caller")
             if caller is None or caller.kind != "token":
-                raise ApiError(status, "unauthorized" if status == 401 else "forbidden", message)
+                refuse()
             return view(*args, **kwargs)
 
         return guarded  # type: ignore[return-value]

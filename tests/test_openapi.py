@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ PACKAGE = ROOT / "chatproxy"
 # Errors that come from Flask/werkzeug rather than an ApiError(...) in our code, where a route can answer them.
 FRAMEWORK = {(500, "internal_error"), (413, "payload_too_large")}
 STATIC = {(404, "not_found")}  # Flask's static view
+MODULES = frozenset(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
+ADAPTERS = frozenset({"adapter", "writer"})  # pipeline.py and relay.py's names for the view's wire adapter
 LIBRARY_NAMES = frozenset(
     {
         "update",
@@ -64,6 +67,18 @@ def full_app(settings_for) -> Flask:
 # --- a small static call graph of the package ------------------------------------------------------------------
 
 
+def _package_of(module: str, level: int) -> str:
+    """The package a relative import of `level` dots in `module` starts from ("" is chatproxy itself)."""
+    parts = module.split(".")
+    parts = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    return ".".join(parts[: len(parts) - (level - 1)] if level > 1 else parts)
+
+
+def _join(package: str, name: str) -> str:
+    """A module name inside `package`; a package's own names live in its __init__."""
+    return f"{package}.{name}" if package else name
+
+
 class CallGraph:
     """Functions of the chatproxy package by module, the names they call, and the error codes they raise."""
 
@@ -72,8 +87,8 @@ class CallGraph:
         self.functions: dict[tuple[str, str], list[ast.AST]] = {}  # (module, name) -> module-level defs
         self.methods: dict[str, list[tuple[str, ast.AST]]] = {}  # name -> [(module, def)] for class methods
         self.imports: dict[str, dict[str, tuple[str, str | None]]] = {}  # module -> alias -> (module, name|None)
-        for path in sorted(PACKAGE.glob("*.py")):
-            module = path.stem
+        for path in sorted(PACKAGE.rglob("*.py")):
+            module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)  # api.chat, batches.service
             tree = ast.parse(path.read_text(encoding="utf-8"))
             self.modules[module] = tree
             self.imports[module] = {}
@@ -86,15 +101,21 @@ class CallGraph:
                             self.methods.setdefault(item.name, []).append((module, item))
                             self.functions.setdefault((module, f"{node.name}.{item.name}"), []).append(item)
             for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                    base = _package_of(module, node.level)
                     for alias in node.names:
-                        if node.module is None:  # from . import usage
-                            self.imports[module][alias.asname or alias.name] = (alias.name, None)
+                        source = _join(base, node.module) if node.module else base
+                        if node.module is None or (source and f"{source}.{alias.name}" in MODULES):
+                            # from . import usage / from ..batches import service: a module
+                            self.imports[module][alias.asname or alias.name] = (_join(source, alias.name), None)
                         else:  # from .usage import Ledger
-                            self.imports[module][alias.asname or alias.name] = (node.module, alias.name)
+                            self.imports[module][alias.asname or alias.name] = (source, alias.name)
 
-    def callees(self, module: str, node: ast.AST) -> Iterator[tuple[str, ast.AST]]:
-        """The package functions `node` may call: by name through the module's imports, by method name otherwise."""
+    def callees(self, module: str, node: ast.AST, root: str) -> Iterator[tuple[str, ast.AST]]:
+        """The package functions `node` may call: by name through the module's imports, by method name otherwise.
+
+        The pipeline calls the wire adapter the view handed it (`adapter.reply(...)`, `writer.done(...)`): those
+        resolve to the classes of the view's own module, `root`, not to every adapter of the package."""
         for call in ast.walk(node):
             if not isinstance(call, ast.Call):
                 continue
@@ -107,6 +128,9 @@ class CallGraph:
             elif isinstance(func, ast.Attribute):
                 owner = func.value.id if isinstance(func.value, ast.Name) else None
                 imported = self.imports[module].get(owner) if owner else None
+                if owner in ADAPTERS:
+                    yield from ((m, n) for m, n in self.methods.get(func.attr, []) if m == root)
+                    continue
                 if imported is not None and imported[1] is None:  # cooldowns.of(...): a module's function
                     yield from ((imported[0], n) for n in self.functions.get((imported[0], func.attr), []))
                 elif not func.attr.startswith("__"):  # meter.attempt(...): a method of that name
@@ -159,9 +183,9 @@ class CallGraph:
 
     def reachable(self, entries: list[tuple[str, ast.AST]]) -> tuple[set[tuple[int, str]], set[str]]:
         """HTTP errors raised before a response starts, and the codes of stream error events, from `entries`."""
-        http, events, seen, todo = set(), set(), set(), [(m, n, False) for m, n in entries]
+        http, events, seen, todo = set(), set(), set(), [(m, n, False, m) for m, n in entries]
         while todo:
-            module, node, streaming = todo.pop()
+            module, node, streaming, root = todo.pop()
             if (id(node), streaming) in seen:
                 continue
             seen.add((id(node), streaming))
@@ -170,19 +194,31 @@ class CallGraph:
                 events |= self.event_codes(node) | {code for _, code in self.raised(node)}
             else:
                 http |= self.raised(node)
-            todo += [(m, n, streaming) for m, n in self.callees(module, node)]
+            todo += [(m, n, streaming, root) for m, n in self.callees(module, node, root)]
         return http, events
 
     def definition(self, function) -> tuple[str, ast.AST] | None:
         """The AST of a live function object of the package."""
-        module = function.__module__.rpartition(".")[2]
         if not function.__module__.startswith("chatproxy"):
             return None
+        module = function.__module__.removeprefix("chatproxy").removeprefix(".") or "__init__"
         nodes = self.functions.get((module, function.__qualname__.replace(".<locals>.", ".")), [])
         return (module, nodes[0]) if nodes else None
 
 
 GRAPH = CallGraph()
+
+
+def _decorators(view) -> Iterator:
+    """The factories of the access-rule decorators around a view (@token_required, @admin_required...)."""
+    wrapper = view
+    while hasattr(wrapper, "__wrapped__"):
+        factory = wrapper.__code__.co_qualname.partition(".")[0]  # token_required.<locals>...guarded
+        # functools.wraps gave the wrapper the view's module, which imports the factory by its name.
+        found = getattr(sys.modules[wrapper.__module__], factory, None)
+        if found is not None:
+            yield found
+        wrapper = wrapper.__wrapped__
 
 
 def route_errors(app: Flask, rule) -> tuple[set[tuple[int, str]], set[str]]:
@@ -191,14 +227,15 @@ def route_errors(app: Flask, rule) -> tuple[set[tuple[int, str]], set[str]]:
     blueprint = rule.endpoint.rpartition(".")[0] or None
     hooks = [*app.before_request_funcs.get(None, []), *app.before_request_funcs.get(blueprint, [])]
     guarded = rule.rule.startswith(GUARDED_PREFIXES)
-    for function in [app.view_functions[rule.endpoint], *hooks]:
+    view = app.view_functions[rule.endpoint]
+    for function in [view, *_decorators(view), *hooks]:
         if function in (identify_caller, hold_slots) and not guarded:  # they return at once outside /api/, /v1/
             continue
         found = GRAPH.definition(function)
         if found is not None:
             entries.append(found)
     if guarded or rule.endpoint == "chat.page":  # guards._not_limited
-        entries.append(("guards", GRAPH.functions[("guards", "_rate_limited")][0]))
+        entries.append(("limits", GRAPH.functions[("limits", "_rate_limited")][0]))
     return GRAPH.reachable(entries)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from ..batches import service
-from ..callers import token_required
+from ..callers import tokens_only
 from ..schemas import parse_json_body
 from ..state import state
 
@@ -14,7 +14,7 @@ TOKENS_ONLY = "The Batch API is for bearer tokens: send Authorization: Bearer <t
 
 
 @bp.post("/api/batches")
-@token_required(TOKENS_ONLY, status=403)
+@tokens_only(TOKENS_ONLY)
 def create_batch() -> Response:
     """Submit a batch: 202 with its id and status."""
     settings = state().settings
@@ -28,14 +28,14 @@ def create_batch() -> Response:
 
 
 @bp.get("/api/batches/<batch_id>")
-@token_required(TOKENS_ONLY, status=403)
+@tokens_only(TOKENS_ONLY)
 def batch_status(batch_id: str) -> Response:
     """A batch's status and request counts."""
     return jsonify(service.status(batch_id, g.identity))
 
 
 @bp.get("/api/batches/<batch_id>/results")
-@token_required(TOKENS_ONLY, status=403)
+@tokens_only(TOKENS_ONLY)
 def batch_results(batch_id: str) -> Response:
     """A finished batch's answers and errors per custom_id; 409 while it runs."""
     return jsonify(service.results(batch_id, g.identity))
