@@ -69,8 +69,7 @@ def full_app(settings_for) -> Flask:
 
 def _package_of(module: str, level: int) -> str:
     """The package a relative import of `level` dots in `module` starts from ("" is chatproxy itself)."""
-    parts = module.split(".")
-    parts = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    parts = module.split(".")[:-1]  # api.chat and api.__init__ are both in the package api
     return ".".join(parts[: len(parts) - (level - 1)] if level > 1 else parts)
 
 
