@@ -15,6 +15,7 @@ from .schemas import (
     ChatRequest,
     check_total,
     format_chars,
+    reasoning_effort,
     response_format,
     too_deep,
 )
@@ -27,6 +28,7 @@ FIELDS = frozenset(
         "max_completion_tokens",
         "temperature",
         "top_p",
+        "reasoning_effort",
         "n",
         "stream",
         "stream_options",
@@ -84,6 +86,9 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     client_messages, chars = _messages(body.get("messages"), settings)
     options = {**_max_tokens(body, settings), **_sampling(body)}
+    effort = reasoning_effort(body.get("reasoning_effort"))
+    if effort is not None:
+        options["reasoning_effort"] = effort
     tools = _tools(body.get("tools"))
     options.update(_tool_options(body, tools))
     format_ = response_format(body.get("response_format"))

@@ -11,7 +11,20 @@ from typing import Any
 from .config import Settings
 from .errors import ApiError, invalid
 
-CHAT_FIELDS = frozenset({"message", "messages", "model", "max_tokens", "temperature", "response_format", "stream"})
+CHAT_FIELDS = frozenset(
+    {
+        "message",
+        "messages",
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "reasoning_effort",
+        "response_format",
+        "stream",
+    }
+)
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # every value OpenAI documents
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_SCHEMA_DEPTH = 32
 CLIENT_ROLES = ("user", "assistant")
@@ -29,6 +42,7 @@ class ChatRequest:
     stream: bool
     response_format: dict[str, Any] | None = None  # json_object or json_schema; the reply then carries `parsed`
     system_prompt: str | None = None  # set by server-side features (the classifier); None: the configured one
+    reasoning_effort: str | None = None  # checked against the model's efforts by the pipeline
 
 
 def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
@@ -114,11 +128,21 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     return ChatRequest(
         messages=messages,
         model=_model(body.get("model"), settings),
-        max_tokens=_max_tokens(body.get("max_tokens"), settings),
+        max_tokens=_max_tokens(body, settings),
         temperature=_temperature(body.get("temperature")),
         stream=_flag(body.get("stream"), "stream"),
         response_format=format_,
+        reasoning_effort=reasoning_effort(body.get("reasoning_effort")),
     )
+
+
+def reasoning_effort(value: Any) -> str | None:
+    """One of the efforts OpenAI documents (which ones a model takes, the pipeline checks), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in EFFORTS:
+        raise invalid(f"'reasoning_effort' must be one of: {', '.join(EFFORTS)}.")
+    return value
 
 
 def format_chars(format_: dict[str, Any] | None) -> int:
@@ -180,13 +204,18 @@ def _model(value: Any, settings: Settings) -> str:
     return value
 
 
-def _max_tokens(value: Any, settings: Settings) -> int:
-    if value is None:
+def _max_tokens(body: dict[str, Any], settings: Settings) -> int:
+    """The output cap the client asked for under either name (one of them), clamped to the server's."""
+    given = [name for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
+    if len(given) > 1:
+        raise invalid("Send 'max_tokens' or 'max_completion_tokens', not both.")
+    if not given:
         return settings.max_tokens
+    name, value = given[0], body[given[0]]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid("'max_tokens' must be an integer.")
+        raise invalid(f"'{name}' must be an integer.")
     if value < 1:
-        raise invalid("'max_tokens' must be at least 1.")
+        raise invalid(f"'{name}' must be at least 1.")
     return min(value, settings.max_tokens)
 
 

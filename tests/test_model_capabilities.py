@@ -57,7 +57,8 @@ def test_api_chat_json_sends_a_reasoning_model_max_completion_tokens(mixed, fake
 
 
 def test_api_chat_stream_to_a_reasoning_model(mixed, fake):
-    response = mixed().test_client().post("/api/chat", json={"message": "hello there", "stream": True})
+    app = mixed()  # held while its stream is read (a collected app closes its client)
+    response = app.test_client().post("/api/chat", json={"message": "hello there", "stream": True})
 
     events = parse_sse(response.get_data())[0]
     assert events[0]["type"] == "start" and events[-1]["type"] == "done"
@@ -231,7 +232,8 @@ def test_reasoning_tokens_are_billed_as_output_and_recorded(mixed, fake):
 def test_a_stream_without_usage_says_what_is_estimated(settings_for, fake):
     fake.script(Reply(content="one two three", omit_usage=True))  # as llama.cpp's server does
 
-    response = create_app(settings_for()).test_client().post("/api/chat", json={"message": "hi", "stream": True})
+    app = create_app(settings_for())  # held: a collected app closes its OpenAI client, and the stream with it
+    response = app.test_client().post("/api/chat", json={"message": "hi", "stream": True})
 
     done = parse_sse(response.get_data())[0][-1]
     assert done["type"] == "done" and done["usage"]["estimated"] is True

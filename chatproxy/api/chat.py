@@ -97,6 +97,7 @@ def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
         stream=chat_request.stream,
         prompt_estimate=estimate_prompt(messages, response_format),
         sampling=sampling,
+        reasoning_effort=chat_request.reasoning_effort,
     )
 
 
