@@ -308,11 +308,25 @@ def models_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
     return _ok(
         {
             "type": "object",
-            "required": ["models", "default"],
+            "required": ["models", "default", "details"],
             "additionalProperties": False,
             "properties": {
                 "models": {"type": "array", "items": {"enum": list(settings.models)}},
                 "default": {"enum": list(settings.models)},
+                "details": {
+                    "type": "object",
+                    "description": "What the model table says of each model: whether it reasons, takes images, and "
+                    "when OpenAI shuts it down (YYYY-MM-DD or null).",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["reasoning", "images", "shutdown"],
+                        "properties": {
+                            "reasoning": {"type": "boolean"},
+                            "images": {"type": "boolean"},
+                            "shutdown": {"type": ["string", "null"]},
+                        },
+                    },
+                },
             },
         },
         "Models a client may ask for.",

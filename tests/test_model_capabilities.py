@@ -101,7 +101,9 @@ def test_a_batch_for_a_reasoning_model_is_written_in_its_parameters(mixed, fake)
     created = client.post("/api/batches", json={"requests": requests}, headers=AS_TOKEN)
 
     assert created.status_code == 202, created.get_json()
-    [upload] = [file for file in fake.batch_api.files.values() if file.purpose == "batch"]
+    batch_id = created.get_json()["id"]
+    upstream = next(b for b in fake.batch_api.batches.values() if b.metadata == {"chatproxy_batch": batch_id})
+    upload = fake.batch_api.files[upstream.input_file_id]
     lines = [json.loads(line) for line in upload.data.decode().splitlines()]
     assert [line["body"]["max_completion_tokens"] for line in lines] == [
         40,

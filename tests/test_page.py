@@ -508,16 +508,16 @@ def test_enter_sends_shift_enter_breaks_line_and_new_chat_clears(page, fake, liv
 
 
 def test_model_picker_and_request_headers(page, fake, settings_for, serve):
-    app = create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,o3-mini"))
+    app = create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini"))
     app.context_processor(lambda: {"csrf_token": "csrf-abc123"})  # used unless the page view passes its own
     url = serve(app)
     open_chat(page, url)
     token = page.locator('meta[name="csrf-token"]').get_attribute("content")
     assert token
     select = page.locator("#model")
-    expect(select.locator("option")).to_have_text(["gpt-4o-mini", "gpt-4o", "o3-mini"])
+    expect(select.locator("option")).to_have_text(["gpt-4o-mini", "gpt-4o", "gpt-5.4-mini · reasoning"])  # models.json
     expect(select).to_have_value("gpt-4o-mini")
-    select.select_option("o3-mini")
+    select.select_option("gpt-5.4-mini")
 
     with page.expect_request("**/api/chat") as caught:
         ask(page, "Which model?")
@@ -527,11 +527,11 @@ def test_model_picker_and_request_headers(page, fake, settings_for, serve):
     assert request.headers["x-csrf-token"] == token
     assert json.loads(request.post_data) == {
         "messages": [{"role": "user", "content": "Which model?"}],
-        "model": "o3-mini",
+        "model": "gpt-5.4-mini",
         "stream": True,
     }
-    assert fake.chat_calls()[-1].model == "o3-mini"
-    expect(answers(page).last.locator(".usage")).to_contain_text("· o3-mini")
+    assert fake.chat_calls()[-1].model == "gpt-5.4-mini"
+    expect(answers(page).last.locator(".usage")).to_contain_text("· gpt-5.4-mini")
 
 
 # ---------------------------------------------------------------- layout and screenshots
