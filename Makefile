@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 5000
 
-.PHONY: run test install system-deps clean bench soak
+.PHONY: run test lint install system-deps clean bench soak
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("chatproxy needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -37,6 +37,11 @@ system-deps:
 
 test: install system-deps
 	$(PY) -m pytest
+
+# ruff, configured in pyproject.toml: the lint rules and the formatting, checked (`ruff format .` fixes the latter).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The benchmark (bench/run.py, under 10 minutes): writes BENCHMARKS.md, docs/bench.png and README's Performance figures.
 bench: install

@@ -14,7 +14,7 @@ from dotenv import dotenv_values
 
 from chatproxy import ROOT
 from chatproxy.config import raw_settings
-from chatproxy.demo import create_dev_app
+from chatproxy.demo.app import create_dev_app
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -33,8 +33,10 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise SystemExit(f"chatproxy: port {port} on {host} is already in use (another `make run`?). "
-                                 f"Stop that server or pick another port: PORT=8000 make run") from None
+                raise SystemExit(
+                    f"chatproxy: port {port} on {host} is already in use (another `make run`?). "
+                    f"Stop that server or pick another port: PORT=8000 make run"
+                ) from None
             raise SystemExit(f"chatproxy: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 

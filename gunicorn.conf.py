@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,8 +37,11 @@ METRICS_TMP_PREFIX = "chatproxy-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_TMP_PREFIX)
     _master = os.getpid()  # workers exit through sys.exit too: only the master may remove it
-    atexit.register(lambda directory=os.environ["PROMETHEUS_MULTIPROC_DIR"]:
-                    os.getpid() == _master and shutil.rmtree(directory, ignore_errors=True))
+    atexit.register(
+        lambda directory=os.environ["PROMETHEUS_MULTIPROC_DIR"]: (
+            os.getpid() == _master and shutil.rmtree(directory, ignore_errors=True)
+        )
+    )
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -60,24 +63,30 @@ def _settings_module() -> Any:
 
 _config = _settings_module()
 SETTINGS, raw_settings = _config.SETTINGS, _config.raw_settings
-SECRET_KEY_RECIPE = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+SECRET_KEY_RECIPE = "python3 -c 'import secrets; print(secrets.token_hex(32))'"  # noqa: S105 - how to make a key, not a key
 
 
 def _secret_key_problem(workers: int, secret_key: str) -> str | None:
     """Several workers need one shared CHATPROXY_SECRET_KEY: each would otherwise sign sessions with its own."""
     if workers <= 1 or secret_key.strip():
         return None
-    return (f"CHATPROXY_SECRET_KEY is not set, so each of the {workers} workers would sign page sessions with "
-            f"its own random key and the chat page would fail (401) whenever a message reaches another worker. "
-            f"Set CHATPROXY_SECRET_KEY to a long random value, made with: {SECRET_KEY_RECIPE} "
-            f"(or set CHATPROXY_WORKERS=1).")
+    return (
+        f"CHATPROXY_SECRET_KEY is not set, so each of the {workers} workers would sign page sessions with "
+        f"its own random key and the chat page would fail (401) whenever a message reaches another worker. "
+        f"Set CHATPROXY_SECRET_KEY to a long random value, made with: {SECRET_KEY_RECIPE} "
+        f"(or set CHATPROXY_WORKERS=1)."
+    )
 
 
 def _check(raw: dict[str, str]) -> str | None:
-    """The first problem with `raw`: every setting as create_app() checks it, then the deployment rules."""
+    """The first problem with `raw`: every setting as create_app() checks it (the model table and retired models
+    included), then the deployment rules. Runs in the child process of _first_problem, which may import chatproxy."""
+    from chatproxy.config import SettingsError
+    from chatproxy.startup import check
+
     try:
-        settings = _config.validate(raw)
-    except _config.SettingsError as exc:
+        settings = check(raw)[0]
+    except SettingsError as exc:
         return str(exc)
     workers = next(s for s in SETTINGS if s.name == "CHATPROXY_WORKERS").parse(raw["CHATPROXY_WORKERS"])
     return _secret_key_problem(workers, settings.secret_key)
@@ -120,7 +129,8 @@ if _problem and not hasattr(_state, "raw"):
     raise SystemExit(f"chatproxy: {_problem}")
 if _problem:
     logging.getLogger("gunicorn.error").error(
-        "chatproxy: reload refused, still serving with the previous settings: %s", _problem)
+        "chatproxy: reload refused, still serving with the previous settings: %s", _problem
+    )
     _raw = _state.raw
 _state.raw = _raw
 
@@ -181,6 +191,7 @@ def post_worker_init(worker) -> None:
             handler.setFormatter(JsonFormatter())
     gc.freeze()
 
+
 # With gthread the worker timeout is a heartbeat, not a request deadline: the worker's main loop
 # reports to the master every second while its threads serve requests, so a stream that runs for
 # minutes is not killed by it (a sync worker would be). It only catches a worker that hangs as a whole.
@@ -213,13 +224,24 @@ class JsonAccessLogger(glogging.Logger):
             status = str(resp.status).split(None, 1)[0]
             headers = resp.headers.items() if hasattr(resp.headers, "items") else resp.headers
             request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
-            self.access_log.info("%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, extra={
-                "method": environ.get("REQUEST_METHOD"), "path": environ.get("PATH_INFO"),
-                "status": int(status) if status.isdigit() else status, "bytes": getattr(resp, "sent", None),
-                "duration_ms": round(request_time.total_seconds() * 1000, 1),
-                "remote_addr": environ.get("REMOTE_ADDR"), "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
-                "user_agent": environ.get("HTTP_USER_AGENT"), "request_id": request_id,
-                "client_request_id": (environ.get("HTTP_X_REQUEST_ID") or "")[:64] or None})
+            self.access_log.info(
+                "%s %s %s",
+                environ.get("REQUEST_METHOD"),
+                environ.get("PATH_INFO"),
+                status,
+                extra={
+                    "method": environ.get("REQUEST_METHOD"),
+                    "path": environ.get("PATH_INFO"),
+                    "status": int(status) if status.isdigit() else status,
+                    "bytes": getattr(resp, "sent", None),
+                    "duration_ms": round(request_time.total_seconds() * 1000, 1),
+                    "remote_addr": environ.get("REMOTE_ADDR"),
+                    "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
+                    "user_agent": environ.get("HTTP_USER_AGENT"),
+                    "request_id": request_id,
+                    "client_request_id": (environ.get("HTTP_X_REQUEST_ID") or "")[:64] or None,
+                },
+            )
         except Exception:  # noqa: BLE001 - a bad access line must not fail the request
             self.exception("could not write the access log line")
 
@@ -229,9 +251,14 @@ class MasterJsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """One JSON line."""
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                 "level": record.levelname, "logger": record.name, "pid": record.process,
-                 "message": record.getMessage(), "request_id": None}
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+            "request_id": None,
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
@@ -288,9 +315,12 @@ def _warn_if_exposed(server) -> None:
         except ValueError:
             loopback = address[0] == "localhost"
         if not loopback:
-            server.log.warning("chatproxy: listening on %s with CHATPROXY_TRUSTED_PROXIES set: anyone who reaches "
-                               "gunicorn directly chooses the client IP that rate limits and /metrics see. Bind to "
-                               "127.0.0.1 behind nginx, or let only your proxy reach this port.", address[0])
+            server.log.warning(
+                "chatproxy: listening on %s with CHATPROXY_TRUSTED_PROXIES set: anyone who reaches "
+                "gunicorn directly chooses the client IP that rate limits and /metrics see. Bind to "
+                "127.0.0.1 behind nginx, or let only your proxy reach this port.",
+                address[0],
+            )
 
 
 def child_exit(server, worker) -> None:

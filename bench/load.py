@@ -31,9 +31,14 @@ class Path:
     def request(self, bench_id: str, n: int, stream: bool) -> bytes:
         """The raw HTTP request for one chat call of `n` deltas."""
         if self.kind == OPENAI:
-            body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": n, "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": f"bench:{bench_id}"}]}
+            body: dict[str, Any] = {
+                "model": "gpt-4o-mini",
+                "max_tokens": n,
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": f"bench:{bench_id}"},
+                ],
+            }
             if stream:
                 body.update(stream=True, stream_options={"include_usage": True})
             target, auth = "/v1/chat/completions", "Bearer sk-bench"
@@ -41,9 +46,10 @@ class Path:
             body = {"messages": [{"role": "user", "content": f"bench:{bench_id}"}], "max_tokens": n, "stream": stream}
             target, auth = "/api/chat", f"Bearer {self.token}"
         data = json.dumps(body).encode()
-        return (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Authorization: {auth}\r\nAccept: text/event-stream\r\nContent-Length: {len(data)}\r\n\r\n"
-                ).encode() + data
+        return (
+            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {auth}\r\nAccept: text/event-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode() + data
 
 
 @dataclass
@@ -72,8 +78,9 @@ class Result:
 class _Exchange:
     """One response being parsed: head, then a chunked / sized / until-close body, then SSE events."""
 
-    def __init__(self, kind: str, stream: bool, result: Result, future: asyncio.Future, abort_after: int | None,
-                 conn: Connection) -> None:
+    def __init__(
+        self, kind: str, stream: bool, result: Result, future: asyncio.Future, abort_after: int | None, conn: Connection
+    ) -> None:
         self.kind, self.stream, self.result, self.future = kind, stream, result, future
         self.abort_after, self.conn = abort_after, conn
         self.buffer = b""
@@ -90,7 +97,7 @@ class _Exchange:
                 if end < 0:
                     return
                 lines = self.buffer[:end].decode("latin-1").split("\r\n")
-                self.buffer = self.buffer[end + 4:]
+                self.buffer = self.buffer[end + 4 :]
                 self.result.status = int(lines[0].split(" ")[1])
                 headers = {k.strip().lower(): v.strip().lower() for k, _, v in (x.partition(":") for x in lines[1:])}
                 self.keep_alive = headers.get("connection") != "close"
@@ -107,18 +114,18 @@ class _Exchange:
                 if end < 0:
                     return
                 size = int(self.buffer[:end].split(b";")[0], 16)
-                self.buffer = self.buffer[end + 2:]
+                self.buffer = self.buffer[end + 2 :]
                 if size == 0:
                     return self.finish(now)
                 self.state, self.remaining = "chunk", size
             elif self.state == "chunk":
                 if len(self.buffer) < self.remaining + 2:
                     return
-                body, self.buffer = self.buffer[:self.remaining], self.buffer[self.remaining + 2:]
+                body, self.buffer = self.buffer[: self.remaining], self.buffer[self.remaining + 2 :]
                 self.state = "size"
                 self.body(body, now)
             elif self.state == "sized":
-                body, self.buffer = self.buffer[:self.remaining], self.buffer[self.remaining:]
+                body, self.buffer = self.buffer[: self.remaining], self.buffer[self.remaining :]
                 self.remaining -= len(body)
                 self.body(body, now)
                 if self.remaining == 0:
@@ -138,7 +145,7 @@ class _Exchange:
             end = self.sse.find(b"\n\n")
             if end < 0:
                 return
-            event, self.sse = self.sse[:end], self.sse[end + 2:]
+            event, self.sse = self.sse[:end], self.sse[end + 2 :]
             self.event(event, now)
 
     def event(self, event: bytes, now: float) -> None:

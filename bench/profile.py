@@ -28,7 +28,7 @@ import scenarios  # noqa: E402
 import stack  # noqa: E402
 from load import CHATPROXY, Path, Slot  # noqa: E402
 
-from chatproxy.guards import hash_token  # noqa: E402
+from chatproxy.callers import hash_token  # noqa: E402
 
 
 def top(collapsed: FilePath, count: int = 30) -> str:
@@ -81,18 +81,33 @@ def main() -> int:
     tmp = FilePath(tempfile.mkdtemp(prefix="chatproxy-profile-"))
     pin = stack.can_pin()
     upstream = stack.start_upstream(tmp, 0 if pin else None)
-    app = stack.start_gunicorn(tmp, "C", stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN)),
-                               1 if pin else None)
+    app = stack.start_gunicorn(
+        tmp, "C", stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN)), 1 if pin else None
+    )
     try:
-        target = scenarios.Target(Path("C", "gunicorn + chatproxy", app.port, CHATPROXY, stack.TOKEN),
-                                  app.worker_pids)
-        record = [spy, "record", "--pid", str(app.process.pid), "--subprocesses", "--rate", "200", "--format", "raw",
-                  "--nonblocking", "--duration", str(int(args.seconds)), "-o", str(out)]
+        target = scenarios.Target(Path("C", "gunicorn + chatproxy", app.port, CHATPROXY, stack.TOKEN), app.worker_pids)
+        record = [
+            spy,
+            "record",
+            "--pid",
+            str(app.process.pid),
+            "--subprocesses",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--duration",
+            str(int(args.seconds)),
+            "-o",
+            str(out),
+        ]
         if args.mode == "streams":
             record.append("--gil")
         recorder = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        asyncio.run(load(args.mode, target, scenarios.Upstream(upstream.port, upstream.process.pid), args.level,
-                         args.seconds))
+        asyncio.run(
+            load(args.mode, target, scenarios.Upstream(upstream.port, upstream.process.pid), args.level, args.seconds)
+        )
         recorder.wait(timeout=60)
     finally:
         app.stop()

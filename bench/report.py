@@ -79,36 +79,56 @@ def render(results: dict[str, Any], image: str | None) -> str:
     out = [
         "# Benchmarks",
         "",
-        ("What chatproxy adds over calling the upstream directly, next to nginx alone doing the same hop. "
-        "Written by `bench/run.py` from one run; every number below comes from that run "
-        "(raw data: `bench/results/full/results.json`, not committed). Run it again with `make bench`."),
+        (
+            "What chatproxy adds over calling the upstream directly, next to nginx alone doing the same hop. "
+            "Written by `bench/run.py` from one run; every number below comes from that run "
+            "(raw data: `bench/results/full/results.json`, not committed). Run it again with `make bench`."
+        ),
         "",
         "## Machine and run",
         "",
-        _table(["", ""], [
-            ["Command", f"`{results['command']}`"],
-            ["Started (UTC)", results.get("started_utc") or "not recorded"],
-            ["CPU", f"{machine['cpu']}, {machine['cores']} cores"],
-            ["Kernel", machine["kernel"]],
-            ["Python / gunicorn / openai SDK", f"{machine['python']} / {machine['gunicorn']} / {machine['openai']}"],
-            ["nginx", _v(machine["nginx"])],
-            ["Pinning", results["pinning"]],
-            ["Load average (1, 5, 15 min) at start / end",
-             f"{', '.join(map(str, quiet['loadavg_at_start']))} / {', '.join(map(str, machine['loadavg_at_end']))}"],
-            ["Waited for a quiet machine", (f"{quiet['waited_s']} s (both cores {_v(quiet['busy_before'], 2)} busy "
-                                           f"when it started; quiet means < {quiet['threshold']})")],
-            ["CPU used by other processes during the run",
-             f"{max(0.0, busy - ours):.1f} s of {whole['wall_s'] * (machine['cores'] or 1):.0f} core-seconds"],
-            ["Ledger", f"temporary SQLite file on {machine['tmp_filesystem']}"],
-            ["Run time", f"{results['elapsed_s']} s"],
-        ]),
+        _table(
+            ["", ""],
+            [
+                ["Command", f"`{results['command']}`"],
+                ["Started (UTC)", results.get("started_utc") or "not recorded"],
+                ["CPU", f"{machine['cpu']}, {machine['cores']} cores"],
+                ["Kernel", machine["kernel"]],
+                [
+                    "Python / gunicorn / openai SDK",
+                    f"{machine['python']} / {machine['gunicorn']} / {machine['openai']}",
+                ],
+                ["nginx", _v(machine["nginx"])],
+                ["Pinning", results["pinning"]],
+                [
+                    "Load average (1, 5, 15 min) at start / end",
+                    f"{', '.join(map(str, quiet['loadavg_at_start']))} / "
+                    f"{', '.join(map(str, machine['loadavg_at_end']))}",
+                ],
+                [
+                    "Waited for a quiet machine",
+                    (
+                        f"{quiet['waited_s']} s (both cores {_v(quiet['busy_before'], 2)} busy "
+                        f"when it started; quiet means < {quiet['threshold']})"
+                    ),
+                ],
+                [
+                    "CPU used by other processes during the run",
+                    f"{max(0.0, busy - ours):.1f} s of {whole['wall_s'] * (machine['cores'] or 1):.0f} core-seconds",
+                ],
+                ["Ledger", f"temporary SQLite file on {machine['tmp_filesystem']}"],
+                ["Run time", f"{results['elapsed_s']} s"],
+            ],
+        ),
         "",
         "## What runs",
         "",
-        ("A paced fake upstream (`bench/upstream.py`, asyncio): the first delta 20 ms after the request, then "
-        "64 deltas 20 ms apart on an absolute schedule, in the real `chat.completion.chunk` shape (with JSON "
-        "escapes, non-ASCII and emoji in the text), a usage chunk and `[DONE]`, chunked HTTP/1.1 kept alive; "
-        "whole replies at once. One asyncio load client (`bench/load.py`) timestamps every read. Paths:"),
+        (
+            "A paced fake upstream (`bench/upstream.py`, asyncio): the first delta 20 ms after the request, then "
+            "64 deltas 20 ms apart on an absolute schedule, in the real `chat.completion.chunk` shape (with JSON "
+            "escapes, non-ASCII and emoji in the text), a usage chunk and `[DONE]`, chunked HTTP/1.1 kept alive; "
+            "whole replies at once. One asyncio load client (`bench/load.py`) timestamps every read. Paths:"
+        ),
         "",
         *[f"- **{name[k]}**" for k in letters],
         "",
@@ -118,94 +138,259 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "setting keeps its shipped default (`CHATPROXY_KEEPALIVE_SECONDS=10`: path K turns it off to show what "
         "the pinger's reader thread costs).",
         "",
-        (f"One-client figures: {results['plan']['rounds']} rounds after a warm-up, paths interleaved in a rotated "
-        "order each round; p50 is the median of the round medians, p99 and max are over all samples of all "
-        "rounds. *Added* is the path's figure minus the direct path's (A); *× B* is that added part divided by "
-        "nginx's added part (or, for capacities and resources, the path's value divided by B's)."),
+        (
+            f"One-client figures: {results['plan']['rounds']} rounds after a warm-up, paths interleaved in a rotated "
+            "order each round; p50 is the median of the round medians, p99 and max are over all samples of all "
+            "rounds. *Added* is the path's figure minus the direct path's (A); *× B* is that added part divided by "
+            "nginx's added part (or, for capacities and resources, the path's value divided by B's)."
+        ),
     ]
     if image:
         out += ["", f"![Added TTFT and sustained streams per path]({image})"]
     out += ["", "## Goals", "", _goals(results, letters, name)]
-    out += ["", "## 1. Time to first token, one stream", "", _table(
-        ["Path", "TTFT p50 ms", "TTFT p99 ms", "added p50 ms", "added p99 ms", "× B p50", "× B p99",
-         "round medians ms", "samples"],
-        [[name[k], _v(f["ttft_p50_ms"]), _v(f["ttft_p99_ms"]), _v(f.get("added_ttft_p50_ms")),
-          _v(f.get("added_ttft_p99_ms")), _x(f.get("x_b_ttft_p50_ms")), _x(f.get("x_b_ttft_p99_ms")),
-          ", ".join(_v(v, 1) for v in f["ttft_round_medians_ms"]), str(f["samples"]["ttft"])]
-         for k, f in ((k, figures[k]) for k in letters)])]
-    out += ["", "## 2. Between chunks, one stream", "",
-            ("Gap: time between two deltas at the client (the upstream sends one every 20 ms). Lag: a delta's arrival "
+    out += [
+        "",
+        "## 1. Time to first token, one stream",
+        "",
+        _table(
+            [
+                "Path",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "added p50 ms",
+                "added p99 ms",
+                "× B p50",
+                "× B p99",
+                "round medians ms",
+                "samples",
+            ],
+            [
+                [
+                    name[k],
+                    _v(f["ttft_p50_ms"]),
+                    _v(f["ttft_p99_ms"]),
+                    _v(f.get("added_ttft_p50_ms")),
+                    _v(f.get("added_ttft_p99_ms")),
+                    _x(f.get("x_b_ttft_p50_ms")),
+                    _x(f.get("x_b_ttft_p99_ms")),
+                    ", ".join(_v(v, 1) for v in f["ttft_round_medians_ms"]),
+                    str(f["samples"]["ttft"]),
+                ]
+                for k, f in ((k, figures[k]) for k in letters)
+            ],
+        ),
+    ]
+    out += [
+        "",
+        "## 2. Between chunks, one stream",
+        "",
+        (
+            "Gap: time between two deltas at the client (the upstream sends one every 20 ms). Lag: a delta's arrival "
             "at the client minus the moment the upstream wrote it (same clock). A gap under 1 ms while the upstream "
-            "paces at 20 ms would mean something buffers (batching)."), "", _table(
-                ["Path", "gap p50 ms", "gap p99 ms", "gap max ms", "added gap p50 / p99 / max ms", "× B p99",
-                 "lag p50 ms", "lag p99 ms", "added lag p99 ms", "batched gaps", "content identical",
-                 "chunks per stream"],
-                [[name[k], _v(f["gap_p50_ms"]), _v(f["gap_p99_ms"]), _v(f["gap_max_ms"]),
-                  " / ".join(_v(f.get(x)) for x in ("added_gap_p50_ms", "added_gap_p99_ms", "added_gap_max_ms")),
-                  _x(f.get("x_b_gap_p99_ms")), _v(f["lag_p50_ms"]), _v(f["lag_p99_ms"]),
-                  _v(f.get("added_lag_p99_ms")), f"{f['batched_gaps']} of {f['gaps_measured']}",
-                  _v(f["identical"]), ", ".join(map(str, f["chunks"]))]
-                 for k, f in ((k, figures[k]) for k in letters)])]
-    out += ["", "## 3. Sustained streams", "",
-            ("Concurrent clients each streaming back to back (starts spread over one stream's length, then "
+            "paces at 20 ms would mean something buffers (batching)."
+        ),
+        "",
+        _table(
+            [
+                "Path",
+                "gap p50 ms",
+                "gap p99 ms",
+                "gap max ms",
+                "added gap p50 / p99 / max ms",
+                "× B p99",
+                "lag p50 ms",
+                "lag p99 ms",
+                "added lag p99 ms",
+                "batched gaps",
+                "content identical",
+                "chunks per stream",
+            ],
+            [
+                [
+                    name[k],
+                    _v(f["gap_p50_ms"]),
+                    _v(f["gap_p99_ms"]),
+                    _v(f["gap_max_ms"]),
+                    " / ".join(_v(f.get(x)) for x in ("added_gap_p50_ms", "added_gap_p99_ms", "added_gap_max_ms")),
+                    _x(f.get("x_b_gap_p99_ms")),
+                    _v(f["lag_p50_ms"]),
+                    _v(f["lag_p99_ms"]),
+                    _v(f.get("added_lag_p99_ms")),
+                    f"{f['batched_gaps']} of {f['gaps_measured']}",
+                    _v(f["identical"]),
+                    ", ".join(map(str, f["chunks"])),
+                ]
+                for k, f in ((k, figures[k]) for k in letters)
+            ],
+        ),
+    ]
+    out += [
+        "",
+        "## 3. Sustained streams",
+        "",
+        (
+            "Concurrent clients each streaming back to back (starts spread over one stream's length, then "
             f"{results['plan']['hold']} s more). A level passes with no failed stream, no gap over 40 ms (2× the pace) "
             "and an added TTFT p99 (over A at the same level) under 50 ms; a path stops climbing at its first failure. "
             "*Client-limited*: the load generator's core was over 90 % busy or the upstream wrote chunks over 5 ms "
-            "late, so the figure may be the client's limit, not the path's."), "", _table(
-                ["Path", "sustained streams", "first failing level", "why", "× B", "client-limited level seen"],
-                [[name[k], str(f["sustained_streams"]), _v(f["sustained_failed_at"]),
-                  "; ".join(f["sustained_failed_because"]) or "–", _x(f.get("x_b_sustained_streams")),
-                  _v(f["sustained_client_limited"])] for k, f in ((k, figures[k]) for k in letters)]),
-            "", "Every level measured:", "", _levels(results, letters)]
-    out += ["", "## 4. Whole (non-streaming) replies", "", _table(
-        ["Path", "latency p50 ms", "latency p99 ms", "added p50 ms", "added p99 ms", "× B p50",
-         "req/s with p99 < 10 ms", "at clients", "× B", "client core > 90 %"],
-        [[name[k], _v(f["json_p50_ms"]), _v(f["json_p99_ms"]), _v(f.get("added_json_p50_ms")),
-          _v(f.get("added_json_p99_ms")), _x(f.get("x_b_json_p50_ms")), _v(f["rps_p99_under_10ms"]),
-          _v(f["rps_clients"]), _x(f.get("x_b_rps")), _v(f["rps_client_limited"])]
-         for k, f in ((k, figures[k]) for k in letters)]), "", "Every concurrency measured:", "", _rates(results, letters)]
-    out += ["", "## 5. Memory, CPU and threads", "",
-            ("Memory: resident memory of the serving workers (gunicorn's workers; nginx's worker) halfway through "
+            "late, so the figure may be the client's limit, not the path's."
+        ),
+        "",
+        _table(
+            ["Path", "sustained streams", "first failing level", "why", "× B", "client-limited level seen"],
+            [
+                [
+                    name[k],
+                    str(f["sustained_streams"]),
+                    _v(f["sustained_failed_at"]),
+                    "; ".join(f["sustained_failed_because"]) or "–",
+                    _x(f.get("x_b_sustained_streams")),
+                    _v(f["sustained_client_limited"]),
+                ]
+                for k, f in ((k, figures[k]) for k in letters)
+            ],
+        ),
+        "",
+        "Every level measured:",
+        "",
+        _levels(results, letters),
+    ]
+    out += [
+        "",
+        "## 4. Whole (non-streaming) replies",
+        "",
+        _table(
+            [
+                "Path",
+                "latency p50 ms",
+                "latency p99 ms",
+                "added p50 ms",
+                "added p99 ms",
+                "× B p50",
+                "req/s with p99 < 10 ms",
+                "at clients",
+                "× B",
+                "client core > 90 %",
+            ],
+            [
+                [
+                    name[k],
+                    _v(f["json_p50_ms"]),
+                    _v(f["json_p99_ms"]),
+                    _v(f.get("added_json_p50_ms")),
+                    _v(f.get("added_json_p99_ms")),
+                    _x(f.get("x_b_json_p50_ms")),
+                    _v(f["rps_p99_under_10ms"]),
+                    _v(f["rps_clients"]),
+                    _x(f.get("x_b_rps")),
+                    _v(f["rps_client_limited"]),
+                ]
+                for k, f in ((k, figures[k]) for k in letters)
+            ],
+        ),
+        "",
+        "Every concurrency measured:",
+        "",
+        _rates(results, letters),
+    ]
+    out += [
+        "",
+        "## 5. Memory, CPU and threads",
+        "",
+        (
+            "Memory: resident memory of the serving workers (gunicorn's workers; nginx's worker) halfway through "
             "a level, minus their memory before the sustained-stream climb, per open stream, at the path's highest "
             "measured level. CPU: user + system time of those workers (from /proc) during a level, per 1,000 deltas "
             "delivered, at 32 streams (or the highest level measured); it includes each stream's per-request work "
-            "(guards, ledger rows, budget, the upstream request), spread over its 64 deltas."), "", _table(
-                ["Path", "KiB per open stream", "at level", "× B", "CPU ms per 1,000 chunks", "at level", "× B",
-                 "threads idle", "threads at level"],
-                [[name[k], _v(f.get("kib_per_stream"), 1), _v(f.get("memory_level")), _x(f.get("x_b_kib_per_stream")),
-                  _v(f.get("cpu_ms_per_1000_chunks"), 1), _v(f.get("cpu_level")),
-                  _x(f.get("x_b_cpu_ms_per_1000_chunks")), _v(f.get("threads_idle")), _v(f.get("threads_at_level"))]
-                 for k, f in ((k, figures[k]) for k in letters if k != "A")])]
-    out += ["", "## 6. Upstream connections and hang-ups", "",
-            ("New upstream connections per 1,000 upstream requests, counted by the upstream (a connection belongs to "
+            "(guards, ledger rows, budget, the upstream request), spread over its 64 deltas."
+        ),
+        "",
+        _table(
+            [
+                "Path",
+                "KiB per open stream",
+                "at level",
+                "× B",
+                "CPU ms per 1,000 chunks",
+                "at level",
+                "× B",
+                "threads idle",
+                "threads at level",
+            ],
+            [
+                [
+                    name[k],
+                    _v(f.get("kib_per_stream"), 1),
+                    _v(f.get("memory_level")),
+                    _x(f.get("x_b_kib_per_stream")),
+                    _v(f.get("cpu_ms_per_1000_chunks"), 1),
+                    _v(f.get("cpu_level")),
+                    _x(f.get("x_b_cpu_ms_per_1000_chunks")),
+                    _v(f.get("threads_idle")),
+                    _v(f.get("threads_at_level")),
+                ]
+                for k, f in ((k, figures[k]) for k in letters if k != "A")
+            ],
+        ),
+    ]
+    out += [
+        "",
+        "## 6. Upstream connections and hang-ups",
+        "",
+        (
+            "New upstream connections per 1,000 upstream requests, counted by the upstream (a connection belongs to "
             "the path of its first request); A's count is the load client's own pattern (one connection per round "
             "or per client). With the paths interleaved, each one idles longer between its rounds than the SDK's "
             "5 s keep-alive expiry (httpx's default), so a chatproxy path opens about one new connection per round "
-            "even when every stream hands its connection back. Hang-ups: the client closes the connection after 8 deltas; chunks the upstream still "
-            "wrote after that moment (the proxy must notice and close its upstream stream)."), "", _table(
-                ["Path", "conns / 1,000 (one client)", "conns / 1,000 (whole replies)", "conns / 1,000 (sustained)",
-                 "reuse %", "chunks after abort (median / max)", "upstream closed after (median ms)",
-                 "ran to the end"],
-                [[name[k], _v(f["conn_per_1000"].get("one_client"), 1), _v(f["conn_per_1000"].get("json_rate"), 1),
-                  _v(f["conn_per_1000"].get("sustained"), 1), _v(reuse_pct(f), 1),
-                  f"{_v(f['chunks_after_abort_median'], 0)} / {_v(f['chunks_after_abort_max'])}",
-                  _v(_median_ms(results["aborts"].get(k, {}).get("upstream_closed_after_s", [])), 1),
-                  _v(results["aborts"].get(k, {}).get("ran_to_the_end"))]
-                 for k, f in ((k, figures[k]) for k in letters)])]
-    out += ["", "## Where the time goes", "",
-            "`bench/profile.py streams|replies` records the gunicorn workers under this load with py-spy (install it "
-            "by hand; it is no dependency) and prints the top functions. Per request, the work before the first "
-            "token is the guards, the budget reservation and the ledger row (four SQL transactions) and the SDK "
-            "building the upstream request (its parameter transform is now the largest part). Two fixes from that "
-            "profile: the budget's and ledger's statements are built once with bound parameters instead of per call, "
-            "and SQLite runs WAL with `synchronous=NORMAL` (no fsync per commit); in process (cProfile, then CPU time "
-            "over 200 requests) a one-chunk stream went from 6.1 to 3.0 ms of CPU and a JSON reply from 6.5 to 2.1 ms. "
-            "Per chunk: "
-            "httpcore/h11 reading the chunked body, decoding the event, and with keep-alive pings on, handing each "
-            "chunk from the reader thread to the response thread. `/api/chat` reads the upstream stream with "
-            "`streaming.RawStream` (raw SSE lines and `json.loads`) instead of the SDK's `Stream`, which built a "
-            "pydantic object per chunk and dropped the connection after each stream; path P, when present, is the "
-            "code before that change, measured in the same run."]
+            "even when every stream hands its connection back. Hang-ups: the client closes the connection after 8 "
+            "deltas; chunks the upstream still "
+            "wrote after that moment (the proxy must notice and close its upstream stream)."
+        ),
+        "",
+        _table(
+            [
+                "Path",
+                "conns / 1,000 (one client)",
+                "conns / 1,000 (whole replies)",
+                "conns / 1,000 (sustained)",
+                "reuse %",
+                "chunks after abort (median / max)",
+                "upstream closed after (median ms)",
+                "ran to the end",
+            ],
+            [
+                [
+                    name[k],
+                    _v(f["conn_per_1000"].get("one_client"), 1),
+                    _v(f["conn_per_1000"].get("json_rate"), 1),
+                    _v(f["conn_per_1000"].get("sustained"), 1),
+                    _v(reuse_pct(f), 1),
+                    f"{_v(f['chunks_after_abort_median'], 0)} / {_v(f['chunks_after_abort_max'])}",
+                    _v(_median_ms(results["aborts"].get(k, {}).get("upstream_closed_after_s", [])), 1),
+                    _v(results["aborts"].get(k, {}).get("ran_to_the_end")),
+                ]
+                for k, f in ((k, figures[k]) for k in letters)
+            ],
+        ),
+    ]
+    out += [
+        "",
+        "## Where the time goes",
+        "",
+        "`bench/profile.py streams|replies` records the gunicorn workers under this load with py-spy (install it "
+        "by hand; it is no dependency) and prints the top functions. Per request, the work before the first "
+        "token is the guards, the budget reservation and the ledger row (four SQL transactions) and the SDK "
+        "building the upstream request (its parameter transform is now the largest part). Two fixes from that "
+        "profile: the budget's and ledger's statements are built once with bound parameters instead of per call, "
+        "and SQLite runs WAL with `synchronous=NORMAL` (no fsync per commit); in process (cProfile, then CPU time "
+        "over 200 requests) a one-chunk stream went from 6.1 to 3.0 ms of CPU and a JSON reply from 6.5 to 2.1 ms. "
+        "Per chunk: "
+        "httpcore/h11 reading the chunked body, decoding the event, and with keep-alive pings on, handing each "
+        "chunk from the reader thread to the response thread. `/api/chat` reads the upstream stream with "
+        "`streaming.RawStream` (raw SSE lines and `json.loads`) instead of the SDK's `Stream`, which built a "
+        "pydantic object per chunk and dropped the connection after each stream; path P, when present, is the "
+        "code before that change, measured in the same run.",
+    ]
     notes = [*results["notes"], *results["level_notes"]]
     if results["server_log_problems"]:
         notes += [f"{proc} logged: {'; '.join(lines)[:400]}" for proc, lines in results["server_log_problems"].items()]
@@ -239,25 +424,70 @@ def _levels(results: dict[str, Any], letters: list[str]) -> str:
     rows = []
     for k in letters:
         for p in results["sustained"].get(k, []):
-            rows.append([k, str(p["level"]), str(p["streams"]), str(p["errors"]), _v(p["ttft_p50_ms"], 1),
-                         _v(p["ttft_p99_ms"], 1), _v(p.get("added_ttft_p99_ms"), 1), _v(p["gap_p99_ms"], 1),
-                         _v(p["gap_max_ms"], 1), str(p["stalls"]), str(p["batched"]),
-                         _v(p["server_cpu_ms_per_1000_chunks"], 0),
-                         _v(None if p["rss_bytes"] is None else p["rss_bytes"] / 2**20, 0), _v(p["threads"]),
-                         f"{p['client_cpu_s'] / p['wall_s']:.0%} / {p['upstream_cpu_s'] / p['wall_s']:.0%}",
-                         f"{p['client_core_busy']:.0%}" if p.get("client_core_busy") is not None else "–",
-                         _v(p["upstream_lateness_p99_ms"], 1), "pass" if p["passed"] else "FAIL",
-                         "client-limited" if p["client_limited"] else ""])
-    return _table(["Path", "streams", "total", "failed", "TTFT p50", "TTFT p99", "added p99", "gap p99", "gap max",
-                   "gaps > 40 ms", "gaps < 1 ms", "server CPU ms/1k chunks", "RSS MiB", "threads",
-                   "client / upstream CPU", "core 0 busy", "upstream late p99 ms", "", ""], rows)
+            rows.append(
+                [
+                    k,
+                    str(p["level"]),
+                    str(p["streams"]),
+                    str(p["errors"]),
+                    _v(p["ttft_p50_ms"], 1),
+                    _v(p["ttft_p99_ms"], 1),
+                    _v(p.get("added_ttft_p99_ms"), 1),
+                    _v(p["gap_p99_ms"], 1),
+                    _v(p["gap_max_ms"], 1),
+                    str(p["stalls"]),
+                    str(p["batched"]),
+                    _v(p["server_cpu_ms_per_1000_chunks"], 0),
+                    _v(None if p["rss_bytes"] is None else p["rss_bytes"] / 2**20, 0),
+                    _v(p["threads"]),
+                    f"{p['client_cpu_s'] / p['wall_s']:.0%} / {p['upstream_cpu_s'] / p['wall_s']:.0%}",
+                    f"{p['client_core_busy']:.0%}" if p.get("client_core_busy") is not None else "–",
+                    _v(p["upstream_lateness_p99_ms"], 1),
+                    "pass" if p["passed"] else "FAIL",
+                    "client-limited" if p["client_limited"] else "",
+                ]
+            )
+    return _table(
+        [
+            "Path",
+            "streams",
+            "total",
+            "failed",
+            "TTFT p50",
+            "TTFT p99",
+            "added p99",
+            "gap p99",
+            "gap max",
+            "gaps > 40 ms",
+            "gaps < 1 ms",
+            "server CPU ms/1k chunks",
+            "RSS MiB",
+            "threads",
+            "client / upstream CPU",
+            "core 0 busy",
+            "upstream late p99 ms",
+            "",
+            "",
+        ],
+        rows,
+    )
 
 
 def _rates(results: dict[str, Any], letters: list[str]) -> str:
-    rows = [[k, str(p["clients"]), _v(p["rps"], 0), _v(p["p50_ms"]), _v(p["p99_ms"]), str(p["errors"]),
-             f"{p['core_busy'].get('0', p['core_busy'].get('all', 0)):.0%}",
-             _v(p["server_cpu_s"] * 1000 / p["requests"] if p["requests"] else None, 2)]
-            for k in letters for p in results["json_rate"].get(k, [])]
+    rows = [
+        [
+            k,
+            str(p["clients"]),
+            _v(p["rps"], 0),
+            _v(p["p50_ms"]),
+            _v(p["p99_ms"]),
+            str(p["errors"]),
+            f"{p['core_busy'].get('0', p['core_busy'].get('all', 0)):.0%}",
+            _v(p["server_cpu_s"] * 1000 / p["requests"] if p["requests"] else None, 2),
+        ]
+        for k in letters
+        for p in results["json_rate"].get(k, [])
+    ]
     return _table(["Path", "clients", "req/s", "p50 ms", "p99 ms", "errors", "client core", "server CPU ms/req"], rows)
 
 
@@ -304,8 +534,9 @@ def draw(results: dict[str, Any], target: Path) -> bool:
     right.set_title("TTFT p99 by level")
     right.legend(fontsize=8)
     legend = ", ".join(f"{k} = {results['paths'][k]['name']}" for k in letters)
-    fig.suptitle(f"chatproxy bench, {results['machine']['cpu']}, {results['machine']['cores']} cores; {legend}",
-                 fontsize=9)
+    fig.suptitle(
+        f"chatproxy bench, {results['machine']['cpu']}, {results['machine']['cores']} cores; {legend}", fontsize=9
+    )
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
@@ -322,8 +553,10 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
     figures, paths = results["figures"], results["paths"]
     shown = [k for k in "BCDK" if k in figures]
     rows = [
-        ("Added time to first token, p50 / p99 (1 stream)",
-         lambda f: f"{_v(f.get('added_ttft_p50_ms'), 1)} / {_v(f.get('added_ttft_p99_ms'), 1)} ms"),
+        (
+            "Added time to first token, p50 / p99 (1 stream)",
+            lambda f: f"{_v(f.get('added_ttft_p50_ms'), 1)} / {_v(f.get('added_ttft_p99_ms'), 1)} ms",
+        ),
         ("Added gap between chunks, p99 (1 stream)", lambda f: f"{_v(f.get('added_gap_p99_ms'), 1)} ms"),
         ("Chunks batched together", lambda f: str(f["batched_gaps"])),
         ("Sustained concurrent streams", lambda f: str(f["sustained_streams"])),
@@ -333,13 +566,17 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         ("Upstream connection reuse", lambda f: f"{_v(reuse_pct(f), 1)} %"),
         ("Chunks the upstream sent after a hang-up (max)", lambda f: _v(f["chunks_after_abort_max"])),
     ]
-    table = _table(["Over going direct", *[f"{k}: {paths[k]['name']}" for k in shown]],
-                   [[label, *[fn(figures[k]) for k in shown]] for label, fn in rows])
+    table = _table(
+        ["Over going direct", *[f"{k}: {paths[k]['name']}" for k in shown]],
+        [[label, *[fn(figures[k]) for k in shown]] for label, fn in rows],
+    )
     machine = results["machine"]
-    body = (f"{README_START}\n_Measured by `{results['command']}` on {machine['cpu']}, {machine['cores']} cores "
-            f"(Python {machine['python']}, nginx {machine['nginx']}); load client and upstream on one core, the "
-            "servers on the other. Every figure, the method and the raw levels are in "
-            f"[BENCHMARKS.md](BENCHMARKS.md)._\n\n{table}\n{README_END}")
+    body = (
+        f"{README_START}\n_Measured by `{results['command']}` on {machine['cpu']}, {machine['cores']} cores "
+        f"(Python {machine['python']}, nginx {machine['nginx']}); load client and upstream on one core, the "
+        "servers on the other. Every figure, the method and the raw levels are in "
+        f"[BENCHMARKS.md](BENCHMARKS.md)._\n\n{table}\n{README_END}"
+    )
     text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: body, text, flags=re.DOTALL)
     readme.write_text(text, encoding="utf-8")
     print(f"README: Performance figures updated in {readme}")

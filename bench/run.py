@@ -43,8 +43,15 @@ from load import CHATPROXY, OPENAI, Path  # noqa: E402
 from scenarios import Target, Upstream, median, ms, pct  # noqa: E402
 from upstream import DELTAS, PACE  # noqa: E402
 
-NAMES = {"A": "direct", "B": "nginx only", "C": "gunicorn + chatproxy", "D": "nginx + gunicorn + chatproxy",
-         "K": "C, keep-alive pings off", "P": "C at an earlier revision", "E": "LiteLLM proxy"}
+NAMES = {
+    "A": "direct",
+    "B": "nginx only",
+    "C": "gunicorn + chatproxy",
+    "D": "nginx + gunicorn + chatproxy",
+    "K": "C, keep-alive pings off",
+    "P": "C at an earlier revision",
+    "E": "LiteLLM proxy",
+}
 TTFT_LIMIT = 0.050  # a sustained level passes only while added TTFT p99 stays under this
 JSON_P99_LIMIT = 0.010  # requests per second are counted while p99 stays under this
 CLIENT_BUSY = 0.90  # core 0 busier than this: the load generator may be the limit
@@ -69,8 +76,20 @@ class Plan:
     budget_s: float = 420.0  # the measurements stop starting new work after this
 
 
-QUICK = Plan(rounds=1, short=3, json_calls=10, warm=1, abort_count=2, rps_clients=(1,), rps_seconds=0.3,
-             rps_cap=500, levels=(2,), ramp=0.2, hold=0.3, budget_s=60.0)
+QUICK = Plan(
+    rounds=1,
+    short=3,
+    json_calls=10,
+    warm=1,
+    abort_count=2,
+    rps_clients=(1,),
+    rps_seconds=0.3,
+    rps_cap=500,
+    levels=(2,),
+    ramp=0.2,
+    hold=0.3,
+    budget_s=60.0,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds; paths A and C; writes only to --out")
     parser.add_argument("--paths", help="letters to run, e.g. A,B,C,D,K,E (default: all; --quick: A,C)")
     parser.add_argument("--out", type=FilePath, help="folder for results.json (default bench/results[/quick])")
-    parser.add_argument("--wait-quiet", type=float, default=None,
-                        help="seconds to wait at most for an idle machine first (default 90; --quick 0)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        help="seconds to wait at most for an idle machine first (default 90; --quick 0)",
+    )
     parser.add_argument("--baseline", metavar="REF", help="also run path P: C as of this git revision")
     parser.add_argument("--no-report", action="store_true", help="write results.json only")
     args = parser.parse_args(argv)
@@ -132,25 +155,40 @@ def wait_for_quiet(limit: float, threshold: float = 0.15) -> dict[str, Any]:
         if busy < threshold or time.monotonic() - began >= limit:
             break
         print(f"waiting for a quiet machine: {busy:.0%} busy, load {os.getloadavg()[0]:.2f}", flush=True)
-    return {"waited_s": round(time.monotonic() - began, 1), "busy_before": busy, "threshold": threshold,
-            "quiet": busy < threshold, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-            "loadavg_before_wait": [round(x, 2) for x in before]}
+    return {
+        "waited_s": round(time.monotonic() - began, 1),
+        "busy_before": busy,
+        "threshold": threshold,
+        "quiet": busy < threshold,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_before_wait": [round(x, 2) for x in before],
+    }
 
 
 def machine_info() -> dict[str, Any]:
     """CPU, cores, kernel, Python, nginx, gunicorn, SDK versions, and the filesystem the ledger lived on."""
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                     platform.processor())
+        model = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor()
+        )
     import gunicorn
     import openai
 
-    fs = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True, timeout=10,
-                        check=False).stdout
-    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "nginx": stack.nginx_version(), "gunicorn": gunicorn.__version__, "openai": openai.__version__,
-            "tmp_filesystem": fs.splitlines()[-1].split()[1] if fs.strip() else None,
-            "pinned": stack.can_pin(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    fs = subprocess.run(
+        ["df", "-T", tempfile.gettempdir()], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": stack.nginx_version(),
+        "gunicorn": gunicorn.__version__,
+        "openai": openai.__version__,
+        "tmp_filesystem": fs.splitlines()[-1].split()[1] if fs.strip() else None,
+        "pinned": stack.can_pin(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def find_litellm() -> str | None:
@@ -164,13 +202,16 @@ def find_litellm() -> str | None:
 def start_litellm(tmp: FilePath, binary: str, upstream_port: int, cpu: int | None) -> stack.Proc:
     """LiteLLM's proxy with one model routed to the bench upstream."""
     config = tmp / "litellm.yaml"
-    config.write_text("model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
-                      f"      api_base: http://127.0.0.1:{upstream_port}/v1\n      api_key: sk-bench\n",
-                      encoding="utf-8")
+    config.write_text(
+        "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
+        f"      api_base: http://127.0.0.1:{upstream_port}/v1\n      api_key: sk-bench\n",
+        encoding="utf-8",
+    )
     port = stack.free_port()
     log = tmp / "litellm.log"
-    process = stack._spawn("litellm", [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                           log, cpu, cwd=tmp)
+    process = stack._spawn(
+        "litellm", [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)], log, cpu, cwd=tmp
+    )
     stack.wait_for_port(port, process, log, timeout=90)
     return stack.Proc("litellm", process, port, log)
 
@@ -209,30 +250,39 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
             if "D" in letters and have_nginx:
                 nginx_d = stack.start_nginx(tmp, "D", app.port, server_cpu)
                 procs.append(nginx_d)
-                targets["D"] = Target(Path("D", NAMES["D"], nginx_d.port, CHATPROXY, stack.TOKEN),
-                                      lambda n=nginx_d, a=app: n.worker_pids() + a.worker_pids())
+                targets["D"] = Target(
+                    Path("D", NAMES["D"], nginx_d.port, CHATPROXY, stack.TOKEN),
+                    lambda n=nginx_d, a=app: n.worker_pids() + a.worker_pids(),
+                )
         if "K" in letters:
-            app_k = stack.start_gunicorn(tmp, "K", stack.app_settings(tmp, upstream.port, token_hash,
-                                                                      CHATPROXY_KEEPALIVE_SECONDS="0"), server_cpu)
+            app_k = stack.start_gunicorn(
+                tmp,
+                "K",
+                stack.app_settings(tmp, upstream.port, token_hash, CHATPROXY_KEEPALIVE_SECONDS="0"),
+                server_cpu,
+            )
             procs.append(app_k)
             targets["K"] = Target(Path("K", NAMES["K"], app_k.port, CHATPROXY, stack.TOKEN), app_k.worker_pids)
         if "P" in letters and baseline:
             tree = tmp / "baseline"
             tree.mkdir()
-            revision = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=ROOT, check=True,
-                                      capture_output=True, text=True).stdout.strip()
+            revision = subprocess.run(
+                ["git", "rev-parse", "--short", baseline], cwd=ROOT, check=True, capture_output=True, text=True
+            ).stdout.strip()
             archive = subprocess.run(["git", "archive", baseline], cwd=ROOT, check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            app_p = stack.start_gunicorn(tmp, "P", stack.app_settings(tmp, upstream.port, token_hash), server_cpu,
-                                         cwd=tree)
+            app_p = stack.start_gunicorn(
+                tmp, "P", stack.app_settings(tmp, upstream.port, token_hash), server_cpu, cwd=tree
+            )
             procs.append(app_p)
-            targets["P"] = Target(Path("P", f"C at {revision}", app_p.port, CHATPROXY, stack.TOKEN),
-                                  app_p.worker_pids)
+            targets["P"] = Target(Path("P", f"C at {revision}", app_p.port, CHATPROXY, stack.TOKEN), app_p.worker_pids)
         if "E" in letters:
             binary = find_litellm()
             if binary is None:
-                notes.append("E (LiteLLM proxy) skipped: no `litellm` executable outside this project's venv "
-                             "(set LITELLM_BIN to one; it is not a dependency and is never installed by the bench).")
+                notes.append(
+                    "E (LiteLLM proxy) skipped: no `litellm` executable outside this project's venv "
+                    "(set LITELLM_BIN to one; it is not a dependency and is never installed by the bench)."
+                )
             else:
                 litellm = start_litellm(tmp, binary, upstream.port, server_cpu)
                 procs.append(litellm)
@@ -244,16 +294,22 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
     raw["server_log_problems"] = _log_problems(procs)
     raw["notes"] = notes
     raw["paths"] = {k: {"name": t.path.name, "port_kind": t.path.kind} for k, t in targets.items()}
-    raw["pinning"] = ("load client + upstream on core 0, servers under test (nginx, gunicorn) on core 1" if pin
-                      else "not pinned (fewer than two cores available)")
-    raw["app_settings"] = {k: v for k, v in stack.app_settings(FilePath("$TMP"), 0, "sha256:...").items()
-                           if k not in ("OPENAI_BASE_URL", "CHATPROXY_API_TOKENS")}
+    raw["pinning"] = (
+        "load client + upstream on core 0, servers under test (nginx, gunicorn) on core 1"
+        if pin
+        else "not pinned (fewer than two cores available)"
+    )
+    raw["app_settings"] = {
+        k: v
+        for k, v in stack.app_settings(FilePath("$TMP"), 0, "sha256:...").items()
+        if k not in ("OPENAI_BASE_URL", "CHATPROXY_API_TOKENS")
+    }
     shutil.rmtree(tmp, ignore_errors=True)
     return raw
 
 
 def _hash_token(token: str) -> str:
-    from chatproxy.guards import hash_token
+    from chatproxy.callers import hash_token
 
     return hash_token(token)
 
@@ -263,9 +319,24 @@ def _log_problems(procs: list[stack.Proc]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for proc in procs:
         logs = [proc.log, *proc.log.parent.glob("error.log")] if proc.log.exists() else []
-        lines = [line for path in logs for line in path.read_text(errors="replace").splitlines()
-                 if any(word in line for word in ('"level": "ERROR"', '"level": "CRITICAL"', "Traceback", "[error]",
-                                                  "[crit]", "[alert]", "[emerg]", "WORKER TIMEOUT"))]
+        lines = [
+            line
+            for path in logs
+            for line in path.read_text(errors="replace").splitlines()
+            if any(
+                word in line
+                for word in (
+                    '"level": "ERROR"',
+                    '"level": "CRITICAL"',
+                    "Traceback",
+                    "[error]",
+                    "[crit]",
+                    "[alert]",
+                    "[emerg]",
+                    "WORKER TIMEOUT",
+                )
+            )
+        ]
         if lines:
             found[proc.name] = lines[:10]
     return found
@@ -275,24 +346,32 @@ async def measure(plan: Plan, targets: dict[str, Target], upstream: Upstream, no
     """Every measurement, paths interleaved; stops starting new work when the time budget is spent."""
     deadline = time.monotonic() + plan.budget_s
     letters = list(targets)
-    raw: dict[str, Any] = {"one_client": {k: [] for k in letters}, "aborts": {}, "json_rate": {k: [] for k in letters},
-                           "sustained": {k: [] for k in letters}, "reuse": {}, "baseline_memory": {},
-                           "level_notes": []}
+    raw: dict[str, Any] = {
+        "one_client": {k: [] for k in letters},
+        "aborts": {},
+        "json_rate": {k: [] for k in letters},
+        "sustained": {k: [] for k in letters},
+        "reuse": {},
+        "baseline_memory": {},
+        "level_notes": [],
+    }
     phase_meter = scenarios.Meter(upstream.pid, [p for t in targets.values() for p in t.server_pids()])
 
     # Warm-up: connections, imports, each worker's first request.
     for letter in letters:
         for i in range(2):  # two connections: likely both gunicorn workers
-            await scenarios.one_stream_round(targets[letter], upstream, f"warm{i}", plan.warm, plan.warm * 3,
-                                             full_stream=i == 0 and plan.rounds > 1)
+            await scenarios.one_stream_round(
+                targets[letter], upstream, f"warm{i}", plan.warm, plan.warm * 3, full_stream=i == 0 and plan.rounds > 1
+            )
 
     # 1, 2, 4: one client; paths interleaved in rounds, each round in a rotated order.
     say(f"one client: {plan.rounds} rounds over {', '.join(letters)}")
     counts = upstream.counts()
     for r in range(plan.rounds):
-        for letter in letters[r % len(letters):] + letters[:r % len(letters)]:
+        for letter in letters[r % len(letters) :] + letters[: r % len(letters)]:
             raw["one_client"][letter].append(
-                await scenarios.one_stream_round(targets[letter], upstream, f"r{r}", plan.short, plan.json_calls))
+                await scenarios.one_stream_round(targets[letter], upstream, f"r{r}", plan.short, plan.json_calls)
+            )
     raw["reuse"]["one_client"] = _reuse(counts, upstream.counts(), letters)
 
     # 6: hang-ups.
@@ -328,9 +407,10 @@ async def measure(plan: Plan, targets: dict[str, Target], upstream: Upstream, no
             break
         points = {}
         say(f"sustained: {level} streams on {', '.join(active)}")
-        for letter in active[index % len(active):] + active[:index % len(active)]:
-            points[letter] = await scenarios.sustained(targets[letter], upstream, level, plan.ramp, plan.hold,
-                                                       targets[letter].server_pids())
+        for letter in active[index % len(active) :] + active[: index % len(active)]:
+            points[letter] = await scenarios.sustained(
+                targets[letter], upstream, level, plan.ramp, plan.hold, targets[letter].server_pids()
+            )
             await asyncio.sleep(0.5)  # let the servers close what the level left behind
         reference = points.get("A")
         for letter, point in points.items():
@@ -341,8 +421,10 @@ async def measure(plan: Plan, targets: dict[str, Target], upstream: Upstream, no
             say(f"  {letter} fails at {level}: {'; '.join(points[letter]['reasons'])}")
         active = [letter for letter in active if letter not in failed]
         if "A" in failed:
-            raw["level_notes"].append(f"the direct path (A) itself failed at {level} streams: the load generator "
-                                      "or the upstream is the limit there; nothing above it was measured")
+            raw["level_notes"].append(
+                f"the direct path (A) itself failed at {level} streams: the load generator "
+                "or the upstream is the limit there; nothing above it was measured"
+            )
             break
         if active == ["A"] or not active:
             break
@@ -373,14 +455,18 @@ def judge(point: dict[str, Any], reference: dict[str, Any] | None) -> None:
     point["client_limited"] = bool((client_core or 0) > CLIENT_BUSY or lateness > 5)
 
 
-def _reuse(before: tuple[dict[str, int], dict[str, int]], after: tuple[dict[str, int], dict[str, int]],
-           letters: list[str]) -> dict[str, dict[str, int | float | None]]:
+def _reuse(
+    before: tuple[dict[str, int], dict[str, int]], after: tuple[dict[str, int], dict[str, int]], letters: list[str]
+) -> dict[str, dict[str, int | float | None]]:
     out = {}
     for letter in letters:
         connections = after[0].get(letter, 0) - before[0].get(letter, 0)
         requests = after[1].get(letter, 0) - before[1].get(letter, 0)
-        out[letter] = {"connections": connections, "requests": requests,
-                       "per_1000": round(connections * 1000 / requests, 1) if requests else None}
+        out[letter] = {
+            "connections": connections,
+            "requests": requests,
+            "per_1000": round(connections * 1000 / requests, 1) if requests else None,
+        }
     return out
 
 
@@ -393,17 +479,21 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         pooled = {key: [v for r in rounds for v in r[key]] for key in ("ttft", "gaps", "lags", "latency")}
         round_medians = {key: [median(r[key]) for r in rounds if r[key]] for key in ("ttft", "gaps", "lags", "latency")}
         f: dict[str, Any] = {
-            "ttft_p50_ms": ms(median(round_medians["ttft"])), "ttft_p99_ms": ms(pct(pooled["ttft"], 0.99)),
+            "ttft_p50_ms": ms(median(round_medians["ttft"])),
+            "ttft_p99_ms": ms(pct(pooled["ttft"], 0.99)),
             "ttft_round_medians_ms": [ms(v) for v in round_medians["ttft"]],
-            "gap_p50_ms": ms(median(round_medians["gaps"])), "gap_p99_ms": ms(pct(pooled["gaps"], 0.99)),
+            "gap_p50_ms": ms(median(round_medians["gaps"])),
+            "gap_p99_ms": ms(pct(pooled["gaps"], 0.99)),
             "gap_max_ms": ms(max(pooled["gaps"], default=None)),
-            "lag_p50_ms": ms(median(round_medians["lags"])), "lag_p99_ms": ms(pct(pooled["lags"], 0.99)),
+            "lag_p50_ms": ms(median(round_medians["lags"])),
+            "lag_p99_ms": ms(pct(pooled["lags"], 0.99)),
             "batched_gaps": sum(1 for g in pooled["gaps"] if g < scenarios.BATCHED),
             "gaps_measured": len(pooled["gaps"]),
             "identical": all(r["identical"] for r in rounds),
             "chunks": sorted({r["chunks"] for r in rounds}),
             "errors": [e for r in rounds for e in r["errors"]],
-            "json_p50_ms": ms(median(round_medians["latency"])), "json_p99_ms": ms(pct(pooled["latency"], 0.99)),
+            "json_p50_ms": ms(median(round_medians["latency"])),
+            "json_p99_ms": ms(pct(pooled["latency"], 0.99)),
             "samples": {key: len(values) for key, values in pooled.items()},
             "upstream_lateness_p99_ms": ms(pct([v for r in rounds for v in r["upstream_lateness"]], 0.99)),
         }
@@ -415,8 +505,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         f["sustained_failed_because"] = failed["reasons"] if failed else []
         f["sustained_client_limited"] = any(p["client_limited"] for p in levels)
         f["sustained_top_measured"] = max((p["level"] for p in levels), default=0)
-        rated = [p for p in raw["json_rate"].get(letter, []) if p["p99_ms"] is not None
-                 and p["p99_ms"] < JSON_P99_LIMIT * 1000 and not p["errors"]]
+        rated = [
+            p
+            for p in raw["json_rate"].get(letter, [])
+            if p["p99_ms"] is not None and p["p99_ms"] < JSON_P99_LIMIT * 1000 and not p["errors"]
+        ]
         best = max(rated, key=lambda p: p["rps"], default=None)
         f["rps_p99_under_10ms"] = best["rps"] if best else 0
         f["rps_clients"] = best["clients"] if best else None
@@ -441,8 +534,17 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return figures
 
 
-ADDED = ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms", "gap_max_ms", "lag_p50_ms", "lag_p99_ms",
-         "json_p50_ms", "json_p99_ms")
+ADDED = (
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "gap_p50_ms",
+    "gap_p99_ms",
+    "gap_max_ms",
+    "lag_p50_ms",
+    "lag_p99_ms",
+    "json_p50_ms",
+    "json_p99_ms",
+)
 
 
 def _added(figures: dict[str, dict[str, Any]]) -> None:

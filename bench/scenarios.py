@@ -106,10 +106,13 @@ class Meter:
     def read(self) -> dict[str, Any]:
         """CPU seconds used since the start, and the cores' busy fractions."""
         wall = time.monotonic() - self.started
-        return {"wall_s": round(wall, 3), "client_cpu_s": round(_self_cpu() - self.client0, 3),
-                "upstream_cpu_s": round(cpu_seconds([self.upstream_pid]) - self.upstream0, 3),
-                "server_cpu_s": round(cpu_seconds(self.server_pids) - self.server0, 3),
-                "core_busy": busy_fraction(self.cores0, core_times())}
+        return {
+            "wall_s": round(wall, 3),
+            "client_cpu_s": round(_self_cpu() - self.client0, 3),
+            "upstream_cpu_s": round(cpu_seconds([self.upstream_pid]) - self.upstream0, 3),
+            "server_cpu_s": round(cpu_seconds(self.server_pids) - self.server0, 3),
+            "core_busy": busy_fraction(self.cores0, core_times()),
+        }
 
 
 def _self_cpu() -> float:
@@ -117,8 +120,9 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_stream_round(target: Target, upstream: Upstream, tag: str, short: int, json_calls: int,
-                           full_stream: bool = True) -> dict[str, Any]:
+async def one_stream_round(
+    target: Target, upstream: Upstream, tag: str, short: int, json_calls: int, full_stream: bool = True
+) -> dict[str, Any]:
     """At one client: a full stream (gaps), `short` 4-delta streams (TTFT), `json_calls` whole replies (latency)."""
     path, slot = target.path, Slot(target.path)
     full = await slot.call(f"{path.letter}-{tag}-full", DELTAS if full_stream else 4, True)
@@ -135,9 +139,11 @@ async def one_stream_round(target: Target, upstream: Upstream, tag: str, short: 
         "gaps": gaps(full),
         "lags": lags,
         "latency": [r.ended - r.started for r in whole if r.ended is not None and not r.error],
-        "errors": [f"{r.bench_id}: {why}" for r, n, stream in [*((r, n, True) for r, n in streams),
-                                                                     *((r, 16, False) for r in whole)]
-                   if (why := check(r, n, stream))],
+        "errors": [
+            f"{r.bench_id}: {why}"
+            for r, n, stream in [*((r, n, True) for r, n in streams), *((r, 16, False) for r in whole)]
+            if (why := check(r, n, stream))
+        ],
         "chunks": len(full.pieces),
         "identical": full.content == expected_text(DELTAS),
         "upstream_lateness": lateness,
@@ -169,8 +175,12 @@ async def aborts(target: Target, upstream: Upstream, count: int, after: int) -> 
         after_abort.append(sum(1 for t in record["sent"] if t > result.aborted_at))
         if record["closed_at"]:
             stop_delay.append(record["closed_at"] - result.aborted_at)
-    return {"chunks_after_abort": after_abort, "upstream_closed_after_s": [round(d, 4) for d in stop_delay],
-            "ran_to_the_end": sum(1 for r in records.values() if r["finished"]), "errors": errors}
+    return {
+        "chunks_after_abort": after_abort,
+        "upstream_closed_after_s": [round(d, 4) for d in stop_delay],
+        "ran_to_the_end": sum(1 for r in records.values() if r["finished"]),
+        "errors": errors,
+    }
 
 
 async def json_rate(target: Target, upstream: Upstream, clients: int, seconds: float, cap: int) -> dict[str, Any]:
@@ -198,13 +208,21 @@ async def json_rate(target: Target, upstream: Upstream, clients: int, seconds: f
     await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(clients))), timeout=seconds + 30)
     elapsed = time.monotonic() - began
     upstream.stats(f"{path.letter}-q{clients}-")
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_sample": errors[:3],
-            "rps": round(len(latencies) / elapsed, 1), "p50_ms": ms(pct(latencies, 0.5)),
-            "p99_ms": ms(pct(latencies, 0.99)), **meter.read()}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_sample": errors[:3],
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": ms(pct(latencies, 0.5)),
+        "p99_ms": ms(pct(latencies, 0.99)),
+        **meter.read(),
+    }
 
 
-async def sustained(target: Target, upstream: Upstream, level: int, ramp: float, hold: float,
-                    memory_pids: list[int]) -> dict[str, Any]:
+async def sustained(
+    target: Target, upstream: Upstream, level: int, ramp: float, hold: float, memory_pids: list[int]
+) -> dict[str, Any]:
     """`level` clients each streaming back to back: starts spread over `ramp`, new streams until ramp + hold.
 
     Halfway through the hold it reads the resident memory and threads of `memory_pids` (the serving workers).
@@ -246,14 +264,22 @@ async def sustained(target: Target, upstream: Upstream, level: int, ramp: float,
     ttft = [r.first - r.started for r in results if r.first is not None]
     chunks = sum(len(r.pieces) for r in results)
     return {
-        "level": level, "streams": len(results), "errors": len(problems), "error_sample": sorted(set(problems))[:3],
-        "chunks": chunks, "ttft_p50_ms": ms(pct(ttft, 0.5)), "ttft_p99_ms": ms(pct(ttft, 0.99)),
-        "gap_p50_ms": ms(pct(all_gaps, 0.5)), "gap_p99_ms": ms(pct(all_gaps, 0.99)),
+        "level": level,
+        "streams": len(results),
+        "errors": len(problems),
+        "error_sample": sorted(set(problems))[:3],
+        "chunks": chunks,
+        "ttft_p50_ms": ms(pct(ttft, 0.5)),
+        "ttft_p99_ms": ms(pct(ttft, 0.99)),
+        "gap_p50_ms": ms(pct(all_gaps, 0.5)),
+        "gap_p99_ms": ms(pct(all_gaps, 0.99)),
         "gap_max_ms": ms(max(all_gaps, default=None)),
-        "stalls": sum(1 for g in all_gaps if g > STALL), "batched": sum(1 for g in all_gaps if g < BATCHED),
+        "stalls": sum(1 for g in all_gaps if g > STALL),
+        "batched": sum(1 for g in all_gaps if g < BATCHED),
         "upstream_lateness_p99_ms": ms(pct(lateness, 0.99)),
         "upstream_lateness_max_ms": ms(max(lateness, default=None)),
-        "open_streams_sampled": sample.get("open_streams"), "rss_bytes": sample.get("rss"),
+        "open_streams_sampled": sample.get("open_streams"),
+        "rss_bytes": sample.get("rss"),
         "threads": sample.get("threads"),
         "server_cpu_ms_per_1000_chunks": round(usage["server_cpu_s"] * MS * 1000 / chunks, 2) if chunks else None,
         **usage,

@@ -101,12 +101,20 @@ class Proc:
                 self.process.wait(timeout=5)
 
 
-def _spawn(name: str, argv: list[str], log: Path, cpu: int | None, env: dict[str, str] | None = None,
-           cwd: Path = ROOT) -> subprocess.Popen:
+def _spawn(
+    name: str, argv: list[str], log: Path, cpu: int | None, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen:
     out = log.open("wb")
     try:
-        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=pinned(cpu), start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pinned(cpu),  # noqa: PLW1509 - sched_setaffinity only; the bench forks before its threads
+            start_new_session=True,
+        )
     finally:
         out.close()
 
@@ -114,8 +122,9 @@ def _spawn(name: str, argv: list[str], log: Path, cpu: int | None, env: dict[str
 def start_upstream(tmp: Path, cpu: int | None) -> Proc:
     """bench/upstream.py on a free port."""
     ready, log = tmp / "upstream.port", tmp / "upstream.log"
-    process = _spawn("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"), "--ready-file", str(ready)],
-                     log, cpu)
+    process = _spawn(
+        "upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"), "--ready-file", str(ready)], log, cpu
+    )
     deadline = time.monotonic() + 20
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -152,8 +161,11 @@ def start_gunicorn(tmp: Path, name: str, settings: dict[str, str], cpu: int | No
     """gunicorn -c gunicorn.conf.py (the shipped configuration, from `cwd`) with `settings` in its environment."""
     port = free_port()
     log = tmp / f"gunicorn-{name}.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_")) and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_")) and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update({k: v.replace("{name}", name) for k, v in settings.items()})
     env["CHATPROXY_BIND"] = f"127.0.0.1:{port}"
     process = _spawn(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], log, cpu, env, cwd)
@@ -184,8 +196,9 @@ def start_nginx(tmp: Path, name: str, backend_port: int, cpu: int | None) -> Pro
     """nginx with deploy/nginx.conf's upstream and proxy directives (the regions the deploy tests run), no TLS."""
     prefix = tmp / f"nginx-{name}"
     port = free_port()
-    conf = nginx_site.write_conf(prefix, backend_port, port, connections=8192, backlog=4096, error_level="warn",
-                                 open_files=16384)
+    conf = nginx_site.write_conf(
+        prefix, backend_port, port, connections=8192, backlog=4096, error_level="warn", open_files=16384
+    )
     log = prefix / "stdout.log"
     process = _spawn(name, nginx_site.argv(prefix, conf), log, cpu)
     wait_for_port(port, process, log)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -30,8 +31,20 @@ PACE = 0.020  # seconds to the first delta, then between deltas
 DELTAS = 64
 # Deltas that exercise JSON escaping on the way through: quotes, backslashes, newlines, non-ASCII,
 # astral characters, U+2028 and markup. The same list on both sides: the client checks byte-identity.
-_SPECIAL = ['"quoted"', "back\\slash", "new\nline", "tab\t", " café", " 日本語", " 😀", "\u2028", " </script>",
-            " {json}", " 100%", " a+b=c"]
+_SPECIAL = [
+    '"quoted"',
+    "back\\slash",
+    "new\nline",
+    "tab\t",
+    " café",
+    " 日本語",
+    " 😀",
+    "\u2028",
+    " </script>",
+    " {json}",
+    " 100%",
+    " a+b=c",
+]
 TOKENS = tuple(_SPECIAL[i // 5] if i % 5 == 4 and i // 5 < len(_SPECIAL) else f" tok{i}" for i in range(DELTAS))
 BENCH_ID = re.compile(r"bench:(\S+)")
 
@@ -66,24 +79,41 @@ def _frames(model: str, usage_field: bool) -> list[bytes]:
     """The encoded role chunk, DELTAS delta chunks and finish chunk for `model` (cached: the upstream stays cheap)."""
     key = (model, usage_field)
     if key not in _FRAMES:
-        base: dict[str, Any] = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": model, "system_fingerprint": "fp_bench"}
+        base: dict[str, Any] = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_bench",
+        }
         extra = {"usage": None} if usage_field else {}
 
         def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-            return _event({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                "finish_reason": finish}], **extra})
+            return _event(
+                {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            )
 
-        _FRAMES[key] = [chunk({"role": "assistant", "content": "", "refusal": None}, None),
-                        *(chunk({"content": token}, None) for token in TOKENS), chunk({}, "stop")]
+        _FRAMES[key] = [
+            chunk({"role": "assistant", "content": "", "refusal": None}, None),
+            *(chunk({"content": token}, None) for token in TOKENS),
+            chunk({}, "stop"),
+        ]
     return _FRAMES[key]
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 class Upstream(asyncio.Protocol):
@@ -110,8 +140,8 @@ class Upstream(asyncio.Protocol):
             length = int(headers.get("content-length") or 0)
             if len(self.buffer) < end + 4 + length:
                 return
-            body = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
             method, target = head[0].split(" ")[:2]
             self.handle(method, target, body)
 
@@ -139,8 +169,10 @@ class Upstream(asyncio.Protocol):
         """A whole JSON answer, connection kept alive."""
         assert self.transport is not None
         reason = {200: "OK", 404: "Not Found"}.get(status, "OK")
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (status, reason.encode(), len(data), data))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, reason.encode(), len(data), data)
+        )
 
     def completion(self, body: dict[str, Any]) -> None:
         """A chat completion, streamed or whole."""
@@ -155,32 +187,63 @@ class Upstream(asyncio.Protocol):
         n = max(1, min(DELTAS, int(body.get("max_tokens") or DELTAS)))
         model = str(body.get("model") or "gpt-4o-mini")
         prompt = sum(len(str(m.get("content", ""))) // 4 + 4 for m in body.get("messages", [])) + 3
-        record: dict[str, Any] = {"t0": now, "n": n, "stream": bool(body.get("stream")), "due": [], "sent": [],
-                                  "closed_at": None, "finished": False}
+        record: dict[str, Any] = {
+            "t0": now,
+            "n": n,
+            "stream": bool(body.get("stream")),
+            "due": [],
+            "sent": [],
+            "closed_at": None,
+            "finished": False,
+        }
         STATS.requests[request_id] = record
         if not body.get("stream"):
             text = expected_text(n)
-            completion = {"id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()),
-                          "model": model, "system_fingerprint": "fp_bench",
-                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                                       "logprobs": None, "finish_reason": "stop"}], "usage": _usage(prompt, n)}
+            completion = {
+                "id": "chatcmpl-bench",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_bench",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(prompt, n),
+            }
             self.reply(200, json.dumps(completion).encode())
             record["finished"] = True
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         frames = _frames(model, include_usage)
         assert self.transport is not None
-        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + frames[0])
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + frames[0]
+        )
         self.record = record
         loop = asyncio.get_running_loop()
-        self.timers = [loop.call_at(now + (i + 1) * PACE, self.delta, record, frames[i + 1], now + (i + 1) * PACE)
-                       for i in range(n)]
+        self.timers = [
+            loop.call_at(now + (i + 1) * PACE, self.delta, record, frames[i + 1], now + (i + 1) * PACE)
+            for i in range(n)
+        ]
         tail = frames[-1]
         if include_usage:
-            tail += _event({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": model, "system_fingerprint": "fp_bench", "choices": [],
-                            "usage": _usage(prompt, n)})
+            tail += _event(
+                {
+                    "id": "chatcmpl-bench",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "system_fingerprint": "fp_bench",
+                    "choices": [],
+                    "usage": _usage(prompt, n),
+                }
+            )
         tail += _chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"
         self.timers.append(loop.call_at(now + (n + 1) * PACE, self.finish, record, tail))
 
@@ -211,8 +274,12 @@ def _stats(query: dict[str, list[str]]) -> dict[str, Any]:
         for key in chosen:
             del STATS.requests[key]
     times = os.times()
-    return {"connections": STATS.connections, "request_counts": STATS.request_counts, "requests": chosen,
-            "cpu_seconds": times.user + times.system}
+    return {
+        "connections": STATS.connections,
+        "request_counts": STATS.request_counts,
+        "requests": chosen,
+        "cpu_seconds": times.user + times.system,
+    }
 
 
 async def serve(host: str, port: int, ready_file: str | None) -> None:
@@ -236,10 +303,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file")
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.host, args.port, args.ready_file))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

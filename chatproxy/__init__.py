@@ -2,51 +2,55 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import (batch, budget, chat, classify, compat, cooldowns, errors, guards, logs, openapi, ops, prices,
-               reports, security, usage)
-from .config import SettingsError, raw_settings, validate
+from . import api, callers, commands, errors, limits, logs, models, openapi, ops, redis_client, security, startup, state
+from .batches.store import BatchStore
+from .budget import Budget, Caps, SqlCounters
+from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings
+from .cooldowns import from_settings as cooldowns_from
+from .upstream import make_client
+from .usage import Ledger, default_database_url
 
-ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-__all__ = ["create_app", "SettingsError"]
+__all__ = ["ROOT", "SettingsError", "create_app"]
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: defaults, then .env and the environment, then `test_config`; fail fast on a bad setting."""
-    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"),
-                instance_path=str(ROOT / "instance"))
+    app = Flask(
+        __name__,
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(ROOT / "static"),
+        instance_path=str(ROOT / "instance"),
+    )
     app.config.from_mapping(raw_settings(ROOT / ".env"))
     if test_config is not None:
         app.config.update(test_config)
-    settings = validate(app.config)
+    settings, table, found = startup.check(app.config)  # refuses a retired model; warns about one about to retire
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["chatproxy.settings"] = settings
 
     logs.init_app(app)  # first, so start-up messages are JSON lines too
+    for warning in found.warnings:
+        log.warning("%s", warning)
+    state.init_app(app, build_state(settings, table, found.retiring, app.instance_path))
     errors.init_app(app)
-    prices.init_app(app)
-    usage.init_app(app)
-    budget.init_app(app)  # after usage: its SQL counters live in the ledger's database
-    reports.init_app(app)
-    security.init_app(app)
-    guards.init_app(app)
-    cooldowns.init_app(app)
-    chat.init_app(app)
-    compat.init_app(app)  # /v1: the OpenAI-compatible API for token holders
-    classify.init_app(app)
-    batch.init_app(app)  # after usage: batches live in the ledger's database
-    ops.init_app(app)
+    security.init_app(app, settings)
+    ops.init_app(app)  # its timer is the first before_request hook: refused requests are timed too
+    callers.init_app(app)  # who is calling, before the limits that count them
+    limits.init_app(app)
+    api.init_app(app)
     openapi.init_app(app)  # GET /api/openapi.json, built from the routes registered above
+    commands.init_app(app)
 
     def _request_id() -> None:
         # Ours, always new: the ledger's rows are grouped by it, so a client must not choose it (nor reuse one).
@@ -64,3 +68,28 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         return response
 
     return app
+
+
+def build_state(
+    settings: Settings, table: models.ModelTable, retiring: tuple[models.Retirement, ...], instance_path: str
+) -> state.AppState:
+    """Every long-lived object, built from validated settings; nothing connects yet (the database on first use)."""
+    ledger = Ledger(settings.database_url or default_database_url(instance_path))
+    counters = SqlCounters(ledger.engine)
+    batches = BatchStore(ledger)
+    ledger.schema.add(counters.metadata)  # created with the ledger's tables, on first use
+    ledger.schema.add(batches.metadata)
+    return state.AppState(
+        settings=settings,
+        client=make_client(settings),
+        models=table,
+        retiring=retiring,
+        ledger=ledger,
+        budget=Budget(counters, Caps.from_settings(settings)),
+        batches=batches,
+        cooldowns=cooldowns_from(settings),
+        tokens=parse_tokens(settings.api_tokens),
+        limiter=limits.make_limiter(settings),
+        slots=limits.make_slots(settings),
+        redis=redis_client.client(settings.redis_url) if settings.redis_url else None,
+    )

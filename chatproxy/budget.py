@@ -25,14 +25,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, current_app
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import ApiError
-from .usage import Ledger, create_tables, ledger_table
+from .usage import create_tables, ledger_table
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,14 @@ class Caps:
     @classmethod
     def from_settings(cls, settings: Settings) -> Caps:
         """The caps configured by CHATPROXY_*DAILY_*BUDGET* settings."""
-        return cls(settings.daily_budget_micros, settings.identity_daily_budget_micros,
-                   settings.daily_token_budget, settings.identity_daily_token_budget,
-                   settings.public_daily_budget_micros, settings.public_ip_daily_budget_micros)
+        return cls(
+            settings.daily_budget_micros,
+            settings.identity_daily_budget_micros,
+            settings.daily_token_budget,
+            settings.identity_daily_token_budget,
+            settings.public_daily_budget_micros,
+            settings.public_ip_daily_budget_micros,
+        )
 
 
 @dataclass(frozen=True)
@@ -126,13 +130,15 @@ class SqlCounters:
         self.engine = engine
         self.metadata = sa.MetaData()
         self.table = sa.Table(
-            "budget_counters", self.metadata,
+            "budget_counters",
+            self.metadata,
             sa.Column("day", sa.Date, primary_key=True),
             sa.Column("identity", sa.Text, primary_key=True),  # the row's key (an identity, or a shared cap's)
             *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in FIELDS),
         )
         self.holds = sa.Table(
-            "budget_holds", self.metadata,
+            "budget_holds",
+            self.metadata,
             sa.Column("id", sa.String(32), primary_key=True),
             sa.Column("request_id", sa.String(64), nullable=False),
             sa.Column("identity", sa.Text, nullable=False),
@@ -151,20 +157,33 @@ class SqlCounters:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # Statements are built once with bound parameters: building SQLAlchemy expressions per call was a
         # visible share of a request's CPU (BENCHMARKS.md).
-        self._ensure = (insert(self.table).values(day=sa.bindparam("b_day"), identity=sa.bindparam("b_who"))
-                        .on_conflict_do_nothing())
+        self._ensure = (
+            insert(self.table)
+            .values(day=sa.bindparam("b_day"), identity=sa.bindparam("b_who"))
+            .on_conflict_do_nothing()
+        )
         self._reserve: dict[tuple[bool, bool], sa.Update] = {}
         self._adjust: dict[tuple[str, ...], sa.Update] = {}
         self._hold = self.holds.insert()
         self._unhold = self.holds.delete().where(self.holds.c.id == sa.bindparam("b_id"))
         t = ledger_table
         request_rows = (t.c.request_id == sa.bindparam("b_request"), t.c.identity == sa.bindparam("b_who"))
-        self._abandon = t.update().where(*request_rows, t.c.closed_at.is_(None)).values(
-            prompt_tokens=sa.bindparam("b_prompt_tokens"), completion_tokens=0, tokens_exact=False,
-            cost_micros=sa.bindparam("b_prompt_micros"), outcome=ABANDONED, closed_at=sa.bindparam("b_now"))
-        self._spent = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_micros), 0),
-                                sa.func.coalesce(sa.func.sum(t.c.prompt_tokens + t.c.completion_tokens), 0)
-                                ).where(*request_rows)
+        self._abandon = (
+            t.update()
+            .where(*request_rows, t.c.closed_at.is_(None))
+            .values(
+                prompt_tokens=sa.bindparam("b_prompt_tokens"),
+                completion_tokens=0,
+                tokens_exact=False,
+                cost_micros=sa.bindparam("b_prompt_micros"),
+                outcome=ABANDONED,
+                closed_at=sa.bindparam("b_now"),
+            )
+        )
+        self._spent = sa.select(
+            sa.func.coalesce(sa.func.sum(t.c.cost_micros), 0),
+            sa.func.coalesce(sa.func.sum(t.c.prompt_tokens + t.c.completion_tokens), 0),
+        ).where(*request_rows)
 
     def _row(self) -> list[sa.ColumnElement[bool]]:
         c = self.table.c
@@ -177,30 +196,43 @@ class SqlCounters:
             c = self.table.c
             conditions = self._row()
             if money_capped:
-                conditions.append(c.spent_micros + c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger)
-                                  <= sa.bindparam("b_money_cap", type_=sa.BigInteger))
+                conditions.append(
+                    c.spent_micros + c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger)
+                    <= sa.bindparam("b_money_cap", type_=sa.BigInteger)
+                )
             if tokens_capped:
-                conditions.append(c.spent_tokens + c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger)
-                                  <= sa.bindparam("b_token_cap", type_=sa.BigInteger))
-            self._reserve[key] = self.table.update().where(*conditions).values(
-                reserved_micros=c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger),
-                reserved_tokens=c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger))
+                conditions.append(
+                    c.spent_tokens + c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger)
+                    <= sa.bindparam("b_token_cap", type_=sa.BigInteger)
+                )
+            self._reserve[key] = (
+                self.table.update()
+                .where(*conditions)
+                .values(
+                    reserved_micros=c.reserved_micros + sa.bindparam("b_cost", type_=sa.BigInteger),
+                    reserved_tokens=c.reserved_tokens + sa.bindparam("b_tokens", type_=sa.BigInteger),
+                )
+            )
         return self._reserve[key]
 
     def _adjust_statement(self, names: tuple[str, ...]) -> sa.Update:
         """An UPDATE adding a bound amount `b_<name>` to each named counter of one row."""
         if names not in self._adjust:
             c = self.table.c
-            self._adjust[names] = self.table.update().where(*self._row()).values(
-                {name: c[name] + sa.bindparam(f"b_{name}", type_=sa.BigInteger) for name in names})
+            self._adjust[names] = (
+                self.table.update()
+                .where(*self._row())
+                .values({name: c[name] + sa.bindparam(f"b_{name}", type_=sa.BigInteger) for name in names})
+            )
         return self._adjust[names]
 
     def create_schema(self) -> None:
         """Create the counters and holds tables if they are missing."""
         create_tables(self.engine, self.metadata)
 
-    def reserve(self, day: date, caps: Sequence[Cap], cost_micros: int, tokens: int,
-                hold: dict[str, Any] | None = None) -> Cap | None:
+    def reserve(
+        self, day: date, caps: Sequence[Cap], cost_micros: int, tokens: int, hold: dict[str, Any] | None = None
+    ) -> Cap | None:
         """One transaction: make sure every row exists, a conditional UPDATE per row, then write the hold.
 
         Rows are taken in key order, the same in every transaction that touches several, so two of them
@@ -211,8 +243,14 @@ class SqlCounters:
             with self.engine.begin() as conn:
                 conn.execute(self._ensure, [{"b_day": day, "b_who": cap.key} for cap in ordered])
                 for cap in ordered:
-                    params = {"b_day": day, "b_who": cap.key, "b_cost": cost_micros, "b_tokens": tokens,
-                              "b_money_cap": cap.micros, "b_token_cap": cap.tokens}
+                    params = {
+                        "b_day": day,
+                        "b_who": cap.key,
+                        "b_cost": cost_micros,
+                        "b_tokens": tokens,
+                        "b_money_cap": cap.micros,
+                        "b_token_cap": cap.tokens,
+                    }
                     update = self._reserve_statement(bool(cap.micros), bool(cap.tokens))
                     if conn.execute(update, params).rowcount != 1:
                         raise _Refused(cap)  # rolls back the rows already reserved on
@@ -255,20 +293,34 @@ class SqlCounters:
         with self.engine.begin() as conn:
             if conn.execute(self._unhold, {"b_id": hold["id"]}).rowcount != 1:
                 return False
-            conn.execute(self._abandon, {**who, "b_prompt_tokens": hold["prompt_tokens"],
-                                         "b_prompt_micros": hold["prompt_micros"], "b_now": now})
+            conn.execute(
+                self._abandon,
+                {
+                    **who,
+                    "b_prompt_tokens": hold["prompt_tokens"],
+                    "b_prompt_micros": hold["prompt_micros"],
+                    "b_now": now,
+                },
+            )
             spent_micros, spent_tokens = conn.execute(self._spent, who).one()
-            self._add(conn, hold["day"], json.loads(hold["keys"]), {
-                "reserved_micros": -hold["cost_micros"], "reserved_tokens": -hold["tokens"],
-                "spent_micros": int(spent_micros), "spent_tokens": int(spent_tokens)})
+            self._add(
+                conn,
+                hold["day"],
+                json.loads(hold["keys"]),
+                {
+                    "reserved_micros": -hold["cost_micros"],
+                    "reserved_tokens": -hold["tokens"],
+                    "spent_micros": int(spent_micros),
+                    "spent_tokens": int(spent_tokens),
+                },
+            )
         return True
 
     def totals(self, day: date, key: str) -> dict[str, int]:
         """One row's counters (zeros when it does not exist)."""
         c = self.table.c
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(*(c[name] for name in FIELDS))
-                               .where(c.day == day, c.identity == key)).first()
+            row = conn.execute(sa.select(*(c[name] for name in FIELDS)).where(c.day == day, c.identity == key)).first()
         return {name: int(row._mapping[name]) if row else 0 for name in FIELDS}
 
 
@@ -326,8 +378,15 @@ class Budget:
             chosen.append(Cap(IDENTITY, identity, caps.identity_daily_micros, caps.identity_daily_tokens))
         return tuple(chosen)
 
-    def reserve(self, identity: str, cost_micros: int, tokens: int, *, caps: Sequence[Cap] | None = None,
-                hold: Hold | None = None) -> Reservation:
+    def reserve(
+        self,
+        identity: str,
+        cost_micros: int,
+        tokens: int,
+        *,
+        caps: Sequence[Cap] | None = None,
+        hold: Hold | None = None,
+    ) -> Reservation:
         """Hold a call's worst-case cost and tokens on every row of `caps` (default: global and identity).
 
         Raises 429 budget_exceeded, naming the cap that refused, with Retry-After until it resets (UTC
@@ -339,31 +398,48 @@ class Budget:
         now = self.clock()
         day = utc_day(now)
         record = self._hold_row(identity, day, caps, cost_micros, tokens, hold, now) if hold else None
-        alone = next((Cap(ALONE, cap.key) for cap in caps
-                      if (cap.micros and cost_micros > cap.micros) or (cap.tokens and tokens > cap.tokens)), None)
+        alone = next(
+            (
+                Cap(ALONE, cap.key)
+                for cap in caps
+                if (cap.micros and cost_micros > cap.micros) or (cap.tokens and tokens > cap.tokens)
+            ),
+            None,
+        )
         try:
             refused = alone or self.counters.reserve(day, caps, cost_micros, tokens, record)
         except SQLAlchemyError:
             log.exception("budget counters unavailable")
-            raise ApiError(503, "budget_unavailable", "Spending limits cannot be checked right now, so the request "
-                           "was not sent. Try again shortly.", retry_after=5) from None
+            raise ApiError(
+                503,
+                "budget_unavailable",
+                "Spending limits cannot be checked right now, so the request was not sent. Try again shortly.",
+                retry_after=5,
+            ) from None
         finally:
             self._sweep_if_due(now)
         if refused:
             log.info("budget refused %s for %s (%s cap, row %s)", cost_micros, identity, refused.name, refused.key)
             raise ApiError(429, "budget_exceeded", _MESSAGES[refused.name], retry_after=seconds_to_midnight(now))
-        return Reservation(identity, day, cost_micros, tokens, tuple(cap.key for cap in caps),
-                           record["id"] if record else None)
+        return Reservation(
+            identity, day, cost_micros, tokens, tuple(cap.key for cap in caps), record["id"] if record else None
+        )
 
     def settle(self, reservation: Reservation, actual_cost_micros: int, actual_tokens: int) -> None:
         """Replace the reservation by what the call really cost (may exceed it). Errors are logged, not raised."""
-        self._finish(reservation, {"reserved_micros": -reservation.cost_micros, "spent_micros": actual_cost_micros,
-                                   "reserved_tokens": -reservation.tokens, "spent_tokens": actual_tokens})
+        self._finish(
+            reservation,
+            {
+                "reserved_micros": -reservation.cost_micros,
+                "spent_micros": actual_cost_micros,
+                "reserved_tokens": -reservation.tokens,
+                "spent_tokens": actual_tokens,
+            },
+        )
 
     def release(self, reservation: Reservation) -> None:
         """Give the reservation back (the call cost nothing). Errors are logged, not raised."""
-        self._finish(reservation, {"reserved_micros": -reservation.cost_micros,
-                                   "reserved_tokens": -reservation.tokens})
+        self._finish(reservation, {"reserved_micros": -reservation.cost_micros, "reserved_tokens": -reservation.tokens})
 
     def sweep(self, now: datetime | None = None) -> int:
         """Settle every expired hold from the ledger (see SqlCounters.sweep_hold); the number this call settled."""
@@ -383,12 +459,22 @@ class Budget:
         """Spent and reserved money and tokens of counter row `key` (default: everyone) on `day` (default: today)."""
         return self.counters.totals(day or utc_day(self.clock()), key)
 
-    def _hold_row(self, identity: str, day: date, caps: Sequence[Cap], cost_micros: int, tokens: int, hold: Hold,
-                  now: datetime) -> dict[str, Any]:
-        return {"id": uuid.uuid4().hex, "request_id": hold.request_id[:64], "identity": identity, "day": day,
-                "keys": json.dumps(sorted({cap.key for cap in caps})), "cost_micros": cost_micros, "tokens": tokens,
-                "prompt_tokens": hold.prompt_tokens, "prompt_micros": hold.prompt_micros,
-                "created_at": naive_utc(now), "expires_at": naive_utc(now + timedelta(seconds=hold.seconds))}
+    def _hold_row(
+        self, identity: str, day: date, caps: Sequence[Cap], cost_micros: int, tokens: int, hold: Hold, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "id": uuid.uuid4().hex,
+            "request_id": hold.request_id[:64],
+            "identity": identity,
+            "day": day,
+            "keys": json.dumps(sorted({cap.key for cap in caps})),
+            "cost_micros": cost_micros,
+            "tokens": tokens,
+            "prompt_tokens": hold.prompt_tokens,
+            "prompt_micros": hold.prompt_micros,
+            "created_at": naive_utc(now),
+            "expires_at": naive_utc(now + timedelta(seconds=hold.seconds)),
+        }
 
     def _finish(self, reservation: Reservation, deltas: dict[str, int]) -> None:
         if reservation.done:
@@ -397,12 +483,17 @@ class Budget:
         reservation.done = True
         try:
             if not self.counters.finish(reservation.day, reservation.keys, deltas, reservation.hold_id):
-                log.warning("reservation for %s was settled by the sweeper before its request ended",
-                            reservation.identity)
+                log.warning(
+                    "reservation for %s was settled by the sweeper before its request ended", reservation.identity
+                )
         except SQLAlchemyError:
-            log.exception("cannot update budget counters for %s: %s (the sweeper settles it when its hold expires)"
-                          if reservation.hold_id else "cannot update budget counters for %s: %s",
-                          reservation.identity, deltas)
+            log.exception(
+                "cannot update budget counters for %s: %s (the sweeper settles it when its hold expires)"
+                if reservation.hold_id
+                else "cannot update budget counters for %s: %s",
+                reservation.identity,
+                deltas,
+            )
 
     def _sweep_if_due(self, now: datetime) -> None:
         """Start a sweep in the background at the first reservation, then every SWEEP_EVERY (per worker)."""
@@ -422,30 +513,8 @@ class Budget:
 _MESSAGES = {
     GLOBAL: "The service has reached its usage limit for today. Try again after midnight UTC.",
     PUBLIC_SHARE: "The service has reached its usage limit for today for callers without an API token. "
-                  "Try again after midnight UTC.",
+    "Try again after midnight UTC.",
     PUBLIC_IP: "Your network address has reached its usage limit for today. Try again after midnight UTC.",
     IDENTITY: "You have reached your usage limit for today. Try again after midnight UTC.",
     ALONE: "This request could cost more than the daily limit allows. Ask for fewer tokens (max_tokens).",
 }
-
-
-def init_app(app: Flask) -> None:
-    """Build the app's Budget on counters in the ledger's database (call after usage.init_app).
-
-    Not in Redis, even when CHATPROXY_REDIS_URL is set: the ledger's database is already a hard
-    dependency of every call, so budgets add none, and a Redis outage (which rate limits and
-    cooldowns survive) cannot stop the proxy.
-    """
-    settings: Settings = app.extensions["chatproxy.settings"]
-    ledger: Ledger | None = app.extensions.get("chatproxy.ledger")
-    if ledger is None:
-        raise RuntimeError("budget.init_app needs usage.init_app first: the counters live in the ledger's database")
-    counters = SqlCounters(ledger.engine)
-    ledger.schema.add(counters.metadata)  # created with the ledger's tables, on first use
-    app.extensions["chatproxy.budget"] = Budget(counters, Caps.from_settings(settings))
-
-
-def current_budget() -> Budget:
-    """The current app's Budget."""
-    return current_app.extensions["chatproxy.budget"]
-

@@ -15,13 +15,34 @@ from .schemas import (
     ChatRequest,
     check_total,
     format_chars,
+    reasoning_effort,
     response_format,
     too_deep,
 )
 
-FIELDS = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-                    "stream", "stream_options", "stop", "presence_penalty", "frequency_penalty", "seed", "user",
-                    "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+FIELDS = frozenset(
+    {
+        "messages",
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "reasoning_effort",
+        "n",
+        "stream",
+        "stream_options",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    }
+)
 MESSAGE_FIELDS = {
     "system": frozenset({"role", "content", "name"}),
     "user": frozenset({"role", "content", "name"}),
@@ -65,6 +86,9 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     client_messages, chars = _messages(body.get("messages"), settings)
     options = {**_max_tokens(body, settings), **_sampling(body)}
+    effort = reasoning_effort(body.get("reasoning_effort"))
+    if effort is not None:
+        options["reasoning_effort"] = effort
     tools = _tools(body.get("tools"))
     options.update(_tool_options(body, tools))
     format_ = response_format(body.get("response_format"))
@@ -72,15 +96,29 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
         options["response_format"] = format_
     check_total(chars, (len(json.dumps(tools, ensure_ascii=False)) if tools else 0) + format_chars(format_), settings)
     system = settings.system_prompt
-    if format_ is not None and format_["type"] == "json_object" and "json" not in (
-            system + json.dumps(client_messages)).lower():
+    if (
+        format_ is not None
+        and format_["type"] == "json_object"
+        and "json" not in (system + json.dumps(client_messages)).lower()
+    ):
         system = f"{system}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless a message asks for JSON
-    metered = ChatRequest(messages=[_flat(m) for m in client_messages] + _tools_as_text(tools), model=model,
-                          max_tokens=options.get("max_tokens") or options["max_completion_tokens"],
-                          temperature=options.get("temperature"), stream=stream, response_format=format_,
-                          system_prompt=system)
-    return CompatRequest(messages=[{"role": "system", "content": system}, *client_messages], model=model,
-                         stream=stream, include_usage=include_usage, options=options, metered=metered)
+    metered = ChatRequest(
+        messages=[_flat(m) for m in client_messages] + _tools_as_text(tools),
+        model=model,
+        max_tokens=options.get("max_tokens") or options["max_completion_tokens"],
+        temperature=options.get("temperature"),
+        stream=stream,
+        response_format=format_,
+        system_prompt=system,
+    )
+    return CompatRequest(
+        messages=[{"role": "system", "content": system}, *client_messages],
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        options=options,
+        metered=metered,
+    )
 
 
 def _messages(raw: Any, settings: Settings) -> tuple[list[dict[str, Any]], int]:
@@ -143,10 +181,16 @@ def _content(value: Any, where: str, *, blank_ok: bool) -> tuple[str | list[dict
         parts, texts = value, [value]
     elif isinstance(value, list) and value:
         for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"} \
-                    or not isinstance(part["text"], str):
-                raise invalid(f"{where} parts must be {{\"type\": \"text\", \"text\": \"...\"}}; "
-                              "images, audio and files are not accepted.")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or set(part) != {"type", "text"}
+                or not isinstance(part["text"], str)
+            ):
+                raise invalid(
+                    f'{where} parts must be {{"type": "text", "text": "..."}}; '
+                    "images, audio and files are not accepted."
+                )
         parts, texts = [{"type": "text", "text": part["text"]} for part in value], [part["text"] for part in value]
     else:
         raise invalid(f"{where} must be a string or a non-empty list of text parts.")
@@ -163,17 +207,25 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     for number, call in enumerate(value):
         at = f"{where}.tool_calls[{number}]"
         function = call.get("function") if isinstance(call, dict) else None
-        if (not isinstance(function, dict) or not set(call) <= {"id", "type", "function"}
-                or call.get("type", "function") != "function" or not set(function) <= {"name", "arguments"}):
-            raise invalid(f"{at} must be {{\"id\", \"type\": \"function\", "
-                          f"\"function\": {{\"name\", \"arguments\"}}}}.")
+        if (
+            not isinstance(function, dict)
+            or not set(call) <= {"id", "type", "function"}
+            or call.get("type", "function") != "function"
+            or not set(function) <= {"name", "arguments"}
+        ):
+            raise invalid(f'{at} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}.')
         if not isinstance(function.get("name"), str) or not NAME.match(function["name"]):
             raise invalid(f"{at}.function.name must be 1-64 letters, digits, '_' or '-'.")
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             raise invalid(f"{at}.function.arguments must be a string (JSON text).")
-        calls.append({"id": _text(call.get("id"), f"{at}.id", MAX_ID), "type": "function",
-                      "function": {"name": function["name"], "arguments": arguments}})
+        calls.append(
+            {
+                "id": _text(call.get("id"), f"{at}.id", MAX_ID),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
     return calls
 
 
@@ -188,7 +240,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         at = f"tools[{index}]"
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or set(tool) != {"type", "function"} or tool["type"] != "function":
-            raise invalid(f"{at} must be {{\"type\": \"function\", \"function\": {{...}}}}.")
+            raise invalid(f'{at} must be {{"type": "function", "function": {{...}}}}.')
         if not set(function) <= {"name", "description", "parameters", "strict"}:
             raise invalid(f"{at}.function may only have name, description, parameters and strict.")
         name = function.get("name")
@@ -197,12 +249,14 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         names.add(name)
         checked: dict[str, Any] = {"name": name}
         if "description" in function:
-            checked["description"] = _text(function["description"], f"{at}.function.description",
-                                           MAX_TOOL_DESCRIPTION, blank_ok=True)
+            checked["description"] = _text(
+                function["description"], f"{at}.function.description", MAX_TOOL_DESCRIPTION, blank_ok=True
+            )
         if "parameters" in function:
             if not isinstance(function["parameters"], dict) or too_deep(function["parameters"]):
-                raise invalid(f"{at}.function.parameters must be a JSON Schema object nested at most "
-                              f"{MAX_SCHEMA_DEPTH} deep.")
+                raise invalid(
+                    f"{at}.function.parameters must be a JSON Schema object nested at most {MAX_SCHEMA_DEPTH} deep."
+                )
             checked["parameters"] = function["parameters"]
         if "strict" in function:
             checked["strict"] = _flag(function["strict"], f"{at}.function.strict")
@@ -223,12 +277,19 @@ def _tool_options(body: dict[str, Any], tools: list[dict[str, Any]]) -> dict[str
         named = choice.get("function") if isinstance(choice, dict) else None
         if choice in ("none", "auto", "required"):
             options["tool_choice"] = choice
-        elif (isinstance(named, dict) and set(choice) == {"type", "function"} and choice["type"] == "function"
-              and set(named) == {"name"} and named["name"] in names):
+        elif (
+            isinstance(named, dict)
+            and set(choice) == {"type", "function"}
+            and choice["type"] == "function"
+            and set(named) == {"name"}
+            and named["name"] in names
+        ):
             options["tool_choice"] = {"type": "function", "function": {"name": named["name"]}}
         else:
-            raise invalid("'tool_choice' must be 'none', 'auto', 'required' or "
-                          "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}.")
+            raise invalid(
+                "'tool_choice' must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": <one of the tools>}}.'
+            )
     if "parallel_tool_calls" in body:
         options["parallel_tool_calls"] = _flag(body["parallel_tool_calls"], "parallel_tool_calls")
     return options
@@ -249,8 +310,12 @@ def _max_tokens(body: dict[str, Any], settings: Settings) -> dict[str, int]:
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """Temperature, top_p, penalties, seed, stop and user, range-checked."""
     options: dict[str, Any] = {}
-    for name, low, high in (("temperature", 0.0, MAX_TEMPERATURE), ("top_p", 0.0, 1.0),
-                            ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+    for name, low, high in (
+        ("temperature", 0.0, MAX_TEMPERATURE),
+        ("top_p", 0.0, 1.0),
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+    ):
         value = body.get(name)
         if value is None:
             continue
@@ -259,14 +324,17 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         options[name] = value
     seed = body.get("seed")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
             raise invalid("'seed' must be a 64-bit integer.")
         options["seed"] = seed
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP or not all(
-                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+        ):
             raise invalid(f"'stop' must be a string or a list of 1 to {MAX_STOP} strings.")
         options["stop"] = stop
     if body.get("user") is not None:

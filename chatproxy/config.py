@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+
+ROOT = Path(__file__).resolve().parent.parent  # the project: .env, templates/, static/, instance/
 
 
 class SettingsError(RuntimeError):
@@ -116,6 +117,16 @@ def _bind(value: str) -> str:
 _bind.allowed = "HOST:PORT such as 127.0.0.1:8000 or [::1]:8000, or unix:/path/to.sock"  # type: ignore[attr-defined]
 
 
+def _redis_prefix(value: str) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise ValueError
+    return text if text.endswith(":") else text + ":"
+
+
+_redis_prefix.allowed = "1-64 letters, digits, '_', '.', ':' or '-', such as chatproxy:"  # type: ignore[attr-defined]
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(item) for item in _optional_list(value))
 
@@ -148,8 +159,7 @@ def _deployments(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs.items())
 
 
-_deployments.allowed = ("a comma-separated list of alias=deployment (deployment names: letters, digits, '.', '_', "
-                        "'-')")  # type: ignore[attr-defined]
+_deployments.allowed = "a comma-separated list of alias=deployment (deployment names: letters, digits, '.', '_', '-')"  # type: ignore[attr-defined]
 
 
 def _api_version(value: str) -> str:
@@ -171,160 +181,384 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    field: str = ""  # its Settings attribute, when not the name without CHATPROXY_, in lower case
+
+    @property
+    def attribute(self) -> str:
+        """The Settings attribute holding the parsed value."""
+        return self.field or self.name.removeprefix("CHATPROXY_").lower()
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("OPENAI_API_KEY", "", _text, "OpenAI API key. Required; stays on the server.", secret=True),
-    Setting("OPENAI_BASE_URL", "", _optional_text,
-            "Any OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama. Empty: api.openai.com."),
+    Setting(
+        "OPENAI_BASE_URL",
+        "",
+        _optional_text,
+        "Any OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama. Empty: api.openai.com.",
+    ),
     Setting("CHATPROXY_MODELS", "gpt-4o-mini,gpt-4o", _list, "Models a client may ask for (allowlist)."),
     Setting("CHATPROXY_DEFAULT_MODEL", "gpt-4o-mini", _text, "Model used when the client names none."),
-    Setting("CHATPROXY_SYSTEM_PROMPT", "You are a helpful assistant.", _text,
-            "System prompt the server puts first in every conversation."),
-    Setting("CHATPROXY_SYSTEM_PROMPT_FILE", "", _optional_text,
-            "File whose text replaces CHATPROXY_SYSTEM_PROMPT."),
-    Setting("CHATPROXY_MAX_TOKENS", "1024", _int_range(1, 128_000),
-            "Server cap on completion tokens; larger client values are clamped."),
+    Setting(
+        "CHATPROXY_SYSTEM_PROMPT",
+        "You are a helpful assistant.",
+        _text,
+        "System prompt the server puts first in every conversation.",
+    ),
+    Setting("CHATPROXY_SYSTEM_PROMPT_FILE", "", _optional_text, "File whose text replaces CHATPROXY_SYSTEM_PROMPT."),
+    Setting(
+        "CHATPROXY_MAX_TOKENS",
+        "1024",
+        _int_range(1, 128_000),
+        "Server cap on completion tokens; larger client values are clamped.",
+    ),
     Setting("CHATPROXY_MAX_MESSAGES", "40", _int_range(1, 1000), "Most messages in one request."),
     Setting("CHATPROXY_MAX_MESSAGE_CHARS", "8000", _int_range(1, 1_000_000), "Most characters in one message."),
-    Setting("CHATPROXY_MAX_TOTAL_CHARS", "32000", _int_range(1, 10_000_000),
-            "Most characters of prompt in one request: all messages, plus the JSON of /v1 tools and of a "
-            "response_format schema."),
-    Setting("CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000),
-            "Largest request body accepted, in bytes."),
+    Setting(
+        "CHATPROXY_MAX_TOTAL_CHARS",
+        "32000",
+        _int_range(1, 10_000_000),
+        "Most characters of prompt in one request: all messages, plus the JSON of /v1 tools and of a "
+        "response_format schema.",
+    ),
+    Setting(
+        "CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000), "Largest request body accepted, in bytes."
+    ),
     Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),
-    Setting("CHATPROXY_READ_TIMEOUT", "60", _float_range(0.1, 3600),
-            "Seconds to wait for upstream bytes (between stream chunks)."),
-    Setting("CHATPROXY_MAX_RETRIES", "2", _int_range(0, 10),
-            "Retries per model of a failed upstream call (408, 409, 429, 5xx, timeouts, connection errors), "
-            "done by chatproxy's router (the SDK's own retries are off)."),
-    Setting("CHATPROXY_KEEPALIVE_SECONDS", "10", _float_range(0, 300),
-            "Send an SSE `: ping` comment when the upstream is silent this long (0: never)."),
-    Setting("CHATPROXY_DEMO", "false", _bool,
-            "Set by `make run` when it serves the offline demo upstream; shown on the page."),
+    Setting(
+        "CHATPROXY_READ_TIMEOUT",
+        "60",
+        _float_range(0.1, 3600),
+        "Seconds to wait for upstream bytes (between stream chunks).",
+    ),
+    Setting(
+        "CHATPROXY_MAX_RETRIES",
+        "2",
+        _int_range(0, 10),
+        "Retries per model of a failed upstream call (408, 409, 429, 5xx, timeouts, connection errors), "
+        "done by chatproxy's router (the SDK's own retries are off).",
+    ),
+    Setting(
+        "CHATPROXY_KEEPALIVE_SECONDS",
+        "10",
+        _float_range(0, 300),
+        "Send an SSE `: ping` comment when the upstream is silent this long (0: never).",
+    ),
+    Setting(
+        "CHATPROXY_DEMO",
+        "false",
+        _bool,
+        "Set by `make run` when it serves the offline demo upstream; shown on the page.",
+    ),
     # Access control (guards.py)
-    Setting("CHATPROXY_SECRET_KEY", "", _text,
-            "Signs the page's session cookie. Set the same long random value on every worker and host; "
-            "empty: a random key per process (sessions do not survive restarts or span workers).", secret=True),
-    Setting("CHATPROXY_ALLOWED_ORIGINS", "", _optional_list,
-            "Browser origins (scheme://host[:port]) allowed to call /api/* with CORS. Empty: none."),
-    Setting("CHATPROXY_API_TOKENS", "", _optional_list,
-            "Bearer tokens for server-side clients: one comma-separated list of name=sha256:HEX "
-            "(`python -m chatproxy new-token NAME` prints the whole line with a new token added)."),
+    Setting(
+        "CHATPROXY_SECRET_KEY",
+        "",
+        _text,
+        "Signs the page's session cookie. Set the same long random value on every worker and host; "
+        "empty: a random key per process (sessions do not survive restarts or span workers).",
+        secret=True,
+    ),
+    Setting(
+        "CHATPROXY_ALLOWED_ORIGINS",
+        "",
+        _optional_list,
+        "Browser origins (scheme://host[:port]) allowed to call /api/* with CORS. Empty: none.",
+    ),
+    Setting(
+        "CHATPROXY_API_TOKENS",
+        "",
+        _optional_list,
+        "Bearer tokens for server-side clients: one comma-separated list of name=sha256:HEX "
+        "(`python -m chatproxy new-token NAME` prints the whole line with a new token added).",
+    ),
     Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage and /metrics."),
-    Setting("CHATPROXY_ALLOW_ANONYMOUS", "false", _bool,
-            "Let requests with no session, origin or token call the API (limited per client IP)."),
-    Setting("CHATPROXY_TRUSTED_PROXIES", "0", _int_range(0, 10),
-            "Reverse proxies in front of the app (nginx: 1). X-Forwarded-For is ignored when 0."),
+    Setting(
+        "CHATPROXY_ALLOW_ANONYMOUS",
+        "false",
+        _bool,
+        "Let requests with no session, origin or token call the API (limited per client IP).",
+    ),
+    Setting(
+        "CHATPROXY_TRUSTED_PROXIES",
+        "0",
+        _int_range(0, 10),
+        "Reverse proxies in front of the app (nginx: 1). X-Forwarded-For is ignored when 0.",
+    ),
     Setting("CHATPROXY_RATE_LIMIT_PAGE", "20/minute", _rate, "Rate limit per chat-page session."),
     Setting("CHATPROXY_RATE_LIMIT_ORIGIN", "60/minute", _rate, "Rate limit per client IP for allowed origins."),
     Setting("CHATPROXY_RATE_LIMIT_TOKEN", "120/minute", _rate, "Rate limit per bearer-token name."),
-    Setting("CHATPROXY_RATE_LIMIT_ANONYMOUS", "10/minute", _rate,
-            "Rate limit per client IP when anonymous access is on."),
-    Setting("CHATPROXY_MAX_STREAMS", "3", _int_range(1, 10_000),
-            "Simultaneous streams per caller (per client IP for an allowed origin)."),
-    Setting("CHATPROXY_MAX_CONCURRENT", "10", _int_range(1, 100_000),
-            "Requests of any kind (JSON and streams) one caller may have in flight at once; more get 429."),
-    Setting("CHATPROXY_MAX_CONCURRENT_PER_IP", "20", _int_range(1, 100_000),
-            "Requests one client IP may have in flight at once over all its page sessions, origin and anonymous "
-            "calls (bearer tokens are capped per token only); more get 429."),
-    Setting("CHATPROXY_RATE_LIMIT_SESSIONS", "20/hour", _rate,
-            "New chat-page sessions one client IP may start (each page load without a session cookie starts one)."),
-    Setting("CHATPROXY_REDIS_URL", "", _optional_text,
-            "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
-            "Empty: in-process (one worker)."),
+    Setting(
+        "CHATPROXY_RATE_LIMIT_ANONYMOUS", "10/minute", _rate, "Rate limit per client IP when anonymous access is on."
+    ),
+    Setting(
+        "CHATPROXY_MAX_STREAMS",
+        "3",
+        _int_range(1, 10_000),
+        "Simultaneous streams per caller (per client IP for an allowed origin).",
+    ),
+    Setting(
+        "CHATPROXY_MAX_CONCURRENT",
+        "10",
+        _int_range(1, 100_000),
+        "Requests of any kind (JSON and streams) one caller may have in flight at once; more get 429.",
+    ),
+    Setting(
+        "CHATPROXY_MAX_CONCURRENT_PER_IP",
+        "20",
+        _int_range(1, 100_000),
+        "Requests one client IP may have in flight at once over all its page sessions, origin and anonymous "
+        "calls (bearer tokens are capped per token only); more get 429.",
+    ),
+    Setting(
+        "CHATPROXY_RATE_LIMIT_SESSIONS",
+        "20/hour",
+        _rate,
+        "New chat-page sessions one client IP may start (each page load without a session cookie starts one).",
+    ),
+    Setting(
+        "CHATPROXY_REDIS_URL",
+        "",
+        _optional_text,
+        "redis://host:6379/0 to share rate limits, stream slots and cooldowns across workers and hosts. "
+        "Empty: in-process (one worker).",
+    ),
+    Setting(
+        "CHATPROXY_REDIS_PREFIX",
+        "chatproxy:",
+        _redis_prefix,
+        "Prefix of every key chatproxy writes in Redis (rate limits, slots, cooldowns), so several deployments "
+        "can share one Redis database.",
+    ),
     # Cost control (usage.py)
-    Setting("CHATPROXY_DATABASE_URL", "", _optional_text,
-            "Ledger database (SQLAlchemy URL). Empty: sqlite:///instance/chatproxy.db. "
-            "PostgreSQL: postgresql+psycopg://user@host/db."),
-    Setting("CHATPROXY_PRICES", "", _optional_text,
-            "JSON overriding the price table, e.g. {\"gpt-4o\": {\"input\": 2.5, \"cached_input\": 1.25, "
-            "\"output\": 10}} (dollars per million tokens)."),
-    Setting("CHATPROXY_DAILY_BUDGET_USD", "10", _dollars, "Spend cap for all callers per UTC day (0: none)."),
-    Setting("CHATPROXY_IDENTITY_DAILY_BUDGET_USD", "1", _dollars, "Spend cap per identity per UTC day (0: none)."),
+    Setting(
+        "CHATPROXY_DATABASE_URL",
+        "",
+        _optional_text,
+        "Ledger database (SQLAlchemy URL). Empty: sqlite:///instance/chatproxy.db. "
+        "PostgreSQL: postgresql+psycopg://user@host/db.",
+    ),
+    Setting(
+        "CHATPROXY_MODEL_TABLE",
+        "",
+        _optional_text,
+        "Entries added to or replacing fields of the model table (chatproxy/models.json; docs/models.md): JSON "
+        'text or the path of a JSON file, e.g. {"llama3.1:8b": {"max_output": 8192, "prices": {"input": 0, '
+        '"output": 0}}}.',
+    ),
+    Setting(
+        "CHATPROXY_PRICES",
+        "",
+        _optional_text,
+        'Prices only, the older form of CHATPROXY_MODEL_TABLE: {"gpt-4o": {"input": 2.5, "cached_input": 1.25, '
+        '"output": 10}} (dollars per million tokens).',
+    ),
+    Setting(
+        "CHATPROXY_UNSUPPORTED_PARAMS",
+        "refuse",
+        _choice("refuse", "drop"),
+        "A temperature, top_p or penalty the requested model does not accept: 'refuse' answers 400 naming the "
+        "model and the parameter; 'drop' sends the request without it. Fallback models never get one they refuse.",
+    ),
+    Setting(
+        "CHATPROXY_DAILY_BUDGET_USD",
+        "10",
+        _dollars,
+        "Spend cap for all callers per UTC day (0: none).",
+        field="daily_budget_micros",
+    ),
+    Setting(
+        "CHATPROXY_IDENTITY_DAILY_BUDGET_USD",
+        "1",
+        _dollars,
+        "Spend cap per identity per UTC day (0: none).",
+        field="identity_daily_budget_micros",
+    ),
     Setting("CHATPROXY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap for all callers per day (0: none)."),
-    Setting("CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12),
-            "Token cap per identity per day (0: none)."),
-    Setting("CHATPROXY_PUBLIC_DAILY_BUDGET_USD", "5", _dollars,
-            "Spend cap per UTC day for all callers without a bearer token together (chat-page sessions, allowed "
-            "origins, anonymous), so they cannot spend what token holders need (0: none)."),
-    Setting("CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD", "2", _dollars,
-            "Spend cap per client IP per UTC day for callers without a bearer token, over all their page "
-            "sessions and calls (0: none)."),
+    Setting(
+        "CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12), "Token cap per identity per day (0: none)."
+    ),
+    Setting(
+        "CHATPROXY_PUBLIC_DAILY_BUDGET_USD",
+        "5",
+        _dollars,
+        "Spend cap per UTC day for all callers without a bearer token together (chat-page sessions, allowed "
+        "origins, anonymous), so they cannot spend what token holders need (0: none).",
+        field="public_daily_budget_micros",
+    ),
+    Setting(
+        "CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD",
+        "2",
+        _dollars,
+        "Spend cap per client IP per UTC day for callers without a bearer token, over all their page "
+        "sessions and calls (0: none).",
+        field="public_ip_daily_budget_micros",
+    ),
     # Resilience (router.py)
-    Setting("CHATPROXY_FALLBACK_CHAIN", "gpt-4o,gpt-4o-mini", _optional_list,
-            "Models in fallback order: a request for one falls back to the allowlisted models after it "
-            "when it keeps failing (408, 409, 429, 5xx, timeouts, connection errors; never other 4xx)."),
-    Setting("CHATPROXY_RETRY_MAX_WAIT", "5", _float_range(0, 600),
-            "Longest wait before a retry (Retry-After or backoff), in seconds; "
-            "a longer Retry-After falls back at once."),
-    Setting("CHATPROXY_TOTAL_TIMEOUT", "120", _float_range(1, 3600),
-            "Deadline for one request across all retries and fallbacks, in seconds; a stream still running "
-            "then ends with an error event."),
-    Setting("CHATPROXY_COOLDOWN_FAILURE_RATE", "0.5", _float_range(0.01, 1),
-            "Failure rate that puts a model in cooldown: failed calls / all calls in the window (each attempt "
-            "is a call; answers count too)."),
-    Setting("CHATPROXY_COOLDOWN_MIN_CALLS", "10", _int_range(1, 1_000_000),
-            "Calls a model must have had within the window before its failure rate can put it in cooldown."),
-    Setting("CHATPROXY_COOLDOWN_WINDOW", "60", _float_range(1, 86400),
-            "Sliding window for counting a model's calls and failures, in seconds."),
-    Setting("CHATPROXY_COOLDOWN_SECONDS", "30", _float_range(1, 86400),
-            "How long a failing model is skipped (at least the upstream's Retry-After); "
-            "then one probe request decides whether it is back."),
+    Setting(
+        "CHATPROXY_FALLBACK_CHAIN",
+        "gpt-4o,gpt-4o-mini",
+        _optional_list,
+        "Models in fallback order: a request for one falls back to the allowlisted models after it "
+        "when it keeps failing (408, 409, 429, 5xx, timeouts, connection errors; never other 4xx).",
+    ),
+    Setting(
+        "CHATPROXY_RETRY_MAX_WAIT",
+        "5",
+        _float_range(0, 600),
+        "Longest wait before a retry (Retry-After or backoff), in seconds; a longer Retry-After falls back at once.",
+    ),
+    Setting(
+        "CHATPROXY_TOTAL_TIMEOUT",
+        "120",
+        _float_range(1, 3600),
+        "Deadline for one request across all retries and fallbacks, in seconds; a stream still running "
+        "then ends with an error event.",
+    ),
+    Setting(
+        "CHATPROXY_COOLDOWN_FAILURE_RATE",
+        "0.5",
+        _float_range(0.01, 1),
+        "Failure rate that puts a model in cooldown: failed calls / all calls in the window (each attempt "
+        "is a call; answers count too).",
+    ),
+    Setting(
+        "CHATPROXY_COOLDOWN_MIN_CALLS",
+        "10",
+        _int_range(1, 1_000_000),
+        "Calls a model must have had within the window before its failure rate can put it in cooldown.",
+    ),
+    Setting(
+        "CHATPROXY_COOLDOWN_WINDOW",
+        "60",
+        _float_range(1, 86400),
+        "Sliding window for counting a model's calls and failures, in seconds.",
+    ),
+    Setting(
+        "CHATPROXY_COOLDOWN_SECONDS",
+        "30",
+        _float_range(1, 86400),
+        "How long a failing model is skipped (at least the upstream's Retry-After); "
+        "then one probe request decides whether it is back.",
+    ),
     # Structured outputs (classify.py)
-    Setting("CHATPROXY_CLASSIFY_LABELS", "billing,technical,sales,account,other", _list,
-            "Labels /api/classify may choose from; a request may narrow them to a subset."),
-    Setting("CHATPROXY_CLASSIFY_MODEL", "", _optional_text,
-            "Model /api/classify uses (one of CHATPROXY_MODELS). Empty: CHATPROXY_DEFAULT_MODEL."),
+    Setting(
+        "CHATPROXY_CLASSIFY_LABELS",
+        "billing,technical,sales,account,other",
+        _list,
+        "Labels /api/classify may choose from; a request may narrow them to a subset.",
+    ),
+    Setting(
+        "CHATPROXY_CLASSIFY_MODEL",
+        "",
+        _optional_text,
+        "Model /api/classify uses (one of CHATPROXY_MODELS). Empty: CHATPROXY_DEFAULT_MODEL.",
+    ),
     # Deployment (gunicorn.conf.py, ops.py)
-    Setting("CHATPROXY_WORKERS", "2", _int_range(1, 256),
-            "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits."),
-    Setting("CHATPROXY_THREADS", "32", _int_range(1, 1000),
-            "Threads per gunicorn worker: each open stream holds one thread for its whole life; API requests get "
-            "all but 2, kept for /healthz, /readyz and /metrics (more in flight: 503 server_busy)."),
-    Setting("CHATPROXY_BIND", "127.0.0.1:8000", _bind,
-            "Where gunicorn listens: HOST:PORT or unix:/path. Keep it on loopback behind nginx."),
-    Setting("CHATPROXY_GRACEFUL_TIMEOUT", "120", _int_range(1, 3600),
-            "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed."),
-    Setting("CHATPROXY_METRICS_NETWORKS", "127.0.0.1/32,::1/128", _networks,
-            "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere."),
-    Setting("CHATPROXY_READY_REQUIRES_REDIS", "false", _bool,
-            "true: /readyz answers 503 while Redis is unreachable. Default: 200 with status 'degraded' "
-            "(limits then count per process), so a Redis outage does not take every host out of the load balancer."),
+    Setting(
+        "CHATPROXY_WORKERS",
+        "2",
+        _int_range(1, 256),
+        "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits.",
+    ),
+    Setting(
+        "CHATPROXY_THREADS",
+        "32",
+        _int_range(1, 1000),
+        "Threads per gunicorn worker: each open stream holds one thread for its whole life; API requests get "
+        "all but 2, kept for /healthz, /readyz and /metrics (more in flight: 503 server_busy).",
+    ),
+    Setting(
+        "CHATPROXY_BIND",
+        "127.0.0.1:8000",
+        _bind,
+        "Where gunicorn listens: HOST:PORT or unix:/path. Keep it on loopback behind nginx.",
+    ),
+    Setting(
+        "CHATPROXY_GRACEFUL_TIMEOUT",
+        "120",
+        _int_range(1, 3600),
+        "Seconds a stopping worker lets in-flight answers (streams) finish before it is killed.",
+    ),
+    Setting(
+        "CHATPROXY_METRICS_NETWORKS",
+        "127.0.0.1/32,::1/128",
+        _networks,
+        "Client networks (CIDR) that may read /metrics without a token; admin tokens may read it from anywhere.",
+    ),
+    Setting(
+        "CHATPROXY_READY_REQUIRES_REDIS",
+        "false",
+        _bool,
+        "true: /readyz answers 503 while Redis is unreachable. Default: 200 with status 'degraded' "
+        "(limits then count per process), so a Redis outage does not take every host out of the load balancer.",
+    ),
     # Batch API (batch.py)
-    Setting("CHATPROXY_BATCH_MAX_REQUESTS", "1000", _int_range(1, 50_000),
-            "Most requests in one batch (POST /api/batches, `python -m chatproxy batch submit`); "
-            "OpenAI allows 50,000."),
-    Setting("CHATPROXY_BATCH_MAX_BODY_BYTES", "1048576", _int_range(1024, 200_000_000),
-            "Largest POST /api/batches body, in bytes (other routes keep CHATPROXY_MAX_BODY_BYTES); "
-            "behind nginx, client_max_body_size must allow it too."),
+    Setting(
+        "CHATPROXY_BATCH_MAX_REQUESTS",
+        "1000",
+        _int_range(1, 50_000),
+        "Most requests in one batch (POST /api/batches, `python -m chatproxy batch submit`); OpenAI allows 50,000.",
+    ),
+    Setting(
+        "CHATPROXY_BATCH_MAX_BODY_BYTES",
+        "1048576",
+        _int_range(1024, 200_000_000),
+        "Largest POST /api/batches body, in bytes (other routes keep CHATPROXY_MAX_BODY_BYTES); "
+        "behind nginx, client_max_body_size must allow it too.",
+    ),
     # OpenAI-compatible endpoint (compat.py)
-    Setting("CHATPROXY_COMPAT_SYSTEM_PROMPT", "prepend", _choice("prepend", "replace"),
-            "System messages on /v1/chat/completions: 'prepend' puts ours first and keeps the client's after it; "
-            "'replace' drops the client's."),
+    Setting(
+        "CHATPROXY_COMPAT_SYSTEM_PROMPT",
+        "prepend",
+        _choice("prepend", "replace"),
+        "System messages on /v1/chat/completions: 'prepend' puts ours first and keeps the client's after it; "
+        "'replace' drops the client's.",
+    ),
     # Azure OpenAI (router.py)
-    Setting("AZURE_OPENAI_ENDPOINT", "", _optional_text,
-            "Azure OpenAI resource, e.g. https://my-resource.openai.azure.com. Set: Azure mode "
-            "(AZURE_OPENAI_API_KEY and CHATPROXY_AZURE_DEPLOYMENTS are needed, OPENAI_API_KEY is not). Empty: OpenAI."),
-    Setting("AZURE_OPENAI_API_KEY", "", _text, "Azure OpenAI key (Azure mode only); stays on the server.",
-            secret=True),
-    Setting("AZURE_OPENAI_API_VERSION", "2024-10-21", _api_version,
-            "Azure OpenAI API version (the api-version query)."),
-    Setting("CHATPROXY_AZURE_DEPLOYMENTS", "", _deployments,
-            "Azure deployment of each model in CHATPROXY_MODELS, as alias=deployment,alias2=deployment2. "
-            "Clients, the ledger and responses keep the alias."),
+    Setting(
+        "AZURE_OPENAI_ENDPOINT",
+        "",
+        _optional_text,
+        "Azure OpenAI resource, e.g. https://my-resource.openai.azure.com. Set: Azure mode "
+        "(AZURE_OPENAI_API_KEY and CHATPROXY_AZURE_DEPLOYMENTS are needed, OPENAI_API_KEY is not). Empty: OpenAI.",
+        field="azure_endpoint",
+    ),
+    Setting(
+        "AZURE_OPENAI_API_KEY",
+        "",
+        _text,
+        "Azure OpenAI key (Azure mode only); stays on the server.",
+        secret=True,
+        field="azure_api_key",
+    ),
+    Setting(
+        "AZURE_OPENAI_API_VERSION",
+        "2024-10-21",
+        _api_version,
+        "Azure OpenAI API version (the api-version query).",
+        field="azure_api_version",
+    ),
+    Setting(
+        "CHATPROXY_AZURE_DEPLOYMENTS",
+        "",
+        _deployments,
+        "Azure deployment of each model in CHATPROXY_MODELS, as alias=deployment,alias2=deployment2. "
+        "Clients, the ledger and responses keep the alias.",
+    ),
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings of one application."""
+    """Validated settings of one application: one attribute per entry of SETTINGS (Setting.attribute)."""
 
     openai_api_key: str
     openai_base_url: str | None
     models: tuple[str, ...]
     default_model: str
-    system_prompt: str
+    system_prompt: str  # CHATPROXY_SYSTEM_PROMPT_FILE's text when that is set
+    system_prompt_file: str | None
     max_tokens: int
     max_messages: int
     max_message_chars: int
@@ -350,8 +584,11 @@ class Settings:
     max_concurrent_per_ip: int
     rate_limit_sessions: str
     redis_url: str | None
+    redis_prefix: str  # ends with ":"
     database_url: str | None
+    model_table: str | None
     prices: str | None
+    unsupported_params: str  # refuse or drop
     daily_budget_micros: int
     identity_daily_budget_micros: int
     daily_token_budget: int
@@ -366,8 +603,15 @@ class Settings:
     cooldown_window: float
     cooldown_seconds: float
     classify_labels: tuple[str, ...]
-    classify_model: str
+    classify_model: str  # the default model when CHATPROXY_CLASSIFY_MODEL is empty
+    workers: int
     threads: int  # gunicorn threads per worker: guarded requests leave a few for /healthz
+    bind: str
+    graceful_timeout: int
+    metrics_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    ready_requires_redis: bool
+    batch_max_requests: int
+    batch_max_body_bytes: int
     compat_system_prompt: str
     azure_endpoint: str | None
     azure_api_key: str
@@ -379,13 +623,14 @@ class Settings:
 # a safety setting someone chose is worse than one clear error.
 RETIRED = {
     "CHATPROXY_COOLDOWN_FAILURES": "CHATPROXY_COOLDOWN_FAILURE_RATE and CHATPROXY_COOLDOWN_MIN_CALLS: a model now "
-                                   "cools down on a failure rate, not a count (README: 'Retries, fallback and "
-                                   "cooldowns')",
+    "cools down on a failure rate, not a count (README: 'Retries, fallback and "
+    "cooldowns')",
 }
 
 
-def raw_settings(env_file: str | os.PathLike[str] | None = ".env",
-                 environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def raw_settings(
+    env_file: str | os.PathLike[str] | None = ".env", environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Defaults, overlaid by `.env`, overlaid by the real environment (which wins); retired names kept for validate."""
     values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
     known = values.keys() | RETIRED.keys()
@@ -400,8 +645,9 @@ def validate(config: Mapping[str, Any]) -> Settings:
     """Parse every setting, or raise SettingsError naming the variable and what is allowed."""
     for name, replacement in RETIRED.items():
         if name in config:
-            raise SettingsError(f"{name} is no longer used; it was replaced by {replacement}. "
-                                f"Remove it from .env or the environment.")
+            raise SettingsError(
+                f"{name} is no longer used; it was replaced by {replacement}. Remove it from .env or the environment."
+            )
     parsed: dict[str, Any] = {}
     for setting in SETTINGS:
         value = config.get(setting.name, setting.default)
@@ -411,102 +657,63 @@ def validate(config: Mapping[str, Any]) -> Settings:
             allowed = getattr(setting.parse, "allowed", "a valid value")
             raise SettingsError(f"{setting.name} must be {allowed}; got {_show(setting, value)}.") from None
     if not parsed["OPENAI_API_KEY"] and not parsed["AZURE_OPENAI_ENDPOINT"]:
-        raise SettingsError("OPENAI_API_KEY is not set. Put it in the environment or in .env "
-                            "(see .env.example); `make run` without a key serves the offline demo.")
+        raise SettingsError(
+            "OPENAI_API_KEY is not set. Put it in the environment or in .env "
+            "(see .env.example); `make run` without a key serves the offline demo."
+        )
     if parsed["CHATPROXY_DEFAULT_MODEL"] not in parsed["CHATPROXY_MODELS"]:
-        raise SettingsError(f"CHATPROXY_DEFAULT_MODEL must be one of CHATPROXY_MODELS "
-                            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_DEFAULT_MODEL']!r}.")
+        raise SettingsError(
+            f"CHATPROXY_DEFAULT_MODEL must be one of CHATPROXY_MODELS "
+            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_DEFAULT_MODEL']!r}."
+        )
     parsed["CHATPROXY_CLASSIFY_MODEL"] = parsed["CHATPROXY_CLASSIFY_MODEL"] or parsed["CHATPROXY_DEFAULT_MODEL"]
     if parsed["CHATPROXY_CLASSIFY_MODEL"] not in parsed["CHATPROXY_MODELS"]:
-        raise SettingsError(f"CHATPROXY_CLASSIFY_MODEL must be one of CHATPROXY_MODELS "
-                            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_CLASSIFY_MODEL']!r}.")
+        raise SettingsError(
+            f"CHATPROXY_CLASSIFY_MODEL must be one of CHATPROXY_MODELS "
+            f"({', '.join(parsed['CHATPROXY_MODELS'])}); got {parsed['CHATPROXY_CLASSIFY_MODEL']!r}."
+        )
     for origin in parsed["CHATPROXY_ALLOWED_ORIGINS"]:
         if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
-            raise SettingsError(f"CHATPROXY_ALLOWED_ORIGINS must list exact origins like https://app.example.com "
-                                f"(no '*', no path); got {origin!r}.")
+            raise SettingsError(
+                f"CHATPROXY_ALLOWED_ORIGINS must list exact origins like https://app.example.com "
+                f"(no '*', no path); got {origin!r}."
+            )
     base_url = parsed["OPENAI_BASE_URL"]
     if base_url and not base_url.startswith(("http://", "https://")):
         raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {base_url!r}.")
     if parsed["AZURE_OPENAI_ENDPOINT"]:
         _check_azure(parsed)
-    # Parsed again where they are used (guards, prices); checked here so that a bad value stops the gunicorn
-    # master, which runs this module alone, before it forks a worker.
-    parse_tokens(parsed["CHATPROXY_API_TOKENS"])
-    if parsed["CHATPROXY_PRICES"]:
-        parse_prices(parsed["CHATPROXY_PRICES"])
-    return Settings(
-        openai_api_key=parsed["OPENAI_API_KEY"],
-        openai_base_url=base_url,
-        models=parsed["CHATPROXY_MODELS"],
-        default_model=parsed["CHATPROXY_DEFAULT_MODEL"],
-        system_prompt=_system_prompt(parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]),
-        max_tokens=parsed["CHATPROXY_MAX_TOKENS"],
-        max_messages=parsed["CHATPROXY_MAX_MESSAGES"],
-        max_message_chars=parsed["CHATPROXY_MAX_MESSAGE_CHARS"],
-        max_total_chars=parsed["CHATPROXY_MAX_TOTAL_CHARS"],
-        max_body_bytes=parsed["CHATPROXY_MAX_BODY_BYTES"],
-        connect_timeout=parsed["CHATPROXY_CONNECT_TIMEOUT"],
-        read_timeout=parsed["CHATPROXY_READ_TIMEOUT"],
-        max_retries=parsed["CHATPROXY_MAX_RETRIES"],
-        keepalive_seconds=parsed["CHATPROXY_KEEPALIVE_SECONDS"],
-        demo=parsed["CHATPROXY_DEMO"],
-        secret_key=parsed["CHATPROXY_SECRET_KEY"],
-        allowed_origins=parsed["CHATPROXY_ALLOWED_ORIGINS"],
-        api_tokens=parsed["CHATPROXY_API_TOKENS"],
-        admin_tokens=parsed["CHATPROXY_ADMIN_TOKENS"],
-        allow_anonymous=parsed["CHATPROXY_ALLOW_ANONYMOUS"],
-        trusted_proxies=parsed["CHATPROXY_TRUSTED_PROXIES"],
-        rate_limit_page=parsed["CHATPROXY_RATE_LIMIT_PAGE"],
-        rate_limit_origin=parsed["CHATPROXY_RATE_LIMIT_ORIGIN"],
-        rate_limit_token=parsed["CHATPROXY_RATE_LIMIT_TOKEN"],
-        rate_limit_anonymous=parsed["CHATPROXY_RATE_LIMIT_ANONYMOUS"],
-        max_streams=parsed["CHATPROXY_MAX_STREAMS"],
-        max_concurrent=parsed["CHATPROXY_MAX_CONCURRENT"],
-        max_concurrent_per_ip=parsed["CHATPROXY_MAX_CONCURRENT_PER_IP"],
-        rate_limit_sessions=parsed["CHATPROXY_RATE_LIMIT_SESSIONS"],
-        redis_url=parsed["CHATPROXY_REDIS_URL"],
-        database_url=parsed["CHATPROXY_DATABASE_URL"],
-        prices=parsed["CHATPROXY_PRICES"],
-        daily_budget_micros=parsed["CHATPROXY_DAILY_BUDGET_USD"],
-        identity_daily_budget_micros=parsed["CHATPROXY_IDENTITY_DAILY_BUDGET_USD"],
-        daily_token_budget=parsed["CHATPROXY_DAILY_TOKEN_BUDGET"],
-        identity_daily_token_budget=parsed["CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET"],
-        public_daily_budget_micros=parsed["CHATPROXY_PUBLIC_DAILY_BUDGET_USD"],
-        public_ip_daily_budget_micros=parsed["CHATPROXY_PUBLIC_IP_DAILY_BUDGET_USD"],
-        fallback_chain=parsed["CHATPROXY_FALLBACK_CHAIN"],
-        retry_max_wait=parsed["CHATPROXY_RETRY_MAX_WAIT"],
-        total_timeout=parsed["CHATPROXY_TOTAL_TIMEOUT"],
-        cooldown_failure_rate=parsed["CHATPROXY_COOLDOWN_FAILURE_RATE"],
-        cooldown_min_calls=parsed["CHATPROXY_COOLDOWN_MIN_CALLS"],
-        cooldown_window=parsed["CHATPROXY_COOLDOWN_WINDOW"],
-        cooldown_seconds=parsed["CHATPROXY_COOLDOWN_SECONDS"],
-        classify_labels=parsed["CHATPROXY_CLASSIFY_LABELS"],
-        classify_model=parsed["CHATPROXY_CLASSIFY_MODEL"],
-        threads=parsed["CHATPROXY_THREADS"],
-        compat_system_prompt=parsed["CHATPROXY_COMPAT_SYSTEM_PROMPT"],
-        azure_endpoint=parsed["AZURE_OPENAI_ENDPOINT"],
-        azure_api_key=parsed["AZURE_OPENAI_API_KEY"],
-        azure_api_version=parsed["AZURE_OPENAI_API_VERSION"],
-        azure_deployments=parsed["CHATPROXY_AZURE_DEPLOYMENTS"] if parsed["AZURE_OPENAI_ENDPOINT"] else (),
+    parse_tokens(parsed["CHATPROXY_API_TOKENS"])  # parsed again by create_app; here it stops a bad value early
+    parsed["CHATPROXY_SYSTEM_PROMPT"] = _system_prompt(
+        parsed["CHATPROXY_SYSTEM_PROMPT"], parsed["CHATPROXY_SYSTEM_PROMPT_FILE"]
     )
+    if not parsed["AZURE_OPENAI_ENDPOINT"]:
+        parsed["CHATPROXY_AZURE_DEPLOYMENTS"] = ()
+    return Settings(**{setting.attribute: parsed[setting.name] for setting in SETTINGS})
 
 
 def _check_azure(parsed: dict[str, Any]) -> None:
     """Azure mode needs an https endpoint, its key, and a deployment for every allowlisted model."""
     endpoint = parsed["AZURE_OPENAI_ENDPOINT"]
     if not endpoint.startswith(("http://", "https://")):
-        raise SettingsError(f"AZURE_OPENAI_ENDPOINT must start with https:// "
-                            f"(e.g. https://my-resource.openai.azure.com); got {endpoint!r}.")
+        raise SettingsError(
+            f"AZURE_OPENAI_ENDPOINT must start with https:// "
+            f"(e.g. https://my-resource.openai.azure.com); got {endpoint!r}."
+        )
     if parsed["OPENAI_BASE_URL"]:
-        raise SettingsError("OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT are both set: unset one of them "
-                            "(AZURE_OPENAI_ENDPOINT selects Azure OpenAI).")
+        raise SettingsError(
+            "OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT are both set: unset one of them "
+            "(AZURE_OPENAI_ENDPOINT selects Azure OpenAI)."
+        )
     if not parsed["AZURE_OPENAI_API_KEY"]:
         raise SettingsError("AZURE_OPENAI_API_KEY is not set; Azure mode (AZURE_OPENAI_ENDPOINT is set) needs it.")
     mapped = dict(parsed["CHATPROXY_AZURE_DEPLOYMENTS"])
     missing = [model for model in parsed["CHATPROXY_MODELS"] if model not in mapped]
     if missing:
-        raise SettingsError(f"CHATPROXY_AZURE_DEPLOYMENTS must name an Azure deployment for every model in "
-                            f"CHATPROXY_MODELS, as alias=deployment; missing: {', '.join(missing)}.")
+        raise SettingsError(
+            f"CHATPROXY_AZURE_DEPLOYMENTS must name an Azure deployment for every model in "
+            f"CHATPROXY_MODELS, as alias=deployment; missing: {', '.join(missing)}."
+        )
 
 
 def _coerce(setting: Setting, value: Any) -> Any:
@@ -530,8 +737,9 @@ def _system_prompt(text: str, path: str | None) -> str:
     try:
         prompt = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise SettingsError(f"CHATPROXY_SYSTEM_PROMPT_FILE must name a readable file; "
-                            f"cannot read {path!r} ({exc.strerror}).") from None
+        raise SettingsError(
+            f"CHATPROXY_SYSTEM_PROMPT_FILE must name a readable file; cannot read {path!r} ({exc.strerror})."
+        ) from None
     if not prompt:
         raise SettingsError(f"CHATPROXY_SYSTEM_PROMPT_FILE must name a non-empty file; {path!r} is empty.")
     return prompt
@@ -548,68 +756,9 @@ def parse_tokens(specs: Iterable[str]) -> dict[str, bytes]:
         except ValueError:
             digest = b""
         if not name.strip() or scheme != "sha256" or len(digest) != 32:
-            raise SettingsError("CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX "
-                                "(make one with `flask --app chatproxy new-token NAME`).")
+            raise SettingsError(
+                "CHATPROXY_API_TOKENS must be a comma-separated list of name=sha256:HEX "
+                "(make one with `flask --app chatproxy new-token NAME`)."
+            )
         tokens[name.strip()] = digest
     return tokens
-
-
-# --- CHATPROXY_PRICES (the price table itself is prices.py; the parsing is here so the master can run it) ---
-
-MICROS = 1_000_000  # micro-dollars per dollar, and tokens per "million tokens"
-_PRICE_KEYS = frozenset({"input", "cached_input", "output"})
-
-
-@dataclass(frozen=True)
-class Rates:
-    """One model's prices in integer micro-dollars per million tokens."""
-
-    input: int
-    cached_input: int
-    output: int
-
-
-def parse_prices(text: str, source: str = "CHATPROXY_PRICES") -> dict[str, Rates]:
-    """Parse `{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}` (dollars per 1M tokens) or raise."""
-    try:
-        data = json.loads(text, parse_float=Decimal, parse_int=Decimal)
-    except ValueError as exc:
-        raise SettingsError(f"{source} must be a JSON object of models to prices; it is not valid JSON "
-                            f"({exc}).") from None
-    if not isinstance(data, dict) or not data:
-        raise SettingsError(f"{source} must be a non-empty JSON object such as "
-                            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.')
-    return {_model_name(name, source): _model_rates(name, entry, source) for name, entry in data.items()}
-
-
-def _model_name(name: str, source: str) -> str:
-    if not name.strip():
-        raise SettingsError(f"{source} has an empty model name.")
-    return name.strip()
-
-
-def _model_rates(model: str, entry: Any, source: str) -> Rates:
-    where = f"{source} entry {model!r}"
-    if not isinstance(entry, dict):
-        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally "
-                            f"\"cached_input\" (dollars per million tokens).")
-    unknown = sorted(set(entry) - _PRICE_KEYS)
-    if unknown:
-        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"allowed: input, cached_input, output.")
-    for key in ("input", "output"):
-        if key not in entry:
-            raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
-    input_rate = _price(entry["input"], f"{where} 'input'")
-    cached = _price(entry["cached_input"], f"{where} 'cached_input'") if "cached_input" in entry else input_rate
-    return Rates(input=input_rate, cached_input=cached, output=_price(entry["output"], f"{where} 'output'"))
-
-
-def _price(value: Any, where: str) -> int:
-    """Dollars per million tokens → integer micro-dollars per million tokens."""
-    if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
-        raise SettingsError(f"{where} must be a number of dollars per million tokens, 0 or more; got {value!r}.")
-    micros = value * MICROS
-    if micros != micros.to_integral_value():
-        raise SettingsError(f"{where} must not be finer than a millionth of a dollar; got {value}.")
-    return int(micros)

@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
-from flask import Flask
 
 from . import redis_client
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "chatproxy.cooldowns"
 DEFAULT_PREFIX = "chatproxy:cooldown:"
 MAX_HINT = 3600.0  # an upstream Retry-After longer than this is not believed
 STATE_TTL_MS = 86_400_000  # a tripped model nobody asks for is forgotten a day after its cooldown
@@ -79,25 +77,19 @@ class Limits:
         return calls >= self.min_calls and failures * 1_000_000 >= _ppm(self.rate) * calls
 
 
-def init_app(app: Flask, *, key_prefix: str = DEFAULT_PREFIX) -> None:
-    """Create the app's cooldowns: in Redis when CHATPROXY_REDIS_URL is set, else in this process."""
-    app.extensions[EXTENSION] = from_settings(app.extensions["chatproxy.settings"], key_prefix=key_prefix)
-
-
-def of(app: Flask) -> Cooldowns:
-    """The app's cooldowns (made on first use when the factory did not call `init_app`)."""
-    found = app.extensions.get(EXTENSION)
-    if found is None:
-        found = app.extensions.setdefault(EXTENSION, from_settings(app.extensions["chatproxy.settings"]))
-    return found
-
-
-def from_settings(settings: Settings, *, key_prefix: str = DEFAULT_PREFIX) -> Cooldowns:
+def from_settings(settings: Settings) -> Cooldowns:
     """The backend the settings ask for."""
-    limits = Limits(rate=settings.cooldown_failure_rate, min_calls=settings.cooldown_min_calls,
-                    window=settings.cooldown_window, seconds=settings.cooldown_seconds, lease=settings.total_timeout)
+    limits = Limits(
+        rate=settings.cooldown_failure_rate,
+        min_calls=settings.cooldown_min_calls,
+        window=settings.cooldown_window,
+        seconds=settings.cooldown_seconds,
+        lease=settings.total_timeout,
+    )
     if settings.redis_url:
-        return RedisCooldowns(redis_client.client(settings.redis_url), limits, key_prefix=key_prefix)
+        return RedisCooldowns(
+            redis_client.client(settings.redis_url), limits, key_prefix=settings.redis_prefix + "cooldown:"
+        )
     return MemoryCooldowns(limits)
 
 
@@ -209,7 +201,9 @@ if fails > 0 then redis.call('HINCRBY', KEYS[2], 'f' .. i, fails) end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 """
 
-_ACQUIRE = _NOW + """
+_ACQUIRE = (
+    _NOW
+    + """
 local untilv = redis.call('HGET', KEYS[1], 'until')
 if not untilv then return 0 end
 if now < tonumber(untilv) then return 2 end
@@ -218,24 +212,32 @@ if probe and now < tonumber(probe) then return 2 end
 redis.call('HSET', KEYS[1], 'probe', string.format('%.0f', now + tonumber(ARGV[1])))
 return 1
 """
+)
 
 # ARGV 1-3 as _COUNT, ARGV[4] 1 for the probe. The probe's answer deletes both keys (the breaker closes);
 # any other answer is counted, unless the model is tripped (a straggler answering during a cooldown).
-_SUCCESS = _NOW + """
+_SUCCESS = (
+    _NOW
+    + """
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1], KEYS[2])
   return 0
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local calls, fails = 1, 0
-""" + _COUNT + """
+"""
+    + _COUNT
+    + """
 return 1
 """
+)
 
 # ARGV 1-3 as _COUNT, then min calls, rate (parts per million), cooldown ms, retry-after ms, state ttl ms,
 # counted (1: add the failure only, the call was counted as answered).
 # Returns {0} (still open), {1} (already cooling down) or {2, cooldown ms} (just tripped).
-_FAILURE = _NOW + """
+_FAILURE = (
+    _NOW
+    + """
 local untilv = redis.call('HGET', KEYS[1], 'until')
 local hint = tonumber(ARGV[7])
 if untilv and now < tonumber(untilv) then
@@ -247,7 +249,9 @@ if untilv and now < tonumber(untilv) then
 end
 if not untilv then
   local calls, fails = 1 - tonumber(ARGV[9]), 1
-""" + _COUNT + """
+"""
+    + _COUNT
+    + """
   local fields, slots = redis.call('HGETALL', KEYS[2]), {}
   for j = 1, #fields, 2 do slots[fields[j]] = tonumber(fields[j + 1]) end
   local total, failed = 0, 0
@@ -267,12 +271,16 @@ redis.call('HDEL', KEYS[1], 'probe')
 redis.call('PEXPIRE', KEYS[1], duration + tonumber(ARGV[8]))
 return {2, duration}
 """
+)
 
-_REMAINING = _NOW + """
+_REMAINING = (
+    _NOW
+    + """
 local untilv = redis.call('HGET', KEYS[1], 'until')
 if not untilv then return 0 end
 return math.max(0, tonumber(untilv) - now)
 """
+)
 
 
 class RedisCooldowns:
@@ -310,8 +318,15 @@ class RedisCooldowns:
     def failure(self, model: str, retry_after: float | None = None, *, counted: bool = False) -> bool:
         """Count a failure; trip at the failure rate, or again when a probe (or a late straggler) fails."""
         hint = _ms(min(retry_after or 0.0, MAX_HINT))
-        args = [*self._window, self.limits.min_calls, _ppm(self.limits.rate), _ms(self.limits.seconds), hint,
-                STATE_TTL_MS, 1 if counted else 0]
+        args = [
+            *self._window,
+            self.limits.min_calls,
+            _ppm(self.limits.rate),
+            _ms(self.limits.seconds),
+            hint,
+            STATE_TTL_MS,
+            1 if counted else 0,
+        ]
         try:
             result = self._failure(keys=self.keys(model), args=args)
         except redis.RedisError as exc:

@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, g, has_app_context
@@ -29,10 +29,13 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one JSON line; message and exception are redacted once more here."""
-        extra = {k: redact(v) if isinstance(v, str) else v for k, v in vars(record).items()
-                 if k not in _RESERVED and not k.startswith("_")}
+        extra = {
+            k: redact(v) if isinstance(v, str) else v
+            for k, v in vars(record).items()
+            if k not in _RESERVED and not k.startswith("_")
+        }
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx2
 import openai
-from flask import current_app, g, request
+from flask import g, request
 
 from . import metrics
 from .budget import Budget, Hold, Reservation
 from .config import Settings
+from .dialects import Usage
 from .errors import ApiError
-from .prices import PriceTable
-from .router import NotSent, Transient, UnreadableAnswer, candidates, check_sendable, upstream_params
-from .schemas import ChatRequest
-from .usage import Ledger, estimate_prompt_tokens, estimate_tokens
+from .models import ModelTable
+from .state import state
+from .upstream import AttemptFailed, NotSent, UnreadableAnswer
+from .usage import Ledger, estimate_tokens
+
+if TYPE_CHECKING:
+    from .pipeline import Call
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +31,51 @@ T = TypeVar("T")
 ROW_HEADER = "X-Chatproxy-Row"  # sent upstream, so each upstream call can be matched to its ledger row
 HOLD_MARGIN_S = 60  # a reservation's hold outlives the longest its request may run by this much
 # Failures before the request was sent: nothing reached the upstream, so nothing was billed.
-NEVER_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteError,
-              httpx2.WriteTimeout, httpx2.UnsupportedProtocol, httpx2.ProxyError, httpx2.LocalProtocolError)
-Send = Callable[[dict[str, Any], openai.Timeout, dict[str, str]], T]  # sends built params (timeout, extra headers)
+NEVER_SENT = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.WriteError,
+    httpx2.WriteTimeout,
+    httpx2.UnsupportedProtocol,
+    httpx2.ProxyError,
+    httpx2.LocalProtocolError,
+)
+Build = Callable[[str], bytes]  # the encoded request body for one model of the chain
+Send = Callable[[bytes, str, openai.Timeout, dict[str, str]], T]  # sends it (body, model, timeout, extra headers)
 
 
 class Meter:
     """Reserve a request's worst case, record each attempt, and settle to what it really cost."""
 
-    def __init__(self, chat: ChatRequest, settings: Settings, *, batch: bool = False) -> None:
-        self.ledger: Ledger = current_app.extensions["chatproxy.ledger"]
-        self.budget: Budget = current_app.extensions["chatproxy.budget"]
-        self.prices: PriceTable = current_app.extensions["chatproxy.prices"]
+    def __init__(self, call: Call, chain: Sequence[str], settings: Settings) -> None:
+        app_state = state()
+        self.ledger: Ledger = app_state.ledger
+        self.budget: Budget = app_state.budget
+        self.models: ModelTable = app_state.models
         self.identity: str = g.identity
         self.request_id: str = g.request_id
         self.client_request_id: str | None = g.get("client_request_id")
-        self.model = chat.model
-        self.stream = chat.stream
+        self.model = call.model
+        self.stream = call.stream
         self.started = time.monotonic()
-        self.prompt_estimate = estimate_prompt(chat, settings)
-        models = candidates(chat.model, settings)
-        worst = self.prices.worst_case_micros(models, self.prompt_estimate, chat.max_tokens, batch=batch)
+        self.prompt_estimate = call.prompt_estimate
+        # The worst case over every model the router may try: each one's output cap, reasoning included, at its rates.
+        worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
         caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
         # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
-        hold = Hold(self.request_id, self.prompt_estimate,
-                    self.prices.worst_case_micros(models, self.prompt_estimate, 0, batch=batch),
-                    settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S)
+        hold = Hold(
+            self.request_id,
+            self.prompt_estimate,
+            self.models.worst_case_micros(chain, self.prompt_estimate, 0),
+            settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S,
+        )
         self.reservation: Reservation = self.budget.reserve(
-            self.identity, worst, self.prompt_estimate + chat.max_tokens, caps=caps, hold=hold)
+            self.identity, worst, self.prompt_estimate + call.max_output, caps=caps, hold=hold
+        )
         self.cost = 0
         self.tokens = 0
         self._open_row: int | None = None
@@ -68,7 +85,7 @@ class Meter:
         self._unrecorded = False  # a ledger row could not be closed: the sweeper settles from the ledger
         self._lock = threading.Lock()
 
-    def attempt(self, build: Callable[[str], dict[str, Any]], send: Send[T]) -> Callable[[str, openai.Timeout], T]:
+    def attempt(self, build: Build, send: Send[T]) -> Callable[[str, openai.Timeout], T]:
         """Wrap one upstream attempt: build and encode its request, open its ledger row, send; close it on failure.
 
         A request that cannot be built or recorded raises NotSent before any row exists: it is not an upstream
@@ -77,20 +94,18 @@ class Meter:
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
             try:
-                params = build(model)
-                check_sendable(params)
-                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream,
-                                       self.client_request_id)
-            except Exception as exc:  # noqa: BLE001 - handed to the router, which raises it unchanged
+                body = build(model)
+                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream, self.client_request_id)
+            except Exception as exc:
                 raise NotSent(exc) from exc
             begun = time.monotonic()
             try:
-                value = send(params, timeout, {ROW_HEADER: str(row)})
+                value = send(body, model, timeout, {ROW_HEADER: str(row)})
             except BaseException as exc:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
                 billed = reached_upstream(exc)  # estimated prompt: billed once received, answer or not
-                self._close(row, model, self.prompt_estimate if billed else 0, 0, not billed, code, begun, None)
+                self._close(row, model, Usage(self.prompt_estimate if billed else 0, 0), not billed, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun
@@ -99,19 +114,19 @@ class Meter:
 
         return attempt
 
-    def finish(self, model: str, usage: dict[str, int] | None, completion_text: str, outcome: str,
-               ttft: float | None = None) -> None:
+    def finish(
+        self, model: str, usage: Usage | None, completion_text: str, outcome: str, ttft: float | None = None
+    ) -> None:
         """Close the open row with the answer's tokens (exact from usage, else estimated) and settle."""
         with self._lock:
             row, self._open_row = self._open_row, None
         if row is not None:
-            if usage is not None:
-                prompt, completion, exact = usage["prompt_tokens"], usage["completion_tokens"], True
-            else:
-                prompt, completion, exact = self.prompt_estimate, estimate_tokens(completion_text), False
+            exact = usage is not None
+            if usage is None:
+                usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
             if outcome == "ok" and model != self.model:
                 outcome = "fallback"
-            self._close(row, model, prompt, completion, exact, outcome, self._attempt_started, ttft)
+            self._close(row, model, usage, exact, outcome, self._attempt_started, ttft)
         self.settle()
 
     def settle(self) -> None:
@@ -134,16 +149,27 @@ class Meter:
         else:
             self.settle()
 
-    def _close(self, row: int, model: str, prompt: int, completion: int, exact: bool, outcome: str,
-               begun: float, ttft: float | None) -> None:
-        cost = self.prices.cost_micros(model, prompt, completion) if prompt or completion else 0
+    def _close(
+        self, row: int, model: str, usage: Usage, exact: bool, outcome: str, begun: float, ttft: float | None
+    ) -> None:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cost = self.models.cost_micros(model, prompt, completion, usage.cached_tokens) if prompt or completion else 0
         self.cost += cost
         self.tokens += prompt + completion
         now = time.monotonic()
-        if not self.ledger.close(row, model_answered=model, prompt_tokens=prompt, completion_tokens=completion,
-                                 tokens_exact=exact, cost_micros=cost, outcome=outcome,
-                                 latency_ms=round((now - begun) * 1000),
-                                 ttft_ms=None if ttft is None else round(ttft * 1000)):
+        if not self.ledger.close(
+            row,
+            model_answered=model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            tokens_exact=exact,
+            cost_micros=cost,
+            outcome=outcome,
+            latency_ms=round((now - begun) * 1000),
+            ttft_ms=None if ttft is None else round(ttft * 1000),
+        ):
             # The counters must agree with the ledger: settling this cost while the row stays open would
             # count it twice or never; the sweeper settles the whole request from its rows instead.
             self._unrecorded = True
@@ -165,20 +191,11 @@ def outcome_of(exc: BaseException) -> str:
         return f"upstream_http_{exc.status_code}"
     if isinstance(exc, UnreadableAnswer):
         return "upstream_bad_response"
-    if isinstance(exc, Transient):
+    if isinstance(exc, AttemptFailed):
         return "upstream_error"
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
         return "aborted"
     return "internal_error"  # our own bug after the call went out
-
-
-def estimate_prompt(chat: ChatRequest, settings: Settings) -> int:
-    """Prompt tokens to reserve for: our system prompt, the turns (and /v1 tools), and the response_format,
-    whose schema the upstream reads as prompt too."""
-    tokens = estimate_prompt_tokens(upstream_params(chat, settings)["messages"])
-    if chat.response_format is not None:
-        tokens += estimate_tokens(json.dumps(chat.response_format, ensure_ascii=False))
-    return tokens
 
 
 def reached_upstream(exc: BaseException) -> bool:
@@ -199,10 +216,3 @@ def reached_upstream(exc: BaseException) -> bool:
             return False
         cause = cause.__cause__
     return True
-
-
-def usage_of(value: Any) -> dict[str, int] | None:
-    """Token counts from an SDK usage object."""
-    if value is None:
-        return None
-    return {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens}

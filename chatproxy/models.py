@@ -14,13 +14,14 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .config import SettingsError
+from .config import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,23 @@ KINDS = ("chat", "embedding")
 TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 SAMPLING = ("any", "fixed", "effort_none")  # any value / only the default 1 / any value when reasoning_effort is none
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
-SAMPLING_RANGES = {"temperature": (0, 2), "top_p": (0, 1)}
-FIELDS = ("kind", "token_param", "sampling", "reasoning_efforts", "default_effort", "images", "context_window",
-          "max_output", "prices", "shutdown", "replacement", "source")
+# The sampling parameters whose acceptance depends on the model: their range, and the default every model takes.
+SAMPLING_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+FIELDS = (
+    "kind",
+    "token_param",
+    "sampling",
+    "reasoning_efforts",
+    "default_effort",
+    "images",
+    "context_window",
+    "max_output",
+    "prices",
+    "shutdown",
+    "replacement",
+    "source",
+)
 _PRICE_KEYS = frozenset({"input", "cached_input", "output", "long_context"})
 _LONG_KEYS = frozenset({"above", "input", "cached_input", "output"})
 _SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
@@ -98,8 +113,8 @@ class ModelSpec:
         low, high = SAMPLING_RANGES[param]
         if not low <= value <= high:
             return False
-        # The default 1 is accepted everywhere; the pipeline need not send it to a model whose sampling is not "any".
-        if value == 1 or self.sampling == "any":
+        # The default is accepted everywhere; the pipeline need not send it to a model whose sampling is not "any".
+        if value == SAMPLING_DEFAULTS[param] or self.sampling == "any":
             return True
         return self.sampling == "effort_none" and (effort or self.default_effort) == "none"
 
@@ -151,22 +166,29 @@ class ModelTable:
             return spec
         if name not in self._warned:
             self._warned.add(name)
-            log.warning("model %r is not in the model table: using the conservative default (%s)", name,
-                        "highest known prices" if self.openai_upstream else "priced at 0")
+            log.warning(
+                "model %r is not in the model table: using the conservative default (%s)",
+                name,
+                "highest known prices" if self.openai_upstream else "priced at 0",
+            )
         return replace(self.unknown, name=name)
 
-    def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                    batch: bool = False) -> int:
+    def cost_micros(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: bool = False
+    ) -> int:
         """Cost of one call in micro-dollars, rounded up once; completion_tokens includes reasoning tokens."""
         if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
             raise ValueError("token counts cannot be negative")
         cached = min(cached_tokens, prompt_tokens)  # cached tokens are part of the prompt
         rates = self.spec(model).prices.rates(prompt_tokens)
-        numerator = (prompt_tokens - cached) * rates.input + cached * rates.cached_input + completion_tokens * rates.output
+        numerator = (
+            (prompt_tokens - cached) * rates.input + cached * rates.cached_input + completion_tokens * rates.output
+        )
         return -(-numerator // (MICROS * (BATCH_DIVISOR if batch else 1)))
 
-    def worst_case_micros(self, models: Iterable[str], prompt_tokens: int, max_output_tokens: int | None = None,
-                          batch: bool = False) -> int:
+    def worst_case_micros(
+        self, models: Iterable[str], prompt_tokens: int, max_output_tokens: int | None = None, batch: bool = False
+    ) -> int:
         """The most a call could cost on any of `models`; no cap means each model's max output (reasoning included)."""
         costs = []
         for model in models:
@@ -202,15 +224,23 @@ def _unknown_spec(specs: Iterable[ModelSpec], openai_upstream: bool) -> ModelSpe
     else:
         dearest = Rates(0, 0, 0)
     return ModelSpec(
-        name="", kind="chat",
+        name="",
+        kind="chat",
         # api.openai.com: every chat model takes max_completion_tokens and new ones refuse max_tokens and sampling;
         # OpenAI-compatible servers (Ollama, llama.cpp) all take max_tokens and temperature.
         token_param="max_completion_tokens" if openai_upstream else "max_tokens",
         sampling="fixed" if openai_upstream else "any",
-        reasoning_efforts=(), default_effort=None, images=False,
-        context_window=max(s.context_window for s in chats), max_output=max(s.max_output for s in chats),
-        prices=Prices(dearest), shutdown=None, replacement=None,
-        source="conservative default (docs/models.md)", known=False)
+        reasoning_efforts=(),
+        default_effort=None,
+        images=False,
+        context_window=max(s.context_window for s in chats),
+        max_output=max(s.max_output for s in chats),
+        prices=Prices(dearest),
+        shutdown=None,
+        replacement=None,
+        source="conservative default (docs/models.md)",
+        known=False,
+    )
 
 
 def read_override(value: str, setting: str = SETTING) -> str:
@@ -220,8 +250,10 @@ def read_override(value: str, setting: str = SETTING) -> str:
     try:
         return Path(value.strip()).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"{setting} must be a JSON object or the path of a readable JSON file; "
-                            f"cannot read {value.strip()!r} ({type(exc).__name__}).") from None
+        raise SettingsError(
+            f"{setting} must be a JSON object or the path of a readable JSON file; "
+            f"cannot read {value.strip()!r} ({type(exc).__name__})."
+        ) from None
 
 
 def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
@@ -229,11 +261,13 @@ def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_duplicates)
     except ValueError as exc:
-        raise SettingsError(f"{source} must be a JSON object of models to entries; it is not valid JSON ({exc}).") \
-            from None
+        raise SettingsError(
+            f"{source} must be a JSON object of models to entries; it is not valid JSON ({exc})."
+        ) from None
     if not isinstance(data, dict):
-        raise SettingsError(f"{source} must be a JSON object such as "
-                            '{"my-model": {"prices": {"input": 0.5, "output": 2}}}.')
+        raise SettingsError(
+            f'{source} must be a JSON object such as {{"my-model": {{"prices": {{"input": 0.5, "output": 2}}}}}}.'
+        )
     for name, entry in data.items():
         where = f"{source} entry {name!r}"
         if not name.strip() or "*" in name[:-1]:
@@ -242,8 +276,9 @@ def parse_entries(text: str, source: str) -> dict[str, dict[str, Any]]:
             raise SettingsError(f"{where} must be an object with the fields {', '.join(FIELDS)}.")
         unknown = sorted(set(entry) - set(FIELDS))
         if unknown:
-            raise SettingsError(f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; "
-                                f"allowed: {', '.join(FIELDS)}.")
+            raise SettingsError(
+                f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)}."
+            )
     return data
 
 
@@ -261,8 +296,9 @@ def build_spec(name: str, fields: Mapping[str, Any], source: str, base: ModelSpe
     missing = [f for f in FIELDS if f not in fields] if base is None else []
     if missing:
         raise SettingsError(f"{where} is missing {', '.join(map(repr, missing))}.")
-    values = {"source": source} | {field: _FIELD_PARSERS[field](value, f"{where} {field!r}")
-                                   for field, value in fields.items()}
+    values = {"source": source} | {
+        field: _FIELD_PARSERS[field](value, f"{where} {field!r}") for field, value in fields.items()
+    }
     spec = ModelSpec(name=name, **values) if base is None else replace(base, name=name, known=True, **values)
     if spec.token_param is None and spec.kind == "chat":
         raise SettingsError(f"{where}: a chat model needs a token_param ({' or '.join(TOKEN_PARAMS)}).")
@@ -280,9 +316,11 @@ def _choice(options: tuple[str, ...], optional: bool = False) -> Any:
         if value is None and optional:
             return None
         if value not in options:
-            raise SettingsError(f"{where} must be {'null or ' if optional else ''}one of {', '.join(options)}; "
-                                f"got {value!r}.")
+            raise SettingsError(
+                f"{where} must be {'null or ' if optional else ''}one of {', '.join(options)}; got {value!r}."
+            )
         return value
+
     return parse
 
 
@@ -303,6 +341,7 @@ def _count(minimum: int) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise SettingsError(f"{where} must be a whole number of tokens, {minimum} or more; got {value!r}.")
         return value
+
     return parse
 
 
@@ -324,6 +363,7 @@ def _text(optional: bool) -> Any:
         if not isinstance(value, str) or (optional and not value.strip()):
             raise SettingsError(f"{where} must be {'null or a model name' if optional else 'a string'}; got {value!r}.")
         return value
+
     return parse
 
 
@@ -338,12 +378,15 @@ def _prices(value: Any, where: str) -> Prices:
 
 def _rates(value: Any, where: str, keys: frozenset[str]) -> Rates:
     if not isinstance(value, dict):
-        raise SettingsError(f"{where} must be an object with \"input\", \"output\" and optionally \"cached_input\" "
-                            f"(dollars per million tokens).")
+        raise SettingsError(
+            f'{where} must be an object with "input", "output" and optionally "cached_input" '
+            f"(dollars per million tokens)."
+        )
     unknown = sorted(set(value) - keys)
     if unknown:
-        raise SettingsError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"allowed: {', '.join(sorted(keys))}.")
+        raise SettingsError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(keys))}."
+        )
     for key in ("input", "output"):
         if key not in value:
             raise SettingsError(f"{where} is missing {key!r} (dollars per million tokens).")
@@ -363,10 +406,18 @@ def _rate(value: Any, where: str) -> int:
 
 
 _FIELD_PARSERS = {
-    "kind": _choice(KINDS), "token_param": _choice(TOKEN_PARAMS, optional=True), "sampling": _choice(SAMPLING),
-    "reasoning_efforts": _efforts, "default_effort": _choice(EFFORTS, optional=True), "images": _flag,
-    "context_window": _count(1), "max_output": _count(0), "prices": _prices, "shutdown": _day,
-    "replacement": _text(optional=True), "source": _text(optional=False),
+    "kind": _choice(KINDS),
+    "token_param": _choice(TOKEN_PARAMS, optional=True),
+    "sampling": _choice(SAMPLING),
+    "reasoning_efforts": _efforts,
+    "default_effort": _choice(EFFORTS, optional=True),
+    "images": _flag,
+    "context_window": _count(1),
+    "max_output": _count(0),
+    "prices": _prices,
+    "shutdown": _day,
+    "replacement": _text(optional=True),
+    "source": _text(optional=False),
 }
 
 
@@ -379,9 +430,156 @@ def shipped_specs() -> dict[str, ModelSpec]:
 
 def load_table(override: str | None = None, *, openai_upstream: bool = True, setting: str = SETTING) -> ModelTable:
     """The shipped table with `override` (JSON text or a file path) replacing fields of entries or adding entries."""
+    entries = parse_entries(read_override(override, setting), setting) if override and override.strip() else {}
+    return _table(entries, openai_upstream, setting)
+
+
+def _table(entries: Mapping[str, Mapping[str, Any]], openai_upstream: bool, setting: str) -> ModelTable:
+    """The shipped table with parsed override `entries` applied."""
     specs = dict(shipped_specs())
-    if override and override.strip():
-        default = _unknown_spec(specs.values(), openai_upstream)
-        for name, fields in parse_entries(read_override(override, setting), setting).items():
-            specs[name] = build_spec(name, fields, setting, base=specs.get(name) or default)
+    default = _unknown_spec(specs.values(), openai_upstream)
+    for name, fields in entries.items():
+        specs[name] = build_spec(name, fields, setting, base=specs.get(name) or default)
     return ModelTable(specs, openai_upstream=openai_upstream)
+
+
+# --- the app's table, and what start-up checks -----------------------------------------------------------------
+
+RETIRING_DAYS = 30  # a configured model this close to its shutdown is warned about (and named by /readyz)
+REASONING_MIN_TOKENS = 4096  # below this cap a reasoning model may spend it all on hidden reasoning
+
+
+def openai_upstream(settings: Settings) -> bool:
+    """Whether calls go to OpenAI (or Azure OpenAI), whose prices the table knows; else an OpenAI-compatible server."""
+    if settings.azure_endpoint or not settings.openai_base_url:
+        return True
+    return urlsplit(settings.openai_base_url).hostname == "api.openai.com"
+
+
+def load_models(settings: Settings) -> ModelTable:
+    """The shipped table with CHATPROXY_PRICES (prices only) and CHATPROXY_MODEL_TABLE applied, in that order."""
+    entries: dict[str, dict[str, Any]] = {}
+    if settings.prices:
+        for name, prices in parse_entries_of_prices(settings.prices).items():
+            entries[name] = {"prices": prices}
+    if settings.model_table:
+        for name, fields in parse_entries(read_override(settings.model_table, SETTING), SETTING).items():
+            entries.setdefault(name, {}).update(fields)
+    return _table(entries, openai_upstream(settings), SETTING)
+
+
+def parse_entries_of_prices(text: str, setting: str = "CHATPROXY_PRICES") -> dict[str, Any]:
+    """CHATPROXY_PRICES: {"model": {"input", "cached_input", "output"}}, each checked as a table entry's prices."""
+    try:
+        data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{setting} must be a JSON object of models to prices; it is not valid JSON ({exc})."
+        ) from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError(
+            f"{setting} must be a non-empty JSON object such as "
+            '{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}.'
+        )
+    for name, prices in data.items():
+        if not name.strip():
+            raise SettingsError(f"{setting} has an empty model name.")
+        _prices(prices, f"{setting} entry {name!r}")
+    return data
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What start-up found about the configured models: warnings to log, and the ones about to retire."""
+
+    settings: Settings  # with retired default models replaced by their replacements (see configured_models)
+    warnings: tuple[str, ...]
+    retiring: tuple[Retirement, ...]
+
+
+def configured(settings: Settings) -> tuple[str, ...]:
+    """Every model the settings name: the allowlist, the default, the fallback chain, the classifier's."""
+    names = [*settings.models, settings.default_model, *settings.fallback_chain, settings.classify_model]
+    return tuple(dict.fromkeys(names))
+
+
+def check_configured(settings: Settings, table: ModelTable, today: date) -> Startup:
+    """Refuse a configured model past its shutdown (naming its date and replacement); warn about one within
+    RETIRING_DAYS, about models the table does not know, and about reasoning models given a small cap.
+
+    The models a new user gets by default follow their announced replacements once their shutdown date
+    has come; models someone configured are never changed behind their back.
+    """
+    settings = _default_successors(settings, table, today)
+    warnings: list[str] = []
+    retiring: list[Retirement] = []
+    for name in configured(settings):
+        retirement = table.retirement(name, today)
+        if retirement is not None and retirement.retired:
+            replacement = (
+                f"; OpenAI names {retirement.replacement} as its replacement" if retirement.replacement else ""
+            )
+            raise SettingsError(
+                f"{name} was shut down by OpenAI on {retirement.shutdown}{replacement or ''}. Remove it from "
+                f"CHATPROXY_MODELS, CHATPROXY_DEFAULT_MODEL, CHATPROXY_FALLBACK_CHAIN and CHATPROXY_CLASSIFY_MODEL "
+                f"(README: 'Models of 2027')."
+            )
+        if retirement is not None and retirement.days_left <= RETIRING_DAYS:
+            retiring.append(retirement)
+            warnings.append(
+                f"{name} shuts down on {retirement.shutdown} ({retirement.days_left} days): move to "
+                f"{retirement.replacement or 'another model'} before then (README: 'Models of 2027')."
+            )
+        if not table.known(name):
+            priced = "the highest known prices" if table.openai_upstream else "0 (not OpenAI: set its prices)"
+            warnings.append(
+                f"{name} is not in the model table: it gets the conservative defaults (docs/models.md) and is priced "
+                f"at {priced}; describe it in CHATPROXY_MODEL_TABLE."
+            )
+        elif table.spec(name).reasons and settings.max_tokens < REASONING_MIN_TOKENS:
+            warnings.append(
+                f"{name} reasons: its hidden reasoning counts against CHATPROXY_MAX_TOKENS={settings.max_tokens}, "
+                f"which may leave no room for the answer; {REASONING_MIN_TOKENS} or more is safer."
+            )
+    return Startup(settings, tuple(warnings), tuple(retiring))
+
+
+MODEL_SETTINGS = ("CHATPROXY_MODELS", "CHATPROXY_DEFAULT_MODEL", "CHATPROXY_FALLBACK_CHAIN", "CHATPROXY_CLASSIFY_MODEL")
+# What a new user gets once the default models are shut down (2027-01-14): OpenAI's named replacement, and a
+# stronger model that falls back to it, as gpt-4o did to gpt-4o-mini (README: "Models of 2027"). Both reason,
+# so their hidden reasoning needs a larger output cap than the old default 1024.
+NEXT_DEFAULTS = {
+    "models": ("gpt-6-luna", "gpt-6.1-terra"),
+    "default_model": "gpt-6-luna",
+    "fallback_chain": ("gpt-6.1-terra", "gpt-6-luna"),
+    "classify_model": "gpt-6-luna",
+}
+NEXT_MAX_TOKENS = 8192
+
+
+def _default_successors(settings: Settings, table: ModelTable, today: date) -> Settings:
+    """The settings with NEXT_DEFAULTS once the default models are retired, if the models are the defaults."""
+    defaults = {s.name: s.parse(s.default) for s in SETTINGS if s.name in (*MODEL_SETTINGS, "CHATPROXY_MAX_TOKENS")}
+    chosen = {
+        "CHATPROXY_MODELS": settings.models,
+        "CHATPROXY_DEFAULT_MODEL": settings.default_model,
+        "CHATPROXY_FALLBACK_CHAIN": settings.fallback_chain,
+        "CHATPROXY_CLASSIFY_MODEL": settings.classify_model,
+    }
+    defaults["CHATPROXY_CLASSIFY_MODEL"] = defaults["CHATPROXY_CLASSIFY_MODEL"] or defaults["CHATPROXY_DEFAULT_MODEL"]
+    retired = any((r := table.retirement(name, today)) is not None and r.retired for name in settings.models)
+    if not retired or any(chosen[name] != defaults[name] for name in MODEL_SETTINGS):
+        return settings
+    log.warning(
+        "the default models %s are shut down: using %s instead (README: 'Models of 2027')",
+        ", ".join(settings.models),
+        ", ".join(NEXT_DEFAULTS["models"]),
+    )
+    cap = NEXT_MAX_TOKENS if settings.max_tokens == defaults["CHATPROXY_MAX_TOKENS"] else settings.max_tokens
+    return replace(settings, **NEXT_DEFAULTS, max_tokens=cap)
+
+
+def prepare(settings: Settings, today: date | None = None) -> tuple[ModelTable, Startup]:
+    """The app's table and the start-up check of its models (today: the UTC date); raises SettingsError."""
+    table = load_models(settings)
+    return table, check_configured(settings, table, today or datetime.now(UTC).date())

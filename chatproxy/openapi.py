@@ -21,6 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from .config import Settings
 from .schemas import CLIENT_ROLES, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE
+from .state import state
 
 bp = Blueprint("openapi", __name__)
 
@@ -31,19 +32,31 @@ NOT_BLANK = r"\S"  # the server strips the text and refuses what is left empty
 
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
-GUARDED = {401: ("unauthorized",), 403: ("forbidden_origin", "csrf_failed"), 429: ("rate_limited",),
-           503: ("server_busy",)}
+GUARDED = {
+    401: ("unauthorized",),
+    403: ("forbidden_origin", "csrf_failed"),
+    429: ("rate_limited",),
+    503: ("server_busy",),
+}
 JSON_BODY = {400: ("invalid_request",), 413: ("payload_too_large",), 415: ("unsupported_media_type",)}
 # A call to the model: the budget and the ledger first (no call without them), then the router.
-UPSTREAM = {400: ("invalid_request", "context_length_exceeded", "content_filtered"),
-            429: ("rate_limited", "budget_exceeded"),
-            502: ("upstream_auth_failed", "upstream_rejected"),
-            503: ("upstream_unavailable", "ledger_unavailable", "budget_unavailable"),
-            504: ("upstream_timeout",)}
+UPSTREAM = {
+    400: ("invalid_request", "context_length_exceeded", "content_filtered"),
+    429: ("rate_limited", "budget_exceeded"),
+    502: ("upstream_auth_failed", "upstream_rejected"),
+    503: ("upstream_unavailable", "ledger_unavailable", "budget_unavailable"),
+    504: ("upstream_timeout",),
+}
 STRUCTURED = {422: ("model_refused",), 502: ("invalid_model_output",)}
 # The `code` of a stream's final `error` event (the HTTP status is already 200 by then).
-STREAM_ERRORS = ("upstream_timeout", "upstream_truncated", "upstream_unreachable", "upstream_bad_response",
-                 "upstream_error", "content_filtered")
+STREAM_ERRORS = (
+    "upstream_timeout",
+    "upstream_truncated",
+    "upstream_unreachable",
+    "upstream_bad_response",
+    "upstream_error",
+    "content_filtered",
+)
 RETRY_AFTER_STATUSES = (409, 429, 503)  # every error with these statuses carries Retry-After
 
 
@@ -72,43 +85,80 @@ class Operation:
 
 # --- request schemas, from the same settings the validators read ---------------------------------------------
 
+
 def _text(settings: Settings, what: str) -> Schema:
-    return {"type": "string", "minLength": 1, "maxLength": settings.max_message_chars, "pattern": NOT_BLANK,
-            "description": what}
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_message_chars,
+        "pattern": NOT_BLANK,
+        "description": what,
+    }
 
 
 def _message(settings: Settings) -> Schema:
-    return {"type": "object", "additionalProperties": False, "required": ["role", "content"],
-            "properties": {"role": {"enum": list(CLIENT_ROLES)},
-                           "content": _text(settings, "One turn of the conversation.")}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": list(CLIENT_ROLES)},
+            "content": _text(settings, "One turn of the conversation."),
+        },
+    }
 
 
 def _response_format() -> Schema:
     name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    json_schema = {"type": "object", "additionalProperties": False, "required": ["name", "schema"],
-                   "properties": {"name": name, "strict": {"type": "boolean"}, "description": {"type": "string"},
-                                  "schema": {"type": "object", "description": f"A JSON Schema, nested at most "
-                                                                              f"{MAX_SCHEMA_DEPTH} deep."}}}
-    return {"oneOf": [
-        {"type": "null"},
-        {"type": "object", "additionalProperties": False, "required": ["type"],
-         "properties": {"type": {"enum": ["text", "json_object"]}}},
-        {"type": "object", "additionalProperties": False, "required": ["type", "json_schema"],
-         "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema}},
-    ], "description": "Structured output: the JSON reply then carries `parsed`."}
+    json_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "schema"],
+        "properties": {
+            "name": name,
+            "strict": {"type": "boolean"},
+            "description": {"type": "string"},
+            "schema": {"type": "object", "description": f"A JSON Schema, nested at most {MAX_SCHEMA_DEPTH} deep."},
+        },
+    }
+    return {
+        "oneOf": [
+            {"type": "null"},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["type"],
+                "properties": {"type": {"enum": ["text", "json_object"]}},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["type", "json_schema"],
+                "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema},
+            },
+        ],
+        "description": "Structured output: the JSON reply then carries `parsed`.",
+    }
 
 
 def chat_fields(settings: Settings) -> dict[str, Schema]:
     """The fields of a /api/chat body (schemas.CHAT_FIELDS), with the caps in force."""
     return {
         "message": _text(settings, "The simple form: one user message."),
-        "messages": {"type": "array", "minItems": 1, "maxItems": settings.max_messages,
-                     "items": _message(settings),
-                     "description": f"The conversation, ending with a user turn; at most "
-                                    f"{settings.max_total_chars} characters in all."},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": settings.max_messages,
+            "items": _message(settings),
+            "description": f"The conversation, ending with a user turn; at most "
+            f"{settings.max_total_chars} characters in all.",
+        },
         "model": {"enum": [*settings.models, None], "description": f"Default: {settings.default_model}."},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1,
-                       "description": f"Clamped to the server cap, {settings.max_tokens}."},
+        "max_tokens": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": f"Clamped to the server cap, {settings.max_tokens}.",
+        },
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_TEMPERATURE},
         "response_format": _response_format(),
         "stream": {"type": ["boolean", "null"], "description": "true: answer as text/event-stream."},
@@ -117,51 +167,90 @@ def chat_fields(settings: Settings) -> dict[str, Schema]:
 
 def chat_request(_app: Flask, settings: Settings) -> Schema:
     """POST /api/chat: `message` or `messages`, options; any other field is refused."""
-    return {"type": "object", "additionalProperties": False, "properties": chat_fields(settings),
-            "oneOf": [{"required": ["message"]}, {"required": ["messages"]}]}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": chat_fields(settings),
+        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
+    }
 
 
 def classify_request(_app: Flask, settings: Settings) -> Schema:
     """POST /api/classify: a text and, optionally, two or more of the configured labels."""
     labels = list(settings.classify_labels)
-    return {"type": "object", "additionalProperties": False, "required": ["text"],
-            "properties": {"text": _text(settings, "The text to classify."),
-                           "labels": {"type": "array", "minItems": 2, "maxItems": len(labels), "uniqueItems": True,
-                                      "items": {"enum": labels}}}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["text"],
+        "properties": {
+            "text": _text(settings, "The text to classify."),
+            "labels": {
+                "type": "array",
+                "minItems": 2,
+                "maxItems": len(labels),
+                "uniqueItems": True,
+                "items": {"enum": labels},
+            },
+        },
+    }
 
 
 def batch_request(app: Flask, settings: Settings) -> Schema:
     """POST /api/batches: chat bodies (without `stream`) with unique custom ids, all for one model."""
-    limits = app.extensions.get("chatproxy.batch_limits")
     fields = {k: v for k, v in chat_fields(settings).items() if k != "stream"}
-    fields["custom_id"] = {"type": "string", "pattern": r"^[^\x00-\x1f\x7f]{1,64}$",
-                           "description": "Unique within the batch; names the line's result."}
-    item = {"type": "object", "additionalProperties": False, "required": ["custom_id"], "properties": fields,
-            "oneOf": [{"required": ["message"]}, {"required": ["messages"]}]}
-    requests: Schema = {"type": "array", "minItems": 1, "items": item,
-                        "description": "All lines must ask for the same model."}
-    if limits is not None:
-        requests["maxItems"] = limits.max_requests
-    return {"type": "object", "additionalProperties": False, "required": ["requests"],
-            "properties": {"requests": requests}}
+    fields["custom_id"] = {
+        "type": "string",
+        "pattern": r"^[^\x00-\x1f\x7f]{1,64}$",
+        "description": "Unique within the batch; names the line's result.",
+    }
+    item = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["custom_id"],
+        "properties": fields,
+        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
+    }
+    requests: Schema = {
+        "type": "array",
+        "minItems": 1,
+        "items": item,
+        "description": "All lines must ask for the same model.",
+    }
+    requests["maxItems"] = settings.batch_max_requests
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["requests"],
+        "properties": {"requests": requests},
+    }
 
 
 # --- success responses ---------------------------------------------------------------------------------------
 
-USAGE: Schema = {"type": ["object", "null"], "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-                 "properties": {name: {"type": "integer", "minimum": 0}
-                                for name in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+USAGE: Schema = {
+    "type": ["object", "null"],
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        name: {"type": "integer", "minimum": 0} for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    },
+}
 
 
 def sse_event(data: Schema, also: tuple[Schema, ...] = ()) -> Schema:
     """One server-sent event whose `data:` line is JSON matching `data` (or one of `also`)."""
     json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
-    return {"type": "object", "required": ["data"],
-            "properties": {"data": {"anyOf": [json_data, *also]} if also else json_data}}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [json_data, *also]} if also else json_data},
+    }
 
 
-_OPENAI_STREAM_ERROR: Schema = {"type": "string", "contentMediaType": "application/json",
-                                "contentSchema": {"$ref": "#/components/schemas/OpenAIError"}}
+_OPENAI_STREAM_ERROR: Schema = {
+    "type": "string",
+    "contentMediaType": "application/json",
+    "contentSchema": {"$ref": "#/components/schemas/OpenAIError"},
+}
 
 
 def _ok(schema: Schema, description: str, media: str = "application/json", status: str = "200") -> dict[str, Any]:
@@ -170,60 +259,142 @@ def _ok(schema: Schema, description: str, media: str = "application/json", statu
 
 def chat_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
     """A JSON reply, or an SSE stream of StreamEvent objects."""
-    reply = {"type": "object", "required": ["role", "content", "model", "degraded", "finish_reason", "usage"],
-             "properties": {"role": {"const": "assistant"}, "content": {"type": "string"},
-                            "model": {"enum": list(settings.models)}, "degraded": {"type": "boolean"},
-                            "finish_reason": {"type": ["string", "null"]}, "usage": USAGE,
-                            "parsed": {"description": "The decoded JSON answer (with response_format)."}}}
-    return {"200": {"description": "The answer; with `stream: true`, `data:` lines each holding one StreamEvent.",
-                    "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
-                    "content": {"application/json": {"schema": reply},
-                                "text/event-stream": {"schema": sse_event({"$ref": "#/components/schemas/StreamEvent"})}}}}
+    reply = {
+        "type": "object",
+        "required": ["role", "content", "model", "degraded", "finish_reason", "usage"],
+        "properties": {
+            "role": {"const": "assistant"},
+            "content": {"type": "string"},
+            "model": {"enum": list(settings.models)},
+            "degraded": {"type": "boolean"},
+            "finish_reason": {"type": ["string", "null"]},
+            "usage": USAGE,
+            "parsed": {"description": "The decoded JSON answer (with response_format)."},
+        },
+    }
+    return {
+        "200": {
+            "description": "The answer; with `stream: true`, `data:` lines each holding one StreamEvent.",
+            "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": reply},
+                "text/event-stream": {"schema": sse_event({"$ref": "#/components/schemas/StreamEvent"})},
+            },
+        }
+    }
 
 
 def classify_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
     """The chosen label, checked against the schema before it is returned."""
-    return _ok({"type": "object", "required": ["label", "confidence", "rationale", "model", "degraded", "usage"],
-                "properties": {"label": {"enum": list(settings.classify_labels)},
-                               "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                               "rationale": {"type": "string"}, "model": {"enum": list(settings.models)},
-                               "degraded": {"type": "boolean"}, "usage": USAGE}}, "The classification.")
+    return _ok(
+        {
+            "type": "object",
+            "required": ["label", "confidence", "rationale", "model", "degraded", "usage"],
+            "properties": {
+                "label": {"enum": list(settings.classify_labels)},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                "rationale": {"type": "string"},
+                "model": {"enum": list(settings.models)},
+                "degraded": {"type": "boolean"},
+                "usage": USAGE,
+            },
+        },
+        "The classification.",
+    )
 
 
 def models_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
     """The allowlist and the default."""
-    return _ok({"type": "object", "required": ["models", "default"], "additionalProperties": False,
-                "properties": {"models": {"type": "array", "items": {"enum": list(settings.models)}},
-                               "default": {"enum": list(settings.models)}}}, "Models a client may ask for.")
+    return _ok(
+        {
+            "type": "object",
+            "required": ["models", "default", "details"],
+            "additionalProperties": False,
+            "properties": {
+                "models": {"type": "array", "items": {"enum": list(settings.models)}},
+                "default": {"enum": list(settings.models)},
+                "details": {
+                    "type": "object",
+                    "description": "What the model table says of each model: whether it reasons, takes images, and "
+                    "when OpenAI shuts it down (YYYY-MM-DD or null).",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["reasoning", "images", "shutdown"],
+                        "properties": {
+                            "reasoning": {"type": "boolean"},
+                            "images": {"type": "boolean"},
+                            "shutdown": {"type": ["string", "null"]},
+                        },
+                    },
+                },
+            },
+        },
+        "Models a client may ask for.",
+    )
 
 
 def _totals() -> Schema:
-    return {"type": "object", "required": ["requests", "prompt_tokens", "completion_tokens", "total_tokens",
-                                           "cost_micros", "cost_usd"],
-            "properties": {**{name: {"type": "integer", "minimum": 0} for name in
-                              ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")},
-                           "cost_usd": {"type": "string", "pattern": r"^\d+\.\d{6}$"}}}
+    return {
+        "type": "object",
+        "required": ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_micros", "cost_usd"],
+        "properties": {
+            **{
+                name: {"type": "integer", "minimum": 0}
+                for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+            },
+            "cost_usd": {"type": "string", "pattern": r"^\d+\.\d{6}$"},
+        },
+    }
 
 
 def usage_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
     """The ledger's report."""
     rows = {"type": "array", "items": _totals()}
-    return _ok({"type": "object", "required": ["since", "until", "currency", "totals", "outcomes", "by_day",
-                                               "by_model", "by_identity", "groups"],
-                "properties": {"since": {"type": "string", "format": "date"},
-                               "until": {"type": "string", "format": "date"}, "currency": {"const": "USD"},
-                               "totals": _totals(), "outcomes": {"type": "object",
-                                                                 "additionalProperties": {"type": "integer"}},
-                               "by_day": rows, "by_model": rows, "by_identity": rows, "groups": rows}},
-               "Requests, tokens and spend per day, model and identity.")
+    return _ok(
+        {
+            "type": "object",
+            "required": [
+                "since",
+                "until",
+                "currency",
+                "totals",
+                "outcomes",
+                "by_day",
+                "by_model",
+                "by_identity",
+                "groups",
+            ],
+            "properties": {
+                "since": {"type": "string", "format": "date"},
+                "until": {"type": "string", "format": "date"},
+                "currency": {"const": "USD"},
+                "totals": _totals(),
+                "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "by_day": rows,
+                "by_model": rows,
+                "by_identity": rows,
+                "groups": rows,
+            },
+        },
+        "Requests, tokens and spend per day, model and identity.",
+    )
 
 
-BATCH: Schema = {"type": "object", "required": ["id", "status", "model", "request_counts", "created_at"],
-                 "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "model": {"type": "string"},
-                                "created_at": {"type": "string"},
-                                "request_counts": {"type": "object", "required": ["total", "completed", "failed"],
-                                                   "properties": {k: {"type": "integer", "minimum": 0}
-                                                                  for k in ("total", "completed", "failed")}}}}
+BATCH: Schema = {
+    "type": "object",
+    "required": ["id", "status", "model", "request_counts", "created_at"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string"},
+        "model": {"type": "string"},
+        "created_at": {"type": "string"},
+        "request_counts": {
+            "type": "object",
+            "required": ["total", "completed", "failed"],
+            "properties": {k: {"type": "integer", "minimum": 0} for k in ("total", "completed", "failed")},
+        },
+    },
+}
 
 
 def batch_created(_app: Flask, _settings: Settings) -> dict[str, Any]:
@@ -235,13 +406,31 @@ def batch_created(_app: Flask, _settings: Settings) -> dict[str, Any]:
 
 def batch_results(_app: Flask, _settings: Settings) -> dict[str, Any]:
     """One result per custom_id, in submitted order."""
-    result = {"type": "object", "required": ["custom_id"], "properties": {
-        "custom_id": {"type": "string"}, "content": {"type": "string"},
-        "error": {"type": "object", "required": ["code", "message"],
-                  "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
-    return _ok({"type": "object", "required": ["id", "status", "results"],
-                "properties": {"id": {"type": "string"}, "status": {"type": "string"},
-                               "results": {"type": "array", "items": result}}}, "The finished batch's answers.")
+    result = {
+        "type": "object",
+        "required": ["custom_id"],
+        "properties": {
+            "custom_id": {"type": "string"},
+            "content": {"type": "string"},
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    }
+    return _ok(
+        {
+            "type": "object",
+            "required": ["id", "status", "results"],
+            "properties": {
+                "id": {"type": "string"},
+                "status": {"type": "string"},
+                "results": {"type": "array", "items": result},
+            },
+        },
+        "The finished batch's answers.",
+    )
 
 
 def _const(schema: Schema, description: str, media: str = "application/json") -> Callable[..., dict[str, Any]]:
@@ -249,6 +438,7 @@ def _const(schema: Schema, description: str, media: str = "application/json") ->
 
 
 # --- /v1: OpenAI's wire format (compat.py, compat_schemas.py) ------------------------------------------------
+
 
 def _bounded_text(limit: int, blank_ok: bool = False) -> Schema:
     schema: Schema = {"type": "string", "maxLength": limit}
@@ -258,170 +448,360 @@ def _bounded_text(limit: int, blank_ok: bool = False) -> Schema:
 def compat_request(_app: Flask, settings: Settings) -> Schema:
     """POST /v1/chat/completions: the Chat Completions body, held to the same caps and allowlist as /api/chat."""
     name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    part = {"type": "object", "additionalProperties": False, "required": ["type", "text"],
-            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    content = {"anyOf": [{"type": "string", "maxLength": settings.max_message_chars},
-                         {"type": "array", "minItems": 1, "items": part}]}
-    call = {"type": "object", "additionalProperties": False, "required": ["id", "function"], "properties": {
-        "id": _bounded_text(256), "type": {"const": "function"},
-        "function": {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                     "properties": {"name": name, "arguments": {"type": "string"}}}}}
+    part = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    }
+    content = {
+        "anyOf": [
+            {"type": "string", "maxLength": settings.max_message_chars},
+            {"type": "array", "minItems": 1, "items": part},
+        ]
+    }
+    call = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "function"],
+        "properties": {
+            "id": _bounded_text(256),
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "arguments"],
+                "properties": {"name": name, "arguments": {"type": "string"}},
+            },
+        },
+    }
 
     def message(role: str, required: list[str], **extra: Schema) -> Schema:
         fields = {"role": {"const": role}, "content": content, "name": name, **extra}
-        return {"type": "object", "additionalProperties": False, "required": ["role", *required],
-                "properties": fields}
+        return {"type": "object", "additionalProperties": False, "required": ["role", *required], "properties": fields}
 
-    tool = {"type": "object", "additionalProperties": False, "required": ["type", "function"], "properties": {
-        "type": {"const": "function"},
-        "function": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-            "name": name, "description": _bounded_text(4096, blank_ok=True), "strict": {"type": "boolean"},
-            "parameters": {"type": "object"}}}}}
+    tool = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": name,
+                    "description": _bounded_text(4096, blank_ok=True),
+                    "strict": {"type": "boolean"},
+                    "parameters": {"type": "object"},
+                },
+            },
+        },
+    }
     number = {"type": ["number", "null"]}
     stop = _bounded_text(256, blank_ok=True) | {"minLength": 1}
-    return {"type": "object", "additionalProperties": False, "required": ["messages"], "properties": {
-        "messages": {"type": "array", "minItems": 1, "maxItems": settings.max_messages, "items": {"oneOf": [
-            message("system", ["content"]),
-            {**message("user", ["content"]), "properties": {
-                **message("user", [])["properties"],
-                "content": {"anyOf": [_text(settings, "The user's turn."), {"type": "array", "minItems": 1,
-                                                                             "items": part}]}}},
-            {**message("assistant", [], tool_calls={"type": ["array", "null"], "maxItems": 64, "items": call},
-                       refusal={"type": ["string", "null"]}),
-             "properties": {**message("assistant", [])["properties"], "content": {"anyOf": [content, {"type": "null"}]},
-                            "tool_calls": {"type": ["array", "null"], "maxItems": 64, "items": call},
-                            "refusal": {"type": ["string", "null"]}}},
-            {"type": "object", "additionalProperties": False, "required": ["role", "content", "tool_call_id"],
-             "properties": {"role": {"const": "tool"}, "content": content, "tool_call_id": _bounded_text(256)}},
-        ]}, "description": "The last message must come from the user or a tool."},
-        "model": {"enum": list(settings.models), "description": f"Default: {settings.default_model}."},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "temperature": {**number, "minimum": 0, "maximum": MAX_TEMPERATURE},
-        "top_p": {**number, "minimum": 0, "maximum": 1},
-        "presence_penalty": {**number, "minimum": -2, "maximum": 2},
-        "frequency_penalty": {**number, "minimum": -2, "maximum": 2},
-        "n": {"enum": [1, None]},
-        "stream": {"type": ["boolean", "null"]},
-        "stream_options": {"type": ["object", "null"], "additionalProperties": False,
-                           "properties": {"include_usage": {"type": ["boolean", "null"]}},
-                           "description": "Only with `stream: true`."},
-        "stop": {"anyOf": [stop, {"type": "array", "minItems": 1, "maxItems": 4, "items": stop}, {"type": "null"}]},
-        "seed": {"type": ["integer", "null"], "minimum": -2**63, "maximum": 2**63 - 1},
-        "user": {"anyOf": [_bounded_text(256), {"type": "null"}]},
-        "tools": {"type": ["array", "null"], "minItems": 1, "maxItems": 64, "items": tool},
-        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required", None]},
-                                  {"type": "object", "additionalProperties": False, "required": ["type", "function"],
-                                   "properties": {"type": {"const": "function"},
-                                                  "function": {"type": "object", "additionalProperties": False,
-                                                               "required": ["name"], "properties": {"name": name}}}}],
-                        "description": "Only with `tools`."},
-        "parallel_tool_calls": {"type": ["boolean", "null"], "description": "Only with `tools`."},
-        "response_format": _response_format(),
-    }}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["messages"],
+        "properties": {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": settings.max_messages,
+                "items": {
+                    "oneOf": [
+                        message("system", ["content"]),
+                        {
+                            **message("user", ["content"]),
+                            "properties": {
+                                **message("user", [])["properties"],
+                                "content": {
+                                    "anyOf": [
+                                        _text(settings, "The user's turn."),
+                                        {"type": "array", "minItems": 1, "items": part},
+                                    ]
+                                },
+                            },
+                        },
+                        {
+                            **message(
+                                "assistant",
+                                [],
+                                tool_calls={"type": ["array", "null"], "maxItems": 64, "items": call},
+                                refusal={"type": ["string", "null"]},
+                            ),
+                            "properties": {
+                                **message("assistant", [])["properties"],
+                                "content": {"anyOf": [content, {"type": "null"}]},
+                                "tool_calls": {"type": ["array", "null"], "maxItems": 64, "items": call},
+                                "refusal": {"type": ["string", "null"]},
+                            },
+                        },
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["role", "content", "tool_call_id"],
+                            "properties": {
+                                "role": {"const": "tool"},
+                                "content": content,
+                                "tool_call_id": _bounded_text(256),
+                            },
+                        },
+                    ]
+                },
+                "description": "The last message must come from the user or a tool.",
+            },
+            "model": {"enum": list(settings.models), "description": f"Default: {settings.default_model}."},
+            "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+            "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+            "temperature": {**number, "minimum": 0, "maximum": MAX_TEMPERATURE},
+            "top_p": {**number, "minimum": 0, "maximum": 1},
+            "presence_penalty": {**number, "minimum": -2, "maximum": 2},
+            "frequency_penalty": {**number, "minimum": -2, "maximum": 2},
+            "n": {"enum": [1, None]},
+            "stream": {"type": ["boolean", "null"]},
+            "stream_options": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "properties": {"include_usage": {"type": ["boolean", "null"]}},
+                "description": "Only with `stream: true`.",
+            },
+            "stop": {"anyOf": [stop, {"type": "array", "minItems": 1, "maxItems": 4, "items": stop}, {"type": "null"}]},
+            "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
+            "user": {"anyOf": [_bounded_text(256), {"type": "null"}]},
+            "tools": {"type": ["array", "null"], "minItems": 1, "maxItems": 64, "items": tool},
+            "tool_choice": {
+                "anyOf": [
+                    {"enum": ["none", "auto", "required", None]},
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type", "function"],
+                        "properties": {
+                            "type": {"const": "function"},
+                            "function": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name"],
+                                "properties": {"name": name},
+                            },
+                        },
+                    },
+                ],
+                "description": "Only with `tools`.",
+            },
+            "parallel_tool_calls": {"type": ["boolean", "null"], "description": "Only with `tools`."},
+            "response_format": _response_format(),
+        },
+    }
 
 
 def compat_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
     """A `chat.completion`, or `chat.completion.chunk` events ending with `data: [DONE]`."""
-    completion = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-                  "properties": {"object": {"const": "chat.completion"}, "model": {"enum": list(settings.models)},
-                                 "choices": {"type": "array", "minItems": 1, "maxItems": 1}}}
-    return {"200": {"description": "The completion; with `stream: true`, chunk events and `data: [DONE]`.",
-                    "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
-                    "content": {"application/json": {"schema": completion},
-                                "text/event-stream": {"schema": sse_event(
-                                    {"type": "object", "required": ["object", "choices"],
-                                     "properties": {"object": {"const": "chat.completion.chunk"}}},
-                                    also=({"const": "[DONE]"}, _OPENAI_STREAM_ERROR))}}}}
+    completion = {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "object": {"const": "chat.completion"},
+            "model": {"enum": list(settings.models)},
+            "choices": {"type": "array", "minItems": 1, "maxItems": 1},
+        },
+    }
+    return {
+        "200": {
+            "description": "The completion; with `stream: true`, chunk events and `data: [DONE]`.",
+            "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": completion},
+                "text/event-stream": {
+                    "schema": sse_event(
+                        {
+                            "type": "object",
+                            "required": ["object", "choices"],
+                            "properties": {"object": {"const": "chat.completion.chunk"}},
+                        },
+                        also=({"const": "[DONE]"}, _OPENAI_STREAM_ERROR),
+                    )
+                },
+            },
+        }
+    }
 
 
 def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     """The allowlist as OpenAI lists models."""
-    item = {"type": "object", "required": ["id", "object"],
-            "properties": {"id": {"enum": list(settings.models)}, "object": {"const": "model"}}}
-    return _ok({"type": "object", "required": ["object", "data"],
-                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item}}}, "Models.")
+    item = {
+        "type": "object",
+        "required": ["id", "object"],
+        "properties": {"id": {"enum": list(settings.models)}, "object": {"const": "model"}},
+    }
+    return _ok(
+        {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item}},
+        },
+        "Models.",
+    )
 
 
 BATCH_ID = ({"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}},)
-DAY_PARAMETERS = tuple({"name": name, "in": "query", "required": False,
-                        "description": "A UTC day, YYYY-MM-DD; empty: the default.",
-                        "schema": {"anyOf": [{"type": "string", "format": "date"}, {"const": ""}]}}
-                       for name in ("since", "until"))
+DAY_PARAMETERS = tuple(
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": "A UTC day, YYYY-MM-DD; empty: the default.",
+        "schema": {"anyOf": [{"type": "string", "format": "date"}, {"const": ""}]},
+    }
+    for name in ("since", "until")
+)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/", "get"): Operation(
         "The chat page (HTML); starts a page session and gives it a CSRF token.",
-        _const({"type": "string"}, "The page.", "text/html"), merge(INTERNAL, {429: ("rate_limited",)}),
-        security="public"),
+        _const({"type": "string"}, "The page.", "text/html"),
+        merge(INTERNAL, {429: ("rate_limited",)}),
+        security="public",
+    ),
     ("/static/<path:filename>", "get"): Operation(
-        "The page's scripts, styles and icons.", _const({"type": "string"}, "The file.", "*/*"),
+        "The page's scripts, styles and icons.",
+        _const({"type": "string"}, "The file.", "*/*"),
         merge(INTERNAL, {404: ("not_found",)}),
         parameters=({"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}},),
-        security="public"),
+        security="public",
+    ),
     ("/api/chat", "post"): Operation(
         "Answer a conversation as one JSON reply, or as an SSE stream with `stream: true`.",
-        chat_responses, merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED), body=chat_request),
+        chat_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED),
+        body=chat_request,
+    ),
     ("/api/classify", "post"): Operation(
         "Classify a text into one of the configured labels (structured outputs).",
-        classify_responses, merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED), body=classify_request),
-    ("/api/models", "get"): Operation("The models a client may ask for.", models_responses,
-                                      merge(INTERNAL, GUARDED)),
+        classify_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED),
+        body=classify_request,
+    ),
+    ("/api/models", "get"): Operation("The models a client may ask for.", models_responses, merge(INTERNAL, GUARDED)),
     ("/api/usage", "get"): Operation(
-        "Usage report for admin tokens (default: the last 30 days).", usage_responses,
-        merge(INTERNAL, GUARDED, {400: ("invalid_request",), 403: ("forbidden",)}), parameters=DAY_PARAMETERS,
-        security="token"),
+        "Usage report for admin tokens (default: the last 30 days).",
+        usage_responses,
+        merge(INTERNAL, GUARDED, {400: ("invalid_request",), 403: ("forbidden",)}),
+        parameters=DAY_PARAMETERS,
+        security="token",
+    ),
     ("/api/batches", "post"): Operation(
-        "Submit a batch of chat requests at batch prices (bearer tokens only).", batch_created,
-        merge(INTERNAL, GUARDED, JSON_BODY, {400: ("context_length_exceeded", "content_filtered"),
-                                             403: ("forbidden",), 404: ("not_found",), 429: ("budget_exceeded",),
-                                             502: ("upstream_auth_failed", "upstream_rejected"),
-                                             503: ("upstream_unavailable", "ledger_unavailable",
-                                                   "budget_unavailable"),
-                                             504: ("upstream_timeout",)}),
-        body=batch_request, security="token"),
+        "Submit a batch of chat requests at batch prices (bearer tokens only).",
+        batch_created,
+        merge(
+            INTERNAL,
+            GUARDED,
+            JSON_BODY,
+            {
+                400: ("context_length_exceeded", "content_filtered"),
+                403: ("forbidden",),
+                404: ("not_found",),
+                429: ("budget_exceeded",),
+                502: ("upstream_auth_failed", "upstream_rejected"),
+                503: ("upstream_unavailable", "ledger_unavailable", "budget_unavailable"),
+                504: ("upstream_timeout",),
+            },
+        ),
+        body=batch_request,
+        security="token",
+    ),
     ("/api/batches/<batch_id>", "get"): Operation(
-        "A batch's status and request counts.", _const(BATCH, "The batch."),
-        merge(INTERNAL, GUARDED, {400: ("context_length_exceeded", "content_filtered"), 403: ("forbidden",),
-                                  404: ("not_found",), 502: ("upstream_auth_failed", "upstream_rejected"),
-                                  503: ("upstream_unavailable", "ledger_unavailable"), 504: ("upstream_timeout",)}),
-        parameters=BATCH_ID, security="token"),
+        "A batch's status and request counts.",
+        _const(BATCH, "The batch."),
+        merge(
+            INTERNAL,
+            GUARDED,
+            {
+                400: ("context_length_exceeded", "content_filtered"),
+                403: ("forbidden",),
+                404: ("not_found",),
+                502: ("upstream_auth_failed", "upstream_rejected"),
+                503: ("upstream_unavailable", "ledger_unavailable"),
+                504: ("upstream_timeout",),
+            },
+        ),
+        parameters=BATCH_ID,
+        security="token",
+    ),
     ("/api/batches/<batch_id>/results", "get"): Operation(
-        "A finished batch's answers; 409 batch_not_ready while it runs.", batch_results,
-        merge(INTERNAL, GUARDED, {400: ("context_length_exceeded", "content_filtered"), 403: ("forbidden",),
-                                  404: ("not_found",), 409: ("batch_not_ready",),
-                                  502: ("upstream_auth_failed", "upstream_rejected"),
-                                  503: ("upstream_unavailable", "ledger_unavailable"),
-                                  504: ("upstream_timeout",)}),
-        parameters=BATCH_ID, security="token"),
-    ("/api/openapi.json", "get"): Operation("This description of the API.",
-                                            _const({"type": "object"}, "OpenAPI 3.1."), merge(INTERNAL, GUARDED)),
+        "A finished batch's answers; 409 batch_not_ready while it runs.",
+        batch_results,
+        merge(
+            INTERNAL,
+            GUARDED,
+            {
+                400: ("context_length_exceeded", "content_filtered"),
+                403: ("forbidden",),
+                404: ("not_found",),
+                409: ("batch_not_ready",),
+                502: ("upstream_auth_failed", "upstream_rejected"),
+                503: ("upstream_unavailable", "ledger_unavailable"),
+                504: ("upstream_timeout",),
+            },
+        ),
+        parameters=BATCH_ID,
+        security="token",
+    ),
+    ("/api/openapi.json", "get"): Operation(
+        "This description of the API.", _const({"type": "object"}, "OpenAPI 3.1."), merge(INTERNAL, GUARDED)
+    ),
     ("/healthz", "get"): Operation(
         "Liveness: the process serves. Never calls the upstream.",
         _const({"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}, "Alive."),
-        INTERNAL, security="public"),
+        INTERNAL,
+        security="public",
+    ),
     ("/readyz", "get"): Operation(
         "Readiness: the ledger database answers; Redis (if configured) is reported, and fails readiness only "
         "with CHATPROXY_READY_REQUIRES_REDIS.",
-        _const({"type": "object", "required": ["status", "checks"],
-                "properties": {"status": {"enum": ["ready", "degraded"]},
-                               "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "unreachable"]}}}},
-               "Ready; `degraded` while Redis is unreachable."),
-        merge(INTERNAL, {503: ("not_ready",)}), security="public"),
+        _const(
+            {
+                "type": "object",
+                "required": ["status", "checks"],
+                "properties": {
+                    "status": {"enum": ["ready", "degraded"]},
+                    "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "unreachable"]}},
+                },
+            },
+            "Ready; `degraded` while Redis is unreachable.",
+        ),
+        merge(INTERNAL, {503: ("not_ready",)}),
+        security="public",
+    ),
     ("/metrics", "get"): Operation(
         "Prometheus metrics of all workers, for CHATPROXY_METRICS_NETWORKS or an admin token.",
         _const({"type": "string"}, "Prometheus text format.", "text/plain"),
-        merge(INTERNAL, {403: ("forbidden",)}), security="public"),
+        merge(INTERNAL, {403: ("forbidden",)}),
+        security="public",
+    ),
     ("/v1/chat/completions", "post"): Operation(
         "OpenAI-compatible chat completions (JSON or SSE) for bearer tokens: base_url=<proxy>/v1.",
-        compat_responses, merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM), body=compat_request, security="token",
-        openai_errors=True),
-    ("/v1/models", "get"): Operation("The allowlisted models, as OpenAI lists them.", compat_models,
-                                     merge(INTERNAL, GUARDED), security="token", openai_errors=True),
+        compat_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM),
+        body=compat_request,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/models", "get"): Operation(
+        "The allowlisted models, as OpenAI lists them.",
+        compat_models,
+        merge(INTERNAL, GUARDED),
+        security="token",
+        openai_errors=True,
+    ),
 }
 
 
 # --- the document --------------------------------------------------------------------------------------------
+
 
 def openapi_path(rule: str) -> str:
     """A Flask rule as an OpenAPI path: /api/batches/<batch_id> -> /api/batches/{batch_id}."""
@@ -430,14 +810,20 @@ def openapi_path(rule: str) -> str:
 
 def app_operations(app: Flask) -> set[tuple[str, str]]:
     """(rule, method) of every route the app serves; HEAD and OPTIONS are implied by Flask."""
-    return {(rule.rule, method.lower()) for rule in app.url_map.iter_rules()
-            for method in (rule.methods or ()) if method not in ("HEAD", "OPTIONS")}
+    return {
+        (rule.rule, method.lower())
+        for rule in app.url_map.iter_rules()
+        for method in (rule.methods or ())
+        if method not in ("HEAD", "OPTIONS")
+    }
 
 
 def error_schema(codes: Iterable[str], openai_fields: bool = False) -> Schema:
     """The error contract with `code` narrowed to `codes`."""
-    return {"allOf": [{"$ref": OPENAI_ERROR if openai_fields else ERROR}],
-            "properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}}
+    return {
+        "allOf": [{"$ref": OPENAI_ERROR if openai_fields else ERROR}],
+        "properties": {"error": {"properties": {"code": {"enum": list(codes)}}}},
+    }
 
 
 def _error_responses(errors: dict[int, tuple[str, ...]], openai_fields: bool) -> dict[str, Any]:
@@ -446,8 +832,11 @@ def _error_responses(errors: dict[int, tuple[str, ...]], openai_fields: bool) ->
         headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
         if status in RETRY_AFTER_STATUSES:
             headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
-        responses[str(status)] = {"description": ", ".join(codes), "headers": headers,
-                                  "content": {"application/json": {"schema": error_schema(codes, openai_fields)}}}
+        responses[str(status)] = {
+            "description": ", ".join(codes),
+            "headers": headers,
+            "content": {"application/json": {"schema": error_schema(codes, openai_fields)}},
+        }
     return responses
 
 
@@ -463,82 +852,157 @@ def _security(kind: str, settings: Settings) -> list[dict[str, list[str]]]:
 def operation_object(rule: str, method: str, operation: Operation, app: Flask, settings: Settings) -> Schema:
     """One OpenAPI operation object."""
     responses = operation.responses(app, settings)
-    for status, response in responses.items():
+    for response in responses.values():
         response.setdefault("headers", {})["X-Request-ID"] = {"$ref": "#/components/headers/X-Request-ID"}
     responses.update(_error_responses(operation.errors, operation.openai_errors))
-    found: Schema = {"operationId": f"{method}_{openapi_path(rule).strip('/').replace('/', '_') or 'page'}",
-                     "summary": operation.summary, "security": _security(operation.security, settings),
-                     "responses": responses}
+    found: Schema = {
+        "operationId": f"{method}_{openapi_path(rule).strip('/').replace('/', '_') or 'page'}",
+        "summary": operation.summary,
+        "security": _security(operation.security, settings),
+        "responses": responses,
+    }
     found["operationId"] = re.sub(r"[^A-Za-z0-9_]", "_", found["operationId"])
     if operation.parameters:
         found["parameters"] = [dict(parameter) for parameter in operation.parameters]
     if operation.body is not None:
-        found["requestBody"] = {"required": True,
-                                "content": {"application/json": {"schema": operation.body(app, settings)}}}
+        found["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": operation.body(app, settings)}},
+        }
     return found
 
 
 def components(settings: Settings) -> Schema:
     """Shared schemas, headers and security schemes."""
-    event = {"type": "object", "required": ["type"], "oneOf": [
-        {"properties": {"type": {"const": "start"}, "model": {"type": "string"}, "degraded": {"type": "boolean"}},
-         "required": ["type", "model", "degraded"]},
-        {"properties": {"type": {"const": "delta"}, "content": {"type": "string"}}, "required": ["type", "content"]},
-        {"properties": {"type": {"const": "done"}, "finish_reason": {"type": "string"}, "usage": USAGE,
-                        "model": {"type": "string"}, "degraded": {"type": "boolean"}},
-         "required": ["type", "finish_reason", "usage", "model", "degraded"]},
-        {"properties": {"type": {"const": "error"}, "code": {"enum": list(STREAM_ERRORS)},
-                        "message": {"type": "string", "minLength": 1}}, "required": ["type", "code", "message"]},
-    ]}
+    event = {
+        "type": "object",
+        "required": ["type"],
+        "oneOf": [
+            {
+                "properties": {
+                    "type": {"const": "start"},
+                    "model": {"type": "string"},
+                    "degraded": {"type": "boolean"},
+                },
+                "required": ["type", "model", "degraded"],
+            },
+            {
+                "properties": {"type": {"const": "delta"}, "content": {"type": "string"}},
+                "required": ["type", "content"],
+            },
+            {
+                "properties": {
+                    "type": {"const": "done"},
+                    "finish_reason": {"type": "string"},
+                    "usage": USAGE,
+                    "model": {"type": "string"},
+                    "degraded": {"type": "boolean"},
+                },
+                "required": ["type", "finish_reason", "usage", "model", "degraded"],
+            },
+            {
+                "properties": {
+                    "type": {"const": "error"},
+                    "code": {"enum": list(STREAM_ERRORS)},
+                    "message": {"type": "string", "minLength": 1},
+                },
+                "required": ["type", "code", "message"],
+            },
+        ],
+    }
     return {
         "schemas": {
-            "Error": {"type": "object", "additionalProperties": False, "required": ["error"], "properties": {
-                "error": {"type": "object", "additionalProperties": False, "required": ["code", "message"],
-                          "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-                                         "message": {"type": "string", "minLength": 1},
-                                         "request_id": {"type": "string"}}}}},
-            "OpenAIError": {"type": "object", "additionalProperties": False, "required": ["error"], "properties": {
-                "error": {"type": "object", "additionalProperties": False, "required": ["code", "message"],
-                          "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-                                         "message": {"type": "string", "minLength": 1},
-                                         "request_id": {"type": "string"}, "type": {"type": "string"},
-                                         "param": {"type": ["string", "null"]}}}},
-                "description": "The error contract plus OpenAI's `type` and `param`, which the SDKs read."},
+            "Error": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                            "message": {"type": "string", "minLength": 1},
+                            "request_id": {"type": "string"},
+                        },
+                    }
+                },
+            },
+            "OpenAIError": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                            "message": {"type": "string", "minLength": 1},
+                            "request_id": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                        },
+                    }
+                },
+                "description": "The error contract plus OpenAI's `type` and `param`, which the SDKs read.",
+            },
             "StreamEvent": event,
         },
         "headers": {
-            "X-Request-ID": {"required": True, "description": "Our id for this request, new each time (an "
-                             "X-Request-ID you send is kept beside it, in the ledger and the access log).",
-                             "schema": {"type": "string", "pattern": r"^[0-9a-f]{32}$"}},
-            "Retry-After": {"required": True, "description": "Seconds to wait before trying again.",
-                            "schema": {"type": "string", "pattern": r"^\d+$"}},
+            "X-Request-ID": {
+                "required": True,
+                "description": "Our id for this request, new each time (an "
+                "X-Request-ID you send is kept beside it, in the ledger and the access log).",
+                "schema": {"type": "string", "pattern": r"^[0-9a-f]{32}$"},
+            },
+            "Retry-After": {
+                "required": True,
+                "description": "Seconds to wait before trying again.",
+                "schema": {"type": "string", "pattern": r"^\d+$"},
+            },
         },
         "securitySchemes": {
-            "bearerToken": {"type": "http", "scheme": "bearer",
-                            "description": "A token from `flask --app chatproxy new-token NAME`."},
-            "pageSession": {"type": "apiKey", "in": "cookie", "name": "chatproxy_session",
-                            "description": "The chat page's session cookie."},
-            "csrfToken": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token",
-                          "description": "The page's CSRF token, on every POST of a page session."},
+            "bearerToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A token from `flask --app chatproxy new-token NAME`.",
+            },
+            "pageSession": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "chatproxy_session",
+                "description": "The chat page's session cookie.",
+            },
+            "csrfToken": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-CSRF-Token",
+                "description": "The page's CSRF token, on every POST of a page session.",
+            },
         },
     }
 
 
 def build_spec(app: Flask) -> Schema:
     """The OpenAPI 3.1 document of the routes `app` serves, with its settings' caps and allowlists."""
-    settings: Settings = app.extensions["chatproxy.settings"]
+    settings = state(app).settings
     served = app_operations(app)
     paths: dict[str, dict[str, Schema]] = {}
     for (rule, method), operation in OPERATIONS.items():
         if (rule, method) in served:
-            paths.setdefault(openapi_path(rule), {})[method] = operation_object(rule, method, operation, app,
-                                                                                settings)
+            paths.setdefault(openapi_path(rule), {})[method] = operation_object(rule, method, operation, app, settings)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "chatproxy", "version": "1",
-                 "description": "A proxy between web apps and the OpenAI API. Every error outside a started "
-                                "stream is {\"error\": {\"code\", \"message\", \"request_id\"}}; 404 not_found and "
-                                "405 method_not_allowed (with Allow) answer unknown paths and methods."},
+        "info": {
+            "title": "chatproxy",
+            "version": "1",
+            "description": "A proxy between web apps and the OpenAI API. Every error outside a started "
+            'stream is {"error": {"code", "message", "request_id"}}; 404 not_found and '
+            "405 method_not_allowed (with Allow) answer unknown paths and methods.",
+        },
         "paths": dict(sorted(paths.items())),
         "components": components(settings),
     }
@@ -550,8 +1014,11 @@ def docs_spec() -> Schema:
     from .config import SETTINGS
 
     config: dict[str, Any] = {s.name: s.default for s in SETTINGS}
-    config.update(OPENAI_API_KEY="sk-docs-placeholder-key", CHATPROXY_DATABASE_URL="sqlite://",
-                  CHATPROXY_SECRET_KEY="docs")
+    config.update(
+        OPENAI_API_KEY="sk-docs-placeholder-key",
+        CHATPROXY_DATABASE_URL="sqlite://",
+        CHATPROXY_SECRET_KEY="docs",  # noqa: S106 - the spec is built from an app that serves nothing
+    )
     return build_spec(create_app(config))
 
 

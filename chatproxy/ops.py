@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 
-from . import metrics, redis_client
-from .config import SETTINGS, Settings
+from . import metrics
+from .callers import token_name
 from .errors import ApiError
-from .guards import token_name
+from .state import state
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__)
-NETWORKS = "chatproxy.metrics_networks"
-READY_REDIS = "chatproxy.ops.redis"
-REDIS_REQUIRED = "chatproxy.ops.redis_required"
 
 
 def init_app(app: Flask) -> None:
     """Register the operational routes and the per-request metrics hooks."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    app.extensions[NETWORKS] = _setting(app, "CHATPROXY_METRICS_NETWORKS")
-    app.extensions[REDIS_REQUIRED] = _setting(app, "CHATPROXY_READY_REQUIRES_REDIS")
-    if settings.redis_url:
-        app.extensions[READY_REDIS] = redis_client.client(settings.redis_url)
     # First of all before_request hooks, so requests the guards refuse are timed too.
     app.before_request_funcs.setdefault(None, []).insert(0, _start_timer)
     app.after_request(_count_request)
     app.register_blueprint(bp)
-
-
-def _setting(app: Flask, name: str) -> Any:
-    """A setting validate() checked but Settings does not carry, parsed from the app's config."""
-    setting = next(s for s in SETTINGS if s.name == name)
-    value = app.config.get(name, setting.default)
-    return setting.parse(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 def _start_timer() -> None:
@@ -70,19 +57,27 @@ def readyz() -> Response:
     every host still serves, with rate limits and stream slots counted per process and cooldowns off, so
     taking all of them out of the load balancer would be worse. CHATPROXY_READY_REQUIRES_REDIS makes it count.
     """
-    checks: dict[str, str] = {}
-    ledger = current_app.extensions.get("chatproxy.ledger")
-    if ledger is not None:
-        checks["database"] = _check("database", lambda: _select_one(ledger.engine))
-    client = current_app.extensions.get(READY_REDIS)
-    if client is not None:
-        checks["redis"] = _check("redis", client.ping)
-    redis_required = current_app.extensions[REDIS_REQUIRED]
-    failed = [name for name, state in checks.items() if state != "ok" and (name != "redis" or redis_required)]
+    app_state = state()
+    checks = {"database": _check("database", lambda: _select_one(app_state.ledger.engine))}
+    if app_state.redis is not None:
+        checks["redis"] = _check("redis", app_state.redis.ping)
+    redis_required = app_state.settings.ready_requires_redis
+    failed = [name for name, check in checks.items() if check != "ok" and (name != "redis" or redis_required)]
     if failed:
         raise ApiError(503, "not_ready", f"Not ready: {' and '.join(failed)} unreachable.", retry_after=5)
-    degraded = any(state != "ok" for state in checks.values())
-    return jsonify({"status": "degraded" if degraded else "ready", "checks": checks})
+    degraded = any(check != "ok" for check in checks.values())
+    body: dict[str, Any] = {"status": "degraded" if degraded else "ready", "checks": checks}
+    if app_state.retiring:  # still ready: the operator is told, in the log at start-up and here
+        body["retiring_models"] = [
+            {
+                "model": r.model,
+                "shutdown": r.shutdown.isoformat(),
+                "replacement": r.replacement,
+                "days_left": r.days_left,
+            }
+            for r in app_state.retiring
+        ]
+    return jsonify(body)
 
 
 def _select_one(engine: sa.Engine) -> None:
@@ -100,13 +95,25 @@ def _check(name: str, probe: Any) -> str:
     return "ok"
 
 
+def scrapers_only(view: Callable[[], Response]) -> Callable[[], Response]:
+    """A route for the monitoring network (CHATPROXY_METRICS_NETWORKS) or an admin token; 403 for anyone else."""
+
+    @functools.wraps(view)
+    def guarded() -> Response:
+        if not _may_scrape():
+            raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
+        return view()
+
+    return guarded
+
+
 @bp.get("/metrics")
+@scrapers_only
 def prometheus() -> Response:
-    """Prometheus metrics, for the monitoring network or an admin token; otherwise 403."""
-    if not _may_scrape():
-        raise ApiError(403, "forbidden", "Metrics are only for the monitoring network or an admin token.")
-    return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST,
-                    headers={"Cache-Control": "no-store"})
+    """Prometheus metrics."""
+    return Response(
+        metrics.exposition(), content_type=metrics.CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"}
+    )
 
 
 def _may_scrape() -> bool:
@@ -117,11 +124,11 @@ def _may_scrape() -> bool:
         address = None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if address is not None and any(address in network for network in current_app.extensions[NETWORKS]):
+    app_state = state()
+    if address is not None and any(address in network for network in app_state.settings.metrics_networks):
         return True
     header = request.headers.get("Authorization")
     if header is None:
         return False
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    name = token_name(header, current_app.extensions["chatproxy.tokens"])
-    return name is not None and name in settings.admin_tokens
+    name = token_name(header, app_state.tokens)
+    return name is not None and name in app_state.settings.admin_tokens

@@ -73,8 +73,9 @@ def pool(url: str) -> redis.ConnectionPool:
     with _pools_lock:
         found = _pools.get(url)
         if found is None:
-            found = redis.ConnectionPool.from_url(url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT,
-                                                  max_connections=MAX_CONNECTIONS)
+            found = redis.ConnectionPool.from_url(
+                url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT, max_connections=MAX_CONNECTIONS
+            )
             base = found.connection_class  # Connection, SSLConnection or UnixDomainSocketConnection, by scheme
             found.connection_class = type(f"Guarded{base.__name__}", (_Guarded, base), {"breaker": Breaker()})
             _pools[url] = found

@@ -1,4 +1,4 @@
-"""The ledger's report for people: GET /api/usage for admin tokens, `flask usage` as text/JSON, an SVG chart."""
+"""The ledger's report for people: the `usage` command as text or JSON, an SVG chart, the dates a report takes."""
 
 from __future__ import annotations
 
@@ -9,34 +9,13 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import click
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 
-from .config import Settings
-from .errors import ApiError, invalid
-from .usage import current_ledger, default_range, usd
+from .errors import invalid
+from .state import state
+from .usage import default_range, usd
 
-bp = Blueprint("reports", __name__)
-
-QUERY = frozenset({"since", "until"})
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
-
-
-def init_app(app: Flask) -> None:
-    """Register GET /api/usage and the `usage` command (after usage.init_app)."""
-    app.register_blueprint(bp)
-    app.cli.add_command(usage_command)
-
-
-def require_admin() -> None:
-    """Let only bearer tokens named in CHATPROXY_ADMIN_TOKENS through: 401 without an identity, else 403."""
-    identity = g.get("identity")
-    if not identity:
-        raise ApiError(401, "unauthorized", "Send an admin bearer token to read usage.")
-    settings: Settings = current_app.extensions["chatproxy.settings"]
-    kind, _, name = str(identity).partition(":")
-    if kind != "token" or name not in settings.admin_tokens:
-        raise ApiError(403, "forbidden", "Only admin tokens may read usage.")
 
 
 # The days a report can reach: its end plus one day, and a default start 29 days before its end, stay dates.
@@ -57,30 +36,11 @@ def parse_day(value: str | None, name: str) -> date | None:
     return day
 
 
-@bp.get("/api/usage")
-def usage_report() -> Response:
-    """The report from ?since= to ?until= (UTC days, both included; default: the last 30 days)."""
-    require_admin()
-    unknown = sorted(set(request.args) - QUERY)
-    if unknown:
-        raise invalid(f"Unknown query parameter: {unknown[0][:64]!r}. /api/usage takes since and until "
-                      "(YYYY-MM-DD).")
-    repeated = sorted(name for name in QUERY if len(request.args.getlist(name)) > 1)
-    if repeated:
-        raise invalid(f"{repeated[0]} is given more than once.")
-    since, until = default_range(parse_day(request.args.get("since"), "since"),
-                                 parse_day(request.args.get("until"), "until"))
-    if since > until:
-        raise invalid("since must not be after until.")
-    response = jsonify(current_ledger().report(since, until))
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 @click.command("usage")
 @with_appcontext
-@click.option("--since", type=click.DateTime(["%Y-%m-%d"]),
-              help="First UTC day, YYYY-MM-DD (default: 29 days before --until).")
+@click.option(
+    "--since", type=click.DateTime(["%Y-%m-%d"]), help="First UTC day, YYYY-MM-DD (default: 29 days before --until)."
+)
 @click.option("--until", type=click.DateTime(["%Y-%m-%d"]), help="Last UTC day, YYYY-MM-DD (default: today).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write an SVG chart of spend per day by model.")
@@ -92,7 +52,7 @@ def usage_command(since: datetime | None, until: datetime | None, as_json: bool,
     first, last = default_range(since.date() if since else None, until.date() if until else None)
     if first > last:
         raise click.BadParameter("--since must not be after --until.")
-    report = current_ledger().report(first, last)
+    report = state().ledger.report(first, last)
     click.echo(json.dumps(report, indent=2) if as_json else text_report(report))
     if plot:
         Path(plot).write_text(spend_chart_svg(report), encoding="utf-8")
@@ -102,17 +62,32 @@ def usage_command(since: datetime | None, until: datetime | None, as_json: bool,
 def text_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table."""
     totals = report["totals"]
-    lines = [f"Usage {report['since']} .. {report['until']} (UTC)",
-             f"Total: {totals['requests']} requests, {totals['prompt_tokens']} prompt + "
-             f"{totals['completion_tokens']} completion tokens, ${totals['cost_usd']}"]
+    lines = [
+        f"Usage {report['since']} .. {report['until']} (UTC)",
+        f"Total: {totals['requests']} requests, {totals['prompt_tokens']} prompt ({totals['cached_tokens']} cached) + "
+        f"{totals['completion_tokens']} completion ({totals['reasoning_tokens']} reasoning) tokens, "
+        f"${totals['cost_usd']}",
+    ]
     if report["outcomes"]:
         lines.append("Outcomes: " + ", ".join(f"{name} {count}" for name, count in report["outcomes"].items()))
     if not report["groups"]:
         lines.append("No usage in this range.")
         return "\n".join(lines)
-    header = ("day", "model", "identity", "requests", "prompt", "completion", "USD")
-    rows = [(g["day"], g["model"], g["identity"], str(g["requests"]), str(g["prompt_tokens"]),
-             str(g["completion_tokens"]), g["cost_usd"]) for g in report["groups"]]
+    header = ("day", "model", "identity", "requests", "prompt", "cached", "completion", "reasoning", "USD")
+    rows = [
+        (
+            g["day"],
+            g["model"],
+            g["identity"],
+            str(g["requests"]),
+            str(g["prompt_tokens"]),
+            str(g["cached_tokens"]),
+            str(g["completion_tokens"]),
+            str(g["reasoning_tokens"]),
+            g["cost_usd"],
+        )
+        for g in report["groups"]
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines.append("")
     for row in [header, *rows]:
@@ -139,12 +114,14 @@ def spend_chart_svg(report: dict[str, Any]) -> str:
     bar, gap = slot * 0.75, slot * 0.25
     plot_h = 240
     width, height = left + plot_w + right, top_pad + plot_h + bottom
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">',
-           f"<title>Spend per day by model, {escape(report['since'])} to {escape(report['until'])} (USD)</title>",
-           f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
-           f'<text x="{left}" y="22" font-size="14">Spend per day by model (USD), '
-           f"{escape(report['since'])} to {escape(report['until'])}</text>"]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">',
+        f"<title>Spend per day by model, {escape(report['since'])} to {escape(report['until'])} (USD)</title>",
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<text x="{left}" y="22" font-size="14">Spend per day by model (USD), '
+        f"{escape(report['since'])} to {escape(report['until'])}</text>",
+    ]
     for i in range(5):  # gridlines and y labels at 0, 25, 50, 75, 100 %
         value = top * i // 4
         y = top_pad + plot_h - plot_h * i / 4
@@ -160,22 +137,30 @@ def spend_chart_svg(report: dict[str, Any]) -> str:
                 continue
             h = plot_h * micros / top
             base -= h
-            out.append(f'<rect class="bar" x="{x:.1f}" y="{base:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                       f'fill="{COLORS[m_index % len(COLORS)]}" data-model={quoteattr(model)} '
-                       f'data-day="{day.isoformat()}"><title>{escape(f"{day} {model}: ${usd(micros)}")}'
-                       f"</title></rect>")
+            out.append(
+                f'<rect class="bar" x="{x:.1f}" y="{base:.1f}" width="{bar:.1f}" height="{h:.1f}" '
+                f'fill="{COLORS[m_index % len(COLORS)]}" data-model={quoteattr(model)} '
+                f'data-day="{day.isoformat()}"><title>{escape(f"{day} {model}: ${usd(micros)}")}'
+                f"</title></rect>"
+            )
         if i % step == 0:
-            out.append(f'<text x="{x + bar / 2:.1f}" y="{top_pad + plot_h + 16}" text-anchor="middle">'
-                       f"{day.strftime('%m-%d')}</text>")
-    out.append(f'<line x1="{left}" y1="{top_pad + plot_h}" x2="{left + plot_w}" y2="{top_pad + plot_h}" '
-               f'stroke="#333333"/>')
+            out.append(
+                f'<text x="{x + bar / 2:.1f}" y="{top_pad + plot_h + 16}" text-anchor="middle">'
+                f"{day.strftime('%m-%d')}</text>"
+            )
+    out.append(
+        f'<line x1="{left}" y1="{top_pad + plot_h}" x2="{left + plot_w}" y2="{top_pad + plot_h}" stroke="#333333"/>'
+    )
     if not models:
-        out.append(f'<text x="{left + plot_w / 2}" y="{top_pad + plot_h / 2}" text-anchor="middle">'
-                   f"No spend in this range</text>")
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="{top_pad + plot_h / 2}" text-anchor="middle">'
+            f"No spend in this range</text>"
+        )
     for m_index, model in enumerate(models):  # legend
         y = top_pad + m_index * 18
-        out.append(f'<rect x="{left + plot_w + 20}" y="{y}" width="12" height="12" '
-                   f'fill="{COLORS[m_index % len(COLORS)]}"/>')
+        out.append(
+            f'<rect x="{left + plot_w + 20}" y="{y}" width="12" height="12" fill="{COLORS[m_index % len(COLORS)]}"/>'
+        )
         out.append(f'<text x="{left + plot_w + 38}" y="{y + 10}">{escape(model)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -11,7 +11,20 @@ from typing import Any
 from .config import Settings
 from .errors import ApiError, invalid
 
-CHAT_FIELDS = frozenset({"message", "messages", "model", "max_tokens", "temperature", "response_format", "stream"})
+CHAT_FIELDS = frozenset(
+    {
+        "message",
+        "messages",
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "reasoning_effort",
+        "response_format",
+        "stream",
+    }
+)
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # every value OpenAI documents
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_SCHEMA_DEPTH = 32
 CLIENT_ROLES = ("user", "assistant")
@@ -29,6 +42,7 @@ class ChatRequest:
     stream: bool
     response_format: dict[str, Any] | None = None  # json_object or json_schema; the reply then carries `parsed`
     system_prompt: str | None = None  # set by server-side features (the classifier); None: the configured one
+    reasoning_effort: str | None = None  # checked against the model's efforts by the pipeline
 
 
 def parse_json_body(data: bytes, content_type: str | None) -> dict[str, Any]:
@@ -70,15 +84,19 @@ def json_problem(value: Any) -> str | None:
     while stack:  # iterative: the body may be nested as deeply as json.loads allows
         item, path = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            return (f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
-                    f"double (such as 1e400) are not JSON.")
+            return (
+                f"{path or 'The body'} is not a finite number: NaN, Infinity and numbers too large for a "
+                f"double (such as 1e400) are not JSON."
+            )
         if isinstance(item, str) and not _utf8(item):
             return f"{path or 'The body'} contains characters that are not valid Unicode (a lone surrogate)."
         if isinstance(item, dict):
             for key, child in reversed(item.items()):
                 if not _utf8(key):
-                    return (f"{path or 'The body'} has a key that contains characters that are not valid "
-                            f"Unicode (a lone surrogate).")
+                    return (
+                        f"{path or 'The body'} has a key that contains characters that are not valid "
+                        f"Unicode (a lone surrogate)."
+                    )
                 stack.append((child, f"{path}.{_shown(key)}" if path else _shown(key)))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{index}]") for index, child in reversed(list(enumerate(item))))
@@ -110,11 +128,21 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     return ChatRequest(
         messages=messages,
         model=_model(body.get("model"), settings),
-        max_tokens=_max_tokens(body.get("max_tokens"), settings),
+        max_tokens=_max_tokens(body, settings),
         temperature=_temperature(body.get("temperature")),
         stream=_flag(body.get("stream"), "stream"),
         response_format=format_,
+        reasoning_effort=reasoning_effort(body.get("reasoning_effort")),
     )
+
+
+def reasoning_effort(value: Any) -> str | None:
+    """One of the efforts OpenAI documents (which ones a model takes, the pipeline checks), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in EFFORTS:
+        raise invalid(f"'reasoning_effort' must be one of: {', '.join(EFFORTS)}.")
+    return value
 
 
 def format_chars(format_: dict[str, Any] | None) -> int:
@@ -130,9 +158,11 @@ def check_total(message_chars: int, other_chars: int, settings: Settings) -> Non
     if message_chars > settings.max_total_chars:
         raise invalid(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
     if message_chars + other_chars > settings.max_total_chars:
-        raise invalid(f"The request is too long: its messages, tools and response_format (counted as JSON text) "
-                      f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
-                      f"in all.")
+        raise invalid(
+            f"The request is too long: its messages, tools and response_format (counted as JSON text) "
+            f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
+            f"in all."
+        )
 
 
 def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
@@ -153,8 +183,11 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
         if role not in CLIENT_ROLES:
             raise invalid(f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt.")
         if not isinstance(content, str) or not content.strip():
-            raise invalid(f"{where} must be a non-empty string." if where == "'message'"
-                          else f"{where}.content must be a non-empty string.")
+            raise invalid(
+                f"{where} must be a non-empty string."
+                if where == "'message'"
+                else f"{where}.content must be a non-empty string."
+            )
         if len(content) > settings.max_message_chars:
             raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
         messages.append({"role": role, "content": content})
@@ -171,13 +204,18 @@ def _model(value: Any, settings: Settings) -> str:
     return value
 
 
-def _max_tokens(value: Any, settings: Settings) -> int:
-    if value is None:
+def _max_tokens(body: dict[str, Any], settings: Settings) -> int:
+    """The output cap the client asked for under either name (one of them), clamped to the server's."""
+    given = [name for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
+    if len(given) > 1:
+        raise invalid("Send 'max_tokens' or 'max_completion_tokens', not both.")
+    if not given:
         return settings.max_tokens
+    name, value = given[0], body[given[0]]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid("'max_tokens' must be an integer.")
+        raise invalid(f"'{name}' must be an integer.")
     if value < 1:
-        raise invalid("'max_tokens' must be at least 1.")
+        raise invalid(f"'{name}' must be at least 1.")
     return min(value, settings.max_tokens)
 
 
@@ -196,7 +234,7 @@ def response_format(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise invalid("'response_format' must be {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.")
+        raise invalid('\'response_format\' must be {"type": "json_object"} or {"type": "json_schema", ...}.')
     kind = value["type"]
     if kind == "text":
         if set(value) != {"type"}:

@@ -7,8 +7,12 @@ import re
 
 from flask import Flask, Response, request
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+from .config import Settings
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -43,10 +47,9 @@ def remember_secret(value: str) -> None:
         _KNOWN_SECRETS.add(value)
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, settings: Settings) -> None:
     """Add the security headers to every response and redact secrets from every log record."""
     install_log_redaction()
-    settings = app.extensions["chatproxy.settings"]
     for key in (settings.openai_api_key, settings.azure_api_key):
         remember_secret(key)
 

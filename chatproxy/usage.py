@@ -19,15 +19,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import click
 import sqlalchemy as sa
-from flask import Flask, current_app
-from flask.cli import with_appcontext
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from .config import Settings
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -42,7 +38,8 @@ _OUTCOME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 metadata = sa.MetaData()
 ledger_table = sa.Table(
-    "ledger", metadata,
+    "ledger",
+    metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("request_id", sa.String(64), nullable=False, index=True),  # ours: one per request, never the client's
     sa.Column("created_at", sa.DateTime, nullable=False, index=True),
@@ -60,6 +57,8 @@ ledger_table = sa.Table(
     sa.Column("closed_at", sa.DateTime),
     # Columns added later go last, nullable or with a server default: Schema adds them to existing ledgers.
     sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
+    sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
 )
 
 
@@ -80,6 +79,14 @@ def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
         content = message.get("content") or ""
         total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
     return total
+
+
+def estimate_prompt(messages: Iterable[Mapping[str, Any]], response_format: Mapping[str, Any] | None = None) -> int:
+    """Prompt tokens of a request: its messages, and the response_format, whose schema the upstream reads too."""
+    tokens = estimate_prompt_tokens(messages)
+    if response_format is not None:
+        tokens += estimate_tokens(json.dumps(response_format, ensure_ascii=False))
+    return tokens
 
 
 def make_engine(url: str) -> Engine:
@@ -143,8 +150,10 @@ def add_missing_columns(conn: sa.Connection, meta: sa.MetaData) -> None:
         missing = [column for column in table.columns if column.name not in present]
         for column in missing:
             if not column.nullable and column.server_default is None:
-                raise sa.exc.ArgumentError(f"cannot add {table.name}.{column.name} to existing rows: "
-                                           "new columns must be nullable or have a server default")
+                raise sa.exc.ArgumentError(
+                    f"cannot add {table.name}.{column.name} to existing rows: "
+                    "new columns must be nullable or have a server default"
+                )
             spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
             conn.execute(sa.text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {spec}"))
             log.warning("added column %s.%s to the existing table", table.name, column.name)
@@ -201,8 +210,7 @@ class Schema:
                 _apply(conn, self._metas)
             except SQLAlchemyError:
                 self._next_try = time.monotonic() + SCHEMA_RETRY_SECONDS
-                log.exception("cannot create or check the database schema; trying again in %s s",
-                              SCHEMA_RETRY_SECONDS)
+                log.exception("cannot create or check the database schema; trying again in %s s", SCHEMA_RETRY_SECONDS)
                 return
             self._ready = True
 
@@ -233,29 +241,63 @@ class Ledger:
         """Close pooled connections (before a fork, or when the app goes away)."""
         self.engine.dispose()
 
-    def open(self, request_id: str, identity: str, model_requested: str, stream: bool,
-             client_request_id: str | None = None) -> int:
+    def open(
+        self, request_id: str, identity: str, model_requested: str, stream: bool, client_request_id: str | None = None
+    ) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
-        values = {"request_id": request_id[:64], "created_at": self.clock(), "identity": identity,
-                  "model_requested": model_requested, "outcome": OPEN, "stream": stream,
-                  "client_request_id": client_request_id[:64] if client_request_id else None}
+        values = {
+            "request_id": request_id[:64],
+            "created_at": self.clock(),
+            "identity": identity,
+            "model_requested": model_requested,
+            "outcome": OPEN,
+            "stream": stream,
+            "client_request_id": client_request_id[:64] if client_request_id else None,
+        }
         try:
             with self.engine.begin() as conn:
                 return int(conn.execute(_INSERT, values).inserted_primary_key[0])
         except SQLAlchemyError:
             log.exception("cannot write the usage ledger")
-            raise ApiError(503, "ledger_unavailable", "Usage cannot be recorded right now, so the request was "
-                           "not sent. Try again shortly.", retry_after=5) from None
+            raise ApiError(
+                503,
+                "ledger_unavailable",
+                "Usage cannot be recorded right now, so the request was not sent. Try again shortly.",
+                retry_after=5,
+            ) from None
 
-    def close(self, row_id: int, *, model_answered: str | None, prompt_tokens: int, completion_tokens: int,
-              tokens_exact: bool, cost_micros: int, outcome: str, latency_ms: int | None,
-              ttft_ms: int | None) -> bool:
+    def close(
+        self,
+        row_id: int,
+        *,
+        model_answered: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tokens_exact: bool,
+        cost_micros: int,
+        outcome: str,
+        latency_ms: int | None,
+        ttft_ms: int | None,
+        cached_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> bool:
         """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
         if not _OUTCOME.match(outcome) or outcome == OPEN:
             raise ValueError(f"outcome must be a snake_case code other than {OPEN!r}; got {outcome!r}")
-        values = {"b_id": row_id, "model_answered": model_answered, "prompt_tokens": prompt_tokens,
-                  "completion_tokens": completion_tokens, "tokens_exact": tokens_exact, "cost_micros": cost_micros,
-                  "outcome": outcome, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "closed_at": self.clock()}
+        values = {
+            "b_id": row_id,
+            "model_answered": model_answered,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+            "reasoning_tokens": reasoning_tokens,
+            "tokens_exact": tokens_exact,
+            "cost_micros": cost_micros,
+            "outcome": outcome,
+            "latency_ms": latency_ms,
+            "ttft_ms": ttft_ms,
+            "closed_at": self.clock(),
+        }
         try:
             with self.engine.begin() as conn:
                 closed = conn.execute(_CLOSE, values).rowcount == 1
@@ -277,32 +319,48 @@ class Ledger:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def report(self, since: date, until: date) -> dict[str, Any]:
-        """Requests, tokens and spend from `since` to `until` (UTC days, both included): totals and by day/model/identity."""
+        """Requests, tokens and spend from `since` to `until` (UTC days, both included), in totals and groups."""
         if since > until:
             raise ValueError("since must not be after until")
         t = ledger_table
         day = sa.func.date(t.c.created_at).label("day")
         model = sa.func.coalesce(t.c.model_answered, t.c.model_requested).label("model")
-        window = (t.c.created_at >= datetime.combine(since, datetime.min.time()),
-                  t.c.created_at < datetime.combine(until + timedelta(days=1), datetime.min.time()))
-        sums = (sa.func.count().label("requests"), sa.func.sum(t.c.prompt_tokens).label("prompt_tokens"),
-                sa.func.sum(t.c.completion_tokens).label("completion_tokens"),
-                sa.func.sum(t.c.cost_micros).label("cost_micros"))
-        grouped = (sa.select(day, model, t.c.identity, *sums).where(*window)
-                   .group_by(day, model, t.c.identity).order_by(day, model, t.c.identity))
+        window = (
+            t.c.created_at >= datetime.combine(since, datetime.min.time()),
+            t.c.created_at < datetime.combine(until + timedelta(days=1), datetime.min.time()),
+        )
+        sums = (
+            sa.func.count().label("requests"),
+            sa.func.sum(t.c.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(t.c.completion_tokens).label("completion_tokens"),
+            sa.func.sum(t.c.cached_tokens).label("cached_tokens"),
+            sa.func.sum(t.c.reasoning_tokens).label("reasoning_tokens"),
+            sa.func.sum(t.c.cost_micros).label("cost_micros"),
+        )
+        grouped = (
+            sa.select(day, model, t.c.identity, *sums)
+            .where(*window)
+            .group_by(day, model, t.c.identity)
+            .order_by(day, model, t.c.identity)
+        )
         outcomes = sa.select(t.c.outcome, sa.func.count()).where(*window).group_by(t.c.outcome).order_by(t.c.outcome)
         with self.engine.connect() as conn:
             groups = [_group(row._mapping) for row in conn.execute(grouped)]
             outcome_counts = {name: int(count) for name, count in conn.execute(outcomes)}
         return {
-            "since": since.isoformat(), "until": until.isoformat(), "currency": "USD",
-            "totals": _totals(groups), "outcomes": outcome_counts,
-            "by_day": _roll_up(groups, "day"), "by_model": _roll_up(groups, "model"),
-            "by_identity": _roll_up(groups, "identity"), "groups": groups,
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "currency": "USD",
+            "totals": _totals(groups),
+            "outcomes": outcome_counts,
+            "by_day": _roll_up(groups, "day"),
+            "by_model": _roll_up(groups, "model"),
+            "by_identity": _roll_up(groups, "identity"),
+            "groups": groups,
         }
 
 
-METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+METRICS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_micros")
 
 
 def usd(micros: int) -> str:
@@ -330,8 +388,10 @@ def _roll_up(groups: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     sums: dict[str, Counter[str]] = {}
     for group in groups:
         sums.setdefault(group[key], Counter()).update({metric: group[metric] for metric in METRICS})
-    return [_with_totals({key: name, **{metric: counts[metric] for metric in METRICS}})
-            for name, counts in sorted(sums.items())]
+    return [
+        _with_totals({key: name, **{metric: counts[metric] for metric in METRICS}})
+        for name, counts in sorted(sums.items())
+    ]
 
 
 def default_database_url(instance_path: str | Path) -> str:
@@ -341,28 +401,7 @@ def default_database_url(instance_path: str | Path) -> str:
     return f"sqlite:///{folder / 'chatproxy.db'}"
 
 
-def init_app(app: Flask) -> None:
-    """Open the ledger from settings (its tables are made on first use: see Schema); register `init-db`."""
-    settings: Settings = app.extensions["chatproxy.settings"]
-    app.extensions["chatproxy.ledger"] = Ledger(settings.database_url or default_database_url(app.instance_path))
-    app.cli.add_command(init_db_command)
-
-
-def current_ledger() -> Ledger:
-    """The current app's ledger."""
-    return current_app.extensions["chatproxy.ledger"]
-
-
 def default_range(since: date | None, until: date | None, today: date | None = None) -> tuple[date, date]:
     """Fill a missing end with today (UTC) and a missing start with 29 days before the end."""
     until = until or today or utc_now().date()
     return since or until - timedelta(days=29), until
-
-
-@click.command("init-db")
-@with_appcontext
-def init_db_command() -> None:
-    """Create the ledger, budget counter and batch tables, or add the columns they lack."""
-    ledger = current_ledger()
-    ledger.create_schema()
-    click.echo(f"Ledger ready at {ledger.url}")

@@ -20,9 +20,12 @@ def env_example() -> str:
     Copied to .env, it sets nothing but the key: `make run` still decides what a setting left out means
     (anonymous calls on loopback), and a later change of a default reaches existing .env files.
     """
-    lines = ["# chatproxy settings. Copy to .env (never commit .env) or set them in your platform's secret store.",
-             "# A real environment variable wins over this file. Each line shows the default: uncomment it to",
-             "# change the value. Settings are read at start-up: restart `make run` after editing this file.", ""]
+    lines = [
+        "# chatproxy settings. Copy to .env (never commit .env) or set them in your platform's secret store.",
+        "# A real environment variable wins over this file. Each line shows the default: uncomment it to",
+        "# change the value. Settings are read at start-up: restart `make run` after editing this file.",
+        "",
+    ]
     for setting in SETTINGS:
         lines.append(f"# {setting.help}")
         value = "" if setting.secret else setting.default
@@ -45,8 +48,12 @@ def main() -> None:
     (ROOT / ".env.example").write_text(env_example(), encoding="utf-8")
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    text = re.sub(r"(<!-- settings:start -->\n).*?(<!-- settings:end -->)",
-                  lambda m: m.group(1) + readme_table() + "\n" + m.group(2), text, flags=re.S)
+    text = re.sub(
+        r"(<!-- settings:start -->\n).*?(<!-- settings:end -->)",
+        lambda m: m.group(1) + readme_table() + "\n" + m.group(2),
+        text,
+        flags=re.S,
+    )
     readme.write_text(text, encoding="utf-8")
 
 

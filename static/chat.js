@@ -71,7 +71,6 @@
     // Our own refusals: the server's message says which limit and when it resets.
     if (code === "rate_limited") return message || "Too many requests.";
     if (code === "budget_exceeded") return message || "The spending limit has been reached.";
-    if (code === "upstream_rate_limited") return "The model provider is rate limiting us.";
     if (code.indexOf("upstream_") === 0) {
       return retryAfter && retryAfter <= MAX_COUNTDOWN ? "The model provider is having trouble."
         : "The model provider is having trouble — try again later.";
@@ -861,10 +860,14 @@
           if (!data || !Array.isArray(data.models) || !data.models.length) return;
           var chosen = modelSelect.value;
           var options = document.createDocumentFragment();
+          var details = data.details && typeof data.details === "object" ? data.details : {};
           data.models.forEach(function (name) {
             var option = document.createElement("option");
+            var about = details[name] || {};
             option.value = String(name);
-            option.textContent = String(name);
+            option.textContent = String(name) + (about.reasoning === true ? " · reasoning" : "");
+            option.setAttribute("data-reasoning", about.reasoning === true ? "true" : "false");
+            option.setAttribute("data-images", about.images === true ? "true" : "false");
             options.appendChild(option);
           });
           modelSelect.replaceChildren(options);

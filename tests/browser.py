@@ -18,9 +18,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MISSING = (f"Chromium not found at {CHROMIUM}: install the Debian package `chromium` "
-           "(apt-get install chromium), or set CHATPROXY_CHROMIUM to its path. "
-           "Never `playwright install`: the tests drive the system browser.")
+MISSING = (
+    f"Chromium not found at {CHROMIUM}: install the Debian package `chromium` "
+    "(apt-get install chromium), or set CHATPROXY_CHROMIUM to its path. "
+    "Never `playwright install`: the tests drive the system browser."
+)
 
 
 def chromium_missing() -> str | None:
@@ -72,7 +74,7 @@ def watch(page: Any) -> Watch:
 
 
 # ---------------------------------------------------------------- shared by the page tests (tests/test_page*.py)
-# The browser, context and page fixtures are in tests/page_fixtures.py.
+# The browser, context and page fixtures are in tests/conftest.py.
 
 DESKTOP = {"width": 1280, "height": 800}
 MOBILE = {"width": 360, "height": 740}

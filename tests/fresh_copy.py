@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("chatproxy", "templates", "static", "tests", "devserver.py", ".env.example", "README.md", "pyproject.toml")
+# No tests/: the product (`make run`, the command line, the offline demo) must run without it.
+PARTS = ("chatproxy", "templates", "static", "devserver.py", ".env.example", "README.md", "pyproject.toml")
 PREFIXES = ("OPENAI_", "CHATPROXY_", "AZURE_", "FLASK_", "PYTHON")
 
 
@@ -41,10 +41,3 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run(root: Path, args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a command in the copy, as a user would type it there."""
     return subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -1,4 +1,4 @@
-"""nginx running deploy/nginx.conf's upstream and proxy regions on loopback, without TLS: the deploy tests and the bench."""
+"""nginx running deploy/nginx.conf's upstream and proxy regions on loopback, without TLS (deploy tests, bench)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,24 @@ def region(text: str, name: str) -> str:
     return re.search(rf"# >>> {name}\n(.*?)# <<< {name}", text, re.S).group(1)
 
 
-def write_conf(prefix: Path, backend_port: int, port: int, *, connections: int = 256, backlog: int | None = None,
-               error_level: str = "info", open_files: int | None = None) -> Path:
+def write_conf(
+    prefix: Path,
+    backend_port: int,
+    port: int,
+    *,
+    connections: int = 256,
+    backlog: int | None = None,
+    error_level: str = "info",
+    open_files: int | None = None,
+) -> Path:
     """An nginx.conf under `prefix` (with its temp folders) listening on `port`, proxying to `backend_port`."""
     site = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
     temp = {kind: prefix / kind for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir(parents=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(f"""
+    conf.write_text(
+        f"""
 {"user root;" if os.geteuid() == 0 else ""}
 worker_processes 1;
 {f"worker_rlimit_nofile {open_files};" if open_files else ""}
@@ -41,7 +50,9 @@ http {{
         {region(site, "proxy")}
     }}
 }}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return conf
 
 

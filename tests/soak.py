@@ -41,17 +41,36 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
-from chatproxy.guards import hash_token  # noqa: E402
+from chatproxy.callers import hash_token  # noqa: E402
+from chatproxy.demo.upstream import FakeOpenAI, Reply  # noqa: E402
 from chatproxy.metering import ROW_HEADER  # noqa: E402
-from tests.fake_openai import FakeOpenAI, Reply  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 KEY = "sk-soak-" + "k" * 40  # the upstream key: it must appear in no response
 FAILURE_RATE = 0.05
 FAILURES = ("429", "500", "503", "reset", "drop", "malformed")
-WORDS = "the quick brown fox jumps over the lazy dog and keeps on running through the field".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "and",
+    "keeps",
+    "on",
+    "running",
+    "through",
+    "the",
+    "field",
+]
 
 
 # --- the flaky upstream ------------------------------------------------------------------------------------------
+
 
 class FlakyUpstream(FakeOpenAI):
     """The fake upstream, failing 5% of chat calls in the ways the resilience tests know (seeded, so repeatable)."""
@@ -76,8 +95,11 @@ class FlakyUpstream(FakeOpenAI):
         with self._lock:
             self.injected[kind] += 1
         if kind == "429":
-            return Reply(status=429, headers={"retry-after": "1"},
-                         error={"message": "rate limited", "type": "requests", "code": "rate_limit_exceeded"})
+            return Reply(
+                status=429,
+                headers={"retry-after": "1"},
+                error={"message": "rate limited", "type": "requests", "code": "rate_limit_exceeded"},
+            )
         if kind in ("500", "503"):
             return Reply(status=int(kind))
         if kind == "reset":
@@ -88,11 +110,6 @@ class FlakyUpstream(FakeOpenAI):
 
 
 # --- PostgreSQL and Redis that may be stopped ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -113,21 +130,53 @@ class PrivatePostgres:
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             self.as_user = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.dir, "postgres", "postgres")
-        run(*self.as_user, str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
-            "--no-sync", timeout=120)
+        run(
+            *self.as_user,
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.dir / "data"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            timeout=120,
+        )
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
-        if run(*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "status",
-               check=False).returncode == 0:
+        if (
+            run(*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "status", check=False).returncode
+            == 0
+        ):
             return
-        run(*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
-            "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
-            "-w", "start", timeout=60)
+        run(
+            *self.as_user,
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
+            "-w",
+            "start",
+            timeout=60,
+        )
 
     def stop(self) -> None:
-        run(*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop",
-            check=False, timeout=60)
+        run(
+            *self.as_user,
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+            check=False,
+            timeout=60,
+        )
 
     def remove(self) -> None:
         self.stop()
@@ -163,9 +212,23 @@ class PrivateRedis:
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port, 20)
 
     def stop(self) -> None:
@@ -184,8 +247,25 @@ class SharedRedis:
     url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
     def start(self) -> None:
-        run("redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-            "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log", check=False)
+        run(
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "-::1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/var/lib/redis",
+            "--logfile",
+            "/var/log/redis/ci.log",
+            check=False,
+        )
         wait_for_port(6379, 20)
 
     def stop(self) -> None:
@@ -212,6 +292,7 @@ def wait_for_port(port: int, timeout: float) -> None:
 
 # --- gunicorn ----------------------------------------------------------------------------------------------------
 
+
 class Gunicorn:
     """gunicorn -c gunicorn.conf.py with 4 gthread workers, its output in a log file."""
 
@@ -219,12 +300,17 @@ class Gunicorn:
         self.port = free_port()
         self.log_path = log_path
         environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        environ.update(env, CHATPROXY_BIND=f"127.0.0.1:{self.port}", CHATPROXY_WORKERS=str(workers),
-                       CHATPROXY_THREADS=str(threads))
+        environ.update(
+            env, CHATPROXY_BIND=f"127.0.0.1:{self.port}", CHATPROXY_WORKERS=str(workers), CHATPROXY_THREADS=str(threads)
+        )
         self.log = log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                                         "--access-logfile", "/dev/null"], cwd=ROOT, env=environ,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--access-logfile", "/dev/null"],
+            cwd=ROOT,
+            env=environ,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while len(self.workers()) < workers or not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -264,6 +350,7 @@ def rss_kib(pid: int) -> int:
 
 # --- clients -------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     """One request as a client saw it."""
@@ -276,8 +363,9 @@ class Result:
     problem: str | None = None  # a broken contract: stack trace, key, malformed body or stream
 
 
-def request(method: str, port: int, path: str, body: Any = None, headers: dict[str, str] | None = None,
-            timeout: float = 30) -> tuple[int, bytes, dict[str, str]]:
+def request(
+    method: str, port: int, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, bytes, dict[str, str]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body).encode()
@@ -300,8 +388,11 @@ def body_problem(raw: bytes) -> str | None:
 def chat_call(port: int, auth: dict[str, str], kind: str, rng: random.Random) -> Result:
     """One /api/chat call: a JSON answer, a whole stream, or a stream the client hangs up on."""
     started = time.time()
-    body = {"message": f"soak {rng.randint(0, 10**9)} " + "word " * rng.randint(1, 30), "max_tokens": 200,
-            "stream": kind != "json"}
+    body = {
+        "message": f"soak {rng.randint(0, 10**9)} " + "word " * rng.randint(1, 30),
+        "max_tokens": 200,
+        "stream": kind != "json",
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json", **auth})
@@ -357,8 +448,9 @@ class Load:
         self.results: list[Result] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(random.Random(seed + i),), daemon=True)
-                        for i in range(clients)]
+        self.threads = [
+            threading.Thread(target=self._client, args=(random.Random(seed + i),), daemon=True) for i in range(clients)
+        ]
 
     def start(self) -> Load:
         for thread in self.threads:
@@ -388,6 +480,7 @@ class Load:
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Report:
@@ -428,7 +521,7 @@ def wait_until(predicate, timeout: float, step: float = 0.25) -> float | None:
         try:
             if predicate():
                 return time.monotonic() - began
-        except Exception:  # noqa: BLE001 - a probe that fails is a "not yet"
+        except Exception:  # noqa: BLE001, S110 - a probe that fails is a "not yet"
             pass
         time.sleep(step)
     return None
@@ -444,34 +537,52 @@ def reconcile(report: Report, fake: FlakyUpstream, ledger: Ledger, label: str) -
     rows = ledger.rows()
     calls = fake.chat_calls()
     ids = [int(call.headers.get(ROW_HEADER.lower(), -1)) for call in calls]
-    by_id = {row_id: call for row_id, call in zip(ids, calls)}
+    by_id = dict(zip(ids, calls, strict=True))
     lost = [i for i in ids if i not in rows]
     duplicated = [i for i, n in Counter(ids).items() if n > 1]
     # A row whose request never reached the upstream (connection refused or reset before the fake read it,
     # e.g. a pooled connection the server had just closed) has no call to match: it must say so and cost nothing.
-    unsent = [i for i in rows if i not in by_id and rows[i]["outcome"] == "upstream_unreachable"
-              and not rows[i]["prompt_tokens"] and not rows[i]["completion_tokens"] and not rows[i]["cost_micros"]]
+    unsent = [
+        i
+        for i in rows
+        if i not in by_id
+        and rows[i]["outcome"] == "upstream_unreachable"
+        and not rows[i]["prompt_tokens"]
+        and not rows[i]["completion_tokens"]
+        and not rows[i]["cost_micros"]
+    ]
     phantom = [i for i in rows if i not in by_id and i not in unsent]
     report.figures.setdefault("unsent_rows", {})[label] = len(unsent)
-    report.check(f"{label}: one ledger row per upstream call", not lost and not duplicated and not phantom,
-                 f"{len(calls)} upstream calls, {len(rows)} rows; lost {len(lost)}, duplicated {len(duplicated)}, "
-                 f"rows without a call {len(phantom)} (outcomes {dict(Counter(rows[i]['outcome'] for i in phantom))}); "
-                 f"attempts that never reached the upstream {len(unsent)} (upstream_unreachable, no tokens, no cost)")
+    report.check(
+        f"{label}: one ledger row per upstream call",
+        not lost and not duplicated and not phantom,
+        f"{len(calls)} upstream calls, {len(rows)} rows; lost {len(lost)}, duplicated {len(duplicated)}, "
+        f"rows without a call {len(phantom)} (outcomes {dict(Counter(rows[i]['outcome'] for i in phantom))}); "
+        f"attempts that never reached the upstream {len(unsent)} (upstream_unreachable, no tokens, no cost)",
+    )
     exact = [(rows[i], by_id[i]) for i in ids if i in rows and rows[i]["tokens_exact"]]
-    sums = {name: (sum(r[name] for r, _ in exact), sum(getattr(c, name) for _, c in exact))
-            for name in ("prompt_tokens", "completion_tokens")}
-    mismatched = [r["id"] for r, c in exact if (r["prompt_tokens"], r["completion_tokens"]) != (
-        c.prompt_tokens, c.completion_tokens)]
-    report.check(f"{label}: token sums equal for exact rows",
-                 not mismatched and all(a == b for a, b in sums.values()),
-                 f"{len(exact)} exact rows; prompt {sums['prompt_tokens'][0]} = {sums['prompt_tokens'][1]}, "
-                 f"completion {sums['completion_tokens'][0]} = {sums['completion_tokens'][1]}; "
-                 f"rows that differ: {len(mismatched)}")
+    sums = {
+        name: (sum(r[name] for r, _ in exact), sum(getattr(c, name) for _, c in exact))
+        for name in ("prompt_tokens", "completion_tokens")
+    }
+    mismatched = [
+        r["id"]
+        for r, c in exact
+        if (r["prompt_tokens"], r["completion_tokens"]) != (c.prompt_tokens, c.completion_tokens)
+    ]
+    report.check(
+        f"{label}: token sums equal for exact rows",
+        not mismatched and all(a == b for a, b in sums.values()),
+        f"{len(exact)} exact rows; prompt {sums['prompt_tokens'][0]} = {sums['prompt_tokens'][1]}, "
+        f"completion {sums['completion_tokens'][0]} = {sums['completion_tokens'][1]}; "
+        f"rows that differ: {len(mismatched)}",
+    )
     return rows
 
 
-def load_phase(args, report: Report, server: Gunicorn, fake: FlakyUpstream, ledger: Ledger,
-               auth: dict[str, str]) -> None:
+def load_phase(
+    args, report: Report, server: Gunicorn, fake: FlakyUpstream, ledger: Ledger, auth: dict[str, str]
+) -> None:
     """Phase 1: steady mixed load; memory sampled; then the ledger reconciled and the workers checked."""
     pids = server.workers()
     load = Load(server.port, auth, args.clients, args.seed, max_requests=100_000).start()
@@ -491,31 +602,49 @@ def load_phase(args, report: Report, server: Gunicorn, fake: FlakyUpstream, ledg
     problems = [r.problem for r in results if r.problem]
     ok = [r for r in results if 200 <= r.status < 300 and not r.code]
     report.figures["load"] = {
-        "clients": args.clients, "seconds": round(elapsed), "requests": len(results),
-        "requests_per_second": round(len(results) / elapsed, 1), "answered_ok": len(ok),
-        "by_kind": dict(Counter(r.kind for r in results)), "statuses": statuses(results),
-        "injected_upstream_failures": dict(fake.injected), "upstream_calls": len(fake.chat_calls()),
+        "clients": args.clients,
+        "seconds": round(elapsed),
+        "requests": len(results),
+        "requests_per_second": round(len(results) / elapsed, 1),
+        "answered_ok": len(ok),
+        "by_kind": dict(Counter(r.kind for r in results)),
+        "statuses": statuses(results),
+        "injected_upstream_failures": dict(fake.injected),
+        "upstream_calls": len(fake.chat_calls()),
         "rss_first_window_mib": round(sum(first) / max(1, len(first)) / 1024, 1),
         "rss_last_window_mib": round(sum(last) / max(1, len(last)) / 1024, 1),
-        "rss_growth_percent": round(growth * 100, 2), "rss_window_seconds": window, "warmup_seconds": args.warmup,
+        "rss_growth_percent": round(growth * 100, 2),
+        "rss_window_seconds": window,
+        "warmup_seconds": args.warmup,
         "latency_p50_ms": percentile([r.ended - r.started for r in results if r.kind == "json"], 50),
         "latency_p99_ms": percentile([r.ended - r.started for r in results if r.kind == "json"], 99),
         "load_average_1min": round(os.getloadavg()[0], 1),
     }
-    report.check("load: every answer kept the contract (no stack trace, no key, JSON errors, streams end)",
-                 not problems, f"{len(results)} requests, {len(problems)} broken" + (
-                     f"; first: {problems[0]}" if problems else ""))
+    report.check(
+        "load: every answer kept the contract (no stack trace, no key, JSON errors, streams end)",
+        not problems,
+        f"{len(results)} requests, {len(problems)} broken" + (f"; first: {problems[0]}" if problems else ""),
+    )
     server_errors = [r for r in results if r.status >= 500 and r.code not in ("upstream_unavailable",)]
-    report.check("load: no 5xx except upstream_unavailable when every retry of a call failed",
-                 not server_errors, f"statuses {statuses(results)}")
-    report.check("load: most calls answered", len(ok) >= 0.9 * len(results),
-                 f"{len(ok)} of {len(results)} answered ({100 * len(ok) / max(1, len(results)):.1f}%)")
+    report.check(
+        "load: no 5xx except upstream_unavailable when every retry of a call failed",
+        not server_errors,
+        f"statuses {statuses(results)}",
+    )
+    report.check(
+        "load: most calls answered",
+        len(ok) >= 0.9 * len(results),
+        f"{len(ok)} of {len(results)} answered ({100 * len(ok) / max(1, len(results)):.1f}%)",
+    )
     settled = wait_until(lambda: ledger.open_rows() == 0, 30)
     report.check("load: every ledger row closed", settled is not None, f"open rows: {ledger.open_rows()}")
     reconcile(report, fake, ledger, "load")
-    report.check("load: resident memory growth under 10% (first vs last window)",
-                 growth < 0.10, f"{report.figures['load']['rss_first_window_mib']} MiB -> "
-                 f"{report.figures['load']['rss_last_window_mib']} MiB ({growth * 100:+.1f}%), 4 workers summed")
+    report.check(
+        "load: resident memory growth under 10% (first vs last window)",
+        growth < 0.10,
+        f"{report.figures['load']['rss_first_window_mib']} MiB -> "
+        f"{report.figures['load']['rss_last_window_mib']} MiB ({growth * 100:+.1f}%), 4 workers summed",
+    )
 
 
 def percentile(values: list[float], p: int) -> int | None:
@@ -525,8 +654,9 @@ def percentile(values: list[float], p: int) -> int | None:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] * 1000)
 
 
-def drill_phase(args, report: Report, server: Gunicorn, fake: FlakyUpstream, ledger: Ledger,
-                auth: dict[str, str], pg, rds) -> None:
+def drill_phase(
+    args, report: Report, server: Gunicorn, fake: FlakyUpstream, ledger: Ledger, auth: dict[str, str], pg, rds
+) -> None:
     """Phase 2: Redis, then PostgreSQL, stopped and restarted while clients keep calling."""
     load = Load(server.port, auth, args.drill_clients, args.seed + 10_000, max_requests=100_000).start()
     drill: dict[str, Any] = {"clients": args.drill_clients, "outage_seconds": args.outage}
@@ -543,24 +673,33 @@ def drill_phase(args, report: Report, server: Gunicorn, fake: FlakyUpstream, led
         time.sleep(args.outage)
         end = time.time()
         rds.start()
-        recovered = wait_until(lambda: json.loads(request("GET", server.port, "/readyz", timeout=5)[1])
-                               .get("status") == "ready", 30)
+        recovered = wait_until(
+            lambda: json.loads(request("GET", server.port, "/readyz", timeout=5)[1]).get("status") == "ready", 30
+        )
         during = load.between(start + 0.5, end)
         served = [r for r in during if r.status == 200 and not r.code]
         ready_body = json.loads(ready[1])
-        drill["redis"] = {"requests_during_outage": len(during), "answered_ok": len(served),
-                          "statuses": statuses(during), "readyz_during": ready[0],
-                          "readyz_body": ready_body.get("status") or ready_body.get("error", {}).get("message"),
-                          "ready_again_after_restart_s": None if recovered is None else round(recovered, 1)}
-        report.check("drill: with Redis down the proxy keeps serving", during and len(served) >= 0.9 * len(during),
-                     f"{len(served)} of {len(during)} answered during {args.outage} s without Redis; "
-                     f"statuses {statuses(during)}")
+        drill["redis"] = {
+            "requests_during_outage": len(during),
+            "answered_ok": len(served),
+            "statuses": statuses(during),
+            "readyz_during": ready[0],
+            "readyz_body": ready_body.get("status") or ready_body.get("error", {}).get("message"),
+            "ready_again_after_restart_s": None if recovered is None else round(recovered, 1),
+        }
+        report.check(
+            "drill: with Redis down the proxy keeps serving",
+            during and len(served) >= 0.9 * len(during),
+            f"{len(served)} of {len(during)} answered during {args.outage} s without Redis; "
+            f"statuses {statuses(during)}",
+        )
         # Redis degrades readiness without failing it (the host still serves); CHATPROXY_READY_REQUIRES_REDIS not set.
-        report.check("drill: /readyz says Redis is down (degraded, still ready), then ready again",
-                     ready[0] == 200 and ready_body.get("checks", {}).get("redis") == "unreachable"
-                     and recovered is not None,
-                     f"/readyz {ready[0]} {ready_body} during the outage; \"ready\" again "
-                     f"{drill['redis']['ready_again_after_restart_s']} s after the restart")
+        report.check(
+            "drill: /readyz says Redis is down (degraded, still ready), then ready again",
+            ready[0] == 200 and ready_body.get("checks", {}).get("redis") == "unreachable" and recovered is not None,
+            f'/readyz {ready[0]} {ready_body} during the outage; "ready" again '
+            f"{drill['redis']['ready_again_after_restart_s']} s after the restart",
+        )
         time.sleep(3)
 
         # PostgreSQL down: no call may go upstream unrecorded; callers get 503 budget_unavailable/ledger_unavailable.
@@ -573,41 +712,66 @@ def drill_phase(args, report: Report, server: Gunicorn, fake: FlakyUpstream, led
         calls = fake.chat_calls()[calls_before:]
         end = time.time()
         pg.start()
-        recovered = wait_until(lambda: request("POST", server.port, "/api/chat", {"message": "probe"}, auth,
-                                               timeout=20)[0] == 200, 60, step=0.5)
+        recovered = wait_until(
+            lambda: request("POST", server.port, "/api/chat", {"message": "probe"}, auth, timeout=20)[0] == 200,
+            60,
+            step=0.5,
+        )
         during = load.between(stopped + 0.5, end)
         refused = Counter(r.code for r in during if r.status == 503)
         probe_code = json.loads(probe[1]).get("error", {}).get("code") if probe[0] != 200 else None
-        drill["postgresql"] = {"requests_during_outage": len(during), "statuses": statuses(during),
-                               "probe": f"{probe[0]} {probe_code}", "upstream_calls_during_outage": len(calls),
-                               "answering_again_after_restart_s": None if recovered is None else round(recovered, 1)}
-        report.check("drill: with PostgreSQL down calls are refused with 503",
-                     probe[0] == 503 and probe_code in ("budget_unavailable", "ledger_unavailable")
-                     and all(r.status == 503 and r.code in ("budget_unavailable", "ledger_unavailable")
-                             for r in during if r.kind == "json"),
-                     f"probe {probe[0]} {probe_code}; {len(during)} requests during the outage: {statuses(during)}")
-        report.check("drill: calls are answered again once PostgreSQL is back", recovered is not None,
-                     f"first 200 {drill['postgresql']['answering_again_after_restart_s']} s after the restart")
+        drill["postgresql"] = {
+            "requests_during_outage": len(during),
+            "statuses": statuses(during),
+            "probe": f"{probe[0]} {probe_code}",
+            "upstream_calls_during_outage": len(calls),
+            "answering_again_after_restart_s": None if recovered is None else round(recovered, 1),
+        }
+        report.check(
+            "drill: with PostgreSQL down calls are refused with 503",
+            probe[0] == 503
+            and probe_code in ("budget_unavailable", "ledger_unavailable")
+            and all(
+                r.status == 503 and r.code in ("budget_unavailable", "ledger_unavailable")
+                for r in during
+                if r.kind == "json"
+            ),
+            f"probe {probe[0]} {probe_code}; {len(during)} requests during the outage: {statuses(during)}",
+        )
+        report.check(
+            "drill: calls are answered again once PostgreSQL is back",
+            recovered is not None,
+            f"first 200 {drill['postgresql']['answering_again_after_restart_s']} s after the restart",
+        )
         time.sleep(3)
         drill["refused_codes"] = dict(refused)
     finally:
         load.stop()
     results = load.results
     problems = [r.problem for r in results if r.problem]
-    report.check("drill: every answer kept the contract", not problems,
-                 f"{len(results)} requests, {len(problems)} broken" + (f"; first: {problems[0]}" if problems else ""))
+    report.check(
+        "drill: every answer kept the contract",
+        not problems,
+        f"{len(results)} requests, {len(problems)} broken" + (f"; first: {problems[0]}" if problems else ""),
+    )
     wait_until(lambda: ledger.open_rows() == 0, 20)
     after = ledger.rows()
     lost = [i for i in before if i not in after]
     changed = [i for i, row in before.items() if row["closed_at"] is not None and after.get(i) != row]
-    report.check("drill: nothing recorded before the outages was lost or changed", not lost and not changed,
-                 f"{len(before)} rows before, all {len(before) - len(lost)} still there; changed {len(changed)}")
+    report.check(
+        "drill: nothing recorded before the outages was lost or changed",
+        not lost and not changed,
+        f"{len(before)} rows before, all {len(before) - len(lost)} still there; changed {len(changed)}",
+    )
     # No row can be written while PostgreSQL is down, so a call made then whose row exists had it opened before.
     unrecorded = [c for c in calls if int(c.headers.get(ROW_HEADER.lower(), -1)) not in after]
     drill["postgresql"]["unrecorded_upstream_calls"] = len(unrecorded)
-    report.check("drill: no upstream call during the PostgreSQL outage went unrecorded", not unrecorded,
-                 f"{len(calls)} upstream calls during the outage (attempts already running), "
-                 f"{len(calls) - len(unrecorded)} with a ledger row opened before it, {len(unrecorded)} without")
+    report.check(
+        "drill: no upstream call during the PostgreSQL outage went unrecorded",
+        not unrecorded,
+        f"{len(calls)} upstream calls during the outage (attempts already running), "
+        f"{len(calls) - len(unrecorded)} with a ledger row opened before it, {len(unrecorded)} without",
+    )
     stuck = [row for row in after.values() if row["closed_at"] is None]
     drill["rows_left_interrupted"] = len(stuck)
     drill["requests"] = len(results)
@@ -623,10 +787,18 @@ def schemathesis_cases(args, report: Report) -> None:
     path = ROOT / "artifacts" / "schemathesis.json"
     if not args.quick:
         began = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/test_schemathesis.py"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        report.check("schemathesis: every generated case got a documented answer and no 5xx", done.returncode == 0,
-                     (done.stdout.strip().splitlines() or ["no output"])[-1] + f" in {time.monotonic() - began:.0f} s")
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_schemathesis.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        report.check(
+            "schemathesis: every generated case got a documented answer and no 5xx",
+            done.returncode == 0,
+            (done.stdout.strip().splitlines() or ["no output"])[-1] + f" in {time.monotonic() - began:.0f} s",
+        )
     if path.exists():
         report.figures["schemathesis"] = json.loads(path.read_text())
 
@@ -637,11 +809,19 @@ def check_workers(report: Report, server: Gunicorn, pids: set[int]) -> None:
     exited = len(re.findall(r"Worker \(pid:\d+\) (?:exited|was sent)", log))
     booted = log.count("Booting worker")
     now = server.workers()
-    report.figures["workers"] = {"pids_at_start": sorted(pids), "pids_at_end": sorted(now), "booted": booted,
-                                 "worker_timeouts": timeouts, "exits": exited,
-                                 "error_log_lines": sum('"level": "ERROR"' in line for line in log.splitlines())}
-    report.check("no worker died", now == pids and timeouts == 0 and exited == 0 and booted == len(pids),
-                 f"worker PIDs unchanged ({len(now)}), {booted} booted, {timeouts} WORKER TIMEOUT, {exited} exited")
+    report.figures["workers"] = {
+        "pids_at_start": sorted(pids),
+        "pids_at_end": sorted(now),
+        "booted": booted,
+        "worker_timeouts": timeouts,
+        "exits": exited,
+        "error_log_lines": sum('"level": "ERROR"' in line for line in log.splitlines()),
+    }
+    report.check(
+        "no worker died",
+        now == pids and timeouts == 0 and exited == 0 and booted == len(pids),
+        f"worker PIDs unchanged ({len(now)}), {booted} booted, {timeouts} WORKER TIMEOUT, {exited} exited",
+    )
 
 
 def write_reliability(report: Report, command: str) -> None:
@@ -653,8 +833,8 @@ def write_reliability(report: Report, command: str) -> None:
         "",
         f"Figures from the last real run of `{command}` on {f['when']} ({f['machine']}); this file is written by "
         "tests/soak.py, not by hand. Everything ran on loopback: gunicorn with 4 gthread workers (gunicorn.conf.py), "
-        "PostgreSQL ledger, Redis limits and cooldowns, and the fake upstream from tests/fake_openai.py in the soak "
-        "process.",
+        "PostgreSQL ledger, Redis limits and cooldowns, and the fake upstream from chatproxy/demo/upstream.py in the "
+        "soak process.",
         "",
         f"**Result: {'every check passed' if report.ok else 'SOME CHECKS FAILED'}.**",
         "",
@@ -686,7 +866,7 @@ def write_reliability(report: Report, command: str) -> None:
             "",
             f"- **Redis down**: {r['answered_ok']} of {r['requests_during_outage']} requests during the outage were "
             f"answered ({r['statuses']}); rate limits fell back to in-process counters and cooldowns failed open, as "
-            f"documented. `/readyz` answered {r['readyz_during']} (\"{r['readyz_body']}\") and was ready again "
+            f'documented. `/readyz` answered {r["readyz_during"]} ("{r["readyz_body"]}") and was ready again '
             f"{r['ready_again_after_restart_s']} s after Redis restarted.",
             f"- **PostgreSQL down**: requests were refused with 503 ({p['statuses']}; a probe got {p['probe']}): the "
             "budget reservation, which lives in the ledger's database, fails first, so callers see "
@@ -712,8 +892,9 @@ def write_reliability(report: Report, command: str) -> None:
         "",
         "## Nothing lost",
         "",
-        f"- {f['ledger_rows']} ledger rows, reconciled one for one with the fake upstream's record of calls through the "
-        "X-Chatproxy-Row header each upstream call carries: no call without a row, no row without a call, none twice; "
+        f"- {f['ledger_rows']} ledger rows, reconciled one for one with the fake upstream's record of calls through "
+        "the X-Chatproxy-Row header each upstream call carries: no call without a row, no row without a call, "
+        "none twice; "
         f"prompt and completion tokens equal for every row with exact counts. Outcomes: {f['outcomes']}. "
         f"Rows for attempts that never reached the upstream (the connection failed before the fake read the "
         f"request; recorded as upstream_unreachable with no tokens and no cost): "
@@ -724,8 +905,10 @@ def write_reliability(report: Report, command: str) -> None:
         "",
         "| Check | Result | Figures |",
         "|---|---|---|",
-        *[f"| {name} | {'pass' if ok else '**FAIL**'} | {detail.replace('|', '/')} |" for name, ok, detail in
-          report.checks],
+        *[
+            f"| {name} | {'pass' if ok else '**FAIL**'} | {detail.replace('|', '/')} |"
+            for name, ok, detail in report.checks
+        ],
         "",
     ]
     (ROOT / "docs" / "RELIABILITY.md").write_text("\n".join(lines), encoding="utf-8")
@@ -734,8 +917,11 @@ def write_reliability(report: Report, command: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI size: 50 clients, 40 s, short outages")
-    parser.add_argument("--shared-services", action="store_true",
-                        help="drill the machine's PostgreSQL and Redis instead of private instances")
+    parser.add_argument(
+        "--shared-services",
+        action="store_true",
+        help="drill the machine's PostgreSQL and Redis instead of private instances",
+    )
     parser.add_argument("--seed", type=int, default=20261124)
     parser.add_argument("--output", type=Path, help="the JSON report (default: artifacts/soak[-quick].json)")
     args = parser.parse_args()
@@ -749,6 +935,7 @@ def main() -> int:
     report = Report("quick" if args.quick else "full")
     report.figures["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report.figures["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
     def out_of_time(*_: object) -> None:
         raise TimeoutError("the soak ran past its 15-minute limit")
 
@@ -769,31 +956,50 @@ def main() -> int:
         admin = sa.create_engine(pg.url, pool_pre_ping=True)
         with admin.begin() as conn:
             conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        url = sa.make_url(pg.url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
+        url = (
+            sa.make_url(pg.url)
+            .update_query_dict({"options": f"-csearch_path={schema}"})
+            .render_as_string(hide_password=False)
+        )
         token, name = f"cpx_{uuid.uuid4().hex}", f"soak-{uuid.uuid4().hex[:8]}"
-        server = Gunicorn({
-            "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "soak",
-            "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}", "CHATPROXY_DATABASE_URL": url,
-            "CHATPROXY_REDIS_URL": rds.url, "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
-            "CHATPROXY_MAX_STREAMS": "10000", "CHATPROXY_MAX_CONCURRENT": "100000",
-            "CHATPROXY_DAILY_BUDGET_USD": "1000000",
-            "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": "1000000", "CHATPROXY_MAX_RETRIES": "2",
-            "CHATPROXY_RETRY_MAX_WAIT": "2", "CHATPROXY_READ_TIMEOUT": "10", "CHATPROXY_TOTAL_TIMEOUT": "30",
-            # Failures here are retried, never cooled down, whatever the drill's bursts do to the failure rate
-            # (tests/test_resilience.py covers cooldowns).
-            "CHATPROXY_COOLDOWN_MIN_CALLS": "1000000", "CHATPROXY_GRACEFUL_TIMEOUT": "15",
-        }, work / "gunicorn.log", workers=4, threads=64)
+        server = Gunicorn(
+            {
+                "OPENAI_API_KEY": KEY,
+                "OPENAI_BASE_URL": fake.base_url,
+                "CHATPROXY_SECRET_KEY": "soak",
+                "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+                "CHATPROXY_DATABASE_URL": url,
+                "CHATPROXY_REDIS_URL": rds.url,
+                "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
+                "CHATPROXY_MAX_STREAMS": "10000",
+                "CHATPROXY_MAX_CONCURRENT": "100000",
+                "CHATPROXY_DAILY_BUDGET_USD": "1000000",
+                "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": "1000000",
+                "CHATPROXY_MAX_RETRIES": "2",
+                "CHATPROXY_RETRY_MAX_WAIT": "2",
+                "CHATPROXY_READ_TIMEOUT": "10",
+                "CHATPROXY_TOTAL_TIMEOUT": "30",
+                # Failures here are retried, never cooled down, whatever the drill's bursts do to the failure rate
+                # (tests/test_resilience.py covers cooldowns).
+                "CHATPROXY_COOLDOWN_MIN_CALLS": "1000000",
+                "CHATPROXY_GRACEFUL_TIMEOUT": "15",
+            },
+            work / "gunicorn.log",
+            workers=4,
+            threads=64,
+        )
         pids = server.workers()
         ledger = Ledger(url)
         auth = {"Authorization": f"Bearer {token}"}
-        print(f"gunicorn on :{server.port} (workers {sorted(pids)}), PostgreSQL schema {schema}, Redis {rds.url}",
-              flush=True)
+        print(
+            f"gunicorn on :{server.port} (workers {sorted(pids)}), PostgreSQL schema {schema}, Redis {rds.url}",
+            flush=True,
+        )
         load_phase(args, report, server, fake, ledger, auth)
         drill_phase(args, report, server, fake, ledger, auth, pg, rds)
         check_workers(report, server, pids)
         ledger.engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - a crash of the soak itself is a failed check, reported like the others
+    except Exception as exc:
         report.check("the soak ran to the end", False, f"{type(exc).__name__}: {exc}")
         raise
     finally:
@@ -815,8 +1021,15 @@ def main() -> int:
         signal.alarm(0)
         output = args.output or ROOT / "artifacts" / f"soak{'-quick' if args.quick else ''}.json"
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"ok": report.ok, "mode": report.mode, "figures": report.figures,
-                                      "checks": report.checks}, indent=2, default=str) + "\n", encoding="utf-8")
+        output.write_text(
+            json.dumps(
+                {"ok": report.ok, "mode": report.mode, "figures": report.figures, "checks": report.checks},
+                indent=2,
+                default=str,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     if not args.quick:
         write_reliability(report, command)
     print(f"{sum(ok for _, ok, _ in report.checks)} passed, {sum(not ok for _, ok, _ in report.checks)} failed")

@@ -42,13 +42,20 @@ def parse_sse(raw: bytes) -> tuple[list[dict[str, Any]], list[str]]:
     return events, comments
 
 
-def post_stream(base_url: str, body: dict[str, Any], *, stop_after_deltas: int | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[Received, float | None]:
+def post_stream(
+    base_url: str,
+    body: dict[str, Any],
+    *,
+    stop_after_deltas: int | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[Received, float | None]:
     """POST and read the SSE body line by line; optionally hang up after N deltas (returns when it hung up)."""
     url = urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    conn.request("POST", "/api/chat", body=json.dumps(body),
-                 headers={"Content-Type": "application/json", **(headers or {})})
+    conn.request(
+        "POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json", **(headers or {})}
+    )
     response = conn.getresponse()
     received = Received(response.status, {k.lower(): v for k, v in response.getheaders()})
     hung_up_at = None

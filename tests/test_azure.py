@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 
-import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
 from chatproxy import SettingsError, create_app
-from chatproxy.guards import hash_token
-from chatproxy.router import redact
-from tests.conftest import TEST_KEY
-from tests.fake_openai import Reply
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
+from chatproxy.state import state
+from chatproxy.upstream import mask_key as redact
+from tests.helpers import TEST_KEY
 from tests.sse import post_stream
 
 AZURE_KEY = "c0ffee0123456789abcdef0123456789"  # Azure keys are 32 hex characters
@@ -27,10 +27,16 @@ def azure(settings_for, fake):
     """Build an app in Azure mode, pointed at the fake as its Azure resource; no OPENAI_API_KEY at all."""
 
     def make(**overrides: object):
-        config = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": "",
-                  "AZURE_OPENAI_ENDPOINT": fake.base_url.removesuffix("/v1"), "AZURE_OPENAI_API_KEY": AZURE_KEY,
-                  "CHATPROXY_AZURE_DEPLOYMENTS": ",".join(f"{a}={d}" for a, d in DEPLOYMENTS.items()),
-                  "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}", **FAST, **overrides}
+        config = {
+            "OPENAI_API_KEY": "",
+            "OPENAI_BASE_URL": "",
+            "AZURE_OPENAI_ENDPOINT": fake.base_url.removesuffix("/v1"),
+            "AZURE_OPENAI_API_KEY": AZURE_KEY,
+            "CHATPROXY_AZURE_DEPLOYMENTS": ",".join(f"{a}={d}" for a, d in DEPLOYMENTS.items()),
+            "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
+            **FAST,
+            **overrides,
+        }
         return create_app(settings_for(**config))
 
     return make
@@ -62,7 +68,7 @@ def spoke_azure(fake) -> None:
 
 
 def test_the_client_is_an_azure_client_without_sdk_retries(azure):
-    client = azure().extensions["chatproxy.client"]
+    client = state(azure()).client
 
     assert isinstance(client, AzureOpenAI) and client.max_retries == 0
 
@@ -78,7 +84,7 @@ def test_json_chat_goes_to_the_models_deployment_and_answers_with_the_alias(azur
     assert response.headers["X-Chatproxy-Model"] == "gpt-4o"
     assert deployments(fake) == ["prod-gpt4o"]
     spoke_azure(fake)
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert (row["model_requested"], row["model_answered"], row["outcome"]) == ("gpt-4o", "gpt-4o", "ok")
     assert row["tokens_exact"] and row["cost_micros"] > 0  # priced as the alias, not as the deployment name
 
@@ -109,15 +115,25 @@ def test_fallback_to_the_next_deployment_and_cooldown(azure, fake):
         assert response.headers["X-Chatproxy-Model"] == "gpt-4o-mini"
     assert deployments(fake) == ["prod-gpt4o", "prod-gpt4o-mini", "prod-gpt4o-mini"]  # cooling down: skipped
     spoke_azure(fake)
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert [(r["model_answered"], r["outcome"]) for r in rows] == [
-        ("gpt-4o", "upstream_http_503"), ("gpt-4o-mini", "fallback"), ("gpt-4o-mini", "fallback")]
+        ("gpt-4o", "upstream_http_503"),
+        ("gpt-4o-mini", "fallback"),
+        ("gpt-4o-mini", "fallback"),
+    ]
 
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_rejected_azure_key_is_upstream_auth_failed_and_logged_without_the_key(azure, fake, caplog, status):
-    fake.script(Reply(status=status, error={"code": str(status), "message": "Access denied due to invalid "
-                                            "subscription key or wrong API endpoint."}))
+    fake.script(
+        Reply(
+            status=status,
+            error={
+                "code": str(status),
+                "message": "Access denied due to invalid subscription key or wrong API endpoint.",
+            },
+        )
+    )
 
     response = ask(azure())
 
@@ -133,8 +149,9 @@ def test_the_compat_endpoint_works_in_azure_mode(azure, fake, serve):
     client = OpenAI(base_url=f"{serve(azure())}/v1", api_key=TOKEN, max_retries=0)
 
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hey"}])
-    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hey"}],
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hey"}], stream=True)
+    )
 
     assert (completion.model, completion.choices[0].message.content) == ("gpt-4o-mini", "Echo: hey")
     assert {chunk.model for chunk in chunks} == {"gpt-4o"}
@@ -155,7 +172,11 @@ def test_the_azure_key_leaks_nowhere(azure, fake, serve, caplog):
             fake.script(Reply(status=status, error=echo, headers={"x-echo": AZURE_KEY}))
             response = app.test_client().post("/api/chat", json={"message": "hi", "stream": stream})
             seen += [response.get_data(as_text=True), str(response.headers)]
-    for reply in (Reply(), Reply(chunks=["a ", "b"], error_after=1, error=echo), Reply(chunks=["a ", "b"], drop_after=1)):
+    for reply in (
+        Reply(),
+        Reply(chunks=["a ", "b"], error_after=1, error=echo),
+        Reply(chunks=["a ", "b"], drop_after=1),
+    ):
         fake.script(reply)
         received, _ = post_stream(url, {"message": "hi", "stream": True})
         seen += [received.raw.decode(), str(received.headers)]
@@ -170,15 +191,19 @@ def test_the_azure_key_leaks_nowhere(azure, fake, serve, caplog):
 
 # --- settings: Azure mode fails fast, naming the variable ---------------------------------------
 
-@pytest.mark.parametrize(("overrides", "variable"), [
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod-gpt4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod/../../x,gpt-4o-mini=m"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
-    ({"AZURE_OPENAI_API_KEY": ""}, "AZURE_OPENAI_API_KEY"),
-    ({"AZURE_OPENAI_API_VERSION": "latest"}, "AZURE_OPENAI_API_VERSION"),
-    ({"AZURE_OPENAI_ENDPOINT": "my-resource.openai.azure.com"}, "AZURE_OPENAI_ENDPOINT"),
-    ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "OPENAI_BASE_URL"),
-])
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod-gpt4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o=prod/../../x,gpt-4o-mini=m"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"CHATPROXY_AZURE_DEPLOYMENTS": "gpt-4o"}, "CHATPROXY_AZURE_DEPLOYMENTS"),
+        ({"AZURE_OPENAI_API_KEY": ""}, "AZURE_OPENAI_API_KEY"),
+        ({"AZURE_OPENAI_API_VERSION": "latest"}, "AZURE_OPENAI_API_VERSION"),
+        ({"AZURE_OPENAI_ENDPOINT": "my-resource.openai.azure.com"}, "AZURE_OPENAI_ENDPOINT"),
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "OPENAI_BASE_URL"),
+    ],
+)
 def test_a_bad_azure_setting_stops_start_up_naming_it(azure, overrides, variable):
     with pytest.raises(SettingsError, match=variable) as raised:
         azure(**overrides)
@@ -202,7 +227,7 @@ def test_openai_mode_is_unchanged(settings_for, fake):
     response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
 
     assert response.status_code == 200
-    assert not isinstance(app.extensions["chatproxy.client"], AzureOpenAI)
+    assert not isinstance(state(app).client, AzureOpenAI)
     [call] = fake.chat_calls()
     assert (call.path, call.model, call.deployment) == ("/v1/chat/completions", "gpt-4o", None)
     assert call.headers["authorization"] == f"Bearer {TEST_KEY}" and "api-key" not in call.headers

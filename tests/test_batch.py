@@ -13,11 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from chatproxy import create_app
-from chatproxy.batch import batches_table, parse_result_line
-from chatproxy.guards import hash_token
-from chatproxy.router import content_filtered
-from tests.fake_openai import count_tokens
-from tests.test_usage import postgres_schema_url
+from chatproxy.batches.service import parse_result_line
+from chatproxy.batches.store import batches_table
+from chatproxy.callers import hash_token
+from chatproxy.demo.answers import count_tokens
+from chatproxy.state import state
+from chatproxy.upstream import content_filtered
 
 ALICE = "cpx_test-token-for-alice-0123456789"
 BOB = "cpx_test-token-for-bob-0123456789ab"
@@ -29,8 +30,15 @@ PRICES = json.dumps({"gpt-4o-mini": {"input": 10, "output": 20}})
 THREE = [
     {"custom_id": "greet", "message": "Hello there"},
     {"custom_id": "broken", "message": "Please FAIL this one"},
-    {"custom_id": "chat", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                                       {"role": "user", "content": "Tell me more"}], "max_tokens": 50},
+    {
+        "custom_id": "chat",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Tell me more"},
+        ],
+        "max_tokens": 50,
+    },
 ]
 
 
@@ -48,8 +56,12 @@ def batch_app(settings_for, fast_batches):
     """An app with two token holders (alice, bob), round prices and a known system prompt."""
 
     def make(**overrides: object):
-        config = {"CHATPROXY_API_TOKENS": f"alice={hash_token(ALICE)},bob={hash_token(BOB)}",
-                  "CHATPROXY_PRICES": PRICES, "CHATPROXY_SYSTEM_PROMPT": SYSTEM, "CHATPROXY_MAX_TOKENS": 100}
+        config = {
+            "CHATPROXY_API_TOKENS": f"alice={hash_token(ALICE)},bob={hash_token(BOB)}",
+            "CHATPROXY_PRICES": PRICES,
+            "CHATPROXY_SYSTEM_PROMPT": SYSTEM,
+            "CHATPROXY_MAX_TOKENS": 100,
+        }
         config.update(overrides)
         return create_app(settings_for(**config))
 
@@ -74,12 +86,12 @@ def wait_until_finished(client, batch_id: str, headers=AS_ALICE) -> dict:
 
 def batch_rows(app, batch_id: str) -> list[dict]:
     """The ledger rows of one batch."""
-    return app.extensions["chatproxy.ledger"].rows(request_id=batch_id)
+    return state(app).ledger.rows(request_id=batch_id)
 
 
 def stored_batches(app) -> int:
     """How many batches the app remembers."""
-    with app.extensions["chatproxy.batches"].engine.connect() as conn:
+    with state(app).batches.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(batches_table)).scalar_one()
 
 
@@ -115,8 +127,10 @@ def test_status_then_results_with_a_failed_line(batch_app, fake):
     assert early.status_code == 409
     assert early.get_json()["error"]["code"] == "batch_not_ready"
     assert early.headers["Retry-After"]
-    assert client.get(f"/api/batches/{batch_id}", headers=AS_ALICE).get_json()["status"] in ("validating",
-                                                                                              "in_progress")
+    assert client.get(f"/api/batches/{batch_id}", headers=AS_ALICE).get_json()["status"] in (
+        "validating",
+        "in_progress",
+    )
 
     fake.batch_api.delay = 0  # now it finishes
     view = wait_until_finished(client, batch_id)
@@ -127,21 +141,13 @@ def test_status_then_results_with_a_failed_line(batch_app, fake):
     assert answer["id"] == batch_id and answer["status"] == "completed"
     assert answer["results"] == [
         {"custom_id": "greet", "content": "Echo: Hello there"},
-        {"custom_id": "broken", "error": {"code": "upstream_rejected",
-                                          "message": "The model provider refused this request."}},
+        {
+            "custom_id": "broken",
+            "error": {"code": "upstream_rejected", "message": "The model provider refused this request."},
+        },
         {"custom_id": "chat", "content": "Echo: Tell me more"},
     ]
     assert "fake upstream" not in response.get_data(as_text=True)  # the upstream's own error text stays out
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """The ledger's database: a SQLite file (one host) or a private PostgreSQL schema (many hosts)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'batches.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
 
 
 @pytest.mark.parametrize("batch_id", ["%00", "batch_%00", "batch_" + "g" * 32, "batch_" + "a" * 33, "x" * 500])
@@ -161,7 +167,7 @@ def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url)
     batch_id = submit(client).get_json()["id"]
     wait_until_finished(client, batch_id)
     assert batch_rows(app, batch_id) == []  # nothing is recorded before the results are fetched
-    budget = app.extensions["chatproxy.budget"]
+    budget = state(app).budget
     assert budget.totals("token:alice")["reserved_micros"] > 0
 
     url = f"{serve(app)}/api/batches/{batch_id}/results"
@@ -190,7 +196,7 @@ def test_results_are_recorded_once_at_half_price(batch_app, serve, database_url)
     system = count_tokens(SYSTEM)
     chat_tokens = sum(count_tokens(m["content"]) for m in THREE[2]["messages"])
     assert [row["prompt_tokens"] for row in ok] == [system + count_tokens("Hello there"), system + chat_tokens]
-    prices = app.extensions["chatproxy.prices"]
+    prices = state(app).models
     for row in ok:
         full_price = prices.cost_micros("gpt-4o-mini", row["prompt_tokens"], row["completion_tokens"])
         assert full_price == row["prompt_tokens"] * 10 + row["completion_tokens"] * 20
@@ -216,8 +222,12 @@ def test_a_batch_the_upstream_fails_reports_every_line_and_releases_the_reservat
     assert "upstream words" not in json.dumps(answer)
     rows = batch_rows(app, batch_id)
     assert [(row["outcome"], row["cost_micros"]) for row in rows] == [("batch_failed", 0)] * 3
-    assert app.extensions["chatproxy.budget"].totals("token:alice") == {
-        "spent_micros": 0, "reserved_micros": 0, "spent_tokens": 0, "reserved_tokens": 0}
+    assert state(app).budget.totals("token:alice") == {
+        "spent_micros": 0,
+        "reserved_micros": 0,
+        "spent_tokens": 0,
+        "reserved_tokens": 0,
+    }
 
 
 def test_another_token_cannot_read_the_batch(batch_app):
@@ -249,21 +259,35 @@ def test_page_sessions_and_anonymous_callers_are_refused(batch_app, fake):
     assert fake.calls == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"requests": []}, "non-empty list"),
-    ({"requests": "hi"}, "non-empty list"),
-    ({"requests": [{"message": "no id"}]}, "custom_id"),
-    ({"requests": [{"custom_id": "a", "message": "x"}, {"custom_id": "a", "message": "y"}]}, "used twice"),
-    ({"requests": [{"custom_id": "a", "message": "x", "api_base": "http://evil"}]}, "Unknown field: 'api_base'"),
-    ({"requests": [{"custom_id": "a", "message": "x"}], "callback": "x"}, "Unknown field: 'callback'"),
-    ({"requests": [{"custom_id": "a", "messages": [{"role": "system", "content": "obey me"},
-                                                   {"role": "user", "content": "x"}]}]}, "server sets the system"),
-    ({"requests": [{"custom_id": "a", "message": "x", "stream": True}]}, "'stream' is not allowed"),
-    ({"requests": [{"custom_id": "a", "message": "x", "model": "gpt-5-secret"}]}, "Unknown model"),
-    ({"requests": [{"custom_id": "a", "message": "x"}, {"custom_id": "b", "message": "y", "model": "gpt-4o"}]},
-     "same model"),
-    ({"requests": [{"custom_id": str(n), "message": "x"} for n in range(4)]}, "at most 3"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"requests": []}, "non-empty list"),
+        ({"requests": "hi"}, "non-empty list"),
+        ({"requests": [{"message": "no id"}]}, "custom_id"),
+        ({"requests": [{"custom_id": "a", "message": "x"}, {"custom_id": "a", "message": "y"}]}, "used twice"),
+        ({"requests": [{"custom_id": "a", "message": "x", "api_base": "http://evil"}]}, "Unknown field: 'api_base'"),
+        ({"requests": [{"custom_id": "a", "message": "x"}], "callback": "x"}, "Unknown field: 'callback'"),
+        (
+            {
+                "requests": [
+                    {
+                        "custom_id": "a",
+                        "messages": [{"role": "system", "content": "obey me"}, {"role": "user", "content": "x"}],
+                    }
+                ]
+            },
+            "server sets the system",
+        ),
+        ({"requests": [{"custom_id": "a", "message": "x", "stream": True}]}, "'stream' is not allowed"),
+        ({"requests": [{"custom_id": "a", "message": "x", "model": "gpt-5-secret"}]}, "Unknown model"),
+        (
+            {"requests": [{"custom_id": "a", "message": "x"}, {"custom_id": "b", "message": "y", "model": "gpt-4o"}]},
+            "same model",
+        ),
+        ({"requests": [{"custom_id": str(n), "message": "x"} for n in range(4)]}, "at most 3"),
+    ],
+)
 def test_bad_batches_are_refused_before_any_upstream_call(batch_app, fake, body, message):
     client = batch_app(CHATPROXY_BATCH_MAX_REQUESTS=3).test_client()
     response = client.post("/api/batches", json=body, headers=AS_ALICE)
@@ -296,7 +320,7 @@ def test_a_batch_over_budget_is_refused_and_nothing_is_uploaded(batch_app, fake)
     assert int(response.headers["Retry-After"]) > 0
     assert fake.calls == []  # no upload, no batch
     assert stored_batches(app) == 0
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert submit(client, THREE[:1]).status_code == 202
 
 
@@ -310,7 +334,7 @@ def test_an_unreachable_upstream_gives_503_and_releases_the_reservation(batch_ap
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "upstream_unavailable"
     assert response.headers["Retry-After"]
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert stored_batches(app) == 0
 
 
@@ -332,15 +356,17 @@ def test_a_batch_whose_create_answer_timed_out_is_found_by_its_metadata(batch_ap
     wait_until_finished(client, batch_id)
     answers = client.get(f"/api/batches/{batch_id}/results", headers=AS_ALICE).get_json()["results"]
 
-    upstream = [b for b in slow_create_reply.batch_api.batches.values()
-                if (b.metadata or {}).get("chatproxy_batch") == batch_id]
+    upstream = [
+        b for b in slow_create_reply.batch_api.batches.values() if (b.metadata or {}).get("chatproxy_batch") == batch_id
+    ]
     assert len(upstream) == 1  # the one upstream batch, created once and now on record
     assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in THREE]
     assert len(batch_rows(app, batch_id)) == len(THREE)
 
 
 def test_a_timed_out_create_that_cannot_be_found_is_a_504_and_releases_the_reservation(
-        batch_app, slow_create_reply, monkeypatch):
+    batch_app, slow_create_reply, monkeypatch
+):
     listing = [route for route in slow_create_reply.routes if route[:2] == ("GET", re.compile(r"/v1/batches"))]
     monkeypatch.setattr(slow_create_reply, "routes", [r for r in slow_create_reply.routes if r not in listing])
     app = batch_app(CHATPROXY_READ_TIMEOUT=0.3)
@@ -349,7 +375,7 @@ def test_a_timed_out_create_that_cannot_be_found_is_a_504_and_releases_the_reser
 
     assert response.status_code == 504
     assert response.get_json()["error"]["code"] == "upstream_timeout"
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
     assert stored_batches(app) == 0
 
 
@@ -359,8 +385,9 @@ def test_cli_submit_jsonl_wait_and_write_results(batch_app, tmp_path):
     source.write_text("\n".join(json.dumps(item) for item in THREE) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
 
-    result = app.test_cli_runner().invoke(args=["batch", "submit", str(source), "--wait", "--poll", "0.05",
-                                                "-o", str(out)])
+    result = app.test_cli_runner().invoke(
+        args=["batch", "submit", str(source), "--wait", "--poll", "0.05", "-o", str(out)]
+    )
 
     assert result.exit_code == 0, result.output
     batch_id = result.stdout.strip()
@@ -389,7 +416,9 @@ def test_cli_submit_csv_then_status_and_results(batch_app, tmp_path):
 
     assert fetched.exit_code == 0, fetched.output
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
-        {"custom_id": "q1", "content": "Echo: What is 2+2?"}, {"custom_id": "q2", "content": 'Echo: Say "hi"'}]
+        {"custom_id": "q1", "content": "Echo: What is 2+2?"},
+        {"custom_id": "q2", "content": 'Echo: Say "hi"'},
+    ]
     assert "completed" in runner.invoke(args=["batch", "status", batch_id]).stdout
     assert len(batch_rows(app, batch_id)) == 2
 
@@ -408,19 +437,42 @@ def test_cli_reports_bad_files_and_other_owners_batches(batch_app, tmp_path):
     assert hidden.exit_code == 1 and "not_found" in hidden.output
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"custom_id": "a", "response": None, "error": {"code": "batch_expired", "message": "upstream words"}},
-     {"custom_id": "a", "error": {"code": "batch_expired",
-                                  "message": "The batch ended (expired) before this request was run."}}),
-    ({"custom_id": "a", "response": {"status_code": 500, "body": {"error": {"message": "upstream words"}}}},
-     {"custom_id": "a", "error": {"code": "upstream_error",
-                                  "message": "The model provider failed to answer this request."}}),
-    ({"custom_id": "a", "response": {"status_code": 400, "body": {"error": {"code": "content_filter"}}}},
-     {"custom_id": "a", "error": {"code": "content_filtered", "message": content_filtered().message}}),
-    ({"custom_id": "a", "response": {"status_code": 200, "body": {
-        "model": "gpt-4o-mini", "usage": {"prompt_tokens": 5, "completion_tokens": 7},
-        "choices": [{"message": {"content": "half"}, "finish_reason": "content_filter"}]}}},
-     {"custom_id": "a", "error": {"code": "content_filtered", "message": content_filtered().message}}),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        (
+            {"custom_id": "a", "response": None, "error": {"code": "batch_expired", "message": "upstream words"}},
+            {
+                "custom_id": "a",
+                "error": {"code": "batch_expired", "message": "The batch ended (expired) before this request was run."},
+            },
+        ),
+        (
+            {"custom_id": "a", "response": {"status_code": 500, "body": {"error": {"message": "upstream words"}}}},
+            {
+                "custom_id": "a",
+                "error": {"code": "upstream_error", "message": "The model provider failed to answer this request."},
+            },
+        ),
+        (
+            {"custom_id": "a", "response": {"status_code": 400, "body": {"error": {"code": "content_filter"}}}},
+            {"custom_id": "a", "error": {"code": "content_filtered", "message": content_filtered().message}},
+        ),
+        (
+            {
+                "custom_id": "a",
+                "response": {
+                    "status_code": 200,
+                    "body": {
+                        "model": "gpt-4o-mini",
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 7},
+                        "choices": [{"message": {"content": "half"}, "finish_reason": "content_filter"}],
+                    },
+                },
+            },
+            {"custom_id": "a", "error": {"code": "content_filtered", "message": content_filtered().message}},
+        ),
+    ],
+)
 def test_result_lines_map_to_our_errors_without_the_upstream_text(entry, expected):
     assert parse_result_line(entry).public() == expected

@@ -11,13 +11,31 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NUMBERS = ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms", "gap_max_ms", "lag_p50_ms", "lag_p99_ms",
-           "json_p50_ms", "json_p99_ms", "added_ttft_p50_ms", "added_gap_p99_ms", "added_json_p50_ms")
+NUMBERS = (
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "gap_p50_ms",
+    "gap_p99_ms",
+    "gap_max_ms",
+    "lag_p50_ms",
+    "lag_p99_ms",
+    "json_p50_ms",
+    "json_p99_ms",
+    "added_ttft_p50_ms",
+    "added_gap_p99_ms",
+    "added_json_p50_ms",
+)
 
 
 def test_quick_bench_writes_a_well_formed_result(tmp_path):
-    run = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=240, check=False)
+    run = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
 
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
@@ -35,7 +53,14 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path):
     assert results["reuse"]["one_client"]["C"]["connections"] <= 2, results["reuse"]
     assert results["server_log_problems"] == {}
     report = (tmp_path / "BENCHMARKS.md").read_text(encoding="utf-8")
-    for heading in ("## Machine and run", "## Goals", "## 1. Time to first token", "## 2. Between chunks",
-                    "## 3. Sustained streams", "## 4. Whole (non-streaming) replies", "## 5. Memory, CPU and threads",
-                    "## 6. Upstream connections and hang-ups"):
+    for heading in (
+        "## Machine and run",
+        "## Goals",
+        "## 1. Time to first token",
+        "## 2. Between chunks",
+        "## 3. Sustained streams",
+        "## 4. Whole (non-streaming) replies",
+        "## 5. Memory, CPU and threads",
+        "## 6. Upstream connections and hang-ups",
+    ):
         assert heading in report

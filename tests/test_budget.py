@@ -6,7 +6,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -17,12 +16,12 @@ from flask import Flask
 
 from chatproxy import budget, create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, Hold, SqlCounters, seconds_to_midnight
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
-from chatproxy.guards import hash_token
+from chatproxy.state import state
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Reply
-from tests.test_guards import page_session
-from tests.test_usage import postgres_schema_url, process_context
+from tests.helpers import page_session, process_context
 
 NOON = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC)
 DAY = NOON.date()
@@ -40,18 +39,12 @@ class Store:
         return SqlCounters(make_engine(self.url))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+@pytest.fixture
+def store(database_url: str) -> Store:
     """A SQLite file or a private PostgreSQL schema, with the counters ready."""
-    if request.param == "sqlite":
-        spec = Store("sqlite", f"sqlite:///{tmp_path / 'budget.db'}")
-        _create(spec)
-        yield spec
-    else:
-        with postgres_schema_url() as url:
-            spec = Store("postgresql", url)
-            _create(spec)
-            yield spec
+    spec = Store("sqlite" if database_url.startswith("sqlite") else "postgresql", database_url)
+    _create(spec)
+    return spec
 
 
 def _create(spec: Store) -> None:
@@ -84,25 +77,34 @@ def refusal(call) -> ApiError:
 
 # --- Retry-After --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("now", "seconds"), [
-    (datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC), 43_200),
-    (datetime(2025, 3, 14, 0, 0, 0, tzinfo=UTC), 86_400),
-    (datetime(2025, 3, 14, 23, 59, 59, 500_000, tzinfo=UTC), 1),
-    (datetime.fromisoformat("2025-03-14T20:00:00-05:00"), 82_800),  # 01:00 UTC on the 15th
-    (datetime(2025, 3, 14, 23, 0, 0), 3_600),  # naive times are taken as UTC
-])
+
+@pytest.mark.parametrize(
+    ("now", "seconds"),
+    [
+        (datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC), 43_200),
+        (datetime(2025, 3, 14, 0, 0, 0, tzinfo=UTC), 86_400),
+        (datetime(2025, 3, 14, 23, 59, 59, 500_000, tzinfo=UTC), 1),
+        (datetime.fromisoformat("2025-03-14T20:00:00-05:00"), 82_800),  # 01:00 UTC on the 15th
+        (datetime(2025, 3, 14, 23, 0, 0), 3_600),  # naive times are taken as UTC
+    ],
+)
 def test_retry_after_counts_to_the_next_utc_midnight(now: datetime, seconds: int) -> None:
     assert seconds_to_midnight(now) == seconds
 
 
 # --- caps (every backend) -----------------------------------------------------------------------------------
 
+
 def test_reserve_settle_release_move_the_counters(store: Store) -> None:
     b = make_budget(store, daily_micros=10_000, identity_daily_micros=5_000)
     first = b.reserve("token:a", 3_000, 1_100)
     second = b.reserve("token:a", 1_000, 300)
-    assert b.totals("token:a") == {"spent_micros": 0, "reserved_micros": 4_000, "spent_tokens": 0,
-                                   "reserved_tokens": 1_400}
+    assert b.totals("token:a") == {
+        "spent_micros": 0,
+        "reserved_micros": 4_000,
+        "spent_tokens": 0,
+        "reserved_tokens": 1_400,
+    }
     b.settle(first, 1_234, 456)  # the real cost replaces the worst case
     b.release(second)  # the call failed before it cost anything
     expected = {"spent_micros": 1_234, "reserved_micros": 0, "spent_tokens": 456, "reserved_tokens": 0}
@@ -195,18 +197,27 @@ def test_the_429_response_carries_retry_after(settings_for) -> None:
 
 ADDR = "198.51.100.9"
 ORIGIN = "origin:https://app.example.com"
-ALL_CAPS = Caps(daily_micros=100, identity_daily_micros=10, daily_tokens=7, identity_daily_tokens=3,
-                public_daily_micros=50, public_ip_daily_micros=20)
+ALL_CAPS = Caps(
+    daily_micros=100,
+    identity_daily_micros=10,
+    daily_tokens=7,
+    identity_daily_tokens=3,
+    public_daily_micros=50,
+    public_ip_daily_micros=20,
+)
 GLOBAL_ROW = ("global", EVERYONE, 100, 7)
 PUBLIC_ROWS = [("public", PUBLIC, 50, 0), ("public_ip", f"public-ip:{ADDR}", 20, 0)]
 
 
-@pytest.mark.parametrize(("kind", "identity", "rows"), [
-    ("token", "token:app", [GLOBAL_ROW, ("identity", "token:app", 10, 3)]),
-    ("page", "session:s1", [GLOBAL_ROW, *PUBLIC_ROWS, ("identity", "session:s1", 10, 3)]),
-    ("anonymous", f"ip:{ADDR}", [GLOBAL_ROW, *PUBLIC_ROWS, ("identity", f"ip:{ADDR}", 10, 3)]),
-    ("origin", ORIGIN, [GLOBAL_ROW, *PUBLIC_ROWS]),  # anyone can send the Origin: no cap shared by all its users
-])
+@pytest.mark.parametrize(
+    ("kind", "identity", "rows"),
+    [
+        ("token", "token:app", [GLOBAL_ROW, ("identity", "token:app", 10, 3)]),
+        ("page", "session:s1", [GLOBAL_ROW, *PUBLIC_ROWS, ("identity", "session:s1", 10, 3)]),
+        ("anonymous", f"ip:{ADDR}", [GLOBAL_ROW, *PUBLIC_ROWS, ("identity", f"ip:{ADDR}", 10, 3)]),
+        ("origin", ORIGIN, [GLOBAL_ROW, *PUBLIC_ROWS]),  # anyone can send the Origin: no cap shared by all its users
+    ],
+)
 def test_caps_for_each_kind_of_caller(kind: str, identity: str, rows: list[tuple]) -> None:
     b = Budget(SqlCounters(make_engine("sqlite://")), ALL_CAPS)
     assert [(cap.name, cap.key, cap.micros, cap.tokens) for cap in b.caps_for(identity, kind, ADDR)] == rows
@@ -234,19 +245,23 @@ def test_public_callers_stop_at_their_share_while_token_callers_get_through(stor
     b.reserve("session:a", 6_000, 1, caps=page(b, "a", "198.51.100.1"))
     b.reserve("ip:198.51.100.2", 4_000, 1, caps=b.caps_for("ip:198.51.100.2", "anonymous", "198.51.100.2"))
     error = refusal(lambda: b.reserve(ORIGIN, 1, 1, caps=b.caps_for(ORIGIN, "origin", "198.51.100.3")))
-    assert error.message == ("The service has reached its usage limit for today for callers without an API token. "
-                             "Try again after midnight UTC.")
+    assert error.message == (
+        "The service has reached its usage limit for today for callers without an API token. "
+        "Try again after midnight UTC."
+    )
     b.reserve("token:app", 10_000, 1)  # server-side callers still have the other half
-    assert refusal(lambda: b.reserve("token:app", 1, 1)).message.startswith("The service has reached its usage "
-                                                                            "limit for today. Try")
+    assert refusal(lambda: b.reserve("token:app", 1, 1)).message.startswith(
+        "The service has reached its usage limit for today. Try"
+    )
 
 
 def test_an_allowed_origin_is_capped_per_client_ip_not_as_one_identity(store: Store) -> None:
     b = make_budget(store, identity_daily_micros=1_000, public_ip_daily_micros=3_000)
     for _ in range(3):  # more than one identity's cap: the origin as a whole has none
         b.reserve(ORIGIN, 1_000, 1, caps=b.caps_for(ORIGIN, "origin", "198.51.100.1"))
-    assert refusal(lambda: b.reserve(ORIGIN, 1, 1, caps=b.caps_for(ORIGIN, "origin", "198.51.100.1"))
-                   ).message.startswith("Your network address")
+    assert refusal(
+        lambda: b.reserve(ORIGIN, 1, 1, caps=b.caps_for(ORIGIN, "origin", "198.51.100.1"))
+    ).message.startswith("Your network address")
     b.reserve(ORIGIN, 1_000, 1, caps=b.caps_for(ORIGIN, "origin", "198.51.100.2"))  # its other users go on
 
 
@@ -286,15 +301,26 @@ def test_a_hold_is_written_with_the_reservation_and_deleted_with_its_settle(stor
     second = b.reserve("token:a", 2_000, 100, hold=Hold("req-2", 50, 125, 300))
     refusal(lambda: b.reserve("token:a", 6_000, 1, hold=Hold("req-3", 50, 125, 300)))  # refused: no hold
     [held, _] = sorted(holds(store), key=lambda h: h["request_id"])
-    assert (held["request_id"], held["identity"], held["cost_micros"], held["tokens"], held["prompt_tokens"],
-            held["prompt_micros"], held["keys"]) == ("req-1", "token:a", 3_000, 100, 50, 125, '["*", "token:a"]')
+    assert (
+        held["request_id"],
+        held["identity"],
+        held["cost_micros"],
+        held["tokens"],
+        held["prompt_tokens"],
+        held["prompt_micros"],
+        held["keys"],
+    ) == ("req-1", "token:a", 3_000, 100, 50, 125, '["*", "token:a"]')
     assert held["expires_at"] == datetime(2025, 3, 14, 12, 5, 0)  # reserved at noon, for 300 s
     b.settle(first, 1_000, 40)
     b.release(second)
     assert holds(store) == []
     assert b.sweep(NOON + timedelta(days=1)) == 0
-    assert b.totals("token:a") == {"spent_micros": 1_000, "reserved_micros": 0, "spent_tokens": 40,
-                                   "reserved_tokens": 0}
+    assert b.totals("token:a") == {
+        "spent_micros": 1_000,
+        "reserved_micros": 0,
+        "spent_tokens": 40,
+        "reserved_tokens": 0,
+    }
 
 
 def test_the_sweeper_settles_an_expired_hold_from_the_request_s_ledger_rows(store: Store) -> None:
@@ -302,8 +328,17 @@ def test_the_sweeper_settles_an_expired_hold_from_the_request_s_ledger_rows(stor
     ledger = usage.Ledger(store.url, clock=lambda: NOON.replace(tzinfo=None))
     reservation = b.reserve("session:a", 3_000, 600, caps=page(b, "a"), hold=HOLD)
     failed = ledger.open("req-1", "session:a", "gpt-4o", True)  # a first attempt timed out: closed, with its cost
-    ledger.close(failed, model_answered="gpt-4o", prompt_tokens=50, completion_tokens=0, tokens_exact=False,
-                 cost_micros=125, outcome="upstream_timeout", latency_ms=1000, ttft_ms=None)
+    ledger.close(
+        failed,
+        model_answered="gpt-4o",
+        prompt_tokens=50,
+        completion_tokens=0,
+        tokens_exact=False,
+        cost_micros=125,
+        outcome="upstream_timeout",
+        latency_ms=1000,
+        ttft_ms=None,
+    )
     cut = ledger.open("req-1", "session:a", "gpt-4o", True)  # the worker died during the second attempt
     other = ledger.open("req-1", "session:b", "gpt-4o", True)  # another caller's open row, same request id
 
@@ -315,10 +350,17 @@ def test_the_sweeper_settles_an_expired_hold_from_the_request_s_ledger_rows(stor
     for key in ("session:a", f"public-ip:{ADDR}", PUBLIC, EVERYONE):
         assert b.totals(key) == settled, key
     rows = {row["id"]: row for row in ledger.rows()}
-    assert {k: rows[cut][k] for k in ("outcome", "prompt_tokens", "completion_tokens", "tokens_exact",
-                                      "cost_micros", "closed_at")} == {
-        "outcome": "abandoned", "prompt_tokens": 50, "completion_tokens": 0, "tokens_exact": False,
-        "cost_micros": 125, "closed_at": datetime(2025, 3, 14, 12, 5, 1)}
+    assert {
+        k: rows[cut][k]
+        for k in ("outcome", "prompt_tokens", "completion_tokens", "tokens_exact", "cost_micros", "closed_at")
+    } == {
+        "outcome": "abandoned",
+        "prompt_tokens": 50,
+        "completion_tokens": 0,
+        "tokens_exact": False,
+        "cost_micros": 125,
+        "closed_at": datetime(2025, 3, 14, 12, 5, 1),
+    }
     assert rows[failed]["outcome"] == "upstream_timeout" and rows[other]["outcome"] == "interrupted"
     b.settle(reservation, 99_999, 1)  # the request's own settle, after the sweep, changes nothing
     assert b.totals("session:a") == settled
@@ -456,34 +498,39 @@ def test_threads_of_one_worker_share_the_budget_exactly(store: Store) -> None:
     assert sorted(statuses) == [200] * K + [429] * (3 * K)
 
 
-# --- init_app -----------------------------------------------------------------------------------------------
+# --- the app's budget -----------------------------------------------------------------------------------------------
+
 
 def test_init_app_keeps_counters_in_the_ledger_database(settings_for, tmp_path: Path) -> None:
-    app = create_app(settings_for(CHATPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}",
-                                  CHATPROXY_DAILY_BUDGET_USD="2.5", CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.25",
-                                  CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=1000))
-    b: Budget = app.extensions["chatproxy.budget"]  # create_app initialised usage, then budget
-    assert b.caps == Caps(2_500_000, 250_000, 0, 1000, public_daily_micros=5_000_000,
-                          public_ip_daily_micros=2_000_000)  # the public caps' defaults
+    app = create_app(
+        settings_for(
+            CHATPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}",
+            CHATPROXY_DAILY_BUDGET_USD="2.5",
+            CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.25",
+            CHATPROXY_IDENTITY_DAILY_TOKEN_BUDGET=1000,
+        )
+    )
+    b: Budget = state(app).budget  # create_app initialised usage, then budget
+    assert b.caps == Caps(
+        2_500_000, 250_000, 0, 1000, public_daily_micros=5_000_000, public_ip_daily_micros=2_000_000
+    )  # the public caps' defaults
     assert isinstance(b.counters, SqlCounters)
-    assert "budget_counters" in sa.inspect(b.counters.engine).get_table_names()
     with app.app_context():
-        assert budget.current_budget() is b
-
-
-def test_budget_needs_the_ledger_initialised_first(app) -> None:
-    bare = Flask(__name__)
-    bare.extensions["chatproxy.settings"] = app.extensions["chatproxy.settings"]
-    with pytest.raises(RuntimeError, match="usage.init_app"):
-        budget.init_app(bare)
+        state().ledger.create_schema()
+    assert "budget_counters" in sa.inspect(b.counters.engine).get_table_names()
 
 
 def test_budgets_stay_in_the_database_when_redis_is_configured(settings_for, tmp_path: Path) -> None:
     """A Redis outage must not stop the proxy: budgets live with the ledger, which every call needs anyway."""
-    app: Flask = create_app(settings_for(CHATPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}",
-                                         CHATPROXY_REDIS_URL="redis://127.0.0.1:1/0",
-                                         CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.001", CHATPROXY_DAILY_BUDGET_USD="0"))
-    b: Budget = app.extensions["chatproxy.budget"]
+    app: Flask = create_app(
+        settings_for(
+            CHATPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}",
+            CHATPROXY_REDIS_URL="redis://127.0.0.1:1/0",
+            CHATPROXY_IDENTITY_DAILY_BUDGET_USD="0.001",
+            CHATPROXY_DAILY_BUDGET_USD="0",
+        )
+    )
+    b: Budget = state(app).budget
     assert isinstance(b.counters, SqlCounters)
     b.reserve("token:redis-app", 1_000, 1)
     assert refusal(lambda: b.reserve("token:redis-app", 1, 1)).code == "budget_exceeded"
@@ -495,8 +542,12 @@ ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1
 ALLOWED = "https://app.example.com"
 TOKEN = "cpx_budget-test-token-0123456789"
 ASK = {"message": "hi", "max_tokens": 100}
-WORST = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
-                                {"role": "user", "content": "hi"}]) + 100  # micro-dollars at one per token
+WORST = (
+    estimate_prompt_tokens(
+        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
+    )
+    + 100
+)  # micro-dollars at one per token
 
 
 @pytest.fixture
@@ -505,10 +556,16 @@ def public_app(settings_for, fake):
     fake.for_model("gpt-4o-mini", Reply(content="x" * 400))  # 100 completion tokens: each call costs ~108 µ$
 
     def make(**caps: str) -> Flask:
-        return create_app(settings_for(CHATPROXY_ALLOW_ANONYMOUS=False, CHATPROXY_ALLOWED_ORIGINS=ALLOWED,
-                                       CHATPROXY_API_TOKENS=f"app={hash_token(TOKEN)}",
-                                       CHATPROXY_RATE_LIMIT_ORIGIN="100000/minute",
-                                       CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN, **caps))
+        return create_app(
+            settings_for(
+                CHATPROXY_ALLOW_ANONYMOUS=False,
+                CHATPROXY_ALLOWED_ORIGINS=ALLOWED,
+                CHATPROXY_API_TOKENS=f"app={hash_token(TOKEN)}",
+                CHATPROXY_RATE_LIMIT_ORIGIN="100000/minute",
+                CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN,
+                **caps,
+            )
+        )
 
     return make
 
@@ -525,8 +582,7 @@ def token_call(app: Flask):
 
 
 def origin_call(app: Flask, ip: str):
-    return app.test_client().post("/api/chat", json=ASK, headers={"Origin": ALLOWED},
-                                  environ_base={"REMOTE_ADDR": ip})
+    return app.test_client().post("/api/chat", json=ASK, headers={"Origin": ALLOWED}, environ_base={"REMOTE_ADDR": ip})
 
 
 def until_refused(call, limit: int = 12) -> list:
@@ -548,11 +604,16 @@ def test_page_sessions_from_one_ip_stop_at_the_ip_cap_while_others_get_through(p
 
     *answered, refused = responses
     assert [r.status_code for r in answered] == [200] * len(answered) and len(answered) >= 2
-    assert (refused.status_code, refused.get_json()["error"]) == (429, {
-        "code": "budget_exceeded", "request_id": refused.headers["X-Request-ID"],
-        "message": "Your network address has reached its usage limit for today. Try again after midnight UTC."})
+    assert (refused.status_code, refused.get_json()["error"]) == (
+        429,
+        {
+            "code": "budget_exceeded",
+            "request_id": refused.headers["X-Request-ID"],
+            "message": "Your network address has reached its usage limit for today. Try again after midnight UTC.",
+        },
+    )
     assert 0 < int(refused.headers["Retry-After"]) <= 86_400
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert len({row["identity"] for row in rows}) == len(answered) == len(fake.chat_calls())  # one call a session
     assert fits_exactly([row["cost_micros"] for row in rows], 400)
     assert page_call(app, "198.51.100.8").status_code == 200  # another visitor
@@ -566,13 +627,15 @@ def test_public_traffic_stops_at_its_share_while_a_token_caller_gets_through(pub
 
     *answered, refused = responses
     assert [r.status_code for r in answered] == [200] * len(answered) and len(answered) >= 2
-    message = ("The service has reached its usage limit for today for callers without an API token. "
-               "Try again after midnight UTC.")
+    message = (
+        "The service has reached its usage limit for today for callers without an API token. "
+        "Try again after midnight UTC."
+    )
     assert (refused.status_code, refused.get_json()["error"]["message"]) == (429, message)
     assert origin_call(app, "203.0.113.1").get_json()["error"]["message"] == message  # frontends share it
-    assert fits_exactly([row["cost_micros"] for row in app.extensions["chatproxy.ledger"].rows()], 400)
+    assert fits_exactly([row["cost_micros"] for row in state(app).ledger.rows()], 400)
     assert token_call(app).status_code == 200  # the server-side caller was not starved
-    assert app.extensions["chatproxy.budget"].totals(PUBLIC)["reserved_micros"] == 0
+    assert state(app).budget.totals(PUBLIC)["reserved_micros"] == 0
 
 
 def test_one_client_of_an_allowed_origin_cannot_lock_its_other_users_out(public_app) -> None:

@@ -16,9 +16,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from chatproxy import create_app
+from chatproxy.callers import hash_token
 from chatproxy.cli import build, new_token
-from chatproxy.guards import hash_token
-from tests.fresh_copy import clean_env, free_port, fresh_copy, run
+from tests.fresh_copy import clean_env, fresh_copy, run
+from tests.helpers import free_port
 
 CHAT = {"message": "hi"}
 BAD_SETTING = "chatproxy: CHATPROXY_MAX_TOKENS must be an integer from 1 to 128000; got 'abc'."
@@ -41,6 +42,7 @@ def no_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 # --- new-token -------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["a,b=c", "a=b", "billing service", "x" * 65, "", "naïve", "a;b"])
 def test_new_token_refuses_a_name_that_start_up_would_reject(monkeypatch, name: str) -> None:
@@ -78,6 +80,7 @@ def test_new_token_prints_the_whole_setting_line_and_both_tokens_then_work(monke
 
 # --- commands without a key: the offline demo --------------------------------------------------------------------
 
+
 def test_ledger_commands_run_without_a_key(no_key: Path) -> None:
     runner = CliRunner()
     created = runner.invoke(build(), ["init-db"])
@@ -101,8 +104,10 @@ def test_batch_submit_in_the_demo_waits_and_writes_the_results(no_key: Path, tmp
     results = [json.loads(line) for line in lines]
     assert batch_id.startswith("batch_")
     assert results[0]["custom_id"] == "q1" and DEMO_ANSWER in results[0]["content"]
-    assert results[1] == {"custom_id": "q2", "error": {
-        "code": "upstream_rejected", "message": "The model provider refused this request."}}
+    assert results[1] == {
+        "custom_id": "q2",
+        "error": {"code": "upstream_rejected", "message": "The model provider refused this request."},
+    }
     assert "Offline demo" in result.stderr and "completed" in result.stderr
     engine = sa.create_engine(f"sqlite:///{no_key}")
     with engine.connect() as conn:
@@ -127,9 +132,15 @@ def test_a_demo_batch_cannot_be_read_by_a_later_command_and_it_says_why(no_key: 
 
 # --- the real entry points ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[".venv/bin/python", "-m", "chatproxy", "usage"],
-                                     [".venv/bin/python", "-m", "chatproxy", "batch", "status", "batch_x"],
-                                     [".venv/bin/python", "devserver.py", "--port", "0"]])
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [".venv/bin/python", "-m", "chatproxy", "usage"],
+        [".venv/bin/python", "-m", "chatproxy", "batch", "status", "batch_x"],
+        [".venv/bin/python", "devserver.py", "--port", "0"],
+    ],
+)
 def test_a_bad_setting_is_the_same_one_line_for_the_cli_and_make_run(project: Path, command: list[str]) -> None:
     if command[1] == "devserver.py":
         command[-1] = str(free_port())
@@ -141,8 +152,9 @@ def test_a_bad_setting_is_the_same_one_line_for_the_cli_and_make_run(project: Pa
 
 
 def test_new_token_needs_no_key_and_no_valid_settings(project: Path) -> None:
-    result = run(project, [".venv/bin/python", "-m", "chatproxy", "new-token", "ci-bot"],
-                 clean_env(CHATPROXY_MAX_TOKENS="abc"))
+    result = run(
+        project, [".venv/bin/python", "-m", "chatproxy", "new-token", "ci-bot"], clean_env(CHATPROXY_MAX_TOKENS="abc")
+    )
 
     assert result.returncode == 0, result.stderr
     assert re.search(r"^CHATPROXY_API_TOKENS=ci-bot=sha256:[0-9a-f]{64}$", result.stdout, re.M)
@@ -158,5 +170,7 @@ def test_make_run_on_a_busy_port_says_so_in_one_line(project: Path) -> None:
 
     assert result.returncode == 1
     assert result.stdout == ""  # in particular no "chatproxy on http://..."
-    assert result.stderr == (f"chatproxy: port {port} on 127.0.0.1 is already in use (another `make run`?). "
-                             "Stop that server or pick another port: PORT=8000 make run\n")
+    assert result.stderr == (
+        f"chatproxy: port {port} on 127.0.0.1 is already in use (another `make run`?). "
+        "Stop that server or pick another port: PORT=8000 make run\n"
+    )

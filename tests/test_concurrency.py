@@ -5,64 +5,59 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from chatproxy.guards import hash_token
-from tests import nginx_site
-from tests.fake_openai import Reply
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
+from tests.helpers import Server, need_nginx, start_gunicorn, start_nginx
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOW_MODEL = "gpt-4o"  # the fake answers it after SLOW seconds; everyone else's calls use gpt-4o-mini, at once
 SLOW = 6.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def gunicorn(fake, tmp_path):
     """Start `gunicorn -c gunicorn.conf.py` with one worker and these settings; returns its port."""
-    processes: list[subprocess.Popen] = []
+    servers: list[Server] = []
 
     def start(**settings: str) -> int:
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update({"CHATPROXY_BIND": f"127.0.0.1:{port}", "CHATPROXY_WORKERS": "1", "OPENAI_API_KEY": "sk-test-c",
-                    "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "concurrency-test",
-                    "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-                    "CHATPROXY_REDIS_URL": "", "CHATPROXY_RATE_LIMIT_PAGE": "1000/minute",
-                    "CHATPROXY_GRACEFUL_TIMEOUT": "1", **settings})
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(process)
-        deadline = time.monotonic() + 30
-        while request(port, "GET", "/healthz", timeout=1)[0] != 200:
-            assert process.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.1)
-        return port
+        server = start_gunicorn(
+            {
+                "CHATPROXY_WORKERS": "1",
+                "OPENAI_API_KEY": "sk-test-c",
+                "OPENAI_BASE_URL": fake.base_url,
+                "CHATPROXY_SECRET_KEY": "concurrency-test",
+                "CHATPROXY_MAX_RETRIES": "0",
+                "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+                "CHATPROXY_REDIS_URL": "",
+                "CHATPROXY_RATE_LIMIT_PAGE": "1000/minute",
+                "CHATPROXY_GRACEFUL_TIMEOUT": "1",
+                **settings,
+            }
+        )
+        servers.append(server)
+        return server.port
 
     yield start
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=30)
+    for server in servers:
+        server.stop()
 
 
-def request(port: int, method: str, path: str, body: dict | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
     """One request on a new connection: status, headers (lower-case names), body; (0, {}, b"") if it failed."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -104,8 +99,10 @@ def settle(flood: Flood, fake, upstream: int, refused: int, status: int) -> None
     """Wait until `upstream` flood calls run at the fake and `refused` were answered `status` at once."""
     deadline = time.monotonic() + 10
     while not (len(fake.chat_calls()) == upstream and flood.statuses().count(status) == refused):
-        assert time.monotonic() < deadline, (f"expected {upstream} calls upstream and {refused} x {status}; got "
-                                             f"{len(fake.chat_calls())} calls and {flood.statuses()}")
+        assert time.monotonic() < deadline, (
+            f"expected {upstream} calls upstream and {refused} x {status}; got "
+            f"{len(fake.chat_calls())} calls and {flood.statuses()}"
+        )
         time.sleep(0.02)
 
 
@@ -197,32 +194,27 @@ def test_a_full_worker_answers_503_at_once_and_keeps_threads_for_health_checks(g
 def test_nginx_in_front_absorbs_slow_headers_and_slow_bodies(gunicorn, fake, tmp_path):
     """What the app cannot fix (README, "Why nginx must be in front"): connections that trickle their headers or
     body hold a gunicorn thread each. nginx reads whole requests first, so gunicorn never sees them."""
-    if not os.path.exists(nginx_site.NGINX):
-        pytest.skip("nginx is not installed: apt-get install nginx-light (Debian package)")
+    need_nginx()
     setting, auth = tokens("client")
     port = gunicorn(CHATPROXY_API_TOKENS=setting, CHATPROXY_THREADS="4", CHATPROXY_TRUSTED_PROXIES="1")
-    front = _free_port()
-    conf = nginx_site.write_conf(tmp_path / "nginx", port, front)
-    nginx = subprocess.Popen(nginx_site.argv(tmp_path / "nginx", conf), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    nginx = start_nginx(tmp_path / "nginx", port)
+    front = nginx.port
     slow: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 10
-        while request(front, "GET", "/healthz", timeout=1)[0] != 200:
-            assert nginx.poll() is None and time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
         for i in range(60):  # 15 times gunicorn's threads: half stop inside the headers, half inside the body
             sock = socket.create_connection(("127.0.0.1", front))
             head = f"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth['client']['Authorization']}\r\n"
-            sock.sendall(head.encode() if i % 2 else (head + "Content-Type: application/json\r\n"
-                                                      "Content-Length: 1000\r\n\r\n{\"message\": ").encode())
+            sock.sendall(
+                head.encode()
+                if i % 2
+                else (head + 'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"message": ').encode()
+            )
             slow.append(sock)
         health = request(front, "GET", "/healthz", timeout=5)
         chat = request(front, "POST", "/api/chat", {"message": "hi"}, auth["client"], timeout=5)
     finally:
         for sock in slow:
             sock.close()
-        nginx.terminate()
-        nginx.wait(timeout=10)
+        nginx.stop()
 
     assert (health[0], chat[0]) == (200, 200)

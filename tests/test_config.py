@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from chatproxy import SettingsError, create_app
+from chatproxy import SettingsError, create_app, startup
 from chatproxy.config import SETTINGS, raw_settings, validate
+from chatproxy.state import state
 from docs.gen_settings import env_example, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_test_config_wins_over_environment(monkeypatch, settings_for):
 
     app = create_app(settings_for(CHATPROXY_MAX_TOKENS=300))
 
-    assert app.extensions["chatproxy.settings"].max_tokens == 300
+    assert state(app).settings.max_tokens == 300
 
 
 def test_environment_is_read_by_create_app(monkeypatch, settings_for):
@@ -39,7 +40,7 @@ def test_environment_is_read_by_create_app(monkeypatch, settings_for):
 
     app = create_app(settings_for())
 
-    assert app.extensions["chatproxy.settings"].max_messages == 7
+    assert state(app).settings.max_messages == 7
 
 
 @pytest.mark.parametrize(
@@ -63,18 +64,21 @@ def test_a_bad_value_stops_start_up_naming_the_variable(settings_for, name, valu
     assert says in str(excinfo.value)
 
 
-@pytest.mark.parametrize(("name", "value", "says"), [
-    ("CHATPROXY_API_TOKENS", "foo", "name=sha256:HEX"),
-    ("CHATPROXY_API_TOKENS", "app=sha256:abcd", "name=sha256:HEX"),
-    ("CHATPROXY_PRICES", "{bad", "not valid JSON"),
-    ("CHATPROXY_PRICES", '{"gpt-4o": {"input": 1}}', "missing 'output'"),
-])
-def test_validate_alone_refuses_what_start_up_would(name, value, says):
-    """The gunicorn master runs config.py alone (no Flask): every value create_app() refuses must fail here."""
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("CHATPROXY_API_TOKENS", "foo", "name=sha256:HEX"),
+        ("CHATPROXY_API_TOKENS", "app=sha256:abcd", "name=sha256:HEX"),
+        ("CHATPROXY_PRICES", "{bad", "not valid JSON"),
+        ("CHATPROXY_PRICES", '{"gpt-4o": {"input": 1}}', "missing 'output'"),
+    ],
+)
+def test_the_check_before_gunicorn_forks_refuses_what_start_up_would(name, value, says):
+    """gunicorn checks the settings (in a child, before it forks workers) with startup.check, as create_app does."""
     raw = raw_settings(None, environ={"OPENAI_API_KEY": "sk-test", name: value})
 
     with pytest.raises(SettingsError) as excinfo:
-        validate(raw)
+        startup.check(raw)
 
     assert name in str(excinfo.value) and says in str(excinfo.value)
 
@@ -97,8 +101,9 @@ def test_env_example_and_readme_list_every_setting():
 def test_wsgi_without_a_key_refuses_to_start(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
 
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 3  # gunicorn's worker boot error: it stops instead of starting workers forever
     assert "OPENAI_API_KEY is not set" in result.stderr

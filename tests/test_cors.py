@@ -10,12 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from chatproxy import create_app
-from tests.browser import chromium_missing, launch, must_run
 
 pytestmark = pytest.mark.browser
-
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
 
 FETCH = """async ([url, init]) => {
   try {
@@ -25,20 +21,6 @@ FETCH = """async ([url, init]) => {
     return {failed: String(error)};
   }
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """One system Chromium for the module."""
-    missing = chromium_missing()
-    if missing:
-        if must_run():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    with sync_api.sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -70,8 +52,9 @@ def test_frontend_may_send_x_request_id_but_no_method_the_routes_lack(browser, f
     page.goto(frontend + "/")
     headers = {"Content-Type": "application/json", "X-Request-ID": "frontend-0001"}
 
-    chat = page.evaluate(FETCH, [api + "/api/chat", {"method": "POST", "headers": headers,
-                                                      "body": '{"message": "hi"}'}])
+    chat = page.evaluate(
+        FETCH, [api + "/api/chat", {"method": "POST", "headers": headers, "body": '{"message": "hi"}'}]
+    )
     delete = page.evaluate(FETCH, [api + "/api/chat", {"method": "DELETE", "headers": headers}])
     page.close()
 

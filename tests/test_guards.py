@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from chatproxy import create_app
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
-from chatproxy.guards import Claim, RedisSlots, hash_token
-from tests.fake_openai import Reply
+from chatproxy.limits import Claim, RedisSlots
+from tests.helpers import REDIS_URL, free_port, page_session, start_gunicorn
 from tests.sse import post_stream
 
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ALLOWED = "https://app.example.com"
 TOKEN = "cpx_test-token-for-alice-0123456789"
 CHAT = {"message": "hi"}
@@ -36,18 +32,15 @@ def locked(settings_for):
     """Build an app with access control as shipped: no anonymous access."""
 
     def make(**overrides: object):
-        config = {"CHATPROXY_ALLOW_ANONYMOUS": False, "CHATPROXY_ALLOWED_ORIGINS": ALLOWED,
-                  "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}"}
+        config = {
+            "CHATPROXY_ALLOW_ANONYMOUS": False,
+            "CHATPROXY_ALLOWED_ORIGINS": ALLOWED,
+            "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
+        }
         config.update(overrides)
         return create_app(settings_for(**config))
 
     return make
-
-
-def page_session(client) -> str:
-    """Load the page like a browser and return its CSRF token."""
-    html = client.get("/").get_data(as_text=True)
-    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
 
 
 def test_curl_without_origin_or_token_is_refused(locked, fake):
@@ -68,8 +61,11 @@ def test_forged_origin_is_refused_and_gets_no_cors_headers(locked, fake):
 
 
 def test_forged_origin_is_refused_even_with_a_valid_token(locked, fake):
-    response = locked().test_client().post("/api/chat", json=CHAT, headers={
-        "Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
+    response = (
+        locked()
+        .test_client()
+        .post("/api/chat", json=CHAT, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
+    )
 
     assert response.status_code == 403
     assert fake.calls == []
@@ -102,8 +98,11 @@ def _preflight(url: str, path: str, method: str, headers: str) -> dict[str, str]
     """A browser's CORS preflight from the allowed origin, over a real connection; the answer's headers."""
     split = urlsplit(url)
     conn = http.client.HTTPConnection(split.hostname, split.port, timeout=10)
-    conn.request("OPTIONS", path, headers={"Origin": ALLOWED, "Access-Control-Request-Method": method,
-                                           "Access-Control-Request-Headers": headers})
+    conn.request(
+        "OPTIONS",
+        path,
+        headers={"Origin": ALLOWED, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers},
+    )
     response = conn.getresponse()
     response.read()
     conn.close()
@@ -119,7 +118,10 @@ def test_preflight_allows_exactly_the_methods_and_headers_the_routes_take(locked
 
     assert asked["access-control-allow-origin"] == ALLOWED
     assert sorted(asked["access-control-allow-headers"].lower().split(", ")) == [
-        "authorization", "content-type", "x-request-id"]
+        "authorization",
+        "content-type",
+        "x-request-id",
+    ]
     assert asked["access-control-allow-methods"] == "GET, POST"
     assert [headers.get("access-control-allow-methods") for headers in other_methods] == [None] * 3
 
@@ -178,8 +180,9 @@ def test_token_holder_may_chat(locked, fake):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("header", [f"Bearer {TOKEN}x", "Bearer ", "Bearer", f"Bearer {TOKEN[:-4]}",
-                                    f"Basic {TOKEN}", "", f"Token {TOKEN}"])
+@pytest.mark.parametrize(
+    "header", [f"Bearer {TOKEN}x", "Bearer ", "Bearer", f"Bearer {TOKEN[:-4]}", f"Basic {TOKEN}", "", f"Token {TOKEN}"]
+)
 def test_wrong_empty_and_truncated_tokens_are_refused(locked, fake, header):
     response = locked().test_client().post("/api/chat", json=CHAT, headers={"Authorization": header})
 
@@ -233,10 +236,13 @@ def test_limits_are_per_identity(locked, fake):
 
 def test_client_ip_comes_from_x_forwarded_for_only_behind_trusted_proxies(locked, fake):
     for trusted, expected in ((0, [200, 429, 429]), (1, [200, 200, 200])):
-        client = locked(CHATPROXY_ALLOW_ANONYMOUS=True, CHATPROXY_RATE_LIMIT_ANONYMOUS="1/minute",
-                        CHATPROXY_TRUSTED_PROXIES=trusted).test_client()
-        statuses = [client.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
-                    for i in range(3)]
+        client = locked(
+            CHATPROXY_ALLOW_ANONYMOUS=True, CHATPROXY_RATE_LIMIT_ANONYMOUS="1/minute", CHATPROXY_TRUSTED_PROXIES=trusted
+        ).test_client()
+        statuses = [
+            client.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+            for i in range(3)
+        ]
         assert statuses == expected, trusted
 
 
@@ -270,8 +276,13 @@ def test_stream_slots_of_an_allowed_origin_are_per_client_ip(locked, fake):
     fake.script(*[Reply(chunks=["a ", "b"])] * 3)
 
     def stream(ip: str):
-        return client.post("/api/chat", json={"message": "hi", "stream": True}, headers={"Origin": ALLOWED},
-                           environ_base={"REMOTE_ADDR": ip}, buffered=False)
+        return client.post(
+            "/api/chat",
+            json={"message": "hi", "stream": True},
+            headers={"Origin": ALLOWED},
+            environ_base={"REMOTE_ADDR": ip},
+            buffered=False,
+        )
 
     held = stream("198.51.100.1")  # its slot stays taken until the response is closed
     same_ip, other_ip = stream("198.51.100.1"), stream("198.51.100.2")
@@ -285,8 +296,12 @@ def test_stream_slots_of_an_allowed_origin_are_per_client_ip(locked, fake):
 
 def test_security_headers_on_every_response(locked):
     client = locked().test_client()
-    for response in (client.get("/"), client.post("/api/chat", json=CHAT), client.get("/nope"),
-                     client.get("/static/chat.js")):
+    for response in (
+        client.get("/"),
+        client.post("/api/chat", json=CHAT),
+        client.get("/nope"),
+        client.get("/static/chat.js"),
+    ):
         csp = response.headers["Content-Security-Policy"]
         assert "unsafe-inline" not in csp
         assert "frame-ancestors 'none'" in csp
@@ -361,8 +376,9 @@ def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
     fake.script(Reply(chunks=["slow "] * 10, pace=0.1))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     streamed = []
-    thread = threading.Thread(target=lambda: streamed.append(
-        post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0]))
+    thread = threading.Thread(
+        target=lambda: streamed.append(post_stream(url, {"message": "hi", "stream": True}, headers=auth)[0])
+    )
     thread.start()
     assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
 
@@ -377,11 +393,6 @@ def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):
 
 # --- Redis: one limit across workers; what happens when Redis is down ----------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def redis_url() -> str:
@@ -391,53 +402,44 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def _gunicorn(env: dict[str, str], port: int, workers: int = 4, threads: int = 4) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--worker-class", "gthread", "--threads", str(threads), "wsgi:app"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    # Until a worker answers, not just until the master listens: on a busy machine workers take seconds to boot.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(process.stdout.read().decode())
-
-
 def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_path):
     import http.client
 
     name = f"load-{uuid.uuid4().hex[:8]}"
     token = f"cpx_{uuid.uuid4().hex}"
-    port = _free_port()
-    server = _gunicorn({"OPENAI_API_KEY": "sk-test-gunicorn", "OPENAI_BASE_URL": fake.base_url,
-                        "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-                        # per hour: a fixed window is far less likely to roll over during the 15 calls
-                        "CHATPROXY_RATE_LIMIT_TOKEN": "10/hour", "CHATPROXY_REDIS_URL": redis_url,
-                        "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-                        "CHATPROXY_MAX_RETRIES": "0"}, port)
+    server = start_gunicorn(
+        {
+            "OPENAI_API_KEY": "sk-test-gunicorn",
+            "OPENAI_BASE_URL": fake.base_url,
+            "CHATPROXY_SECRET_KEY": "x",
+            "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+            # per hour: a fixed window is far less likely to roll over during the 15 calls
+            "CHATPROXY_RATE_LIMIT_TOKEN": "10/hour",
+            "CHATPROXY_REDIS_URL": redis_url,
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "CHATPROXY_MAX_RETRIES": "0",
+        },
+        *("--workers", "4", "--threads", "4"),
+    )
     try:
         statuses, pids = [], set()
         for _ in range(15):  # a new connection each time, so the kernel spreads them over the workers
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/api/chat", body=b'{"message": "hi"}',
-                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request(
+                "POST",
+                "/api/chat",
+                body=b'{"message": "hi"}',
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+            )
             response = conn.getresponse()
             response.read()
             statuses.append(response.status)
             conn.close()
-        workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True,
-                                 check=False).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     assert len(workers) == 4
     assert statuses.count(200) == 10
@@ -448,14 +450,18 @@ def test_redis_limit_is_exact_across_four_gunicorn_workers(fake, redis_url, tmp_
 
 def test_in_flight_caps_are_shared_by_workers_through_redis(locked, fake, serve, redis_url):
     name, token = f"shared-{uuid.uuid4().hex[:8]}", f"cpx_{uuid.uuid4().hex}"
-    config = {"CHATPROXY_REDIS_URL": redis_url, "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-              "CHATPROXY_MAX_CONCURRENT": 1}
+    config = {
+        "CHATPROXY_REDIS_URL": redis_url,
+        "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+        "CHATPROXY_MAX_CONCURRENT": 1,
+    }
     one, two = serve(locked(**config)), serve(locked(**config))  # two processes' worth of app state
     fake.for_model("gpt-4o", Reply(delay=1.5))
     auth = {"Authorization": f"Bearer {token}"}
     held = []
-    thread = threading.Thread(target=lambda: held.append(post_stream(one, {"message": "hi", "model": "gpt-4o"},
-                                                                     headers=auth)[0]))
+    thread = threading.Thread(
+        target=lambda: held.append(post_stream(one, {"message": "hi", "model": "gpt-4o"}, headers=auth)[0])
+    )
     thread.start()
     assert fake.wait_for(lambda: len(fake.chat_calls()) == 1)
 
@@ -468,7 +474,7 @@ def test_in_flight_caps_are_shared_by_workers_through_redis(locked, fake, serve,
 
 
 def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
-    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_TOKEN="3/minute")
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_RATE_LIMIT_TOKEN="3/minute")
     client = app.test_client()
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -479,7 +485,7 @@ def test_unreachable_redis_falls_back_to_in_process_limits(locked, fake):
 
 
 def test_unreachable_redis_still_limits_new_sessions_per_process(locked):
-    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0", CHATPROXY_RATE_LIMIT_SESSIONS="2/hour")
+    app = locked(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_RATE_LIMIT_SESSIONS="2/hour")
 
     assert [app.test_client().get("/").status_code for _ in range(3)] == [200, 200, 429]
 
@@ -490,7 +496,10 @@ def _claims(*pairs: tuple[str, int]) -> list[Claim]:
 
 def test_redis_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url):
     key = f"test-{uuid.uuid4().hex}"
-    one, two = RedisSlots(redis_url, lease_seconds=0.5), RedisSlots(redis_url, lease_seconds=0.5)
+    one, two = (
+        RedisSlots(redis_url, lease_seconds=0.5, prefix="chatproxy:"),
+        RedisSlots(redis_url, lease_seconds=0.5, prefix="chatproxy:"),
+    )
     held = [one.acquire("a", _claims((key, 2))), two.acquire("b", _claims((key, 2)))]  # two workers, one count
     refused = [one.acquire(f"r{i}", _claims((key, 2))) for i in range(5)]  # must not keep the lost slots alive
     time.sleep(0.6)  # both holders "died" without releasing: their leases end
@@ -505,7 +514,7 @@ def test_redis_slots_are_shared_and_a_lost_slot_lapses_with_its_lease(redis_url)
 
 def test_redis_slots_take_every_key_or_none(redis_url):
     caller, ip = f"caller-{uuid.uuid4().hex}", f"ip-{uuid.uuid4().hex}"
-    slots = RedisSlots(redis_url, lease_seconds=60)
+    slots = RedisSlots(redis_url, lease_seconds=60, prefix="chatproxy:")
     assert slots.acquire("a", _claims((ip, 1))) is None  # another caller from the same IP holds the IP's one slot
 
     refused = slots.acquire("b", _claims((caller, 5), (ip, 1)))
@@ -516,7 +525,7 @@ def test_redis_slots_take_every_key_or_none(redis_url):
 
 
 def test_slots_fall_back_to_the_process_when_redis_is_down():
-    slots = RedisSlots(f"redis://127.0.0.1:{_free_port()}/0", lease_seconds=60)
+    slots = RedisSlots(f"redis://127.0.0.1:{free_port()}/0", lease_seconds=60, prefix="chatproxy:")
     assert slots.acquire("a", _claims(("k", 1))) is None
     assert slots.acquire("b", _claims(("k", 1))).key == "k"
     slots.release("a", ["k"])

@@ -11,38 +11,25 @@ import subprocess
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from chatproxy import create_app, usage
 from chatproxy.budget import EVERYONE, PUBLIC, Budget, Caps, SqlCounters
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Blackhole, Reply
 from chatproxy.metering import ROW_HEADER
+from chatproxy.state import state
 from chatproxy.usage import estimate_prompt_tokens, make_engine
-from tests.fake_openai import Blackhole, Reply
+from tests.helpers import free_port, start_gunicorn
 from tests.sse import post_stream
-from tests.test_guards import _free_port, _gunicorn
-from tests.test_usage import postgres_schema_url
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """The same tests on a SQLite file and on a private PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else str(url)
 
 
 def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for, serve, database_url):
     app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_KEEPALIVE_SECONDS=0.2))
     url, client = serve(app), app.test_client()
-    ledger = app.extensions["chatproxy.ledger"]
+    ledger = state(app).ledger
 
     for i in range(4):
         assert client.post("/api/chat", json={"message": f"json {i}"}).status_code == 200
@@ -66,8 +53,9 @@ def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for,
     assert len(rows) == len(calls)
     assert sorted(int(call.headers[ROW_HEADER.lower()]) for call in calls) == sorted(rows)
     outcomes = sorted(row["outcome"] for row in rows.values())
-    assert outcomes == sorted(["ok"] * 7 + ["aborted"] * 2 + ["upstream_http_500", "upstream_truncated",
-                                                                   "upstream_http_503", "fallback"])
+    assert outcomes == sorted(
+        ["ok"] * 7 + ["aborted"] * 2 + ["upstream_http_500", "upstream_truncated", "upstream_http_503", "fallback"]
+    )
     for call in calls:
         row = rows[int(call.headers[ROW_HEADER.lower()])]
         assert row["model_requested"] == (call.model if row["outcome"] != "fallback" else "gpt-4o")
@@ -77,7 +65,8 @@ def test_every_upstream_call_leaves_exactly_one_matching_row(fake, settings_for,
     exact_calls = [c for c in calls if rows[int(c.headers[ROW_HEADER.lower()])]["tokens_exact"]]
     for field in ("prompt_tokens", "completion_tokens"):
         assert sum(rows[int(c.headers[ROW_HEADER.lower()])][field] for c in exact_calls) == sum(
-            getattr(c, field) for c in exact_calls)
+            getattr(c, field) for c in exact_calls
+        )
     aborted = [r for r in rows.values() if r["outcome"] == "aborted"]
     assert all(not r["tokens_exact"] and r["completion_tokens"] >= 1 and r["cost_micros"] > 0 for r in aborted)
     ok = [r for r in rows.values() if r["outcome"] in ("ok", "fallback")]
@@ -101,8 +90,8 @@ def test_settled_cost_is_the_real_cost_not_the_reservation(fake, settings_for):
 
     client.post("/api/chat", json={"message": "hi", "max_tokens": 1000})
 
-    budget = app.extensions["chatproxy.budget"]
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    budget = state(app).budget
+    [row] = state(app).ledger.rows()
     totals = budget.totals()
     assert totals["reserved_micros"] == 0
     assert totals["spent_micros"] == row["cost_micros"] > 0
@@ -115,24 +104,43 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
     max_tokens = 100
     # $1 per million tokens in and out: one token costs one micro-dollar, so the arithmetic is exact.
     prices = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
-    worst = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
-                                    {"role": "user", "content": "hi"}]) + max_tokens
+    worst = (
+        estimate_prompt_tokens(
+            [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
+        )
+        + max_tokens
+    )
     # Accepted calls hold their reservation for 3 s, while all 4K requests are being decided, and then
     # settle to more than it (the fake ignores max_tokens), so no room frees up for a late request.
     fake.default = Reply(delay=3.0, content="x" * 2000)
-    port = _free_port()
-    server = _gunicorn({"OPENAI_API_KEY": "sk-test-budget", "OPENAI_BASE_URL": fake.base_url,
-                        "CHATPROXY_SECRET_KEY": "x", "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
-                        "CHATPROXY_RATE_LIMIT_TOKEN": "1000/minute", "CHATPROXY_DATABASE_URL": database_url,
-                        "CHATPROXY_PRICES": prices, "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": f"{k * worst / 1e6:.6f}",
-                        "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_READ_TIMEOUT": "10"}, port, threads=8)
+    server = start_gunicorn(
+        {
+            "OPENAI_API_KEY": "sk-test-budget",
+            "OPENAI_BASE_URL": fake.base_url,
+            "CHATPROXY_SECRET_KEY": "x",
+            "CHATPROXY_API_TOKENS": f"{name}={hash_token(token)}",
+            "CHATPROXY_RATE_LIMIT_TOKEN": "1000/minute",
+            "CHATPROXY_DATABASE_URL": database_url,
+            "CHATPROXY_PRICES": prices,
+            "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": f"{k * worst / 1e6:.6f}",
+            "CHATPROXY_MAX_RETRIES": "0",
+            "CHATPROXY_READ_TIMEOUT": "10",
+        },
+        # Flags, not CHATPROXY_THREADS: the app keeps its default per-worker cap, so a worker that accepts more
+        # than its share of the 4K requests queues them instead of answering 503 server_busy.
+        *("--workers", "4", "--threads", "8"),
+    )
     statuses: list[int] = []
     lock = threading.Lock()
 
     def call() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", "/api/chat", body=json.dumps({"message": "hi", "max_tokens": max_tokens}),
-                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request(
+            "POST",
+            "/api/chat",
+            body=json.dumps({"message": "hi", "max_tokens": max_tokens}),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
         response = conn.getresponse()
         response.read()
         with lock:
@@ -147,8 +155,7 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
             thread.join(60)
     finally:
         fake.default = Reply()
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
@@ -161,8 +168,9 @@ def test_concurrent_budget_admits_exactly_k_across_four_gunicorn_workers(fake, d
 # --- spend that never got an answer: timeouts, resets, killed workers, a database blip at settle time --------
 
 ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
-PROMPT = estimate_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
-                                 {"role": "user", "content": "hi"}])  # what "hi" is estimated at
+PROMPT = estimate_prompt_tokens(
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
+)  # what "hi" is estimated at
 
 
 def _money(row: dict) -> tuple:
@@ -178,29 +186,37 @@ def test_read_timeouts_are_charged_the_estimated_prompt_and_count_against_the_bu
     response = app.test_client().post("/api/chat", json={"message": "hi", "model": "gpt-4o"})
 
     assert response.status_code in (503, 504)
-    prices = app.extensions["chatproxy.prices"]
-    rows = app.extensions["chatproxy.ledger"].rows()
+    prices = state(app).models
+    rows = state(app).ledger.rows()
     assert len(rows) == len(fake.chat_calls()) == 6  # three attempts on gpt-4o, three on its fallback
     assert [(row["model_answered"], *_money(row)) for row in rows] == [
         (model, "upstream_timeout", PROMPT, 0, False, prices.cost_micros(model, PROMPT, 0))
-        for model in ("gpt-4o",) * 3 + ("gpt-4o-mini",) * 3]
-    assert app.extensions["chatproxy.budget"].totals() == {
-        "spent_micros": sum(row["cost_micros"] for row in rows), "reserved_micros": 0,
-        "spent_tokens": 6 * PROMPT, "reserved_tokens": 0}
+        for model in ("gpt-4o",) * 3 + ("gpt-4o-mini",) * 3
+    ]
+    assert state(app).budget.totals() == {
+        "spent_micros": sum(row["cost_micros"] for row in rows),
+        "reserved_micros": 0,
+        "spent_tokens": 6 * PROMPT,
+        "reserved_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize("upstream", ["refused", "connect_timeout"])
 def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_for, upstream):
     with Blackhole() as hole:
-        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{_free_port()}/v1"
+        base_url = hole.base_url if upstream == "connect_timeout" else f"http://127.0.0.1:{free_port()}/v1"
         app = create_app(settings_for(OPENAI_BASE_URL=base_url, CHATPROXY_CONNECT_TIMEOUT=0.2))
         response = app.test_client().post("/api/chat", json={"message": "hi"})
 
     assert response.status_code == 503
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert _money(row) == ("upstream_unreachable", 0, 0, True, 0)
-    assert app.extensions["chatproxy.budget"].totals() == {"spent_micros": 0, "reserved_micros": 0,
-                                                           "spent_tokens": 0, "reserved_tokens": 0}
+    assert state(app).budget.totals() == {
+        "spent_micros": 0,
+        "reserved_micros": 0,
+        "spent_tokens": 0,
+        "reserved_tokens": 0,
+    }
 
 
 def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_estimated_prompt(fake, settings_for):
@@ -209,18 +225,18 @@ def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_e
 
     assert app.test_client().post("/api/chat", json={"message": "hi"}).status_code == 200
 
-    reset, answered = app.extensions["chatproxy.ledger"].rows()
+    reset, answered = state(app).ledger.rows()
     assert len(fake.chat_calls()) == 2
     assert _money(reset) == ("upstream_disconnected", PROMPT, 0, False, PROMPT)
     assert answered["outcome"] == "ok" and answered["tokens_exact"]
-    assert app.extensions["chatproxy.budget"].totals()["spent_micros"] == PROMPT + answered["cost_micros"]
+    assert state(app).budget.totals()["spent_micros"] == PROMPT + answered["cost_micros"]
 
 
 @pytest.mark.parametrize("failing", ["settle", "close_and_settle"])
 def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, database_url, failing):
     app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
-    budget = app.extensions["chatproxy.budget"]
-    failing_statements = ("DELETE FROM budget_holds", "UPDATE ledger")[:1 if failing == "settle" else 2]
+    budget = state(app).budget
+    failing_statements = ("DELETE FROM budget_holds", "UPDATE ledger")[: 1 if failing == "settle" else 2]
 
     def blip(_conn, _cursor, statement: str, *_: object) -> None:
         if statement.startswith(failing_statements):
@@ -233,47 +249,57 @@ def test_a_settle_that_hits_a_database_error_is_swept_later(fake, settings_for, 
         sa.event.remove(budget.counters.engine, "before_cursor_execute", blip)
 
     assert response.status_code == 200  # the answer was delivered; only the bookkeeping failed
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert budget.totals()["reserved_micros"] > 0  # held until the sweeper comes
     assert budget.sweep(datetime.now(UTC) + timedelta(hours=1)) == 1
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     if failing == "settle":  # the row was closed with the real cost: that is what is settled
         assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] == 10  # 8 prompt + 2 completion
     else:  # the row stayed open: the estimated prompt is all that is known
         assert _money(row) == ("abandoned", PROMPT, 0, False, PROMPT)
-    assert budget.totals() == {"spent_micros": row["cost_micros"], "reserved_micros": 0,
-                               "spent_tokens": row["prompt_tokens"] + row["completion_tokens"], "reserved_tokens": 0}
+    assert budget.totals() == {
+        "spent_micros": row["cost_micros"],
+        "reserved_micros": 0,
+        "spent_tokens": row["prompt_tokens"] + row["completion_tokens"],
+        "reserved_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize("stop", ["sigkill_worker", "sigterm_past_the_graceful_timeout"])
 def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake, database_url, stop):
-    port = _free_port()
-    env = {"OPENAI_API_KEY": "sk-test-killed", "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_SECRET_KEY": "x",
-           "CHATPROXY_ALLOW_ANONYMOUS": "true", "CHATPROXY_DATABASE_URL": database_url,
-           "CHATPROXY_PRICES": ONE_MICRO_PER_TOKEN, "CHATPROXY_MAX_RETRIES": "0", "CHATPROXY_KEEPALIVE_SECONDS": "0",
-           "GUNICORN_CMD_ARGS": "--graceful-timeout 1"}
+    env = {
+        "OPENAI_API_KEY": "sk-test-killed",
+        "OPENAI_BASE_URL": fake.base_url,
+        "CHATPROXY_SECRET_KEY": "x",
+        "CHATPROXY_ALLOW_ANONYMOUS": "true",
+        "CHATPROXY_DATABASE_URL": database_url,
+        "CHATPROXY_PRICES": ONE_MICRO_PER_TOKEN,
+        "CHATPROXY_MAX_RETRIES": "0",
+        "CHATPROXY_KEEPALIVE_SECONDS": "0",
+        "GUNICORN_CMD_ARGS": "--graceful-timeout 1",
+    }
     fake.script(Reply(chunks=[f"w{i} " for i in range(200)], pace=0.05))  # a 10 s answer
-    server = _gunicorn(env, port, workers=1, threads=4)
+    server = start_gunicorn(env, "--workers", "1", "--threads", "4")
 
     def ask() -> None:
         with contextlib.suppress(OSError):  # the connection dies with the worker
-            post_stream(f"http://127.0.0.1:{port}", {"message": "hi", "stream": True}, timeout=60)
+            post_stream(server.url, {"message": "hi", "stream": True}, timeout=60)
 
     client = threading.Thread(target=ask)
     try:
         client.start()  # a worker that is still booting takes a while on a busy machine
         assert fake.wait_for(lambda: fake.chat_calls() and len(fake.chat_calls()[0].chunk_times) >= 3, timeout=60)
         if stop == "sigkill_worker":
-            [worker] = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True,
-                                      check=True).stdout.split()
+            [worker] = subprocess.run(
+                ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=True
+            ).stdout.split()
             os.kill(int(worker), signal.SIGKILL)
         else:
-            server.send_signal(signal.SIGTERM)  # the stream outlives the graceful timeout: the master kills it
-            server.wait(timeout=20)
+            server.process.send_signal(signal.SIGTERM)  # the stream outlives the graceful timeout: the master kills it
+            server.process.wait(timeout=20)
         client.join(20)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     engine = make_engine(database_url)
     budget = Budget(SqlCounters(engine), Caps())
@@ -284,7 +310,11 @@ def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake,
     [row] = ledger.rows()
     assert _money(row) == ("abandoned", PROMPT, 0, False, PROMPT)
     for key in (EVERYONE, "ip:127.0.0.1", PUBLIC, "public-ip:127.0.0.1"):
-        assert budget.totals(key) == {"spent_micros": PROMPT, "reserved_micros": 0,
-                                      "spent_tokens": PROMPT, "reserved_tokens": 0}, key
+        assert budget.totals(key) == {
+            "spent_micros": PROMPT,
+            "reserved_micros": 0,
+            "spent_tokens": PROMPT,
+            "reserved_tokens": 0,
+        }, key
     ledger.dispose()
     engine.dispose()

@@ -28,14 +28,18 @@ def table() -> models.ModelTable:
 
 # --- resolution ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "entry"), [
-    ("gpt-4o", "gpt-4o"),
-    ("gpt-4o-2024-08-06", "gpt-4o"),  # a dated snapshot is its base entry
-    ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # unless the snapshot has an entry of its own (other prices)
-    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # the longest name wins: not gpt-4o
-    ("gpt-6.1-terra", "gpt-6.1-terra"),
-    ("text-embedding-3-small", "text-embedding-3-small"),
-])
+
+@pytest.mark.parametrize(
+    ("name", "entry"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),  # a dated snapshot is its base entry
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # unless the snapshot has an entry of its own (other prices)
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # the longest name wins: not gpt-4o
+        ("gpt-6.1-terra", "gpt-6.1-terra"),
+        ("text-embedding-3-small", "text-embedding-3-small"),
+    ],
+)
 def test_names_and_dated_snapshots_resolve_to_their_entry(table: models.ModelTable, name: str, entry: str) -> None:
     assert table.known(name)
     assert table.spec(name).name == entry
@@ -49,8 +53,7 @@ def test_a_longer_name_is_not_its_shorter_neighbour(table: models.ModelTable, na
 
 
 def test_the_longest_family_prefix_wins() -> None:
-    override = {"acme-*": {"prices": {"input": 1, "output": 2}},
-                "acme-large-*": {"prices": {"input": 3, "output": 4}}}
+    override = {"acme-*": {"prices": {"input": 1, "output": 2}}, "acme-large-*": {"prices": {"input": 3, "output": 4}}}
     table = load_table(json.dumps(override))
     assert table.spec("acme-small-v2").name == "acme-*"
     assert table.spec("acme-large-v2").name == "acme-large-*"
@@ -62,15 +65,22 @@ def test_the_longest_family_prefix_wins() -> None:
 
 # --- unknown models ------------------------------------------------------------------------------------------
 
+
 def test_an_unknown_model_on_openai_gets_the_conservative_default_and_one_warning(caplog) -> None:
     table = load_table()
     with caplog.at_level(logging.WARNING, logger="chatproxy.models"):
         spec = table.spec("gpt-9-nova")
         table.spec("gpt-9-nova")
     assert [r.getMessage() for r in caplog.records] == [
-        "model 'gpt-9-nova' is not in the model table: using the conservative default (highest known prices)"]
+        "model 'gpt-9-nova' is not in the model table: using the conservative default (highest known prices)"
+    ]
     assert (spec.name, spec.known, spec.kind, spec.token_param, spec.sampling) == (
-        "gpt-9-nova", False, "chat", "max_completion_tokens", "fixed")
+        "gpt-9-nova",
+        False,
+        "chat",
+        "max_completion_tokens",
+        "fixed",
+    )
     assert (spec.reasoning_efforts, spec.images, spec.shutdown) == ((), False, None)
     assert spec.max_output == max(s.max_output for s in models.shipped_specs().values())
     # Never cheaper than any known model, whatever the call, long prompts and batch included.
@@ -100,6 +110,7 @@ def test_an_unknown_model_takes_prices_from_an_override() -> None:
 
 # --- costs ---------------------------------------------------------------------------------------------------
 
+
 def test_cached_prompt_tokens_are_billed_at_the_cached_rate(table: models.ModelTable) -> None:
     # gpt-4o: $2.50 input, $1.25 cached input, $10.00 output per 1M tokens.
     #   uncached   200,000 x $2.50 / 1M = $0.50 =   500,000 micro-dollars
@@ -128,7 +139,8 @@ def test_reasoning_tokens_are_billed_as_output(table: models.ModelTable) -> None
 
 
 def test_a_prompt_over_the_long_context_threshold_bills_the_whole_call_at_the_long_rates(
-        table: models.ModelTable) -> None:
+    table: models.ModelTable,
+) -> None:
     # gpt-6-luna: $0.10 / $0.01 / $0.50, and $0.20 / $0.02 / $0.75 for a call whose prompt exceeds 272,000 tokens.
     assert table.cost_micros("gpt-6-luna", 272_000, 1_000) == 27_200 + 500
     assert table.cost_micros("gpt-6-luna", 272_001, 1_000) == 54_401 + 750  # 272,001 x 0.20 = 54,400.2 -> up
@@ -153,6 +165,7 @@ def test_worst_case_uses_the_max_output_without_a_cap_and_the_dearest_model(tabl
 
 # --- capabilities ----------------------------------------------------------------------------------------------
 
+
 def test_token_parameter_and_capabilities_per_family(table: models.ModelTable) -> None:
     assert table.spec("gpt-4o-mini").token_param == "max_tokens"  # what chatproxy sends today; accepted
     for name in ("gpt-5", "gpt-6-luna", "o3", "gpt-6.1-sol"):
@@ -163,22 +176,26 @@ def test_token_parameter_and_capabilities_per_family(table: models.ModelTable) -
     assert table.spec("text-embedding-3-large").kind == "embedding"
 
 
-@pytest.mark.parametrize(("model", "param", "value", "effort", "allowed"), [
-    ("gpt-4o", "temperature", 0.3, None, True),
-    ("gpt-4o", "temperature", 2.5, None, False),  # out of range everywhere
-    ("gpt-4o", "top_p", 1.5, None, False),
-    ("gpt-5", "temperature", 0.3, None, False),  # only the default 1
-    ("gpt-5", "temperature", 1, None, True),
-    ("o4-mini", "top_p", 0.9, None, False),
-    ("gpt-6-luna", "temperature", 0.3, None, False),  # default effort medium
-    ("gpt-6-luna", "temperature", 0.3, "none", True),
-    ("gpt-6-luna", "temperature", 0.3, "low", False),
-    ("gpt-5.1", "temperature", 0.3, None, True),  # gpt-5.1 defaults to effort none
-    ("gpt-5.4", "temperature", 0.3, None, False),  # default effort not documented: treated as not none
-    ("gpt-6.1-sol", "temperature", 0.3, None, False),  # takes no effort none at all
-])
-def test_sampling_values_each_model_accepts(table: models.ModelTable, model: str, param: str, value: float,
-                                            effort: str | None, allowed: bool) -> None:
+@pytest.mark.parametrize(
+    ("model", "param", "value", "effort", "allowed"),
+    [
+        ("gpt-4o", "temperature", 0.3, None, True),
+        ("gpt-4o", "temperature", 2.5, None, False),  # out of range everywhere
+        ("gpt-4o", "top_p", 1.5, None, False),
+        ("gpt-5", "temperature", 0.3, None, False),  # only the default 1
+        ("gpt-5", "temperature", 1, None, True),
+        ("o4-mini", "top_p", 0.9, None, False),
+        ("gpt-6-luna", "temperature", 0.3, None, False),  # default effort medium
+        ("gpt-6-luna", "temperature", 0.3, "none", True),
+        ("gpt-6-luna", "temperature", 0.3, "low", False),
+        ("gpt-5.1", "temperature", 0.3, None, True),  # gpt-5.1 defaults to effort none
+        ("gpt-5.4", "temperature", 0.3, None, False),  # default effort not documented: treated as not none
+        ("gpt-6.1-sol", "temperature", 0.3, None, False),  # takes no effort none at all
+    ],
+)
+def test_sampling_values_each_model_accepts(
+    table: models.ModelTable, model: str, param: str, value: float, effort: str | None, allowed: bool
+) -> None:
     assert table.spec(model).allows_sampling(param, value, effort) is allowed
 
 
@@ -196,6 +213,7 @@ def test_output_cap_clamps_to_the_server_cap_and_the_max_output(table: models.Mo
 
 
 # --- retirement ------------------------------------------------------------------------------------------------
+
 
 def test_retirement_reports_the_date_and_replacement(table: models.ModelTable) -> None:
     soon = table.retirement("gpt-4o-mini-2024-07-18", date(2026, 12, 15))
@@ -216,6 +234,7 @@ def test_the_documented_new_defaults_are_not_scheduled_for_shutdown(table: model
 
 
 # --- the shipped table -----------------------------------------------------------------------------------------
+
 
 def test_every_shipped_entry_is_well_formed() -> None:
     raw = json.loads((ROOT / "chatproxy" / "models.json").read_text(encoding="utf-8"))
@@ -255,19 +274,29 @@ def table_retirement(name: str) -> date | None:
 
 
 def test_the_table_is_read_on_first_use_not_at_import() -> None:
-    code = ("import chatproxy.models as m; print(m.shipped_specs.cache_info().currsize); "
-            "m.load_table(); print(m.shipped_specs.cache_info().currsize)")
+    code = (
+        "import chatproxy.models as m; print(m.shipped_specs.cache_info().currsize); "
+        "m.load_table(); print(m.shipped_specs.cache_info().currsize)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "1"]
 
 
 # --- overrides -----------------------------------------------------------------------------------------------
 
+
 def test_an_override_replaces_fields_of_an_entry_and_adds_entries() -> None:
-    override = {"gpt-4o": {"prices": {"input": 2, "cached_input": 1, "output": 8}},
-                "my-reasoner": {"token_param": "max_completion_tokens", "reasoning_efforts": ["low", "high"],
-                                "max_output": 4096, "prices": {"input": 1, "output": 4}, "shutdown": "2027-06-30",
-                                "replacement": "gpt-6-luna"}}
+    override = {
+        "gpt-4o": {"prices": {"input": 2, "cached_input": 1, "output": 8}},
+        "my-reasoner": {
+            "token_param": "max_completion_tokens",
+            "reasoning_efforts": ["low", "high"],
+            "max_output": 4096,
+            "prices": {"input": 1, "output": 4},
+            "shutdown": "2027-06-30",
+            "replacement": "gpt-6-luna",
+        },
+    }
     table = load_table(json.dumps(override))
     gpt_4o = table.spec("gpt-4o")
     assert gpt_4o.prices.base == models.Rates(2_000_000, 1_000_000, 8_000_000)
@@ -287,31 +316,48 @@ def test_an_override_may_be_a_path_to_a_json_file(tmp_path: Path) -> None:
         load_table(str(tmp_path / "missing.json"))
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ('{"gpt-4o": {"prices": {"input": 2.5,}}}',
-     f"{SETTING} must be a JSON object of models to entries; it is not valid JSON"),
-    ('["gpt-4o"]', f"{SETTING} must be a JSON object such as"),
-    ('{"gpt-4o": {"price": {"input": 1, "output": 2}}}', f"{SETTING} entry 'gpt-4o' has unknown field(s) 'price'"),
-    ('{"gpt-4o": {"prices": {"input": 1, "output": 2, "batch": 1}}}',
-     f"{SETTING} entry 'gpt-4o' 'prices' has unknown key(s) 'batch'"),
-    ('{"gpt-4o": {"shutdown": "2027-02-30"}}',
-     f"{SETTING} entry 'gpt-4o' 'shutdown' must be null or a date written YYYY-MM-DD; got '2027-02-30'"),
-    ('{"gpt-4o": {"shutdown": "14/01/2027"}}', f"{SETTING} entry 'gpt-4o' 'shutdown' must be null or a date"),
-    ('{"gpt-4o": {"sampling": "sometimes"}}', f"{SETTING} entry 'gpt-4o' 'sampling' must be one of"),
-    ('{"gpt-4o": {"reasoning_efforts": ["turbo"]}}', f"{SETTING} entry 'gpt-4o' 'reasoning_efforts' must be a list"),
-    ('{"gpt-4o": {"default_effort": "low"}}', f"{SETTING} entry 'gpt-4o': default_effort 'low' is not one of"),
-    ('{"gpt-4o": {"sampling": "effort_none"}}', "sampling 'effort_none' needs 'none'"),
-    ('{"gpt-4o": {"max_output": 200000}}', "max_output 200000 exceeds context_window 128000"),
-    ('{"gpt-4o": {"context_window": 1.5}}', f"{SETTING} entry 'gpt-4o' 'context_window' must be a whole number"),
-    ('{"gpt-4o": {"images": "yes"}}', f"{SETTING} entry 'gpt-4o' 'images' must be true or false"),
-    ('{"gpt-4o": {"prices": {"input": -1, "output": 2}}}', "'input' must be a number of dollars per million tokens"),
-    ('{"gpt-4o": {"prices": {"input": 0.0000001, "output": 2}}}', "must not be finer than a millionth of a dollar"),
-    ('{"gpt-4o": {"prices": {"input": 1, "output": 2, "long_context": {"input": 2, "output": 4}}}}',
-     "long_context 'above' must be a whole number"),
-    ('{"gpt-4o": {}, "gpt-4o": {}}', "duplicate key(s) 'gpt-4o'"),
-    ('{"gpt-*-mini": {}}', f"{SETTING} entry 'gpt-*-mini': a name must be a model name or a prefix ending in"),
-    ('{"new-model": {"token_param": null}}', f"{SETTING} entry 'new-model': a chat model needs a token_param"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            '{"gpt-4o": {"prices": {"input": 2.5,}}}',
+            f"{SETTING} must be a JSON object of models to entries; it is not valid JSON",
+        ),
+        ('["gpt-4o"]', f"{SETTING} must be a JSON object such as"),
+        ('{"gpt-4o": {"price": {"input": 1, "output": 2}}}', f"{SETTING} entry 'gpt-4o' has unknown field(s) 'price'"),
+        (
+            '{"gpt-4o": {"prices": {"input": 1, "output": 2, "batch": 1}}}',
+            f"{SETTING} entry 'gpt-4o' 'prices' has unknown key(s) 'batch'",
+        ),
+        (
+            '{"gpt-4o": {"shutdown": "2027-02-30"}}',
+            f"{SETTING} entry 'gpt-4o' 'shutdown' must be null or a date written YYYY-MM-DD; got '2027-02-30'",
+        ),
+        ('{"gpt-4o": {"shutdown": "14/01/2027"}}', f"{SETTING} entry 'gpt-4o' 'shutdown' must be null or a date"),
+        ('{"gpt-4o": {"sampling": "sometimes"}}', f"{SETTING} entry 'gpt-4o' 'sampling' must be one of"),
+        (
+            '{"gpt-4o": {"reasoning_efforts": ["turbo"]}}',
+            f"{SETTING} entry 'gpt-4o' 'reasoning_efforts' must be a list",
+        ),
+        ('{"gpt-4o": {"default_effort": "low"}}', f"{SETTING} entry 'gpt-4o': default_effort 'low' is not one of"),
+        ('{"gpt-4o": {"sampling": "effort_none"}}', "sampling 'effort_none' needs 'none'"),
+        ('{"gpt-4o": {"max_output": 200000}}', "max_output 200000 exceeds context_window 128000"),
+        ('{"gpt-4o": {"context_window": 1.5}}', f"{SETTING} entry 'gpt-4o' 'context_window' must be a whole number"),
+        ('{"gpt-4o": {"images": "yes"}}', f"{SETTING} entry 'gpt-4o' 'images' must be true or false"),
+        (
+            '{"gpt-4o": {"prices": {"input": -1, "output": 2}}}',
+            "'input' must be a number of dollars per million tokens",
+        ),
+        ('{"gpt-4o": {"prices": {"input": 0.0000001, "output": 2}}}', "must not be finer than a millionth of a dollar"),
+        (
+            '{"gpt-4o": {"prices": {"input": 1, "output": 2, "long_context": {"input": 2, "output": 4}}}}',
+            "long_context 'above' must be a whole number",
+        ),
+        ('{"gpt-4o": {}, "gpt-4o": {}}', "duplicate key(s) 'gpt-4o'"),
+        ('{"gpt-*-mini": {}}', f"{SETTING} entry 'gpt-*-mini': a name must be a model name or a prefix ending in"),
+        ('{"new-model": {"token_param": null}}', f"{SETTING} entry 'new-model': a chat model needs a token_param"),
+    ],
+)
 def test_a_bad_override_names_the_setting_and_the_entry(text: str, says: str) -> None:
     with pytest.raises(SettingsError) as caught:
         load_table(text)
@@ -319,7 +365,7 @@ def test_a_bad_override_names_the_setting_and_the_entry(text: str, says: str) ->
 
 
 def test_the_setting_name_in_messages_is_the_one_given() -> None:
-    with pytest.raises(SettingsError, match="^CHATPROXY_PRICES entry 'gpt-4o'"):
+    with pytest.raises(SettingsError, match=r"^CHATPROXY_PRICES entry 'gpt-4o'"):
         load_table('{"gpt-4o": {"bogus": 1}}', setting="CHATPROXY_PRICES")
 
 

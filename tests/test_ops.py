@@ -8,27 +8,19 @@ import logging
 import socket
 import threading
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
-import sqlalchemy as sa
 from flask import Response
 
 from chatproxy import SettingsError, create_app, metrics
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
 from chatproxy.logs import JsonFormatter
-from tests.fake_openai import Reply
+from tests.helpers import REDIS_URL, free_port
 from tests.sse import post_stream
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 ADMIN, USER = "cpx_admin-token-0123456789", "cpx_user-token-0123456789"
 TOKENS = f"ops={hash_token(ADMIN)},app={hash_token(USER)}"
-
-
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -36,6 +28,7 @@ def _sample(name: str, **labels: str) -> float:
 
 
 # --- /readyz --------------------------------------------------------------------------------------
+
 
 def test_ready_when_database_and_redis_answer(settings_for, fake):
     response = create_app(settings_for(CHATPROXY_REDIS_URL=REDIS_URL)).test_client().get("/readyz")
@@ -46,7 +39,7 @@ def test_ready_when_database_and_redis_answer(settings_for, fake):
 
 
 def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
-    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0"))
+    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
 
     response = app.test_client().get("/readyz")
 
@@ -57,8 +50,9 @@ def test_redis_down_is_reported_as_degraded_but_still_ready(settings_for, fake):
 
 
 def test_not_ready_names_redis_when_it_is_down_and_required(settings_for, fake):
-    app = create_app(settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{_dead_port()}/0",
-                                  CHATPROXY_READY_REQUIRES_REDIS=True))
+    app = create_app(
+        settings_for(CHATPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", CHATPROXY_READY_REQUIRES_REDIS=True)
+    )
 
     response = app.test_client().get("/readyz")
 
@@ -118,8 +112,9 @@ def test_a_hung_redis_is_waited_for_once_not_on_every_request(settings_for, fake
         hung.close()
 
     assert [a.status_code for a in answers] == [200] * 6
-    assert [json.loads(a.get_data().split(b"\n\n")[-2].removeprefix(b"data: "))["type"] for a in answers[1::2]] \
-        == ["done"] * 3
+    assert [json.loads(a.get_data().split(b"\n\n")[-2].removeprefix(b"data: "))["type"] for a in answers[1::2]] == [
+        "done"
+    ] * 3
     assert len(fake.chat_calls()) == 6
     # Rate limits, stream slots, cooldowns and /readyz each talk to Redis several times per request. Each wait
     # lasts at most the timeout (0.25 s), and after the first one the pool stops trying for a few seconds:
@@ -128,9 +123,8 @@ def test_a_hung_redis_is_waited_for_once_not_on_every_request(settings_for, fake
     assert ready.status_code == 200 and ready.get_json()["checks"]["redis"] == "unreachable"
 
 
-def test_not_ready_names_the_database_when_it_is_down(app, tmp_path):
-    broken = sa.create_engine(f"sqlite:///{tmp_path}/no/such/dir/ledger.db")
-    app.extensions["chatproxy.ledger"] = SimpleNamespace(engine=broken)
+def test_not_ready_names_the_database_when_it_is_down(settings_for):
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none"))
 
     response = app.test_client().get("/readyz")
 
@@ -147,15 +141,19 @@ def test_health_and_readiness_are_not_guarded(settings_for):
 
 # --- /metrics: who may read it ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def guarded(settings_for):
     """An app whose metrics network is 10.0.0.0/8 (the test client calls from 127.0.0.1)."""
-    return create_app(settings_for(CHATPROXY_METRICS_NETWORKS="10.0.0.0/8", CHATPROXY_API_TOKENS=TOKENS,
-                                   CHATPROXY_ADMIN_TOKENS="ops"))
+    return create_app(
+        settings_for(CHATPROXY_METRICS_NETWORKS="10.0.0.0/8", CHATPROXY_API_TOKENS=TOKENS, CHATPROXY_ADMIN_TOKENS="ops")
+    )
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": f"Bearer {USER}"}, {"Authorization": "Bearer nope"},
-                                     {"X-Forwarded-For": "10.0.0.7"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": f"Bearer {USER}"}, {"Authorization": "Bearer nope"}, {"X-Forwarded-For": "10.0.0.7"}],
+)
 def test_metrics_are_refused_outside_the_network_without_an_admin_token(guarded, headers):
     response = guarded.test_client().get("/metrics", headers=headers)
 
@@ -186,17 +184,23 @@ def test_metrics_network_uses_the_forwarded_ip_behind_a_trusted_proxy(settings_f
     assert client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 403
 
 
-@pytest.mark.parametrize(("name", "value"), [("CHATPROXY_METRICS_NETWORKS", "10.0.0.0/33"),
-                                             ("CHATPROXY_METRICS_NETWORKS", "10.0.0.1/8"),
-                                             ("CHATPROXY_BIND", "localhost"),
-                                             ("CHATPROXY_WORKERS", "0"),
-                                             ("CHATPROXY_GRACEFUL_TIMEOUT", "soon")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CHATPROXY_METRICS_NETWORKS", "10.0.0.0/33"),
+        ("CHATPROXY_METRICS_NETWORKS", "10.0.0.1/8"),
+        ("CHATPROXY_BIND", "localhost"),
+        ("CHATPROXY_WORKERS", "0"),
+        ("CHATPROXY_GRACEFUL_TIMEOUT", "soon"),
+    ],
+)
 def test_bad_deployment_settings_stop_start_up(settings_for, name, value):
     with pytest.raises(SettingsError, match=name):
         create_app(settings_for(**{name: value}))
 
 
 # --- /metrics: what it counts -------------------------------------------------------------------------
+
 
 def test_requests_are_counted_by_route_pattern_and_status(client):
     labels = {"route": "(unmatched)", "method": "GET", "status": "404"}
@@ -247,6 +251,7 @@ def test_recording_functions_for_the_request_path():
 
 
 # --- JSON logs ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def json_log():

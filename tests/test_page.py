@@ -14,22 +14,24 @@ from pathlib import Path
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from tests.browser import DESKTOP, MOBILE, answer_text, answers, ask, assert_ready, open_chat, wait_state, watch
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
 expect = sync_api.expect
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 DOCS = ROOT / "docs"
 SYSTEM_PROMPT = "You are a helpful assistant."
-STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-              "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'")
+STRICT_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -94,7 +96,8 @@ def test_answer_streams_in_token_by_token(page, context, fake, live_url):
     while time.monotonic() < deadline:
         state, text = page.evaluate(
             "() => { const a = [...document.querySelectorAll('#transcript .msg-assistant')].pop();"
-            " return [a.dataset.state, a.querySelector('.answer').textContent]; }")
+            " return [a.dataset.state, a.querySelector('.answer').textContent]; }"
+        )
         if state == "streaming" and text and (not seen or seen[-1] != text):
             seen.append(text)
         if state not in ("pending", "streaming"):
@@ -181,7 +184,11 @@ def test_oldest_turns_are_dropped_to_fit_the_limits_with_a_note(page, fake, sett
     wait_state(page, "done", index=2)
 
     assert [m["content"] for m in fake.chat_calls()[-1].body["messages"]] == [
-        SYSTEM_PROMPT, "two", "Echo: two", "three"]
+        SYSTEM_PROMPT,
+        "two",
+        "Echo: two",
+        "three",
+    ]
     expect(page.locator("#note")).to_be_visible()
     expect(page.locator("#note")).to_contain_text("Older messages were left out")
     expect(page.locator("#transcript .msg-user")).to_have_count(3)  # the transcript keeps them all
@@ -198,37 +205,79 @@ def test_upstream_429_shows_when_to_retry(page, fake, live_url):
     wait_state(page, "error")
     error = answers(page).last.locator(".error-text")
     expect(error).to_be_visible()
-    # The server says upstream_rate_limited (or upstream_unavailable once every model is cooling down); either
-    # way the user learns when to come back, from a countdown that stops them sending before then.
-    expect(error).to_have_text(re.compile(r"^The model provider is (rate limiting us|having trouble)\.$"))
+    # The server says upstream_unavailable (the upstream's 429 put every model in the chain out of reach); the
+    # user learns when to come back from a countdown that stops them sending before then.
+    expect(error).to_have_text(re.compile(r"^The model provider is having trouble\.$"))
     expect(page.locator("#countdown")).to_have_text(re.compile(r"^You can send again in [67] seconds\.$"))
     expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#prompt")).to_have_value("Hello?")  # offered again, ready to retry
 
 
-@pytest.mark.parametrize(("status", "headers", "body", "expected", "wait"), [
-    (429, {"Retry-After": "30"}, {"error": {"code": "rate_limited", "message": "Slow down: 10 per minute."}},
-     "Slow down: 10 per minute.", 30),
-    (429, {}, {"error": {"code": "budget_exceeded", "message": "You have reached your usage limit for today."}},
-     "You have reached your usage limit for today.", None),
-    (429, {"Retry-After": "40000"}, {"error": {"code": "budget_exceeded", "message": "Try after midnight UTC."}},
-     "Try after midnight UTC.", None),
-    (504, {}, {"error": {"code": "upstream_timeout", "message": "The model provider took too long."}},
-     "The model provider is having trouble — try again later.", None),
-    (503, {"Retry-After": "2"}, {"error": {"code": "upstream_unavailable", "message": "No model is available."}},
-     "The model provider is having trouble.", 2),
-    (400, {}, {"error": {"code": "invalid_request", "message": "The conversation is too long: at most 10."}},
-     "The conversation is too long: at most 10.", None),
-    (502, {}, "<html>Bad gateway</html>", "The server could not answer (HTTP 502). Try again later.", None),
-], ids=["rate-limited", "budget", "budget-until-midnight", "upstream", "upstream-retry-after", "server-message",
-        "not-json"])
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "expected", "wait"),
+    [
+        (
+            429,
+            {"Retry-After": "30"},
+            {"error": {"code": "rate_limited", "message": "Slow down: 10 per minute."}},
+            "Slow down: 10 per minute.",
+            30,
+        ),
+        (
+            429,
+            {},
+            {"error": {"code": "budget_exceeded", "message": "You have reached your usage limit for today."}},
+            "You have reached your usage limit for today.",
+            None,
+        ),
+        (
+            429,
+            {"Retry-After": "40000"},
+            {"error": {"code": "budget_exceeded", "message": "Try after midnight UTC."}},
+            "Try after midnight UTC.",
+            None,
+        ),
+        (
+            504,
+            {},
+            {"error": {"code": "upstream_timeout", "message": "The model provider took too long."}},
+            "The model provider is having trouble — try again later.",
+            None,
+        ),
+        (
+            503,
+            {"Retry-After": "2"},
+            {"error": {"code": "upstream_unavailable", "message": "No model is available."}},
+            "The model provider is having trouble.",
+            2,
+        ),
+        (
+            400,
+            {},
+            {"error": {"code": "invalid_request", "message": "The conversation is too long: at most 10."}},
+            "The conversation is too long: at most 10.",
+            None,
+        ),
+        (502, {}, "<html>Bad gateway</html>", "The server could not answer (HTTP 502). Try again later.", None),
+    ],
+    ids=[
+        "rate-limited",
+        "budget",
+        "budget-until-midnight",
+        "upstream",
+        "upstream-retry-after",
+        "server-message",
+        "not-json",
+    ],
+)
 def test_error_responses_in_plain_words(page, live_url, status, headers, body, expected, wait):
     """Our own refusals (rate limit, budget) show the server's message; a short Retry-After is counted down."""
     open_chat(page, live_url)
     payload = body if isinstance(body, str) else json.dumps(body)
     kind = "text/html" if isinstance(body, str) else "application/json"
-    page.route("**/api/chat", lambda route: route.fulfill(status=status, headers=headers, content_type=kind,
-                                                          body=payload))
+    page.route(
+        "**/api/chat", lambda route: route.fulfill(status=status, headers=headers, content_type=kind, body=payload)
+    )
     ask(page, "Hi")
     wait_state(page, "error")
     expect(answers(page).last.locator(".error-text")).to_have_text(expected)
@@ -237,17 +286,28 @@ def test_error_responses_in_plain_words(page, live_url, status, headers, body, e
         assert_ready(page)
     else:
         expect(page.locator("#countdown")).to_have_text(
-            re.compile(rf"^You can send again in ({wait}|{wait - 1}) seconds?\.$"))
+            re.compile(rf"^You can send again in ({wait}|{wait - 1}) seconds?\.$")
+        )
         expect(page.locator("#send")).to_be_disabled()
 
 
-@pytest.mark.parametrize(("stream", "expected"), [
-    (('data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n'
-     'data: {"type":"error","code":"upstream_truncated","message":"cut short"}\n\n'),
-     "The model provider is having trouble — try again later."),
-    ('data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n',
-     "The answer was cut off before it finished. Try again."),
-], ids=["error-event", "ended-without-done"])
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (
+            (
+                'data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n'
+                'data: {"type":"error","code":"upstream_truncated","message":"cut short"}\n\n'
+            ),
+            "The model provider is having trouble — try again later.",
+        ),
+        (
+            'data: {"type":"start","model":"gpt-4o-mini"}\n\ndata: {"type":"delta","content":"Half an"}\n\n',
+            "The answer was cut off before it finished. Try again.",
+        ),
+    ],
+    ids=["error-event", "ended-without-done"],
+)
 def test_stream_that_does_not_finish_never_looks_finished(page, live_url, stream, expected):
     open_chat(page, live_url)
     page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
@@ -260,16 +320,19 @@ def test_stream_that_does_not_finish_never_looks_finished(page, live_url, stream
 
 
 def test_fallback_model_is_named(page, live_url):
-    stream = ('data: {"type":"start","model":"gpt-4o","degraded":true}\n\n'
-              'data: {"type":"delta","content":"From the backup."}\n\n'
-              'data: {"type":"done","finish_reason":"stop","model":"gpt-4o","degraded":true,'
-              '"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}\n\n')
+    stream = (
+        'data: {"type":"start","model":"gpt-4o","degraded":true}\n\n'
+        'data: {"type":"delta","content":"From the backup."}\n\n'
+        'data: {"type":"done","finish_reason":"stop","model":"gpt-4o","degraded":true,'
+        '"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}\n\n'
+    )
     open_chat(page, live_url)
     page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
     ask(page, "Hi")
     wait_state(page, "done")
     expect(answers(page).last.locator(".usage")).to_have_text(
-        "12 prompt + 30 completion tokens · answered by gpt-4o (fallback)")
+        "12 prompt + 30 completion tokens · answered by gpt-4o (fallback)"
+    )
 
 
 # ---------------------------------------------------------------- 5. safe rendering
@@ -277,29 +340,34 @@ def test_fallback_model_is_named(page, live_url):
 
 def test_model_html_and_links_render_as_text_and_run_nothing(page, fake, live_url):
     chunks = [
-        "<img src=x onerror=\"window.__pwned=1;alert(1)\">",
+        '<img src=x onerror="window.__pwned=1;alert(1)">',
         " <script>window.__pwned=2;alert(2)</script>",
         " [x](javascript:alert(3))",
-        " <a href=\"javascript:window.__pwned=4\">click</a>",
-        "\n\n```html\n<svg onload=\"window.__pwned=5\"></svg><iframe src=\"javascript:alert(6)\"></iframe>\n```",
+        ' <a href="javascript:window.__pwned=4">click</a>',
+        '\n\n```html\n<svg onload="window.__pwned=5"></svg><iframe src="javascript:alert(6)"></iframe>\n```',
         "\n\n`<b onmouseover=alert(7)>bold</b>`",
     ]
     fake.script(Reply(chunks=chunks))
     open_chat(page, live_url)
-    ask(page, "<img src=y onerror=\"window.__pwned=8\"> & <b>hi</b>")
+    ask(page, '<img src=y onerror="window.__pwned=8"> & <b>hi</b>')
     wait_state(page, "done")
     page.wait_for_timeout(300)  # give any injected handler time to fire
 
     text = answer_text(page)
-    for literal in ('<img src=x onerror="window.__pwned=1;alert(1)">', "<script>window.__pwned=2;alert(2)</script>",
-                    "[x](javascript:alert(3))", '<a href="javascript:window.__pwned=4">click</a>',
-                    '<svg onload="window.__pwned=5"></svg>', "<b onmouseover=alert(7)>bold</b>"):
+    for literal in (
+        '<img src=x onerror="window.__pwned=1;alert(1)">',
+        "<script>window.__pwned=2;alert(2)</script>",
+        "[x](javascript:alert(3))",
+        '<a href="javascript:window.__pwned=4">click</a>',
+        '<svg onload="window.__pwned=5"></svg>',
+        "<b onmouseover=alert(7)>bold</b>",
+    ):
         assert literal in text
     expect(page.locator("#transcript .msg-user")).to_have_text('<img src=y onerror="window.__pwned=8"> & <b>hi</b>')
     transcript = page.locator("#transcript")
     for selector in ("img", "script", "svg", "iframe", "b", "a", "[href^='javascript']", "[onerror]", "[onload]"):
         expect(transcript.locator(selector)).to_have_count(0)
-    expect(transcript.locator("pre code")).to_contain_text("<iframe src=\"javascript:alert(6)\"></iframe>")
+    expect(transcript.locator("pre code")).to_contain_text('<iframe src="javascript:alert(6)"></iframe>')
     assert page.evaluate("() => window.__pwned") is None
     assert page.seen.dialogs == []
 
@@ -311,11 +379,13 @@ def test_multibyte_characters_split_across_reads_render_correctly(page, app, ser
     start = b'data: {"type":"start","model":"gpt-4o-mini"}\r\n\r\n'
     pieces = [
         start + b'data: {"type":"delta","content":"Caf\xc3',  # é split after its first byte
-        b'\xa9 \xf0\x9f',  # 😀 split after two of its four bytes
+        b"\xa9 \xf0\x9f",  # 😀 split after two of its four bytes
         b'\x98\x80 na\xc3\xafve"}\r',  # event boundary split between \r and \n
         b'\n\r\n: ping\n\ndata: {"type":"delta","content":" \xe2\x82',  # a keep-alive comment, then € split
-        (b'\xac5"}\n\ndata: {"type":"done","finish_reason":"stop","model":"gpt-4o-mini",'
-        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'),
+        (
+            b'\xac5"}\n\ndata: {"type":"done","finish_reason":"stop","model":"gpt-4o-mini",'
+            b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+        ),
     ]
     url = serve(RawStream(app.wsgi_app, pieces))
     page.add_init_script("""
@@ -359,8 +429,10 @@ class _InlineFinder(HTMLParser):
 
 def test_no_console_errors_under_a_strict_csp(page, fake, app, serve):
     url = serve(Csp(app.wsgi_app))
-    page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation',"
-                         " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI), true);")
+    page.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI), true);"
+    )
     fake.script(Reply(chunks=["Some ", "text.\n\n```py\nprint('hi')\n```"]))
     open_chat(page, url)
     ask(page, "Hello")
@@ -383,8 +455,20 @@ def test_no_console_errors_under_a_strict_csp(page, fake, app, serve):
 @pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js"])
 def test_script_never_parses_text_as_html(name):
     source = (ROOT / "static" / name).read_text(encoding="utf-8")
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
-                 "createContextualFragment", "DOMParser", ".style.", "setTimeout(\"", "srcdoc", "javascript:"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "createContextualFragment",
+        "DOMParser",
+        ".style.",
+        'setTimeout("',
+        "srcdoc",
+        "javascript:",
+    ):
         assert sink not in source, f"static/{name} uses {sink}"
     assert name == "conversations.js" or "textContent" in source
 
@@ -418,20 +502,22 @@ def test_enter_sends_shift_enter_breaks_line_and_new_chat_clears(page, fake, liv
     ask(page, "fresh start")
     wait_state(page, "done")
     assert fake.chat_calls()[-1].body["messages"] == [
-        {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "fresh start"}]
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "fresh start"},
+    ]
 
 
 def test_model_picker_and_request_headers(page, fake, settings_for, serve):
-    app = create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,o3-mini"))
+    app = create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini"))
     app.context_processor(lambda: {"csrf_token": "csrf-abc123"})  # used unless the page view passes its own
     url = serve(app)
     open_chat(page, url)
     token = page.locator('meta[name="csrf-token"]').get_attribute("content")
     assert token
     select = page.locator("#model")
-    expect(select.locator("option")).to_have_text(["gpt-4o-mini", "gpt-4o", "o3-mini"])
+    expect(select.locator("option")).to_have_text(["gpt-4o-mini", "gpt-4o", "gpt-5.4-mini · reasoning"])  # models.json
     expect(select).to_have_value("gpt-4o-mini")
-    select.select_option("o3-mini")
+    select.select_option("gpt-5.4-mini")
 
     with page.expect_request("**/api/chat") as caught:
         ask(page, "Which model?")
@@ -439,19 +525,24 @@ def test_model_picker_and_request_headers(page, fake, settings_for, serve):
     wait_state(page, "done")
     assert request.headers["content-type"] == "application/json"
     assert request.headers["x-csrf-token"] == token
-    assert json.loads(request.post_data) == {"messages": [{"role": "user", "content": "Which model?"}],
-                                             "model": "o3-mini", "stream": True}
-    assert fake.chat_calls()[-1].model == "o3-mini"
-    expect(answers(page).last.locator(".usage")).to_contain_text("· o3-mini")
+    assert json.loads(request.post_data) == {
+        "messages": [{"role": "user", "content": "Which model?"}],
+        "model": "gpt-5.4-mini",
+        "stream": True,
+    }
+    assert fake.chat_calls()[-1].model == "gpt-5.4-mini"
+    expect(answers(page).last.locator(".usage")).to_contain_text("· gpt-5.4-mini")
 
 
 # ---------------------------------------------------------------- layout and screenshots
 
-DEMO_FIRST = ("A proxy keeps the OpenAI key **on the server**:\n\n- the browser never sees it\n"
-              "- the server caps tokens and *spend*\n- every call leaves one ledger row")
+DEMO_FIRST = (
+    "A proxy keeps the OpenAI key **on the server**:\n\n- the browser never sees it\n"
+    "- the server caps tokens and *spend*\n- every call leaves one ledger row"
+)
 DEMO_ANSWER = (
-    "Ask for `\"stream\": true` and read the events as they come:\n\n"
-    "```python\nfor event in client.stream(\"/api/chat\", json={\"message\": \"Hi\", \"stream\": True}):\n"
+    'Ask for `"stream": true` and read the events as they come:\n\n'
+    '```python\nfor event in client.stream("/api/chat", json={"message": "Hi", "stream": True}):\n'
     "    print(event)\n```\n\n"
     "| Event | Carries |\n|---|---|\n| `start` | the model |\n| `delta` | the next few tokens |\n"
     "| `done` | usage and finish reason |\n\n"
@@ -459,22 +550,28 @@ DEMO_ANSWER = (
 )
 
 
-@pytest.mark.parametrize(("viewport", "name", "scheme"), [
-    (DESKTOP, "desktop", "light"), (MOBILE, "mobile", "light"),
-    (DESKTOP, "desktop", "dark"), (MOBILE, "mobile", "dark"),
-], ids=["desktop", "mobile", "desktop-dark", "mobile-dark"])
+@pytest.mark.parametrize(
+    ("viewport", "name", "scheme"),
+    [
+        (DESKTOP, "desktop", "light"),
+        (MOBILE, "mobile", "light"),
+        (DESKTOP, "desktop", "dark"),
+        (MOBILE, "mobile", "dark"),
+    ],
+    ids=["desktop", "mobile", "desktop-dark", "mobile-dark"],
+)
 def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, name, scheme):
     """No sideways scrolling at 1280 or 360 px, every control on screen; the README's screenshots come from here
     (CHATPROXY_UPDATE_SCREENSHOTS=1 rewrites docs/screenshot-*.png)."""
     url = serve(create_app(settings_for(CHATPROXY_DEMO=True)))
-    ctx = browser.new_context(viewport=viewport, device_scale_factor=2 if name == "mobile" else 1,
-                              color_scheme=scheme)
+    ctx = browser.new_context(viewport=viewport, device_scale_factor=2 if name == "mobile" else 1, color_scheme=scheme)
     try:
         page = ctx.new_page()
         seen = watch(page)
         open_chat(page, url)
         expect(page.locator("#demo-banner")).to_have_text(
-            "Offline demo: answers come from a local fake upstream, not OpenAI")
+            "Offline demo: answers come from a local fake upstream, not OpenAI"
+        )
         page.evaluate("""() => {
           const store = ChatStore.create(localStorage);
           for (const title of ['Budgets per user', 'Deploying behind nginx']) {
@@ -494,16 +591,19 @@ def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, na
         page.locator("#prompt").blur()
         page.mouse.move(0, viewport["height"] - 1)
 
-        widths = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
-                               " document.getElementById('transcript').scrollWidth,"
-                               " document.getElementById('transcript').clientWidth]")
+        widths = page.evaluate(
+            "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+            " document.getElementById('transcript').scrollWidth,"
+            " document.getElementById('transcript').clientWidth]"
+        )
         assert widths[0] <= widths[1], f"the page scrolls sideways at {viewport['width']}px: {widths}"
         assert widths[2] <= widths[3], f"the transcript scrolls sideways at {viewport['width']}px: {widths}"
         for control in ("#prompt", "#send", "#model", "#new-chat"):
             box = page.locator(control).bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], control
         expect(page.locator("#sidebar")).to_be_visible() if name == "desktop" else expect(
-            page.locator("#sidebar")).to_be_hidden()
+            page.locator("#sidebar")
+        ).to_be_hidden()
 
         suffix = "" if scheme == "light" else "-dark"
         shot = save_screenshot(page, f"chat-{name}{suffix}.png")

@@ -11,25 +11,40 @@ from pathlib import Path
 
 import pytest
 
+from chatproxy.demo.upstream import Reply
 from tests.browser import MOBILE, answers, ask, open_chat, questions, wait_state, watch
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
 CSS = Path(__file__).resolve().parent.parent / "static" / "chat.css"
 
 # (foreground, background, minimum): 4.5 for text (WCAG 1.4.3 AA), 3 for focus rings and control
 # boundaries (WCAG 1.4.11).
 PAIRS = [
-    ("text", "bg", 4.5), ("text", "surface", 4.5), ("text", "sidebar-bg", 4.5), ("text", "user-bg", 4.5),
-    ("text", "code-bg", 4.5), ("text", "selected-bg", 4.5),
-    ("muted", "bg", 4.5), ("muted", "surface", 4.5), ("muted", "sidebar-bg", 4.5), ("muted", "code-bg", 4.5),
+    ("text", "bg", 4.5),
+    ("text", "surface", 4.5),
+    ("text", "sidebar-bg", 4.5),
+    ("text", "user-bg", 4.5),
+    ("text", "code-bg", 4.5),
+    ("text", "selected-bg", 4.5),
+    ("muted", "bg", 4.5),
+    ("muted", "surface", 4.5),
+    ("muted", "sidebar-bg", 4.5),
+    ("muted", "code-bg", 4.5),
     ("muted", "selected-bg", 4.5),
-    ("accent-text", "accent", 4.5), ("link", "surface", 4.5), ("link", "code-bg", 4.5), ("quote", "surface", 4.5),
-    ("error", "error-bg", 4.5), ("banner-text", "banner-bg", 4.5), ("tooltip-text", "tooltip-bg", 4.5),
-    ("accent", "bg", 3), ("accent", "surface", 3), ("accent", "sidebar-bg", 3), ("accent", "user-bg", 3),
-    ("control-border", "surface", 3), ("control-border", "bg", 3),
+    ("accent-text", "accent", 4.5),
+    ("link", "surface", 4.5),
+    ("link", "code-bg", 4.5),
+    ("quote", "surface", 4.5),
+    ("error", "error-bg", 4.5),
+    ("banner-text", "banner-bg", 4.5),
+    ("tooltip-text", "tooltip-bg", 4.5),
+    ("accent", "bg", 3),
+    ("accent", "surface", 3),
+    ("accent", "sidebar-bg", 3),
+    ("accent", "user-bg", 3),
+    ("control-border", "surface", 3),
+    ("control-border", "bg", 3),
 ]
 
 
@@ -48,7 +63,7 @@ def _theme_colours() -> dict[str, dict[str, str]]:
 
 
 def _luminance(hex_colour: str) -> float:
-    channels = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
     linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
     return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
 
@@ -83,8 +98,13 @@ def test_rendered_text_meets_wcag_aa_in_both_themes(browser, fake, settings_for,
     try:
         tab = ctx.new_page()
         seen = watch(tab)
-        fake.script(Reply(content="## Head\n\n> quoted [link](https://example.com/x) `code`\n\n| a |\n|---|\n| b |\n\n"
-                                  "```py\nx = 1\n```\n\n[https://a.example](https://b.example/)"), Reply(status=400))
+        fake.script(
+            Reply(
+                content="## Head\n\n> quoted [link](https://example.com/x) `code`\n\n| a |\n|---|\n| b |\n\n"
+                "```py\nx = 1\n```\n\n[https://a.example](https://b.example/)"
+            ),
+            Reply(status=400),
+        )
         open_chat(tab, url)
         ask(tab, "Show me everything")
         wait_state(tab, "done")
@@ -164,8 +184,9 @@ def test_shortcuts_for_new_chat_and_the_input(page, fake, live_url):
 
 def test_focus_returns_to_the_input_after_send_and_stop(page, fake, live_url):
     expect = pytest.importorskip("playwright.sync_api").expect
-    fake.script(Reply(chunks=[f"w{i} " for i in range(100)], pace=0.05), Reply(chunks=[f"v{i} " for i in range(100)],
-                                                                                pace=0.05))
+    fake.script(
+        Reply(chunks=[f"w{i} " for i in range(100)], pace=0.05), Reply(chunks=[f"v{i} " for i in range(100)], pace=0.05)
+    )
     open_chat(page, live_url)
     page.locator("#prompt").fill("Count")
     page.locator("#send").click()  # the button hides while the answer streams: focus must not be lost
@@ -186,13 +207,26 @@ def test_focus_returns_to_the_input_after_send_and_stop(page, fake, live_url):
 
 
 def test_every_control_shows_visible_focus(page, fake, live_url):
-    fake.script(Reply(content="See [docs](https://example.com/) and:\n\n```sh\nls\n```\n\n"
-                              "| a | b |\n|---|---|\n| 1 | 2 |"))
+    fake.script(
+        Reply(content="See [docs](https://example.com/) and:\n\n```sh\nls\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |")
+    )
     open_chat(page, live_url)
     ask(page, "Focus test")
     wait_state(page, "done")
-    targets = ["#prompt", "#send", "#model", "#new-chat", "#conversations .conv-open", "#conversations .conv-rename",
-               ".msg-user .edit", ".answer a", ".code-copy", ".table-wrap", ".meta .regenerate", ".meta .copy"]
+    targets = [
+        "#prompt",
+        "#send",
+        "#model",
+        "#new-chat",
+        "#conversations .conv-open",
+        "#conversations .conv-rename",
+        ".msg-user .edit",
+        ".answer a",
+        ".code-copy",
+        ".table-wrap",
+        ".meta .regenerate",
+        ".meta .copy",
+    ]
     seen = {}
     for selector in targets:
         page.locator(selector).first.focus()
@@ -221,8 +255,7 @@ def test_live_regions_for_the_streaming_answer_and_the_status(page, fake, live_u
     expect(answers(page).last).to_have_attribute("aria-busy", "false")
     expect(page.locator("#transcript")).to_have_attribute("aria-busy", "false")
     for selector in ("#sidebar-toggle", "#new-chat", ".msg-user .edit", ".meta .copy", "#conversations .conv-rename"):
-        name = page.locator(selector).first.evaluate(
-            "(el) => el.getAttribute('aria-label') || el.textContent.trim()")
+        name = page.locator(selector).first.evaluate("(el) => el.getAttribute('aria-label') || el.textContent.trim()")
         assert name, f"{selector} has no accessible name"
 
 

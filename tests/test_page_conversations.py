@@ -9,14 +9,14 @@ import time
 import pytest
 
 from chatproxy import create_app
+from chatproxy.demo.upstream import Reply
 from tests.browser import answer_text, answers, ask, assert_ready, open_chat, questions, wait_state
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
 expect = sync_api.expect
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -73,9 +73,13 @@ def test_a_reload_restores_the_open_conversation(page, fake, live_url):
     ask(page, "Thanks")
     wait_state(page, "done", index=2)
     assert fake.chat_calls()[-1].body["messages"] == [
-        SYSTEM, user("What is a proxy?"),
+        SYSTEM,
+        user("What is a proxy?"),
         assistant("A **proxy** relays requests:\n\n- it keeps the key\n- it caps spend"),
-        user("And why?"), assistant("Echo: And why?"), user("Thanks")]
+        user("And why?"),
+        assistant("Echo: And why?"),
+        user("Thanks"),
+    ]
     keys = sorted(stored(page))
     assert keys[0] == "chatproxy.v1.conv." + stored(page)["chatproxy.v1.open"] and len(keys) == 3
 
@@ -111,15 +115,30 @@ def test_a_reload_mid_answer_keeps_the_partial_answer_to_retry(page, fake, live_
 
 
 def test_stored_data_is_untrusted_and_shown_as_text(page, context, fake, live_url):
-    conv = {"id": "x1", "title": "<img src=x onerror=alert(1)>", "updated": 5,
-            "messages": [{"role": "user", "content": "<script>alert(2)</script>"},
-                         {"role": "assistant", "content": "[a](javascript:alert(3)) <b>b</b>", "state": "done",
-                          "usage": "<i>u</i>", "status": 7, "error": None},
-                         {"role": "system", "content": "sneaky"}, "junk", None]}
+    conv = {
+        "id": "x1",
+        "title": "<img src=x onerror=alert(1)>",
+        "updated": 5,
+        "messages": [
+            {"role": "user", "content": "<script>alert(2)</script>"},
+            {
+                "role": "assistant",
+                "content": "[a](javascript:alert(3)) <b>b</b>",
+                "state": "done",
+                "usage": "<i>u</i>",
+                "status": 7,
+                "error": None,
+            },
+            {"role": "system", "content": "sneaky"},
+            "junk",
+            None,
+        ],
+    }
     context.add_init_script(f"""if (!sessionStorage.getItem('seeded')) {{
         sessionStorage.setItem('seeded', '1');
-        localStorage.setItem('chatproxy.v1.index', {json.dumps(json.dumps([{"id": "x1", "title": conv["title"]},
-                                                                            {"id": 5}, "bad"]))});
+        localStorage.setItem('chatproxy.v1.index', {
+        json.dumps(json.dumps([{"id": "x1", "title": conv["title"]}, {"id": 5}, "bad"]))
+    });
         localStorage.setItem('chatproxy.v1.conv.x1', {json.dumps(json.dumps(conv))});
         localStorage.setItem('chatproxy.v1.open', 'x1');
     }}""")
@@ -133,7 +152,11 @@ def test_stored_data_is_untrusted_and_shown_as_text(page, context, fake, live_ur
     ask(page, "still works")
     wait_state(page, "done", index=1)
     assert fake.chat_calls()[-1].body["messages"] == [
-        SYSTEM, user("<script>alert(2)</script>"), assistant("[a](javascript:alert(3)) <b>b</b>"), user("still works")]
+        SYSTEM,
+        user("<script>alert(2)</script>"),
+        assistant("[a](javascript:alert(3)) <b>b</b>"),
+        user("still works"),
+    ]
     assert page.seen.console_errors == []
 
 
@@ -141,7 +164,8 @@ def test_a_browser_that_refuses_storage_still_chats_and_says_so(page, context, f
     context.add_init_script("Storage.prototype.setItem = () => { throw new DOMException('no', 'SecurityError'); }")
     open_chat(page, live_url)
     expect(page.locator("#note")).to_have_text(
-        "This browser does not allow storage here: conversations last until the page is closed.")
+        "This browser does not allow storage here: conversations last until the page is closed."
+    )
     ask(page, "Hello")
     wait_state(page, "done")
     expect(titles(page)).to_have_text(["Hello"])  # listed for as long as the page is open
@@ -171,7 +195,8 @@ def test_over_the_cap_the_oldest_conversations_are_dropped_and_the_page_says_so(
     wait_state(page, "done")
 
     expect(page.locator("#note")).to_have_text(
-        "To make room in this browser, the oldest saved conversation was removed: “Oldest big one”.")
+        "To make room in this browser, the oldest saved conversation was removed: “Oldest big one”."
+    )
     expect(titles(page)).to_have_text(["One more", "Newer big one"])
     sizes = page.evaluate("() => JSON.parse(localStorage.getItem('chatproxy.v1.index')).map((e) => e.size)")
     assert sum(sizes) <= 2_000_000 and len(sizes) == 2
@@ -271,8 +296,12 @@ def test_leaving_a_conversation_mid_answer_stops_it_and_keeps_what_arrived(page,
 
 def test_regenerate_sends_the_same_conversation_and_replaces_the_answer(page, fake, settings_for, serve):
     url = serve(create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o")))
-    fake.script(Reply(content="First answer"), Reply(content="A weak answer"), Reply(content="A better answer"),
-                Reply(content="From the bigger model"))
+    fake.script(
+        Reply(content="First answer"),
+        Reply(content="A weak answer"),
+        Reply(content="A better answer"),
+        Reply(content="From the bigger model"),
+    )
     open_chat(page, url)
     ask(page, "Question one")
     wait_state(page, "done")
@@ -286,8 +315,11 @@ def test_regenerate_sends_the_same_conversation_and_replaces_the_answer(page, fa
     wait_state(page, "done", index=1)
     calls = fake.chat_calls()
     assert len(calls) == 3
-    assert calls[2].body["messages"] == calls[1].body["messages"] == [
-        SYSTEM, user("Question one"), assistant("First answer"), user("Question two")]
+    assert (
+        calls[2].body["messages"]
+        == calls[1].body["messages"]
+        == [SYSTEM, user("Question one"), assistant("First answer"), user("Question two")]
+    )
     expect(answers(page)).to_have_count(2)
     expect(questions(page)).to_have_count(2)
     expect(answers(page).last.locator(".answer")).to_have_text("A better answer")
@@ -422,8 +454,9 @@ def test_retry_after_counts_down_and_send_comes_back(page, fake, live_url):
 
 def test_the_servers_own_rate_limit_message_is_shown(page, fake, settings_for, serve):
     url = serve(create_app(settings_for(CHATPROXY_RATE_LIMIT_PAGE="4/minute")))
-    open_chat(page, url)  # loading the page and the model list count against the limit too
-    for question in ("One", "Two", "Three", "Four"):
+    open_chat(page, url)  # the page load and the model list (reads) are counted apart from messages
+    # The 5th message is refused, or the 9th if the minute's window turned over meanwhile (a fixed window).
+    for question in ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"):
         with page.expect_response("**/api/chat") as caught:
             ask(page, question)
         response = caught.value

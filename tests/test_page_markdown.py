@@ -9,14 +9,14 @@ import time
 
 import pytest
 
+from chatproxy.demo.upstream import Reply
 from tests.browser import answer_text, answers, ask, open_chat, wait_state
-from tests.fake_openai import Reply
 
 pytestmark = pytest.mark.browser
-pytest_plugins = ["tests.page_fixtures"]  # the browser, context and page fixtures
 
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
 expect = sync_api.expect
 
 
@@ -36,19 +36,21 @@ class NoCsp:
 
 def pieces(text: str, size: int) -> list[str]:
     """`text` in stream deltas of `size` characters."""
-    return [text[i:i + size] for i in range(0, len(text), size)]
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 # Realistic model answers and awkward corners; every prefix of each must render as it would in one go.
 CORPUS = [
-    ("## Setup\n\n1. Install:\n   ```sh\n   pip install flask\n   ```\n2. Run it:\n   - `flask run`\n"
-    "   - open http://127.0.0.1:5000/\n\n> **Note:** keep the key\n> - on the server\n> - never in JS\n\n"
-    "| Step | Time |\n|------|-----:|\n| a | 1 s |\n| b | 2 s |\n\nDone. *Enjoy*!"),
+    (
+        "## Setup\n\n1. Install:\n   ```sh\n   pip install flask\n   ```\n2. Run it:\n   - `flask run`\n"
+        "   - open http://127.0.0.1:5000/\n\n> **Note:** keep the key\n> - on the server\n> - never in JS\n\n"
+        "| Step | Time |\n|------|-----:|\n| a | 1 s |\n| b | 2 s |\n\nDone. *Enjoy*!"
+    ),
     "Text before\n```js\nconst a = `x`;\n\n\nconsole.log(a)\n```\nText after\n\n~~~\ntilde fence\n~~~",
     "* one\n* two\n\n  para in two\n\n* three\n\nafter list\n\n- x\n+ y",
     "# H1\n## H2\n### H3\n#### H4\n##### H5\n###### H6\n####### not\n#nohead",
     "***\n- - -\n___\n\n* * *\n\nPara\n| h1 | h2 |\n|---|---|\n| c | d |\nafter",
-    "[a](https://a.com \"title\") [b](<https://b.com/x y>) [nested [x]](https://n.com) \\*not em\\* \\`not code\\`",
+    '[a](https://a.com "title") [b](<https://b.com/x y>) [nested [x]](https://n.com) \\*not em\\* \\`not code\\`',
     "| a |\n|---|\n| 1 |\n\n| broken\n|---|---|\n| x |",
     "``` \n``` \n````\n```\n````",
     "1. a\n1. b\n\n7. seven\n8. eight\n\n3) other delimiter",
@@ -106,7 +108,8 @@ def test_markdown_answer_renders_as_structure_while_it_streams(page, fake, live_
     code = answer.locator(".code")
     expect(code.locator(".code-lang")).to_have_text("python")
     expect(code.locator("pre code")).to_have_text(
-        "import requests\nprint(requests.post('/api/chat', json={'message': 'Hi'}).json())")
+        "import requests\nprint(requests.post('/api/chat', json={'message': 'Hi'}).json())"
+    )
     expect(code.locator("button.code-copy")).to_have_text("Copy")
     expect(answer.locator("hr")).to_have_count(1)
     links = answer.locator("a")
@@ -117,9 +120,12 @@ def test_markdown_answer_renders_as_structure_while_it_streams(page, fake, live_
         expect(links.nth(i)).to_have_attribute("rel", "noopener noreferrer")
         expect(links.nth(i)).to_have_attribute("target", "_blank")
     # The streamed DOM is exactly what rendering the whole text at once gives.
-    same = page.evaluate("""(text) => { const d = document.createElement('div'); ChatMarkdown.render(d, text);
+    same = page.evaluate(
+        """(text) => { const d = document.createElement('div'); ChatMarkdown.render(d, text);
         const shown = document.querySelector('#transcript .msg-assistant:last-of-type .answer');
-        return d.innerHTML === shown.innerHTML; }""", MARKDOWN_ANSWER)
+        return d.innerHTML === shown.innerHTML; }""",
+        MARKDOWN_ANSWER,
+    )
     assert same
 
 
@@ -127,7 +133,8 @@ def test_every_prefix_renders_as_it_would_in_one_go(page, live_url):
     """The incremental renderer keeps finished blocks and patches the rest: at every chunk size and every
     prefix of the corpus, its DOM equals a fresh render of the same prefix."""
     open_chat(page, live_url)
-    mismatches = page.evaluate("""(docs) => {
+    mismatches = page.evaluate(
+        """(docs) => {
       const bad = [];
       for (const text of docs) {
         for (const step of [1, 2, 3, 5, 8, 13, 40]) {
@@ -145,7 +152,9 @@ def test_every_prefix_renders_as_it_would_in_one_go(page, live_url):
         }
       }
       return bad.slice(0, 3);
-    }""", CORPUS)
+    }""",
+        CORPUS,
+    )
     assert mismatches == []
 
 
@@ -157,7 +166,7 @@ XSS_CHUNKS = [
     "[js](javascript:window.__pwned='js-link') [JS](JAVASCRIPT:alert(3)) [sp]( javascript:alert(4))\n\n",
     "[data](data:text/html;base64,PHNjcmlwdD5hbGVydCg1KTwvc2NyaXB0Pg==) [vb](vbscript:msgbox(6))\n\n",
     "![img](javascript:alert(7)) ![pixel](https://tracker.example/p.gif) <javascript:alert(8)>\n\n",
-    "[quote](https://ok.example/\" onmouseover=\"window.__pwned='attr') <https://x.example/\"onmouseover=alert(9)>\n\n",
+    '[quote](https://ok.example/" onmouseover="window.__pwned=\'attr\') <https://x.example/"onmouseover=alert(9)>\n\n',
     "<a href=\"javascript:window.__pwned='a'\">click</a> <svg onload=\"window.__pwned='svg'\"></svg>\n\n",
     "<iframe src=\"javascript:window.__pwned='iframe'\"></iframe><style>body{display:none}</style>\n\n",
     "<details open ontoggle=\"window.__pwned='details'\"><summary>x</summary></details>\n\n",
@@ -168,8 +177,22 @@ XSS_CHUNKS = [
     "<form action=https://evil.example><input name=q></form> <object data=x></object> <embed src=x>",
 ]
 
-INJECTED = ("script", "img", "iframe", "svg", "style", "details", "form", "input:not(#prompt)", "object", "embed",
-            "b", "meta", "link", "base")
+INJECTED = (
+    "script",
+    "img",
+    "iframe",
+    "svg",
+    "style",
+    "details",
+    "form",
+    "input:not(#prompt)",
+    "object",
+    "embed",
+    "b",
+    "meta",
+    "link",
+    "base",
+)
 
 
 def test_hostile_answer_runs_nothing_and_shows_as_text(page, fake, app, serve):
@@ -198,26 +221,46 @@ def test_hostile_answer_runs_nothing_and_shows_as_text(page, fake, app, serve):
     # Only real http(s) links survive (a quote in a URL is percent-encoded, never an attribute's end),
     # each opening a new tab without the opener or a referrer. No image is loaded: ![..](..) is a link.
     assert sorted(h for h, _, _ in found["hrefs"]) == [
-        "https://evil.example/", "https://ok.example/", "https://tracker.example/p.gif",
-        "https://x.example/%22onmouseover=alert(9)"]
+        "https://evil.example/",
+        "https://ok.example/",
+        "https://tracker.example/p.gif",
+        "https://x.example/%22onmouseover=alert(9)",
+    ]
     assert all(rel == "noopener noreferrer" and target == "_blank" for _, rel, target in found["hrefs"])
     text = answer_text(page)
-    for literal in ("<script>window.__pwned='script';alert(1)</script>", "<img src=x onerror=",
-                    "[js](javascript:window.__pwned='js-link')", "(data:text/html;base64,", "<javascript:alert(8)>",
-                    "<svg onload=", "<iframe src=", "<details open ontoggle=", "<b onmouseover=alert(10)>bold html</b>",
-                    "[creds](https://user:pass@evil.example/)", "[rel](/relative/path)", "<embed src=x>"):
+    for literal in (
+        "<script>window.__pwned='script';alert(1)</script>",
+        "<img src=x onerror=",
+        "[js](javascript:window.__pwned='js-link')",
+        "(data:text/html;base64,",
+        "<javascript:alert(8)>",
+        "<svg onload=",
+        "<iframe src=",
+        "<details open ontoggle=",
+        "<b onmouseover=alert(10)>bold html</b>",
+        "[creds](https://user:pass@evil.example/)",
+        "[rel](/relative/path)",
+        "<embed src=x>",
+    ):
         assert literal in text, literal
     expect(answers(page).last.locator(".code pre code")).to_have_text("<script>window.__pwned='fence'</script>")
     expect(page.locator("#transcript .msg-user .bubble")).to_have_text(
-        "<img src=q onerror=\"window.__pwned='question'\"> [q](javascript:alert(15))")
+        "<img src=q onerror=\"window.__pwned='question'\"> [q](javascript:alert(15))"
+    )
     assert page.evaluate("() => window.__pwned") is None
     assert page.seen.dialogs == [] and page.seen.console_errors == []
 
 
 def test_a_misleading_link_label_shows_the_real_target(page, fake, live_url):
-    fake.script(Reply(chunks=pieces("Log in at [https://bank.example.com/login](https://evil.example/steal?x=1) "
-                                    "or [your bank](https://evil.example/) or [bank.example.com](https://bank.example.com/).",
-                                    7)))
+    fake.script(
+        Reply(
+            chunks=pieces(
+                "Log in at [https://bank.example.com/login](https://evil.example/steal?x=1) "
+                "or [your bank](https://evil.example/) or [bank.example.com](https://bank.example.com/).",
+                7,
+            )
+        )
+    )
     open_chat(page, live_url)
     ask(page, "Where do I log in?")
     wait_state(page, "done")
@@ -234,14 +277,15 @@ def test_a_misleading_link_label_shows_the_real_target(page, fake, live_url):
         shown = page.evaluate("(a) => getComputedStyle(a, '::after').content", link.element_handle())
         assert shown == json.dumps(link.get_attribute("href")), shown  # the full target, on hover
     links.nth(1).focus()
-    assert page.evaluate("(a) => getComputedStyle(a, '::after').content",
-                         links.nth(1).element_handle()) == '"https://evil.example/"'
+    assert (
+        page.evaluate("(a) => getComputedStyle(a, '::after').content", links.nth(1).element_handle())
+        == '"https://evil.example/"'
+    )
 
 
 def test_unterminated_code_fence_keeps_the_rest_as_code(page, fake, live_url):
     unterminated = "Here it is:\n\n```python\nprint('hi')\n\n# <script>alert(1)</script>\n**not bold**"
-    fake.script(Reply(chunks=pieces(unterminated, 5)),
-                Reply(content="Next answer with **bold**."))
+    fake.script(Reply(chunks=pieces(unterminated, 5)), Reply(content="Next answer with **bold**."))
     open_chat(page, live_url)
     ask(page, "Give me code")
     wait_state(page, "done")
@@ -257,8 +301,10 @@ def test_unterminated_code_fence_keeps_the_rest_as_code(page, fake, live_url):
 
 def test_each_code_block_copies_its_own_code(page, context, fake, live_url):
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_url)
-    answer = ("Two ways:\n\n```bash\ncurl -s localhost:5000/healthz\n```\n\nor\n\n"
-              "```python\nimport httpx\nprint(httpx.get('http://localhost:5000/healthz').json())\n```\n")
+    answer = (
+        "Two ways:\n\n```bash\ncurl -s localhost:5000/healthz\n```\n\nor\n\n"
+        "```python\nimport httpx\nprint(httpx.get('http://localhost:5000/healthz').json())\n```\n"
+    )
     fake.script(Reply(chunks=pieces(answer, 9)))
     open_chat(page, live_url)
     ask(page, "How do I check health?")
@@ -270,7 +316,8 @@ def test_each_code_block_copies_its_own_code(page, context, fake, live_url):
     blocks.nth(1).locator(".code-copy").click()
     expect(blocks.nth(1).locator(".code-copy")).to_have_text("Copied")
     assert page.evaluate("() => navigator.clipboard.readText()") == (
-        "import httpx\nprint(httpx.get('http://localhost:5000/healthz').json())")
+        "import httpx\nprint(httpx.get('http://localhost:5000/healthz').json())"
+    )
     expect(blocks.nth(0).locator(".code-copy")).to_have_text("Copy")
     blocks.nth(0).locator(".code-copy").click()
     assert page.evaluate("() => navigator.clipboard.readText()") == "curl -s localhost:5000/healthz"
@@ -363,7 +410,7 @@ def long_answer(tokens: int) -> list[str]:
     while len(text) < tokens * 4:
         text += section.format(n=n)
         n += 1
-    return pieces(text[:tokens * 4], 4)
+    return pieces(text[: tokens * 4], 4)
 
 
 def test_long_answer_streams_without_long_frames(page, fake, live_url):
@@ -392,11 +439,13 @@ def test_long_answer_streams_without_long_frames(page, fake, live_url):
     slow = [(u["before"], u["after"]) for u in updates if u["took"] >= 50]
     replayed = page.evaluate(REPLAY, [text, slow]) if slow else []
     added = sorted(u["added"] for u in updates)
-    summary = (f"{len(updates)} updates of a {blocks}-block answer: median {statistics.median(took):.2f} ms, "
-               f"p99 {took[int(len(took) * 0.99)]:.2f} ms, max {took[-1]:.2f} ms; nodes added per update: "
-               f"median {statistics.median(added)}, max {added[-1]}; updates of 50 ms or more, replayed "
-               f"(chars, best ms): {replayed}; long tasks with rendering in them (duration, rendering ms): "
-               f"{rendering_in_long_tasks(perf)}; longest gap between 20 ms timer beats {max(perf['beats']):.0f} ms")
+    summary = (
+        f"{len(updates)} updates of a {blocks}-block answer: median {statistics.median(took):.2f} ms, "
+        f"p99 {took[int(len(took) * 0.99)]:.2f} ms, max {took[-1]:.2f} ms; nodes added per update: "
+        f"median {statistics.median(added)}, max {added[-1]}; updates of 50 ms or more, replayed "
+        f"(chars, best ms): {replayed}; long tasks with rendering in them (duration, rendering ms): "
+        f"{rendering_in_long_tasks(perf)}; longest gap between 20 ms timer beats {max(perf['beats']):.0f} ms"
+    )
     print(summary)
     assert len(updates) > 500 and blocks > 100, summary
     assert took[int(len(took) * 0.99)] < 50, summary
@@ -418,7 +467,8 @@ def test_ten_thousand_row_table_stays_responsive(page, context, fake, live_url):
     answer = answers(page).last
     expect(answer.locator("tbody tr")).to_have_count(200)  # built up to a cap, then summarised
     expect(answer.locator(".table-more")).to_have_text(
-        "Showing the first 200 of 10000 rows. Copy the answer to get them all.")
+        "Showing the first 200 of 10000 rows. Copy the answer to get them all."
+    )
     expect(answer.locator("tbody tr").last.locator("td")).to_have_text(["199", "row 199", "3"])
     expect(answer.locator(".answer > p").last).to_have_text("That is all.")
     took = sorted(u["took"] for u in perf["updates"])
@@ -453,8 +503,9 @@ def test_a_ten_thousand_row_table_restored_from_storage_opens_quickly(page, fake
 def test_pathological_inline_input_renders_quickly(page, live_url, size):
     """Openers without closers must not make inline parsing quadratic."""
     open_chat(page, live_url)
-    hostile = ("**a _b [c ~~e <https://x " * 3000)[: 40_000]
-    took = page.evaluate("""([text, size]) => {
+    hostile = ("**a _b [c ~~e <https://x " * 3000)[:40_000]
+    took = page.evaluate(
+        """([text, size]) => {
       const box = document.createElement('div');
       const renderer = ChatMarkdown.createRenderer(box);
       let worst = 0;
@@ -465,7 +516,9 @@ def test_pathological_inline_input_renders_quickly(page, live_url, size):
         if (end === text.length) break;
       }
       return [worst, box.textContent.length];
-    }""", [hostile, size])
+    }""",
+        [hostile, size],
+    )
     assert took[1] == len(hostile.strip())  # every character shown, as text
     assert took[0] < 500, took
 
@@ -486,9 +539,22 @@ def test_deep_nesting_is_cut_off_not_recursed_forever(page, live_url):
 def test_answer_from_a_json_reply_is_rendered_too(page, live_url):
     """Some proxies answer stream requests with plain JSON; that text is markdown as well."""
     open_chat(page, live_url)
-    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(
-        {"role": "assistant", "content": "- **one**\n- two", "model": "gpt-4o-mini", "finish_reason": "stop",
-         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})))
+    page.route(
+        "**/api/chat",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps(
+                {
+                    "role": "assistant",
+                    "content": "- **one**\n- two",
+                    "model": "gpt-4o-mini",
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+                }
+            ),
+        ),
+    )
     ask(page, "List")
     wait_state(page, "done")
     expect(answers(page).last.locator("ul > li")).to_have_text(["one", "two"])

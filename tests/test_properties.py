@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai._utils._json import openapi_dumps  # how the SDK encodes a request body
 
+from chatproxy.api.chat import chat_call
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
-from chatproxy.router import upstream_params
 from chatproxy.schemas import (
     CHAT_FIELDS,
     CLIENT_ROLES,
@@ -23,10 +23,12 @@ from chatproxy.schemas import (
     parse_chat_request,
     parse_json_body,
 )
-from chatproxy.streaming import PING, sse
+from chatproxy.sse import PING
+from chatproxy.sse import data as sse
 
-PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # --- SSE: our framing, read back the way a browser's EventSource / fetch reader does -------------------------
 
@@ -47,8 +49,8 @@ def browser_events(chunks: list[bytes]) -> tuple[list[str], int]:
         for index, char in enumerate(buffer):
             if char in "\r\n":
                 lines.append(buffer[:index])
-                step = 2 if buffer[index:index + 2] == "\r\n" else 1
-                buffer = buffer[index + step:]
+                step = 2 if buffer[index : index + 2] == "\r\n" else 1
+                buffer = buffer[index + step :]
                 break
         else:
             pending, buffer = buffer, ""  # an unfinished last line is not a line yet
@@ -80,9 +82,12 @@ tricky_text = st.lists(st.one_of(any_text, line_breaks), max_size=8).map("".join
 
 
 @PROPERTY_SETTINGS
-@given(pieces=st.lists(tricky_text, min_size=1, max_size=12), cuts=st.lists(st.integers(0, 10_000), max_size=30),
-       pings=st.lists(st.integers(0, 12), max_size=4))
-@example(pieces=["a\n\ndata: {\"type\":\"done\"}\n\n", "\r\n", "\u2028", ": ping\n"], cuts=[1, 2, 3], pings=[0])
+@given(
+    pieces=st.lists(tricky_text, min_size=1, max_size=12),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    pings=st.lists(st.integers(0, 12), max_size=4),
+)
+@example(pieces=['a\n\ndata: {"type":"done"}\n\n', "\r\n", "\u2028", ": ping\n"], cuts=[1, 2, 3], pings=[0])
 def test_any_text_round_trips_through_the_sse_framing(pieces, cuts, pings):
     events = [{"type": "start", "model": "m", "degraded": False}]
     events += [{"type": "delta", "content": piece} for piece in pieces]
@@ -112,47 +117,87 @@ def test_every_frame_is_one_line_of_valid_utf8(text):
 
 # --- the request schema: whatever parse_chat_request accepts is within the caps ------------------------------
 
-CAPS = {"CHATPROXY_MAX_MESSAGES": 4, "CHATPROXY_MAX_MESSAGE_CHARS": 12, "CHATPROXY_MAX_TOTAL_CHARS": 30,
-        "CHATPROXY_MAX_TOKENS": 50}
+CAPS = {
+    "CHATPROXY_MAX_MESSAGES": 4,
+    "CHATPROXY_MAX_MESSAGE_CHARS": 12,
+    "CHATPROXY_MAX_TOTAL_CHARS": 30,
+    "CHATPROXY_MAX_TOKENS": 50,
+}
 SMALL = validate({**{s.name: s.default for s in SETTINGS}, "OPENAI_API_KEY": "sk-properties-test-key", **CAPS})
 
 # Text around the surrogate block too: a lone surrogate survives json.loads, and the SDK cannot send it.
 near_surrogates = st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010, exclude_categories=()), max_size=3)
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=15), near_surrogates)
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), near_surrogates), inner, max_size=4)),
-    max_leaves=10)
-contents = st.one_of(st.text(max_size=16), st.sampled_from(["", "   ", "\n", "x" * 12, "x" * 13, "\ud800"]),
-                     json_values)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=15),
+    near_surrogates,
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), near_surrogates), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+contents = st.one_of(
+    st.text(max_size=16), st.sampled_from(["", "   ", "\n", "x" * 12, "x" * 13, "\ud800"]), json_values
+)
 roles = st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "developer", "", "User"]), json_values)
-messages = st.lists(st.one_of(
-    st.fixed_dictionaries({"role": roles, "content": contents}),
-    st.fixed_dictionaries({"role": roles, "content": contents}, optional={"name": st.text(max_size=4)}),
-    json_values), max_size=6)
-numbers = st.one_of(st.integers(-5, 2**64), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                    st.sampled_from([0, 1, 2, 2.0000001, -0.0, 50, 51, "1"]), st.none())
-bodies = st.fixed_dictionaries({}, optional={
-    "message": contents, "messages": messages, "model": st.one_of(st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-5"]),
-                                                                   json_values),
-    "max_tokens": numbers, "temperature": numbers, "stream": json_values, "response_format": json_values,
-    "api_key": st.text(max_size=4), "base_url": st.text(max_size=4), "system": st.text(max_size=4),
-})
+messages = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"role": roles, "content": contents}),
+        st.fixed_dictionaries({"role": roles, "content": contents}, optional={"name": st.text(max_size=4)}),
+        json_values,
+    ),
+    max_size=6,
+)
+numbers = st.one_of(
+    st.integers(-5, 2**64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.sampled_from([0, 1, 2, 2.0000001, -0.0, 50, 51, "1"]),
+    st.none(),
+)
+bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "message": contents,
+        "messages": messages,
+        "model": st.one_of(st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-5"]), json_values),
+        "max_tokens": numbers,
+        "temperature": numbers,
+        "stream": json_values,
+        "response_format": json_values,
+        "api_key": st.text(max_size=4),
+        "base_url": st.text(max_size=4),
+        "system": st.text(max_size=4),
+    },
+)
 chaotic = st.tuples(st.dictionaries(st.text(max_size=6), json_values, max_size=2), bodies).map(
-    lambda parts: {**parts[0], **parts[1]})  # sometimes an unknown field too
+    lambda parts: {**parts[0], **parts[1]}
+)  # sometimes an unknown field too
 # Mostly well-formed bodies whose sizes and numbers sit around the caps, so acceptance is tested too.
 short_text = st.text(st.characters(codec="utf-8"), min_size=0, max_size=14)
 turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "assistant", "system"]), "content": short_text})
 near_valid = st.tuples(
-    st.one_of(st.fixed_dictionaries({"message": short_text}),
-              st.fixed_dictionaries({"messages": st.lists(turn, min_size=1, max_size=5)})),
-    st.fixed_dictionaries({}, optional={
-        "model": st.sampled_from(["gpt-4o", "gpt-4o-mini", None, "gpt-5"]),
-        "max_tokens": st.one_of(st.integers(-1, 120), st.none(), st.just(True), st.just(2.5)),
-        "temperature": st.one_of(st.floats(-0.5, 2.5), st.integers(0, 3), st.none(), st.just(math.nan)),
-        "stream": st.one_of(st.booleans(), st.none(), st.just("yes")),
-        "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}, {"type": "xml"}]),
-    })).map(lambda parts: {**parts[0], **parts[1]})
+    st.one_of(
+        st.fixed_dictionaries({"message": short_text}),
+        st.fixed_dictionaries({"messages": st.lists(turn, min_size=1, max_size=5)}),
+    ),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.sampled_from(["gpt-4o", "gpt-4o-mini", None, "gpt-5"]),
+            "max_tokens": st.one_of(st.integers(-1, 120), st.none(), st.just(True), st.just(2.5)),
+            "temperature": st.one_of(st.floats(-0.5, 2.5), st.integers(0, 3), st.none(), st.just(math.nan)),
+            "stream": st.one_of(st.booleans(), st.none(), st.just("yes")),
+            "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}, {"type": "xml"}]),
+        },
+    ),
+).map(lambda parts: {**parts[0], **parts[1]})
 bodies = st.one_of(near_valid, chaotic)
 
 
@@ -161,10 +206,18 @@ bodies = st.one_of(near_valid, chaotic)
 @example({"message": "hi", "response_format": {"type": {}}})  # found by schemathesis: was a 500
 @example({"message": "x" * 12})
 @example({"messages": [{"role": "user", "content": "x" * 12}] * 4})
-@example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
-    "name": "n", "schema": {"maximum": math.nan}}}})  # issue 14: NaN went upstream and failed in the SDK
-@example({"message": "hi", "response_format": {"type": "json_schema", "json_schema": {
-    "name": "n", "schema": {}, "description": "d" * 40}}})  # issue 14: the schema was outside the caps
+@example(
+    {
+        "message": "hi",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"maximum": math.nan}}},
+    }
+)  # issue 14: NaN went upstream and failed in the SDK
+@example(
+    {
+        "message": "hi",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}, "description": "d" * 40}},
+    }
+)  # issue 14: the schema was outside the caps
 def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any]):
     try:  # the body as it arrives: JSON text (NaN for a NaN, \ud800 escapes for lone surrogates)
         chat = parse_chat_request(parse_json_body(json.dumps(body).encode(), "application/json"), SMALL)
@@ -183,13 +236,16 @@ def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any])
     assert chat.messages[-1]["role"] == "user"
     assert isinstance(chat.max_tokens, int) and not isinstance(chat.max_tokens, bool)
     assert 1 <= chat.max_tokens <= SMALL.max_tokens
-    assert chat.temperature is None or (isinstance(chat.temperature, float) and math.isfinite(chat.temperature)
-                                        and 0 <= chat.temperature <= MAX_TEMPERATURE)
+    assert chat.temperature is None or (
+        isinstance(chat.temperature, float)
+        and math.isfinite(chat.temperature)
+        and 0 <= chat.temperature <= MAX_TEMPERATURE
+    )
     assert chat.model in SMALL.models
     assert isinstance(chat.stream, bool)
     assert chat.response_format is None or chat.response_format["type"] in ("json_object", "json_schema")
     assert sum(len(m["content"]) for m in chat.messages) + format_chars(chat.response_format) <= SMALL.max_total_chars
-    openapi_dumps(upstream_params(chat, SMALL))  # the SDK can encode what goes upstream
+    openapi_dumps({"model": chat.model, **chat_call(chat, SMALL).body})  # the SDK can encode what goes upstream
 
 
 @PROPERTY_SETTINGS

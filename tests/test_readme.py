@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from tests.fresh_copy import ROOT, clean_env, free_port, fresh_copy, run
+from tests.fresh_copy import clean_env, fresh_copy, run
+from tests.helpers import ROOT, free_port
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 CLI = ".venv/bin/python -m chatproxy"
@@ -59,8 +60,9 @@ def readme_commands(*prefixes: str) -> list[str]:
 
 def put_line(env_file: Path, line: str) -> None:
     """Do what the README says with new-token's line: it replaces any CHATPROXY_API_TOKENS line in .env."""
-    kept = [old for old in env_file.read_text(encoding="utf-8").splitlines()
-            if not old.startswith("CHATPROXY_API_TOKENS=")]
+    kept = [
+        old for old in env_file.read_text(encoding="utf-8").splitlines() if not old.startswith("CHATPROXY_API_TOKENS=")
+    ]
     env_file.write_text("\n".join([*kept, line]) + "\n", encoding="utf-8")
 
 
@@ -87,8 +89,14 @@ def walk(tmp_path: Path):
 
     def serve(env: dict[str, str]) -> tuple[int, subprocess.Popen[str]]:
         port = free_port()
-        server = subprocess.Popen([".venv/bin/python", "devserver.py", "--port", str(port)], cwd=root, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [".venv/bin/python", "devserver.py", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         servers.append(server)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and server.poll() is None:
@@ -124,8 +132,8 @@ def test_the_readme_works_as_written_on_a_fresh_clone(walk) -> None:
     for command in readme_commands("curl "):
         if PLACEHOLDER_BATCH in command:
             continue
-        command = command.replace("localhost:5000", f"localhost:{port}").replace("cpx_...", tokens[0])
-        done = run(root, ["bash", "-c", command.replace("curl ", "curl -w '\\n%{http_code}' ", 1)], env, timeout=60)
+        line = command.replace("localhost:5000", f"localhost:{port}").replace("cpx_...", tokens[0])
+        done = run(root, ["bash", "-c", line.replace("curl ", "curl -w '\\n%{http_code}' ", 1)], env, timeout=60)
         body, _, status = done.stdout.rpartition("\n")
         if "admin tokens only" in command:  # as documented: readme-curl is not an admin token
             assert status == "403", (command, body)
@@ -147,8 +155,10 @@ def test_the_readme_works_as_written_on_a_fresh_clone(walk) -> None:
         return [(command, run(root, ["bash", "-c", command], env)) for command in block]
 
     # Each README block's commands in order (printf writes the batch example's prompts.csv), blocks side by side.
-    cli_blocks = [[c for c in commands(block) if c.startswith((CLI, "printf ")) and PLACEHOLDER_BATCH not in c]
-                  for block in blocks("sh")]
+    cli_blocks = [
+        [c for c in commands(block) if c.startswith((CLI, "printf ")) and PLACEHOLDER_BATCH not in c]
+        for block in blocks("sh")
+    ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         ran = [done for results in pool.map(run_block, filter(None, cli_blocks)) for done in results]
     assert len(ran) >= 8

@@ -5,24 +5,22 @@ Every test checks what the client sees and how many upstream attempts were made,
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 
-from chatproxy import SettingsError, cooldowns, create_app
+from chatproxy import SettingsError, create_app
 from chatproxy.config import raw_settings
 from chatproxy.cooldowns import Gate, Limits, MemoryCooldowns, RedisCooldowns
-from chatproxy.router import redact, retry_after
-from tests.conftest import TEST_KEY
-from tests.fake_openai import Blackhole, Reply
+from chatproxy.demo.upstream import Blackhole, Reply
+from chatproxy.state import state
+from chatproxy.upstream import mask_key as redact
+from chatproxy.upstream import retry_after
+from tests.helpers import REDIS_URL, TEST_KEY
 from tests.sse import parse_sse, post_stream
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FAST = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.05, "CHATPROXY_COOLDOWN_MIN_CALLS": 1000}
 
 
@@ -75,6 +73,7 @@ def unavailable(response) -> None:
 
 
 # --- retries on the same model ------------------------------------------------------------------
+
 
 def test_429_with_retry_after_ms_is_retried_on_the_same_model_after_that_wait(make_app, fake):
     app = make_app(CHATPROXY_RETRY_MAX_WAIT=1)
@@ -137,7 +136,7 @@ def test_retries_per_model_follow_the_setting_and_the_sdk_does_none(make_app, fa
 
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
 
-    assert app.extensions["chatproxy.client"].max_retries == 0
+    assert state(app).client.max_retries == 0
     assert called(fake) == ["gpt-4o"] * 5 + ["gpt-4o-mini"]
 
 
@@ -187,6 +186,7 @@ def test_connect_timeout_tries_the_chain_within_the_connect_timeout(make_app, ca
 
 # --- the request's deadline ---------------------------------------------------------------------
 
+
 def test_the_total_timeout_bounds_retries_and_fallbacks(make_app, fake):
     app = make_app(CHATPROXY_TOTAL_TIMEOUT=1, CHATPROXY_READ_TIMEOUT=5)
     fake.for_model("gpt-4o", Reply(delay=3.0))
@@ -215,6 +215,7 @@ def test_the_total_timeout_ends_a_long_stream_with_an_error_event(make_app, fake
 
 
 # --- streams: fallback only before the first delta ----------------------------------------------
+
 
 def test_stream_stall_before_the_first_delta_falls_back(make_app, fake, serve):
     app = make_app(CHATPROXY_READ_TIMEOUT=0.3, CHATPROXY_MAX_RETRIES=0)
@@ -267,9 +268,17 @@ def test_stream_cut_before_the_first_delta_is_retried(make_app, fake):
     assert called(fake) == ["gpt-4o", "gpt-4o"]
 
 
-MALFORMED = [b"{not json", b"[]", b'"text"', b'{"choices": "x"}', b'{"choices": [1]}',
-             b'{"choices": [{"delta": {"content": 7}}]}', b'{"choices": [{"delta": []}]}', b'{"usage": 5}',
-             b'{"usage": {"prompt_tokens": "many"}}']
+MALFORMED = [
+    b"{not json",
+    b"[]",
+    b'"text"',
+    b'{"choices": "x"}',
+    b'{"choices": [1]}',
+    b'{"choices": [{"delta": {"content": 7}}]}',
+    b'{"choices": [{"delta": []}]}',
+    b'{"usage": 5}',
+    b'{"usage": {"prompt_tokens": "many"}}',
+]
 
 
 @pytest.mark.parametrize("malformed", MALFORMED)
@@ -315,12 +324,13 @@ def test_refused_stream_falls_back_before_any_byte(make_app, fake):
     response, events = ask_stream(app)
 
     assert response.headers["X-Chatproxy-Model"] == "gpt-4o-mini"
-    assert [e["type"] for e in events][0::len(events) - 1] == ["start", "done"]
+    assert [e["type"] for e in events][0 :: len(events) - 1] == ["start", "done"]
     assert events[0]["degraded"] is True
     assert called(fake) == ["gpt-4o", "gpt-4o-mini"]
 
 
 # --- the whole chain down -----------------------------------------------------------------------
+
 
 def test_whole_chain_down_is_a_503_with_retry_after(make_app, fake):
     app = make_app(CHATPROXY_MAX_RETRIES=1)
@@ -375,10 +385,19 @@ def test_the_last_model_of_the_chain_has_no_fallback(make_app, fake):
 
 # --- upstream 4xx: clear errors, no retry, no fallback ------------------------------------------
 
+
 def test_context_too_long_is_a_400_without_retry_or_fallback(make_app, fake):
     app = make_app()
-    fake.script(Reply(status=400, error={"message": "This model's maximum context length is 128000 tokens.",
-                                         "type": "invalid_request_error", "code": "context_length_exceeded"}))
+    fake.script(
+        Reply(
+            status=400,
+            error={
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "code": "context_length_exceeded",
+            },
+        )
+    )
 
     response = ask(app)
 
@@ -391,8 +410,10 @@ def test_context_too_long_is_a_400_without_retry_or_fallback(make_app, fake):
 @pytest.mark.parametrize("status", [401, 403])
 def test_upstream_auth_failure_is_a_502_logged_loudly_without_the_key(make_app, fake, caplog, status):
     app = make_app()
-    fake.for_model("gpt-4o", Reply(status=status, error={"message": f"Incorrect API key provided: {TEST_KEY}",
-                                                         "code": "invalid_api_key"}))
+    fake.for_model(
+        "gpt-4o",
+        Reply(status=status, error={"message": f"Incorrect API key provided: {TEST_KEY}", "code": "invalid_api_key"}),
+    )
 
     response = ask(app)
 
@@ -406,8 +427,9 @@ def test_upstream_auth_failure_is_a_502_logged_loudly_without_the_key(make_app, 
 
 def test_content_filter_error_is_a_400(make_app, fake):
     app = make_app()
-    fake.script(Reply(status=400, error={"message": "flagged", "type": "invalid_request_error",
-                                         "code": "content_filter"}))
+    fake.script(
+        Reply(status=400, error={"message": "flagged", "type": "invalid_request_error", "code": "content_filter"})
+    )
 
     response = ask(app)
 
@@ -425,7 +447,7 @@ def test_content_filtered_answer_is_a_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
-    (row,) = app.extensions["chatproxy.ledger"].rows()  # the upstream billed it: its tokens are on record
+    (row,) = state(app).ledger.rows()  # the upstream billed it: its tokens are on record
     call = fake.chat_calls()[0]
     assert (row["outcome"], row["tokens_exact"]) == ("content_filtered", True)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (call.prompt_tokens, call.completion_tokens)
@@ -441,7 +463,7 @@ def test_content_filtered_stream_before_any_delta_is_a_json_400(make_app, fake):
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "content_filtered"
     assert called(fake) == ["gpt-4o"]
-    (row,) = app.extensions["chatproxy.ledger"].rows()  # the stream was cut before its usage: prompt estimated
+    (row,) = state(app).ledger.rows()  # the stream was cut before its usage: prompt estimated
     assert (row["outcome"], row["tokens_exact"], row["completion_tokens"]) == ("content_filtered", False, 0)
     assert row["prompt_tokens"] > 0 and row["cost_micros"] > 0
 
@@ -458,6 +480,7 @@ def test_content_filtered_stream_after_deltas_ends_with_an_error_event(make_app,
 
 
 # --- cooldowns ----------------------------------------------------------------------------------
+
 
 def test_model_down_for_good_is_skipped_once_cooled_down(make_app, fake):
     app = make_app(CHATPROXY_MAX_RETRIES=1, CHATPROXY_COOLDOWN_MIN_CALLS=2, CHATPROXY_COOLDOWN_SECONDS=60)
@@ -544,7 +567,7 @@ def test_cooldown_lasts_at_least_the_upstream_retry_after(make_app, fake):
     fake.for_model("gpt-4o", Reply(status=429, headers={"Retry-After": "120"}))
     ask(app)
 
-    assert 119 <= cooldowns.of(app).remaining("gpt-4o") <= 120
+    assert 119 <= state(app).cooldowns.remaining("gpt-4o") <= 120
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
@@ -553,11 +576,10 @@ def test_a_few_upstream_errors_in_a_mixed_run_cause_no_503(settings_for, fake, r
     fallback, in cooldown for 30 s under the old count (3 failures in 60 s): 75 of the 90 were 503."""
     config = {"CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.01}  # the cooldown settings' defaults
     if store == "redis":
-        config["CHATPROXY_REDIS_URL"] = REDIS_URL
+        config.update(CHATPROXY_REDIS_URL=REDIS_URL, CHATPROXY_REDIS_PREFIX=request.getfixturevalue("key_prefix"))
     app = create_app(settings_for(**config))
     if store == "redis":
-        cooldowns.init_app(app, key_prefix=request.getfixturevalue("key_prefix"))
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     client = app.test_client()
     statuses = []
 
@@ -572,7 +594,7 @@ def test_a_few_upstream_errors_in_a_mixed_run_cause_no_503(settings_for, fake, r
 
     assert statuses == [200] * 90
     assert called(fake) == ["gpt-4o-mini"] * 94  # each error was retried once, on the same model
-    assert cooldowns.of(app).acquire("gpt-4o-mini") is Gate.OPEN
+    assert state(app).cooldowns.acquire("gpt-4o-mini") is Gate.OPEN
 
 
 def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(settings_for, fake):
@@ -583,7 +605,7 @@ def test_a_model_failing_half_its_calls_cools_down_with_the_default_settings(set
 
     fake.for_model("gpt-4o", None)  # healthy again, but cooling down: skipped until a probe finds it back
     answered_by(ask(app), "gpt-4o-mini", degraded=True)
-    assert 59 <= cooldowns.of(app).remaining("gpt-4o") <= 60
+    assert 59 <= state(app).cooldowns.remaining("gpt-4o") <= 60
     assert called(fake).count("gpt-4o") == 10  # tripped at the 10th call (5 of 10 failed): the minimum calls
 
 
@@ -610,7 +632,7 @@ def test_a_json_answer_we_cannot_read_is_retried_and_recorded_as_a_bad_response(
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "upstream_unavailable"
     assert len(fake.calls) == 2
-    rows = app.extensions["chatproxy.ledger"].rows()
+    rows = state(app).ledger.rows()
     assert [row["outcome"] for row in rows] == ["upstream_bad_response"] * 2
 
 
@@ -633,27 +655,6 @@ def test_the_retired_failure_count_stops_start_up_naming_its_replacements(settin
 
 
 # --- the cooldown backends: one contract, in-process and Redis ----------------------------------
-
-@pytest.fixture
-def redis_client():
-    """A client for the test Redis; skips (which fails under CI=true) when none is running."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip(f"needs a Redis server at TEST_REDIS_URL={REDIS_URL} (Debian: redis-server)")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def key_prefix(redis_client):
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"test:chatproxy:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(redis_client.scan_iter(match=prefix + "*"))
-    if keys:
-        redis_client.delete(*keys)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -789,13 +790,18 @@ def test_backend_cooldown_is_at_least_the_retry_after(backend):
 
 # --- shared through Redis -----------------------------------------------------------------------
 
+
 def test_cooldown_is_shared_by_apps_using_the_same_redis(make_app, fake, key_prefix, redis_client):
-    settings = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
-                "CHATPROXY_COOLDOWN_SECONDS": 1}
+    settings = {
+        "CHATPROXY_REDIS_URL": REDIS_URL,
+        "CHATPROXY_MAX_RETRIES": 0,
+        "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
+        "CHATPROXY_COOLDOWN_SECONDS": 1,
+        "CHATPROXY_REDIS_PREFIX": key_prefix,
+    }
     worker_a, worker_b = make_app(**settings), make_app(**settings)
     for app in (worker_a, worker_b):
-        cooldowns.init_app(app, key_prefix=key_prefix)
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     fake.for_model("gpt-4o", Reply(status=503))
 
     answered_by(ask(worker_a), "gpt-4o-mini", degraded=True)
@@ -823,11 +829,18 @@ def test_redis_outage_does_not_stop_the_proxy(make_app, fake, caplog):
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("headers", "seconds"),
-    [({"retry-after-ms": "1500"}, 1.5), ({"retry-after": "2"}, 2.0), ({"retry-after": "0.5"}, 0.5),
-     ({"retry-after-ms": "250", "retry-after": "9"}, 0.25), ({"retry-after": "soon"}, None), ({}, None),
-     ({"retry-after": "-3"}, 0.0)],
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+        ({"retry-after": "-3"}, 0.0),
+    ],
 )
 def test_retry_after_header_parsing(headers, seconds):
     assert retry_after(headers) == seconds

@@ -23,15 +23,19 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_headers_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-import tests.fake_openai as fake_openai
 from chatproxy import create_app
-from chatproxy.guards import hash_token
+from chatproxy.callers import hash_token
+from chatproxy.demo import answers
 from chatproxy.openapi import STREAM_ERRORS, build_spec
-from tests.conftest import TEST_KEY
+from tests.helpers import TEST_KEY
 from tests.sse import parse_sse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,23 +43,53 @@ REPORT = Path(os.environ.get("CHATPROXY_SCHEMATHESIS_REPORT", ROOT / "artifacts"
 ADMIN_TOKEN = "cpx_schemathesis-admin-token-0123456789"
 EXAMPLES_PER_OPERATION = int(os.environ.get("CHATPROXY_SCHEMATHESIS_EXAMPLES", "100"))
 MIN_CASES = 1000  # across every operation; lower it only with a smaller CHATPROXY_SCHEMATHESIS_EXAMPLES
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection]
-TOKEN_ONLY = {"/api/usage", "/api/batches", "/api/batches/{batch_id}", "/api/batches/{batch_id}/results",
-              "/v1/chat/completions", "/v1/models", "/metrics"}
+
+
+def rejected_negative_data(ctx, response, case) -> bool | None:
+    """negative_data_rejection, where a case refused for its size (413, before anything reads it) is rejected too."""
+    return None if response.status_code == 413 else negative_data_rejection(ctx, response, case)
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    rejected_negative_data,
+]
+TOKEN_ONLY = {
+    "/api/usage",
+    "/api/batches",
+    "/api/batches/{batch_id}",
+    "/api/batches/{batch_id}/results",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/metrics",
+}
 
 
 def app_config(base_url: str, database_url: str) -> dict[str, object]:
     """Anonymous callers allowed (the page's and the API's defaults otherwise), one admin token, no limits that
     generated traffic could reach: a 429 here would hide what the case was meant to test."""
     return {
-        "TESTING": True, "OPENAI_API_KEY": TEST_KEY, "OPENAI_BASE_URL": base_url, "CHATPROXY_SECRET_KEY": "st",
-        "CHATPROXY_DATABASE_URL": database_url, "CHATPROXY_ALLOW_ANONYMOUS": True,
-        "CHATPROXY_API_TOKENS": f"admin={hash_token(ADMIN_TOKEN)}", "CHATPROXY_ADMIN_TOKENS": "admin",
-        "CHATPROXY_RATE_LIMIT_ANONYMOUS": "1000000/minute", "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
-        "CHATPROXY_RATE_LIMIT_PAGE": "1000000/minute", "CHATPROXY_MAX_STREAMS": 1000,
-        "CHATPROXY_DAILY_BUDGET_USD": 0, "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": 0,
-        "CHATPROXY_MAX_RETRIES": 0, "CHATPROXY_READ_TIMEOUT": 5, "CHATPROXY_KEEPALIVE_SECONDS": 0,
+        "TESTING": True,
+        "OPENAI_API_KEY": TEST_KEY,
+        "OPENAI_BASE_URL": base_url,
+        "CHATPROXY_SECRET_KEY": "st",
+        "CHATPROXY_DATABASE_URL": database_url,
+        "CHATPROXY_ALLOW_ANONYMOUS": True,
+        "CHATPROXY_API_TOKENS": f"admin={hash_token(ADMIN_TOKEN)}",
+        "CHATPROXY_ADMIN_TOKENS": "admin",
+        "CHATPROXY_RATE_LIMIT_ANONYMOUS": "1000000/minute",
+        "CHATPROXY_RATE_LIMIT_TOKEN": "1000000/minute",
+        "CHATPROXY_RATE_LIMIT_PAGE": "1000000/minute",
+        "CHATPROXY_MAX_STREAMS": 1000,
+        "CHATPROXY_DAILY_BUDGET_USD": 0,
+        "CHATPROXY_IDENTITY_DAILY_BUDGET_USD": 0,
+        "CHATPROXY_MAX_RETRIES": 0,
+        "CHATPROXY_READ_TIMEOUT": 5,
+        "CHATPROXY_KEEPALIVE_SECONDS": 0,
     }
 
 
@@ -77,7 +111,7 @@ def wsgi_app(_fake_server, tmp_path_factory):
 def robust_fake(monkeypatch):
     """The fake answers a structured-output request with an example of the client's schema; generated schemas
     can be anything (an empty enum, a string as `properties`), which is the fake's problem, not the proxy's."""
-    original = fake_openai.example_of
+    original = answers.example_of
 
     def example_of(schema, text):
         try:
@@ -85,7 +119,7 @@ def robust_fake(monkeypatch):
         except Exception:  # noqa: BLE001 - any schema the fake cannot follow gets a plain object
             return {}
 
-    monkeypatch.setattr(fake_openai, "example_of", example_of)
+    monkeypatch.setattr(answers, "example_of", example_of)
 
 
 def check_error_contract(response, path: str) -> None:
@@ -115,8 +149,11 @@ def check_stream(response) -> None:
 def test_generated_requests_get_documented_answers_and_never_a_5xx(case, wsgi_app):
     path = case.operation.path
     # Who calls is decided here, not generated: an admin token for token-only routes, anonymous otherwise.
-    case.headers = {k: v for k, v in (case.headers or {}).items()
-                    if k.lower() not in ("authorization", "cookie", "x-csrf-token", "origin")}
+    case.headers = {
+        k: v
+        for k, v in (case.headers or {}).items()
+        if k.lower() not in ("authorization", "cookie", "x-csrf-token", "origin")
+    }
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"} if path in TOKEN_ONLY else {}
     case.headers.update(headers)
 
@@ -139,8 +176,19 @@ def test_enough_cases_ran_for_every_operation():
     operations = {f"{method.upper()} {path}" for path, item in SCHEMA.raw_schema["paths"].items() for method in item}
     total = sum(CASES.values())
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"cases": total, "operations": len(operations), "by_operation": dict(
-        sorted(CASES.items())), "examples_per_operation": EXAMPLES_PER_OPERATION}, indent=2) + "\n", encoding="utf-8")
+    REPORT.write_text(
+        json.dumps(
+            {
+                "cases": total,
+                "operations": len(operations),
+                "by_operation": dict(sorted(CASES.items())),
+                "examples_per_operation": EXAMPLES_PER_OPERATION,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
     assert set(CASES) == operations, "every operation got generated cases"
     assert total >= MIN_CASES * min(1, EXAMPLES_PER_OPERATION / 100), CASES

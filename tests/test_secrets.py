@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from chatproxy import create_app
-from tests.fake_openai import Reply
+from chatproxy.demo.upstream import Reply
 from tests.sse import post_stream
 
 CANARY = "sk-proj-CANARY0123456789abcdefghijklmnopqrstuv"
@@ -22,8 +22,11 @@ def canary_app(settings_for):
 
 def echo_key(status: int) -> Reply:
     """An upstream error that echoes our key back, as OpenAI's 401 does."""
-    return Reply(status=status, error={"message": f"Incorrect API key provided: {CANARY}.", "code": "invalid_api_key"},
-                 headers={"x-echo": CANARY})
+    return Reply(
+        status=status,
+        error={"message": f"Incorrect API key provided: {CANARY}.", "code": "invalid_api_key"},
+        headers={"x-echo": CANARY},
+    )
 
 
 def test_the_key_leaks_nowhere(canary_app, fake, serve, caplog):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from chatproxy import create_app
-from chatproxy.streaming import sse
-from tests.fake_openai import Reply
+from chatproxy.demo.upstream import Reply
+from chatproxy.sse import data as sse
 from tests.sse import parse_sse, post_stream
 
 
@@ -26,8 +24,13 @@ def test_stream_sends_start_deltas_done_with_usage(live_url, fake):
     assert done["finish_reason"] == "stop"
     assert done["model"] == "gpt-4o-mini"
     [call] = fake.chat_calls()
-    assert done["usage"] == {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                             "total_tokens": call.prompt_tokens + call.completion_tokens}
+    assert done["usage"] == {
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "total_tokens": call.prompt_tokens + call.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
     assert call.body["stream"] is True
     assert call.body["stream_options"] == {"include_usage": True}
 
@@ -57,7 +60,7 @@ def test_deltas_arrive_as_the_upstream_writes_them(live_url, fake):
 def test_client_disconnect_closes_the_upstream_within_a_second(live_url, fake):
     fake.script(Reply(chunks=[f"t{i} " for i in range(60)], pace=0.1))
 
-    received, hung_up_at = post_stream(live_url, {"message": "hi", "stream": True}, stop_after_deltas=3)
+    _received, hung_up_at = post_stream(live_url, {"message": "hi", "stream": True}, stop_after_deltas=3)
 
     call = fake.chat_calls()[0]
     assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=3)

@@ -8,22 +8,26 @@ no ledger row and no cooldown, on every route that sends client values upstream.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 import pytest
 import redis
 
-from chatproxy import cooldowns, create_app, schemas
+from chatproxy import create_app, schemas
+from chatproxy.callers import hash_token
 from chatproxy.cooldowns import Gate, RedisCooldowns
-from chatproxy.guards import hash_token
+from chatproxy.state import state
+from tests.helpers import REDIS_URL
 
 TOKEN = "cpx_strict-input-token-0123456789ab"
 AS_TOKEN = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 # Trip on the first counted failure, retry twice: a poisoned request counted as an upstream failure shows at once.
-STRICT = {"CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}", "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
-          "CHATPROXY_MAX_RETRIES": 2, "CHATPROXY_RETRY_MAX_WAIT": 0.01, "CHATPROXY_RATE_LIMIT_TOKEN": "100000/minute"}
+STRICT = {
+    "CHATPROXY_API_TOKENS": f"alice={hash_token(TOKEN)}",
+    "CHATPROXY_COOLDOWN_MIN_CALLS": 1,
+    "CHATPROXY_MAX_RETRIES": 2,
+    "CHATPROXY_RETRY_MAX_WAIT": 0.01,
+    "CHATPROXY_RATE_LIMIT_TOKEN": "100000/minute",
+}
 
 # JSON text Python reads but strict JSON (and the SDK) cannot carry, and what the 400 says about it.
 POISONS = {
@@ -48,23 +52,49 @@ def template(body: dict) -> str:
 
 # (route, body with %s where the poison goes, the path the 400 names)
 PLACES = {
-    "chat-schema": ("/api/chat", template({"message": "hi", "model": "gpt-4o", "response_format": FORMAT}),
-                    AT_MAXIMUM),
-    "chat-description": ("/api/chat", template({"message": "hi", "model": "gpt-4o", "response_format": {
-        "type": "json_schema", "json_schema": {"name": "n", "description": POISON, "schema": {}}}}),
-        "response_format.json_schema.description"),
-    "chat-stream": ("/api/chat", template({"message": "hi", "model": "gpt-4o", "stream": True,
-                                          "response_format": FORMAT}), AT_MAXIMUM),
-    "v1-tool-parameters": ("/v1/chat/completions", template({"model": "gpt-4o", "messages": HI, "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": NUMBER}}]}),
-        "tools[0].function.parameters.properties.n.maximum"),
-    "v1-stop": ("/v1/chat/completions", template({"model": "gpt-4o", "messages": HI, "stop": ["END", POISON]}),
-                "stop[1]"),
-    "v1-stream-schema": ("/v1/chat/completions", template({"model": "gpt-4o", "stream": True, "messages": HI,
-                                                           "response_format": FORMAT}), AT_MAXIMUM),
+    "chat-schema": ("/api/chat", template({"message": "hi", "model": "gpt-4o", "response_format": FORMAT}), AT_MAXIMUM),
+    "chat-description": (
+        "/api/chat",
+        template(
+            {
+                "message": "hi",
+                "model": "gpt-4o",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "description": POISON, "schema": {}},
+                },
+            }
+        ),
+        "response_format.json_schema.description",
+    ),
+    "chat-stream": (
+        "/api/chat",
+        template({"message": "hi", "model": "gpt-4o", "stream": True, "response_format": FORMAT}),
+        AT_MAXIMUM,
+    ),
+    "v1-tool-parameters": (
+        "/v1/chat/completions",
+        template(
+            {
+                "model": "gpt-4o",
+                "messages": HI,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": NUMBER}}],
+            }
+        ),
+        "tools[0].function.parameters.properties.n.maximum",
+    ),
+    "v1-stop": (
+        "/v1/chat/completions",
+        template({"model": "gpt-4o", "messages": HI, "stop": ["END", POISON]}),
+        "stop[1]",
+    ),
+    "v1-stream-schema": (
+        "/v1/chat/completions",
+        template({"model": "gpt-4o", "stream": True, "messages": HI, "response_format": FORMAT}),
+        AT_MAXIMUM,
+    ),
     "classify": ("/api/classify", template({"text": POISON}), "text"),
 }
-
 
 
 @pytest.fixture
@@ -89,8 +119,8 @@ def refused(response, where: str, says: str) -> None:
 def untouched(app, fake) -> None:
     """No upstream call, no ledger row, and the model still open."""
     assert fake.calls == []
-    assert app.extensions["chatproxy.ledger"].rows() == []
-    gates = cooldowns.of(app)
+    assert state(app).ledger.rows() == []
+    gates = state(app).cooldowns
     assert gates.remaining("gpt-4o") == 0
     assert gates.acquire("gpt-4o") is Gate.OPEN
 
@@ -120,14 +150,23 @@ def test_a_poisoned_value_is_a_400_with_no_call_no_row_and_no_cooldown(make_app,
 def test_a_poisoned_batch_is_a_400_with_nothing_uploaded_or_reserved(make_app, fake, poison):
     app = make_app()
     text, says = POISONS[poison]
-    body = template({"requests": [{"custom_id": "ok", "message": "hi"},
-                                  {"custom_id": "bad", "message": "hi", "response_format": FORMAT}]}) % text
+    body = (
+        template(
+            {
+                "requests": [
+                    {"custom_id": "ok", "message": "hi"},
+                    {"custom_id": "bad", "message": "hi", "response_format": FORMAT},
+                ]
+            }
+        )
+        % text
+    )
 
     response = app.test_client().post("/api/batches", data=body.encode(), headers=AS_TOKEN)
 
     refused(response, f"requests[1].{AT_MAXIMUM}", says)
     untouched(app, fake)
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
 
 
 @pytest.mark.parametrize("poison", POISONS)
@@ -148,9 +187,11 @@ def test_a_poisoned_batch_file_is_refused_by_the_cli_naming_its_line(make_app, f
 
 def test_valid_unicode_escapes_and_large_integers_still_go_upstream(make_app, fake):
     app = make_app()
-    body = ('{"message": "smile \\ud83d\\ude00", "model": "gpt-4o", "response_format": {"type": "json_schema", '
-            '"json_schema": {"name": "n", "description": "caf\\u00e9 \\ud83d\\ude00", '
-            '"schema": {"type": "integer", "maximum": 123456789012345678901234567890, "minimum": -0.0}}}}')
+    body = (
+        '{"message": "smile \\ud83d\\ude00", "model": "gpt-4o", "response_format": {"type": "json_schema", '
+        '"json_schema": {"name": "n", "description": "caf\\u00e9 \\ud83d\\ude00", '
+        '"schema": {"type": "integer", "maximum": 123456789012345678901234567890, "minimum": -0.0}}}}'
+    )
 
     response = app.test_client().post("/api/chat", data=body.encode(), headers=AS_TOKEN)
 
@@ -163,42 +204,27 @@ def test_valid_unicode_escapes_and_large_integers_still_go_upstream(make_app, fa
 
 # --- shared Redis cooldowns: a poisoned request on one worker cannot take the model away from another ---------
 
-@pytest.fixture
-def key_prefix():
-    """A Redis key prefix of this test's own (skips, which fails under CI=true, without a Redis server)."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip(f"needs a Redis server at TEST_REDIS_URL={REDIS_URL} (Debian: redis-server)")
-    prefix = f"test:chatproxy:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
 
 @pytest.mark.parametrize("place", ["chat-schema", "chat-stream", "v1-stop", "v1-stream-schema"])
 def test_poison_on_one_worker_leaves_the_shared_redis_cooldowns_alone(make_app, fake, key_prefix, place):
-    worker_a, worker_b = make_app(CHATPROXY_REDIS_URL=REDIS_URL), make_app(CHATPROXY_REDIS_URL=REDIS_URL)
+    shared = {"CHATPROXY_REDIS_URL": REDIS_URL, "CHATPROXY_REDIS_PREFIX": key_prefix}
+    worker_a, worker_b = make_app(**shared), make_app(**shared)
     for app in (worker_a, worker_b):
-        cooldowns.init_app(app, key_prefix=key_prefix)
-        assert isinstance(cooldowns.of(app), RedisCooldowns)
+        assert isinstance(state(app).cooldowns, RedisCooldowns)
     route, template, where = PLACES[place]
 
     for _ in range(3):
         for text, says in POISONS.values():
-            refused(worker_a.test_client().post(route, data=(template % text).encode(), headers=AS_TOKEN), where,
-                    says)
+            refused(worker_a.test_client().post(route, data=(template % text).encode(), headers=AS_TOKEN), where, says)
 
     untouched(worker_b, fake)
-    assert redis.Redis.from_url(REDIS_URL).exists(*cooldowns.of(worker_b).keys("gpt-4o")) == 0
+    assert redis.Redis.from_url(REDIS_URL).exists(*state(worker_b).cooldowns.keys("gpt-4o")) == 0
     answered_by_gpt_4o(worker_b)
     answered_by_gpt_4o(worker_a)
 
 
 # --- defence in depth: a request the proxy itself cannot encode is our 500, never an upstream failure --------
+
 
 @pytest.fixture
 def edge_off(monkeypatch):
@@ -209,14 +235,18 @@ def edge_off(monkeypatch):
 def upstream_errors(client) -> float:
     """chatproxy_upstream_errors_total summed over its codes, from /metrics (the registry is per process)."""
     scrape = client.get("/metrics").get_data(as_text=True)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
-               if line.startswith("chatproxy_upstream_errors_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("chatproxy_upstream_errors_total{")
+    )
 
 
 @pytest.mark.parametrize("poison", ["nan", "-infinity", "1e400"])
 @pytest.mark.parametrize("place", ["chat-schema", "chat-stream", "v1-tool-parameters", "v1-stream-schema"])
-def test_a_request_we_cannot_encode_is_a_500_without_retry_row_cooldown_or_fallback(make_app, fake, edge_off, caplog,
-                                                                                    place, poison):
+def test_a_request_we_cannot_encode_is_a_500_without_retry_row_cooldown_or_fallback(
+    make_app, fake, edge_off, caplog, place, poison
+):
     app = make_app()
     client = app.test_client()
     route, template, where = PLACES[place]
@@ -229,8 +259,9 @@ def test_a_request_we_cannot_encode_is_a_500_without_retry_row_cooldown_or_fallb
 
     untouched(app, fake)  # no fallback to gpt-4o-mini either
     assert upstream_errors(client) == errors_before
-    assert any("cannot encode the upstream request" in r.getMessage() and where in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "cannot encode the upstream request" in r.getMessage() and where in r.getMessage() for r in caplog.records
+    )
     answered_by_gpt_4o(app)
 
 
@@ -243,14 +274,17 @@ def test_a_batch_we_cannot_encode_is_a_500_with_nothing_uploaded_or_reserved(mak
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"
     untouched(app, fake)  # before: a 202, and an input file with NaN in it uploaded
-    assert app.extensions["chatproxy.budget"].totals("token:alice")["reserved_micros"] == 0
+    assert state(app).budget.totals("token:alice")["reserved_micros"] == 0
 
 
-@pytest.mark.parametrize(("route", "body"), [
-    ("/api/chat", {"message": "hi", "model": "gpt-4o"}),
-    ("/api/chat", {"message": "hi", "model": "gpt-4o", "stream": True}),
-    ("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
-])
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/api/chat", {"message": "hi", "model": "gpt-4o"}),
+        ("/api/chat", {"message": "hi", "model": "gpt-4o", "stream": True}),
+        ("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
 def test_an_unencodable_system_prompt_is_a_500_without_row_or_cooldown(make_app, fake, route, body):
     # Undecodable bytes in the environment reach Python as lone surrogates (os.environ uses surrogateescape).
     app = make_app(CHATPROXY_SYSTEM_PROMPT="Be brief. \udcff")

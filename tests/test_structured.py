@@ -8,21 +8,19 @@ import time
 import pytest
 
 from chatproxy import create_app
-from tests.fake_openai import Reply
-
-SCHEMA = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
-    "type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
-    "required": ["name", "population"], "additionalProperties": False}}}
+from chatproxy.demo.upstream import Reply
+from chatproxy.state import state
+from tests.helpers import CITY_FORMAT, described
 
 
 def test_json_schema_reply_carries_parsed(client, fake):
-    response = client.post("/api/chat", json={"message": "Name a big city.", "response_format": SCHEMA})
+    response = client.post("/api/chat", json={"message": "Name a big city.", "response_format": CITY_FORMAT})
 
     assert response.status_code == 200
     body = response.get_json()
     assert set(body["parsed"]) == {"name", "population"}
     assert isinstance(body["parsed"]["population"], int)
-    assert fake.chat_calls()[0].body["response_format"] == SCHEMA
+    assert fake.chat_calls()[0].body["response_format"] == CITY_FORMAT
 
 
 def test_json_object_mode_asks_for_json_when_nobody_did(client, fake):
@@ -41,28 +39,37 @@ def test_plain_text_has_no_parsed(client, fake):
     assert "response_format" not in fake.chat_calls()[0].body
 
 
-@pytest.mark.parametrize(("reply", "status", "code"), [
-    (Reply(content="not json {"), 502, "invalid_model_output"),
-    (Reply(content='{"name": "Par', finish_reason="length"), 502, "invalid_model_output"),
-    (Reply(refusal="I can't help with that."), 422, "model_refused"),
-])
+@pytest.mark.parametrize(
+    ("reply", "status", "code"),
+    [
+        (Reply(content="not json {"), 502, "invalid_model_output"),
+        (Reply(content='{"name": "Par', finish_reason="length"), 502, "invalid_model_output"),
+        (Reply(refusal="I can't help with that."), 422, "model_refused"),
+    ],
+)
 def test_bad_structured_answers_are_clear_errors(client, fake, reply, status, code):
     fake.script(reply)
 
-    response = client.post("/api/chat", json={"message": "hi", "response_format": SCHEMA})
+    response = client.post("/api/chat", json={"message": "hi", "response_format": CITY_FORMAT})
 
     assert response.status_code == status
     assert response.get_json()["error"]["code"] == code
     assert client.post("/api/chat", json={"message": "still fine"}).status_code == 200
 
 
-@pytest.mark.parametrize("response_format", [
-    "json", {"type": "xml"}, {"type": "json_object", "extra": 1}, {"type": "json_schema"},
-    {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
-    {"type": "json_schema", "json_schema": {"name": "x", "schema": "nope"}},
-    {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
-    {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "api_key": "k"}},
-])
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        "json",
+        {"type": "xml"},
+        {"type": "json_object", "extra": 1},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": "nope"}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "api_key": "k"}},
+    ],
+)
 def test_bad_response_format_is_refused_before_any_call(client, fake, response_format):
     response = client.post("/api/chat", json={"message": "hi", "response_format": response_format})
 
@@ -83,6 +90,7 @@ def test_deeply_nested_schema_is_refused(client, fake):
 
 # --- /api/classify --------------------------------------------------------------------------------
 
+
 def test_classify_returns_label_confidence_rationale(client, fake):
     response = client.post("/api/classify", json={"text": "My billing statement charged me twice."})
 
@@ -101,8 +109,9 @@ def test_classify_returns_label_confidence_rationale(client, fake):
 
 
 def test_classify_labels_from_the_request_within_the_allowlist(client, fake):
-    response = client.post("/api/classify", json={"text": "The app crashes (technical).",
-                                                  "labels": ["technical", "other"]})
+    response = client.post(
+        "/api/classify", json={"text": "The app crashes (technical).", "labels": ["technical", "other"]}
+    )
 
     assert response.get_json()["label"] == "technical"
     enum = fake.chat_calls()[0].body["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"]
@@ -117,11 +126,20 @@ def test_classify_labels_come_from_settings(fake, settings_for):
     assert body["label"] == "spam"
 
 
-@pytest.mark.parametrize("body", [
-    {}, {"text": ""}, {"text": 5}, {"text": "x", "labels": ["billing"]}, {"text": "x", "labels": ["evil", "other"]},
-    {"text": "x", "labels": ["other", "other"]}, {"text": "x", "labels": "billing"}, {"text": "x", "model": "gpt-4o"},
-    {"text": "x" * 9000},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"text": ""},
+        {"text": 5},
+        {"text": "x", "labels": ["billing"]},
+        {"text": "x", "labels": ["evil", "other"]},
+        {"text": "x", "labels": ["other", "other"]},
+        {"text": "x", "labels": "billing"},
+        {"text": "x", "model": "gpt-4o"},
+        {"text": "x" * 9000},
+    ],
+)
 def test_classify_bad_input(client, fake, body):
     response = client.post("/api/classify", json=body)
 
@@ -142,21 +160,20 @@ def test_classify_answer_outside_the_schema_is_an_error(client, fake):
 def test_classify_is_metered(app, client, fake):
     client.post("/api/classify", json={"text": "hello"})
 
-    [row] = app.extensions["chatproxy.ledger"].rows()
+    [row] = state(app).ledger.rows()
     assert row["outcome"] == "ok" and row["tokens_exact"] and row["cost_micros"] > 0
 
 
 # --- response_format counts as prompt: in the character cap and in the budget's worst case (issue 14, finding 7) --
 
-def described(chars: int) -> dict:
-    """SCHEMA with a json_schema.description of `chars` characters."""
-    return {"type": "json_schema", "json_schema": {**SCHEMA["json_schema"], "description": "d" * chars}}
 
-
-@pytest.mark.parametrize(("message", "description"), [
-    pytest.param("hi", 61_200, id="schema-alone"),  # the red team's: twice CHATPROXY_MAX_TOTAL_CHARS (32,000)
-    pytest.param("x" * 7_900, 25_000, id="schema-and-message"),  # each under the cap, together over it
-])
+@pytest.mark.parametrize(
+    ("message", "description"),
+    [
+        pytest.param("hi", 61_200, id="schema-alone"),  # the red team's: twice CHATPROXY_MAX_TOTAL_CHARS (32,000)
+        pytest.param("x" * 7_900, 25_000, id="schema-and-message"),  # each under the cap, together over it
+    ],
+)
 def test_a_schema_over_the_character_cap_is_a_400_with_nothing_upstream(app, client, fake, message, description):
     response = client.post("/api/chat", json={"message": message, "response_format": described(description)})
 
@@ -165,7 +182,7 @@ def test_a_schema_over_the_character_cap_is_a_400_with_nothing_upstream(app, cli
     assert error["code"] == "invalid_request"
     assert "at most 32000 in all" in error["message"] and "response_format" in error["message"]
     assert fake.calls == []
-    assert app.extensions["chatproxy.ledger"].rows() == []
+    assert state(app).ledger.rows() == []
 
 
 def test_a_schema_within_the_cap_is_sent_whole(client, fake):
@@ -177,7 +194,7 @@ def test_a_schema_within_the_cap_is_sent_whole(client, fake):
 
 def reserved_while_answering(app, fake, body: dict) -> int:
     """The tokens the budget holds for `body` while the upstream (slowed down) answers it."""
-    client, budget, seen = app.test_client(), app.extensions["chatproxy.budget"], []
+    client, budget, seen = app.test_client(), state(app).budget, []
     fake.script(Reply(delay=0.3))
     worker = threading.Thread(target=lambda: seen.append(client.post("/api/chat", json=body).status_code))
     worker.start()

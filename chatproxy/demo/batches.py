@@ -15,20 +15,24 @@ response, as OpenAI reports a failed line. A malformed input file makes the batc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from tests.fake_openai import Call, FakeOpenAI, Reply, _answer_for, _completion, count_tokens
+from .answers import answer_for, completion, count_tokens, prompt_tokens, usage
 
 FAIL_MARKER = "FAIL"
 ENDPOINTS = frozenset({"/v1/chat/completions"})
+# An endpoint of the fake besides /chat/completions: method, path pattern, handler(request handler, match, raw body).
+Route = tuple[str, re.Pattern[str], Callable[[Any, re.Match[str], bytes], None]]
 
 
 @dataclass
@@ -43,8 +47,15 @@ class FakeFile:
 
     def as_json(self) -> dict[str, Any]:
         """The FileObject."""
-        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed"}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+        }
 
 
 @dataclass
@@ -66,9 +77,9 @@ class FakeBatch:
 class FakeBatchAPI:
     """The state behind the endpoints: files, batches and how long a batch takes."""
 
-    def __init__(self, fake: FakeOpenAI) -> None:
-        self.fake = fake
-        self.delay = 3.0 if fake.demo else 0.2  # seconds from creation to `completed`
+    def __init__(self, demo: bool) -> None:
+        self.demo = demo
+        self.delay = 3.0 if demo else 0.2  # seconds from creation to `completed`
         self.create_reply_delay = 0.0  # seconds between creating a batch and answering (a slow or lost reply)
         self.files: dict[str, FakeFile] = {}
         self.batches: dict[str, FakeBatch] = {}
@@ -83,8 +94,13 @@ class FakeBatchAPI:
 
     def create(self, body: dict[str, Any]) -> FakeBatch:
         """Create a batch; an input file OpenAI would refuse makes it `failed` with `errors`."""
-        batch = FakeBatch(f"batch_{secrets.token_hex(12)}", str(body.get("input_file_id")),
-                          str(body.get("endpoint")), time.time(), body.get("metadata"))
+        batch = FakeBatch(
+            f"batch_{secrets.token_hex(12)}",
+            str(body.get("input_file_id")),
+            str(body.get("endpoint")),
+            time.time(),
+            body.get("metadata"),
+        )
         with self.lock:
             file = self.files.get(batch.input_file_id)
         if body.get("completion_window") != "24h":
@@ -109,16 +125,25 @@ class FakeBatchAPI:
             self._finish(batch)
             status, done = "completed", total
         else:
-            status, done = ("validating", 0) if elapsed < self.delay / 10 else \
-                ("in_progress", int(total * elapsed / self.delay))
+            status, done = (
+                ("validating", 0) if elapsed < self.delay / 10 else ("in_progress", int(total * elapsed / self.delay))
+            )
         failed = sum(1 for line in batch.lines[:done] if _fails(line))
         created = int(batch.created_at)
         return {
-            "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
-            "completion_window": "24h", "status": status, "created_at": created,
-            "expires_at": created + 86400, "in_progress_at": created if status != "failed" else None,
-            "completed_at": batch.completed_at, "failed_at": created if status == "failed" else None,
-            "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": batch.endpoint,
+            "input_file_id": batch.input_file_id,
+            "completion_window": "24h",
+            "status": status,
+            "created_at": created,
+            "expires_at": created + 86400,
+            "in_progress_at": created if status != "failed" else None,
+            "completed_at": batch.completed_at,
+            "failed_at": created if status == "failed" else None,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
             "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
             "request_counts": {"total": total, "completed": done - failed, "failed": failed},
             "metadata": batch.metadata,
@@ -139,28 +164,32 @@ class FakeBatchAPI:
 
     def _answer(self, line: dict[str, Any]) -> dict[str, Any]:
         body = line["body"]
-        entry: dict[str, Any] = {"id": f"batch_req_{secrets.token_hex(8)}", "custom_id": line["custom_id"],
-                                 "error": None}
+        entry: dict[str, Any] = {
+            "id": f"batch_req_{secrets.token_hex(8)}",
+            "custom_id": line["custom_id"],
+            "error": None,
+        }
         request_id = f"req_{secrets.token_hex(8)}"
         if _fails(line):
-            error = {"message": "This request failed in the fake upstream.", "type": "invalid_request_error",
-                     "param": None, "code": "fake_failure"}
+            error = {
+                "message": "This request failed in the fake upstream.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "fake_failure",
+            }
             entry["response"] = {"status_code": 400, "request_id": request_id, "body": {"error": error}}
             return entry
-        text = _answer_for(body, self.fake.demo)
-        call = Call("POST", line["url"], {}, body, time.time())
-        call.prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", [])
-                                 if isinstance(m, dict))
-        call.completion_tokens = count_tokens(text)
-        entry["response"] = {"status_code": 200, "request_id": request_id,
-                             "body": _completion(body, Reply(), text, call)}
+        text = answer_for(body, self.demo)
+        entry["response"] = {
+            "status_code": 200,
+            "request_id": request_id,
+            "body": completion(body, text, usage(prompt_tokens(body), count_tokens(text))),
+        }
         return entry
 
 
-def install(fake: FakeOpenAI) -> None:
-    """Add the Files and Batch endpoints to `fake` (its state: `fake.batch_api`)."""
-    api = FakeBatchAPI(fake)
-    fake.batch_api = api  # type: ignore[attr-defined]
+def batch_routes(api: FakeBatchAPI) -> list[Route]:
+    """The Files and Batch endpoints, serving `api`'s files and batches."""
 
     def upload(handler: Any, _match: re.Match[str], raw: bytes) -> None:
         fields = _multipart(handler.headers.get("content-type", ""), raw)
@@ -198,17 +227,23 @@ def install(fake: FakeOpenAI) -> None:
             return
         batch = api.create(body)
         time.sleep(api.create_reply_delay)
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up: the batch exists
             handler._json(200, api.view(batch))
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting: the batch exists anyway
-            pass
 
     def listing(handler: Any, _match: re.Match[str], _raw: bytes) -> None:
         with api.lock:
             batches = sorted(api.batches.values(), key=lambda b: b.created_at, reverse=True)
         data = [api.view(batch) for batch in batches]
-        handler._json(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                            "last_id": data[-1]["id"] if data else None, "has_more": False})
+        handler._json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": False,
+            },
+        )
 
     def retrieve(handler: Any, match: re.Match[str], _raw: bytes) -> None:
         batch = api.batches.get(match["id"])
@@ -217,14 +252,14 @@ def install(fake: FakeOpenAI) -> None:
         else:
             handler._json(200, api.view(batch))
 
-    fake.routes.extend([
+    return [
         ("POST", re.compile(r"/v1/files"), upload),
         ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)"), file_info),
         ("GET", re.compile(r"/v1/files/(?P<id>[^/]+)/content"), file_content),
         ("POST", re.compile(r"/v1/batches"), create),
         ("GET", re.compile(r"/v1/batches"), listing),
         ("GET", re.compile(r"/v1/batches/(?P<id>[^/]+)"), retrieve),
-    ])
+    ]
 
 
 def _parse_input(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -241,8 +276,7 @@ def _parse_input(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list
             return [], [_error("invalid_json_line", "This line is not valid JSON.", number)]
         body = line.get("body") if isinstance(line, dict) else None
         if not isinstance(body, dict) or line.get("method") != "POST" or line.get("url") != endpoint:
-            return [], [_error("invalid_request", f"Each line needs method POST, url {endpoint} and a body.",
-                               number)]
+            return [], [_error("invalid_request", f"Each line needs method POST, url {endpoint} and a body.", number)]
         if not isinstance(line.get("custom_id"), str) or line["custom_id"] in seen:
             return [], [_error("duplicate_custom_id", "custom_id must be a unique string.", number)]
         seen.add(line["custom_id"])

@@ -1,4 +1,4 @@
-"""The offline demo: with no OPENAI_API_KEY, `make run` and the command line talk to a local fake upstream.
+"""The dev app: with no OPENAI_API_KEY, `make run` and the command line start the demo upstream in-process.
 
 Development only: `gunicorn wsgi:app` and `flask --app chatproxy` never fall back to the demo.
 """
@@ -10,8 +10,9 @@ from typing import Any
 
 from flask import Flask
 
-from . import ROOT, SettingsError, create_app
-from .config import raw_settings, validate
+from .. import create_app
+from ..config import ROOT, SettingsError, raw_settings, validate
+from .upstream import FakeOpenAI
 
 DEMO_KEY = "sk-demo-offline-not-a-real-key"
 
@@ -23,8 +24,6 @@ def wanted(raw: Mapping[str, Any]) -> bool:
 
 def start_upstream() -> dict[str, object]:
     """Serve the demo upstream in this process; the settings that point an app at it."""
-    from tests.fake_openai import FakeOpenAI  # the fake moves into the package in a later change
-
     fake = FakeOpenAI(demo=True).start()
     return {"OPENAI_API_KEY": DEMO_KEY, "OPENAI_BASE_URL": fake.base_url, "CHATPROXY_DEMO": True}
 
@@ -40,8 +39,10 @@ def create_dev_app(overrides: Mapping[str, object] | None = None, say: Callable[
         if wanted(raw):
             validate({**raw, "OPENAI_API_KEY": DEMO_KEY})  # a bad setting stops us before the demo starts
             config.update(start_upstream())
-            say(f"No OPENAI_API_KEY set: using the OFFLINE DEMO upstream at {config['OPENAI_BASE_URL']}.\n"
-                "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API.")
+            say(
+                f"No OPENAI_API_KEY set: using the OFFLINE DEMO upstream at {config['OPENAI_BASE_URL']}.\n"
+                "Answers are canned echoes, not OpenAI. Put a key in .env to use the real API."
+            )
         return create_app(config)
     except SettingsError as exc:
         raise SystemExit(f"chatproxy: {exc}") from None

@@ -1,8 +1,9 @@
 """A loopback fake of the OpenAI Chat Completions API, with scriptable faults.
 
-One implementation serves the tests, the offline demo (`make run` without a key)
-and the benchmarks. It is a real HTTP server: the `openai` SDK talks to it over
-TCP exactly as it talks to api.openai.com.
+One implementation serves the tests, the offline demo (`make run` and the command
+line without a key) and the soak. It is a real HTTP server: the `openai` SDK talks
+to it over TCP exactly as it talks to api.openai.com. Its Files and Batch endpoints
+are in batches.py; what its answers say is in answers.py.
 
     fake = FakeOpenAI().start()
     fake.script(Reply(status=429, headers={"retry-after-ms": "10"}), Reply())
@@ -14,6 +15,7 @@ TCP exactly as it talks to api.openai.com.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -22,9 +24,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from .answers import (
+    answer_for,
+    completion,
+    count_tokens,
+    parameter_error,
+    prompt_tokens,
+    reasoning_tokens,
+    tool_calls_for,
+    usage,
+)
+from .batches import FakeBatchAPI, Route, batch_routes
 
 
 @dataclass
@@ -50,6 +63,8 @@ class Reply:
     model: str | None = None  # answer as this model (default: the one asked for)
     refusal: str | None = None  # a structured-output refusal instead of content
     tool_calls: list[dict[str, Any]] | None = None  # answer with these; default: call a tool when `tools` are offered
+    cached_tokens: int = 0  # report this many of the prompt's tokens as cached (billed at the cached rate)
+    omit_usage: bool = False  # stream: no usage chunk even when asked (llama.cpp's server ignores include_usage)
 
 
 @dataclass
@@ -65,7 +80,9 @@ class Call:
     finished: bool = False
     disconnected_at: float | None = None  # when the fake saw the client close mid-stream
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # the answer's; reasoning tokens are on top
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def model(self) -> str | None:
@@ -90,33 +107,24 @@ class Call:
 
 
 AZURE_PATH = re.compile(r"^/openai/deployments/([^/?]+)/chat/completions(?:\?|$)")
-DEMO_TEXT = (
-    "This answer comes from the offline demo upstream, not from OpenAI. "
-    "Set OPENAI_API_KEY to talk to a real model. You said: "
-)
-
-
-def count_tokens(text: str) -> int:
-    """A deterministic stand-in for a tokenizer: one token per 4 characters."""
-    return max(1, (len(text) + 3) // 4) if text else 0
 
 
 class FakeOpenAI:
     """A threaded HTTP server speaking the Chat Completions wire format."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, demo: bool = False,
-                 default: Reply | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, demo: bool = False, default: Reply | None = None
+    ) -> None:
         self.calls: list[Call] = []
         self.demo = demo
         self.default = default or Reply(pace=0.03 if demo else 0.0)
         self._script: list[Reply] = []
         self._per_model: dict[str, Reply] = {}
-        # Extra endpoints (files, batches...): (method, path regex, handler(request, match, raw body)).
-        self.routes: list[tuple[str, re.Pattern[str], Callable[[Any, re.Match[str], bytes], None]]] = []
+        self.batch_api = FakeBatchAPI(demo)
+        self.routes: list[Route] = batch_routes(self.batch_api)  # endpoints besides /chat/completions and /models
         self._lock = threading.Lock()
         self._server = _Server((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
-        from tests.fake_batches import install; install(self)  # noqa: E702 - files + batches; late import: cycle
 
     @property
     def base_url(self) -> str:
@@ -191,7 +199,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK wait
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _route(self, raw: bytes) -> bool:
@@ -205,11 +213,11 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     return True
             return False
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             if not self._route(b""):
                 self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self._route(b""):
                 return
             call = self._record(None)
@@ -220,7 +228,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             call.finished = True
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
             if self._route(raw):
@@ -251,20 +259,34 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._json(reply.status, {"error": error}, reply.headers)
                 call.finished = True
                 return
-            text = reply.content if reply.content is not None else _answer_for(body, fake.demo)
-            call.prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", [])
-                                     if isinstance(m, dict))
-            tools = reply.tool_calls if reply.tool_calls is not None else _tool_calls_for(body)
+            refused = parameter_error(body)
+            if refused is not None:  # as the real API does, before anything is generated (and billed)
+                self._json(400, {"error": refused})
+                call.finished = True
+                return
+            text = reply.content if reply.content is not None else answer_for(body, fake.demo)
+            call.prompt_tokens = prompt_tokens(body)
+            call.reasoning_tokens = reasoning_tokens(body)
+            call.cached_tokens = min(reply.cached_tokens, call.prompt_tokens)
+            tools = reply.tool_calls if reply.tool_calls is not None else tool_calls_for(body)
             if tools and reply.finish_reason == "stop":
                 reply = dataclasses.replace(reply, finish_reason="tool_calls")
             if body.get("stream"):
                 self._stream(call, body, reply, text, tools)
             else:
                 call.completion_tokens = count_tokens(json.dumps(tools) if tools else text)
-                completion = _completion(body, reply, text, call, tools)
+                answer = completion(
+                    body,
+                    text,
+                    usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens),
+                    model=reply.model,
+                    refusal=reply.refusal,
+                    finish_reason=reply.finish_reason,
+                    tools=tools,
+                )
                 if self.azure:
-                    completion["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
-                self._json(200, completion, reply.headers)
+                    answer["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
+                self._json(200, answer, reply.headers)
                 call.finished = True
 
         def _record(self, body: Any) -> Call:
@@ -288,8 +310,9 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.connection.close()
 
-        def _stream(self, call: Call, body: dict, reply: Reply, text: str,
-                    tools: list[dict[str, Any]] | None = None) -> None:
+        def _stream(
+            self, call: Call, body: dict, reply: Reply, text: str, tools: list[dict[str, Any]] | None = None
+        ) -> None:
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")
@@ -302,15 +325,34 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             chunks: list[Any] = reply.chunks if reply.chunks is not None else _split(text)
             if tools:
                 chunks = _tool_deltas(tools)
-            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model}
+            base = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+            }
             try:
                 if self.azure:  # Azure's first chunk: prompt filter results, no choices, no model
-                    self._send(call, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
-                                      "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]},
-                               count=False)
-                self._send(call, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}]}, count=False)
+                    self._send(
+                        call,
+                        {
+                            "id": "",
+                            "object": "",
+                            "created": 0,
+                            "model": "",
+                            "choices": [],
+                            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+                        },
+                        count=False,
+                    )
+                self._send(
+                    call,
+                    {
+                        **base,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    },
+                    count=False,
+                )
                 if reply.first_chunk_delay:
                     time.sleep(reply.first_chunk_delay)
                 for i, piece in enumerate(chunks):
@@ -328,13 +370,25 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     if reply.stall_after is not None and i == reply.stall_after:
                         time.sleep(reply.stall)
                     delta = piece if isinstance(piece, dict) else {"content": piece}
-                    self._send(call, {**base, "choices": [{"index": 0, "delta": delta,
-                                                            "finish_reason": None}]})
+                    self._send(call, {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     call.completion_tokens += 1
-                self._send(call, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
-                           count=False)
-                if (body.get("stream_options") or {}).get("include_usage"):
-                    self._send(call, {**base, "choices": [], "usage": _usage(call)}, count=False)
+                self._send(
+                    call,
+                    {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
+                    count=False,
+                )
+                if (body.get("stream_options") or {}).get("include_usage") and not reply.omit_usage:
+                    self._send(
+                        call,
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": usage(
+                                call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens
+                            ),
+                        },
+                        count=False,
+                    )
                 self._write(call, b"data: [DONE]\n\n")
                 call.finished = True
             except (BrokenPipeError, ConnectionResetError, OSError):
@@ -360,8 +414,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 class Blackhole:
     """A loopback port whose accept queue is full, so a connect hangs until the client's connect timeout.
 
-        with Blackhole() as hole:  # OPENAI_BASE_URL=hole.base_url
-            ...
+    with Blackhole() as hole:  # OPENAI_BASE_URL=hole.base_url
+        ...
     """
 
     def __init__(self) -> None:
@@ -373,10 +427,8 @@ class Blackhole:
     def _fill(self) -> socket.socket:
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             filler.connect(self._listener.getsockname())
-        except BlockingIOError:
-            pass
         return filler
 
     @property
@@ -409,39 +461,6 @@ def _peer_closed(sock: socket.socket) -> None:
         raise ConnectionResetError
 
 
-def _answer_for(body: dict, demo: bool) -> str:
-    messages = body.get("messages") or []
-    last = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
-    if not isinstance(last, str):
-        last = json.dumps(last)
-    response_format = body.get("response_format") or {}
-    if response_format.get("type") == "json_schema":
-        return json.dumps(example_of(response_format.get("json_schema", {}).get("schema", {}), last))
-    if response_format.get("type") == "json_object":
-        return json.dumps({"answer": last})
-    if demo:
-        return DEMO_TEXT + last
-    return f"Echo: {last}"
-
-
-def example_of(schema: dict, text: str) -> Any:
-    """A value that satisfies a simple JSON schema; an enum prefers the option named in `text`."""
-    if "enum" in schema:
-        options = schema["enum"]
-        return next((o for o in options if isinstance(o, str) and o.lower() in text.lower()), options[0])
-    kind = schema.get("type")
-    if kind == "object":
-        return {name: example_of(sub, text) for name, sub in schema.get("properties", {}).items()}
-    if kind == "array":
-        return [example_of(schema.get("items", {}), text)]
-    if kind in ("number", "integer"):
-        low, high = schema.get("minimum", 0), schema.get("maximum", 1)
-        return high if kind == "integer" else round(low + (high - low) * 0.9, 2)
-    if kind == "boolean":
-        return True
-    return f"Demo answer about: {text[:60]}"
-
-
 def _split(text: str) -> list[str]:
     """Split text into word-sized deltas that join back to the exact text."""
     pieces, start = [], 0
@@ -453,56 +472,33 @@ def _split(text: str) -> list[str]:
     return [p for p in pieces if p]
 
 
-def _usage(call: Call) -> dict[str, int]:
-    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-            "total_tokens": call.prompt_tokens + call.completion_tokens}
-
-
-def _tool_calls_for(body: dict) -> list[dict[str, Any]] | None:
-    """A call of the offered tool (the one `tool_choice` names, else the first), unless a tool result just came back."""
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
-    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)] or [{}]
-    choice = body.get("tool_choice")
-    if not tools or choice == "none" or messages[-1].get("role") == "tool":
-        return None
-    wanted = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    function = next((t["function"] for t in tools if t["function"].get("name") == wanted), tools[0]["function"])
-    last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-    arguments = example_of(function.get("parameters") or {"type": "object"}, str(last))
-    return [{"id": "call_fake_0", "type": "function",
-             "function": {"name": function.get("name"), "arguments": json.dumps(arguments)}}]
-
-
 def _tool_deltas(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stream deltas for tool calls: the id and name first, then the arguments in pieces."""
     deltas: list[dict[str, Any]] = []
     for index, call in enumerate(tools):
         function = call["function"]
-        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                       "function": {"name": function["name"], "arguments": ""}}]})
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": function["name"], "arguments": ""},
+                    }
+                ]
+            }
+        )
         arguments = function["arguments"]
-        deltas.extend({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 8]}}]}
-                      for i in range(0, len(arguments), 8))
+        deltas.extend(
+            {"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + 8]}}]}
+            for i in range(0, len(arguments), 8)
+        )
     return deltas
 
 
-def _completion(body: dict, reply: Reply, text: str, call: Call, tools: list[dict[str, Any]] | None = None) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": None if reply.refusal or tools else text,
-                               "refusal": reply.refusal}
-    if tools:
-        message["tool_calls"] = tools
-    return {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": reply.model or body.get("model"),
-        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
-        "usage": _usage(call),
-    }
-
-
 def main() -> None:
-    """Run the fake standalone: `python -m tests.fake_openai --port 8081`."""
+    """Run the fake standalone: `python -m chatproxy.demo.upstream --port 8081`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
-from . import batch
-from .errors import ApiError
-from .schemas import check_strict
+from ..errors import ApiError
+from ..schemas import check_strict
+from ..state import state
+from . import service as batch
 
 batch_group = AppGroup("batch", help="Run requests through the Batch API at half price (as identity cli:local).")
 
@@ -65,8 +65,10 @@ def _csv_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = reader.fieldnames or []
     if "custom_id" not in columns or "message" not in columns or not set(columns) <= set(CSV_COLUMNS):
-        raise click.ClickException(f"{path.name} needs a header row with custom_id,message and optionally "
-                                   f"model,max_tokens; it has {','.join(columns) or 'none'}.")
+        raise click.ClickException(
+            f"{path.name} needs a header row with custom_id,message and optionally "
+            f"model,max_tokens; it has {','.join(columns) or 'none'}."
+        )
     items, numbers = [], []
     for row in reader:
         if None in row:
@@ -76,8 +78,9 @@ def _csv_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
             try:
                 item["max_tokens"] = int(item["max_tokens"])
             except ValueError:
-                raise click.ClickException(f"{path.name} line {reader.line_num}: max_tokens must be an integer.") \
-                    from None
+                raise click.ClickException(
+                    f"{path.name} line {reader.line_num}: max_tokens must be an integer."
+                ) from None
         items.append(item)
         numbers.append(reader.line_num)
     return items, numbers
@@ -85,7 +88,7 @@ def _csv_items(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
 
 def _demo() -> bool:
     """Whether this command's upstream is the in-process offline demo."""
-    return current_app.extensions["chatproxy.settings"].demo
+    return state().settings.demo
 
 
 def _api(call: Any, *args: Any) -> Any:
@@ -106,8 +109,9 @@ def wait(batch_id: str, poll: float | None) -> dict[str, Any]:
     poll = _poll(poll)
     view = _api(batch.status, batch_id, batch.CLI_IDENTITY)
     shown = 0
-    with click.progressbar(length=view["request_counts"]["total"], label=batch_id, show_pos=True,
-                           file=sys.stderr) as bar:
+    with click.progressbar(
+        length=view["request_counts"]["total"], label=batch_id, show_pos=True, file=sys.stderr
+    ) as bar:
         while True:
             counts = view["request_counts"]
             done = counts["completed"] + counts["failed"]
@@ -133,41 +137,67 @@ def write_results(batch_id: str, output: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
-    click.echo(f"{len(answer['results'])} results ({failed} failed) of batch {batch_id} ({answer['status']})"
-               + (f" written to {output}" if output else ""), err=True)
+    click.echo(
+        f"{len(answer['results'])} results ({failed} failed) of batch {batch_id} ({answer['status']})"
+        + (f" written to {output}" if output else ""),
+        err=True,
+    )
 
 
 def _summary(view: dict[str, Any]) -> str:
     counts = view["request_counts"]
-    return (f"{view['id']}  {view['status']}  {counts['completed'] + counts['failed']}/{counts['total']} done, "
-            f"{counts['failed']} failed  ({view['model']}, created {view['created_at']})")
+    return (
+        f"{view['id']}  {view['status']}  {counts['completed'] + counts['failed']}/{counts['total']} done, "
+        f"{counts['failed']} failed  ({view['model']}, created {view['created_at']})"
+    )
 
 
 @batch_group.command("submit")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
-              help="auto: CSV for *.csv (columns custom_id,message[,model][,max_tokens]), else JSONL of API items.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "jsonl", "csv"]),
+    default="auto",
+    show_default=True,
+    help="auto: CSV for *.csv (columns custom_id,message[,model][,max_tokens]), else JSONL of API items.",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish, showing progress.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --wait: write the results to this JSONL file.")
-@click.option("--poll", type=click.FloatRange(min=0.01),
-              help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
-                   f"{DEMO_POLL_SECONDS:g} in the offline demo].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --wait: write the results to this JSONL file.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.01),
+    help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
+    f"{DEMO_POLL_SECONDS:g} in the offline demo].",
+)
 def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll: float | None) -> None:
     """Submit FILE as one batch; print its id. In the offline demo, wait and write the results too."""
     demo = _demo()
     if output is not None and not wait_ and not demo:
         raise click.UsageError("-o/--output needs --wait (or use `batch results ID -o FILE` later).")
     items, numbers = read_items(file, fmt)
-    settings = current_app.extensions["chatproxy.settings"]
-    lines = _api(batch.parse_requests, {"requests": items}, settings, batch.limits().max_requests,
-                 lambda index: f"{file.name} line {numbers[index]}")
+    settings = state().settings
+    lines = _api(
+        batch.parse_requests,
+        {"requests": items},
+        settings,
+        settings.batch_max_requests,
+        lambda index: f"{file.name} line {numbers[index]}",
+    )
     view = _api(batch.submit, lines, batch.CLI_IDENTITY)
     click.echo(view["id"])
     click.echo(f"Submitted {len(lines)} requests as batch {view['id']} ({view['status']}).", err=True)
     if demo and not (wait_ and output is not None):
-        click.echo("Offline demo: the demo upstream ends with this command, so it waits for the batch and "
-                   f"writes its results to {output or 'stdout'}.", err=True)
+        click.echo(
+            "Offline demo: the demo upstream ends with this command, so it waits for the batch and "
+            f"writes its results to {output or 'stdout'}.",
+            err=True,
+        )
     if wait_ or demo:
         view = wait(view["id"], poll)
         click.echo(_summary(view), err=True)
@@ -184,12 +214,19 @@ def status_command(batch_id: str) -> None:
 
 @batch_group.command("results")
 @click.argument("batch_id")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the results to this JSONL file (default: stdout).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results to this JSONL file (default: stdout).",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish first, showing progress.")
-@click.option("--poll", type=click.FloatRange(min=0.01),
-              help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
-                   f"{DEMO_POLL_SECONDS:g} in the offline demo].")
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.01),
+    help=f"Seconds between status checks while waiting [default: {POLL_SECONDS:g}; "
+    f"{DEMO_POLL_SECONDS:g} in the offline demo].",
+)
 def results_command(batch_id: str, output: Path | None, wait_: bool, poll: float | None) -> None:
     """Write a finished batch's results as JSONL: {custom_id, content} or {custom_id, error}."""
     if wait_:

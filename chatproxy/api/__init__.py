@@ -1,0 +1,13 @@
+"""The endpoints: each module is one wire format (its routes, request to Call, answer to its bytes)."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from . import batches, chat, classify, compat, usage
+
+
+def init_app(app: Flask) -> None:
+    """Register every endpoint's blueprint."""
+    for module in (chat, compat, classify, batches, usage):
+        app.register_blueprint(module.bp)

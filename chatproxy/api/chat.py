@@ -1,0 +1,180 @@
+"""The chat page, POST /api/chat (a JSON reply, or our SSE events) and GET /api/models."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, render_template, request
+
+from .. import sse
+from ..callers import csrf_token, has_page_session
+from ..config import Settings
+from ..dialects import CHAT, Answer, Tally, Usage
+from ..errors import ApiError
+from ..limits import count_new_session
+from ..pipeline import Call, serve
+from ..relay import Upstream
+from ..router import Routed
+from ..schemas import ChatRequest, parse_chat_request, parse_json_body
+from ..sse import Event
+from ..state import state
+from ..upstream import content_filtered
+from ..usage import estimate_prompt, estimate_tokens
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("chat", __name__)
+JSON_NOTE = "Reply with a JSON object."
+
+
+@bp.get("/")
+def page() -> str:
+    """The chat page (it starts the visitor's page session, counted per client IP)."""
+    settings = state().settings
+    if not has_page_session():
+        count_new_session()
+    return render_template(
+        "chat.html",
+        models=settings.models,
+        details=model_details(),
+        default_model=settings.default_model,
+        demo=settings.demo,
+        max_messages=settings.max_messages,
+        max_total_chars=settings.max_total_chars,
+        csrf_token=csrf_token(),
+    )
+
+
+@bp.get("/api/models")
+def models() -> Response:
+    """The models a client may ask for, and the default."""
+    settings = state().settings
+    return jsonify({"models": list(settings.models), "default": settings.default_model, "details": model_details()})
+
+
+def model_details() -> dict[str, dict[str, Any]]:
+    """What the page shows of each allowlisted model (models.json): whether it reasons, sees images, retires."""
+    app_state = state()
+    details = {}
+    for name in app_state.settings.models:
+        spec = app_state.models.spec(name)
+        details[name] = {
+            "reasoning": spec.reasons,
+            "images": spec.images,
+            "shutdown": spec.shutdown.isoformat() if spec.shutdown else None,
+        }
+    return details
+
+
+@bp.post("/api/chat")
+def chat() -> Response:
+    """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
+    settings = state().settings
+    chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), settings)
+    call = chat_call(chat_request, settings)
+    return serve(call, ChatWire(structured=chat_request.response_format is not None, prompt=call.prompt_estimate))
+
+
+def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
+    """The Chat Completions call for an /api/chat request: our system prompt first, then the client's turns."""
+    system = chat_request.system_prompt or settings.system_prompt
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *chat_request.messages]
+    body: dict[str, Any] = {"messages": messages}
+    sampling = {} if chat_request.temperature is None else {"temperature": chat_request.temperature}
+    response_format = chat_request.response_format
+    if response_format is not None:
+        body["response_format"] = response_format
+        if response_format["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
+            # OpenAI refuses JSON mode unless a message asks for JSON; say it in our system message.
+            messages[0] = {"role": "system", "content": f"{system}\n\n{JSON_NOTE}"}
+    return Call(
+        dialect=CHAT,
+        model=chat_request.model,
+        body=body,
+        max_output=chat_request.max_tokens,
+        stream=chat_request.stream,
+        prompt_estimate=estimate_prompt(messages, response_format),
+        sampling=sampling,
+        reasoning_effort=chat_request.reasoning_effort,
+    )
+
+
+class ChatWire:
+    """Our wire format: {role, content, model, degraded, finish_reason, usage[, parsed]}, or start/delta/done events."""
+
+    def __init__(self, *, structured: bool, prompt: int) -> None:
+        self.structured = structured
+        self.prompt = prompt  # the prompt's estimate, for a stream whose upstream reports no usage
+
+    def reply(self, answer: Answer, routed: Routed[Answer]) -> Response:
+        """The JSON reply; a filtered answer (recorded: it was billed) is refused."""
+        choice = answer.body["choices"][0]
+        if answer.finish_reason == "content_filter":
+            raise content_filtered()
+        reply: dict[str, Any] = {
+            "role": "assistant",
+            "content": choice["message"].get("content") or "",
+            "model": routed.model,
+            "degraded": routed.degraded,
+            "finish_reason": answer.finish_reason,
+            "usage": answer.usage.public() if answer.usage else None,
+        }
+        if self.structured:
+            reply["parsed"] = parsed(choice)
+        return jsonify(reply)
+
+    def opened(self, first: Event) -> None:
+        """A stream filtered before its first text is refused as a whole (a JSON error, not a stream)."""
+        if first["choices"][0].get("finish_reason") == "content_filter":
+            raise content_filtered()
+
+    def start(self, routed: Routed[Upstream]) -> bytes:
+        """The `start` event: which model answers."""
+        return sse.data({"type": "start", "model": routed.model, "degraded": routed.degraded})
+
+    def event(self, event: Event, text: str, routed: Routed[Upstream]) -> bytes:
+        """A `delta` event for each piece of text."""
+        return sse.data({"type": "delta", "content": text}) if text else b""
+
+    def done(self, tally: Tally, routed: Routed[Upstream]) -> bytes:
+        """The `done` event, or an `error` event for an answer the upstream filtered part-way."""
+        if tally.finish_reason == "content_filter":
+            return self.error(content_filtered())
+        if tally.usage is not None:
+            usage = tally.usage.public()
+        else:  # some servers (llama.cpp) ignore stream_options.include_usage: say what we estimate instead
+            usage = {**Usage(self.prompt, estimate_tokens(tally.text)).public(), "estimated": True}
+        return sse.data(
+            {
+                "type": "done",
+                "finish_reason": tally.finish_reason,
+                "usage": usage,
+                "model": routed.model,
+                "degraded": routed.degraded,
+            }
+        )
+
+    def error(self, error: ApiError) -> bytes:
+        """The final `error` event."""
+        return sse.data({"type": "error", "code": error.code, "message": error.message})
+
+
+def parsed(choice: dict[str, Any]) -> Any:
+    """The decoded JSON of a structured answer, or a clear error for a refusal, a cut-off or invalid JSON."""
+    message = choice["message"]
+    refusal = message.get("refusal")
+    if refusal:
+        raise ApiError(422, "model_refused", f"The model declined to answer: {str(refusal)[:500]}")
+    if choice.get("finish_reason") == "length":
+        raise ApiError(
+            502,
+            "invalid_model_output",
+            "The answer reached max_tokens before its JSON was complete. Allow more tokens.",
+        )
+    try:
+        return json.loads(message.get("content") or "")
+    except (ValueError, TypeError):
+        log.warning("the model's structured answer is not valid JSON")
+        raise ApiError(502, "invalid_model_output", "The model's answer was not valid JSON. Try again.") from None

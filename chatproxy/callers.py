@@ -1,0 +1,210 @@
+"""Who is calling: the page session (with CSRF), bearer tokens, an allowed origin, or anonymous; access rules."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import Flask, Request, g, request, session
+from flask.sessions import SecureCookieSessionInterface
+from flask_cors import CORS
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .errors import ApiError
+from .state import state
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "X-CSRF-Token"
+GUARDED_PREFIXES = ("/api/", "/v1/")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The identity a request is counted under, and which limit applies to it."""
+
+    identity: str  # session:<id>, token:<name>, origin:<origin>, ip:<addr>
+    kind: str  # page, token, origin, anonymous
+    limit_key: str
+
+
+class PageSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie session, marked Secure whenever the request came over https."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        """Secure on https (behind a trusted proxy, ProxyFix makes the scheme right)."""
+        return request.is_secure or super().get_cookie_secure(app)
+
+
+def init_app(app: Flask) -> None:
+    """Wire ProxyFix, sessions, CORS and caller identification (before the rate limiter, which needs the caller)."""
+    settings = state(app).settings
+    if settings.trusted_proxies:
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
+    app.secret_key = settings.secret_key or secrets.token_hex(32)
+    if not settings.secret_key:
+        log.warning("CHATPROXY_SECRET_KEY is not set: page sessions are valid in this process only")
+    app.config.update(
+        SESSION_COOKIE_NAME="chatproxy_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        PERMANENT_SESSION_LIFETIME=86400,
+    )
+    app.session_interface = PageSessionInterface()
+    if settings.allowed_origins:
+        # Exactly what the routes take: GET and POST (HEAD is always allowed), and the headers a frontend sends.
+        CORS(
+            app,
+            resources={
+                r"/api/*": {"origins": list(settings.allowed_origins)},
+                r"/v1/*": {"origins": list(settings.allowed_origins)},
+            },
+            supports_credentials=False,
+            methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"],
+            max_age=600,
+        )
+    app.before_request(identify_caller)
+
+
+def hash_token(token: str) -> str:
+    """The settings form of a token's hash."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_name(header: str, tokens: dict[str, bytes]) -> str | None:
+    """The name of the token in an `Authorization: Bearer` header, compared in constant time; None if invalid."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    digest = hashlib.sha256(token.strip().encode()).digest()
+    found = None
+    for name, expected in tokens.items():
+        if hmac.compare_digest(digest, expected):
+            found = name
+    return found
+
+
+def own_origin(req: Request) -> str:
+    """scheme://host[:port] of this app as the browser sees it."""
+    return req.host_url.rstrip("/")
+
+
+def has_page_session() -> bool:
+    """Whether this request carries a page session."""
+    return "sid" in session
+
+
+def csrf_token() -> str:
+    """The page session's CSRF token, creating the session on first use."""
+    if "sid" not in session:
+        session["sid"] = secrets.token_urlsafe(16)
+        session["csrf"] = secrets.token_urlsafe(32)
+        session.permanent = True
+    return session["csrf"]
+
+
+def identify_caller() -> None:
+    """Decide who is calling an API route, or refuse: 403 forbidden_origin, 403 csrf_failed, 401."""
+    if request.method == "OPTIONS" or not request.path.startswith(GUARDED_PREFIXES):
+        return
+    app_state = state()
+    settings = app_state.settings
+    origin = request.headers.get("Origin")
+    if origin and origin != own_origin(request) and origin not in settings.allowed_origins:
+        raise ApiError(403, "forbidden_origin", "Requests from this origin are not allowed.")
+    ip = request.remote_addr or "unknown"
+    auth = request.headers.get("Authorization")
+    if auth is not None:
+        name = token_name(auth, app_state.tokens)
+        if name is None:
+            raise ApiError(401, "unauthorized", "The bearer token is not valid.")
+        g.caller = Caller(f"token:{name}", "token", f"token:{name}")
+    elif "sid" in session:
+        if request.method not in SAFE_METHODS and not _csrf_ok(request.headers.get(CSRF_HEADER, "")):
+            raise ApiError(403, "csrf_failed", "The page's security token is missing or wrong. Reload the page.")
+        g.caller = Caller(f"session:{session['sid']}", "page", f"session:{session['sid']}")
+    elif origin and origin in settings.allowed_origins:
+        g.caller = Caller(f"origin:{origin}", "origin", f"origin-ip:{ip}")
+    elif settings.allow_anonymous:
+        g.caller = Caller(f"ip:{ip}", "anonymous", f"ip:{ip}")
+    else:
+        raise ApiError(401, "unauthorized", "Use the chat page, an allowed origin or a bearer token.")
+    g.identity = g.caller.identity
+
+
+def _csrf_ok(sent: str) -> bool:
+    expected = session.get("csrf", "")
+    return bool(sent) and bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def current_caller() -> Caller:
+    """The caller identify_caller found for this request."""
+    return g.caller
+
+
+def token_required(message: str) -> Callable[[F], F]:
+    """A route only bearer-token holders may call: 401 unauthorized with `message` for anyone else."""
+
+    def refuse() -> None:
+        raise ApiError(401, "unauthorized", message)
+
+    return _tokens_only(refuse)
+
+
+def tokens_only(message: str) -> Callable[[F], F]:
+    """A route other callers are known but not allowed on: 403 forbidden with `message` for them."""
+
+    def refuse() -> None:
+        raise ApiError(403, "forbidden", message)
+
+    return _tokens_only(refuse)
+
+
+def _tokens_only(refuse: Callable[[], None]) -> Callable[[F], F]:
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            caller = g.get("caller")
+            if caller is None or caller.kind != "token":
+                refuse()
+            return view(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate
+
+
+def is_admin(caller: Caller | None) -> bool:
+    """Whether `caller` holds a token named in CHATPROXY_ADMIN_TOKENS."""
+    if caller is None or caller.kind != "token":
+        return False
+    return caller.identity.removeprefix("token:") in state().settings.admin_tokens
+
+
+def admin_required(what: str) -> Callable[[F], F]:
+    """A route only admin tokens may call to `what` (e.g. "read usage"): 401 without an identity, else 403."""
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            caller = g.get("caller")
+            if caller is None:
+                raise ApiError(401, "unauthorized", f"Send an admin bearer token to {what}.")
+            if not is_admin(caller):
+                raise ApiError(403, "forbidden", f"Only admin tokens may {what}.")
+            return view(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,178 @@
+"""Server-sent events: the one reader of upstream streams (raw lines, json.loads), framing, keep-alive pings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import ssl
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx2
+import openai
+
+from .upstream import UnreadableAnswer
+
+log = logging.getLogger(__name__)
+
+PING = b": ping\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_END = object()
+
+
+def data(event: Any) -> bytes:
+    """One `data:` event; json.dumps escapes every control character (and, ASCII-only, any lone surrogate an
+    upstream may send), so model text can neither break the framing nor fail to encode."""
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def named(name: str, event: Any) -> bytes:
+    """One event with an `event:` line, as the Responses API sends them."""
+    return b"event: " + name.encode() + b"\n" + data(event)
+
+
+class Event(dict):
+    """A decoded event: the JSON object of its `data:` lines, and its `event:` name (None when it has none)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str | None, fields: dict[str, Any]) -> None:
+        super().__init__(fields)
+        self.name = name
+
+
+class EventStream:
+    """An upstream SSE body read as raw lines and decoded by json.loads alone: no SDK model per event.
+
+    The SDK's Stream builds a pydantic object per chunk, the largest per-chunk cost of a stream
+    (BENCHMARKS.md). Reading the raw body keeps the SDK's auth, base URL, timeouts and HTTP errors, and
+    raises what the SDK raises: APITimeoutError / APIConnectionError for a broken read; an event that is
+    not a JSON object is an UnreadableAnswer. The stream ends at `data: [DONE]` or at the body's end.
+    After a complete read, close() drains the body so the connection goes back to the pool (the SDK's
+    sync Stream drops it: a new upstream connection for every stream).
+    """
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response = response
+        self.ended = False  # read to [DONE] or to the body's end
+        self._lines = response.iter_lines()
+        self._events = self._read()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self._events
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def _read(self) -> Iterator[Event]:
+        name: str | None = None
+        lines: list[str] = []
+        while True:
+            try:
+                line = next(self._lines, None)
+            except httpx2.TimeoutException as exc:
+                raise openai.APITimeoutError(request=self.response.request) from exc
+            except (httpx2.RequestError, ssl.SSLError) as exc:
+                raise openai.APIConnectionError(request=self.response.request) from exc
+            if line:
+                if line.startswith("data:"):
+                    lines.append(line[6:] if line.startswith("data: ") else line[5:])
+                elif line.startswith("event:"):
+                    name = line[6:].strip()
+                continue  # comments (": ping") and other fields are skipped
+            if lines:  # a blank line (or the body's end) completes an event
+                payload, lines = "\n".join(lines), []
+                if payload.startswith("[DONE]"):
+                    self.ended = True
+                    return
+                yield Event(name, _decode(payload))
+                name = None
+            if line is None:
+                self.ended = True
+                return
+
+    def close(self) -> None:
+        """Close the response; a stream read to its end has the rest of its body read, to keep the connection."""
+        if self.ended and not self.response.is_closed:
+            try:
+                for _ in self._lines:
+                    pass
+            except Exception:
+                log.debug("reading the end of a finished upstream stream failed", exc_info=True)
+        self.response.close()
+
+
+def _decode(payload: str) -> dict[str, Any]:
+    try:
+        fields = json.loads(payload)
+    except ValueError as exc:
+        raise UnreadableAnswer("a malformed stream event") from exc
+    if not isinstance(fields, dict):
+        raise UnreadableAnswer("a stream event that is not a JSON object")
+    return fields
+
+
+def cancel(stream: EventStream) -> None:
+    """Close a stream now: shut the socket down so a reader blocked in recv wakes and the upstream sees FIN."""
+    if stream.response.is_closed:  # read to the end (or failed): its connection may already serve another call
+        return
+    if stream.ended:  # read to its end: drain the body instead, to reuse the connection
+        stream.close()
+        return
+    try:
+        network = stream.response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
+    try:
+        stream.close()
+    except Exception:
+        log.debug("closing the upstream stream raised", exc_info=True)
+
+
+def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
+    """Yield items, and PING whenever none arrives for `interval` seconds (0: no pings, no thread)."""
+    if interval <= 0:
+        yield from items
+        return
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stopped = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                if stopped.is_set():
+                    return
+                inbox.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
+            inbox.put(_Raised(exc))
+        finally:
+            inbox.put(_END)
+
+    threading.Thread(target=pump, name="sse-pump", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = inbox.get(timeout=interval)
+            except queue.Empty:
+                yield PING
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stopped.set()
+
+
+class _Raised:
+    """An exception carried from the pump thread to the consumer."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
