@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 from flask import Flask, Request, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_cors import CORS
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .errors import ApiError
-from .state import state
+from .keys import DISABLED, EXPIRED, REVOKED, ApiKey, utc_now
+from .state import AppState, state
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class Caller:
     identity: str  # session:<id>, token:<name>, origin:<origin>, ip:<addr>
     kind: str  # page, token, origin, anonymous
     limit_key: str
+    key: ApiKey | None = None  # the database key of a bearer token (None for CHATPROXY_API_TOKENS and others)
 
 
 class PageSessionInterface(SecureCookieSessionInterface):
@@ -126,10 +129,7 @@ def identify_caller() -> None:
     ip = request.remote_addr or "unknown"
     auth = request.headers.get("Authorization")
     if auth is not None:
-        name = token_name(auth, app_state.tokens)
-        if name is None:
-            raise ApiError(401, "unauthorized", "The bearer token is not valid.")
-        g.caller = Caller(f"token:{name}", "token", f"token:{name}")
+        g.caller = bearer_caller(auth, app_state)
     elif "sid" in session:
         if request.method not in SAFE_METHODS and not _csrf_ok(request.headers.get(CSRF_HEADER, "")):
             raise ApiError(403, "csrf_failed", "The page's security token is missing or wrong. Reload the page.")
@@ -141,6 +141,52 @@ def identify_caller() -> None:
     else:
         raise ApiError(401, "unauthorized", "Use the chat page, an allowed origin or a bearer token.")
     g.identity = g.caller.identity
+
+
+def bearer_caller(header: str, app_state: AppState) -> Caller:
+    """The caller of an `Authorization` header: a CHATPROXY_API_TOKENS token, else a database key; or 401."""
+    name = token_name(header, app_state.tokens)
+    if name is not None:
+        return Caller(f"token:{name}", "token", f"token:{name}")
+    scheme, _, token = header.partition(" ")
+    key = None
+    if scheme.lower() == "bearer" and token.strip():
+        try:
+            key = app_state.keys.find(token.strip())
+        except SQLAlchemyError:
+            log.exception("cannot look API keys up")
+            raise ApiError(
+                503, "keys_unavailable", "API keys cannot be checked right now. Try again shortly.", retry_after=5
+            ) from None
+    if key is None:
+        raise ApiError(401, "unauthorized", "The bearer token is not valid.")
+    status = key.status(utc_now())
+    if status == REVOKED:
+        raise ApiError(401, "key_revoked", "This API key has been revoked.")
+    if status == EXPIRED:
+        raise ApiError(401, "key_expired", "This API key has expired.")
+    if status == DISABLED:
+        raise ApiError(401, "key_disabled", "This API key is disabled.")
+    try:
+        app_state.keys.touch(key)
+    except SQLAlchemyError:
+        log.warning("cannot record that key %s was used", key.name, exc_info=True)
+    return Caller(f"token:{key.name}", "token", f"token:{key.name}", key)
+
+
+def allowed_models() -> tuple[str, ...]:
+    """The allowlisted models this request's caller may ask for (an API key may have fewer)."""
+    caller = g.get("caller")
+    models = state().settings.models
+    if caller is None or caller.key is None:
+        return models
+    return tuple(model for model in models if caller.key.allows(model))
+
+
+def default_model() -> str:
+    """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use."""
+    default, allowed = state().settings.default_model, allowed_models()
+    return default if default in allowed else allowed[0]
 
 
 def _csrf_ok(sent: str) -> bool:
@@ -186,8 +232,8 @@ def _tokens_only(refuse: Callable[[], None]) -> Callable[[F], F]:
 
 
 def is_admin(caller: Caller | None) -> bool:
-    """Whether `caller` holds a token named in CHATPROXY_ADMIN_TOKENS."""
-    if caller is None or caller.kind != "token":
+    """Whether `caller` holds a CHATPROXY_API_TOKENS token named in CHATPROXY_ADMIN_TOKENS (never a database key)."""
+    if caller is None or caller.kind != "token" or caller.key is not None:
         return False
     return caller.identity.removeprefix("token:") in state().settings.admin_tokens
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .callers import default_model
 from .config import Settings
 from .errors import invalid
 from .schemas import (
@@ -81,7 +82,7 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid("'n' must be 1: this proxy returns one choice.")
-    model = body.get("model", settings.default_model)
+    model = body.get("model", default_model())
     if not isinstance(model, str) or model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     client_messages, chars = _messages(body.get("messages"), settings)

@@ -272,7 +272,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Bearer tokens for server-side clients: one comma-separated list of name=sha256:HEX "
         "(`python -m chatproxy new-token NAME` prints the whole line with a new token added).",
     ),
-    Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage and /metrics."),
+    Setting(
+        "CHATPROXY_ADMIN_TOKENS",
+        "",
+        _optional_list,
+        "CHATPROXY_API_TOKENS names that may read /api/usage and /metrics and manage API keys (/api/admin/keys).",
+    ),
+    Setting(
+        "CHATPROXY_KEY_CACHE_SECONDS",
+        "5",
+        _float_range(0, 60),
+        "How long a worker trusts an API key it looked up in the database: a revoked, disabled or changed key "
+        "takes effect on every worker within this many seconds.",
+    ),
     Setting(
         "CHATPROXY_ALLOW_ANONYMOUS",
         "false",
@@ -573,6 +585,7 @@ class Settings:
     allowed_origins: tuple[str, ...]
     api_tokens: tuple[str, ...]
     admin_tokens: tuple[str, ...]
+    key_cache_seconds: float
     allow_anonymous: bool
     trusted_proxies: int
     rate_limit_page: str

@@ -108,6 +108,8 @@ def _limit_key() -> str:
 def _limit_for_caller() -> str:
     settings = state().settings
     caller = g.get("caller")
+    if caller is not None and caller.key is not None and caller.key.rate_limit:
+        return caller.key.rate_limit
     kind = caller.kind if caller else "page"
     return {
         "page": settings.rate_limit_page,
@@ -340,19 +342,21 @@ def take_stream_slot() -> Callable[[], None]:
     """Take one of the caller's stream slots, or refuse with 429; returns the (idempotent) release.
 
     Slots are counted per rate-limit key: for an allowed origin that is origin and client IP, since
-    anyone can send that Origin and must not lock the frontend's other users out.
+    anyone can send that Origin and must not lock the frontend's other users out. An API key may set its own
+    number (max_streams).
     """
-    settings = state().settings
+    key = g.caller.key
+    most = key.max_streams if key is not None and key.max_streams else state().settings.max_streams
     return hold(
         state().slots.shared,
         [
             Claim(
                 f"streams:{g.caller.limit_key}",
-                settings.max_streams,
+                most,
                 ApiError(
                     429,
                     "rate_limited",
-                    f"At most {settings.max_streams} answers can stream at once. Wait for one to finish.",
+                    f"At most {most} answers can stream at once. Wait for one to finish.",
                     retry_after=1,
                 ),
             )

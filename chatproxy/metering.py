@@ -64,7 +64,9 @@ class Meter:
         worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
-        caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
+        caps = self.budget.caps_for(
+            self.identity, caller.kind if caller else "token", request.remote_addr, caller.key if caller else None
+        )
         # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
         hold = Hold(

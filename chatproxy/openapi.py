@@ -33,15 +33,16 @@ NOT_BLANK = r"\S"  # the server strips the text and refuses what is left empty
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
 GUARDED = {
-    401: ("unauthorized",),
+    401: ("unauthorized", "key_revoked", "key_expired", "key_disabled"),
     403: ("forbidden_origin", "csrf_failed"),
     429: ("rate_limited",),
-    503: ("server_busy",),
+    503: ("server_busy", "keys_unavailable"),
 }
 JSON_BODY = {400: ("invalid_request",), 413: ("payload_too_large",), 415: ("unsupported_media_type",)}
 # A call to the model: the budget and the ledger first (no call without them), then the router.
 UPSTREAM = {
     400: ("invalid_request", "context_length_exceeded", "content_filtered"),
+    403: ("model_not_allowed",),  # an API key's list of models
     429: ("rate_limited", "budget_exceeded"),
     502: ("upstream_auth_failed", "upstream_rejected"),
     503: ("upstream_unavailable", "ledger_unavailable", "budget_unavailable"),
@@ -702,7 +703,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             JSON_BODY,
             {
                 400: ("context_length_exceeded", "content_filtered"),
-                403: ("forbidden",),
+                403: ("forbidden", "model_not_allowed"),
                 404: ("not_found",),
                 429: ("budget_exceeded",),
                 502: ("upstream_auth_failed", "upstream_rejected"),

@@ -21,8 +21,9 @@ import openai
 from flask import Response
 
 from . import metrics, sse
+from .callers import allowed_models
 from .dialects import Answer, Dialect
-from .errors import invalid
+from .errors import ApiError, invalid
 from .limits import take_stream_slot
 from .metering import Meter
 from .models import SAMPLING_DEFAULTS, ModelSpec
@@ -62,9 +63,15 @@ def plan(call: Call, app_state: AppState) -> list[str]:
     The requested model must take the call as it is (CHATPROXY_UNSUPPORTED_PARAMS=drop lets a sampling
     parameter it refuses be left out instead). A fallback model is tried only if it can answer the call at
     all (images need a model that sees); a sampling parameter or reasoning effort it does not take is left
-    out for it (its answer is marked degraded anyway).
+    out for it (its answer is marked degraded anyway). An API key with a list of models gets none other,
+    asked for or as a fallback.
     """
     table, settings = app_state.models, app_state.settings
+    allowed = allowed_models()
+    if call.model not in allowed:
+        raise ApiError(
+            403, "model_not_allowed", f"This API key may not use {call.model}. It may use: {', '.join(allowed)}."
+        )
     spec = table.spec(call.model)
     for name, value in call.sampling.items():
         if not spec.allows_sampling(name, value, call.reasoning_effort) and settings.unsupported_params == "refuse":
@@ -77,7 +84,8 @@ def plan(call: Call, app_state: AppState) -> list[str]:
     if call.images and not spec.images:
         raise invalid(f"{call.model} does not accept images. Choose a model that does, or send text only.")
     fallbacks = candidates(call.model, settings)[1:]
-    return [call.model, *(name for name in fallbacks if not call.images or table.spec(name).images)]
+    usable = [name for name in fallbacks if name in allowed and (not call.images or table.spec(name).images)]
+    return [call.model, *usable]
 
 
 def _refused_sampling(model: str, spec: ModelSpec, name: str, value: float) -> str:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .callers import default_model
 from .config import Settings
 from .errors import ApiError, invalid
 
@@ -198,7 +199,7 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
 
 def _model(value: Any, settings: Settings) -> str:
     if value is None:
-        return settings.default_model
+        return default_model()
     if not isinstance(value, str) or value not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     return value

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .. import sse
-from ..callers import token_required
+from ..callers import allowed_models, token_required
 from ..compat_schemas import CompatRequest, parse_compat_request
 from ..dialects import CHAT, Answer, Tally
 from ..errors import ApiError
@@ -59,8 +59,8 @@ def error_type(status: int, code: str) -> str:
 @bp.get("/models")
 @token_required(TOKENS_ONLY)
 def models() -> Response:
-    """The allowlisted models, as OpenAI lists models."""
-    names = state().settings.models
+    """The allowlisted models this caller may use, as OpenAI lists models."""
+    names = allowed_models()
     return jsonify(
         {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "chatproxy"} for n in names]}
     )
