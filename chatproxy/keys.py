@@ -74,6 +74,10 @@ class KeyRefused(ValueError):
     """A key field or command the store refuses, with a sentence for the operator or client."""
 
 
+class NoSuchKey(KeyRefused):
+    """The key named does not exist."""
+
+
 def utc_now() -> datetime:
     """Now as naive UTC, the form stored."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -290,7 +294,7 @@ class KeyStore:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(keys_table).where(keys_table.c.name == name)).first()
         if row is None:
-            raise KeyRefused(f"There is no key named {name[:64]!r}.")
+            raise NoSuchKey(f"There is no key named {name[:64]!r}.")
         return ApiKey.from_row(row._mapping)
 
     def all(self) -> list[ApiKey]:

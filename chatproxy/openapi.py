@@ -434,8 +434,10 @@ def batch_results(_app: Flask, _settings: Settings) -> dict[str, Any]:
     )
 
 
-def _const(schema: Schema, description: str, media: str = "application/json") -> Callable[..., dict[str, Any]]:
-    return lambda _app, _settings: _ok(schema, description, media)
+def _const(
+    schema: Schema, description: str, media: str = "application/json", status: str = "200"
+) -> Callable[..., dict[str, Any]]:
+    return lambda _app, _settings: _ok(schema, description, media, status)
 
 
 # --- /v1: OpenAI's wire format (compat.py, compat_schemas.py) ------------------------------------------------
@@ -660,6 +662,114 @@ DAY_PARAMETERS = tuple(
     for name in ("since", "until")
 )
 
+# --- /api/admin/keys: API keys in the database (chatproxy/api/admin.py) -----------------------------------------
+
+USD_OR_NULL: Schema = {"type": ["string", "null"], "pattern": r"^\d+\.\d{6}$"}
+COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 1}
+TIME_OR_NULL: Schema = {"type": ["string", "null"], "format": "date-time"}
+API_KEY: Schema = {
+    "type": "object",
+    "required": ["name", "status", "token_hint", "models", "daily_budget_usd", "monthly_budget_usd", "disabled"],
+    "properties": {
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "disabled", "expired", "revoked"]},
+        "token_hint": {"type": "string"},
+        "owner": {"type": "string"},
+        "models": {"type": ["array", "null"], "items": {"type": "string"}},
+        "rate_limit": {"type": ["string", "null"]},
+        "max_streams": COUNT_OR_NULL,
+        "daily_budget_usd": USD_OR_NULL,
+        "monthly_budget_usd": USD_OR_NULL,
+        "daily_tokens": COUNT_OR_NULL,
+        "monthly_tokens": COUNT_OR_NULL,
+        "end_user_daily_budget_usd": USD_OR_NULL,
+        "expires_at": TIME_OR_NULL,
+        "disabled": {"type": "boolean"},
+        "revoked_at": TIME_OR_NULL,
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "last_used_at": TIME_OR_NULL,
+    },
+}
+WITH_TOKEN: Schema = {
+    "type": "object",
+    "required": ["key", "token"],
+    "properties": {"key": API_KEY, "token": {"type": "string", "description": "Shown this once."}},
+}
+KEY_NAME = ({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},)
+# Every admin route runs its store action through one helper, which answers any of these.
+ADMIN = {400: ("invalid_request",), 403: ("forbidden",), 404: ("not_found",), 503: ("keys_unavailable",)}
+
+
+def key_fields(_app: Flask, settings: Settings, required: tuple[str, ...] = ()) -> Schema:
+    """A key's settable fields (null clears a limit)."""
+    money = {"anyOf": [{"type": "string"}, {"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]}
+    fields: Schema = {
+        "owner": {"type": ["string", "null"], "maxLength": 200},
+        "models": {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(settings.models)}},
+        "rate_limit": {"type": ["string", "null"], "description": "e.g. 60/minute"},
+        "max_streams": {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000},
+        "daily_budget_usd": money,
+        "monthly_budget_usd": money,
+        "end_user_daily_budget_usd": money,
+        "daily_tokens": COUNT_OR_NULL,
+        "monthly_tokens": COUNT_OR_NULL,
+        "expires_at": TIME_OR_NULL,
+        "disabled": {"type": "boolean"},
+    }
+    if required:
+        fields = {"name": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}, **fields}
+    return {"type": "object", "additionalProperties": False, "required": list(required), "properties": fields}
+
+
+ADMIN_KEYS: dict[tuple[str, str], Operation] = {
+    ("/api/admin/keys", "get"): Operation(
+        "Every API key in the database (admin tokens only).",
+        _const(
+            {"type": "object", "required": ["data"], "properties": {"data": {"type": "array", "items": API_KEY}}},
+            "Keys.",
+        ),
+        merge(INTERNAL, GUARDED, ADMIN),
+        security="token",
+    ),
+    ("/api/admin/keys", "post"): Operation(
+        "Make an API key; its token is in this answer only (admin tokens only).",
+        _const(WITH_TOKEN, "The key and its token.", status="201"),
+        merge(INTERNAL, GUARDED, JSON_BODY, ADMIN),
+        body=lambda app, settings: key_fields(app, settings, ("name",)),
+        security="token",
+    ),
+    ("/api/admin/keys/<name>", "get"): Operation(
+        "One API key (admin tokens only).",
+        _const(API_KEY, "The key."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>", "patch"): Operation(
+        "Change an API key's limits; null clears one (admin tokens only).",
+        _const(API_KEY, "The key as changed."),
+        merge(INTERNAL, GUARDED, JSON_BODY, ADMIN),
+        body=key_fields,
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>/revoke", "post"): Operation(
+        "Revoke an API key for good (admin tokens only).",
+        _const(API_KEY, "The revoked key."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>/rotate", "post"): Operation(
+        "A new token for an API key; the old one stops working (admin tokens only).",
+        _const(WITH_TOKEN, "The key and its new token."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+}
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/", "get"): Operation(
         "The chat page (HTML); starts a page session and gives it a CSRF token.",
@@ -798,6 +908,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         security="token",
         openai_errors=True,
     ),
+    **ADMIN_KEYS,
 }
 
 

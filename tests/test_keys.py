@@ -292,3 +292,65 @@ def test_a_keys_rate_limit_and_stream_slots_are_its_own(app) -> None:
     third = client.post("/api/chat", json=ASK, headers=auth)
     assert error(third)[:2] == (429, "rate_limited") and "Too many requests" in error(third)[2]
     assert ask(app, other).status_code == 200
+
+
+# --- the admin API ---------------------------------------------------------------------------------------------------
+
+
+def admin(app: Flask, method: str, path: str, body: dict | None = None, token: str = ADMIN):
+    return app.test_client().open(
+        f"/api/admin/keys{path}", method=method, json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def test_an_operator_manages_keys_over_the_admin_api(app, fake) -> None:
+    made = admin(app, "POST", "", {"name": "web", "models": ["gpt-4o-mini"], "daily_budget_usd": "0.0004"})
+    assert made.status_code == 201 and made.headers["Cache-Control"] == "no-store"
+    token = made.get_json()["token"]
+    assert made.get_json()["key"]["daily_budget_usd"] == "0.000400" and token.startswith("cpx_")
+    assert ask(app, token).status_code == 200
+
+    listed = admin(app, "GET", "")
+    assert [key["name"] for key in listed.get_json()["data"]] == ["web"] and token not in listed.get_data(as_text=True)
+    changed = admin(app, "PATCH", "/web", {"daily_budget_usd": None, "rate_limit": "1000/hour", "owner": "Web"})
+    assert changed.status_code == 200
+    assert (changed.get_json()["daily_budget_usd"], changed.get_json()["rate_limit"]) == (None, "1000/hour")
+    assert admin(app, "GET", "/web").get_json()["owner"] == "Web"
+
+    rotated = admin(app, "POST", "/web/rotate").get_json()["token"]
+    assert error(ask(app, token))[:2] == (401, "unauthorized") and ask(app, rotated).status_code == 200
+    assert admin(app, "POST", "/web/revoke").get_json()["status"] == "revoked"
+    assert error(ask(app, rotated))[1] == "key_revoked"
+    assert error(admin(app, "POST", "/web/rotate"))[:2] == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"name": "a,b"}, "'a,b' is not a valid key name"),
+        ({"name": "a=b"}, "'a=b' is not a valid key name"),
+        ({}, "is not a valid key name"),
+        ({"name": "web", "daily_budget_usd": 0}, "daily_budget_usd must be an amount"),
+        ({"name": "web", "monthly_budget_usd": "-3"}, "monthly_budget_usd must be an amount"),
+        ({"name": "web", "daily_tokens": 1.5}, "daily_tokens must be a whole number"),
+        ({"name": "web", "models": []}, "models must be a non-empty list"),
+        ({"name": "web", "disabled": "yes"}, "disabled must be true or false"),
+        ({"name": "web", "api_base": "http://evil"}, "Unknown field 'api_base'"),
+        ({"name": "old"}, "CHATPROXY_API_TOKENS has a token named 'old'"),
+    ],
+)
+def test_bad_key_fields_are_a_400_and_make_nothing(app, body: dict, says: str) -> None:
+    status, code, message = error(admin(app, "POST", "", body))
+    assert (status, code) == (400, "invalid_request") and says in message
+    assert admin(app, "GET", "").get_json()["data"] == []
+
+
+def test_the_admin_api_needs_an_admin_token(app) -> None:
+    key = admin(app, "POST", "", {"name": "web"}).get_json()["token"]
+    assert error(app.test_client().get("/api/admin/keys"))[:2] == (401, "unauthorized")
+    for token in (OLD, key):  # a token from the settings that is not an admin's; a database key
+        assert error(admin(app, "GET", "", token=token))[:2] == (403, "forbidden")
+        assert error(admin(app, "POST", "", {"name": "mine"}, token=token))[:2] == (403, "forbidden")
+        assert error(admin(app, "POST", "/web/revoke", token=token))[:2] == (403, "forbidden")
+    assert error(admin(app, "GET", "/nobody")) == (404, "not_found", "There is no key named 'nobody'.")
+    assert admin(app, "GET", "/web").get_json()["status"] == "active"

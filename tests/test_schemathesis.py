@@ -66,6 +66,10 @@ TOKEN_ONLY = {
     "/v1/chat/completions",
     "/v1/models",
     "/metrics",
+    "/api/admin/keys",
+    "/api/admin/keys/{name}",
+    "/api/admin/keys/{name}/revoke",
+    "/api/admin/keys/{name}/rotate",
 }
 
 
