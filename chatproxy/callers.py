@@ -17,8 +17,9 @@ from flask_cors import CORS
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .end_users import end_user_secret, key_name, looks_like_jwt, verify
 from .errors import ApiError
-from .keys import DISABLED, EXPIRED, REVOKED, ApiKey, utc_now
+from .keys import DISABLED, EXPIRED, HS256, REVOKED, ApiKey, utc_now
 from .state import AppState, state
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ GUARDED_PREFIXES = ("/api/", "/v1/")
 class Caller:
     """The identity a request is counted under, and which limit applies to it."""
 
-    identity: str  # session:<id>, token:<name>, origin:<origin>, ip:<addr>
-    kind: str  # page, token, origin, anonymous
+    identity: str  # session:<id>, token:<name>, token:<key>/<end user>, origin:<origin>, ip:<addr>
+    kind: str  # page, token, end_user, origin, anonymous
     limit_key: str
     key: ApiKey | None = None  # the database key of a bearer token (None for CHATPROXY_API_TOKENS and others)
 
@@ -149,17 +150,47 @@ def bearer_caller(header: str, app_state: AppState) -> Caller:
     if name is not None:
         return Caller(f"token:{name}", "token", f"token:{name}")
     scheme, _, token = header.partition(" ")
-    key = None
-    if scheme.lower() == "bearer" and token.strip():
-        try:
-            key = app_state.keys.find(token.strip())
-        except SQLAlchemyError:
-            log.exception("cannot look API keys up")
-            raise ApiError(
-                503, "keys_unavailable", "API keys cannot be checked right now. Try again shortly.", retry_after=5
-            ) from None
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if looks_like_jwt(token):
+        return end_user_caller(token, app_state)
+    key = _lookup(lambda: app_state.keys.find(token)) if token else None
     if key is None:
         raise ApiError(401, "unauthorized", "The bearer token is not valid.")
+    _check_state(key)
+    try:
+        app_state.keys.touch(key)
+    except SQLAlchemyError:
+        log.warning("cannot record that key %s was used", key.name, exc_info=True)
+    return Caller(f"token:{key.name}", "token", f"token:{key.name}", key)
+
+
+def end_user_caller(token: str, app_state: AppState) -> Caller:
+    """The end user of a signed end-user token, verified against its API key; or 401 saying why."""
+    name = key_name(token)
+    key = _lookup(lambda: app_state.keys.named(name))
+    if key is None:
+        raise ApiError(401, "token_invalid", "The end-user token names no API key of this server.")
+    _check_state(key)
+    settings = app_state.settings
+    hs256 = key.end_user_key == HS256 and settings.secret_key  # without it, workers would disagree on the secret
+    secret = end_user_secret(settings.secret_key, key) if hs256 else None
+    user = verify(token, key, secret, settings.token_audience)
+    identity = f"token:{key.name}/{user.sub}"
+    return Caller(identity, "end_user", identity, key)
+
+
+def _lookup(find: Callable[[], ApiKey | None]) -> ApiKey | None:
+    try:
+        return find()
+    except SQLAlchemyError:
+        log.exception("cannot look API keys up")
+        raise ApiError(
+            503, "keys_unavailable", "API keys cannot be checked right now. Try again shortly.", retry_after=5
+        ) from None
+
+
+def _check_state(key: ApiKey) -> None:
+    """401 for a key that exists but does not work now."""
     status = key.status(utc_now())
     if status == REVOKED:
         raise ApiError(401, "key_revoked", "This API key has been revoked.")
@@ -167,11 +198,6 @@ def bearer_caller(header: str, app_state: AppState) -> Caller:
         raise ApiError(401, "key_expired", "This API key has expired.")
     if status == DISABLED:
         raise ApiError(401, "key_disabled", "This API key is disabled.")
-    try:
-        app_state.keys.touch(key)
-    except SQLAlchemyError:
-        log.warning("cannot record that key %s was used", key.name, exc_info=True)
-    return Caller(f"token:{key.name}", "token", f"token:{key.name}", key)
 
 
 def allowed_models() -> tuple[str, ...]:

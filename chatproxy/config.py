@@ -172,6 +172,10 @@ def _api_version(value: str) -> str:
 _api_version.allowed = "an Azure OpenAI API version such as 2024-10-21"  # type: ignore[attr-defined]
 
 
+# In app.config when a command made up CHATPROXY_SECRET_KEY for itself: what it derives from it is of no use.
+EPHEMERAL_SECRET = "CHATPROXY_EPHEMERAL_SECRET_KEY"  # noqa: S105 - a config flag's name
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default, its parser and what it means."""
@@ -277,6 +281,12 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _optional_list,
         "CHATPROXY_API_TOKENS names that may read /api/usage and /metrics and manage API keys (/api/admin/keys).",
+    ),
+    Setting(
+        "CHATPROXY_TOKEN_AUDIENCE",
+        "chatproxy",
+        _text,
+        "The `aud` every signed end-user token must carry (README: End-user tokens).",
     ),
     Setting(
         "CHATPROXY_KEY_CACHE_SECONDS",
@@ -585,6 +595,7 @@ class Settings:
     allowed_origins: tuple[str, ...]
     api_tokens: tuple[str, ...]
     admin_tokens: tuple[str, ...]
+    token_audience: str
     key_cache_seconds: float
     allow_anonymous: bool
     trusted_proxies: int

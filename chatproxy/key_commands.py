@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
-from .keys import ApiKey, KeyRefused, check_name, parse_fields, utc_now
+from .config import EPHEMERAL_SECRET
+from .end_users import end_user_secret
+from .keys import HS256, ApiKey, KeyRefused, check_name, parse_fields, utc_now
 from .state import state
 
 keys_group = AppGroup("keys", help="API keys in the ledger's database: each with its own models, limits and budgets.")
@@ -30,6 +34,11 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--end-user-daily-usd", help="Each of its end users' daily budget in dollars ('none')."),
         click.option("--expires", help="When it stops working, e.g. 2027-01-31T00:00:00Z ('none': never)."),
         click.option("--disable/--enable", "disabled", default=None, help="Stop it for now / let it work again."),
+        click.option(
+            "--end-user-key",
+            help="Accept signed end-user tokens: 'hs256' (see end-user-secret), a PEM public key file "
+            "(Ed25519: EdDSA, P-256: ES256), or 'none'.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -54,6 +63,8 @@ def _fields(options: dict[str, Any]) -> dict[str, Any]:
             fields["disabled"] = value
         elif isinstance(value, str) and value.strip().lower() == NONE and option != "owner":
             fields[names.get(option, option)] = None
+        elif option == "end_user_key":
+            fields["end_user_key"] = value if value == "hs256" else _read_pem(value)
         elif option == "models":
             fields["models"] = None if value.strip() == "all" else [m.strip() for m in value.split(",") if m.strip()]
         elif option in ("max_streams", "daily_tokens", "monthly_tokens"):
@@ -64,6 +75,13 @@ def _fields(options: dict[str, Any]) -> dict[str, Any]:
         else:
             fields[names[option]] = value
     return fields
+
+
+def _read_pem(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise click.BadParameter(f"cannot read {path!r}.", param_hint="--end-user-key") from None
 
 
 def _parsed(options: dict[str, Any]) -> dict[str, Any]:
@@ -184,3 +202,18 @@ def rotate(name: str) -> None:
     _, token = _refused(lambda: state().keys.rotate(name))
     click.echo(f"token (give it to the client, shown once): {token}")
     click.echo(f"The old token stops working on every worker within {_delay()} seconds.")
+
+
+@keys_group.command("end-user-secret")
+@click.argument("name")
+def print_end_user_secret(name: str) -> None:
+    """Print the HS256 secret key NAME's end-user tokens are signed with (for the app's backend only)."""
+    key = _refused(lambda: state().keys.get(name))
+    secret_key = state().settings.secret_key
+    if key.end_user_key != HS256:
+        raise click.ClickException(
+            f"Key {name} does not take HS256 end-user tokens: `keys update {name} --end-user-key hs256`."
+        )
+    if not secret_key or current_app.config.get(EPHEMERAL_SECRET):
+        raise click.ClickException("Set CHATPROXY_SECRET_KEY (the server's) first: the secret is derived from it.")
+    click.echo(end_user_secret(secret_key, key))

@@ -22,6 +22,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from limits import parse_many
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -37,7 +39,8 @@ TOKEN_PREFIX = "cpx_"  # noqa: S105 - how our tokens begin, not a secret
 ACTIVE, DISABLED, EXPIRED, REVOKED = "active", "disabled", "expired", "revoked"
 MONEY = ("daily_budget_usd", "monthly_budget_usd", "end_user_daily_budget_usd")
 COUNTS = ("daily_tokens", "monthly_tokens", "max_streams")
-FIELDS = ("owner", "models", "rate_limit", *COUNTS, *MONEY, "expires_at", "disabled")
+FIELDS = ("owner", "models", "rate_limit", *COUNTS, *MONEY, "expires_at", "disabled", "end_user_key")
+HS256 = "hs256"  # end_user_key for end-user tokens signed with the key's end-user secret
 MAX_USD = Decimal(1_000_000)
 
 metadata = sa.MetaData()
@@ -62,6 +65,7 @@ keys_table = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.Column("last_used_at", sa.DateTime),
+    sa.Column("end_user_key", sa.Text),  # NULL: no end-user tokens; "hs256"; or a PEM public key (EdDSA, ES256)
 )
 _COLUMN = {  # API field -> column, where they differ
     "daily_budget_usd": "daily_micros",
@@ -93,6 +97,7 @@ class ApiKey:
     """One key's row: what it may do and whether it works now."""
 
     name: str
+    token_hash: str
     token_hint: str
     owner: str
     models: tuple[str, ...] | None
@@ -109,6 +114,7 @@ class ApiKey:
     created_at: datetime
     updated_at: datetime
     last_used_at: datetime | None
+    end_user_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ApiKey:
@@ -151,7 +157,16 @@ class ApiKey:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "last_used_at": _iso(self.last_used_at),
+            "end_user_tokens": self.end_user_algorithm(),
         }
+
+    def end_user_algorithm(self) -> str | None:
+        """The JWT algorithm of this key's end-user tokens (None: it takes none)."""
+        if not self.end_user_key:
+            return None
+        if self.end_user_key == HS256:
+            return "HS256"
+        return "EdDSA" if isinstance(load_public_key(self.end_user_key), ed25519.Ed25519PublicKey) else "ES256"
 
 
 def _usd(micros: int | None) -> str | None:
@@ -202,6 +217,8 @@ def parse_fields(fields: Mapping[str, Any], allowlist: tuple[str, ...], now: dat
             values[column] = _micros(field, value)
         elif field == "expires_at":
             values[column] = _expiry(value, now)
+        elif field == "end_user_key":
+            values[column] = _end_user_key(value)
     return values
 
 
@@ -251,6 +268,33 @@ def _expiry(value: Any, now: datetime) -> datetime:
     if when <= now:
         raise KeyRefused("expires_at must be in the future.")
     return when
+
+
+def _end_user_key(value: Any) -> str:
+    if value == HS256:
+        return HS256
+    try:
+        if not isinstance(value, str) or len(value) > 2000:
+            raise ValueError
+        load_public_key(value)
+    except ValueError:
+        raise KeyRefused(
+            "end_user_key must be 'hs256' or a PEM public key (Ed25519 for EdDSA, P-256 for ES256), or null for none."
+        ) from None
+    return value.strip() + "\n"
+
+
+def load_public_key(pem: str) -> ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey:
+    """An Ed25519 or P-256 public key from PEM text; ValueError for anything else."""
+    try:
+        public = load_pem_public_key(pem.encode())
+    except Exception as exc:  # bad PEM is a ValueError, an unknown key type UnsupportedAlgorithm
+        raise ValueError("not a PEM public key") from exc
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return public
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        return public
+    raise ValueError("only Ed25519 (EdDSA) and P-256 (ES256) public keys are accepted")
 
 
 class KeyStore:
@@ -336,18 +380,27 @@ class KeyStore:
         if len(token) > MAX_TOKEN_CHARS:
             return None
         hashed = digest(token)
+        return self._cached("token:" + hashed, keys_table.c.token_hash == hashed)
+
+    def named(self, name: str) -> ApiKey | None:
+        """The key called `name` (in any state), or None; cached like find. Raises SQLAlchemyError."""
+        if not NAME.fullmatch(name):
+            return None
+        return self._cached("name:" + name, keys_table.c.name == name)
+
+    def _cached(self, entry: str, where: sa.ColumnElement[bool]) -> ApiKey | None:
         now = time.monotonic()
         with self._lock:
-            cached = self._cache.get(hashed)
+            cached = self._cache.get(entry)
         if cached is not None and cached[0] > now:
             return cached[1]
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(keys_table).where(keys_table.c.token_hash == hashed)).first()
+            row = conn.execute(sa.select(keys_table).where(where)).first()
         key = ApiKey.from_row(row._mapping) if row is not None else None
         with self._lock:
             if len(self._cache) >= CACHE_ENTRIES:
                 self._cache.clear()
-            self._cache[hashed] = (now + self.cache_seconds, key)
+            self._cache[entry] = (now + self.cache_seconds, key)
         return key
 
     def touch(self, key: ApiKey) -> None:

@@ -109,11 +109,12 @@ def _limit_for_caller() -> str:
     settings = state().settings
     caller = g.get("caller")
     if caller is not None and caller.key is not None and caller.key.rate_limit:
-        return caller.key.rate_limit
+        return caller.key.rate_limit  # an API key's own, per end user for its end-user tokens
     kind = caller.kind if caller else "page"
     return {
         "page": settings.rate_limit_page,
         "token": settings.rate_limit_token,
+        "end_user": settings.rate_limit_token,
         "origin": settings.rate_limit_origin,
         "anonymous": settings.rate_limit_anonymous,
     }[kind]

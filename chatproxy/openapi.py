@@ -33,7 +33,17 @@ NOT_BLANK = r"\S"  # the server strips the text and refuses what is left empty
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
 GUARDED = {
-    401: ("unauthorized", "key_revoked", "key_expired", "key_disabled"),
+    401: (
+        "unauthorized",
+        "key_revoked",
+        "key_expired",
+        "key_disabled",
+        "token_invalid",
+        "token_expired",
+        "token_not_yet_valid",
+        "token_wrong_audience",
+        "token_invalid_signature",
+    ),
     403: ("forbidden_origin", "csrf_failed"),
     429: ("rate_limited",),
     503: ("server_busy", "keys_unavailable"),
@@ -689,6 +699,7 @@ API_KEY: Schema = {
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
         "last_used_at": TIME_OR_NULL,
+        "end_user_tokens": {"enum": ["HS256", "EdDSA", "ES256", None]},
     },
 }
 WITH_TOKEN: Schema = {
@@ -716,6 +727,10 @@ def key_fields(_app: Flask, settings: Settings, required: tuple[str, ...] = ()) 
         "monthly_tokens": COUNT_OR_NULL,
         "expires_at": TIME_OR_NULL,
         "disabled": {"type": "boolean"},
+        "end_user_key": {
+            "type": ["string", "null"],
+            "description": "'hs256', or a PEM public key (Ed25519: EdDSA, P-256: ES256); null: no end-user tokens.",
+        },
     }
     if required:
         fields = {"name": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}, **fields}

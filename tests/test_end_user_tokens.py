@@ -1,0 +1,199 @@
+"""Signed end-user tokens: an app's backend mints a JWT per signed-in user; each user gets their own identity,
+limits and budget under the app's API key; every forged, stale or misdirected token is a 401 that reaches nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from flask import Flask
+
+from chatproxy import create_app
+from chatproxy.callers import hash_token
+from chatproxy.demo.upstream import Reply
+from chatproxy.state import state
+
+ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
+ADMIN = "cpx_admin-token-for-end-user-tests-01"
+ASK = {"message": "hi", "max_tokens": 100}
+TOKEN_LINE = re.compile(r"token \(give it to the client, shown once\): (cpx_\S+)")
+
+
+@pytest.fixture
+def app(settings_for, fake, database_url) -> Flask:
+    fake.for_model("gpt-4o-mini", Reply(content="x" * 400))  # 100 completion tokens: ~108 µ$ a call
+    return create_app(
+        settings_for(
+            CHATPROXY_DATABASE_URL=database_url,
+            CHATPROXY_ALLOW_ANONYMOUS=False,
+            CHATPROXY_API_TOKENS=f"ops={hash_token(ADMIN)}",
+            CHATPROXY_ADMIN_TOKENS="ops",
+            CHATPROXY_KEY_CACHE_SECONDS=0,
+            CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN,
+        )
+    )
+
+
+def cli(app: Flask, *args: str) -> str:
+    result = app.test_cli_runner().invoke(args=["keys", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def hs256_key(app: Flask, name: str, *options: str) -> str:
+    """Make key `name` taking HS256 end-user tokens; the secret its app's backend signs them with."""
+    cli(app, "create", name, "--end-user-key", "hs256", *options)
+    return cli(app, "end-user-secret", name).strip()
+
+
+def mint(secret: object, kid: str, sub: str = "alice", algorithm: str = "HS256", **claims: object) -> str:
+    """What the app's backend does for its signed-in user."""
+    now = int(time.time())
+    payload = {"sub": sub, "aud": "chatproxy", "iat": now, "exp": now + 600, **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm, headers={"kid": kid})
+
+
+def hs256_with(secret: bytes, kid: str) -> str:
+    """An HS256 token signed by hand (PyJWT refuses to use a public key as an HMAC secret; an attacker need not)."""
+
+    def part(value: dict | bytes) -> str:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"sub": "eve", "aud": "chatproxy", "exp": now + 600}
+    signing = f"{part({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{part(claims)}"
+    return f"{signing}.{part(hmac.new(secret, signing.encode(), hashlib.sha256).digest())}"
+
+
+def ask(app: Flask, token: str, body: dict | None = None):
+    return app.test_client().post("/api/chat", json=body or ASK, headers={"Authorization": f"Bearer {token}"})
+
+
+def error(response) -> tuple[int, str]:
+    return response.status_code, response.get_json()["error"]["code"]
+
+
+def test_a_signed_in_user_is_their_own_caller_under_the_apps_key(app, fake) -> None:
+    secret = hs256_key(app, "spa")
+
+    assert ask(app, mint(secret, "spa", "alice")).status_code == 200
+    assert ask(app, mint(secret, "spa", "bob@example.com")).status_code == 200
+    assert [row["identity"] for row in state(app).ledger.rows()] == ["token:spa/alice", "token:spa/bob@example.com"]
+    assert len(fake.chat_calls()) == 2
+
+
+def forged(secret: str, other: str) -> dict[str, str]:
+    """Every way a token may be wrong, each made from a good one."""
+    good = mint(secret, "spa")
+    header, payload, signature = good.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    tampered = base64.urlsafe_b64encode(json.dumps({**claims, "sub": "mallory"}).encode()).rstrip(b"=").decode()
+    unsigned = jwt.encode({**claims}, None, "none", headers={"kid": "spa"})
+    return {
+        "expired": mint(secret, "spa", exp=int(time.time()) - 120),
+        "not yet valid": mint(secret, "spa", nbf=int(time.time()) + 300),
+        "wrong audience": mint(secret, "spa", aud="another-proxy"),
+        "no audience": mint(secret, "spa", aud=None),
+        "alg none": unsigned,
+        "another key's secret": mint(other, "spa"),
+        "tampered": f"{header}.{tampered}.{signature}",
+        "longer than an hour": mint(secret, "spa", exp=int(time.time()) + 7200),
+        "no sub": mint(secret, "spa", sub=None),
+        "a sub with a slash": mint(secret, "spa", sub="a/b"),
+        "no such key": mint(secret, "nobody"),
+        "a key without end-user tokens": mint(other, "plain"),
+        "not a JWT at all": "eyJhbGciOi.broken.x",
+    }
+
+
+EXPECTED = {
+    "expired": "token_expired",
+    "not yet valid": "token_not_yet_valid",
+    "wrong audience": "token_wrong_audience",
+    "no audience": "token_invalid",
+    "alg none": "token_invalid",
+    "another key's secret": "token_invalid_signature",
+    "tampered": "token_invalid_signature",
+    "longer than an hour": "token_invalid",
+    "no sub": "token_invalid",
+    "a sub with a slash": "token_invalid",
+    "no such key": "token_invalid",
+    "a key without end-user tokens": "token_invalid",
+    "not a JWT at all": "token_invalid",
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_a_forged_stale_or_misdirected_token_is_a_401_and_reaches_nothing(app, fake, case: str) -> None:
+    secret = hs256_key(app, "spa")
+    other = hs256_key(app, "other")
+    cli(app, "create", "plain")
+
+    response = ask(app, forged(secret, other)[case])
+    assert error(response) == (401, EXPECTED[case])
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert fake.chat_calls() == [] and state(app).ledger.rows() == []
+
+
+def test_a_token_replayed_after_its_key_was_revoked_or_rotated_is_refused(app, fake) -> None:
+    secret = hs256_key(app, "spa")
+    token = mint(secret, "spa")
+    assert ask(app, token).status_code == 200
+
+    cli(app, "rotate", "spa")  # a new key token, so a new end-user secret
+    assert error(ask(app, token)) == (401, "token_invalid_signature")
+    fresh = mint(cli(app, "end-user-secret", "spa").strip(), "spa")
+    assert ask(app, fresh).status_code == 200
+    cli(app, "revoke", "spa")
+    assert error(ask(app, fresh)) == (401, "key_revoked")
+    assert len(fake.chat_calls()) == 2
+
+
+@pytest.mark.parametrize("curve", ["EdDSA", "ES256"])
+def test_a_key_with_a_public_key_takes_only_tokens_its_private_key_signed(app, tmp_path, curve: str) -> None:
+    private = ed25519.Ed25519PrivateKey.generate() if curve == "EdDSA" else ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "app.pub").write_bytes(pem)
+    cli(app, "create", "spa", "--end-user-key", str(tmp_path / "app.pub"))
+
+    assert ask(app, mint(private, "spa", algorithm=curve)).status_code == 200
+    shown = app.test_client().get("/api/admin/keys/spa", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert shown.get_json()["end_user_tokens"] == curve
+    assert error(ask(app, hs256_with(pem, "spa"))) == (401, "token_invalid")  # the public key as an HMAC secret
+    stranger = ed25519.Ed25519PrivateKey.generate() if curve == "EdDSA" else ec.generate_private_key(ec.SECP256R1())
+    assert error(ask(app, mint(stranger, "spa", algorithm=curve))) == (401, "token_invalid_signature")
+
+
+def test_each_end_user_has_a_daily_budget_and_a_rate_limit_of_their_own(app) -> None:
+    secret = hs256_key(app, "spa", "--end-user-daily-usd", "0.0003", "--rate-limit", "5/hour")  # 300 µ$: two calls
+
+    alice = mint(secret, "spa", "alice")
+    answers = [ask(app, alice) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert answers[2].get_json()["error"] == {
+        "code": "budget_exceeded",
+        "message": "You have reached your daily budget in this app. It resets at midnight UTC.",
+        "request_id": answers[2].headers["X-Request-ID"],
+    }
+    assert ask(app, mint(secret, "spa", "bob")).status_code == 200  # another user of the same app
+    assert [ask(app, alice).status_code for _ in range(3)] == [429, 429, 429]
+    assert error(ask(app, alice)) == (429, "rate_limited")  # the sixth request of the hour
+    assert state(app).budget.totals("end-user:token:spa/alice")["reserved_micros"] == 0
+
+
+def test_end_user_tokens_are_for_the_page_api_not_the_server_routes(app) -> None:
+    token = mint(hs256_key(app, "spa"), "spa")
+    auth = {"Authorization": f"Bearer {token}"}
+    client = app.test_client()
+    assert error(client.get("/v1/models", headers=auth))[0] == 401
+    assert error(client.post("/api/batches", json={"requests": []}, headers=auth))[0] == 403
+    assert error(client.get("/api/admin/keys", headers=auth)) == (403, "forbidden")
