@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
@@ -20,6 +22,8 @@ from chatproxy import create_app
 from chatproxy.callers import hash_token
 from chatproxy.demo.upstream import Reply
 from chatproxy.state import state
+from chatproxy.usage import estimate_prompt_tokens
+from tests.helpers import REDIS_URL, postgres_schema_url, start_gunicorn
 
 ONE_MICRO_PER_TOKEN = json.dumps({m: {"input": 1, "cached_input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini")})
 ADMIN = "cpx_admin-token-for-end-user-tests-01"
@@ -197,3 +201,71 @@ def test_end_user_tokens_are_for_the_page_api_not_the_server_routes(app) -> None
     assert error(client.get("/v1/models", headers=auth))[0] == 401
     assert error(client.post("/api/batches", json={"requests": []}, headers=auth))[0] == 403
     assert error(client.get("/api/admin/keys", headers=auth)) == (403, "forbidden")
+
+
+# --- exact under concurrency: real gunicorn, 4 workers, real Redis and PostgreSQL ------------------------------------
+
+
+def test_one_end_users_concurrent_requests_against_a_budget_for_k_calls_get_exactly_k(
+    settings_for, fake, key_prefix
+) -> None:
+    k, sent = 4, 12
+    worst = (
+        estimate_prompt_tokens(
+            [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
+        )
+        + ASK["max_tokens"]
+    )  # micro-dollars at one per token: what each call reserves
+    # Room for k reservations and half of one more; what k calls leave unspent (their answers cost at most their
+    # reservation) never adds up to a whole one, however the calls interleave.
+    cap_micros = k * worst + worst // 2
+    fake.for_model("gpt-4o-mini", Reply(content="x" * 400, delay=1.0))  # exactly max_tokens: 100 tokens
+    with postgres_schema_url() as database_url:
+        shared = {
+            "CHATPROXY_DATABASE_URL": database_url,
+            "CHATPROXY_SECRET_KEY": "end-user-concurrency",
+            "CHATPROXY_PRICES": ONE_MICRO_PER_TOKEN,
+            "CHATPROXY_REDIS_URL": REDIS_URL,
+            "CHATPROXY_REDIS_PREFIX": key_prefix,
+        }
+        operator = create_app(settings_for(**shared))
+        secret = hs256_key(operator, "spa", "--end-user-daily-usd", f"{cap_micros / 1_000_000:.6f}")
+        server = start_gunicorn(
+            {
+                **shared,
+                "OPENAI_API_KEY": "sk-test-end-users",
+                "OPENAI_BASE_URL": fake.base_url,
+                "CHATPROXY_WORKERS": "4",
+                "CHATPROXY_THREADS": str(sent + 4),  # no worker sheds one of them (503 server_busy)
+                "CHATPROXY_MAX_RETRIES": "0",
+                "CHATPROXY_MAX_CONCURRENT": "100",
+            }
+        )
+        try:
+            token = mint(secret, "spa", "alice")
+            with ThreadPoolExecutor(max_workers=sent) as pool:
+                statuses = list(pool.map(lambda _: post(server.port, token), range(sent)))
+            other = post(server.port, mint(secret, "spa", "bob"))
+        finally:
+            server.stop()
+        rows = state(operator).ledger.rows(identity="token:spa/alice")
+        totals = state(operator).budget.totals("end-user:token:spa/alice")
+
+    assert sorted(statuses) == [200] * k + [429] * (sent - k)
+    assert other == 200  # another user of the same app is not affected
+    assert len(rows) == k and totals["reserved_micros"] == 0
+    assert totals["spent_micros"] == sum(row["cost_micros"] for row in rows) <= cap_micros
+
+
+def post(port: int, token: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(
+            "POST",
+            "/api/chat",
+            body=json.dumps(ASK),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        return conn.getresponse().status
+    finally:
+        conn.close()
