@@ -9,8 +9,11 @@ import hmac
 import http.client
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
@@ -269,3 +272,79 @@ def post(port: int, token: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+# --- a single-page app on another origin, in Chromium -----------------------------------------------------------------
+
+SPA_CALL = """async ([api, user]) => {
+  const minted = await (await fetch("/chat-token?user=" + user, {method: "POST"})).json();
+  const answer = await fetch(api + "/api/chat", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", Authorization: "Bearer " + minted.token},
+    body: JSON.stringify({message: "hi", max_tokens: 100}),
+  });
+  return {status: answer.status, body: await answer.json()};
+}"""
+
+
+@pytest.fixture
+def spa_backend():
+    """An app's own server on another origin (localhost, not 127.0.0.1): its page, and a route minting tokens."""
+    minting: dict[str, str] = {}
+
+    class Backend(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._send(b"<!doctype html><title>an app</title>", "text/html")
+
+        def do_POST(self) -> None:  # the app's login would decide the user; the test names it
+            user = parse_qs(urlsplit(self.path).query)["user"][0]
+            self._send(json.dumps({"token": mint(minting["secret"], "spa", user)}).encode(), "application/json")
+
+        def _send(self, body: bytes, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://localhost:{server.server_port}", minting
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.browser
+def test_a_single_page_app_on_another_origin_gets_a_budget_per_signed_in_user(
+    browser, spa_backend, settings_for, serve, fake
+) -> None:
+    origin, minting = spa_backend
+    fake.for_model("gpt-4o-mini", Reply(content="x" * 400))
+    app = create_app(
+        settings_for(
+            CHATPROXY_ALLOW_ANONYMOUS=False,
+            CHATPROXY_ALLOWED_ORIGINS=origin,
+            CHATPROXY_KEY_CACHE_SECONDS=0,
+            CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN,
+        )
+    )
+    minting["secret"] = hs256_key(app, "spa", "--end-user-daily-usd", "0.0003")  # two calls a user
+    api = serve(app)
+    page = browser.new_page()
+    page.goto(origin + "/")
+
+    alice = [page.evaluate(SPA_CALL, [api, "alice"]) for _ in range(3)]
+    bob = page.evaluate(SPA_CALL, [api, "bob"])
+    page.close()
+
+    assert [answer["status"] for answer in alice] == [200, 200, 429]
+    assert alice[0]["body"]["content"] == "x" * 400
+    assert (
+        alice[2]["body"]["error"]["message"]
+        == "You have reached your daily budget in this app. It resets at midnight UTC."
+    )
+    assert bob["status"] == 200
+    assert [row["identity"] for row in state(app).ledger.rows()] == ["token:spa/alice"] * 2 + ["token:spa/bob"]
