@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .config import Settings
 from .errors import ApiError
 from .keys import ApiKey
-from .usage import create_tables, ledger_table
+from .usage import create_tables, ledger_table, usd
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +408,32 @@ class Budget:
             if key.end_user_daily_micros and identity != f"token:{key.name}":
                 chosen.append(Cap(END_USER, f"end-user:{identity}", key.end_user_daily_micros))
         return tuple(chosen)
+
+    def standing(self, caps: Sequence[Cap]) -> list[dict[str, Any]]:
+        """What is left of each capped row of `caps` (reservations in flight count as spent), and when it resets."""
+        now = self.clock()
+        day = utc_day(now)
+        midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        shown = []
+        for cap in caps:
+            if not (cap.micros or cap.tokens):
+                continue
+            used = self.counters.totals(day, cap.key)
+            money = used["spent_micros"] + used["reserved_micros"]
+            tokens = used["spent_tokens"] + used["reserved_tokens"]
+            monthly = cap.key.startswith(MONTH)
+            shown.append(
+                {
+                    "cap": cap.name,
+                    "period": "month" if monthly else "day",
+                    "limit_usd": usd(cap.micros) if cap.micros else None,
+                    "remaining_usd": usd(max(0, cap.micros - money)) if cap.micros else None,
+                    "limit_tokens": cap.tokens or None,
+                    "remaining_tokens": max(0, cap.tokens - tokens) if cap.tokens else None,
+                    "resets_at": f"{month_end(now) if monthly else midnight:%Y-%m-%dT%H:%M:%SZ}",
+                }
+            )
+        return shown
 
     def reserve(
         self,

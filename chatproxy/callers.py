@@ -75,7 +75,14 @@ def init_app(app: Flask) -> None:
             supports_credentials=False,
             methods=["GET", "POST"],
             allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-            expose_headers=["Retry-After", "X-Request-ID", "X-Chatproxy-Model"],
+            expose_headers=[
+                "Retry-After",
+                "X-Request-ID",
+                "X-Chatproxy-Model",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+            ],
             max_age=600,
         )
     app.before_request(identify_caller)

@@ -38,6 +38,7 @@ FIELDS = frozenset(
         "frequency_penalty",
         "seed",
         "user",
+        "safety_identifier",
         "tools",
         "tool_choice",
         "parallel_tool_calls",
@@ -57,6 +58,7 @@ MAX_ID = 256  # tool call ids
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_USER = 256
+MAX_SAFETY_IDENTIFIER = 64  # OpenAI's limit
 JSON_NOTE = "Reply with a JSON object."
 
 
@@ -340,6 +342,8 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         options["stop"] = stop
     if body.get("user") is not None:
         options["user"] = _text(body["user"], "'user'", MAX_USER)
+    if body.get("safety_identifier") is not None:
+        options["safety_identifier"] = _text(body["safety_identifier"], "'safety_identifier'", MAX_SAFETY_IDENTIFIER)
     return options
 
 

@@ -61,6 +61,7 @@ def make_slots(settings: Settings) -> Slots:
 def init_app(app: Flask) -> None:
     """Rate limits (after identify_caller: limits need the caller), then the in-flight counts."""
     state(app).limiter.init_app(app)
+    app.after_request(_rate_limit_headers)
     app.before_request(hold_slots)  # after the limiter's hook: a rate-limited request takes no slot
     app.after_request_funcs.setdefault(None, []).insert(0, _release_on_close)  # the last after_request to run
     app.teardown_request(_release_unless_streaming)
@@ -118,6 +119,35 @@ def _limit_for_caller() -> str:
         "origin": settings.rate_limit_origin,
         "anonymous": settings.rate_limit_anonymous,
     }[kind]
+
+
+def rate_limit_state(writes: bool = False) -> dict[str, int] | None:
+    """The caller's rate limit as counted for this request: limit, remaining, reset (epoch seconds); None if none.
+
+    With `writes`, the bucket the caller's POSTs count in, whatever this request's method (reads have their own).
+    """
+    current = state().limiter.current_limit
+    caller = g.get("caller")
+    if current is None or caller is None:
+        return None
+    try:
+        read = f"read:{caller.limit_key}"
+        if writes and read in current.request_args:  # [key prefix, bucket, scope]: the same limit, the other bucket
+            args = [caller.limit_key if arg == read else arg for arg in current.request_args]
+            reset, remaining = state().limiter.limiter.get_window_stats(current.limit, *args)
+            return {"limit": current.limit.amount, "remaining": remaining, "reset": int(reset + 1)}
+        return {"limit": current.limit.amount, "remaining": current.remaining, "reset": current.reset_at}
+    except redis.RedisError:
+        return None  # the limiter counts per process meanwhile; no numbers are better than wrong ones
+
+
+def _rate_limit_headers(response: Response) -> Response:
+    """X-RateLimit-Limit, -Remaining and -Reset (epoch seconds) of the bucket an API request counted in."""
+    shown = rate_limit_state()
+    if shown is not None:
+        for name, value in shown.items():
+            response.headers[f"X-RateLimit-{name.title()}"] = str(value)
+    return response
 
 
 def _rate_limited(limit: RequestLimit) -> Response:

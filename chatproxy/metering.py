@@ -57,6 +57,7 @@ class Meter:
         self.request_id: str = g.request_id
         self.client_request_id: str | None = g.get("client_request_id")
         self.model = call.model
+        self.end_user = call.end_user
         self.stream = call.stream
         self.started = time.monotonic()
         self.prompt_estimate = call.prompt_estimate
@@ -97,7 +98,9 @@ class Meter:
         def attempt(model: str, timeout: openai.Timeout) -> T:
             try:
                 body = build(model)
-                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream, self.client_request_id)
+                row = self.ledger.open(
+                    self.request_id, self.identity, self.model, self.stream, self.client_request_id, self.end_user
+                )
             except Exception as exc:
                 raise NotSent(exc) from exc
             begun = time.monotonic()

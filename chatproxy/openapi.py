@@ -584,6 +584,7 @@ def compat_request(_app: Flask, settings: Settings) -> Schema:
             "stop": {"anyOf": [stop, {"type": "array", "minItems": 1, "maxItems": 4, "items": stop}, {"type": "null"}]},
             "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
             "user": {"anyOf": [_bounded_text(256), {"type": "null"}]},
+            "safety_identifier": {"anyOf": [_bounded_text(64), {"type": "null"}]},
             "tools": {"type": ["array", "null"], "minItems": 1, "maxItems": 64, "items": tool},
             "tool_choice": {
                 "anyOf": [
@@ -672,7 +673,7 @@ DAY_PARAMETERS = tuple(
     for name in ("since", "until")
 )
 
-# --- /api/admin/keys: API keys in the database (chatproxy/api/admin.py) -----------------------------------------
+# --- per-caller control: /api/limits (api/limits.py) and API keys in the database (api/admin.py) -----------
 
 USD_OR_NULL: Schema = {"type": ["string", "null"], "pattern": r"^\d+\.\d{6}$"}
 COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 1}
@@ -737,7 +738,40 @@ def key_fields(_app: Flask, settings: Settings, required: tuple[str, ...] = ()) 
     return {"type": "object", "additionalProperties": False, "required": list(required), "properties": fields}
 
 
-ADMIN_KEYS: dict[tuple[str, str], Operation] = {
+LEFT: Schema = {
+    "type": "object",
+    "required": ["cap", "period", "limit_usd", "remaining_usd", "limit_tokens", "remaining_tokens", "resets_at"],
+    "properties": {
+        "cap": {"enum": ["public_ip", "identity", "key_daily", "key_monthly", "end_user"]},
+        "period": {"enum": ["day", "month"]},
+        "limit_usd": USD_OR_NULL,
+        "remaining_usd": USD_OR_NULL,
+        "limit_tokens": COUNT_OR_NULL,
+        "remaining_tokens": {"type": ["integer", "null"], "minimum": 0},
+        "resets_at": {"type": "string", "format": "date-time"},
+    },
+}
+WINDOW: Schema = {
+    "type": ["object", "null"],
+    "required": ["limit", "remaining", "reset"],
+    "properties": {k: {"type": "integer", "minimum": 0} for k in ("limit", "remaining", "reset")},
+}
+CALLER_LIMITS: Schema = {
+    "type": "object",
+    "required": ["identity", "budgets", "rate_limit"],
+    "properties": {
+        "identity": {"type": "string"},
+        "budgets": {"type": "array", "items": LEFT},
+        "rate_limit": WINDOW,
+    },
+}
+
+PER_CALLER: dict[tuple[str, str], Operation] = {
+    ("/api/limits", "get"): Operation(
+        "The caller's own budgets (what is left today and this month, and when each resets) and its rate limit.",
+        _const(CALLER_LIMITS, "The caller's limits."),
+        merge(INTERNAL, GUARDED, {503: ("budget_unavailable",)}),
+    ),
     ("/api/admin/keys", "get"): Operation(
         "Every API key in the database (admin tokens only).",
         _const(
@@ -923,7 +957,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         security="token",
         openai_errors=True,
     ),
-    **ADMIN_KEYS,
+    **PER_CALLER,
 }
 
 

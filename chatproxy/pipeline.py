@@ -11,14 +11,15 @@ settlement of the budget and the ledger, in `finally` and when the response is c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import openai
-from flask import Response
+from flask import Response, g
 
 from . import metrics, sse
 from .callers import allowed_models
@@ -48,6 +49,7 @@ class Call:
     sampling: dict[str, float] = field(default_factory=dict)  # temperature, top_p, penalties: per model, below
     reasoning_effort: str | None = None  # for models that reason
     images: int = 0  # image inputs: only models that see may answer
+    end_user: str | None = None  # the end user it is for (ledger column end_user): /v1's user, an end-user token's sub
 
 
 class Adapter(StreamWriter, Protocol):
@@ -108,12 +110,22 @@ def params_for(call: Call, model: str, app_state: AppState) -> dict[str, Any]:
     params.update(call.dialect.options(spec, min(call.max_output, spec.max_output), sampling, effort))
     if call.stream:
         params.update(call.dialect.stream_params)
+    if call.end_user and "user" not in params and "safety_identifier" not in params:
+        params["safety_identifier"] = safety_identifier(call.end_user)  # OpenAI: a hash, never the user's name
     return params
+
+
+def safety_identifier(end_user: str) -> str:
+    """What OpenAI is told about an end user it has no identifier for: a hash (64 characters, its limit)."""
+    return hashlib.sha256(f"chatproxy end user\0{end_user}".encode()).hexdigest()
 
 
 def serve(call: Call, adapter: Adapter) -> Response:
     """Answer `call`: a JSON reply or a stream, written by `adapter`."""
     app_state = state()
+    caller = g.get("caller")
+    if caller is not None and caller.kind == "end_user" and call.end_user is None:
+        call = replace(call, end_user=caller.identity)
     deadline = time.monotonic() + app_state.settings.total_timeout
     return _stream(call, adapter, app_state, deadline) if call.stream else _reply(call, adapter, app_state, deadline)
 

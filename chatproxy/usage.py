@@ -59,6 +59,7 @@ ledger_table = sa.Table(
     sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
     sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
+    sa.Column("end_user", sa.String(256)),  # /v1's user or safety_identifier, an end-user token's identity
 )
 
 
@@ -242,7 +243,13 @@ class Ledger:
         self.engine.dispose()
 
     def open(
-        self, request_id: str, identity: str, model_requested: str, stream: bool, client_request_id: str | None = None
+        self,
+        request_id: str,
+        identity: str,
+        model_requested: str,
+        stream: bool,
+        client_request_id: str | None = None,
+        end_user: str | None = None,
     ) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
         values = {
@@ -253,6 +260,7 @@ class Ledger:
             "outcome": OPEN,
             "stream": stream,
             "client_request_id": client_request_id[:64] if client_request_id else None,
+            "end_user": end_user[:256] if end_user else None,
         }
         try:
             with self.engine.begin() as conn:

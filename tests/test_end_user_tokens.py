@@ -94,8 +94,12 @@ def test_a_signed_in_user_is_their_own_caller_under_the_apps_key(app, fake) -> N
 
     assert ask(app, mint(secret, "spa", "alice")).status_code == 200
     assert ask(app, mint(secret, "spa", "bob@example.com")).status_code == 200
-    assert [row["identity"] for row in state(app).ledger.rows()] == ["token:spa/alice", "token:spa/bob@example.com"]
-    assert len(fake.chat_calls()) == 2
+    rows = state(app).ledger.rows()
+    assert [row["identity"] for row in rows] == ["token:spa/alice", "token:spa/bob@example.com"]
+    assert [row["end_user"] for row in rows] == ["token:spa/alice", "token:spa/bob@example.com"]
+    told = [call.body["safety_identifier"] for call in fake.chat_calls()]  # OpenAI's abuse signal, as a hash
+    assert len(set(told)) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", value) for value in told)
+    assert "alice" not in json.dumps([call.body for call in fake.chat_calls()])
 
 
 def forged(secret: str, other: str) -> dict[str, str]:

@@ -354,3 +354,44 @@ def test_the_admin_api_needs_an_admin_token(app) -> None:
         assert error(admin(app, "POST", "/web/revoke", token=token))[:2] == (403, "forbidden")
     assert error(admin(app, "GET", "/nobody")) == (404, "not_found", "There is no key named 'nobody'.")
     assert admin(app, "GET", "/web").get_json()["status"] == "active"
+
+
+# --- what a caller can see, and who the upstream is told about -------------------------------------------------------
+
+
+def test_a_key_sees_what_is_left_of_its_budgets_and_its_rate_limit(app) -> None:
+    token = new_key(
+        app, "web", "--daily-usd", "1", "--monthly-usd", "20", "--daily-tokens", "5000", "--rate-limit", "9/hour"
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    answered = ask(app, token)
+    spent = state(app).ledger.rows()[0]
+
+    shown = app.test_client().get("/api/limits", headers=auth)
+    body = shown.get_json()
+    assert body["identity"] == "token:web" and shown.headers["Cache-Control"] == "no-store"
+    by_cap = {entry["cap"]: entry for entry in body["budgets"]}
+    assert set(by_cap) == {"identity", "key_daily", "key_monthly"}  # never the service-wide caps
+    assert by_cap["key_daily"]["remaining_usd"] == f"{(1_000_000 - spent['cost_micros']) / 1e6:.6f}"
+    used = spent["prompt_tokens"] + spent["completion_tokens"]
+    assert (by_cap["key_daily"]["limit_tokens"], by_cap["key_daily"]["remaining_tokens"]) == (5000, 5000 - used)
+    assert by_cap["key_monthly"]["period"] == "month" and by_cap["key_monthly"]["resets_at"].endswith("-01T00:00:00Z")
+    assert (body["rate_limit"]["limit"], body["rate_limit"]["remaining"]) == (9, 8)  # the POST counted; the GET not
+    assert (answered.headers["X-RateLimit-Limit"], answered.headers["X-RateLimit-Remaining"]) == ("9", "8")
+    assert int(answered.headers["X-RateLimit-Reset"]) > 0
+
+
+def test_the_user_and_safety_identifier_of_v1_are_recorded_and_sent_upstream(app, serve, fake) -> None:
+    token = new_key(app, "web")
+    client = openai.OpenAI(base_url=f"{serve(app)}/v1", api_key=token, max_retries=0)
+    hi = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="gpt-4o-mini", messages=hi, user="user-123")
+    client.chat.completions.create(model="gpt-4o-mini", messages=hi, extra_body={"safety_identifier": "hash-abc"})
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=hi, extra_body={"safety_identifier": "x" * 65})
+
+    assert "'safety_identifier' must be a non-empty string of at most 64 characters" in str(refused.value)
+    assert [row["end_user"] for row in state(app).ledger.rows()] == ["user-123", "hash-abc"]
+    sent = [call.body for call in fake.chat_calls()]
+    assert (sent[0]["user"], sent[1]["safety_identifier"]) == ("user-123", "hash-abc")
+    assert "safety_identifier" not in sent[0] and len(sent) == 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import admin, batches, chat, classify, compat, usage
+from . import admin, batches, chat, classify, compat, limits, usage
 
 
 def init_app(app: Flask) -> None:
     """Register every endpoint's blueprint."""
-    for module in (chat, compat, classify, batches, usage, admin):
+    for module in (chat, compat, classify, batches, usage, admin, limits):
         app.register_blueprint(module.bp)

@@ -91,6 +91,7 @@ def compat_call(req: CompatRequest) -> Call:
         prompt_estimate=estimate_prompt(estimate, metered.response_format),
         sampling={name: req.options[name] for name in SAMPLING_DEFAULTS if name in req.options},
         reasoning_effort=req.options.get("reasoning_effort"),
+        end_user=req.options.get("safety_identifier") or req.options.get("user"),
     )
 
 
