@@ -38,6 +38,7 @@ class Caller:
     kind: str  # page, token, end_user, origin, anonymous
     limit_key: str
     key: ApiKey | None = None  # the database key of a bearer token (None for CHATPROXY_API_TOKENS and others)
+    admin: bool = False  # a page session signed in to /admin with an admin token
 
 
 class PageSessionInterface(SecureCookieSessionInterface):
@@ -141,7 +142,8 @@ def identify_caller() -> None:
     elif "sid" in session:
         if request.method not in SAFE_METHODS and not _csrf_ok(request.headers.get(CSRF_HEADER, "")):
             raise ApiError(403, "csrf_failed", "The page's security token is missing or wrong. Reload the page.")
-        g.caller = Caller(f"session:{session['sid']}", "page", f"session:{session['sid']}")
+        sid = session["sid"]
+        g.caller = Caller(f"session:{sid}", "page", f"session:{sid}", admin=admin_session(app_state))
     elif origin and origin in settings.allowed_origins:
         g.caller = Caller(f"origin:{origin}", "origin", f"origin-ip:{ip}")
     elif settings.allow_anonymous:
@@ -264,8 +266,17 @@ def _tokens_only(refuse: Callable[[], None]) -> Callable[[F], F]:
     return decorate
 
 
+def admin_session(app_state: AppState) -> bool:
+    """Whether this page session signed in to /admin with a token that is still an admin token."""
+    name = session.get("admin")
+    return bool(name) and name in app_state.settings.admin_tokens and name in app_state.tokens
+
+
 def is_admin(caller: Caller | None) -> bool:
-    """Whether `caller` holds a CHATPROXY_API_TOKENS token named in CHATPROXY_ADMIN_TOKENS (never a database key)."""
+    """Whether `caller` holds a CHATPROXY_API_TOKENS token named in CHATPROXY_ADMIN_TOKENS (never a database key),
+    or is a page session signed in to /admin with one."""
+    if caller is not None and caller.admin:
+        return True
     if caller is None or caller.kind != "token" or caller.key is not None:
         return False
     return caller.identity.removeprefix("token:") in state().settings.admin_tokens

@@ -162,7 +162,7 @@ def _not_limited() -> bool:
     """Limits apply to API calls and to loading the page (which mints sessions); not to health or static files."""
     if request.method == "OPTIONS":
         return True
-    return not (request.path.startswith(GUARDED_PREFIXES) or request.endpoint == "chat.page")
+    return not (request.path.startswith(GUARDED_PREFIXES) or request.endpoint in ("chat.page", "admin_page.sign_in"))
 
 
 @dataclass(frozen=True)

@@ -766,7 +766,53 @@ CALLER_LIMITS: Schema = {
     },
 }
 
+OVERVIEW: Schema = {
+    "type": "object",
+    "required": ["today", "month", "caps", "keys", "top_end_users", "errors"],
+    "properties": {
+        "today": {"type": "string"},
+        "month": {"type": "string"},
+        "daily_cap_usd": USD_OR_NULL,
+        "caps": {"type": "array", "items": {"type": "object"}},
+        "keys": {"type": "array", "items": {"type": "object"}},
+        "top_end_users": {"type": "array", "items": {"type": "object"}},
+        "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "since": {"type": "string", "format": "date"},
+    },
+}
+ADMIN_FORM = {403: ("forbidden",), 404: ("not_found",)}  # the operator's page answers HTML, and errors as JSON
+
 PER_CALLER: dict[tuple[str, str], Operation] = {
+    ("/admin", "get"): Operation(
+        "The operator's page (HTML): the sign-in form, or the dashboard for a signed-in admin session.",
+        _const({"type": "string"}, "The page.", "text/html"),
+        INTERNAL,
+        security="public",
+    ),
+    ("/admin/sign-in", "post"): Operation(
+        "Sign in to the operator's page with an admin token (form fields token and csrf); 303 to /admin.",
+        _const({"type": "string"}, "The sign-in form again, saying why (401, 403).", "text/html"),
+        merge(INTERNAL, {429: ("rate_limited",)}),
+        security="public",
+    ),
+    ("/admin/sign-out", "post"): Operation(
+        "End the admin session (form field csrf); 303 to /admin.",
+        _const({"type": "string"}, "Redirect.", "text/html", status="303"),
+        INTERNAL,
+        security="public",
+    ),
+    ("/admin/chart.svg", "get"): Operation(
+        "Spend per day over the last 30 days, by model or by key (?by=key), for an admin session.",
+        _const({"type": "string"}, "An SVG chart.", "image/svg+xml"),
+        merge(INTERNAL, ADMIN_FORM),
+        parameters=({"name": "by", "in": "query", "required": False, "schema": {"enum": ["model", "key"]}},),
+        security="public",
+    ),
+    ("/api/admin/overview", "get"): Operation(
+        "Spend today and this month against the service's caps, per key, top end users, errors by code (admins).",
+        _const(OVERVIEW, "The overview."),
+        merge(INTERNAL, GUARDED, {403: ("forbidden",), 503: ("ledger_unavailable",)}),
+    ),
     ("/api/limits", "get"): Operation(
         "The caller's own budgets (what is left today and this month, and when each resets) and its rate limit.",
         _const(CALLER_LIMITS, "The caller's limits."),

@@ -233,7 +233,7 @@ def route_errors(app: Flask, rule) -> tuple[set[tuple[int, str]], set[str]]:
         found = GRAPH.definition(function)
         if found is not None:
             entries.append(found)
-    if guarded or rule.endpoint == "chat.page":  # guards._not_limited
+    if guarded or rule.endpoint in ("chat.page", "admin_page.sign_in"):  # limits._not_limited
         entries.append(("limits", GRAPH.functions[("limits", "_rate_limited")][0]))
     return GRAPH.reachable(entries)
 

@@ -1,8 +1,9 @@
-"""/api/admin/keys: API keys managed over HTTP, for admin tokens (the same store and checks as `flask keys`)."""
+"""/api/admin: API keys managed over HTTP (the same store and checks as `flask keys`) and the overview, for admins."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, jsonify, request
@@ -11,8 +12,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..callers import admin_required
 from ..errors import ApiError, invalid
 from ..keys import KeyRefused, NoSuchKey, check_name, parse_fields, utc_now
+from ..reports import key_of
 from ..schemas import parse_json_body
 from ..state import state
+from ..usage import usd
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 MANAGE = "manage API keys"
@@ -95,3 +98,43 @@ def rotate_key(name: str) -> Response:
     """A new token for a key; the old one stops working."""
     key, token = _run(lambda: state().keys.rotate(name))
     return _shown({"key": key.public(utc_now()), "token": token})
+
+
+@bp.get("/overview")
+@admin_required("read the overview")
+def overview() -> Response:
+    """Spend today and this month against the service's caps, spend per key, the top end users, errors by code."""
+    app_state = state()
+    budget, settings = app_state.budget, app_state.settings
+    today = utc_now().date()
+    month = today.replace(day=1)
+    try:
+        report = app_state.ledger.report(min(month, today - timedelta(days=29)), today)
+        caps = budget.standing(budget.caps_for("admin:overview", "page")[:2])  # the global and public rows
+    except SQLAlchemyError:
+        raise ApiError(503, "ledger_unavailable", "The ledger cannot be read right now.", retry_after=5) from None
+    this_month = [g for g in report["groups"] if g["day"] >= month.isoformat()]
+    by_key: dict[str, dict[str, int]] = {}
+    end_users: dict[str, int] = {}
+    for group in this_month:
+        spent = by_key.setdefault(key_of(group["identity"]), {"today": 0, "month": 0})
+        spent["month"] += group["cost_micros"]
+        spent["today"] += group["cost_micros"] if group["day"] == today.isoformat() else 0
+        if group["identity"].startswith("token:") and "/" in group["identity"]:
+            end_users[group["identity"]] = end_users.get(group["identity"], 0) + group["cost_micros"]
+    top = sorted(end_users.items(), key=lambda item: (-item[1], item[0]))[:10]
+    return _shown(
+        {
+            "today": usd(sum(g["cost_micros"] for g in this_month if g["day"] == today.isoformat())),
+            "month": usd(sum(g["cost_micros"] for g in this_month)),
+            "daily_cap_usd": usd(settings.daily_budget_micros) if settings.daily_budget_micros else None,
+            "caps": caps,
+            "keys": [
+                {"key": k, "today_usd": usd(v["today"]), "month_usd": usd(v["month"])}
+                for k, v in sorted(by_key.items())
+            ],
+            "top_end_users": [{"identity": who, "month_usd": usd(micros)} for who, micros in top],
+            "errors": {code: n for code, n in report["outcomes"].items() if code not in ("ok", "fallback")},
+            "since": report["since"],
+        }
+    )
