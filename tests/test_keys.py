@@ -395,3 +395,19 @@ def test_the_user_and_safety_identifier_of_v1_are_recorded_and_sent_upstream(app
     sent = [call.body for call in fake.chat_calls()]
     assert (sent[0]["user"], sent[1]["safety_identifier"]) == ("user-123", "hash-abc")
     assert "safety_identifier" not in sent[0] and len(sent) == 2
+
+
+def test_a_keys_batches_count_against_its_own_budgets(app, fake) -> None:
+    small, big = new_key(app, "small", "--daily-usd", "0.0002"), new_key(app, "big", "--monthly-usd", "1")
+    batch = {"requests": [{"custom_id": str(n), "message": "hi", "max_tokens": 200} for n in range(3)]}
+
+    refused = app.test_client().post("/api/batches", json=batch, headers={"Authorization": f"Bearer {small}"})
+    assert error(refused) == (
+        429,
+        "budget_exceeded",
+        "This request could cost more than a spending limit allows. Ask for fewer tokens (max_tokens).",
+    )
+    made = app.test_client().post("/api/batches", json=batch, headers={"Authorization": f"Bearer {big}"})
+    assert made.status_code == 202
+    assert state(app).budget.totals("month:key:big")["reserved_micros"] > 0  # held until its results are in
+    assert len([call for call in fake.calls if call.path.endswith("/files")]) == 1  # the second only
