@@ -234,6 +234,7 @@ def test_one_end_users_concurrent_requests_against_a_budget_for_k_calls_get_exac
             "CHATPROXY_PRICES": ONE_MICRO_PER_TOKEN,
             "CHATPROXY_REDIS_URL": REDIS_URL,
             "CHATPROXY_REDIS_PREFIX": key_prefix,
+            "CHATPROXY_KEY_CACHE_SECONDS": "0",  # the revocation below reaches the workers at once
         }
         operator = create_app(settings_for(**shared))
         secret = hs256_key(operator, "spa", "--end-user-daily-usd", f"{cap_micros / 1_000_000:.6f}")
@@ -253,6 +254,9 @@ def test_one_end_users_concurrent_requests_against_a_budget_for_k_calls_get_exac
             with ThreadPoolExecutor(max_workers=sent) as pool:
                 statuses = list(pool.map(lambda _: post(server.port, token), range(sent)))
             other = post(server.port, mint(secret, "spa", "bob"))
+            cli(operator, "revoke", "spa")  # at runtime, on the shared database: every worker refuses it now
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                after = list(pool.map(lambda _: post(server.port, mint(secret, "spa", "bob")), range(16)))
         finally:
             server.stop()
         rows = state(operator).ledger.rows(identity="token:spa/alice")
@@ -260,6 +264,7 @@ def test_one_end_users_concurrent_requests_against_a_budget_for_k_calls_get_exac
 
     assert sorted(statuses) == [200] * k + [429] * (sent - k)
     assert other == 200  # another user of the same app is not affected
+    assert after == [401] * 16  # whichever worker answered
     assert len(rows) == k and totals["reserved_micros"] == 0
     assert totals["spent_micros"] == sum(row["cost_micros"] for row in rows) <= cap_micros
 
