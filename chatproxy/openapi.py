@@ -373,6 +373,8 @@ def usage_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
                 "by_day",
                 "by_model",
                 "by_identity",
+                "by_key",
+                "by_end_user",
                 "groups",
             ],
             "properties": {
@@ -384,6 +386,8 @@ def usage_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
                 "by_day": rows,
                 "by_model": rows,
                 "by_identity": rows,
+                "by_key": rows,
+                "by_end_user": rows,
                 "groups": rows,
             },
         },

@@ -13,7 +13,7 @@ from flask.cli import with_appcontext
 
 from .errors import invalid
 from .state import state
-from .usage import default_range, usd
+from .usage import default_range, key_of, usd
 
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -73,6 +73,9 @@ def text_report(report: dict[str, Any]) -> str:
     if not report["groups"]:
         lines.append("No usage in this range.")
         return "\n".join(lines)
+    for title, name, entries in (("key", "key", report["by_key"]), ("end user", "identity", report["by_end_user"])):
+        if entries:
+            lines.append(f"By {title}: " + ", ".join(f"{e[name]} ${e['cost_usd']} ({e['requests']})" for e in entries))
     header = ("day", "model", "identity", "requests", "prompt", "cached", "completion", "reasoning", "USD")
     rows = [
         (
@@ -94,12 +97,6 @@ def text_report(report: dict[str, Any]) -> str:
         cells = [cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i]) for i, cell in enumerate(row)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
-
-
-def key_of(identity: str) -> str:
-    """The API key (or kind of caller) an identity spends under: token:web/alice -> web, session:... -> session."""
-    kind, _, rest = identity.partition(":")
-    return rest.partition("/")[0] if kind == "token" else kind
 
 
 def spend_chart_svg(report: dict[str, Any], by: str = "model") -> str:

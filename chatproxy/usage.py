@@ -364,11 +364,24 @@ class Ledger:
             "by_day": _roll_up(groups, "day"),
             "by_model": _roll_up(groups, "model"),
             "by_identity": _roll_up(groups, "identity"),
+            "by_key": _roll_up([{**g, "key": key_of(g["identity"])} for g in groups], "key"),
+            "by_end_user": _roll_up([g for g in groups if is_end_user(g["identity"])], "identity"),
             "groups": groups,
         }
 
 
 METRICS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_micros")
+
+
+def key_of(identity: str) -> str:
+    """The API key (or kind of caller) an identity spends under: token:web/alice -> web, session:... -> session."""
+    kind, _, rest = identity.partition(":")
+    return rest.partition("/")[0] if kind == "token" else kind
+
+
+def is_end_user(identity: str) -> bool:
+    """Whether an identity is an end user of an API key (token:<key>/<sub>)."""
+    return identity.startswith("token:") and "/" in identity
 
 
 def usd(micros: int) -> str:

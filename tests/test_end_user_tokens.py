@@ -100,6 +100,9 @@ def test_a_signed_in_user_is_their_own_caller_under_the_apps_key(app, fake) -> N
     told = [call.body["safety_identifier"] for call in fake.chat_calls()]  # OpenAI's abuse signal, as a hash
     assert len(set(told)) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", value) for value in told)
     assert "alice" not in json.dumps([call.body for call in fake.chat_calls()])
+    report = app.test_client().get("/api/usage", headers={"Authorization": f"Bearer {ADMIN}"}).get_json()
+    assert [(entry["key"], entry["requests"]) for entry in report["by_key"]] == [("spa", 2)]
+    assert [entry["identity"] for entry in report["by_end_user"]] == ["token:spa/alice", "token:spa/bob@example.com"]
 
 
 def forged(secret: str, other: str) -> dict[str, str]:

@@ -12,10 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..callers import admin_required
 from ..errors import ApiError, invalid
 from ..keys import KeyRefused, NoSuchKey, check_name, parse_fields, utc_now
-from ..reports import key_of
 from ..schemas import parse_json_body
 from ..state import state
-from ..usage import usd
+from ..usage import is_end_user, key_of, usd
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 MANAGE = "manage API keys"
@@ -120,7 +119,7 @@ def overview() -> Response:
         spent = by_key.setdefault(key_of(group["identity"]), {"today": 0, "month": 0})
         spent["month"] += group["cost_micros"]
         spent["today"] += group["cost_micros"] if group["day"] == today.isoformat() else 0
-        if group["identity"].startswith("token:") and "/" in group["identity"]:
+        if is_end_user(group["identity"]):
             end_users[group["identity"]] = end_users.get(group["identity"], 0) + group["cost_micros"]
     top = sorted(end_users.items(), key=lambda item: (-item[1], item[0]))[:10]
     return _shown(
