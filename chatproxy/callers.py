@@ -166,10 +166,7 @@ def bearer_caller(header: str, app_state: AppState) -> Caller:
     if key is None:
         raise ApiError(401, "unauthorized", "The bearer token is not valid.")
     _check_state(key)
-    try:
-        app_state.keys.touch(key)
-    except SQLAlchemyError:
-        log.warning("cannot record that key %s was used", key.name, exc_info=True)
+    _touch(key, app_state)
     return Caller(f"token:{key.name}", "token", f"token:{key.name}", key)
 
 
@@ -184,8 +181,16 @@ def end_user_caller(token: str, app_state: AppState) -> Caller:
     hs256 = key.end_user_key == HS256 and settings.secret_key  # without it, workers would disagree on the secret
     secret = end_user_secret(settings.secret_key, key) if hs256 else None
     user = verify(token, key, secret, settings.token_audience)
+    _touch(key, app_state)
     identity = f"token:{key.name}/{user.sub}"
     return Caller(identity, "end_user", identity, key)
+
+
+def _touch(key: ApiKey, app_state: AppState) -> None:
+    try:
+        app_state.keys.touch(key)
+    except SQLAlchemyError:
+        log.warning("cannot record that key %s was used", key.name, exc_info=True)
 
 
 def _lookup(find: Callable[[], ApiKey | None]) -> ApiKey | None:

@@ -795,13 +795,13 @@ PER_CALLER: dict[tuple[str, str], Operation] = {
     ),
     ("/admin/sign-in", "post"): Operation(
         "Sign in to the operator's page with an admin token (form fields token and csrf); 303 to /admin.",
-        _const({"type": "string"}, "The sign-in form again, saying why (401, 403).", "text/html"),
+        lambda _app, _settings: {"303": {"description": "To /admin: signed in, or the form saying why not."}},
         merge(INTERNAL, {429: ("rate_limited",)}),
         security="public",
     ),
     ("/admin/sign-out", "post"): Operation(
         "End the admin session (form field csrf); 303 to /admin.",
-        _const({"type": "string"}, "Redirect.", "text/html", status="303"),
+        lambda _app, _settings: {"303": {"description": "To /admin."}},
         INTERNAL,
         security="public",
     ),
@@ -1179,7 +1179,8 @@ def components(settings: Settings) -> Schema:
             "bearerToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "A token from `flask --app chatproxy new-token NAME`.",
+                "description": "A token from `flask --app chatproxy new-token NAME` or `keys create NAME` (an API key "
+                "in the database), or a signed end-user token (a JWT) an app's backend minted for its user.",
             },
             "pageSession": {
                 "type": "apiKey",

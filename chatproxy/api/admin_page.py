@@ -23,18 +23,22 @@ def page() -> Response:
     """The dashboard for a signed-in admin, else the sign-in form."""
     signed_in = admin_session(state())
     template = "admin.html" if signed_in else "admin_sign_in.html"
-    return Response(render_template(template, csrf_token=csrf_token(), error=None), headers=NO_STORE)
+    error = session.pop("admin_error", None)
+    return Response(render_template(template, csrf_token=csrf_token(), error=error), headers=NO_STORE)
 
 
 @bp.post("/admin/sign-in")
 def sign_in() -> Response:
-    """Trade an admin token for an admin page session (a new session id: no fixation)."""
+    """Trade an admin token for an admin page session (a new session id: no fixation); back to /admin either way.
+
+    A refusal is said on the page it redirects to (post, redirect, get: a reload never sends the token again).
+    """
     if not _csrf_ok():
-        return _refused("The page's security token is missing or wrong. Reload the page.", 403)
+        return _back("The page's security token is missing or wrong. Reload the page.")
     app_state = state()
     name = token_name(f"Bearer {request.form.get('token', '')}", app_state.tokens)
     if name is None or name not in app_state.settings.admin_tokens:
-        return _refused("That is not an admin token.", 401)
+        return _back("That is not an admin token.")
     session.clear()
     csrf_token()  # a fresh session id and CSRF token
     session["admin"] = name
@@ -68,6 +72,6 @@ def _csrf_ok() -> bool:
     return bool(sent) and bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
 
 
-def _refused(message: str, status: int) -> Response:
-    html = render_template("admin_sign_in.html", csrf_token=csrf_token(), error=message)
-    return Response(html, status=status, headers=NO_STORE)
+def _back(message: str) -> Response:
+    session["admin_error"] = message
+    return redirect(url_for("admin_page.page"), 303)
