@@ -1,4 +1,4 @@
-"""Who is calling: the page session (with CSRF), bearer tokens, an allowed origin, or anonymous; access rules."""
+"""Who is calling: page session (with CSRF), bearer token or API key, end-user token, allowed origin, anonymous."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from flask import Flask, Request, g, request, session
+from flask import Flask, Request, g, has_app_context, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_cors import CORS
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .config import Settings
 from .end_users import end_user_secret, key_name, looks_like_jwt, verify
 from .errors import ApiError
 from .keys import DISABLED, EXPIRED, HS256, REVOKED, ApiKey, utc_now
@@ -214,19 +215,19 @@ def _check_state(key: ApiKey) -> None:
         raise ApiError(401, "key_disabled", "This API key is disabled.")
 
 
-def allowed_models() -> tuple[str, ...]:
-    """The allowlisted models this request's caller may ask for (an API key may have fewer)."""
-    caller = g.get("caller")
-    models = state().settings.models
+def allowed_models(settings: Settings | None = None) -> tuple[str, ...]:
+    """The allowlisted models this request's caller may ask for (an API key may have fewer); all outside a request."""
+    caller = g.get("caller") if has_app_context() else None
+    models = (settings or state().settings).models
     if caller is None or caller.key is None:
         return models
     return tuple(model for model in models if caller.key.allows(model))
 
 
-def default_model() -> str:
+def default_model(settings: Settings) -> str:
     """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use."""
-    default, allowed = state().settings.default_model, allowed_models()
-    return default if default in allowed else allowed[0]
+    allowed = allowed_models(settings)
+    return settings.default_model if settings.default_model in allowed else allowed[0]
 
 
 def _csrf_ok(sent: str) -> bool:

@@ -84,7 +84,7 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid("'n' must be 1: this proxy returns one choice.")
-    model = body.get("model", default_model())
+    model = body.get("model", default_model(settings))
     if not isinstance(model, str) or model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     client_messages, chars = _messages(body.get("messages"), settings)

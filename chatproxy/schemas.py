@@ -199,7 +199,7 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
 
 def _model(value: Any, settings: Settings) -> str:
     if value is None:
-        return default_model()
+        return default_model(settings)
     if not isinstance(value, str) or value not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     return value

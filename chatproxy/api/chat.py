@@ -52,7 +52,9 @@ def models() -> Response:
     """The models a client may ask for, and the default."""
     names = allowed_models()
     details = model_details()
-    return jsonify({"models": list(names), "default": default_model(), "details": {n: details[n] for n in names}})
+    return jsonify(
+        {"models": list(names), "default": default_model(state().settings), "details": {n: details[n] for n in names}}
+    )
 
 
 def model_details() -> dict[str, dict[str, Any]]:
