@@ -411,3 +411,11 @@ def test_a_keys_batches_count_against_its_own_budgets(app, fake) -> None:
     assert made.status_code == 202
     assert state(app).budget.totals("month:key:big")["reserved_micros"] > 0  # held until its results are in
     assert len([call for call in fake.calls if call.path.endswith("/files")]) == 1  # the second only
+
+
+def test_keys_that_cannot_be_looked_up_are_a_503_not_a_crash(settings_for, fake) -> None:
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL="postgresql+psycopg://chatproxy@127.0.0.1:1/none"))
+    response = ask(app, "cpx_some-key-the-database-would-know")
+
+    assert error(response) == (503, "keys_unavailable", "API keys cannot be checked right now. Try again shortly.")
+    assert response.headers["Retry-After"] == "5" and fake.chat_calls() == []
