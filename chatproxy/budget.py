@@ -380,7 +380,12 @@ class Budget:
         self.counters.create_schema()
 
     def caps_for(
-        self, identity: str, kind: str = "token", ip: str | None = None, key: ApiKey | None = None
+        self,
+        identity: str,
+        kind: str = "token",
+        ip: str | None = None,
+        key: ApiKey | None = None,
+        end_user_micros: int | None = None,
     ) -> tuple[Cap, ...]:
         """The caps a caller's reservation must fit: the one place that decides which counter rows apply.
 
@@ -390,7 +395,7 @@ class Budget:
         sessions. The identity cap applies to every caller except an allowed origin: anyone can send that
         Origin header, so one shared cap would let one client lock out every user of the frontend. An API
         `key` adds its own daily and monthly caps, and an end user of it (an identity under the key's)
-        the key's per-end-user daily cap.
+        the key's per-end-user daily cap, or `end_user_micros` (its token's own) where that is lower.
         """
         caps = self.caps
         chosen = [Cap(GLOBAL, EVERYONE, caps.daily_micros, caps.daily_tokens)]
@@ -405,8 +410,9 @@ class Budget:
             if key.monthly_micros or key.monthly_tokens:
                 monthly = Cap(KEY_MONTHLY, f"{MONTH}key:{key.name}", key.monthly_micros or 0, key.monthly_tokens or 0)
                 chosen.append(monthly)
-            if key.end_user_daily_micros and identity != f"token:{key.name}":
-                chosen.append(Cap(END_USER, f"end-user:{identity}", key.end_user_daily_micros))
+            limits = [m for m in (key.end_user_daily_micros, end_user_micros) if m]
+            if limits and identity != f"token:{key.name}":
+                chosen.append(Cap(END_USER, f"end-user:{identity}", min(limits)))
         return tuple(chosen)
 
     def standing(self, caps: Sequence[Cap]) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ class Caller:
     limit_key: str
     key: ApiKey | None = None  # the database key of a bearer token (None for CHATPROXY_API_TOKENS and others)
     admin: bool = False  # a page session signed in to /admin with an admin token
+    end_user_micros: int | None = None  # an end-user token's own daily budget (tighter than its key's)
 
 
 class PageSessionInterface(SecureCookieSessionInterface):
@@ -184,7 +185,7 @@ def end_user_caller(token: str, app_state: AppState) -> Caller:
     user = verify(token, key, secret, settings.token_audience)
     _touch(key, app_state)
     identity = f"token:{key.name}/{user.sub}"
-    return Caller(identity, "end_user", identity, key)
+    return Caller(identity, "end_user", identity, key, end_user_micros=user.daily_micros)
 
 
 def _touch(key: ApiKey, app_state: AppState) -> None:

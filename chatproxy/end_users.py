@@ -20,7 +20,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .errors import ApiError
-from .keys import HS256, ApiKey, load_public_key
+from .keys import HS256, ApiKey, KeyRefused, load_public_key, micros_of
 
 MAX_LIFETIME_S = 3600  # the longest an end-user token may live
 LEEWAY_S = 30  # clock skew allowed between the app's backend and us
@@ -30,10 +30,11 @@ SUB_RULE = "1 to 128 letters, digits or . _ @ : + = -"
 
 @dataclass(frozen=True)
 class EndUser:
-    """Who a verified token speaks for."""
+    """Who a verified token speaks for, and the tighter daily budget its app gave them, if any."""
 
     key_name: str
     sub: str
+    daily_micros: int | None = None  # the token's `limits.daily_usd`: at most the key's end-user budget applies
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -87,7 +88,19 @@ def verify(token: str, key: ApiKey, secret: str | None, audience: str) -> EndUse
         raise ApiError(401, "token_invalid_signature", "The end-user token's signature is not valid.") from None
     except jwt.PyJWTError:
         raise ApiError(401, "token_invalid", "The end-user token is not valid: it needs exp, sub and aud.") from None
-    return EndUser(key.name, _checked(claims))
+    return EndUser(key.name, _checked(claims), _tighter(claims.get("limits")))
+
+
+def _tighter(limits: Any) -> int | None:
+    """The token's own daily budget for its user (`"limits": {"daily_usd": "0.10"}`), or None."""
+    if limits is None:
+        return None
+    if not isinstance(limits, dict) or set(limits) - {"daily_usd"}:
+        raise ApiError(401, "token_invalid", "The end-user token's limits may only hold daily_usd.")
+    try:
+        return micros_of("limits.daily_usd", limits["daily_usd"]) if "daily_usd" in limits else None
+    except KeyRefused as refused:
+        raise ApiError(401, "token_invalid", f"The end-user token's {refused}") from None
 
 
 def _checked(claims: dict[str, Any]) -> str:

@@ -214,7 +214,7 @@ def parse_fields(fields: Mapping[str, Any], allowlist: tuple[str, ...], now: dat
                 raise KeyRefused(f"{field} must be a whole number from 1 to {high}, or null for none of its own.")
             values[column] = value
         elif field in MONEY:
-            values[column] = _micros(field, value)
+            values[column] = micros_of(field, value)
         elif field == "expires_at":
             values[column] = _expiry(value, now)
         elif field == "end_user_key":
@@ -241,7 +241,7 @@ def _rate(value: Any) -> str:
     return value.strip()
 
 
-def _micros(field: str, value: Any) -> int:
+def micros_of(field: str, value: Any) -> int:
     """Dollars (a string or a number) as micro-dollars; a budget is more than 0 (null: no cap of its own)."""
     try:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):

@@ -65,8 +65,10 @@ class Meter:
         worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
-        caps = self.budget.caps_for(
-            self.identity, caller.kind if caller else "token", request.remote_addr, caller.key if caller else None
+        caps = (
+            self.budget.caps_for(self.identity, caller.kind, request.remote_addr, caller.key, caller.end_user_micros)
+            if caller
+            else self.budget.caps_for(self.identity, "token", request.remote_addr)
         )
         # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.

@@ -126,6 +126,8 @@ def forged(secret: str, other: str) -> dict[str, str]:
         "no such key": mint(secret, "nobody"),
         "a key without end-user tokens": mint(other, "plain"),
         "not a JWT at all": "eyJhbGciOi.broken.x",
+        "limits it may not set": mint(secret, "spa", limits={"rate_limit": "1000/second"}),
+        "a budget of 0 in its limits": mint(secret, "spa", limits={"daily_usd": "0"}),
     }
 
 
@@ -143,6 +145,8 @@ EXPECTED = {
     "no such key": "token_invalid",
     "a key without end-user tokens": "token_invalid",
     "not a JWT at all": "token_invalid",
+    "limits it may not set": "token_invalid",
+    "a budget of 0 in its limits": "token_invalid",
 }
 
 
@@ -202,6 +206,14 @@ def test_each_end_user_has_a_daily_budget_and_a_rate_limit_of_their_own(app) -> 
     assert [ask(app, alice).status_code for _ in range(3)] == [429, 429, 429]
     assert error(ask(app, alice)) == (429, "rate_limited")  # the sixth request of the hour
     assert state(app).budget.totals("end-user:token:spa/alice")["reserved_micros"] == 0
+
+
+def test_an_app_may_give_a_user_a_tighter_budget_in_the_token_never_a_looser_one(app) -> None:
+    secret = hs256_key(app, "spa", "--end-user-daily-usd", "0.0003")  # two calls a user
+
+    tight = [ask(app, mint(secret, "spa", "trial", limits={"daily_usd": "0.0002"})).status_code for _ in range(2)]
+    loose = [ask(app, mint(secret, "spa", "pro", limits={"daily_usd": 5})).status_code for _ in range(3)]
+    assert (tight, loose) == ([200, 429], [200, 200, 429])
 
 
 def test_end_user_tokens_are_for_the_page_api_not_the_server_routes(app) -> None:

@@ -20,7 +20,7 @@ def limits() -> Response:
     """The caller's identity, its budgets' remainders with their resets, and its rate limit's window."""
     caller = current_caller()
     budget = state().budget
-    caps = budget.caps_for(caller.identity, caller.kind, request.remote_addr, caller.key)
+    caps = budget.caps_for(caller.identity, caller.kind, request.remote_addr, caller.key, caller.end_user_micros)
     try:
         standing = budget.standing([cap for cap in caps if cap.name not in SHARED])
     except SQLAlchemyError:
