@@ -173,16 +173,20 @@ def bearer_caller(header: str, app_state: AppState) -> Caller:
 
 
 def end_user_caller(token: str, app_state: AppState) -> Caller:
-    """The end user of a signed end-user token, verified against its API key; or 401 saying why."""
+    """The end user of a signed end-user token, verified against its API key; or 401 saying why.
+
+    The signature is checked before the key's state: what a key is (revoked, disabled) is told only to holders
+    of a token it signed.
+    """
     name = key_name(token)
     key = _lookup(lambda: app_state.keys.named(name))
-    if key is None:
-        raise ApiError(401, "token_invalid", "The end-user token names no API key of this server.")
-    _check_state(key)
+    if key is None or not key.end_user_key:
+        raise ApiError(401, "token_invalid", "The end-user token names no API key that takes end-user tokens.")
     settings = app_state.settings
     hs256 = key.end_user_key == HS256 and settings.secret_key  # without it, workers would disagree on the secret
     secret = end_user_secret(settings.secret_key, key) if hs256 else None
     user = verify(token, key, secret, settings.token_audience)
+    _check_state(key)
     _touch(key, app_state)
     identity = f"token:{key.name}/{user.sub}"
     return Caller(identity, "end_user", identity, key, end_user_micros=user.daily_micros)

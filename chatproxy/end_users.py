@@ -64,8 +64,6 @@ def end_user_secret(secret_key: str, key: ApiKey) -> str:
 
 def verify(token: str, key: ApiKey, secret: str | None, audience: str) -> EndUser:
     """The end user of a token `key` signed, or 401 saying what is wrong; `secret` is its HS256 secret if any."""
-    if not key.end_user_key:
-        raise ApiError(401, "token_invalid", "This API key does not accept end-user tokens.")
     algorithm, verifying_key = _verifier(key, secret)
     try:
         claims = jwt.decode(
