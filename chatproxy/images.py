@@ -19,7 +19,7 @@ from typing import Any
 from .config import Settings
 from .errors import invalid
 
-DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)$", re.IGNORECASE)
+DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/=]*)$", re.IGNORECASE)
 KINDS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WebP", "image/gif": "GIF"}
 DETAILS = ("auto", "low", "high")
 # OpenAI's image tokens for gpt-4o-class models (docs/models.md cites the page): 85 for `low`; for `high`
@@ -40,6 +40,7 @@ class Image:
     kind: str  # PNG, JPEG, WebP or GIF
     width: int
     height: int
+    animated: bool = False  # OpenAI takes still GIFs and WebPs only
 
 
 def parts(value: list[Any], where: str, settings: Settings) -> tuple[list[dict[str, Any]], str]:
@@ -73,12 +74,12 @@ def _image_url(value: Any, at: str, settings: Settings) -> dict[str, str]:
     detail = value.get("detail", "auto")
     if detail not in DETAILS:
         raise invalid(f"{at}.image_url.detail must be one of: {', '.join(DETAILS)}.")
-    check(value["url"], f"{at}.image_url.url", settings)
-    return {"url": value["url"], "detail": detail}
+    return {"url": check(value["url"], f"{at}.image_url.url", settings), "detail": detail}
 
 
-def check(url: str, where: str, settings: Settings) -> Image:
-    """The image of a data URL, or the 400 naming what is wrong with it."""
+def check(url: str, where: str, settings: Settings) -> str:
+    """The data URL of a good image as it is sent upstream (its media type in lower case), or the 400 naming
+    what is wrong with it."""
     match = DATA_URL.match(url)
     if match is None:
         raise invalid(
@@ -89,10 +90,10 @@ def check(url: str, where: str, settings: Settings) -> Image:
     if declared not in KINDS:
         raise invalid(f"{where}: images must be PNG, JPEG, WebP or GIF, not {declared[:40]}.")
     encoded = match.group(2)
-    if len(encoded) > (settings.max_image_bytes + 2) // 3 * 4 + 1024:  # refuse before decoding
+    if len(encoded) > (settings.max_image_bytes + 2) // 3 * 4:  # refused before decoding
         raise invalid(f"{where} is too large: at most {settings.max_image_bytes} bytes per image.")
     try:
-        data = base64.b64decode("".join(encoded.split()), validate=True)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{where} is not valid base64.") from None
     if len(data) > settings.max_image_bytes:
@@ -102,12 +103,23 @@ def check(url: str, where: str, settings: Settings) -> Image:
         raise invalid(f"{where} is not a PNG, JPEG, WebP or GIF image (its bytes say otherwise).")
     if image.kind != KINDS[declared]:
         raise invalid(f"{where} says {declared} but its bytes are a {image.kind} image.")
+    if image.animated:
+        raise invalid(f"{where} is an animated {image.kind}: only still images are accepted.")
     side = settings.max_image_side
     if not (0 < image.width <= side and 0 < image.height <= side):
         raise invalid(
             f"{where} is {image.width} x {image.height} pixels: at most {side} x {side} (and at least 1 x 1)."
         )
-    return image
+    return f"data:{declared};base64,{encoded}"
+
+
+def header_of(url: str) -> Image | None:
+    """What the header of a data URL's image says, or None when it is not one (a remote URL, bad bytes)."""
+    match = DATA_URL.match(url) if isinstance(url, str) else None
+    try:
+        return read_header(base64.b64decode(match.group(2), validate=True)) if match else None
+    except (binascii.Error, ValueError):
+        return None
 
 
 def read_header(data: bytes) -> Image | None:
@@ -118,12 +130,12 @@ def read_header(data: bytes) -> Image | None:
             return Image("PNG", width, height)
         if data[:6] in (b"GIF87a", b"GIF89a"):
             width, height = struct.unpack("<HH", data[6:10])
-            return Image("GIF", width, height)
+            return Image("GIF", width, height, _gif_frames(data) > 1)
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             return _webp(data)
         if data[:3] == b"\xff\xd8\xff":
             return _jpeg(data)
-    except struct.error:  # a header cut short
+    except (struct.error, IndexError):  # a header cut short
         return None
     return None
 
@@ -137,8 +149,32 @@ def _webp(data: bytes) -> Image | None:
         bits = int.from_bytes(data[21:25], "little")
         return Image("WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
     if chunk == b"VP8X":
-        return Image("WebP", int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
+        width, height = int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        return Image("WebP", width, height, bool(data[20] & 0x02))  # the animation flag
     return None
+
+
+def _gif_frames(data: bytes) -> int:
+    """How many images a GIF holds (at most 2: enough to tell a still one), walking its blocks undecoded."""
+    at, frames = 13, 0
+    if data[10] & 0x80:  # a global colour table
+        at += 3 << ((data[10] & 0x07) + 1)
+    while at < len(data) and frames < 2:
+        block = data[at]
+        if block == 0x3B:  # the trailer
+            break
+        if block == 0x2C:  # an image: its descriptor, a local colour table, the LZW code size, then data
+            frames += 1
+            packed = data[at + 9]
+            at += 10 + ((3 << ((packed & 0x07) + 1)) if packed & 0x80 else 0) + 1
+        elif block == 0x21:  # an extension: its label, then data
+            at += 2
+        else:
+            break
+        while at < len(data) and data[at]:  # sub-blocks, each led by its length, up to an empty one
+            at += data[at] + 1
+        at += 1
+    return frames
 
 
 def _jpeg(data: bytes) -> Image | None:
@@ -198,9 +234,8 @@ def prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
         if image_url.get("detail") == "low":
             total += BASE_TOKENS
             continue
-        data = base64.b64decode("".join(DATA_URL.match(image_url["url"]).group(2).split()))
-        image = read_header(data)
-        total += tokens(image.width, image.height)
+        image = header_of(image_url["url"])
+        total += tokens(image.width, image.height) if image else BASE_TOKENS
     return total
 
 

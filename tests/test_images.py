@@ -38,14 +38,11 @@ def png(width: int, height: int, idat: bytes | None = None) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def gif(width: int, height: int) -> bytes:
-    """A GIF whose logical screen is width x height."""
-    return (
-        b"GIF89a"
-        + struct.pack("<HH", width, height)
-        + b"\x00\x00\x00"
-        + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
-    )
+def gif(width: int, height: int, frames: int = 1) -> bytes:
+    """A GIF whose logical screen is width x height, with `frames` 1 x 1 images (each after a delay)."""
+    delay = b"!\xf9\x04\x00\x0a\x00\x00\x00"  # a graphic control extension: 0.1 s
+    image = b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00"
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + (delay + image) * frames + b";"
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -59,6 +56,13 @@ def webp(width: int, height: int) -> bytes:
     """The start of a lossless WebP naming its size."""
     bits = (width - 1) | ((height - 1) << 14)
     body = b"WEBP" + b"VP8L" + struct.pack("<I", 5) + b"\x2f" + struct.pack("<I", bits)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def animated_webp(width: int, height: int) -> bytes:
+    """The start of an extended WebP with its animation flag set."""
+    size = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    body = b"WEBP" + b"VP8X" + struct.pack("<I", 10) + b"\x02\x00\x00\x00" + size
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
@@ -176,6 +180,8 @@ BAD = {
     "mismatched-type": (image_part(data_url(png(8, 8), "image/jpeg")), "says image/jpeg but its bytes are a PNG"),
     "unsupported-type": (image_part(data_url(b"<svg/>", "image/svg+xml")), "must be PNG, JPEG, WebP or GIF"),
     "bomb": (image_part(data_url(BOMB)), "is 100000 x 100000 pixels: at most 4096 x 4096"),
+    "animated-gif": (image_part(data_url(gif(8, 8, frames=2), "image/gif")), "is an animated GIF"),
+    "animated-webp": (image_part(data_url(animated_webp(8, 8), "image/webp")), "is an animated WebP"),
     "remote-url": (image_part("https://example.com/cat.png"), "the server fetches no URL"),
     "not-base64": (image_part("data:image/png;base64,%%%%"), "must be a base64 data URL"),
     "bad-padding": (image_part("data:image/png;base64,iVBORw0KGgo"), "is not valid base64"),
@@ -276,14 +282,28 @@ def test_parts_where_they_do_not_belong_are_a_400(app, client, fake, message) ->
     nothing_happened(app, fake)
 
 
-def test_the_fake_upstream_refuses_images_for_a_model_that_does_not_see(fake) -> None:
+def test_the_fake_upstream_refuses_images_as_the_real_api_does(fake) -> None:
     direct = OpenAI(base_url=fake.base_url, api_key="sk-test", max_retries=0)
 
-    with pytest.raises(openai.BadRequestError) as refused:
+    with pytest.raises(openai.BadRequestError) as text_only:
         direct.chat.completions.create(model="o3-mini", messages=asking(PICTURE))
+    with pytest.raises(openai.BadRequestError) as unreadable:
+        direct.chat.completions.create(model="gpt-4o", messages=asking(image_part(data_url(b"not a picture"))))
 
-    assert refused.value.body["message"] == "Invalid content type. image_url is only supported by certain models."
-    assert refused.value.body["param"] == "messages.[0].content.[1].type"
+    assert text_only.value.body["message"] == "Invalid content type. image_url is only supported by certain models."
+    assert text_only.value.body["param"] == "messages.[0].content.[1].type"
+    assert unreadable.value.body["code"] == "invalid_image_format"
+    assert all(call.completion_tokens == 0 for call in fake.chat_calls())  # refused before any answer
+
+
+def test_the_data_url_is_sent_with_its_media_type_in_lower_case(client, fake) -> None:
+    shouted = "DATA:IMAGE/PNG;BASE64," + PICTURE["image_url"]["url"].split(",", 1)[1]
+
+    response = client.post("/api/chat", json={"model": "gpt-4o", "messages": asking(image_part(shouted))})
+
+    assert response.status_code == 200
+    sent = fake.chat_calls()[0].body["messages"][-1]["content"][1]["image_url"]["url"]
+    assert sent == PICTURE["image_url"]["url"]
 
 
 # --- the price of an image ----------------------------------------------------------------------------------------
@@ -311,3 +331,22 @@ def test_the_reservation_counts_the_image(settings_for, fake) -> None:
     assert text_only.status_code == with_low.status_code == 200
     assert (with_image.status_code, with_image.get_json()["error"]["code"]) == (429, "budget_exceeded")
     assert len(fake.chat_calls()) == calls == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "part", "expected"),
+    [
+        ("o3-mini", PICTURE, "o3-mini does not accept images"),
+        ("gpt-4o", BAD["bomb"][0], "is 100000 x 100000 pixels"),
+    ],
+    ids=["text-only-model", "bomb"],
+)
+def test_a_batch_line_with_a_refused_image_is_a_400_and_nothing_is_uploaded(client, fake, model, part, expected):
+    line = {"custom_id": "q1", "model": model, "messages": asking(part)}
+
+    response = client.post("/api/batches", json={"requests": [line]}, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"].startswith("requests[0] (q1): ")
+    assert expected in response.get_json()["error"]["message"]
+    assert fake.calls == []

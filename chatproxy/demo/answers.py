@@ -61,17 +61,9 @@ TEXT_ONLY = re.compile(r"^(o3-mini|o1-mini|o1-preview|gpt-3\.5)")  # the models 
 def parameter_error(body: dict) -> dict[str, Any] | None:
     """The 400 error body the real API answers for a parameter the model refuses, or None."""
     model = str(body.get("model") or "")
-    if TEXT_ONLY.match(model):
-        for number, message in enumerate(body.get("messages") or []):
-            content = message.get("content") if isinstance(message, dict) else None
-            for index, part in enumerate(content if isinstance(content, list) else []):
-                if isinstance(part, dict) and part.get("type") == "image_url":
-                    return {
-                        "message": "Invalid content type. image_url is only supported by certain models.",
-                        "type": "invalid_request_error",
-                        "param": f"messages.[{number}].content.[{index}].type",
-                        "code": None,
-                    }
+    refused = image_error(body, model)
+    if refused is not None:
+        return refused
     if not REASONING.match(model):
         if body.get("reasoning_effort") is not None:
             return _unsupported(
@@ -98,6 +90,33 @@ def parameter_error(body: dict) -> dict[str, Any] | None:
                 f"({default}) value is supported.",
                 "unsupported_value",
             )
+    return None
+
+
+def image_error(body: dict, model: str) -> dict[str, Any] | None:
+    """The real API's 400 for an image part a text-only model is sent, or one it cannot read (the fake fetches no
+    URL: only data URLs are images to it)."""
+    for number, message in enumerate(body.get("messages") or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            if TEXT_ONLY.match(model):
+                return {
+                    "message": "Invalid content type. image_url is only supported by certain models.",
+                    "type": "invalid_request_error",
+                    "param": f"messages.[{number}].content.[{index}].type",
+                    "code": None,
+                }
+            image_url = part.get("image_url")
+            if images.header_of(image_url.get("url") if isinstance(image_url, dict) else None) is None:
+                return {
+                    "message": "You uploaded an unsupported image. Please make sure your image has of one the "
+                    "following formats: ['png', 'jpeg', 'gif', 'webp'].",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_image_format",
+                }
     return None
 
 
