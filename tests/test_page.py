@@ -603,7 +603,7 @@ def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, na
         )
         assert widths[0] <= widths[1], f"the page scrolls sideways at {viewport['width']}px: {widths}"
         assert widths[2] <= widths[3], f"the transcript scrolls sideways at {viewport['width']}px: {widths}"
-        for control in ("#prompt", "#send", "#model", "#new-chat"):
+        for control in ("#prompt", "#send", "#model", "#new-chat", "#attach"):
             box = page.locator(control).bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], control
         expect(page.locator("#sidebar")).to_be_visible() if name == "desktop" else expect(
