@@ -36,8 +36,7 @@ MAX_TEMPERATURE = 2.0
 class ChatRequest:
     """A validated chat request, ready to send upstream."""
 
-    messages: list[dict[str, Any]]  # the client's turns (a user's may be text and image parts); our system prompt
-    # is added by the router
+    messages: list[dict[str, Any]]  # the client's turns (a user's content may be parts: images.py); no system turn
     model: str
     max_tokens: int
     temperature: float | None
