@@ -266,7 +266,7 @@
         input: document.getElementById("attach-input"),
         tray: document.getElementById("attachments"),
         prompt: prompt,
-        zone: form,
+        zone: app, // a picture dropped anywhere on the page is attached, not opened in place of the page
       },
       { perMessage: intAttr(app, "data-max-images-per-message", 4), maxBytes: intAttr(app, "data-max-image-bytes", 786432) },
       function (text) {

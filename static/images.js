@@ -62,7 +62,7 @@
 
   /**
    * The composer's pictures: the attach button and its file input, the tray of thumbnails, paste into
-   * `prompt` and drops on `zone`. `limits`: {perMessage, maxBytes}; `say(text)` shows a note ("" clears).
+   * `prompt` and drops on `zone` (the whole page: a picture dropped elsewhere would replace it). `limits`: {perMessage, maxBytes}; `say(text)` shows a note ("" clears).
    */
   function createTray(parts, limits, say) {
     var pending = []; // data URLs, in the order they were added

@@ -110,7 +110,7 @@ def test_pictures_are_kept_with_the_conversation_and_sent_again(page, fake, url)
     assert page.seen.console_errors == []
 
 
-@pytest.mark.parametrize(("kind", "target"), [("paste", "#prompt"), ("drop", "#composer")])
+@pytest.mark.parametrize(("kind", "target"), [("paste", "#prompt"), ("drop", "#composer"), ("drop", "#transcript")])
 def test_paste_and_drop_attach_a_picture(page, fake, url, kind, target):
     open_chat(page, url)
     page.evaluate(HAND_OVER, [kind, target])
