@@ -163,3 +163,21 @@ def test_a_file_that_is_not_a_picture_is_refused_on_the_page(page, fake, url, tm
     expect(page.locator("#note")).to_have_text("notes.png could not be read as an image, or is too large.")
     expect(page.locator("#attachments")).to_be_hidden()
     assert page.seen.console_errors == []
+
+
+def test_a_model_that_does_not_see_gets_the_history_without_its_pictures(page, fake, url):
+    open_chat(page, url)
+    attach(page)
+    expect(tray(page)).to_have_count(1)
+    page.locator("#prompt").press("Enter")  # the picture alone
+    wait_state(page, "done")
+
+    page.locator("#model").select_option("o3-mini")
+    ask(page, "Summarise")
+    wait_state(page, "done", index=1)
+
+    call = fake.chat_calls()[-1]
+    assert call.body["model"] == "o3-mini"
+    assert call.body["messages"][1] == {"role": "user", "content": "[an image the selected model cannot see]"}
+    assert call.body["messages"][-1] == {"role": "user", "content": "Summarise"}
+    expect(questions(page).first.locator("img.thumb")).to_have_count(1)  # still shown on the page
