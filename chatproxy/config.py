@@ -222,8 +222,26 @@ SETTINGS: tuple[Setting, ...] = (
         "response_format schema.",
     ),
     Setting(
-        "CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000), "Largest request body accepted, in bytes."
+        "CHATPROXY_MAX_BODY_BYTES",
+        "1048576",
+        _int_range(1024, 100_000_000),
+        "Largest request body accepted, in bytes (images travel inside it, base64: a third larger); "
+        "behind nginx, client_max_body_size must allow it too.",
     ),
+    Setting(
+        "CHATPROXY_MAX_IMAGE_BYTES",
+        "786432",
+        _int_range(1, 100_000_000),
+        "Largest image accepted (PNG, JPEG, WebP or GIF, decoded), in bytes.",
+    ),
+    Setting(
+        "CHATPROXY_MAX_IMAGE_SIDE",
+        "4096",
+        _int_range(1, 65535),
+        "Most pixels on either side of an image, read from its header (a larger one is refused undecoded).",
+    ),
+    Setting("CHATPROXY_MAX_IMAGES_PER_MESSAGE", "4", _int_range(0, 100), "Most images in one message."),
+    Setting("CHATPROXY_MAX_IMAGES", "8", _int_range(0, 500), "Most images in one request, all messages together."),
     Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),
     Setting(
         "CHATPROXY_READ_TIMEOUT",
@@ -564,6 +582,10 @@ class Settings:
     max_message_chars: int
     max_total_chars: int
     max_body_bytes: int
+    max_image_bytes: int
+    max_image_side: int
+    max_images_per_message: int
+    max_images: int
     connect_timeout: float
     read_timeout: float
     max_retries: int

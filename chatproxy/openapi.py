@@ -103,8 +103,49 @@ def _message(settings: Settings) -> Schema:
         "required": ["role", "content"],
         "properties": {
             "role": {"enum": list(CLIENT_ROLES)},
-            "content": _text(settings, "One turn of the conversation."),
+            "content": {"anyOf": [_text(settings, "One turn of the conversation."), user_parts(settings)]},
         },
+    }
+
+
+TEXT_PART: Schema = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+
+
+def user_parts(settings: Settings) -> Schema:
+    """A user turn as OpenAI's content parts: text, and images (images.py) for models that see."""
+    image = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "image_url"],
+        "properties": {
+            "type": {"const": "image_url"},
+            "image_url": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["url"],
+                "properties": {
+                    "url": {
+                        "type": "string",
+                        "description": f"A base64 data URL (data:image/png;base64,...) of a PNG, JPEG, WebP or GIF "
+                        f"image of at most {settings.max_image_bytes} bytes and {settings.max_image_side} pixels "
+                        f"a side; remote URLs are refused.",
+                    },
+                    "detail": {"enum": ["auto", "low", "high"]},
+                },
+            },
+        },
+    }
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": {"oneOf": [TEXT_PART, image]},
+        "description": f"Text and image parts of a user turn: images only for models that see (GET /api/models), "
+        f"at most {settings.max_images_per_message} per message and {settings.max_images} per request.",
     }
 
 
@@ -144,7 +185,7 @@ def _response_format() -> Schema:
 def chat_fields(settings: Settings) -> dict[str, Schema]:
     """The fields of a /api/chat body (schemas.CHAT_FIELDS), with the caps in force."""
     return {
-        "message": _text(settings, "The simple form: one user message."),
+        "message": {"anyOf": [_text(settings, "The simple form: one user message."), user_parts(settings)]},
         "messages": {
             "type": "array",
             "minItems": 1,
@@ -448,16 +489,10 @@ def _bounded_text(limit: int, blank_ok: bool = False) -> Schema:
 def compat_request(_app: Flask, settings: Settings) -> Schema:
     """POST /v1/chat/completions: the Chat Completions body, held to the same caps and allowlist as /api/chat."""
     name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    part = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["type", "text"],
-        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-    }
     content = {
         "anyOf": [
             {"type": "string", "maxLength": settings.max_message_chars},
-            {"type": "array", "minItems": 1, "items": part},
+            {"type": "array", "minItems": 1, "items": TEXT_PART},
         ]
     }
     call = {
@@ -520,7 +555,7 @@ def compat_request(_app: Flask, settings: Settings) -> Schema:
                                 "content": {
                                     "anyOf": [
                                         _text(settings, "The user's turn."),
-                                        {"type": "array", "minItems": 1, "items": part},
+                                        user_parts(settings),
                                     ]
                                 },
                             },

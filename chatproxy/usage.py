@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from .errors import ApiError
+from .images import text_of
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,12 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Prompt tokens of a chat: each message's content estimate + 4 per message, + 3 for the reply priming."""
+    """Prompt tokens of a chat: each message's text estimate + 4 per message, + 3 for the reply priming.
+
+    Image parts are not text: images.prompt_tokens counts them."""
     total = REPLY_PRIMING_TOKENS
     for message in messages:
-        content = message.get("content") or ""
-        total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
+        total += PER_MESSAGE_TOKENS + estimate_tokens(text_of(message.get("content")))
     return total
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from .. import sse
+from .. import images, sse
 from ..callers import token_required
 from ..compat_schemas import CompatRequest, parse_compat_request
 from ..dialects import CHAT, Answer, Tally
@@ -88,9 +88,10 @@ def compat_call(req: CompatRequest) -> Call:
         body={"messages": req.messages, **options},
         max_output=req.options[token_param],
         stream=req.stream,
-        prompt_estimate=estimate_prompt(estimate, metered.response_format),
+        prompt_estimate=estimate_prompt(estimate, metered.response_format) + images.prompt_tokens(req.messages),
         sampling={name: req.options[name] for name in SAMPLING_DEFAULTS if name in req.options},
         reasoning_effort=req.options.get("reasoning_effort"),
+        images=len(images.image_parts(req.messages)),
     )
 
 
