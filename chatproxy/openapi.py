@@ -638,7 +638,7 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     item = {
         "type": "object",
         "required": ["id", "object"],
-        "properties": {"id": {"enum": list(settings.models)}, "object": {"const": "model"}},
+        "properties": {"id": {"enum": allowlisted(settings)}, "object": {"const": "model"}},
     }
     return _ok(
         {
@@ -650,10 +650,14 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     )
 
 
+def allowlisted(settings: Settings) -> list[str]:
+    """The chat models, then the embedding models."""
+    return list(dict.fromkeys((*settings.models, *settings.embedding_models)))
+
+
 def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
     """One allowlisted model."""
-    names = list(dict.fromkeys((*settings.models, *settings.embedding_models)))
-    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": names}}}
+    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": allowlisted(settings)}}}
     return _ok(item, "The model.")
 
 
@@ -898,7 +902,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/v1/models/<path:model>", "get"): Operation(
         "One allowlisted model (any other name: 404).",
         models_by_id,
-        merge(INTERNAL, GUARDED, {404: ("model_not_found",)}),
+        merge(INTERNAL, GUARDED, {404: ("not_found",)}),
         parameters=({"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},),
         security="token",
         openai_errors=True,

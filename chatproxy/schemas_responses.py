@@ -65,7 +65,7 @@ Part = Annotated[InputText | InputImage | OutputText | Refusal, Field(discrimina
 class Message(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[Part] = Field(min_length=1)
+    content: str | Annotated[list[Part], Field(min_length=1)]
     id: str | None = Field(default=None, max_length=MAX_ID)
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: str | None = Field(default=None, max_length=64)

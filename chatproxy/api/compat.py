@@ -68,9 +68,7 @@ def models() -> Response:
 def model(model: str) -> Response:
     """One allowlisted model; any other name is OpenAI's 404 for a model that does not exist."""
     if model not in _allowlisted():
-        raise ApiError(
-            404, "model_not_found", f"The model '{model[:64]}' does not exist or you do not have access to it."
-        )
+        raise ApiError(404, "not_found", f"The model '{model[:64]}' does not exist or you do not have access to it.")
     return jsonify(_model(model))
 
 
