@@ -307,6 +307,7 @@ def test_a_streamed_stored_response_is_recorded_for_its_owner(sdk, fake):
         ({"input": "hi", "reasoning": {"effort": "high"}}, "gpt-4o does not reason"),
         ({"input": "hi", "model": "gpt-9"}, "Unknown model"),
         ({"input": []}, "non-empty"),
+        ({"input": ""}, "input[0].content must not be empty"),
         ({"input": 7}, "'input' must be"),
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type must be one of"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content"),
@@ -438,6 +439,39 @@ def test_an_incomplete_response_is_relayed_and_billed(sdk, fake):
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
     [row] = rows(sdk.app, fake)
     assert row["outcome"] == "ok" and row["tokens_exact"]
+
+
+def test_a_response_that_fails_upstream_after_its_first_event_ends_with_response_failed(sdk, fake):
+    client = sdk()
+    fake.script(Reply(chunks=["half"], finish_reason="failed"))
+
+    events = list(client.responses.create(model="gpt-4o", input="hi", stream=True))
+
+    assert [e.type for e in events][-2:] == ["response.output_item.done", "response.failed"]  # nothing after it
+    [row] = rows(sdk.app, fake)
+    assert row["outcome"] == "upstream_error" and row["tokens_exact"]
+
+
+def test_a_failed_response_object_falls_back(sdk, fake):
+    client = sdk()
+    fake.for_model("gpt-4o", Reply(finish_reason="failed"))
+
+    response = client.responses.create(model="gpt-4o", input="hi")
+
+    assert response.model == "gpt-4o-mini" and response.status == "completed"
+    assert [row["outcome"] for row in rows(sdk.app, fake)] == ["upstream_error", "fallback"]
+
+
+def test_a_filtered_response_is_relayed_as_incomplete_and_recorded_as_filtered(sdk, fake):
+    client = sdk()
+    fake.script(Reply(chunks=["no"], finish_reason="content_filter"))
+
+    events = list(client.responses.create(model="gpt-4o", input="hi", stream=True))
+
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
+    [row] = rows(sdk.app, fake)
+    assert row["outcome"] == "content_filtered"
 
 
 def test_a_client_that_hangs_up_closes_the_upstream_stream(sdk, fake):
