@@ -372,6 +372,24 @@ def test_a_reasoning_model_gets_its_effort_and_no_temperature(make_app, fake):
     assert len(fake.responses_calls()) == 1
 
 
+def test_reasoning_summary_events_are_relayed_and_reasoning_tokens_recorded(sdk, fake):
+    client = sdk(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-nano", CHATPROXY_MAX_TOKENS=4096)
+
+    with client.responses.stream(
+        model="gpt-5.4-nano", input="why?", reasoning={"effort": "low", "summary": "auto"}
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert kinds.index("response.reasoning_summary_text.done") < kinds.index("response.output_text.delta")
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].summary[0].text == "Thinking about: why?"
+    [row] = rows(sdk.app, fake)
+    assert row["reasoning_tokens"] == 12 == final.usage.output_tokens_details.reasoning_tokens
+    assert row["completion_tokens"] == final.usage.output_tokens
+
+
 # --- fallback, faults, aborts and the ledger ----------------------------------------------------------------------
 
 

@@ -197,3 +197,16 @@ def encoded(payload: dict[str, Any]) -> bytes:
 def status_for(finish_reason: str) -> str:
     """A response's status for a scripted finish reason: cut short (length, content filter) is `incomplete`."""
     return {"length": "incomplete", "content_filter": "incomplete", "failed": "failed"}.get(finish_reason, "completed")
+
+
+def summary_for(body: dict[str, Any], chat: dict[str, Any], reasoning: int) -> str | None:
+    """The reasoning summary a reasoning model gives when the request asks for one (`reasoning.summary`)."""
+    if not reasoning or not (body.get("reasoning") or {}).get("summary"):
+        return None
+    last = next((m.get("content") for m in reversed(chat["messages"]) if m.get("role") == "user"), "")
+    return f"Thinking about: {last}"
+
+
+def reasoning_item(item_id: str, summary: str) -> dict[str, Any]:
+    """A `reasoning` output item with its summary."""
+    return {"id": item_id, "type": "reasoning", "summary": [{"type": "summary_text", "text": summary}]}

@@ -368,6 +368,9 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 output = [wire.function_call_item(wire.new_id("fc"), tool) for tool in tools]
             else:
                 output = [wire.message_item(wire.new_id("msg"), text)]
+            summary = wire.summary_for(body, chat, call.reasoning_tokens)
+            if summary is not None:
+                output.insert(0, wire.reasoning_item(wire.new_id("rs"), summary))
             counts = wire.usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens)
             status = wire.status_for(reply.finish_reason)
             answer = wire.response_object(
@@ -436,11 +439,25 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 started = {**item, "status": "in_progress", "content": []}
                 delta_kind = "response.output_text.delta"
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            where: dict[str, Any] = {"item_id": item_id, "output_index": 0}
+            summary = wire.summary_for(body, wire.as_chat(body), call.reasoning_tokens)
+            index = 0 if summary is None else 1  # a reasoning summary comes first
+            where: dict[str, Any] = {"item_id": item_id, "output_index": index}
+            done: list[dict[str, Any]] = []
             try:
                 send("response.created", response=snapshot("in_progress", []))
                 send("response.in_progress", response=snapshot("in_progress", []))
-                send("response.output_item.added", output_index=0, item=started)
+                if summary is not None:
+                    thought = wire.reasoning_item(wire.new_id("rs"), summary)
+                    at = {"item_id": thought["id"], "output_index": 0, "summary_index": 0}
+                    send("response.output_item.added", output_index=0, item={**thought, "summary": []})
+                    send("response.reasoning_summary_part.added", **at, part={"type": "summary_text", "text": ""})
+                    for piece in _split(summary):
+                        send("response.reasoning_summary_text.delta", **at, delta=piece)
+                    send("response.reasoning_summary_text.done", **at, text=summary)
+                    send("response.reasoning_summary_part.done", **at, part={"type": "summary_text", "text": summary})
+                    send("response.output_item.done", output_index=0, item=thought)
+                    done.append(thought)
+                send("response.output_item.added", output_index=index, item=started)
                 if not tools:
                     where["content_index"] = 0
                     send("response.content_part.added", **where, part=part)
@@ -469,12 +486,12 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     done_text = item["content"][0]["text"]
                     send("response.output_text.done", **where, text=done_text, logprobs=[])
                     send("response.content_part.done", **where, part={**part, "text": done_text})
-                send("response.output_item.done", output_index=0, item=item)
+                send("response.output_item.done", output_index=index, item=item)
                 status = wire.status_for(reply.finish_reason)
                 counts = wire.usage(
                     call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens
                 )
-                final = snapshot(status, [item], None if reply.omit_usage else counts)
+                final = snapshot(status, [*done, item], None if reply.omit_usage else counts)
                 if body.get("store", True):
                     fake.stored[response_id] = {**final, "usage": counts}
                 send(f"response.{status}", response=final)
