@@ -27,6 +27,7 @@ IMAGE_TOKENS = 2_500  # the most one image costs as input on any vision model of
 MAX_ID = 256
 MAX_METADATA = 16
 MAX_METADATA_CHARS = 512
+MAX_ANNOTATIONS = 256  # an earlier answer's citations (hosted web search), sent back with it
 HOSTED_TOOL_CHARS = 8_192  # a hosted tool's settings (JSON), e.g. an MCP server's allowed tools
 
 
@@ -50,8 +51,8 @@ class InputImage(Strict):
 class OutputText(Strict):
     type: Literal["output_text"]
     text: str
-    annotations: list[dict[str, Any]] = Field(default_factory=list, max_length=0)  # none: we never send citations
-    logprobs: list[dict[str, Any]] | None = Field(default=None, max_length=0)
+    annotations: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_ANNOTATIONS)
+    logprobs: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ANNOTATIONS)
 
 
 class Refusal(Strict):
@@ -101,6 +102,16 @@ class ReasoningItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+# Fields sent upstream as the client gave them (once checked).
+PASSED_ON = (
+    "parallel_tool_calls",
+    "previous_response_id",
+    "metadata",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "truncation",
+)
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
@@ -155,6 +166,10 @@ class ToolChoiceFunction(Strict):
     name: str
 
 
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=MAX_METADATA_CHARS)]
+
+
 class ResponsesBody(Strict):
     """POST /v1/responses: the fields this proxy takes (a subset of OpenAI's; any other is a 400)."""
 
@@ -172,7 +187,7 @@ class ResponsesBody(Strict):
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
     store: bool | None = None
     stream: bool | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA)
     user: str | None = Field(default=None, max_length=MAX_USER)
     safety_identifier: str | None = Field(default=None, max_length=MAX_USER)
     prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER)
@@ -246,15 +261,7 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         instructions = f"{instructions}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless the input asks for JSON
     body["instructions"] = instructions
     body["store"] = bool(req.store)
-    for name in ("parallel_tool_calls", "previous_response_id", "metadata", "user", "safety_identifier"):
-        value = getattr(req, name)
-        if value is not None:
-            body[name] = value
-    for name in ("prompt_cache_key", "truncation"):
-        value = getattr(req, name)
-        if value is not None:
-            body[name] = value
-    _check_metadata(req.metadata)
+    body.update(req.model_dump(include=set(PASSED_ON), exclude_none=True))
     estimate = estimate_prompt(
         [{"role": "system", "content": instructions}, *_as_text(items), *_tools_text(tools)], format_
     )
@@ -389,12 +396,6 @@ def _tools_text(tools: list[dict[str, Any]]) -> list[dict[str, str]]:
 def _check_length(chars: int, where: str, settings: Settings) -> None:
     if chars > settings.max_message_chars:
         raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
-
-
-def _check_metadata(metadata: dict[str, str] | None) -> None:
-    for key, value in (metadata or {}).items():
-        if len(key) > 64 or len(value) > MAX_METADATA_CHARS:
-            raise invalid(f"'metadata' keys have at most 64 characters and values at most {MAX_METADATA_CHARS}.")
 
 
 def sentence(exc: ValidationError, model: type[BaseModel] = ResponsesBody, prefix: str = "") -> str:

@@ -88,7 +88,9 @@ def post(app, body: dict, token: str = ALICE):
 def test_create_answers_with_the_response_object_and_its_usage(sdk, fake):
     client = sdk()
 
-    raw = client.responses.with_raw_response.create(model="gpt-4o", input="hello there", max_output_tokens=5000)
+    raw = client.responses.with_raw_response.create(
+        model="gpt-4o", input="hello there", max_output_tokens=5000, metadata={"ticket": "42"}, user="u-1"
+    )
     response = raw.parse()
 
     assert response.output_text == "Echo: hello there"
@@ -97,6 +99,7 @@ def test_create_answers_with_the_response_object_and_its_usage(sdk, fake):
     assert response.usage.input_tokens == call.prompt_tokens and response.usage.output_tokens == call.completion_tokens
     # Our instructions go upstream, first; the client never sees them, and the cap is clamped to the server's.
     assert call.body["instructions"] == SYSTEM and call.body["max_output_tokens"] == 1024
+    assert (call.body["metadata"], call.body["user"]) == ({"ticket": "42"}, "u-1")
     assert response.instructions is None
     assert call.headers["authorization"] == "Bearer sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
     [row] = rows(sdk.app, fake)
@@ -292,6 +295,8 @@ def test_a_streamed_stored_response_is_recorded_for_its_owner(sdk, fake):
     ("body", "says"),
     [
         ({"input": "hi", "background": True}, "Unknown or unsupported field: 'background'"),
+        ({"input": "hi", "metadata": {"k": "v" * 513}}, "metadata"),
+        ({"input": "hi", "metadata": {"k": 1}}, "metadata"),
         ({"input": "hi", "tools": [{"type": "web_search"}]}, "the hosted tool 'web_search' is not allowed"),
         ({"input": "hi", "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "not allowed"),
         ({"input": "hi", "tools": [{**WEATHER, "name": f"f{i}"} for i in range(65)]}, "1 to 64 tools"),
