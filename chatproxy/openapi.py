@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from .api.embeddings import EmbeddingsBody
 from .config import Settings
 from .schemas import CLIENT_ROLES, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE
-from .schemas_responses import ResponsesBody
+from .schemas_responses import MIN_OUTPUT_TOKENS, ResponsesBody
 from .state import state
 
 bp = Blueprint("openapi", __name__)
@@ -685,7 +685,12 @@ def pydantic_schema(model: type[BaseModel]) -> Schema:
 def responses_request(_app: Flask, settings: Settings) -> Schema:
     """POST /v1/responses: the Responses body this proxy takes, with its allowlist."""
     schema = pydantic_schema(ResponsesBody)
-    schema["properties"]["model"] = {
+    properties = schema["properties"]
+    for branch in properties["input"]["anyOf"]:
+        branch.update({"maxLength": settings.max_message_chars} if branch["type"] == "string" else {})
+        branch.update({"minItems": 1, "maxItems": settings.max_messages} if branch["type"] == "array" else {})
+    properties["max_output_tokens"]["anyOf"][0]["minimum"] = MIN_OUTPUT_TOKENS
+    properties["model"] = {
         "enum": [*settings.models, None],
         "description": f"Default: {settings.default_model}.",
     }
