@@ -225,8 +225,8 @@ def test_store_true_is_refused_unless_the_setting_allows_it(sdk, fake):
     assert fake.calls == []
 
 
-def test_only_the_caller_who_stored_a_response_may_continue_read_or_delete_it(sdk, fake):
-    alice = sdk(CHATPROXY_RESPONSES_STORE=True)
+def test_only_the_caller_who_stored_a_response_may_continue_read_or_delete_it(sdk, fake, database_url):
+    alice = sdk(CHATPROXY_RESPONSES_STORE=True, CHATPROXY_DATABASE_URL=database_url)
     bob = sdk.client(BOB)
     first = alice.responses.create(model="gpt-4o", input="my secret plan", store=True)
     assert fake.responses_calls()[0].body["store"] is True
