@@ -102,6 +102,10 @@ class ReasoningItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+TOOL_CHOICE = (
+    "'tool_choice' must be 'none', 'auto', 'required', "
+    '{"type": "function", "name": <one of the tools>} or {"type": <one of the hosted tools offered>}.'
+)
 # Fields sent upstream as the client gave them (once checked).
 PASSED_ON = (
     "parallel_tool_calls",
@@ -166,6 +170,10 @@ class ToolChoiceFunction(Strict):
     name: str
 
 
+class ToolChoiceHosted(Strict):
+    type: str = Field(max_length=64)
+
+
 MetadataKey = Annotated[str, Field(max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=MAX_METADATA_CHARS)]
 
@@ -182,7 +190,7 @@ class ResponsesBody(Strict):
     reasoning: Reasoning | None = None
     text: Text | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | ToolChoiceHosted | None = None
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
     store: bool | None = None
@@ -241,10 +249,11 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         raise invalid("'tool_choice' and 'parallel_tool_calls' need 'tools'.")
     if isinstance(req.tool_choice, ToolChoiceFunction):
         if req.tool_choice.name not in {tool.get("name") for tool in tools}:
-            raise invalid(
-                "'tool_choice' must be 'none', 'auto', 'required' or "
-                '{"type": "function", "name": <one of the tools>}.'
-            )
+            raise invalid(TOOL_CHOICE)
+        body["tool_choice"] = req.tool_choice.model_dump()
+    elif isinstance(req.tool_choice, ToolChoiceHosted):
+        if req.tool_choice.type not in {tool["type"] for tool in tools if tool["type"] != "function"}:
+            raise invalid(TOOL_CHOICE)
         body["tool_choice"] = req.tool_choice.model_dump()
     elif req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice

@@ -358,10 +358,20 @@ def test_an_image_to_a_text_only_model_is_refused(make_app, fake):
 def test_an_allowlisted_hosted_tool_goes_upstream(make_app, fake):
     app = make_app(CHATPROXY_RESPONSES_HOSTED_TOOLS="web_search")
 
-    response = post(app, {"model": "gpt-4o", "input": "news?", "tools": [{"type": "web_search"}]})
+    body = {
+        "model": "gpt-4o",
+        "input": "news?",
+        "tools": [{"type": "web_search"}],
+        "tool_choice": {"type": "web_search"},
+    }
+    response = post(app, body)
+    not_offered = post(app, {**body, "tool_choice": {"type": "file_search"}})
 
     assert response.status_code == 200
-    assert fake.responses_calls()[0].body["tools"] == [{"type": "web_search"}]
+    sent = fake.responses_calls()[0].body
+    assert (sent["tools"], sent["tool_choice"]) == ([{"type": "web_search"}], {"type": "web_search"})
+    assert not_offered.status_code == 400 and "'tool_choice' must be" in not_offered.get_json()["error"]["message"]
+    assert len(fake.responses_calls()) == 1
 
 
 def test_a_reasoning_model_gets_its_effort_and_no_temperature(make_app, fake):
