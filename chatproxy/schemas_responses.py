@@ -421,7 +421,8 @@ def sentence(exc: ValidationError, model: type[BaseModel] = ResponsesBody, prefi
     if path in SENTENCES:
         return SENTENCES[path]
     if kind == "union_tag_invalid":
-        return f"{path}.type must be one of: {', '.join(ITEM_TYPES)}."
+        tags = str((error.get("ctx") or {}).get("expected_tags") or ", ".join(ITEM_TYPES)).replace("'", "")
+        return f"{path}.type must be one of: {tags}."
     if kind == "missing":
         return f"{path} is required."
     if kind in ("bool_type", "bool_parsing"):
@@ -455,6 +456,6 @@ def _path(loc: tuple[Any, ...], prefix: str) -> str:
         ):
             pass
         else:
-            text += f".{part}" if text else part
+            text += f".{part[:64]}" if text else part[:64]  # a client's unknown key may be of any length
         previous = part
     return text if "." in text or "[" in text else f"'{text}'"

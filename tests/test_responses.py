@@ -315,7 +315,12 @@ def test_a_streamed_stored_response_is_recorded_for_its_owner(sdk, fake):
         ({"input": ""}, "input[0].content must not be empty"),
         ({"input": 7}, "'input' must be"),
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type must be one of"),
-        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+            "input[0].content[0].type must be one of: input_text, input_image, output_text, refusal",
+        ),
+        ({"input": "hi", "k" * 5000: 1}, "Unknown or unsupported field: 'kkkk"),
+        ({"input": [{"role": "user", "content": "hi", "k" * 5000: 1}]}, "is not a supported field"),
         ({"input": [{"role": "user", "content": "hi", "api_key": "x"}]}, "input[0].api_key is not a supported"),
         ({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "last input item"),
         (
@@ -333,6 +338,7 @@ def test_bad_requests_are_4xx_naming_the_problem_with_nothing_upstream(make_app,
     assert response.status_code in (400, 404)
     error = response.get_json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
+    assert len(error["message"]) < 600  # one sentence, whatever the client sent
     assert "Traceback" not in response.get_data(as_text=True)
     assert fake.calls == []
     assert state(app).ledger.rows() == []
