@@ -17,6 +17,7 @@ from chatproxy.callers import hash_token
 from chatproxy.demo.upstream import Reply
 from chatproxy.metering import ROW_HEADER
 from chatproxy.schemas_responses import parse_responses_request
+from chatproxy.sse import EventStream
 from chatproxy.state import state
 
 ALICE = "cpx_responses-token-for-alice-0123456789"
@@ -687,3 +688,41 @@ def test_no_token_no_responses(make_app, fake):
     response = app.test_client().post("/v1/responses", json={"model": "gpt-4o", "input": "hi"})
 
     assert response.status_code == 401 and fake.calls == []
+
+
+# --- the stream decoder, byte by byte, on Responses events -------------------------------------------------------
+
+RESPONSES_WIRE = (
+    'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"caf\u00e9 \u2603"}\n\n'
+    ": ping\n\n"
+    'event: response.completed\ndata: {"type":"response.completed",\ndata: "response":{"id":"resp_1"}}\n\n'
+).encode()
+
+
+def decoded(chunks) -> EventStream:
+    """An EventStream over a body that arrives in `chunks`."""
+    request = httpx2.Request("POST", "http://upstream.test/v1/responses")
+    return EventStream(httpx2.Response(200, content=iter(chunks), request=request))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, len(RESPONSES_WIRE)])
+def test_the_decoder_reads_event_lines_split_anywhere(size):
+    chunks = [RESPONSES_WIRE[i : i + size] for i in range(0, len(RESPONSES_WIRE), size)]
+
+    events = list(decoded(chunks))
+
+    assert [(event.name, event["type"]) for event in events] == [
+        ("response.output_text.delta", "response.output_text.delta"),
+        ("response.completed", "response.completed"),
+    ]
+    assert events[0]["delta"] == "caf\u00e9 \u2603"  # a multibyte character split across reads
+    assert events[1]["response"] == {"id": "resp_1"}  # two data: lines make one event
+
+
+def test_the_decoder_raises_the_sdks_error_when_the_body_breaks_mid_event():
+    def body():
+        yield RESPONSES_WIRE[:40]
+        raise httpx2.ReadError("connection reset")
+
+    with pytest.raises(openai.APIConnectionError):
+        list(decoded(body()))
