@@ -247,16 +247,8 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         body["tools"] = tools
     elif req.tool_choice is not None or req.parallel_tool_calls is not None:
         raise invalid("'tool_choice' and 'parallel_tool_calls' need 'tools'.")
-    if isinstance(req.tool_choice, ToolChoiceFunction):
-        if req.tool_choice.name not in {tool.get("name") for tool in tools}:
-            raise invalid(TOOL_CHOICE)
-        body["tool_choice"] = req.tool_choice.model_dump()
-    elif isinstance(req.tool_choice, ToolChoiceHosted):
-        if req.tool_choice.type not in {tool["type"] for tool in tools if tool["type"] != "function"}:
-            raise invalid(TOOL_CHOICE)
-        body["tool_choice"] = req.tool_choice.model_dump()
-    elif req.tool_choice is not None:
-        body["tool_choice"] = req.tool_choice
+    if req.tool_choice is not None:
+        body["tool_choice"] = _tool_choice(req.tool_choice, tools)
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text is not None else None
     format_ = (text or {}).get("format")
     if format_ and format_["type"] == "json_schema" and too_deep(format_["schema"]):
@@ -395,6 +387,21 @@ def _tools(raw: list[dict[str, Any]] | None, settings: Settings) -> tuple[list[d
         else:
             raise invalid(f'tools[{index}] must be {{"type": "function", "name": ..., "parameters": {{...}}}}.')
     return tools, (len(json.dumps(tools, ensure_ascii=False)) if tools else 0)
+
+
+def _tool_choice(choice: str | ToolChoiceFunction | ToolChoiceHosted, tools: list[dict[str, Any]]) -> Any:
+    """`tool_choice` as sent: a mode, or one of the tools offered (by name for functions, by type if hosted)."""
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, ToolChoiceFunction):
+        offered = {tool.get("name") for tool in tools}
+        named = choice.name
+    else:
+        offered = {tool["type"] for tool in tools if tool["type"] != "function"}
+        named = choice.type
+    if named not in offered:
+        raise invalid(TOOL_CHOICE)
+    return choice.model_dump()
 
 
 def _tools_text(tools: list[dict[str, Any]]) -> list[dict[str, str]]:
