@@ -665,7 +665,7 @@ def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
 
 
 def pydantic_schema(model: type[BaseModel]) -> Schema:
-    """A pydantic model's JSON Schema with its definitions inlined (the document has no room for $defs)."""
+    """A pydantic model's JSON Schema with its definitions inlined (the document has no room for $defs), untitled."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
@@ -674,7 +674,10 @@ def pydantic_schema(model: type[BaseModel]) -> Schema:
             ref = node.get("$ref", "")
             if ref.startswith("#/$defs/"):
                 return inline(defs[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
+            # pydantic's titles only repeat the field names; a property named "title" is a dict, and stays.
+            return {
+                key: inline(value) for key, value in node.items() if not (key == "title" and isinstance(value, str))
+            }
         if isinstance(node, list):
             return [inline(value) for value in node]
         return node
