@@ -126,9 +126,17 @@ def test_streaming_reply_without_usage_still_asks_upstream_for_it(sdk, fake):
 
 
 def test_models_list_is_the_allowlist(sdk, fake):
-    client = sdk(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini")
+    client = sdk(
+        CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini", CHATPROXY_EMBEDDING_MODELS="text-embedding-3-large"
+    )
 
-    assert [model.id for model in client.models.list()] == ["gpt-4o-mini", "gpt-4o", "gpt-5.4-mini"]
+    # The chat models, then the embedding models (/v1/embeddings).
+    assert [model.id for model in client.models.list()] == [
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-5.4-mini",
+        "text-embedding-3-large",
+    ]
     assert fake.calls == []
 
 
