@@ -48,8 +48,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# LiteLLM's proxy for bench path E, in a virtualenv of its own (bench/litellm-requirements.txt); a failed
+# install leaves no bench/.litellm/bin/litellm, and the bench then runs without path E.
+LITELLM := bench/.litellm/bin/litellm
+$(LITELLM): bench/litellm-requirements.txt
+	test -x bench/.litellm/bin/python || $(PYTHON) -m venv bench/.litellm
+	-bench/.litellm/bin/python -m pip install --quiet -r bench/litellm-requirements.txt
+
 # The benchmark (bench/run.py, under 10 minutes): writes BENCHMARKS.md, docs/bench.png and README's Performance figures.
-bench: install
+bench: install $(LITELLM)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py
 

@@ -294,7 +294,7 @@ def wait_for_port(port: int, timeout: float) -> None:
 
 
 class Gunicorn:
-    """gunicorn -c gunicorn.conf.py with 4 gthread workers, its output in a log file."""
+    """gunicorn -c gunicorn.conf.py (CHATPROXY_WORKER_CLASS from the environment), its output in a log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, workers: int, threads: int) -> None:
         self.port = free_port()
@@ -832,7 +832,8 @@ def write_reliability(report: Report, command: str) -> None:
         "# Reliability",
         "",
         f"Figures from the last real run of `{command}` on {f['when']} ({f['machine']}); this file is written by "
-        "tests/soak.py, not by hand. Everything ran on loopback: gunicorn with 4 gthread workers (gunicorn.conf.py), "
+        "tests/soak.py, not by hand. Everything ran on loopback: gunicorn with 4 "
+        f"{os.environ.get('CHATPROXY_WORKER_CLASS', 'gevent')} workers (gunicorn.conf.py), "
         "PostgreSQL ledger, Redis limits and cooldowns, and the fake upstream from chatproxy/demo/upstream.py in the "
         "soak process.",
         "",
