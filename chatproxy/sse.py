@@ -8,6 +8,7 @@ import logging
 import queue
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -183,6 +184,9 @@ def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
     if interval <= 0:
         yield from items
         return
+    if _green():
+        yield from _green_keepalive(items, interval)
+        return
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     stopped = threading.Event()
 
@@ -212,6 +216,46 @@ def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
             yield item
     finally:
         stopped.set()
+
+
+def _green() -> bool:
+    """Whether this process runs under gevent (gunicorn's gevent worker patched threading)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def _green_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
+    """with_keepalive under gevent: a pump greenlet, and one timer per stream, restarted at each item, that
+    queues a PING after `interval` seconds of silence (no timeout object per item, no OS thread)."""
+    from gevent import get_hub, spawn
+    from gevent.queue import SimpleQueue
+
+    inbox: SimpleQueue = SimpleQueue()
+    timer = get_hub().loop.timer(interval, interval)
+
+    def pump() -> None:
+        try:
+            for item in items:
+                inbox.put(item)
+                timer.again(inbox.put, PING)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            inbox.put(_Raised(exc))
+        finally:
+            inbox.put(_END)
+
+    timer.start(inbox.put, PING)
+    reader = spawn(pump)
+    try:
+        while True:
+            item = inbox.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        timer.close()
+        reader.kill(block=False)  # the relay cancels the upstream stream, which wakes it anyway
 
 
 class _Raised:

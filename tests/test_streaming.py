@@ -163,7 +163,7 @@ def test_bad_stream_request_is_refused_before_the_first_byte(client, fake):
 
 @pytest.fixture(scope="module")
 def gunicorn(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[Server]:
-    """gunicorn -c gunicorn.conf.py (2 workers, pings every 0.2 s, a SQLite ledger) in front of the fake."""
+    """gunicorn -c gunicorn.conf.py (2 workers, pings every 0.2 s, 1.5 s read timeout, SQLite) in front of the fake."""
     ledger = tmp_path_factory.mktemp("streaming") / "ledger.db"
     server = start_gunicorn(
         {
@@ -176,6 +176,7 @@ def gunicorn(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[Server]:
             "CHATPROXY_RATE_LIMIT_ANONYMOUS": "100000/minute",
             "CHATPROXY_DATABASE_URL": f"sqlite:///{ledger}",
             "CHATPROXY_KEEPALIVE_SECONDS": "0.2",
+            "CHATPROXY_READ_TIMEOUT": "1.5",
         }
     )
     yield server
@@ -210,6 +211,16 @@ def test_a_silent_upstream_gets_pings_through_gunicorn(gunicorn, fake):
     assert len(received.comments) >= 2 and set(received.comments) == {": ping"}
     assert received.text() == "slow answer"
     assert received.events[-1]["type"] == "done"
+
+
+def test_an_upstream_stalled_past_the_read_timeout_ends_with_an_error_event_through_gunicorn(gunicorn, fake):
+    fake.script(Reply(chunks=["one ", "two"], stall_after=1, stall=3.0))
+
+    received, _ = post_stream(gunicorn.url, {"message": "hi", "stream": True})
+
+    assert [e["type"] for e in received.events] == ["start", "delta", "error"]
+    assert received.events[-1]["code"] == "upstream_timeout"
+    assert set(received.comments) == {": ping"}  # pinged while it waited
 
 
 def test_a_hang_up_costs_at_most_one_more_upstream_chunk(gunicorn, fake):
