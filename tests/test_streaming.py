@@ -14,6 +14,7 @@ import pytest
 from chatproxy import create_app
 from chatproxy.demo.upstream import FakeOpenAI, Reply
 from chatproxy.sse import data as sse
+from tests.browser import answer_text, answers, ask, open_chat, wait_state
 from tests.helpers import Server, start_gunicorn
 from tests.sse import parse_sse, post_stream
 
@@ -233,4 +234,26 @@ def test_a_hang_up_costs_at_most_one_more_upstream_chunk(gunicorn, fake):
     # gunicorn's client socket reads as closed at the next upstream chunk: the stream stops there, instead of
     # at the second write after the hang-up (the first one still succeeds).
     assert len([t for t in call.chunk_times if t > hung_up_at]) <= 1
+    assert not call.finished
+
+
+@pytest.mark.browser
+def test_the_page_streams_and_stops_an_answer_through_gunicorn(page, gunicorn, fake):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    fake.script(
+        Reply(chunks=["Streamed ", "through ", "gunicorn."], pace=0.05),
+        Reply(chunks=[f"w{i} " for i in range(80)], pace=0.1),
+    )
+    open_chat(page, gunicorn.url)
+
+    ask(page, "Stream")
+    wait_state(page, "done")
+    assert answer_text(page) == "Streamed through gunicorn."
+
+    ask(page, "Count slowly")
+    expect(answers(page).last.locator(".answer")).to_contain_text("w3")
+    page.locator("#stop").click()
+    wait_state(page, "stopped")
+    call = fake.chat_calls()[-1]
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=5), "the upstream never saw the close"
     assert not call.finished
