@@ -7,7 +7,9 @@ decides which rows a caller's reservation must fit; a reservation is one atomic 
 them (a transaction of conditional UPDATEs, in key order so concurrent ones cannot deadlock).
 
 A request's reservation is also written down as a hold, in the same transaction; settling deletes it in
-the transaction that adjusts the counters. A hold nobody settled (a killed worker, a database error at
+the transaction that adjusts the counters. Both transactions can carry the caller's own statements
+(`then`): metering opens the call's ledger row in the reservation's and closes it in the settlement's,
+one database round trip on each side of the upstream call. A hold nobody settled (a killed worker, a database error at
 settle time) expires, and the sweeper settles it from the ledger: the request's closed rows at their
 cost, its rows still `interrupted` at the estimated prompt cost (outcome `abandoned`).
 """
