@@ -156,6 +156,8 @@ def hangup_probe(environ: Mapping[str, Any]) -> Callable[[], bool]:
     kernel buffers it): two more upstream chunks read and paid for. With it, at most one. gunicorn hands the
     client socket over as `gunicorn.socket`; gevent's wraps the OS one (`_sock`), whose peek fails at once
     instead of waiting. Elsewhere (TLS in gunicorn, another server) nothing is checked: writes still notice.
+    A client that shuts down its sending side while it still reads counts as gone; HTTP clients and nginx
+    keep both sides open until they are done.
     """
     sock = environ.get("gunicorn.socket")
     sock = getattr(sock, "_sock", sock)
