@@ -717,7 +717,9 @@ def drill_phase(
             60,
             step=0.5,
         )
-        during = load.between(stopped + 0.5, end)
+        # Started and answered while it was down: a call still waiting (for a pooled connection, say) when it
+        # came back may rightly be answered.
+        during = [r for r in load.between(stopped + 0.5, end) if r.ended <= end]
         refused = Counter(r.code for r in during if r.status == 503)
         probe_code = json.loads(probe[1]).get("error", {}).get("code") if probe[0] != 200 else None
         drill["postgresql"] = {
