@@ -1,7 +1,8 @@
 """gunicorn settings for chatproxy: `gunicorn -c gunicorn.conf.py` (see docs/deploy.md).
 
-Workers, threads, bind address and graceful timeout come from chatproxy's settings (the environment,
-then `.env`): CHATPROXY_WORKERS, CHATPROXY_THREADS, CHATPROXY_BIND, CHATPROXY_GRACEFUL_TIMEOUT.
+Workers, their class and size, bind address and graceful timeout come from chatproxy's settings (the
+environment, then `.env`): CHATPROXY_WORKERS, CHATPROXY_WORKER_CLASS, CHATPROXY_THREADS, CHATPROXY_BIND,
+CHATPROXY_GRACEFUL_TIMEOUT.
 Command-line flags still win over this file. Every setting is checked here, before gunicorn binds or
 forks: a bad one stops it naming the variable; on a reload it is refused and the previous settings stay.
 """
