@@ -93,10 +93,11 @@ class Meter:
         self._lock = threading.Lock()
 
     def attempt(self, build: Build, send: Send[T]) -> Callable[[str, openai.Timeout], T]:
-        """Wrap one upstream attempt: build and encode its request, open its ledger row, send; close it on failure.
+        """Wrap one upstream attempt: build and encode its request, take its ledger row (the one the reservation
+        opened, for the first attempt; else a new one), send; close the row on failure.
 
-        A request that cannot be built or recorded raises NotSent before any row exists: it is not an upstream
-        failure (no retry, no cooldown, no upstream-error metric).
+        A request that cannot be built or recorded raises NotSent before a row is taken (the reservation's, unused,
+        is deleted at settlement): it is not an upstream failure (no retry, no cooldown, no upstream-error metric).
         """
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
