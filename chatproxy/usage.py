@@ -372,7 +372,6 @@ class Ledger:
             ) from None
         return None if row is None else KeptResponse(row.identity, row.prompt_tokens + row.completion_tokens)
 
-
     def discard_in(self, conn: sa.Connection, row_id: int) -> None:
         """Delete a row opened for an attempt that never went out (still open), inside the caller's transaction."""
         conn.execute(_DISCARD, {"b_id": row_id})
