@@ -220,19 +220,22 @@ def _check_state(key: ApiKey) -> None:
         raise ApiError(401, "key_disabled", "This API key is disabled.")
 
 
-def allowed_models(settings: Settings | None = None) -> tuple[str, ...]:
-    """The allowlisted models this request's caller may ask for (an API key may have fewer); all outside a request."""
+def allowed_models(settings: Settings | None = None, *, embedding: bool = False) -> tuple[str, ...]:
+    """The allowlisted chat models (`embedding`: then the embedding models) this request's caller may ask for (an
+    API key may have fewer); all outside a request."""
     caller = g.get("caller") if has_app_context() else None
-    models = (settings or state().settings).models
+    settings = settings or state().settings
+    models = settings.every_model if embedding else settings.models
     if caller is None or caller.key is None:
         return models
     return tuple(model for model in models if caller.key.allows(model))
 
 
 def default_model(settings: Settings) -> str:
-    """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use."""
+    """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use (a key
+    without a chat model gets the default, which the pipeline refuses it)."""
     allowed = allowed_models(settings)
-    return settings.default_model if settings.default_model in allowed else allowed[0]
+    return settings.default_model if settings.default_model in allowed or not allowed else allowed[0]
 
 
 def _csrf_ok(sent: str) -> bool:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import images
 from .callers import default_model
 from .config import Settings
 from .errors import invalid
@@ -88,6 +89,7 @@ def parse_compat_request(body: dict[str, Any], settings: Settings) -> CompatRequ
     if not isinstance(model, str) or model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     client_messages, chars = _messages(body.get("messages"), settings)
+    images.count(client_messages, settings)
     options = {**_max_tokens(body, settings), **_sampling(body)}
     effort = reasoning_effort(body.get("reasoning_effort"))
     if effort is not None:
@@ -159,6 +161,9 @@ def _message(item: dict[str, Any], role: str, where: str, settings: Settings) ->
     if role == "assistant" and item.get("content") is None and calls:
         message["content"] = None
         chars = 0
+    elif role == "user" and isinstance(item.get("content"), list) and item["content"]:  # text and image parts
+        message["content"], text = images.parts(item["content"], f"{where}.content", settings)
+        chars = len(text)
     else:
         message["content"], chars = _content(item.get("content"), f"{where}.content", blank_ok=role != "user")
     if "name" in item:
@@ -179,7 +184,7 @@ def _message(item: dict[str, Any], role: str, where: str, settings: Settings) ->
 
 
 def _content(value: Any, where: str, *, blank_ok: bool) -> tuple[str | list[dict[str, str]], int]:
-    """A string, or a list of text parts (images and audio are not proxied); returns it and its length."""
+    """A string, or a list of text parts (a user's may have images: images.parts); returns it and its length."""
     if isinstance(value, str):
         parts, texts = value, [value]
     elif isinstance(value, list) and value:
@@ -192,7 +197,7 @@ def _content(value: Any, where: str, *, blank_ok: bool) -> tuple[str | list[dict
             ):
                 raise invalid(
                     f'{where} parts must be {{"type": "text", "text": "..."}}; '
-                    "images, audio and files are not accepted."
+                    "images only in user messages; audio and files are not accepted."
                 )
         parts, texts = [{"type": "text", "text": part["text"]} for part in value], [part["text"] for part in value]
     else:
@@ -375,7 +380,7 @@ def _flag(value: Any, name: str) -> bool:
 def _flat(message: dict[str, Any]) -> dict[str, str]:
     """A message as plain text, for token estimates."""
     content = message.get("content") or ""
-    text = content if isinstance(content, str) else "".join(part["text"] for part in content)
+    text = images.text_of(content)
     text += "".join(call["function"]["name"] + call["function"]["arguments"] for call in message.get("tool_calls", []))
     return {"role": message["role"], "content": text}
 

@@ -86,7 +86,7 @@ def _read_pem(path: str) -> str:
 
 def _parsed(options: dict[str, Any]) -> dict[str, Any]:
     try:
-        return parse_fields(_fields(options), state().settings.models, utc_now())
+        return parse_fields(_fields(options), state().settings.every_model, utc_now())
     except KeyRefused as refused:
         raise click.UsageError(str(refused)) from None
 

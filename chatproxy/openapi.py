@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
+from pydantic import BaseModel
 
+from .api.embeddings import EmbeddingsBody
 from .config import Settings
 from .schemas import CLIENT_ROLES, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE
+from .schemas_responses import MIN_OUTPUT_TOKENS, ResponsesBody
 from .state import state
 
 bp = Blueprint("openapi", __name__)
@@ -114,8 +117,49 @@ def _message(settings: Settings) -> Schema:
         "required": ["role", "content"],
         "properties": {
             "role": {"enum": list(CLIENT_ROLES)},
-            "content": _text(settings, "One turn of the conversation."),
+            "content": {"anyOf": [_text(settings, "One turn of the conversation."), user_parts(settings)]},
         },
+    }
+
+
+TEXT_PART: Schema = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+
+
+def user_parts(settings: Settings) -> Schema:
+    """A user turn as OpenAI's content parts: text, and images (images.py) for models that see."""
+    image = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "image_url"],
+        "properties": {
+            "type": {"const": "image_url"},
+            "image_url": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["url"],
+                "properties": {
+                    "url": {
+                        "type": "string",
+                        "description": f"A base64 data URL (data:image/png;base64,...) of a PNG, JPEG, WebP or GIF "
+                        f"image of at most {settings.max_image_bytes} bytes and {settings.max_image_side} pixels "
+                        f"a side; remote URLs are refused.",
+                    },
+                    "detail": {"enum": ["auto", "low", "high"]},
+                },
+            },
+        },
+    }
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": {"oneOf": [TEXT_PART, image]},
+        "description": f"Text and image parts of a user turn: images only for models that see (GET /api/models), "
+        f"at most {settings.max_images_per_message} per message and {settings.max_images} per request.",
     }
 
 
@@ -155,7 +199,7 @@ def _response_format() -> Schema:
 def chat_fields(settings: Settings) -> dict[str, Schema]:
     """The fields of a /api/chat body (schemas.CHAT_FIELDS), with the caps in force."""
     return {
-        "message": _text(settings, "The simple form: one user message."),
+        "message": {"anyOf": [_text(settings, "The simple form: one user message."), user_parts(settings)]},
         "messages": {
             "type": "array",
             "minItems": 1,
@@ -465,16 +509,10 @@ def _bounded_text(limit: int, blank_ok: bool = False) -> Schema:
 def compat_request(_app: Flask, settings: Settings) -> Schema:
     """POST /v1/chat/completions: the Chat Completions body, held to the same caps and allowlist as /api/chat."""
     name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    part = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["type", "text"],
-        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-    }
     content = {
         "anyOf": [
             {"type": "string", "maxLength": settings.max_message_chars},
-            {"type": "array", "minItems": 1, "items": part},
+            {"type": "array", "minItems": 1, "items": TEXT_PART},
         ]
     }
     call = {
@@ -537,7 +575,7 @@ def compat_request(_app: Flask, settings: Settings) -> Schema:
                                 "content": {
                                     "anyOf": [
                                         _text(settings, "The user's turn."),
-                                        {"type": "array", "minItems": 1, "items": part},
+                                        user_parts(settings),
                                     ]
                                 },
                             },
@@ -653,7 +691,7 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     item = {
         "type": "object",
         "required": ["id", "object"],
-        "properties": {"id": {"enum": list(settings.models)}, "object": {"const": "model"}},
+        "properties": {"id": {"enum": list(settings.every_model)}, "object": {"const": "model"}},
     }
     return _ok(
         {
@@ -665,6 +703,108 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     )
 
 
+def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
+    """One allowlisted model."""
+    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": list(settings.every_model)}}}
+    return _ok(item, "The model.")
+
+
+# --- /v1/responses and /v1/embeddings: request schemas from their pydantic models ---------------------------------
+
+
+def pydantic_schema(model: type[BaseModel]) -> Schema:
+    """A pydantic model's JSON Schema with its definitions inlined (the document has no room for $defs), untitled."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            # pydantic's titles only repeat the field names; a property named "title" is a dict, and stays.
+            return {
+                key: inline(value) for key, value in node.items() if not (key == "title" and isinstance(value, str))
+            }
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
+def responses_request(_app: Flask, settings: Settings) -> Schema:
+    """POST /v1/responses: the Responses body this proxy takes, with its allowlist."""
+    schema = pydantic_schema(ResponsesBody)
+    properties = schema["properties"]
+    for branch in properties["input"]["anyOf"]:
+        branch.update({"maxLength": settings.max_message_chars} if branch["type"] == "string" else {})
+        branch.update({"minItems": 1, "maxItems": settings.max_messages} if branch["type"] == "array" else {})
+    properties["max_output_tokens"]["anyOf"][0]["minimum"] = MIN_OUTPUT_TOKENS
+    properties["model"] = {
+        "enum": [*settings.models, None],
+        "description": f"Default: {settings.default_model}.",
+    }
+    return schema
+
+
+def responses_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
+    """A `response` object, or its semantic events (each with an `event:` line), ending in a terminal event."""
+    response = {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "object": {"const": "response"},
+            "output": {"type": "array"},
+            "usage": {"type": ["object", "null"]},
+        },
+    }
+    event = {
+        "type": "object",
+        "required": ["type", "sequence_number"],
+        "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer", "minimum": 0}},
+        "description": "response.created … response.output_text.delta … response.completed | incomplete | failed, or "
+        f"a last `error` event with code one of: {', '.join(STREAM_ERRORS)}.",
+    }
+    return {
+        "200": {
+            "description": "The response; with `stream: true`, its events (no [DONE]).",
+            "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": sse_event(event)}},
+        }
+    }
+
+
+def stored_response(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """One of the caller's stored responses."""
+    return _ok({"type": "object", "required": ["id", "object"], "properties": {"object": {"const": "response"}}}, "It.")
+
+
+def deleted_response(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """The deletion's confirmation."""
+    schema = {"type": "object", "required": ["id", "deleted"], "properties": {"deleted": {"const": True}}}
+    return _ok(schema, "Deleted.")
+
+
+def embeddings_request(_app: Flask, settings: Settings) -> Schema:
+    """POST /v1/embeddings, with the embedding allowlist and the input caps."""
+    schema = pydantic_schema(EmbeddingsBody)
+    text = {"type": "string", "minLength": 1, "maxLength": settings.max_message_chars, "pattern": NOT_BLANK}
+    schema["properties"]["model"] = {"enum": [*settings.embedding_models, None]}
+    schema["properties"]["input"] = {
+        "anyOf": [text, {"type": "array", "minItems": 1, "maxItems": settings.embedding_max_inputs, "items": text}]
+    }
+    return schema
+
+
+def embeddings_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """The vectors."""
+    schema = {"type": "object", "required": ["object", "data", "model"], "properties": {"object": {"const": "list"}}}
+    return _ok(schema, "One embedding per input, in order.")
+
+
+STORED = {404: ("not_found",), 502: ("upstream_error", "upstream_bad_response"), 503: ("ledger_unavailable",)}
+RESPONSE_ID = ({"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}},)
 BATCH_ID = ({"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}},)
 DAY_PARAMETERS = tuple(
     {
@@ -722,7 +862,7 @@ def key_fields(_app: Flask, settings: Settings, required: tuple[str, ...] = ()) 
     money = {"anyOf": [{"type": "string"}, {"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]}
     fields: Schema = {
         "owner": {"type": ["string", "null"], "maxLength": 200},
-        "models": {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(settings.models)}},
+        "models": {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(settings.every_model)}},
         "rate_limit": {"type": ["string", "null"], "description": "e.g. 60/minute"},
         "max_streams": {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000},
         "daily_budget_usd": money,
@@ -1004,6 +1144,46 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "The allowlisted models, as OpenAI lists them.",
         compat_models,
         merge(INTERNAL, GUARDED),
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/models/<path:model>", "get"): Operation(
+        "One allowlisted model (any other name: 404).",
+        models_by_id,
+        merge(INTERNAL, GUARDED, {404: ("not_found",)}),
+        parameters=({"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},),
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses", "post"): Operation(
+        "OpenAI's Responses API (JSON or semantic SSE events) for bearer tokens: base_url=<proxy>/v1.",
+        responses_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",), 404: ("not_found",)}),
+        body=responses_request,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses/<response_id>", "get"): Operation(
+        "One of the caller's stored responses (another caller's id: 404, as for an unknown one).",
+        stored_response,
+        merge(INTERNAL, GUARDED, STORED),
+        parameters=RESPONSE_ID,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses/<response_id>", "delete"): Operation(
+        "Delete one of the caller's stored responses upstream (another caller's id: 404).",
+        deleted_response,
+        merge(INTERNAL, GUARDED, STORED),
+        parameters=RESPONSE_ID,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/embeddings", "post"): Operation(
+        "Embeddings of one text or a list of texts, for bearer tokens.",
+        embeddings_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",)}),
+        body=embeddings_request,
         security="token",
         openai_errors=True,
     ),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import openai
-from flask import Response, g
+from flask import Response, g, request
 
 from . import metrics, sse
 from .callers import allowed_models
@@ -69,7 +69,7 @@ def plan(call: Call, app_state: AppState) -> list[str]:
     asked for or as a fallback.
     """
     table, settings = app_state.models, app_state.settings
-    allowed = allowed_models()
+    allowed = allowed_models(settings, embedding=True)
     if call.model not in allowed:
         raise ApiError(
             403, "model_not_allowed", f"This API key may not use {call.model}. It may use: {', '.join(allowed)}."
@@ -140,7 +140,8 @@ def _reply(call: Call, adapter: Adapter, app_state: AppState, deadline: float) -
         routed = route(once, chain, settings, app_state.cooldowns, deadline)
         answer = routed.value
         outcome = "content_filtered" if answer.finish_reason == "content_filter" else "ok"
-        meter.finish(routed.model, answer.usage, answer.text, outcome)  # billed by the upstream, filtered or not
+        # Billed by the upstream, filtered or not.
+        meter.finish(routed.model, answer.usage, answer.text, outcome, response_id=answer.response_id)
     finally:
         meter.settle()
     response = adapter.reply(answer, routed)
@@ -169,7 +170,10 @@ def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) 
         release_slot()
         raise
     _count_fallback(call.model, routed.model)
-    events = relay(routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline)
+    gone = sse.hangup_probe(request.environ)
+    events = relay(
+        routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline, gone
+    )
     response = Response(events, mimetype="text/event-stream", headers={**sse.HEADERS, MODEL_HEADER: routed.model})
     response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op

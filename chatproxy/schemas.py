@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import images
 from .callers import default_model
 from .config import Settings
 from .errors import ApiError, invalid
@@ -36,7 +37,7 @@ MAX_TEMPERATURE = 2.0
 class ChatRequest:
     """A validated chat request, ready to send upstream."""
 
-    messages: list[dict[str, str]]  # the client's turns; our system prompt is added by the router
+    messages: list[dict[str, Any]]  # the client's turns (a user's content may be parts: images.py); no system turn
     model: str
     max_tokens: int
     temperature: float | None
@@ -125,7 +126,8 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
         raise invalid("Send either 'message' (a string) or 'messages' (a list), not both or neither.")
     messages = _messages(body, settings)
     format_ = response_format(body.get("response_format"))
-    check_total(sum(len(m["content"]) for m in messages), format_chars(format_), settings)
+    check_total(sum(len(images.text_of(m["content"])) for m in messages), format_chars(format_), settings)
+    images.count(messages, settings)
     return ChatRequest(
         messages=messages,
         model=_model(body.get("model"), settings),
@@ -166,7 +168,7 @@ def check_total(message_chars: int, other_chars: int, settings: Settings) -> Non
         )
 
 
-def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
     if "message" in body:
         raw: Any = [{"role": "user", "content": body["message"]}]
     else:
@@ -183,13 +185,14 @@ def _messages(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
         role, content = item["role"], item["content"]
         if role not in CLIENT_ROLES:
             raise invalid(f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt.")
-        if not isinstance(content, str) or not content.strip():
-            raise invalid(
-                f"{where} must be a non-empty string."
-                if where == "'message'"
-                else f"{where}.content must be a non-empty string."
-            )
-        if len(content) > settings.max_message_chars:
+        at = where if where == "'message'" else f"{where}.content"
+        if isinstance(content, list) and content and role == "user":  # text and image parts, as OpenAI's
+            content, text = images.parts(content, at, settings)
+        elif isinstance(content, str) and content.strip():
+            text = content
+        else:
+            raise invalid(f"{at} must be a non-empty string (or, from the user, a list of text and image parts).")
+        if len(text) > settings.max_message_chars:
             raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from .errors import ApiError
+from .images import text_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ ledger_table = sa.Table(
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
     sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
     sa.Column("end_user", sa.String(256)),  # /v1's user or safety_identifier, an end-user token's identity
+    # The id of a response the upstream keeps (/v1/responses with store): only this row's identity may use it.
+    sa.Column("response_id", sa.String(128), index=True),
 )
 
 
@@ -74,11 +78,12 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Prompt tokens of a chat: each message's content estimate + 4 per message, + 3 for the reply priming."""
+    """Prompt tokens of a chat: each message's text estimate + 4 per message, + 3 for the reply priming.
+
+    Image parts are not text: images.prompt_tokens counts them."""
     total = REPLY_PRIMING_TOKENS
     for message in messages:
-        content = message.get("content") or ""
-        total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
+        total += PER_MESSAGE_TOKENS + estimate_tokens(text_of(message.get("content")))
     return total
 
 
@@ -216,9 +221,29 @@ class Schema:
             self._ready = True
 
 
+@dataclass(frozen=True)
+class KeptResponse:
+    """A response stored upstream: the identity that created it, and its tokens (a continuation reads them again)."""
+
+    identity: str
+    tokens: int
+
+
+def unavailable() -> ApiError:
+    """The 503 for a call that cannot be recorded (logged with the database error)."""
+    log.exception("cannot write the usage ledger")
+    return ApiError(
+        503,
+        "ledger_unavailable",
+        "Usage cannot be recorded right now, so the request was not sent. Try again shortly.",
+        retry_after=5,
+    )
+
+
 # Built once: the keys of the parameters name the columns set (building expressions per call costs CPU).
 _INSERT = ledger_table.insert()
 _CLOSE = ledger_table.update().where(ledger_table.c.id == sa.bindparam("b_id"), ledger_table.c.closed_at.is_(None))
+_DISCARD = ledger_table.delete().where(ledger_table.c.id == sa.bindparam("b_id"), ledger_table.c.closed_at.is_(None))
 
 
 class Ledger:
@@ -252,6 +277,23 @@ class Ledger:
         end_user: str | None = None,
     ) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
+        try:
+            with self.engine.begin() as conn:
+                return self.open_in(conn, request_id, identity, model_requested, stream, client_request_id, end_user)
+        except SQLAlchemyError:
+            raise unavailable() from None
+
+    def open_in(
+        self,
+        conn: sa.Connection,
+        request_id: str,
+        identity: str,
+        model_requested: str,
+        stream: bool,
+        client_request_id: str | None = None,
+        end_user: str | None = None,
+    ) -> int:
+        """open() inside the caller's transaction (the budget reservation's); database errors propagate."""
         values = {
             "request_id": request_id[:64],
             "created_at": self.clock(),
@@ -262,20 +304,24 @@ class Ledger:
             "client_request_id": client_request_id[:64] if client_request_id else None,
             "end_user": end_user[:256] if end_user else None,
         }
+        return int(conn.execute(_INSERT, values).inserted_primary_key[0])
+
+    def close(self, row_id: int, **fields: Any) -> bool:
+        """Record how an open row's call ended; False if it was already closed or the database failed (logged).
+
+        `fields` are close_in's: model_answered, the token counts, tokens_exact, cost_micros, outcome, latency_ms,
+        ttft_ms.
+        """
         try:
             with self.engine.begin() as conn:
-                return int(conn.execute(_INSERT, values).inserted_primary_key[0])
+                return self.close_in(conn, row_id, **fields)
         except SQLAlchemyError:
-            log.exception("cannot write the usage ledger")
-            raise ApiError(
-                503,
-                "ledger_unavailable",
-                "Usage cannot be recorded right now, so the request was not sent. Try again shortly.",
-                retry_after=5,
-            ) from None
+            log.exception("cannot close usage row %s (it stays %r)", row_id, OPEN)
+            return False
 
-    def close(
+    def close_in(
         self,
+        conn: sa.Connection,
         row_id: int,
         *,
         model_answered: str | None,
@@ -288,8 +334,9 @@ class Ledger:
         ttft_ms: int | None,
         cached_tokens: int = 0,
         reasoning_tokens: int = 0,
+        response_id: str | None = None,
     ) -> bool:
-        """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
+        """close() inside the caller's transaction (the budget settlement's); database errors propagate."""
         if not _OUTCOME.match(outcome) or outcome == OPEN:
             raise ValueError(f"outcome must be a snake_case code other than {OPEN!r}; got {outcome!r}")
         values = {
@@ -299,6 +346,7 @@ class Ledger:
             "completion_tokens": completion_tokens,
             "cached_tokens": cached_tokens,
             "reasoning_tokens": reasoning_tokens,
+            "response_id": response_id[:128] if response_id else None,
             "tokens_exact": tokens_exact,
             "cost_micros": cost_micros,
             "outcome": outcome,
@@ -306,15 +354,36 @@ class Ledger:
             "ttft_ms": ttft_ms,
             "closed_at": self.clock(),
         }
-        try:
-            with self.engine.begin() as conn:
-                closed = conn.execute(_CLOSE, values).rowcount == 1
-        except SQLAlchemyError:
-            log.exception("cannot close usage row %s (it stays %r)", row_id, OPEN)
-            return False
+        closed = conn.execute(_CLOSE, values).rowcount == 1
         if not closed:
             log.warning("usage row %s was already closed or does not exist", row_id)
         return closed
+
+    def kept_response(self, response_id: str) -> KeptResponse | None:
+        """Who created the stored response `response_id` and the tokens it holds, or None if no row names it."""
+        t = ledger_table
+        query = (
+            sa.select(t.c.identity, t.c.prompt_tokens, t.c.completion_tokens)
+            .where(t.c.response_id == response_id[:128])
+            .order_by(t.c.id)
+            .limit(1)
+        )
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError:
+            log.exception("cannot read the usage ledger")
+            raise ApiError(
+                503,
+                "ledger_unavailable",
+                "Stored responses cannot be checked right now. Try again shortly.",
+                retry_after=5,
+            ) from None
+        return None if row is None else KeptResponse(row.identity, row.prompt_tokens + row.completion_tokens)
+
+    def discard_in(self, conn: sa.Connection, row_id: int) -> None:
+        """Delete a row opened for an attempt that never went out (still open), inside the caller's transaction."""
+        conn.execute(_DISCARD, {"b_id": row_id})
 
     def rows(self, *, request_id: str | None = None, identity: str | None = None) -> list[dict[str, Any]]:
         """Rows as dicts in insertion order, optionally filtered (for tests and debugging)."""

@@ -230,6 +230,34 @@ def test_a_fallback_never_goes_to_a_model_outside_the_keys_list(make_app, fake) 
     assert [call.body["model"] for call in fake.chat_calls()] == ["gpt-4o"]
 
 
+def test_a_keys_models_hold_on_responses_and_embeddings_too(make_app, serve, fake) -> None:
+    app = make_app(CHATPROXY_DEFAULT_MODEL="gpt-4o")
+    chat_only = new_key(app, "web", "--models", "gpt-4o-mini")
+    embedder = new_key(app, "search", "--models", "text-embedding-3-small")
+    web = openai.OpenAI(base_url=f"{serve(app)}/v1", api_key=chat_only, max_retries=0)
+    search = openai.OpenAI(base_url=f"{serve(app)}/v1", api_key=embedder, max_retries=0)
+
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        web.responses.create(model="gpt-4o", input="hi")
+    assert refused.value.code == "model_not_allowed"
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        web.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert refused.value.message.endswith("may not use text-embedding-3-small. It may use: gpt-4o-mini.")
+    with pytest.raises(openai.NotFoundError):
+        web.models.retrieve("text-embedding-3-small")
+    assert [call.body["model"] for call in fake.calls] == []
+
+    assert web.responses.create(input="hi").model == "gpt-4o-mini"  # the key's default, not the server's
+    assert [model.id for model in search.models.list()] == ["text-embedding-3-small"]
+    assert len(search.embeddings.create(model="text-embedding-3-small", input="hi").data) == 1
+    no_model = {"messages": [{"role": "user", "content": "hi"}]}  # a key without chat models has no default one
+    refused = app.test_client().post(
+        "/v1/chat/completions", json=no_model, headers={"Authorization": f"Bearer {embedder}"}
+    )
+    assert error(refused)[:2] == (403, "model_not_allowed")
+    assert [call.body["model"] for call in fake.calls] == ["gpt-4o-mini", "text-embedding-3-small"]
+
+
 # --- budgets and limits per key --------------------------------------------------------------------------------------
 
 
@@ -393,6 +421,22 @@ def test_the_user_and_safety_identifier_of_v1_are_recorded_and_sent_upstream(app
     assert "'safety_identifier' must be a non-empty string of at most 64 characters" in str(refused.value)
     assert [row["end_user"] for row in state(app).ledger.rows()] == ["user-123", "hash-abc"]
     sent = [call.body for call in fake.chat_calls()]
+    assert (sent[0]["user"], sent[1]["safety_identifier"]) == ("user-123", "hash-abc")
+    assert "safety_identifier" not in sent[0] and len(sent) == 2
+
+
+def test_the_user_and_safety_identifier_of_responses_and_embeddings_are_recorded(app, serve, fake) -> None:
+    token = new_key(app, "web")
+    client = openai.OpenAI(base_url=f"{serve(app)}/v1", api_key=token, max_retries=0)
+    client.responses.create(model="gpt-4o-mini", input="hi", user="user-123")
+    client.responses.create(model="gpt-4o-mini", input="hi", safety_identifier="hash-abc")
+    client.embeddings.create(model="text-embedding-3-small", input="hi", user="user-456")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-4o-mini", input="hi", safety_identifier="x" * 65)
+
+    assert "safety_identifier" in str(refused.value) and "64" in str(refused.value)
+    assert [row["end_user"] for row in state(app).ledger.rows()] == ["user-123", "hash-abc", "user-456"]
+    sent = [call.body for call in fake.responses_calls()]
     assert (sent[0]["user"], sent[1]["safety_identifier"]) == ("user-123", "hash-abc")
     assert "safety_identifier" not in sent[0] and len(sent) == 2
 

@@ -342,13 +342,16 @@ def test_the_caps_in_the_spec_are_the_settings_in_force(settings_for):
             CHATPROXY_MODELS="a,b",
             CHATPROXY_DEFAULT_MODEL="a",
             CHATPROXY_FALLBACK_CHAIN="",
+            CHATPROXY_MAX_IMAGES=5,
         )
     )
     body = build_spec(app)["paths"]["/api/chat"]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
     assert body["properties"]["messages"]["maxItems"] == 7
-    assert body["properties"]["message"]["maxLength"] == 99
-    assert body["properties"]["messages"]["items"]["properties"]["content"]["maxLength"] == 99
+    text, parts = body["properties"]["message"]["anyOf"]
+    assert text["maxLength"] == 99
+    assert "5 per request" in parts["description"]
+    assert body["properties"]["messages"]["items"]["properties"]["content"]["anyOf"][0]["maxLength"] == 99
     assert body["properties"]["model"]["enum"] == ["a", "b", None]
 
 

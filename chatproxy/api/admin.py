@@ -36,7 +36,7 @@ def _run(action: Callable[[], T]) -> T:
 
 
 def _fields(body: dict[str, Any]) -> dict[str, Any]:
-    return _run(lambda: parse_fields(body, state().settings.models, utc_now()))
+    return _run(lambda: parse_fields(body, state().settings.every_model, utc_now()))
 
 
 def _shown(value: Any, status: int = 200) -> Response:

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template, request
 
-from .. import sse
+from .. import images, sse
 from ..callers import allowed_models, csrf_token, default_model, has_page_session
 from ..config import Settings
 from ..dialects import CHAT, Answer, Tally, Usage
@@ -43,6 +43,10 @@ def page() -> str:
         demo=settings.demo,
         max_messages=settings.max_messages,
         max_total_chars=settings.max_total_chars,
+        max_body_bytes=settings.max_body_bytes,
+        max_image_bytes=settings.max_image_bytes,
+        max_images=settings.max_images,
+        max_images_per_message=settings.max_images_per_message,
         csrf_token=csrf_token(),
     )
 
@@ -89,7 +93,8 @@ def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
     response_format = chat_request.response_format
     if response_format is not None:
         body["response_format"] = response_format
-        if response_format["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
+        asks_json = any("json" in images.text_of(m["content"]).lower() for m in messages)
+        if response_format["type"] == "json_object" and not asks_json:
             # OpenAI refuses JSON mode unless a message asks for JSON; say it in our system message.
             messages[0] = {"role": "system", "content": f"{system}\n\n{JSON_NOTE}"}
     return Call(
@@ -98,9 +103,10 @@ def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
         body=body,
         max_output=chat_request.max_tokens,
         stream=chat_request.stream,
-        prompt_estimate=estimate_prompt(messages, response_format),
+        prompt_estimate=estimate_prompt(messages, response_format) + images.prompt_tokens(messages),
         sampling=sampling,
         reasoning_effort=chat_request.reasoning_effort,
+        images=len(images.image_parts(messages)),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from .. import sse
+from .. import images, sse
 from ..callers import allowed_models, token_required
 from ..compat_schemas import CompatRequest, parse_compat_request
 from ..dialects import CHAT, Answer, Tally
@@ -34,7 +34,7 @@ TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 
 
 @bp.after_request
-def _openai_error_fields(response: Response) -> Response:
+def openai_error_fields(response: Response) -> Response:
     """Error bodies keep our `code` and `message` and add OpenAI's `type` and `param`."""
     if response.status_code < 400 or not response.is_json:
         return response
@@ -59,11 +59,21 @@ def error_type(status: int, code: str) -> str:
 @bp.get("/models")
 @token_required(TOKENS_ONLY)
 def models() -> Response:
-    """The allowlisted models this caller may use, as OpenAI lists models."""
-    names = allowed_models()
-    return jsonify(
-        {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "chatproxy"} for n in names]}
-    )
+    """The allowlisted models this caller may use (chat, then embedding), as OpenAI lists models."""
+    return jsonify({"object": "list", "data": [_model(name) for name in allowed_models(embedding=True)]})
+
+
+@bp.get("/models/<path:model>")
+@token_required(TOKENS_ONLY)
+def model(model: str) -> Response:
+    """One allowlisted model; any other name is OpenAI's 404 for a model that does not exist."""
+    if model not in allowed_models(embedding=True):
+        raise ApiError(404, "not_found", f"The model '{model[:64]}' does not exist or you do not have access to it.")
+    return jsonify(_model(model))
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"}
 
 
 @bp.post("/chat/completions")
@@ -88,10 +98,11 @@ def compat_call(req: CompatRequest) -> Call:
         body={"messages": req.messages, **options},
         max_output=req.options[token_param],
         stream=req.stream,
-        prompt_estimate=estimate_prompt(estimate, metered.response_format),
+        prompt_estimate=estimate_prompt(estimate, metered.response_format) + images.prompt_tokens(req.messages),
         sampling={name: req.options[name] for name in SAMPLING_DEFAULTS if name in req.options},
         reasoning_effort=req.options.get("reasoning_effort"),
         end_user=req.options.get("safety_identifier") or req.options.get("user"),
+        images=len(images.image_parts(req.messages)),
     )
 
 

@@ -1,0 +1,471 @@
+"""The /v1/responses request as a typed model (pydantic, unknown fields refused), held to the /v1 chat policy.
+
+The model checks shapes; `parse_responses_request` adds what depends on the settings and the model table
+(allowlist, caps, hosted tools, images, reasoning, store) and builds the body sent upstream. Faults that
+/v1/chat/completions also has get the same sentences (compat_schemas.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from .callers import default_model
+from .compat_schemas import JSON_NOTE, MAX_SAFETY_IDENTIFIER, MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_USER, NAME
+from .config import Settings
+from .errors import invalid
+from .models import ModelTable
+from .schemas import EFFORTS, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE, SCHEMA_NAME, check_total, too_deep
+from .usage import estimate_prompt
+
+MIN_OUTPUT_TOKENS = 16  # the Responses API refuses a smaller max_output_tokens
+MAX_IMAGES = 8
+MAX_IMAGE_URL_CHARS = 1_000_000  # a data: URL of about 750 kB; larger images should be sent as https URLs
+IMAGE_TOKENS = 2_500  # the most one image costs as input on any vision model of the table (high detail)
+MAX_ID = 256
+MAX_METADATA = 16
+MAX_METADATA_CHARS = 512
+MAX_ANNOTATIONS = 256  # an earlier answer's citations (hosted web search), sent back with it
+HOSTED_TOOL_CHARS = 8_192  # a hosted tool's settings (JSON), e.g. an MCP server's allowed tools
+
+
+class Strict(BaseModel):
+    """Exact types (no "1" for 1, no 1 for true) and no field the model does not name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InputText(Strict):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(Strict):
+    type: Literal["input_image"]
+    image_url: str = Field(max_length=MAX_IMAGE_URL_CHARS)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class OutputText(Strict):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_ANNOTATIONS)
+    logprobs: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ANNOTATIONS)
+
+
+class Refusal(Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
+Part = Annotated[InputText | InputImage | OutputText | Refusal, Field(discriminator="type")]
+
+
+class Message(Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[Part], Field(min_length=1)]
+    id: str | None = Field(default=None, max_length=MAX_ID)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: str | None = Field(default=None, max_length=64)
+
+
+class FunctionCall(Strict):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=MAX_ID)
+    name: str = Field(pattern=NAME.pattern)
+    arguments: str
+    id: str | None = Field(default=None, max_length=MAX_ID)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutput(Strict):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=MAX_ID)
+    output: str
+    id: str | None = Field(default=None, max_length=MAX_ID)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class SummaryText(Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    type: Literal["reasoning"]
+    id: str = Field(max_length=MAX_ID)
+    summary: list[SummaryText] = Field(default_factory=list)
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+TOOL_CHOICE = (
+    "'tool_choice' must be 'none', 'auto', 'required', "
+    '{"type": "function", "name": <one of the tools>} or {"type": <one of the hosted tools offered>}.'
+)
+# Fields sent upstream as the client gave them (once checked).
+PASSED_ON = (
+    "parallel_tool_calls",
+    "previous_response_id",
+    "metadata",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "truncation",
+)
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
+def _item_type(value: Any) -> str | None:
+    """An input item's type; a message may leave it out (the SDK's EasyInputMessage)."""
+    if isinstance(value, dict):
+        return value.get("type", "message")
+    return getattr(value, "type", None)
+
+
+Item = Annotated[
+    Annotated[Message, Tag("message")]
+    | Annotated[FunctionCall, Tag("function_call")]
+    | Annotated[FunctionCallOutput, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_type),
+]
+
+
+class Reasoning(Strict):
+    effort: Literal[EFFORTS] | None = None  # type: ignore[valid-type]
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    name: str = Field(pattern=SCHEMA_NAME.pattern)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class PlainFormat(Strict):
+    type: Literal["text", "json_object"]
+
+
+class Text(Strict):
+    format: Annotated[JsonSchemaFormat | PlainFormat, Field(discriminator="type")] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=NAME.pattern)
+    description: str | None = Field(default=None, max_length=MAX_TOOL_DESCRIPTION)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoiceFunction(Strict):
+    type: Literal["function"]
+    name: str
+
+
+class ToolChoiceHosted(Strict):
+    type: str = Field(max_length=64)
+
+
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=MAX_METADATA_CHARS)]
+
+
+class ResponsesBody(Strict):
+    """POST /v1/responses: the fields this proxy takes (a subset of OpenAI's; any other is a 400)."""
+
+    model: str | None = None
+    input: str | list[Item]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    reasoning: Reasoning | None = None
+    text: Text | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | ToolChoiceHosted | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
+    store: bool | None = None
+    stream: bool | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA)
+    user: str | None = Field(default=None, max_length=MAX_USER)
+    safety_identifier: str | None = Field(default=None, max_length=MAX_SAFETY_IDENTIFIER)
+    prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER)
+    truncation: Literal["auto", "disabled"] | None = None
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A validated /v1/responses request, ready to send upstream for any model of its chain."""
+
+    model: str
+    stream: bool
+    store: bool
+    body: dict[str, Any]  # input (our instructions first), tools, text format...: the same for every model
+    max_output: int
+    sampling: dict[str, float]
+    effort: str | None
+    summary: str | None
+    images: int
+    prompt_estimate: int  # without what a previous response adds (the adapter adds it once it is known)
+    previous_response_id: str | None
+    client_instructions: str | None  # what the client sees as the response's `instructions` (ours stay private)
+    end_user: str | None  # safety_identifier or user as sent (the ledger's end_user)
+
+
+def parse_responses_request(raw: dict[str, Any], settings: Settings, table: ModelTable) -> ResponsesRequest:
+    """Validate a Responses body against the allowlist, the caps, the system-prompt policy and the settings."""
+    try:
+        req = ResponsesBody.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid(sentence(exc)) from None
+    model = req.model if req.model is not None else default_model(settings)
+    if model not in settings.models:
+        raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
+    spec = table.spec(model)
+    if req.store and not settings.responses_store:
+        raise invalid("'store' must be false: this proxy does not keep responses upstream.")
+    max_output = req.max_output_tokens if req.max_output_tokens is not None else settings.max_tokens
+    if max_output < MIN_OUTPUT_TOKENS:
+        raise invalid(f"'max_output_tokens' must be an integer of at least {MIN_OUTPUT_TOKENS}.")
+    reasoning = req.reasoning or Reasoning()
+    if (reasoning.effort is not None or reasoning.summary is not None) and not spec.reasons:
+        raise invalid(f"{model} does not reason: 'reasoning' is not accepted for it.")
+    if reasoning.effort is not None and not spec.takes_effort(reasoning.effort):
+        raise invalid(f"'reasoning.effort' for {model} must be one of: {', '.join(spec.reasoning_efforts)}.")
+    items, chars, images = _input(req, settings)
+    tools, tool_chars = _tools(req.tools, settings)
+    body: dict[str, Any] = {"input": items}
+    if tools:
+        body["tools"] = tools
+    elif req.tool_choice is not None or req.parallel_tool_calls is not None:
+        raise invalid("'tool_choice' and 'parallel_tool_calls' need 'tools'.")
+    if req.tool_choice is not None:
+        body["tool_choice"] = _tool_choice(req.tool_choice, tools)
+    text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text is not None else None
+    format_ = (text or {}).get("format")
+    if format_ and format_["type"] == "json_schema" and too_deep(format_["schema"]):
+        raise invalid(f"'text.format.schema' must be a JSON Schema object nested at most {MAX_SCHEMA_DEPTH} deep.")
+    format_chars = len(json.dumps(format_, ensure_ascii=False)) if format_ else 0
+    check_total(chars, tool_chars + format_chars, settings)
+    if text:
+        body["text"] = text
+    instructions = settings.system_prompt
+    if format_ and format_["type"] == "json_object" and "json" not in (instructions + json.dumps(items)).lower():
+        instructions = f"{instructions}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless the input asks for JSON
+    body["instructions"] = instructions
+    body["store"] = bool(req.store)
+    body.update(req.model_dump(include=set(PASSED_ON), exclude_none=True))
+    estimate = estimate_prompt(
+        [{"role": "system", "content": instructions}, *_as_text(items), *_tools_text(tools)], format_
+    )
+    return ResponsesRequest(
+        model=model,
+        stream=bool(req.stream),
+        store=bool(req.store),
+        body=body,
+        max_output=min(max_output, settings.max_tokens),
+        sampling={name: getattr(req, name) for name in ("temperature", "top_p") if getattr(req, name) is not None},
+        effort=reasoning.effort,
+        summary=reasoning.summary,
+        images=images,
+        prompt_estimate=estimate + images * IMAGE_TOKENS,
+        previous_response_id=req.previous_response_id,
+        client_instructions=req.instructions,
+        end_user=req.safety_identifier or req.user,
+    )
+
+
+def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]], int, int]:
+    """The input items to send (the client's instructions first in 'prepend' mode), their characters, their images."""
+    given: list[Any] = [Message(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    if not given:
+        raise invalid("'input' must be a non-empty string or a non-empty list of input items.")
+    if len(given) > settings.max_messages:
+        raise invalid(f"Too many input items: at most {settings.max_messages} per request.")
+    replace = settings.compat_system_prompt == "replace"
+    items: list[dict[str, Any]] = []
+    if req.instructions is not None and not replace:
+        _check_length(len(req.instructions), "'instructions'", settings)
+        items.append({"type": "message", "role": "system", "content": req.instructions})
+    total, images = len(req.instructions or "") if not replace else 0, 0
+    for index, item in enumerate(given):
+        where = f"input[{index}]"
+        chars, pictures = _size(item)
+        _check_length(chars, where, settings)
+        if isinstance(item, Message) and item.role in ("system", "developer") and replace:
+            continue  # the server's instructions replace the client's
+        if isinstance(item, Message) and item.role == "user" and not _text_of(item).strip() and not pictures:
+            raise invalid(f"{where}.content must not be empty.")
+        if isinstance(item, Message) and item.role != "user" and pictures:
+            raise invalid(f"{where}: only user messages may carry images.")
+        total += chars
+        images += pictures
+        items.append(item.model_dump(exclude_none=True))
+    if images > MAX_IMAGES:
+        raise invalid(f"Too many images: at most {MAX_IMAGES} per request.")
+    last = given[-1]
+    if not (isinstance(last, Message) and last.role == "user") and not isinstance(last, FunctionCallOutput):
+        raise invalid("The last input item must be a user message or a function_call_output.")
+    return items, total, images
+
+
+def _size(item: Any) -> tuple[int, int]:
+    """An input item's characters of text, and its images."""
+    if isinstance(item, Message):
+        parts = [] if isinstance(item.content, str) else item.content
+        for part in parts:
+            if isinstance(part, InputImage) and not part.image_url.startswith(("https://", "data:image/")):
+                raise invalid("An input_image's image_url must be an https:// URL or a data:image/... URL.")
+        return len(_text_of(item)), sum(isinstance(part, InputImage) for part in parts)
+    return len(_text_of(item)), 0
+
+
+def _text_of(item: Any) -> str:
+    """An input item's text, for size checks and token estimates."""
+    if isinstance(item, Message):
+        if isinstance(item.content, str):
+            return item.content
+        return "".join(getattr(part, "text", None) or getattr(part, "refusal", "") for part in item.content)
+    if isinstance(item, FunctionCall):
+        return item.name + item.arguments
+    if isinstance(item, FunctionCallOutput):
+        return item.output
+    return "".join(part.text for part in item.summary) + (item.encrypted_content or "")
+
+
+def _as_text(items: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Input items as plain-text messages, for the prompt estimate."""
+    out = []
+    for item in items:
+        content = item.get("content")
+        if isinstance(content, list):
+            content = "".join(str(part.get("text") or part.get("refusal") or "") for part in content)
+        text = content if isinstance(content, str) else json.dumps(item, ensure_ascii=False)
+        out.append({"role": str(item.get("role", "tool")), "content": text})
+    return out
+
+
+def _tools(raw: list[dict[str, Any]] | None, settings: Settings) -> tuple[list[dict[str, Any]], int]:
+    """Function tools (checked) and allowlisted hosted tools (passed on), and the characters they add."""
+    if raw is None:
+        return [], 0
+    if not 1 <= len(raw) <= MAX_TOOLS:
+        raise invalid(f"'tools' must be a list of 1 to {MAX_TOOLS} tools.")
+    tools, names = [], set()
+    for index, tool in enumerate(raw):
+        kind = tool.get("type")
+        if kind == "function":
+            try:
+                checked = FunctionTool.model_validate(tool)
+            except ValidationError as exc:
+                raise invalid(sentence(exc, FunctionTool, f"tools[{index}]")) from None
+            if checked.name in names:
+                raise invalid(f"tools[{index}].name must be 1-64 letters, digits, '_' or '-', and unique.")
+            if checked.parameters is not None and too_deep(checked.parameters):
+                raise invalid(
+                    f"tools[{index}].parameters must be a JSON Schema object nested at most {MAX_SCHEMA_DEPTH} deep."
+                )
+            names.add(checked.name)
+            tools.append(checked.model_dump(exclude_none=True))
+        elif isinstance(kind, str) and kind in settings.responses_hosted_tools:
+            if too_deep(tool) or len(json.dumps(tool, ensure_ascii=False)) > HOSTED_TOOL_CHARS:
+                raise invalid(f"tools[{index}] is too large: at most {HOSTED_TOOL_CHARS} characters of JSON.")
+            tools.append(tool)
+        elif isinstance(kind, str) and kind:
+            allowed = ", ".join(settings.responses_hosted_tools) or "none"
+            raise invalid(
+                f"tools[{index}]: the hosted tool {kind[:64]!r} is not allowed on this proxy "
+                f"(allowed hosted tools: {allowed}). Function tools are."
+            )
+        else:
+            raise invalid(f'tools[{index}] must be {{"type": "function", "name": ..., "parameters": {{...}}}}.')
+    return tools, (len(json.dumps(tools, ensure_ascii=False)) if tools else 0)
+
+
+def _tool_choice(choice: str | ToolChoiceFunction | ToolChoiceHosted, tools: list[dict[str, Any]]) -> Any:
+    """`tool_choice` as sent: a mode, or one of the tools offered (by name for functions, by type if hosted)."""
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, ToolChoiceFunction):
+        offered = {tool.get("name") for tool in tools}
+        named = choice.name
+    else:
+        offered = {tool["type"] for tool in tools if tool["type"] != "function"}
+        named = choice.type
+    if named not in offered:
+        raise invalid(TOOL_CHOICE)
+    return choice.model_dump()
+
+
+def _tools_text(tools: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Tool definitions count as prompt tokens too."""
+    return [{"role": "system", "content": json.dumps(tools)}] if tools else []
+
+
+def _check_length(chars: int, where: str, settings: Settings) -> None:
+    if chars > settings.max_message_chars:
+        raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
+
+
+def sentence(exc: ValidationError, model: type[BaseModel] = ResponsesBody, prefix: str = "") -> str:
+    """The most specific validation error as one sentence, in the /v1 chat wording where the fault is the same."""
+    # A union (input: a string or a list) reports each branch; the deepest error is about the branch that was meant.
+    error = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+    path = _path(error["loc"], prefix)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        if not prefix and len(error["loc"]) == 1:
+            supported = ", ".join(model.model_fields)
+            return f"Unknown or unsupported field: {str(error['loc'][0])[:64]!r}. Supported: {supported}."
+        return f"{path} is not a supported field."
+    if path in SENTENCES:
+        return SENTENCES[path]
+    if kind == "union_tag_invalid":
+        tags = str((error.get("ctx") or {}).get("expected_tags") or ", ".join(ITEM_TYPES)).replace("'", "")
+        return f"{path}.type must be one of: {tags}."
+    if kind == "missing":
+        return f"{path} is required."
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{path} must be true or false."
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{path}: {message[0].lower()}{message[1:]}." if message else f"{path} is not valid."
+
+
+SENTENCES = {
+    "'input'": "'input' must be a non-empty string or a non-empty list of input items.",
+    "'max_output_tokens'": f"'max_output_tokens' must be an integer of at least {MIN_OUTPUT_TOKENS}.",
+    "'temperature'": f"'temperature' must be a number from 0 to {MAX_TEMPERATURE:g}.",
+    "'top_p'": "'top_p' must be a number from 0 to 1.",
+    "'tools'": f"'tools' must be a list of 1 to {MAX_TOOLS} tools.",
+}
+TAGS = frozenset({*ITEM_TYPES, "input_text", "input_image", "output_text", "refusal", "json_schema", "json_object"})
+
+
+def _path(loc: tuple[Any, ...], prefix: str) -> str:
+    """A location like input[2].content[0].text, without pydantic's names of union branches."""
+    text, previous = prefix, None
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif (
+            part in TAGS
+            or "[" in part
+            or part[:1].isupper()
+            or part == "str"
+            or (part == "text" and previous == "format")
+        ):
+            pass
+        else:
+            text += f".{part[:64]}" if text else part[:64]  # a client's unknown key may be of any length
+        previous = part
+    return text if "." in text or "[" in text else f"'{text}'"
