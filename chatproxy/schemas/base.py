@@ -1,0 +1,128 @@
+"""The base of every request model: unknown fields refused, strict types, and pydantic's errors in our words.
+
+A wire format is a `Body` subclass built per app from its settings (the caps are constraints of the model,
+so they are in its JSON Schema too). `Body.parse` validates a decoded body and raises the contract's 400
+with one sentence: the first problem, in the order a reader would fix them (unknown fields, then the fields
+in their order, an item's shape before its values), worded by the model's `wording`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from ..config import Settings
+from ..errors import invalid
+
+NOT_BLANK = r"\S"  # with Python's re: the same whitespace str.strip() removes
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_SCHEMA_DEPTH = 32
+MAX_TEMPERATURE = 2.0
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # every value OpenAI documents
+SHAPE = frozenset({"extra_forbidden", "missing", "model_type", "model_attributes_type"})  # an object's own shape
+PROBLEM = "problem"  # a rule a validator checks (the error's message is already our sentence)
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Effort = Literal[EFFORTS]  # type: ignore[valid-type]
+
+
+def problem(message: str) -> PydanticCustomError:
+    """A validator's refusal, worded for the client."""
+    return PydanticCustomError(PROBLEM, message)
+
+
+def _nested_at_most(schema: dict[str, Any]) -> dict[str, Any]:
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise PydanticCustomError("too_deep", "nested too deeply")
+    return schema
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_SCHEMA_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+SchemaObject = Annotated[
+    dict[str, Any],
+    AfterValidator(_nested_at_most),
+    Field(description=f"A JSON Schema, nested at most {MAX_SCHEMA_DEPTH} deep."),
+]
+
+
+class Body(BaseModel):
+    """A request model: unknown fields refused, no coercion ("1" is not 1, 1 is not true)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re", frozen=True)
+    first: ClassVar[tuple[str, ...]] = ()  # fields whose problems are named before the others'
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **hints: Any) -> Self:
+        """The validated body, or the contract's 400 naming its first problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            error = first_error(cls, exc.errors(include_url=False))
+            raise invalid(error["msg"] if error["type"] == PROBLEM else cls.wording(error, data, **hints)) from None
+
+    @classmethod
+    def wording(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
+        """The sentence for one error; a subclass words its fields' errors, validators' problems are worded already."""
+        return error["msg"]
+
+
+def first_error(model: type[Body], errors: list[ErrorDetails]) -> ErrorDetails:
+    """The problem to name: unknown fields (the first by name), then by field, item index, shape before value."""
+    fields = [*model.first, *(name for name in model.model_fields if name not in model.first)]
+
+    def key(error: ErrorDetails) -> tuple[int, tuple[int, ...], int, str]:
+        loc = error["loc"]
+        top = loc[0] if loc else ""
+        unknown = len(loc) == 1 and error["type"] == "extra_forbidden"
+        rank = -1 if unknown else fields.index(top) if top in fields else len(fields)
+        indexes = tuple(part for part in loc if isinstance(part, int))
+        extra = str(loc[-1]) if error["type"] == "extra_forbidden" else ""  # unknown fields: the first by name
+        return rank, indexes, 0 if error["type"] in SHAPE else 1, extra
+
+    return min(errors, key=key)  # min is stable: pydantic's own order (the fields') breaks ties
+
+
+def unknown_field(error: ErrorDetails) -> str | None:
+    """The name of a top-level field the model does not have, or None."""
+    loc = error["loc"]
+    return str(loc[0])[:64] if len(loc) == 1 and error["type"] == "extra_forbidden" else None
+
+
+def flag(name: str) -> str:
+    """The sentence for a true/false field."""
+    return f"'{name}' must be true or false."
+
+
+def check_total(message_chars: int, other_chars: int, settings: Settings) -> None:
+    """CHATPROXY_MAX_TOTAL_CHARS holds for everything that becomes prompt: messages, tools and schemas."""
+    if message_chars > settings.max_total_chars:
+        raise problem(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
+    if message_chars + other_chars > settings.max_total_chars:
+        raise problem(
+            f"The request is too long: its messages, tools and response_format (counted as JSON text) "
+            f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
+            f"in all."
+        )
+
+
+def json_chars(value: Any) -> int:
+    """Characters of `value` as JSON text (what tools and schemas add to the prompt)."""
+    return len(json.dumps(value, ensure_ascii=False))
+
+
+class Untitled(GenerateJsonSchema):
+    """JSON Schema without the titles pydantic derives from field names (the names say it already)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        """Never: a property's name is its title."""
+        return False
