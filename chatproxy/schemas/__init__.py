@@ -1,15 +1,17 @@
 """The request models, one per wire format: the single source of validation and of the OpenAPI request bodies.
 
-They are built per app from its settings (the allowlist and caps are constraints of the models, hence in the
-OpenAPI document too) by `request_models`, once in create_app, and kept in the app's state.
+They are built from an app's settings (the allowlist and caps are constraints of the models, hence in the
+OpenAPI document too) by `request_models`, once in create_app, and kept in the app's state. Building them
+takes tens of milliseconds: apps with the same Policy (most of a test run's) share them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..config import Settings
-from .base import Body
+from .base import Body, Policy
 from .batch import BatchBody, batch_model
 from .chat import ChatBody, chat_models
 from .classify import ClassifyBody, classify_model
@@ -31,11 +33,16 @@ class RequestModels:
 
 def request_models(settings: Settings) -> RequestModels:
     """The request models of an app with `settings`."""
-    chat, line = chat_models(settings)
+    return _built(Policy.of(settings))
+
+
+@lru_cache(maxsize=16)
+def _built(policy: Policy) -> RequestModels:
+    chat, line = chat_models(policy)
     return RequestModels(
         chat=chat,
         batch_line=line,
-        batch=batch_model(settings, line),
-        compat=compat_model(settings),
-        classify=classify_model(settings),
+        batch=batch_model(policy, line),
+        compat=compat_model(policy),
+        classify=classify_model(policy),
     )

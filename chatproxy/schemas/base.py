@@ -1,6 +1,6 @@
 """The base of every request model: unknown fields refused, strict types, and pydantic's errors in our words.
 
-A wire format is a `Body` subclass built per app from its settings (the caps are constraints of the model,
+A wire format is a `Body` subclass built from the app's Policy (the caps are constraints of the model,
 so they are in its JSON Schema too). `Body.parse` validates a decoded body and raises the contract's 400
 with one sentence: the first problem, in the order a reader would fix them (unknown fields, then the fields
 in their order, an item's shape before its values), worded by the model's `wording`.
@@ -9,6 +9,7 @@ in their order, an item's shape before its values), worded by the model's `wordi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -28,6 +29,27 @@ PROBLEM = "problem"  # a rule a validator checks (the error's message is already
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Effort = Literal[EFFORTS]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the request models read of the settings: the allowlist, the caps and the system prompt."""
+
+    models: tuple[str, ...]
+    default_model: str
+    system_prompt: str
+    compat_system_prompt: str
+    max_tokens: int
+    max_messages: int
+    max_message_chars: int
+    max_total_chars: int
+    classify_labels: tuple[str, ...]
+    batch_max_requests: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Policy:
+        """The policy of `settings`."""
+        return cls(**{field.name: getattr(settings, field.name) for field in fields(cls)})
 
 
 def problem(message: str) -> PydanticCustomError:
@@ -86,8 +108,8 @@ def first_error(model: type[Body], errors: list[ErrorDetails]) -> ErrorDetails:
         unknown = len(loc) == 1 and error["type"] == "extra_forbidden"
         rank = -1 if unknown else fields.index(top) if top in fields else len(fields)
         indexes = tuple(part for part in loc if isinstance(part, int))
-        extra = str(loc[-1]) if error["type"] == "extra_forbidden" else ""  # unknown fields: the first by name
-        return rank, indexes, 0 if error["type"] in SHAPE else 1, extra
+        extra = error["type"] == "extra_forbidden"  # unknown fields first, the first by name
+        return rank, indexes, 0 if extra else 1 if error["type"] in SHAPE else 2, str(loc[-1]) if extra else ""
 
     return min(errors, key=key)  # min is stable: pydantic's own order (the fields') breaks ties
 
@@ -103,14 +125,14 @@ def flag(name: str) -> str:
     return f"'{name}' must be true or false."
 
 
-def check_total(message_chars: int, other_chars: int, settings: Settings) -> None:
+def check_total(message_chars: int, other_chars: int, policy: Policy) -> None:
     """CHATPROXY_MAX_TOTAL_CHARS holds for everything that becomes prompt: messages, tools and schemas."""
-    if message_chars > settings.max_total_chars:
-        raise problem(f"The conversation is too long: at most {settings.max_total_chars} characters in all.")
-    if message_chars + other_chars > settings.max_total_chars:
+    if message_chars > policy.max_total_chars:
+        raise problem(f"The conversation is too long: at most {policy.max_total_chars} characters in all.")
+    if message_chars + other_chars > policy.max_total_chars:
         raise problem(
             f"The request is too long: its messages, tools and response_format (counted as JSON text) "
-            f"come to {message_chars + other_chars} characters; at most {settings.max_total_chars} "
+            f"come to {message_chars + other_chars} characters; at most {policy.max_total_chars} "
             f"in all."
         )
 
@@ -121,8 +143,16 @@ def json_chars(value: Any) -> int:
 
 
 class Untitled(GenerateJsonSchema):
-    """JSON Schema without the titles pydantic derives from field names (the names say it already)."""
+    """JSON Schema without what pydantic derives and a reader does not need: titles from field names, and
+    `"default": null` (an absent field means nothing else)."""
 
     def field_title_should_be_set(self, schema: Any) -> bool:
         """Never: a property's name is its title."""
         return False
+
+    def default_schema(self, schema: Any) -> dict[str, Any]:
+        """A field's schema with its default, unless that is null."""
+        found = super().default_schema(schema)
+        if "default" in found and found["default"] is None:
+            del found["default"]
+        return found

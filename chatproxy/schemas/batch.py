@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import Field, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from ..config import Settings
-from .base import Body, unknown_field
+from .base import Body, Policy, unknown_field
 from .chat import ChatBody
 
 Where = Callable[[int], str]
@@ -64,14 +63,14 @@ class BatchBody(Body):
         return 'The body must be {"requests": [...]}.'
 
 
-def batch_model(settings: Settings, batch_line: type[ChatBody]) -> type[BatchBody]:
+def batch_model(policy: Policy, batch_line: type[ChatBody]) -> type[BatchBody]:
     """The batch request with this app's caps (CHATPROXY_BATCH_MAX_REQUESTS)."""
 
     class BatchRequest(BatchBody):
         """POST /api/batches: chat bodies (without `stream`) with unique custom ids, all for one model."""
 
         line: ClassVar[type[ChatBody]] = batch_line
-        requests: Annotated[list[batch_line], Field(min_length=1, max_length=settings.batch_max_requests)] = Field(  # type: ignore[valid-type]
+        requests: Annotated[list[batch_line], Field(min_length=1, max_length=policy.batch_max_requests)] = Field(  # type: ignore[valid-type]
             description="All lines must ask for the same model."
         )
 

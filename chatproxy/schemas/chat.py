@@ -7,11 +7,22 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from ..config import Settings
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
-from .base import EFFORTS, MAX_TEMPERATURE, NOT_BLANK, SHAPE, Body, Effort, check_total, flag, problem, unknown_field
+from .base import (
+    EFFORTS,
+    MAX_TEMPERATURE,
+    NOT_BLANK,
+    SHAPE,
+    Body,
+    Effort,
+    Policy,
+    check_total,
+    flag,
+    problem,
+    unknown_field,
+)
 from .formats import ResponseFormat, format_chars, upstream_format, wording_of
 
 CLIENT_ROLES = ("user", "assistant")
@@ -22,7 +33,7 @@ CUSTOM_ID = r"^(?=.*\S)[^\x00-\x1f\x7f]{1,64}$"  # printable, not blank
 class ChatBody(Body):
     """What /api/chat bodies and batch lines share: the conversation, checked against the caps, and the Call."""
 
-    settings: ClassVar[Settings]
+    policy: ClassVar[Policy]
     if TYPE_CHECKING:  # the fields, declared with this app's caps in chat_models()
         message: str | None
         messages: list[Any] | None
@@ -54,7 +65,7 @@ class ChatBody(Body):
         turns = (
             [info.data["message"]] if info.data.get("message") else [t.content for t in info.data.get("messages") or ()]
         )
-        check_total(sum(map(len, turns)), format_chars(upstream_format(value)), cls.settings)
+        check_total(sum(map(len, turns)), format_chars(upstream_format(value)), cls.policy)
         return value
 
     @field_validator("max_completion_tokens", check_fields=False)
@@ -72,8 +83,8 @@ class ChatBody(Body):
 
     def call(self, system_prompt: str | None = None) -> Call:
         """The Chat Completions call: our system prompt (or `system_prompt`) first, then the client's turns."""
-        settings = self.settings
-        system = system_prompt or settings.system_prompt
+        policy = self.policy
+        system = system_prompt or policy.system_prompt
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *self.turns()]
         body: dict[str, Any] = {"messages": messages}
         response_format = upstream_format(self.response_format)
@@ -85,9 +96,9 @@ class ChatBody(Body):
         asked = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
         return Call(
             dialect=CHAT,
-            model=self.model or settings.default_model,
+            model=self.model or policy.default_model,
             body=body,
-            max_output=settings.max_tokens if asked is None else min(asked, settings.max_tokens),
+            max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(getattr(self, "stream", False)),
             prompt_estimate=estimate_prompt(messages, response_format),
             sampling={} if self.temperature is None else {"temperature": float(self.temperature)},
@@ -97,17 +108,17 @@ class ChatBody(Body):
     @classmethod
     def wording(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
         """Our sentence for each field's errors."""
-        settings, loc, kind = cls.settings, error["loc"], error["type"]
+        policy, loc, kind = cls.policy, error["loc"], error["type"]
         if (name := unknown_field(error)) is not None:
             return f"Unknown field: {name!r}. Allowed fields: {', '.join(sorted(cls.model_fields))}."
         match loc:
             case ("message",):
                 if kind == "string_too_long":
-                    return f"'message' is too long: at most {settings.max_message_chars} characters."
+                    return f"'message' is too long: at most {policy.max_message_chars} characters."
                 return "'message' must be a non-empty string."
             case ("messages",):
                 if kind == "too_long":
-                    return f"Too many messages: at most {settings.max_messages} per request."
+                    return f"Too many messages: at most {policy.max_messages} per request."
                 return "'messages' must be a non-empty list of {role, content} objects."
             case ("messages", int(index), *rest):
                 where = f"messages[{index}]"
@@ -116,10 +127,10 @@ class ChatBody(Body):
                 if rest == ["role"]:
                     return f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt."
                 if kind == "string_too_long":
-                    return f"{where} is too long: at most {settings.max_message_chars} characters."
+                    return f"{where} is too long: at most {policy.max_message_chars} characters."
                 return f"{where}.content must be a non-empty string."
             case ("model",):
-                return f"Unknown model. Allowed models: {', '.join(settings.models)}."
+                return f"Unknown model. Allowed models: {', '.join(policy.models)}."
             case ("max_tokens" | "max_completion_tokens" as name,):
                 return (
                     f"'{name}' must be at least 1." if kind == "greater_than_equal" else f"'{name}' must be an integer."
@@ -135,10 +146,10 @@ class ChatBody(Body):
         return wording_of(error) or super().wording(error, data)
 
 
-def chat_models(settings: Settings) -> tuple[type[ChatBody], type[ChatBody]]:
+def chat_models(policy: Policy) -> tuple[type[ChatBody], type[ChatBody]]:
     """The /api/chat request and the batch line, with this app's allowlist and caps."""
-    app_settings = settings  # the class bodies below name their own `settings`
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=settings.max_message_chars, pattern=NOT_BLANK)]
+    app_policy = policy  # the class bodies below name their own `policy`
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=policy.max_message_chars, pattern=NOT_BLANK)]
 
     class ChatTurn(Body):
         """One turn of the conversation."""
@@ -146,19 +157,19 @@ def chat_models(settings: Settings) -> tuple[type[ChatBody], type[ChatBody]]:
         role: Literal[CLIENT_ROLES]  # type: ignore[valid-type]
         content: Text  # type: ignore[valid-type]
 
-    Tokens = Annotated[int | None, Field(ge=1, description=f"Clamped to the server cap, {settings.max_tokens}.")]
+    Tokens = Annotated[int | None, Field(ge=1, description=f"Clamped to the server cap, {policy.max_tokens}.")]
 
     class ChatFields(ChatBody):
-        settings: ClassVar[Settings] = app_settings
+        policy: ClassVar[Policy] = app_policy
         message: Text = Field(None, description="The simple form: one user message.")  # type: ignore[valid-type]
-        messages: Annotated[list[ChatTurn], Field(min_length=1, max_length=settings.max_messages)] = Field(
+        messages: Annotated[list[ChatTurn], Field(min_length=1, max_length=policy.max_messages)] = Field(
             None,
-            description=f"The conversation, ending with a user turn; at most {settings.max_total_chars} "
+            description=f"The conversation, ending with a user turn; at most {policy.max_total_chars} "
             "characters in all.",
         )
         response_format: ResponseFormat | None = Field(None, validate_default=True)  # the total is checked there
-        model: Literal[(*settings.models, None)] = Field(  # type: ignore[valid-type]
-            None, description=f"Default: {settings.default_model}."
+        model: Literal[(*policy.models, None)] = Field(  # type: ignore[valid-type]
+            None, description=f"Default: {policy.default_model}."
         )
         max_tokens: Tokens = None
         max_completion_tokens: Tokens = None

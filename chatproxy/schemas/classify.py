@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field, StringConstraints, model_validator
 from pydantic_core import ErrorDetails
 
-from ..config import Settings
-from .base import NOT_BLANK, Body, problem, unknown_field
+from .base import NOT_BLANK, Body, Policy, problem, unknown_field
 
 
 class ClassifyBody(Body):
     """The validated request."""
 
-    settings: ClassVar[Settings]
+    policy: ClassVar[Policy]
     if TYPE_CHECKING:  # the fields, declared with this app's labels in classify_model()
         text: str
         labels: list[str]
@@ -22,19 +21,19 @@ class ClassifyBody(Body):
     @model_validator(mode="after")
     def _different(self) -> ClassifyBody:
         if len(set(self.labels)) != len(self.labels):
-            raise problem(LABELS.format(", ".join(self.settings.classify_labels)))
+            raise problem(LABELS.format(", ".join(self.policy.classify_labels)))
         return self
 
     @classmethod
     def wording(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
         """Our sentence for each field's errors."""
-        settings, loc = cls.settings, error["loc"]
+        policy, loc = cls.policy, error["loc"]
         if (name := unknown_field(error)) is not None:
             return f"Unknown field: {name!r}. Allowed fields: labels, text."
         if loc[:1] == ("labels",):
-            return LABELS.format(", ".join(settings.classify_labels))
+            return LABELS.format(", ".join(policy.classify_labels))
         if loc == ("text",) and error["type"] == "string_too_long":
-            return f"'text' is too long: at most {settings.max_message_chars} characters."
+            return f"'text' is too long: at most {policy.max_message_chars} characters."
         if loc == ("text",):
             return "'text' must be a non-empty string."
         return super().wording(error, data)
@@ -43,16 +42,16 @@ class ClassifyBody(Body):
 LABELS = "'labels' must be two or more different labels from: {}."
 
 
-def classify_model(settings: Settings) -> type[ClassifyBody]:
+def classify_model(policy: Policy) -> type[ClassifyBody]:
     """The /api/classify request with this app's labels and caps."""
-    app_settings = settings  # the class bodies below name their own `settings`
-    allowed = tuple(settings.classify_labels)
+    app_policy = policy  # the class bodies below name their own `policy`
+    allowed = tuple(policy.classify_labels)
 
     class ClassifyRequest(ClassifyBody):
         """POST /api/classify: a text and, optionally, two or more of the configured labels."""
 
-        settings: ClassVar[Settings] = app_settings
-        text: Annotated[str, StringConstraints(min_length=1, max_length=settings.max_message_chars, pattern=NOT_BLANK)]
+        policy: ClassVar[Policy] = app_policy
+        text: Annotated[str, StringConstraints(min_length=1, max_length=policy.max_message_chars, pattern=NOT_BLANK)]
         labels: Annotated[
             list[Literal[allowed]],  # type: ignore[valid-type]
             Field(min_length=2, max_length=len(allowed), json_schema_extra={"uniqueItems": True}),

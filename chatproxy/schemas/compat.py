@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import operator
-from functools import reduce
+from functools import cached_property, reduce
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, StringConstraints, Tag, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from ..config import Settings
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
@@ -26,6 +25,7 @@ from .base import (
     Body,
     Effort,
     Name,
+    Policy,
     SchemaObject,
     check_total,
     flag,
@@ -104,14 +104,14 @@ class ToolCall(Body):
 class Turn(Body):
     """What every message has: a role and content, rebuilt field by field for upstream."""
 
-    settings: ClassVar[Settings]
+    policy: ClassVar[Policy]
     if TYPE_CHECKING:  # the fields, declared per role in compat_model()
         role: str
         content: Any
 
     @model_validator(mode="after")
     def _within_caps(self) -> Turn:
-        if self.chars() > self.settings.max_message_chars:
+        if self.chars > self.policy.max_message_chars:
             raise PydanticCustomError("message_too_long", "too long")
         return self
 
@@ -119,16 +119,21 @@ class Turn(Body):
         """Its earlier tool calls (assistant turns only)."""
         return []
 
+    def refusal_of(self) -> str | None:
+        """Its refusal (assistant turns only)."""
+        return None
+
     def texts(self) -> list[str]:
         """The text of its content."""
         if self.content is None:
             return []
         return [self.content] if isinstance(self.content, str) else [part.text for part in self.content]
 
+    @cached_property
     def chars(self) -> int:
         """Its size in characters: content, tool call arguments and refusal."""
-        refusal = getattr(self, "refusal", None) or ""
-        return sum(map(len, self.texts())) + sum(len(call.function.arguments) for call in self.calls()) + len(refusal)
+        arguments = sum(len(call.function.arguments) for call in self.calls())
+        return sum(map(len, self.texts())) + arguments + len(self.refusal_of() or "")
 
     def wire(self) -> dict[str, Any]:
         """The message as sent upstream."""
@@ -139,8 +144,8 @@ class Turn(Body):
             message["name"] = self.name
         if self.calls():
             message["tool_calls"] = [call.wire() for call in self.calls()]
-        if isinstance(getattr(self, "refusal", None), str):
-            message["refusal"] = self.refusal
+        if self.refusal_of() is not None:
+            message["refusal"] = self.refusal_of()
         if self.role == "tool":
             message["tool_call_id"] = self.tool_call_id
         return message
@@ -196,7 +201,7 @@ class StreamOptions(Body):
 class CompatBody(Body):
     """The validated request; `call()` is what the pipeline sends for any model of its chain."""
 
-    settings: ClassVar[Settings]
+    policy: ClassVar[Policy]
     if TYPE_CHECKING:  # the fields, declared with this app's caps in compat_model()
         messages: list[Turn]
         model: str
@@ -262,21 +267,26 @@ class CompatBody(Body):
 
     @model_validator(mode="after")
     def _within_total(self) -> CompatBody:
-        tools = [tool.wire() for tool in self.tools or ()]
+        tools = self.upstream_tools
         other = (json_chars(tools) if tools else 0) + format_chars(upstream_format(self.response_format))
-        check_total(sum(turn.chars() for turn in self.turns()), other, self.settings)
+        check_total(sum(turn.chars for turn in self.turns()), other, self.policy)
         return self
 
     @classmethod
     def kept(cls, messages: list[Turn]) -> list[Turn]:
         """The client's turns that go upstream (its system messages are dropped in 'replace' mode)."""
-        if cls.settings.compat_system_prompt != "replace":
+        if cls.policy.compat_system_prompt != "replace":
             return list(messages)
         return [turn for turn in messages if turn.role != "system"]
 
     def turns(self) -> list[Turn]:
         """The client's turns that go upstream."""
         return self.kept(self.messages)
+
+    @cached_property
+    def upstream_tools(self) -> list[dict[str, Any]]:
+        """The tools as sent upstream."""
+        return [tool.wire() for tool in self.tools or ()]
 
     @property
     def include_usage(self) -> bool:
@@ -286,13 +296,13 @@ class CompatBody(Body):
     def call(self) -> Call:
         """The Chat Completions call: our system prompt first; the cap, sampling and reasoning effort are sent per
         model, as each takes them; the other options as validated."""
-        settings = self.settings
+        policy = self.policy
         messages = [turn.wire() for turn in self.turns()]
         options: dict[str, Any] = {}
         for name in ("seed", "stop", "user"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
-        tools = [tool.wire() for tool in self.tools or ()]
+        tools = self.upstream_tools
         if tools:
             options["tools"] = tools
             if self.tool_choice is not None:
@@ -303,7 +313,7 @@ class CompatBody(Body):
         response_format = upstream_format(self.response_format)
         if response_format is not None:
             options["response_format"] = response_format
-        system = settings.system_prompt
+        system = policy.system_prompt
         if response_format == {"type": "json_object"} and "json" not in (system + json.dumps(messages)).lower():
             system = f"{system}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless a message asks for JSON
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -314,7 +324,7 @@ class CompatBody(Body):
             dialect=CHAT,
             model=self.model,
             body={"messages": [{"role": "system", "content": system}, *messages], **options},
-            max_output=settings.max_tokens if asked is None else min(asked, settings.max_tokens),
+            max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(self.stream),
             prompt_estimate=estimate_prompt(estimate, response_format),
             sampling={name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None},
@@ -324,20 +334,20 @@ class CompatBody(Body):
     @classmethod
     def wording(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
         """Our sentence for each field's errors."""
-        settings, loc, kind = cls.settings, error["loc"], error["type"]
+        policy, loc, kind = cls.policy, error["loc"], error["type"]
         if (name := unknown_field(error)) is not None:
             return f"Unknown or unsupported field: {name!r}. Supported: {', '.join(sorted(cls.model_fields))}."
         match loc:
             case ("messages",):
                 if kind == "too_long":
-                    return f"Too many messages: at most {settings.max_messages} per request."
+                    return f"Too many messages: at most {policy.max_messages} per request."
                 return "'messages' must be a non-empty list of message objects."
             case ("messages", int(index)):
                 return f"messages[{index}].role must be one of: {', '.join(ROLES)}."
             case ("messages", int(index), str(role), *rest):
-                return message_wording(f"messages[{index}]", role, rest, kind, settings)
+                return message_wording(f"messages[{index}]", role, rest, kind, policy)
             case ("model",):
-                return f"Unknown model. Allowed models: {', '.join(settings.models)}."
+                return f"Unknown model. Allowed models: {', '.join(policy.models)}."
             case ("max_tokens" | "max_completion_tokens" as name,):
                 return f"'{name}' must be an integer of at least 1."
             case (str(name),) if name in SAMPLING:
@@ -380,11 +390,11 @@ TOOL_CHOICE = (
 )
 
 
-def message_wording(where: str, role: str, rest: list[Any], kind: str, settings: Settings) -> str:
+def message_wording(where: str, role: str, rest: list[Any], kind: str, policy: Policy) -> str:
     """The sentence for an error inside one message (`rest`: the path after its role)."""
     match rest:
         case [] if kind == "message_too_long":
-            return f"{where} is too long: at most {settings.max_message_chars} characters."
+            return f"{where} is too long: at most {policy.max_message_chars} characters."
         case [] if kind == "blank_content":
             return f"{where}.content must not be empty."
         case [] if kind == "no_content":
@@ -397,7 +407,7 @@ def message_wording(where: str, role: str, rest: list[Any], kind: str, settings:
                 "images, audio and files are not accepted."
             )
         case ["content", "text"] if kind == "string_too_long":
-            return f"{where} is too long: at most {settings.max_message_chars} characters."
+            return f"{where} is too long: at most {policy.max_message_chars} characters."
         case ["content", "text"] if kind == "string_pattern_mismatch":
             return f"{where}.content must not be empty."
         case ["content", *_]:
@@ -433,17 +443,17 @@ def tool_wording(at: str, field: str) -> str:
     return f"{at}.function.name must be 1-64 letters, digits, '_' or '-', and unique."
 
 
-def compat_model(settings: Settings) -> type[CompatBody]:
+def compat_model(policy: Policy) -> type[CompatBody]:
     """The /v1/chat/completions request with this app's allowlist and caps."""
-    app_settings = settings  # the class bodies below name their own `settings`
-    Text = Annotated[str, StringConstraints(max_length=settings.max_message_chars)]
+    app_policy = policy  # the class bodies below name their own `policy`
+    Text = Annotated[str, StringConstraints(max_length=policy.max_message_chars)]
     Content = content_type(Text)
     UserContent = content_type(
-        Annotated[str, StringConstraints(max_length=settings.max_message_chars, pattern=NOT_BLANK)]
+        Annotated[str, StringConstraints(max_length=policy.max_message_chars, pattern=NOT_BLANK)]
     )
 
     class Message(Turn):
-        settings: ClassVar[Settings] = app_settings
+        policy: ClassVar[Policy] = app_policy
 
     class SystemMessage(Message):
         """Kept or replaced by the server's, per CHATPROXY_COMPAT_SYSTEM_PROMPT."""
@@ -484,6 +494,10 @@ def compat_model(settings: Settings) -> type[CompatBody]:
             """Its earlier tool calls."""
             return list(self.tool_calls or ())
 
+        def refusal_of(self) -> str | None:
+            """Its refusal."""
+            return self.refusal
+
     class ToolMessage(Message):
         """A tool's result."""
 
@@ -492,7 +506,7 @@ def compat_model(settings: Settings) -> type[CompatBody]:
         tool_call_id: Id
 
     AnyMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
-    Tokens = Annotated[int | None, Field(ge=1, description=f"Clamped to the server cap, {settings.max_tokens}.")]
+    Tokens = Annotated[int | None, Field(ge=1, description=f"Clamped to the server cap, {policy.max_tokens}.")]
 
     def sampling(name: str) -> Any:
         low, high = SAMPLING[name]
@@ -501,14 +515,14 @@ def compat_model(settings: Settings) -> type[CompatBody]:
     class CompatRequest(CompatBody):
         """POST /v1/chat/completions: the Chat Completions body, held to the same caps and allowlist as /api/chat."""
 
-        settings: ClassVar[Settings] = app_settings
+        policy: ClassVar[Policy] = app_policy
         stream: bool | None = None
         stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
         n: Annotated[int | None, Field(ge=1, le=1)] = None
-        model: Literal[tuple(settings.models)] = Field(  # type: ignore[valid-type]
-            settings.default_model, description=f"Default: {settings.default_model}."
+        model: Literal[tuple(policy.models)] = Field(  # type: ignore[valid-type]
+            policy.default_model, description=f"Default: {policy.default_model}."
         )
-        messages: Annotated[list[AnyMessage], Field(min_length=1, max_length=settings.max_messages)] = Field(
+        messages: Annotated[list[AnyMessage], Field(min_length=1, max_length=policy.max_messages)] = Field(
             description="The last message must come from the user or a tool."
         )
         max_tokens: Tokens = None
