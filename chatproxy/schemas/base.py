@@ -89,12 +89,16 @@ class Body(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            error = first_error(cls, exc.errors(include_url=False))
-            raise invalid(error["msg"] if error["type"] == PROBLEM else cls.wording(error, data, **hints)) from None
+            raise invalid(cls.describe(first_error(cls, exc.errors(include_url=False)), data, **hints)) from None
+
+    @classmethod
+    def describe(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
+        """The sentence for one error of `data`: a validator's problem is worded already, the rest by `wording`."""
+        return error["msg"] if error["type"] == PROBLEM else cls.wording(error, data, **hints)
 
     @classmethod
     def wording(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:
-        """The sentence for one error; a subclass words its fields' errors, validators' problems are worded already."""
+        """The sentence for an error of a field's type or constraints (a subclass words its own fields)."""
         return error["msg"]
 
 

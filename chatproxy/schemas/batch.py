@@ -36,7 +36,7 @@ class BatchBody(Body):
         return self
 
     @classmethod
-    def wording(cls, error: ErrorDetails, data: dict[str, Any], where: Where = items, **hints: Any) -> str:
+    def describe(cls, error: ErrorDetails, data: dict[str, Any], where: Where = items, **hints: Any) -> str:
         """Our sentence for each error; a line's own errors as /api/chat words them, after the line's name."""
         loc, kind = error["loc"], error["type"]
         if (name := unknown_field(error)) is not None:
@@ -59,7 +59,7 @@ class BatchBody(Body):
                 if rest == ["stream"] and kind == "extra_forbidden":
                     return f"{where(index)} ({item['custom_id']}): 'stream' is not allowed in a batch."
                 inner = ErrorDetails(**{**error, "loc": tuple(rest)})  # type: ignore[typeddict-item]
-                return f"{where(index)} ({item['custom_id']}): {cls.line.wording(inner, item)}"
+                return f"{where(index)} ({item['custom_id']}): {cls.line.describe(inner, item)}"
         return 'The body must be {"requests": [...]}.'
 
 

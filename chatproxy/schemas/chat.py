@@ -23,11 +23,10 @@ from .base import (
     problem,
     unknown_field,
 )
-from .formats import ResponseFormat, format_chars, upstream_format, wording_of
+from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
 
 CLIENT_ROLES = ("user", "assistant")
-JSON_NOTE = "Reply with a JSON object."
-CUSTOM_ID = r"^(?=.*\S)[^\x00-\x1f\x7f]{1,64}$"  # printable, not blank
+CUSTOM_ID = r"^(?=.*\S)[^\x00-\x1f\x7f]{1,64}(?!\n)$"  # printable, not blank; (?!\n): Python's $ allows one
 
 
 class ChatBody(Body):

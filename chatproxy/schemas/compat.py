@@ -21,7 +21,6 @@ from .base import (
     EFFORTS,
     MAX_TEMPERATURE,
     NOT_BLANK,
-    SHAPE,
     Body,
     Effort,
     Name,
@@ -33,7 +32,7 @@ from .base import (
     problem,
     unknown_field,
 )
-from .formats import ResponseFormat, format_chars, upstream_format, wording_of
+from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
 
 MAX_TOOLS = 64
 MAX_TOOL_DESCRIPTION = 4096
@@ -41,7 +40,6 @@ MAX_ID = 256  # tool call ids
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_USER = 256
-JSON_NOTE = "Reply with a JSON object."
 ROLES = ("system", "user", "assistant", "tool")
 SAMPLING = {"temperature": (0.0, MAX_TEMPERATURE), "top_p": (0.0, 1.0)} | dict.fromkeys(
     ("presence_penalty", "frequency_penalty"), (-2.0, 2.0)
@@ -429,7 +427,7 @@ def message_wording(where: str, role: str, rest: list[Any], kind: str, policy: P
             return f"{where}.refusal must be a string or null."
         case ["tool_call_id"]:
             return f"{where}.tool_call_id must be a non-empty string of at most {MAX_ID} characters."
-    return f"{where} is not a valid {role} message." if kind in SHAPE else f"{where}: {kind}."
+    return f"{where} is not a valid {role} message."
 
 
 def tool_wording(at: str, field: str) -> str:

@@ -9,6 +9,8 @@ from pydantic_core import ErrorDetails
 
 from .base import MAX_SCHEMA_DEPTH, Body, Name, SchemaObject, json_chars
 
+JSON_NOTE = "Reply with a JSON object."  # OpenAI refuses JSON mode unless a message asks for JSON
+
 
 class TextFormat(Body):
     """Plain text: the same as no response_format."""
