@@ -7,8 +7,8 @@ is made of are in components/schemas. The spec lists an entry only when the app 
 blueprint that is not registered is not described. tests/test_openapi.py fails when a route has no entry
 (or an entry no route).
 
-Adding a route: add an `Operation` to OPERATIONS under its (Flask rule, method), then run
-`python -m chatproxy.openapi` to rewrite docs/openapi.json.
+Adding a route: add an `Operation` to OPERATIONS under its (Flask rule, method), naming its request model
+if it takes a JSON body, then run `python -m chatproxy.openapi` to rewrite docs/openapi.json.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ A wire format is a `Body` subclass built from the app's Policy (the caps are con
 so they are in its JSON Schema too). `Body.parse` validates a decoded body and raises the contract's 400
 with one sentence: the first problem, in the order a reader would fix them (unknown fields, then the fields
 in their order, an item's shape before its values), worded by the model's `wording`.
+
+A new wire format: a module with a Body subclass whose `wording` names its fields' errors (`problem()` for
+a rule a validator checks, already worded), a function that builds it from a Policy (caps as Field and
+StringConstraints arguments), and a field of schemas.RequestModels; its route calls `.parse(body)`, and its
+Operation in openapi.py names it as `body`.
 """
 
 from __future__ import annotations
