@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -9,7 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .base import Body, Policy, unknown_field
-from .chat import ChatBody
+from .chat import CUSTOM_ID, ChatBody
 
 Where = Callable[[int], str]
 
@@ -52,10 +53,13 @@ class BatchBody(Body):
                 return "'requests' must be a non-empty list of {custom_id, message or messages, ...} objects."
             case ("requests", int(index)) if kind == "model_type":
                 return f"{where(index)} must be an object."
-            case ("requests", int(index), "custom_id"):
-                return f"{where(index)}: 'custom_id' must be a string of 1 to 64 printable characters."
             case ("requests", int(index), *rest):
                 item = data["requests"][index]
+                custom_id = item.get("custom_id")
+                if not isinstance(custom_id, str) or not re.search(
+                    CUSTOM_ID, custom_id
+                ):  # named first, as a line's name
+                    return f"{where(index)}: 'custom_id' must be a string of 1 to 64 printable characters."
                 if rest == ["stream"] and kind == "extra_forbidden":
                     return f"{where(index)} ({item['custom_id']}): 'stream' is not allowed in a batch."
                 inner = ErrorDetails(**{**error, "loc": tuple(rest)})  # type: ignore[typeddict-item]
