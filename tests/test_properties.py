@@ -245,6 +245,41 @@ def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any])
     openapi_dumps({"model": call.model, **call.body})  # the SDK can encode what goes upstream
 
 
+# A batch body: lines that are chat bodies with or without a custom_id (or `stream`), or anything else.
+batch_lines = st.one_of(
+    st.tuples(
+        st.fixed_dictionaries(
+            {}, optional={"custom_id": st.one_of(st.sampled_from(["a", "b", " ", "a\n", "x" * 65]), json_values)}
+        ),
+        bodies,
+    ).map(lambda parts: {**parts[0], **parts[1]}),
+    json_values,
+)
+batch_bodies = st.fixed_dictionaries(
+    {}, optional={"requests": st.one_of(st.lists(batch_lines, max_size=4), json_values), "callback": json_values}
+)
+classify_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "text": st.one_of(st.text(max_size=14), json_values),
+        "labels": st.one_of(st.lists(st.one_of(st.sampled_from(["billing", "other", "x"]), json_values)), json_values),
+        "model": json_values,
+    },
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.one_of(batch_bodies.map(lambda b: ("batch", b)), classify_bodies.map(lambda b: ("classify", b))))
+@example(("batch", {"requests": [{}]}))  # found by schemathesis: a line without custom_id was a 500
+def test_any_batch_or_classify_body_is_accepted_or_a_400(kind_and_body: tuple[str, dict[str, Any]]):
+    kind, body = kind_and_body
+    try:
+        getattr(request_models(SMALL), kind).parse(parse_json_body(json.dumps(body).encode(), "application/json"))
+    except ApiError as error:  # never another exception: a wording that cannot word the error would be a 500
+        assert (error.status, error.code) == (400, "invalid_request")
+        assert error.message and "Traceback" not in error.message
+
+
 @PROPERTY_SETTINGS
 @given(json_values)
 @example(float("nan"))
