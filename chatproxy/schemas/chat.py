@@ -80,10 +80,10 @@ class ChatBody(Body):
             return [{"role": "user", "content": self.message}]
         return [{"role": turn.role, "content": turn.content} for turn in self.messages]
 
-    def call(self, system_prompt: str | None = None) -> Call:
-        """The Chat Completions call: our system prompt (or `system_prompt`) first, then the client's turns."""
+    def call(self) -> Call:
+        """The Chat Completions call: our system prompt first, then the client's turns."""
         policy = self.policy
-        system = system_prompt or policy.system_prompt
+        system = policy.system_prompt
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *self.turns()]
         body: dict[str, Any] = {"messages": messages}
         response_format = upstream_format(self.response_format)
