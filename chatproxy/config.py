@@ -222,8 +222,26 @@ SETTINGS: tuple[Setting, ...] = (
         "response_format schema.",
     ),
     Setting(
-        "CHATPROXY_MAX_BODY_BYTES", "65536", _int_range(1024, 100_000_000), "Largest request body accepted, in bytes."
+        "CHATPROXY_MAX_BODY_BYTES",
+        "1048576",
+        _int_range(1024, 100_000_000),
+        "Largest request body accepted, in bytes (images travel inside it, base64: a third larger); "
+        "behind nginx, client_max_body_size must allow it too.",
     ),
+    Setting(
+        "CHATPROXY_MAX_IMAGE_BYTES",
+        "786432",
+        _int_range(1, 100_000_000),
+        "Largest image accepted (PNG, JPEG, WebP or GIF, decoded), in bytes.",
+    ),
+    Setting(
+        "CHATPROXY_MAX_IMAGE_SIDE",
+        "4096",
+        _int_range(1, 65535),
+        "Most pixels on either side of an image, read from its header (a larger one is refused undecoded).",
+    ),
+    Setting("CHATPROXY_MAX_IMAGES_PER_MESSAGE", "4", _int_range(0, 100), "Most images in one message."),
+    Setting("CHATPROXY_MAX_IMAGES", "8", _int_range(0, 500), "Most images in one request, all messages together."),
     Setting("CHATPROXY_CONNECT_TIMEOUT", "5", _float_range(0.1, 60), "Seconds to connect to the upstream."),
     Setting(
         "CHATPROXY_READ_TIMEOUT",
@@ -515,6 +533,34 @@ SETTINGS: tuple[Setting, ...] = (
         "System messages on /v1/chat/completions: 'prepend' puts ours first and keeps the client's after it; "
         "'replace' drops the client's.",
     ),
+    # The Responses API and embeddings (api/responses.py, api/embeddings.py)
+    Setting(
+        "CHATPROXY_RESPONSES_STORE",
+        "false",
+        _bool,
+        "true: a /v1/responses client may ask for 'store': true (its response is kept upstream and only it may "
+        "continue, read or delete it). false: every response is sent with 'store': false and 'store': true is a 400.",
+    ),
+    Setting(
+        "CHATPROXY_RESPONSES_HOSTED_TOOLS",
+        "",
+        _optional_list,
+        "Hosted tools /v1/responses may use (web_search, file_search, code_interpreter, image_generation, mcp, "
+        "computer_use_preview...); they cost extra and reach data. Empty: function tools only.",
+    ),
+    Setting(
+        "CHATPROXY_EMBEDDING_MODELS",
+        "text-embedding-3-small",
+        _optional_list,
+        "Embedding models /v1/embeddings may use (allowlist; each in the model table). Empty: no embeddings.",
+    ),
+    Setting(
+        "CHATPROXY_EMBEDDING_MAX_INPUTS",
+        "64",
+        _int_range(1, 2048),
+        "Most inputs in one /v1/embeddings request (each at most CHATPROXY_MAX_MESSAGE_CHARS characters, "
+        "all together at most CHATPROXY_MAX_TOTAL_CHARS).",
+    ),
     # Azure OpenAI (router.py)
     Setting(
         "AZURE_OPENAI_ENDPOINT",
@@ -564,6 +610,10 @@ class Settings:
     max_message_chars: int
     max_total_chars: int
     max_body_bytes: int
+    max_image_bytes: int
+    max_image_side: int
+    max_images_per_message: int
+    max_images: int
     connect_timeout: float
     read_timeout: float
     max_retries: int
@@ -613,6 +663,10 @@ class Settings:
     batch_max_requests: int
     batch_max_body_bytes: int
     compat_system_prompt: str
+    responses_store: bool
+    responses_hosted_tools: tuple[str, ...]
+    embedding_models: tuple[str, ...]
+    embedding_max_inputs: int
     azure_endpoint: str | None
     azure_api_key: str
     azure_api_version: str

@@ -50,6 +50,7 @@ class Answer:
     text: str  # the answer's text (and tool call arguments), for token estimates
     usage: Usage | None
     finish_reason: str | None
+    response_id: str | None = None  # a response the upstream keeps (Responses API, store): its owner is recorded
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Tally:
     usage: Usage | None = None
     finish_reason: str | None = None
     pieces: list[str] = field(default_factory=list)  # the text, kept to estimate tokens when usage never comes
+    response_id: str | None = None  # a response the upstream keeps (Responses API, store): its owner is recorded
 
     @property
     def text(self) -> str:
@@ -177,6 +179,47 @@ class ChatCompletions:
 
 
 CHAT = ChatCompletions()
+
+
+class Embeddings:
+    """POST /embeddings: one JSON answer (`data`, and `usage` with prompt tokens only); never a stream."""
+
+    path = "/embeddings"
+    stream_params: dict[str, Any] = {}  # noqa: RUF012
+
+    def options(
+        self, spec: ModelSpec, max_output: int, sampling: dict[str, float], effort: str | None
+    ) -> dict[str, Any]:
+        """Nothing per model: embeddings have no output cap, sampling or reasoning."""
+        return {}
+
+    def answer(self, body: Any) -> Answer:
+        """The vectors and the prompt tokens they were billed for."""
+        try:
+            if not isinstance(body["data"], list):
+                raise TypeError("data")
+            value = body.get("usage")
+            prompt = value["prompt_tokens"] if value is not None else None
+        except (KeyError, TypeError) as exc:
+            raise UnreadableAnswer(f"an answer of the wrong shape ({type(exc).__name__})") from exc
+        if prompt is not None and (not isinstance(prompt, int) or prompt < 0):
+            raise UnreadableAnswer("a usage without token counts")
+        return Answer(body, "", None if prompt is None else Usage(prompt, 0), "stop")
+
+    def begun(self, event: Event) -> bool:
+        """Never called: embeddings do not stream."""
+        raise NotImplementedError
+
+    def observe(self, event: Event, tally: Tally) -> str | None:
+        """Never called: embeddings do not stream."""
+        raise NotImplementedError
+
+    def truncated(self, tally: Tally) -> ApiError | None:
+        """Never called: embeddings do not stream."""
+        raise NotImplementedError
+
+
+EMBEDDINGS = Embeddings()
 
 
 def _usage(value: Any) -> Usage | None:

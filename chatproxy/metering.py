@@ -115,9 +115,16 @@ class Meter:
         return attempt
 
     def finish(
-        self, model: str, usage: Usage | None, completion_text: str, outcome: str, ttft: float | None = None
+        self,
+        model: str,
+        usage: Usage | None,
+        completion_text: str,
+        outcome: str,
+        ttft: float | None = None,
+        response_id: str | None = None,
     ) -> None:
-        """Close the open row with the answer's tokens (exact from usage, else estimated) and settle."""
+        """Close the open row with the answer's tokens (exact from usage, else estimated) and settle; `response_id`
+        names a response the upstream keeps for this row's identity."""
         with self._lock:
             row, self._open_row = self._open_row, None
         if row is not None:
@@ -126,7 +133,7 @@ class Meter:
                 usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
             if outcome == "ok" and model != self.model:
                 outcome = "fallback"
-            self._close(row, model, usage, exact, outcome, self._attempt_started, ttft)
+            self._close(row, model, usage, exact, outcome, self._attempt_started, ttft, response_id)
         self.settle()
 
     def settle(self) -> None:
@@ -150,7 +157,15 @@ class Meter:
             self.settle()
 
     def _close(
-        self, row: int, model: str, usage: Usage, exact: bool, outcome: str, begun: float, ttft: float | None
+        self,
+        row: int,
+        model: str,
+        usage: Usage,
+        exact: bool,
+        outcome: str,
+        begun: float,
+        ttft: float | None,
+        response_id: str | None = None,
     ) -> None:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cost = self.models.cost_micros(model, prompt, completion, usage.cached_tokens) if prompt or completion else 0
@@ -169,6 +184,7 @@ class Meter:
             outcome=outcome,
             latency_ms=round((now - begun) * 1000),
             ttft_ms=None if ttft is None else round(ttft * 1000),
+            response_id=response_id,
         ):
             # The counters must agree with the ledger: settling this cost while the row stays open would
             # count it twice or never; the sweeper settles the whole request from its rows instead.

@@ -541,6 +541,12 @@ def check_configured(settings: Settings, table: ModelTable, today: date) -> Star
                 f"{name} reasons: its hidden reasoning counts against CHATPROXY_MAX_TOKENS={settings.max_tokens}, "
                 f"which may leave no room for the answer; {REASONING_MIN_TOKENS} or more is safer."
             )
+    for name in settings.embedding_models:
+        if not table.known(name) or table.spec(name).kind != "embedding":
+            raise SettingsError(
+                f"CHATPROXY_EMBEDDING_MODELS must name embedding models of the model table; {name!r} is not one "
+                '(describe it in CHATPROXY_MODEL_TABLE with "kind": "embedding").'
+            )
     return Startup(settings, tuple(warnings), tuple(retiring))
 
 

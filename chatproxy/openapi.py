@@ -337,7 +337,7 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     item = {
         "type": "object",
         "required": ["id", "object"],
-        "properties": {"id": {"enum": list(settings.models)}, "object": {"const": "model"}},
+        "properties": {"id": {"enum": allowlisted(settings)}, "object": {"const": "model"}},
     }
     return _ok(
         {
@@ -349,6 +349,66 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     )
 
 
+def allowlisted(settings: Settings) -> list[str]:
+    """The chat models, then the embedding models."""
+    return list(dict.fromkeys((*settings.models, *settings.embedding_models)))
+
+
+def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
+    """One allowlisted model."""
+    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": allowlisted(settings)}}}
+    return _ok(item, "The model.")
+
+
+# --- /v1/responses and /v1/embeddings (api/responses.py, api/embeddings.py) ---------------------------------
+
+
+def responses_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
+    """A `response` object, or its semantic events (each with an `event:` line), ending in a terminal event."""
+    response = {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "object": {"const": "response"},
+            "output": {"type": "array"},
+            "usage": {"type": ["object", "null"]},
+        },
+    }
+    event = {
+        "type": "object",
+        "required": ["type", "sequence_number"],
+        "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer", "minimum": 0}},
+        "description": "response.created … response.output_text.delta … response.completed | incomplete | failed, or "
+        f"a last `error` event with code one of: {', '.join(STREAM_ERRORS)}.",
+    }
+    return {
+        "200": {
+            "description": "The response; with `stream: true`, its events (no [DONE]).",
+            "headers": {"X-Chatproxy-Model": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": sse_event(event)}},
+        }
+    }
+
+
+def stored_response(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """One of the caller's stored responses."""
+    return _ok({"type": "object", "required": ["id", "object"], "properties": {"object": {"const": "response"}}}, "It.")
+
+
+def deleted_response(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """The deletion's confirmation."""
+    schema = {"type": "object", "required": ["id", "deleted"], "properties": {"deleted": {"const": True}}}
+    return _ok(schema, "Deleted.")
+
+
+def embeddings_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
+    """The vectors."""
+    schema = {"type": "object", "required": ["object", "data", "model"], "properties": {"object": {"const": "list"}}}
+    return _ok(schema, "One embedding per input, in order.")
+
+
+STORED = {404: ("not_found",), 502: ("upstream_error", "upstream_bad_response"), 503: ("ledger_unavailable",)}
+RESPONSE_ID = ({"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}},)
 BATCH_ID = ({"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}},)
 DAY_PARAMETERS = tuple(
     {
@@ -496,6 +556,46 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "The allowlisted models, as OpenAI lists them.",
         compat_models,
         merge(INTERNAL, GUARDED),
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/models/<path:model>", "get"): Operation(
+        "One allowlisted model (any other name: 404).",
+        models_by_id,
+        merge(INTERNAL, GUARDED, {404: ("not_found",)}),
+        parameters=({"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},),
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses", "post"): Operation(
+        "OpenAI's Responses API (JSON or semantic SSE events) for bearer tokens: base_url=<proxy>/v1.",
+        responses_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",), 404: ("not_found",)}),
+        body="responses",
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses/<response_id>", "get"): Operation(
+        "One of the caller's stored responses (another caller's id: 404, as for an unknown one).",
+        stored_response,
+        merge(INTERNAL, GUARDED, STORED),
+        parameters=RESPONSE_ID,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/responses/<response_id>", "delete"): Operation(
+        "Delete one of the caller's stored responses upstream (another caller's id: 404).",
+        deleted_response,
+        merge(INTERNAL, GUARDED, STORED),
+        parameters=RESPONSE_ID,
+        security="token",
+        openai_errors=True,
+    ),
+    ("/v1/embeddings", "post"): Operation(
+        "Embeddings of one text or a list of texts, for bearer tokens.",
+        embeddings_responses,
+        merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",)}),
+        body="embeddings",
         security="token",
         openai_errors=True,
     ),

@@ -120,7 +120,8 @@ def _reply(call: Call, adapter: Adapter, app_state: AppState, deadline: float) -
         routed = route(once, chain, settings, app_state.cooldowns, deadline)
         answer = routed.value
         outcome = "content_filtered" if answer.finish_reason == "content_filter" else "ok"
-        meter.finish(routed.model, answer.usage, answer.text, outcome)  # billed by the upstream, filtered or not
+        # Billed by the upstream, filtered or not.
+        meter.finish(routed.model, answer.usage, answer.text, outcome, response_id=answer.response_id)
     finally:
         meter.settle()
     response = adapter.reply(answer, routed)

@@ -132,7 +132,7 @@ def relay(
         yield writer.error(error)
     finally:
         upstream.close()
-        meter.finish(model, tally.usage, tally.text, outcome, meter.ttft)
+        meter.finish(model, tally.usage, tally.text, outcome, meter.ttft, tally.response_id)
 
 
 def _unreadable() -> ApiError:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from .errors import ApiError
+from .images import text_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ ledger_table = sa.Table(
     sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
     sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
+    # The id of a response the upstream keeps (/v1/responses with store): only this row's identity may use it.
+    sa.Column("response_id", sa.String(128), index=True),
 )
 
 
@@ -73,11 +77,12 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Prompt tokens of a chat: each message's content estimate + 4 per message, + 3 for the reply priming."""
+    """Prompt tokens of a chat: each message's text estimate + 4 per message, + 3 for the reply priming.
+
+    Image parts are not text: images.prompt_tokens counts them."""
     total = REPLY_PRIMING_TOKENS
     for message in messages:
-        content = message.get("content") or ""
-        total += PER_MESSAGE_TOKENS + estimate_tokens(content if isinstance(content, str) else json.dumps(content))
+        total += PER_MESSAGE_TOKENS + estimate_tokens(text_of(message.get("content")))
     return total
 
 
@@ -215,6 +220,14 @@ class Schema:
             self._ready = True
 
 
+@dataclass(frozen=True)
+class KeptResponse:
+    """A response stored upstream: the identity that created it, and its tokens (a continuation reads them again)."""
+
+    identity: str
+    tokens: int
+
+
 # Built once: the keys of the parameters name the columns set (building expressions per call costs CPU).
 _INSERT = ledger_table.insert()
 _CLOSE = ledger_table.update().where(ledger_table.c.id == sa.bindparam("b_id"), ledger_table.c.closed_at.is_(None))
@@ -280,6 +293,7 @@ class Ledger:
         ttft_ms: int | None,
         cached_tokens: int = 0,
         reasoning_tokens: int = 0,
+        response_id: str | None = None,
     ) -> bool:
         """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
         if not _OUTCOME.match(outcome) or outcome == OPEN:
@@ -291,6 +305,7 @@ class Ledger:
             "completion_tokens": completion_tokens,
             "cached_tokens": cached_tokens,
             "reasoning_tokens": reasoning_tokens,
+            "response_id": response_id[:128] if response_id else None,
             "tokens_exact": tokens_exact,
             "cost_micros": cost_micros,
             "outcome": outcome,
@@ -307,6 +322,28 @@ class Ledger:
         if not closed:
             log.warning("usage row %s was already closed or does not exist", row_id)
         return closed
+
+    def kept_response(self, response_id: str) -> KeptResponse | None:
+        """Who created the stored response `response_id` and the tokens it holds, or None if no row names it."""
+        t = ledger_table
+        query = (
+            sa.select(t.c.identity, t.c.prompt_tokens, t.c.completion_tokens)
+            .where(t.c.response_id == response_id[:128])
+            .order_by(t.c.id)
+            .limit(1)
+        )
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError:
+            log.exception("cannot read the usage ledger")
+            raise ApiError(
+                503,
+                "ledger_unavailable",
+                "Stored responses cannot be checked right now. Try again shortly.",
+                retry_after=5,
+            ) from None
+        return None if row is None else KeptResponse(row.identity, row.prompt_tokens + row.completion_tokens)
 
     def rows(self, *, request_id: str | None = None, identity: str | None = None) -> list[dict[str, Any]]:
         """Rows as dicts in insertion order, optionally filtered (for tests and debugging)."""

@@ -106,40 +106,80 @@
   // ---------------------------------------------------------------- what the server is sent
 
   /**
-   * The turns the model should see: answered questions with their answers, then the new question.
-   * The one place that shapes messages for the server (image content parts would be added here).
+   * A question as the server takes it: its text, or text and image parts when it has pictures and the
+   * model sees them (for a model that does not, the pictures are left out and said to be).
    */
-  function turnsForServer(messages) {
+  function questionContent(m, sees) {
+    var images = m.images || [];
+    if (!images.length) return m.content;
+    if (!sees) return m.content.trim() ? m.content : "[an image the selected model cannot see]";
+    var parts = m.content.trim() ? [{ type: "text", text: m.content }] : [];
+    images.forEach(function (url) { parts.push({ type: "image_url", image_url: { url: url } }); });
+    return parts;
+  }
+
+  /** The characters of a message's text, and of its pictures' data URLs. */
+  function textOf(content) {
+    if (typeof content === "string") return content;
+    return content.map(function (part) { return part.type === "text" ? part.text : ""; }).join("");
+  }
+
+  function imagesOf(content) {
+    return typeof content === "string" ? [] : content.filter(function (part) { return part.type === "image_url"; });
+  }
+
+  /**
+   * The turns the model should see: answered questions with their answers, then the new question.
+   * The one place that shapes messages for the server.
+   */
+  function turnsForServer(messages, sees) {
     var out = [];
     for (var i = 0; i < messages.length; i++) {
       var m = messages[i];
       if (m.role !== "user") continue;
       var answer = messages[i + 1];
       if (!answer || answer.role !== "assistant") {
-        if (i === messages.length - 1) out.push({ role: "user", content: m.content });
+        if (i === messages.length - 1) out.push({ role: "user", content: questionContent(m, sees) });
         continue;
       }
       i += 1;
       var partial = answer.content.trim() !== "";
       // A question whose answer failed, or was stopped before any text, never reached the conversation.
       if (answer.state === "done" || (answer.state === "stopped" && partial)) {
-        out.push({ role: "user", content: m.content });
+        out.push({ role: "user", content: questionContent(m, sees) });
         if (partial) out.push({ role: "assistant", content: answer.content });
       }
     }
     return out;
   }
 
-  /** The newest turns that fit the server's caps; drops whole turns from the oldest end. */
-  function fitHistory(messages, maxMessages, maxChars) {
+  /**
+   * The newest turns that fit the server's caps (`limits`: messages, characters, images, and the body's
+   * bytes, which pictures fill); drops whole turns from the oldest end.
+   */
+  function fitHistory(messages, limits) {
     var kept = messages.slice();
-    var total = kept.reduce(function (sum, m) { return sum + m.content.length; }, 0);
+    var total = 0; // characters of text
+    var pictures = 0;
+    var pictureChars = 0; // characters of the pictures' data URLs: most of the body
+    function count(m, sign) {
+      total += sign * textOf(m.content).length;
+      imagesOf(m.content).forEach(function (part) {
+        pictures += sign;
+        pictureChars += sign * part.image_url.url.length;
+      });
+    }
+    kept.forEach(function (m) { count(m, 1); });
     var dropped = 0;
     function dropFirst() {
-      total -= kept.shift().content.length;
+      count(kept.shift(), -1);
       dropped += 1;
     }
-    while (kept.length > 1 && (kept.length > maxMessages || total > maxChars)) {
+    function over() {
+      return kept.length > limits.maxMessages || total > limits.maxChars || pictures > limits.maxImages ||
+        pictureChars + 2 * total > limits.bodyBytes; // 2 x: JSON escapes and framing, generously
+    }
+    while (kept.length > 1 && over()) {
       dropFirst();
       while (kept.length > 1 && kept[0].role !== "user") dropFirst(); // start on a user turn
     }
@@ -217,7 +257,23 @@
       modelsUrl: app.getAttribute("data-models-url") || "/api/models",
       maxMessages: intAttr(app, "data-max-messages", 40),
       maxChars: intAttr(app, "data-max-total-chars", 32000),
+      maxImages: intAttr(app, "data-max-images", 8),
+      bodyBytes: intAttr(app, "data-max-body-bytes", 1048576) - 4096, // room for the rest of the body
     };
+    var tray = window.ChatImages.createTray(
+      {
+        button: document.getElementById("attach"),
+        input: document.getElementById("attach-input"),
+        tray: document.getElementById("attachments"),
+        prompt: prompt,
+        zone: app, // a picture dropped anywhere on the page is attached, not opened in place of the page
+      },
+      { perMessage: intAttr(app, "data-max-images-per-message", 4), maxBytes: intAttr(app, "data-max-image-bytes", 786432) },
+      function (text) {
+        notes.images = text;
+        showNotes();
+      }
+    );
 
     var storage = null;
     try {
@@ -232,7 +288,7 @@
     var current = null; // the turn being generated
     var blockedUntil = 0; // Date.now() before which the server asked us not to send
     var countdownTimer = 0;
-    var notes = { history: "", storage: "", unavailable: "" };
+    var notes = { history: "", storage: "", unavailable: "", images: "" };
 
     // ---- composer state
 
@@ -254,7 +310,7 @@
     }
 
     function showNotes() {
-      var text = [notes.history, notes.storage, notes.unavailable].filter(Boolean).join(" ");
+      var text = [notes.images, notes.history, notes.storage, notes.unavailable].filter(Boolean).join(" ");
       note.textContent = text;
       note.hidden = !text;
     }
@@ -299,7 +355,11 @@
 
     function addUserBubble(msg) {
       var node = clone("user-template");
-      node.querySelector(".bubble").textContent = msg.content;
+      var bubble = node.querySelector(".bubble");
+      bubble.textContent = msg.content;
+      var thumbs = window.ChatImages.thumbnails(msg.images, "Attached image");
+      if (thumbs) bubble.appendChild(thumbs);
+      bubble.classList.toggle("has-images", !!thumbs);
       empty.hidden = true;
       transcript.appendChild(node);
       return node;
@@ -569,7 +629,7 @@
 
     /** Ask for an answer to the conversation as it stands (it ends with a question). */
     function startTurn() {
-      var fitted = fitHistory(turnsForServer(conv.messages), config.maxMessages, config.maxChars);
+      var fitted = fitHistory(turnsForServer(conv.messages, modelSees()), config);
       notes.history = fitted.dropped
         ? "Older messages were left out to fit the size limit: the model sees the last " +
           plural(fitted.messages.length, "message") + "."
@@ -710,7 +770,10 @@
       else store.save(turn.conv);
       if (stillOpen && msg.state === "error") {
         var question = conv.messages[conv.messages.length - 2];
-        if (question && prompt.value === "") prompt.value = question.content; // offer the question again
+        if (question && prompt.value === "" && !tray.count()) {
+          prompt.value = question.content; // offer the question again, with its pictures
+          tray.restore(question.images);
+        }
         if (turn.retryAfter && turn.retryAfter <= MAX_COUNTDOWN) startCountdown(turn.retryAfter);
       }
       refreshComposer();
@@ -742,9 +805,10 @@
       if (last && last.role === "assistant" && last.state === "error" && n >= 2) removeFrom(n - 2);
     }
 
-    function ask(text) {
+    function ask(text, images) {
       if (!conv.renamed && !conv.messages.length) conv.title = window.ChatStore.titleFrom(text);
       var msg = { role: "user", content: text };
+      if (images && images.length) msg.images = images;
       conv.messages.push(msg);
       nodes.push(addUserBubble(msg));
       startTurn();
@@ -752,11 +816,30 @@
 
     function send() {
       var text = prompt.value;
-      if (busy() || blocked() || text.trim() === "") return;
+      if (busy() || blocked() || (text.trim() === "" && !tray.count())) return;
+      if (tray.count() && !modelSees()) {
+        notes.images = modelSelect.value + " does not accept images: remove them or choose a model that does.";
+        showNotes();
+        return;
+      }
       prompt.value = "";
       dropFailedTurn();
-      ask(text);
+      ask(text, tray.take());
       focusPrompt();
+    }
+
+    /** Whether the selected model takes images (GET /api/models' details, as the options carry it). */
+    function modelSees() {
+      var option = modelSelect.options[modelSelect.selectedIndex];
+      return !!option && option.getAttribute("data-images") === "true";
+    }
+
+    function refreshAttach() {
+      tray.enable(modelSees());
+      if (notes.images && (modelSees() || !tray.count())) {
+        notes.images = "";
+        showNotes();
+      }
     }
 
     function regenerate() {
@@ -764,7 +847,10 @@
       if (busy() || blocked() || !last || last.role !== "assistant") return;
       var question = conv.messages[conv.messages.length - 2];
       removeFrom(conv.messages.length - 1);
-      if (last.state === "error" && question && prompt.value === question.content) prompt.value = "";
+      if (last.state === "error" && question && prompt.value === question.content) {
+        prompt.value = "";
+        tray.take(); // the question's pictures were offered again with it
+      }
       startTurn();
       focusPrompt();
     }
@@ -794,11 +880,11 @@
 
       function resend() {
         var text = input.value;
-        if (text.trim() === "" || busy() || blocked()) return;
+        if ((text.trim() === "" && !(msg.images || []).length) || busy() || blocked()) return;
         var at = nodes.indexOf(node);
         if (at === -1) return;
         removeFrom(at);
-        ask(text);
+        ask(text, msg.images);
         focusPrompt();
       }
 
@@ -875,6 +961,7 @@
           modelSelect.value = names.indexOf(chosen) !== -1 ? chosen
             : names.indexOf(String(data["default"])) !== -1 ? String(data["default"]) : names[0];
           refreshActions();
+          refreshAttach();
         })
         .catch(function () {
           // Keep the options the page was rendered with.
@@ -898,7 +985,10 @@
     });
     stopButton.addEventListener("click", stop);
     newChatButton.addEventListener("click", newChat);
-    modelSelect.addEventListener("change", refreshActions);
+    modelSelect.addEventListener("change", function () {
+      refreshActions();
+      refreshAttach();
+    });
 
     transcript.addEventListener("click", function (event) {
       var button = event.target.closest("button");
@@ -971,6 +1061,7 @@
       notes.unavailable = "This browser does not allow storage here: conversations last until the page is closed.";
       showNotes();
     }
+    refreshAttach();
     loadModels();
     refreshComposer();
     focusPrompt();

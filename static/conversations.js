@@ -5,6 +5,7 @@
  * conversation a reload reopens. Stored conversations together stay under CAP characters: the
  * least recently updated ones are dropped first. What comes back out of storage is checked and
  * coerced, since anything (an old version, another script, the user) may have written it.
+ * A question's pictures (data URLs) are kept with it and count toward CAP like its text.
  */
 (function () {
   "use strict";
@@ -16,6 +17,7 @@
   var CAP = 2000000; // characters (about 4 MB as UTF-16), under every browser's 5 MB-per-site quota
   var MAX_TITLE = 80;
   var STATES = { done: 1, stopped: 1, error: 1, pending: 1, streaming: 1 };
+  var MAX_IMAGES = 16; // pictures kept with one question (the server's own cap is lower)
 
   function text(value, max) {
     var s = typeof value === "string" ? value : "";
@@ -36,6 +38,10 @@
   function cleanMessage(m) {
     if (!m || typeof m !== "object" || (m.role !== "user" && m.role !== "assistant")) return null;
     var out = { role: m.role, content: text(m.content) };
+    if (m.role === "user" && Array.isArray(m.images)) {
+      var images = m.images.filter(window.ChatImages.isDataImage).slice(0, MAX_IMAGES); // static/images.js
+      if (images.length) out.images = images;
+    }
     if (m.role === "assistant") {
       out.state = STATES[m.state] ? m.state : "done";
       out.status = text(m.status, 200);

@@ -134,7 +134,7 @@ def test_client_has_explicit_timeouts(settings_for):
 
 # --- bad input: a clear 4xx JSON error, nothing sent upstream, the app keeps serving ---------------
 
-NESTED = "[" * 100_000 + "]" * 100_000
+NESTED = "[" * 600_000 + "]" * 600_000  # over the 1 MiB body cap
 
 BAD_INPUTS = [
     pytest.param(b"not json", "application/json", 400, "invalid_request", id="not-json"),
@@ -221,11 +221,11 @@ BAD_INPUTS = [
     ),
     pytest.param(b'{"message": "hi", "stream": "yes"}', "application/json", 400, "invalid_request", id="stream-string"),
     pytest.param(
-        json.dumps({"messages": [{"role": "user", "content": "x"}] * 10_000}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": "x"}] * 40_000}).encode(),  # over the 1 MiB body cap
         "application/json",
         413,
         "payload_too_large",
-        id="10000-messages",
+        id="40000-messages",
     ),
     pytest.param(
         json.dumps({"messages": [{"role": "user", "content": "x"}] * 41}).encode(),

@@ -126,9 +126,17 @@ def test_streaming_reply_without_usage_still_asks_upstream_for_it(sdk, fake):
 
 
 def test_models_list_is_the_allowlist(sdk, fake):
-    client = sdk(CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini")
+    client = sdk(
+        CHATPROXY_MODELS="gpt-4o-mini,gpt-4o,gpt-5.4-mini", CHATPROXY_EMBEDDING_MODELS="text-embedding-3-large"
+    )
 
-    assert [model.id for model in client.models.list()] == ["gpt-4o-mini", "gpt-4o", "gpt-5.4-mini"]
+    # The chat models, then the embedding models (/v1/embeddings).
+    assert [model.id for model in client.models.list()] == [
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-5.4-mini",
+        "text-embedding-3-large",
+    ]
     assert fake.calls == []
 
 
@@ -367,7 +375,7 @@ def test_a_spent_budget_is_a_rate_limit_error_with_quota_type(sdk, fake):
         ({"messages": [{"role": {"user": 1}, "content": "x"}]}, "role must be one of"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
-            "images, audio and files are not accepted",
+            "the server fetches no URL",  # tests/test_images.py has the other bad images
         ),
         ({"messages": [{"role": "user", "content": "hi", "api_key": "x"}]}, "unsupported field"),
         ({"messages": [*USER, {"role": "assistant", "content": "Hi!"}]}, "last message must come from the user"),

@@ -114,6 +114,7 @@ def test_the_caps_in_the_spec_are_the_settings_in_force(settings_for):
             CHATPROXY_MODELS="a,b",
             CHATPROXY_DEFAULT_MODEL="a",
             CHATPROXY_FALLBACK_CHAIN="",
+            CHATPROXY_MAX_IMAGES=5,
         )
     )
     spec = build_spec(app)
@@ -121,8 +122,10 @@ def test_the_caps_in_the_spec_are_the_settings_in_force(settings_for):
     turn = resolved(spec, body["properties"]["messages"]["items"])
 
     assert body["properties"]["messages"]["maxItems"] == 7
-    assert body["properties"]["message"]["maxLength"] == 99
-    assert turn["properties"]["content"]["maxLength"] == 99
+    text, parts = body["properties"]["message"]["oneOf"]
+    assert text["maxLength"] == 99
+    assert "5 per request" in parts["description"]
+    assert turn["properties"]["content"]["oneOf"][0]["maxLength"] == 99
     assert body["properties"]["model"]["enum"] == ["a", "b", None]
 
 

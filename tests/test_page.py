@@ -452,7 +452,7 @@ def test_no_console_errors_under_a_strict_csp(page, fake, app, serve):
     assert "<script src=" in html and 'rel="stylesheet"' in html
 
 
-@pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js"])
+@pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js", "images.js"])
 def test_script_never_parses_text_as_html(name):
     source = (ROOT / "static" / name).read_text(encoding="utf-8")
     for sink in (
@@ -474,7 +474,12 @@ def test_script_never_parses_text_as_html(name):
 
 
 def test_every_script_on_the_page_is_checked():
-    assert sorted(p.name for p in (ROOT / "static").glob("*.js")) == ["chat.js", "conversations.js", "markdown.js"]
+    assert sorted(p.name for p in (ROOT / "static").glob("*.js")) == [
+        "chat.js",
+        "conversations.js",
+        "images.js",
+        "markdown.js",
+    ]
 
 
 # ---------------------------------------------------------------- 8. keyboard, new chat, model picker
@@ -598,7 +603,7 @@ def test_layout_and_screenshots(browser, fake, settings_for, serve, viewport, na
         )
         assert widths[0] <= widths[1], f"the page scrolls sideways at {viewport['width']}px: {widths}"
         assert widths[2] <= widths[3], f"the transcript scrolls sideways at {viewport['width']}px: {widths}"
-        for control in ("#prompt", "#send", "#model", "#new-chat"):
+        for control in ("#prompt", "#send", "#model", "#new-chat", "#attach"):
             box = page.locator(control).bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], control
         expect(page.locator("#sidebar")).to_be_visible() if name == "desktop" else expect(

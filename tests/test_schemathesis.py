@@ -65,6 +65,10 @@ TOKEN_ONLY = {
     "/api/batches/{batch_id}/results",
     "/v1/chat/completions",
     "/v1/models",
+    "/v1/models/{model}",
+    "/v1/responses",
+    "/v1/responses/{response_id}",
+    "/v1/embeddings",
     "/metrics",
 }
 

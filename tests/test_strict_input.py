@@ -93,6 +93,26 @@ PLACES = {
         template({"model": "gpt-4o", "stream": True, "messages": HI, "response_format": FORMAT}),
         AT_MAXIMUM,
     ),
+    "v1-responses-tool": (
+        "/v1/responses",
+        template(
+            {"model": "gpt-4o", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": NUMBER}]}
+        ),
+        "tools[0].parameters.properties.n.maximum",
+    ),
+    "v1-responses-stream-schema": (
+        "/v1/responses",
+        template(
+            {
+                "model": "gpt-4o",
+                "input": "hi",
+                "stream": True,
+                "text": {"format": {"type": "json_schema", "name": "n", "schema": NUMBER}},
+            }
+        ),
+        "text.format.schema.properties.n.maximum",
+    ),
+    "v1-embeddings": ("/v1/embeddings", template({"input": ["ok", POISON]}), "input[1]"),
     "classify": ("/api/classify", template({"text": POISON}), "text"),
 }
 

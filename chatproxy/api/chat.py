@@ -41,6 +41,10 @@ def page() -> str:
         demo=settings.demo,
         max_messages=settings.max_messages,
         max_total_chars=settings.max_total_chars,
+        max_body_bytes=settings.max_body_bytes,
+        max_image_bytes=settings.max_image_bytes,
+        max_images=settings.max_images,
+        max_images_per_message=settings.max_images_per_message,
         csrf_token=csrf_token(),
     )
 

@@ -30,7 +30,7 @@ TOKENS_ONLY = "The OpenAI-compatible API needs a token: send it as the API key (
 
 
 @bp.after_request
-def _openai_error_fields(response: Response) -> Response:
+def openai_error_fields(response: Response) -> Response:
     """Error bodies keep our `code` and `message` and add OpenAI's `type` and `param`."""
     if response.status_code < 400 or not response.is_json:
         return response
@@ -55,11 +55,26 @@ def error_type(status: int, code: str) -> str:
 @bp.get("/models")
 @token_required(TOKENS_ONLY)
 def models() -> Response:
-    """The allowlisted models, as OpenAI lists models."""
-    names = state().settings.models
-    return jsonify(
-        {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "chatproxy"} for n in names]}
-    )
+    """The allowlisted models (chat, then embedding), as OpenAI lists models."""
+    return jsonify({"object": "list", "data": [_model(name) for name in _allowlisted()]})
+
+
+@bp.get("/models/<path:model>")
+@token_required(TOKENS_ONLY)
+def model(model: str) -> Response:
+    """One allowlisted model; any other name is OpenAI's 404 for a model that does not exist."""
+    if model not in _allowlisted():
+        raise ApiError(404, "not_found", f"The model '{model[:64]}' does not exist or you do not have access to it.")
+    return jsonify(_model(model))
+
+
+def _allowlisted() -> tuple[str, ...]:
+    settings = state().settings
+    return tuple(dict.fromkeys((*settings.models, *settings.embedding_models)))
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"}
 
 
 @bp.post("/chat/completions")

@@ -7,6 +7,8 @@ import re
 import time
 from typing import Any
 
+from .. import images
+
 DEMO_TEXT = (
     "This answer comes from the offline demo upstream, not from OpenAI. "
     "Set OPENAI_API_KEY to talk to a real model. You said: "
@@ -19,8 +21,16 @@ def count_tokens(text: str) -> int:
 
 
 def prompt_tokens(body: dict) -> int:
-    """The prompt tokens of a request body: its messages' contents, counted by `count_tokens`."""
-    return sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+    """The prompt tokens of a request body: its messages' text, counted by `count_tokens`, and its images, counted
+    as OpenAI counts them (images.prompt_tokens)."""
+    messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
+    text = sum(count_tokens(str(_text(m.get("content")))) for m in messages)
+    return text + images.prompt_tokens(messages)
+
+
+def _text(content: Any) -> Any:
+    """A message's text: a string as it is, the text of a list of parts."""
+    return images.text_of(content) if isinstance(content, list) else content or ""
 
 
 def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
@@ -45,11 +55,15 @@ REASONING = re.compile(r"^(o\d|gpt-5|gpt-6)")
 SAMPLING_WITH_EFFORT_NONE = re.compile(r"^gpt-(5\.[1-9]|6)")
 SAMPLING = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
 REASONING_TOKENS = 12  # what a reasoning model of the fake "thinks" before each answer
+TEXT_ONLY = re.compile(r"^(o3-mini|o1-mini|o1-preview|gpt-3\.5)")  # the models that refuse image input
 
 
 def parameter_error(body: dict) -> dict[str, Any] | None:
     """The 400 error body the real API answers for a parameter the model refuses, or None."""
     model = str(body.get("model") or "")
+    refused = image_error(body, model)
+    if refused is not None:
+        return refused
     if not REASONING.match(model):
         if body.get("reasoning_effort") is not None:
             return _unsupported(
@@ -79,6 +93,33 @@ def parameter_error(body: dict) -> dict[str, Any] | None:
     return None
 
 
+def image_error(body: dict, model: str) -> dict[str, Any] | None:
+    """The real API's 400 for an image part a text-only model is sent, or one it cannot read (the fake fetches no
+    URL: only data URLs are images to it)."""
+    for number, message in enumerate(body.get("messages") or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            if TEXT_ONLY.match(model):
+                return {
+                    "message": "Invalid content type. image_url is only supported by certain models.",
+                    "type": "invalid_request_error",
+                    "param": f"messages.[{number}].content.[{index}].type",
+                    "code": None,
+                }
+            image_url = part.get("image_url")
+            if images.header_of(image_url.get("url") if isinstance(image_url, dict) else None) is None:
+                return {
+                    "message": "You uploaded an unsupported image. Please make sure your image has of one the "
+                    "following formats: ['png', 'jpeg', 'gif', 'webp'].",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_image_format",
+                }
+    return None
+
+
 def _unsupported(param: str, message: str, code: str) -> dict[str, Any]:
     return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
 
@@ -92,7 +133,10 @@ def answer_for(body: dict, demo: bool) -> str:
     """The answer text: an example of the requested JSON shape, else an echo of the last user message."""
     messages = body.get("messages") or []
     last = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
-    if not isinstance(last, str):
+    if isinstance(last, list):
+        seen = len(images.image_parts([{"content": last}]))
+        last = images.text_of(last) + (f" [{seen} image{'s' if seen > 1 else ''}]" if seen else "")
+    elif not isinstance(last, str):
         last = json.dumps(last)
     response_format = body.get("response_format") or {}
     if response_format.get("type") == "json_schema":

@@ -1,9 +1,9 @@
-"""A loopback fake of the OpenAI Chat Completions API, with scriptable faults.
+"""A loopback fake of the OpenAI API (Chat Completions, Responses, embeddings), with scriptable faults.
 
 One implementation serves the tests, the offline demo (`make run` and the command
 line without a key) and the soak. It is a real HTTP server: the `openai` SDK talks
 to it over TCP exactly as it talks to api.openai.com. Its Files and Batch endpoints
-are in batches.py; what its answers say is in answers.py.
+are in batches.py; what its answers say is in answers.py (responses.py: Responses and embeddings).
 
     fake = FakeOpenAI().start()
     fake.script(Reply(status=429, headers={"retry-after-ms": "10"}), Reply())
@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import responses as wire
 from .answers import (
     answer_for,
     completion,
@@ -47,6 +48,7 @@ class Reply:
     status: int = 200
     content: str | None = None  # default: an echo of the last user message
     chunks: list[str] | None = None  # stream deltas; default: `content` split into words
+    # (Responses: finish_reason "length" or "content_filter" ends `incomplete`, "failed" ends `response.failed`)
     headers: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # error body for status >= 400
     delay: float = 0.0  # seconds before the status line
@@ -120,6 +122,7 @@ class FakeOpenAI:
         self.default = default or Reply(pace=0.03 if demo else 0.0)
         self._script: list[Reply] = []
         self._per_model: dict[str, Reply] = {}
+        self.stored: dict[str, dict[str, Any]] = {}  # responses created with store (the default, as OpenAI's)
         self.batch_api = FakeBatchAPI(demo)
         self.routes: list[Route] = batch_routes(self.batch_api)  # endpoints besides /chat/completions and /models
         self._lock = threading.Lock()
@@ -162,6 +165,11 @@ class FakeOpenAI:
             self.calls.clear()
             self._script.clear()
             self._per_model.clear()
+            self.stored.clear()
+
+    def responses_calls(self) -> list[Call]:
+        """The calls made to POST /responses."""
+        return [c for c in self.calls if c.method == "POST" and c.path.split("?")[0].endswith("/responses")]
 
     def chat_calls(self) -> list[Call]:
         """The calls made to /chat/completions."""
@@ -214,14 +222,30 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             return False
 
         def do_DELETE(self) -> None:
-            if not self._route(b""):
+            if self._route(b""):
+                return
+            call = self._record(None)
+            response_id = self._stored_id()
+            if response_id is not None:
+                fake.stored.pop(response_id)
+                self._json(200, {"id": response_id, "object": "response", "deleted": True})
+            else:
                 self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+            call.finished = True
+
+        def _stored_id(self) -> str | None:
+            """The id of a stored response this path names (/responses/{id}), if the fake keeps it."""
+            match = re.fullmatch(r".*/responses/([^/?]+)", self.path.split("?")[0])
+            return match.group(1) if match and match.group(1) in fake.stored else None
 
         def do_GET(self) -> None:
             if self._route(b""):
                 return
             call = self._record(None)
-            if self.path.rstrip("/").endswith("/models"):
+            response_id = self._stored_id()
+            if response_id is not None:
+                self._json(200, fake.stored[response_id])
+            elif self.path.rstrip("/").endswith("/models"):
                 data = [{"id": m, "object": "model", "owned_by": "fake"} for m in ("gpt-4o", "gpt-4o-mini")]
                 self._json(200, {"object": "list", "data": data})
             else:
@@ -238,7 +262,11 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = None
             call = self._record(body)
-            if not self.path.split("?")[0].endswith("/chat/completions") or not isinstance(body, dict):
+            path = self.path.split("?")[0]
+            if isinstance(body, dict) and path.endswith(("/responses", "/embeddings")):
+                self._other_api(call, body, path)
+                return
+            if not path.endswith("/chat/completions") or not isinstance(body, dict):
                 self._json(404, {"error": {"message": "unknown route", "type": "invalid_request_error"}})
                 return
             if call.deployment is not None:
@@ -288,6 +316,188 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     answer["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
                 self._json(200, answer, reply.headers)
                 call.finished = True
+
+        def _other_api(self, call: Call, body: dict[str, Any], path: str) -> None:
+            """POST /responses and /embeddings, with the same scripted faults as chat completions."""
+            reply = fake._next_reply(body)
+            if reply.delay:
+                time.sleep(reply.delay)
+            if reply.reset:
+                self._reset()
+                return
+            if reply.status >= 400:
+                error = reply.error or {"message": f"fake error {reply.status}", "type": "server_error"}
+                self._json(reply.status, {"error": error}, reply.headers)
+            elif path.endswith("/embeddings"):
+                inputs = body.get("input")
+                texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+                call.prompt_tokens = sum(count_tokens(str(text)) for text in texts)
+                self._json(200, wire.embeddings(body, call.prompt_tokens), reply.headers)
+            else:
+                self._response(call, body, reply)
+            call.finished = call.finished or not body.get("stream")
+
+        def _response(self, call: Call, body: dict[str, Any], reply: Reply) -> None:
+            """A Responses answer: the response object, or its stream of events."""
+            refused = wire.request_error(body)
+            previous = body.get("previous_response_id")
+            if refused is None and previous is not None and previous not in fake.stored:
+                refused = {
+                    "message": f"Previous response with id '{previous}' not found.",
+                    "type": "invalid_request_error",
+                    "param": "previous_response_id",
+                    "code": "previous_response_not_found",
+                }
+            if refused is not None:
+                self._json(400, {"error": refused})
+                return
+            chat = wire.as_chat(body)
+            text = reply.content if reply.content is not None else answer_for(chat, fake.demo)
+            call.prompt_tokens = prompt_tokens(chat)
+            if previous is not None:  # the earlier conversation is read again, and billed as input
+                call.prompt_tokens += fake.stored[previous]["usage"]["total_tokens"]
+            call.reasoning_tokens = reasoning_tokens(chat)
+            call.cached_tokens = min(reply.cached_tokens, call.prompt_tokens)
+            tools = reply.tool_calls if reply.tool_calls is not None else tool_calls_for(chat)
+            response_id = wire.new_id("resp")
+            if body.get("stream"):
+                self._response_stream(call, body, reply, response_id, text, tools)
+                return
+            call.completion_tokens = count_tokens(json.dumps(tools) if tools else text)
+            if tools:
+                output = [wire.function_call_item(wire.new_id("fc"), tool) for tool in tools]
+            else:
+                output = [wire.message_item(wire.new_id("msg"), text)]
+            summary = wire.summary_for(body, chat, call.reasoning_tokens)
+            if summary is not None:
+                output.insert(0, wire.reasoning_item(wire.new_id("rs"), summary))
+            counts = wire.usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens)
+            status = wire.status_for(reply.finish_reason)
+            answer = wire.response_object(
+                response_id,
+                body,
+                output,
+                status=status,
+                counts=counts,
+                model=reply.model,
+                finish_reason=reply.finish_reason,
+            )
+            if body.get("store", True):
+                fake.stored[response_id] = answer
+            self._json(200, answer, reply.headers)
+
+        def _response_stream(
+            self,
+            call: Call,
+            body: dict[str, Any],
+            reply: Reply,
+            response_id: str,
+            text: str,
+            tools: list[dict[str, Any]] | None,
+        ) -> None:
+            """The semantic events of one response, with the scripted faults between its deltas."""
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream; charset=utf-8")
+            self.send_header("cache-control", "no-cache")
+            self.send_header("connection", "close")
+            for key, value in reply.headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.close_connection = True
+            created = int(time.time())
+            sequence = iter(range(1_000_000))
+
+            def send(kind: str, *, count: bool = False, **fields: Any) -> None:
+                payload = wire.event(kind, **fields, sequence_number=next(sequence))
+                self._write(call, wire.encoded(payload))
+                if count:
+                    call.chunk_times.append(time.time())
+
+            def snapshot(status: str, output: list[dict[str, Any]], counts: Any = None) -> dict[str, Any]:
+                return wire.response_object(
+                    response_id,
+                    body,
+                    output,
+                    status=status,
+                    counts=counts,
+                    model=reply.model,
+                    created_at=created,
+                    finish_reason=reply.finish_reason,
+                )
+
+            if tools:
+                item_id = wire.new_id("fc")
+                item = wire.function_call_item(item_id, tools[0])
+                arguments = item["arguments"]
+                pieces: list[str] = [arguments[i : i + 8] for i in range(0, len(arguments), 8)]
+                started = {**item, "arguments": "", "status": "in_progress"}
+                delta_kind = "response.function_call_arguments.delta"
+            else:
+                item_id = wire.new_id("msg")
+                pieces = reply.chunks if reply.chunks is not None else _split(text)
+                item = wire.message_item(item_id, "".join(pieces))
+                started = {**item, "status": "in_progress", "content": []}
+                delta_kind = "response.output_text.delta"
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            summary = wire.summary_for(body, wire.as_chat(body), call.reasoning_tokens)
+            index = 0 if summary is None else 1  # a reasoning summary comes first
+            where: dict[str, Any] = {"item_id": item_id, "output_index": index}
+            done: list[dict[str, Any]] = []
+            try:
+                send("response.created", response=snapshot("in_progress", []))
+                send("response.in_progress", response=snapshot("in_progress", []))
+                if summary is not None:
+                    thought = wire.reasoning_item(wire.new_id("rs"), summary)
+                    at = {"item_id": thought["id"], "output_index": 0, "summary_index": 0}
+                    send("response.output_item.added", output_index=0, item={**thought, "summary": []})
+                    send("response.reasoning_summary_part.added", **at, part={"type": "summary_text", "text": ""})
+                    for piece in _split(summary):
+                        send("response.reasoning_summary_text.delta", **at, delta=piece)
+                    send("response.reasoning_summary_text.done", **at, text=summary)
+                    send("response.reasoning_summary_part.done", **at, part={"type": "summary_text", "text": summary})
+                    send("response.output_item.done", output_index=0, item=thought)
+                    done.append(thought)
+                send("response.output_item.added", output_index=index, item=started)
+                if not tools:
+                    where["content_index"] = 0
+                    send("response.content_part.added", **where, part=part)
+                if reply.first_chunk_delay:
+                    time.sleep(reply.first_chunk_delay)
+                for i, piece in enumerate(pieces):
+                    if i and reply.pace:
+                        time.sleep(reply.pace)
+                    if reply.drop_after is not None and i == reply.drop_after:
+                        return
+                    if reply.malformed_after is not None and i == reply.malformed_after:
+                        self._write(call, b"event: " + delta_kind.encode() + b"\ndata: " + reply.malformed + b"\n\n")
+                        return
+                    if reply.error_after is not None and i == reply.error_after:
+                        error = reply.error or {"message": "fake stream error", "code": "server_error"}
+                        send("error", code=error.get("code"), message=error.get("message"), param=None)
+                        return
+                    if reply.stall_after is not None and i == reply.stall_after:
+                        time.sleep(reply.stall)
+                    extra = {} if tools else {"logprobs": []}
+                    send(delta_kind, count=True, **where, delta=piece, **extra)
+                    call.completion_tokens += 1
+                if tools:
+                    send("response.function_call_arguments.done", **where, name=item["name"], arguments=arguments)
+                else:
+                    done_text = item["content"][0]["text"]
+                    send("response.output_text.done", **where, text=done_text, logprobs=[])
+                    send("response.content_part.done", **where, part={**part, "text": done_text})
+                send("response.output_item.done", output_index=index, item=item)
+                status = wire.status_for(reply.finish_reason)
+                counts = wire.usage(
+                    call.prompt_tokens, call.completion_tokens, call.cached_tokens, call.reasoning_tokens
+                )
+                final = snapshot(status, [*done, item], None if reply.omit_usage else counts)
+                if body.get("store", True):
+                    fake.stored[response_id] = {**final, "usage": counts}
+                send(f"response.{status}", response=final)
+                call.finished = True
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                return
 
         def _record(self, body: Any) -> Call:
             call = Call(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())

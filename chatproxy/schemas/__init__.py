@@ -16,6 +16,8 @@ from .batch import BatchBody, batch_model
 from .chat import ChatBody, chat_models
 from .classify import ClassifyBody, classify_model
 from .compat import CompatBody, compat_model
+from .embeddings import EmbeddingsBody, embeddings_model
+from .responses import ResponsesBody, responses_model
 
 __all__ = ["Body", "RequestModels", "request_models"]
 
@@ -29,6 +31,8 @@ class RequestModels:
     batch: type[BatchBody]  # POST /api/batches
     compat: type[CompatBody]  # POST /v1/chat/completions
     classify: type[ClassifyBody]  # POST /api/classify
+    responses: type[ResponsesBody]  # POST /v1/responses
+    embeddings: type[EmbeddingsBody]  # POST /v1/embeddings
 
 
 def request_models(settings: Settings) -> RequestModels:
@@ -45,4 +49,6 @@ def _built(policy: Policy) -> RequestModels:
         batch=batch_model(policy, line),
         compat=compat_model(policy),
         classify=classify_model(policy),
+        responses=responses_model(policy),
+        embeddings=embeddings_model(policy),
     )

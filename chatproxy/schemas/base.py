@@ -17,7 +17,15 @@ import json
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    ValidationError,
+)
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -38,7 +46,7 @@ Effort = Literal[EFFORTS]  # type: ignore[valid-type]
 
 @dataclass(frozen=True)
 class Policy:
-    """What the request models read of the settings: the allowlist, the caps and the system prompt."""
+    """What the request models read of the settings: the allowlist, the caps (images' too) and the system prompt."""
 
     models: tuple[str, ...]
     default_model: str
@@ -50,6 +58,12 @@ class Policy:
     max_total_chars: int
     classify_labels: tuple[str, ...]
     batch_max_requests: int
+    max_image_bytes: int
+    max_image_side: int
+    max_images_per_message: int
+    max_images: int
+    embedding_models: tuple[str, ...]
+    embedding_max_inputs: int
 
     @classmethod
     def of(cls, settings: Settings) -> Policy:
@@ -57,13 +71,34 @@ class Policy:
         return cls(**{field.name: getattr(settings, field.name) for field in fields(cls)})
 
 
+@dataclass(frozen=True)
+class Documented:
+    """JSON Schema keywords for the document only: a rule another check enforces in its own words."""
+
+    keywords: tuple[tuple[str, Any], ...]
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        """The schema with the keywords added."""
+        return {**handler(core_schema), **dict(self.keywords)}
+
+
+def documented(**keywords: Any) -> Documented:
+    """An annotation adding `keywords` to a field's JSON Schema, not to its validation."""
+    return Documented(tuple(keywords.items()))
+
+
 def problem(message: str) -> PydanticCustomError:
     """A validator's refusal, worded for the client."""
     return PydanticCustomError(PROBLEM, message)
 
 
+def too_deep(schema: Any) -> bool:
+    """Whether a JSON Schema is nested more than MAX_SCHEMA_DEPTH deep."""
+    return _depth(schema) > MAX_SCHEMA_DEPTH
+
+
 def _nested_at_most(schema: dict[str, Any]) -> dict[str, Any]:
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
+    if too_deep(schema):
         raise PydanticCustomError("too_deep", "nested too deeply")
     return schema
 
@@ -94,7 +129,12 @@ class Body(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise invalid(cls.describe(first_error(cls, exc.errors(include_url=False)), data, **hints)) from None
+            raise invalid(cls.describe(cls.pick(exc.errors(include_url=False)), data, **hints)) from None
+
+    @classmethod
+    def pick(cls, errors: list[ErrorDetails]) -> ErrorDetails:
+        """The error to name (see first_error)."""
+        return first_error(cls, errors)
 
     @classmethod
     def describe(cls, error: ErrorDetails, data: dict[str, Any], **hints: Any) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
+from .. import images
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
@@ -24,8 +25,11 @@ from .base import (
     unknown_field,
 )
 from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
+from .parts import content_text, count_images, part_wording, user_content, wire
 
 CLIENT_ROLES = ("user", "assistant")
+TOO_LONG = "turn_too_long"  # a turn's text parts together
+NOT_TEXT = "{where} must be a non-empty string (or, from the user, a list of text and image parts)."
 CUSTOM_ID = r"^(?=.*\S)[^\x00-\x1f\x7f]{1,64}(?!\n)$"  # printable, not blank; (?!\n): Python's $ allows one
 
 
@@ -34,7 +38,7 @@ class ChatBody(Body):
 
     policy: ClassVar[Policy]
     if TYPE_CHECKING:  # the fields, declared with this app's caps in chat_models()
-        message: str | None
+        message: str | list[Any] | None
         messages: list[Any] | None
         model: str | None
         max_tokens: int | None
@@ -56,7 +60,15 @@ class ChatBody(Body):
     def _ends_with_the_user(cls, messages: list[Any]) -> list[Any]:
         if messages[-1].role != "user":
             raise problem("The last message must come from the user.")
+        count_images([turn.content for turn in messages], cls.policy)
         return messages
+
+    @field_validator("message", check_fields=False)
+    @classmethod
+    def _said(cls, message: str | list[Any]) -> str | list[Any]:
+        check_turn(message, cls.policy)
+        count_images([message], cls.policy)
+        return message
 
     @field_validator("response_format", check_fields=False)
     @classmethod
@@ -64,7 +76,7 @@ class ChatBody(Body):
         turns = (
             [info.data["message"]] if info.data.get("message") else [t.content for t in info.data.get("messages") or ()]
         )
-        check_total(sum(map(len, turns)), format_chars(upstream_format(value)), cls.policy)
+        check_total(sum(len(content_text(turn)) for turn in turns), format_chars(upstream_format(value)), cls.policy)
         return value
 
     @field_validator("max_completion_tokens", check_fields=False)
@@ -74,11 +86,11 @@ class ChatBody(Body):
             raise problem("Send 'max_tokens' or 'max_completion_tokens', not both.")
         return value
 
-    def turns(self) -> list[dict[str, str]]:
+    def turns(self) -> list[dict[str, Any]]:
         """The client's turns as Chat Completions messages."""
         if self.message is not None:
-            return [{"role": "user", "content": self.message}]
-        return [{"role": turn.role, "content": turn.content} for turn in self.messages]
+            return [{"role": "user", "content": wire(self.message)}]
+        return [{"role": turn.role, "content": wire(turn.content)} for turn in self.messages]
 
     def call(self) -> Call:
         """The Chat Completions call: our system prompt first, then the client's turns."""
@@ -89,7 +101,8 @@ class ChatBody(Body):
         response_format = upstream_format(self.response_format)
         if response_format is not None:
             body["response_format"] = response_format
-            if response_format["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
+            asks_json = any("json" in images.text_of(m["content"]).lower() for m in messages)
+            if response_format["type"] == "json_object" and not asks_json:
                 # OpenAI refuses JSON mode unless a message asks for JSON; say it in our system message.
                 messages[0] = {"role": "system", "content": f"{system}\n\n{JSON_NOTE}"}
         asked = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
@@ -99,9 +112,10 @@ class ChatBody(Body):
             body=body,
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(getattr(self, "stream", False)),
-            prompt_estimate=estimate_prompt(messages, response_format),
+            prompt_estimate=estimate_prompt(messages, response_format) + images.prompt_tokens(messages),
             sampling={} if self.temperature is None else {"temperature": float(self.temperature)},
             reasoning_effort=self.reasoning_effort,
+            images=len(images.image_parts(messages)),
         )
 
     @classmethod
@@ -111,23 +125,28 @@ class ChatBody(Body):
         if (name := unknown_field(error)) is not None:
             return f"Unknown field: {name!r}. Allowed fields: {', '.join(sorted(cls.model_fields))}."
         match loc:
-            case ("message",):
-                if kind == "string_too_long":
+            case ("message", "parts", *parts):
+                return part_wording("message", parts, kind, error["msg"], policy) or NOT_TEXT.format(where="'message'")
+            case ("message", *_):
+                if kind in ("string_too_long", TOO_LONG):
                     return f"'message' is too long: at most {policy.max_message_chars} characters."
-                return "'message' must be a non-empty string."
+                return NOT_TEXT.format(where="'message'")
             case ("messages",):
                 if kind == "too_long":
                     return f"Too many messages: at most {policy.max_messages} per request."
                 return "'messages' must be a non-empty list of {role, content} objects."
+            case ("messages", int(index), "content", "parts", *parts):
+                where = f"messages[{index}].content"
+                return part_wording(where, parts, kind, error["msg"], policy) or NOT_TEXT.format(where=where)
             case ("messages", int(index), *rest):
                 where = f"messages[{index}]"
                 if kind in SHAPE:
                     return f"{where} must be an object with exactly 'role' and 'content'."
                 if rest == ["role"]:
                     return f"{where}: role must be 'user' or 'assistant'; the server sets the system prompt."
-                if kind == "string_too_long":
+                if kind in ("string_too_long", TOO_LONG):
                     return f"{where} is too long: at most {policy.max_message_chars} characters."
-                return f"{where}.content must be a non-empty string."
+                return NOT_TEXT.format(where=f"{where}.content")
             case ("model",):
                 return f"Unknown model. Allowed models: {', '.join(policy.models)}."
             case ("max_tokens" | "max_completion_tokens" as name,):
@@ -145,22 +164,42 @@ class ChatBody(Body):
         return wording_of(error) or super().wording(error, data)
 
 
+def check_turn(content: str | list[Any], policy: Policy) -> None:
+    """A turn's parts hold some text or an image, and their text is within the message cap."""
+    if isinstance(content, str):
+        return
+    text = content_text(content)
+    if len(text) > policy.max_message_chars:
+        raise PydanticCustomError(TOO_LONG, "too long")
+    if not text.strip() and not any(part.type == "image_url" for part in content):
+        raise PydanticCustomError("blank_parts", "no text or image")
+
+
 def chat_models(policy: Policy) -> tuple[type[ChatBody], type[ChatBody]]:
     """The /api/chat request and the batch line, with this app's allowlist and caps."""
     app_policy = policy  # the class bodies below name their own `policy`
     Text = Annotated[str, StringConstraints(min_length=1, max_length=policy.max_message_chars, pattern=NOT_BLANK)]
 
+    Content = user_content(Text, policy)
+
     class ChatTurn(Body):
-        """One turn of the conversation."""
+        """One turn of the conversation: text, or from the user text and image parts."""
 
         role: Literal[CLIENT_ROLES]  # type: ignore[valid-type]
-        content: Text  # type: ignore[valid-type]
+        content: Content  # type: ignore[valid-type]
+
+        @model_validator(mode="after")
+        def _a_turn(self) -> ChatTurn:
+            if isinstance(self.content, list) and self.role != "user":
+                raise PydanticCustomError("parts_not_from_user", "only the user's turns have parts")
+            check_turn(self.content, app_policy)
+            return self
 
     Tokens = Annotated[int | None, Field(ge=1, description=f"Clamped to the server cap, {policy.max_tokens}.")]
 
     class ChatFields(ChatBody):
         policy: ClassVar[Policy] = app_policy
-        message: Text = Field(None, description="The simple form: one user message.")  # type: ignore[valid-type]
+        message: Content = Field(None, description="The simple form: one user message.")  # type: ignore[valid-type]
         messages: Annotated[list[ChatTurn], Field(min_length=1, max_length=policy.max_messages)] = Field(
             None,
             description=f"The conversation, ending with a user turn; at most {policy.max_total_chars} "

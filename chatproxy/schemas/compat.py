@@ -1,19 +1,19 @@
 """The /v1/chat/completions request: OpenAI's wire format, held to the same policy as /api/chat.
 
-Messages are a union on `role`, content parts a union on `type` (PARTS): a new kind of part is one more
-model in PARTS with its `wire()` and `text`.
+Messages are a union on `role`; their content parts (schemas/parts.py) a union on `type`: text, and images in
+a user's turn.
 """
 
 from __future__ import annotations
 
 import json
-import operator
-from functools import cached_property, reduce
+from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Discriminator, Field, StringConstraints, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from .. import images
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
@@ -33,6 +33,7 @@ from .base import (
     unknown_field,
 )
 from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
+from .parts import content_text, content_type, count_images, part_wording, user_content, wire
 
 MAX_TOOLS = 64
 MAX_TOOL_DESCRIPTION = 4096
@@ -46,34 +47,6 @@ SAMPLING = {"temperature": (0.0, MAX_TEMPERATURE), "top_p": (0.0, 1.0)} | dict.f
 )
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=NOT_BLANK)]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
-
-
-class TextPart(Body):
-    """A text part of a message's content."""
-
-    type: Literal["text"]
-    text: str
-
-    def wire(self) -> dict[str, Any]:
-        """The part as sent upstream."""
-        return {"type": "text", "text": self.text}
-
-
-PARTS: tuple[type[Body], ...] = (TextPart,)
-Part = Annotated[reduce(operator.or_, PARTS), Field(discriminator="type")]  # type: ignore[valid-type]
-
-
-def _content_kind(value: Any) -> str | None:
-    return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
-
-
-def content_type(text: Any) -> Any:
-    """A message's content: a string (constrained by `text`) or a non-empty list of parts."""
-    parts = Annotated[list[Part], Field(min_length=1)]
-    return Annotated[
-        Annotated[text, Tag("text")] | Annotated[parts, Tag("parts")],
-        Discriminator(_content_kind, custom_error_type="content_type", custom_error_message="string or parts"),
-    ]
 
 
 class FunctionCall(Body):
@@ -125,7 +98,7 @@ class Turn(Body):
         """The text of its content."""
         if self.content is None:
             return []
-        return [self.content] if isinstance(self.content, str) else [part.text for part in self.content]
+        return [content_text(self.content)]
 
     @cached_property
     def chars(self) -> int:
@@ -136,8 +109,7 @@ class Turn(Body):
     def wire(self) -> dict[str, Any]:
         """The message as sent upstream."""
         message: dict[str, Any] = {"role": self.role}
-        content = self.content
-        message["content"] = content if content is None or isinstance(content, str) else [p.wire() for p in content]
+        message["content"] = wire(self.content)
         if "name" in self.model_fields_set:
             message["name"] = self.name
         if self.calls():
@@ -229,6 +201,7 @@ class CompatBody(Body):
         kept = cls.kept(messages)
         if not kept or kept[-1].role not in ("user", "tool"):
             raise problem("The last message must come from the user or a tool.")
+        count_images([turn.content for turn in kept], cls.policy)
         return messages
 
     @field_validator("max_completion_tokens", check_fields=False)
@@ -312,7 +285,8 @@ class CompatBody(Body):
         if response_format is not None:
             options["response_format"] = response_format
         system = policy.system_prompt
-        if response_format == {"type": "json_object"} and "json" not in (system + json.dumps(messages)).lower():
+        asks_json = "json" in (system + json.dumps([turn.flat() for turn in self.turns()])).lower()  # not base64
+        if response_format == {"type": "json_object"} and not asks_json:
             system = f"{system}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless a message asks for JSON
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         estimate = [{"role": "system", "content": system}, *(turn.flat() for turn in self.turns())]
@@ -324,9 +298,10 @@ class CompatBody(Body):
             body={"messages": [{"role": "system", "content": system}, *messages], **options},
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(self.stream),
-            prompt_estimate=estimate_prompt(estimate, response_format),
+            prompt_estimate=estimate_prompt(estimate, response_format) + images.prompt_tokens(messages),
             sampling={name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None},
             reasoning_effort=self.reasoning_effort,
+            images=len(images.image_parts(messages)),
         )
 
     @classmethod
@@ -343,7 +318,7 @@ class CompatBody(Body):
             case ("messages", int(index)):
                 return f"messages[{index}].role must be one of: {', '.join(ROLES)}."
             case ("messages", int(index), str(role), *rest):
-                return message_wording(f"messages[{index}]", role, rest, kind, policy)
+                return message_wording(f"messages[{index}]", role, rest, kind, error["msg"], policy)
             case ("model",):
                 return f"Unknown model. Allowed models: {', '.join(policy.models)}."
             case ("max_tokens" | "max_completion_tokens" as name,):
@@ -388,7 +363,7 @@ TOOL_CHOICE = (
 )
 
 
-def message_wording(where: str, role: str, rest: list[Any], kind: str, policy: Policy) -> str:
+def message_wording(where: str, role: str, rest: list[Any], kind: str, msg: str, policy: Policy) -> str:
     """The sentence for an error inside one message (`rest`: the path after its role)."""
     match rest:
         case [] if kind == "message_too_long":
@@ -399,10 +374,12 @@ def message_wording(where: str, role: str, rest: list[Any], kind: str, policy: P
             return f"{where}.content must be a string or a non-empty list of text parts."
         case [field] if kind == "extra_forbidden":
             return f"{where} has an unsupported field for role {role!r}: {str(field)[:64]!r}."
+        case ["content", "parts", *parts] if role == "user":
+            return part_wording(f"{where}.content", parts, kind, msg, policy) or f"{where}.content is not valid."
         case ["content", "parts", int(), *_]:
             return (
                 f'{where}.content parts must be {{"type": "text", "text": "..."}}; '
-                "images, audio and files are not accepted."
+                "images only in user messages; audio and files are not accepted."
             )
         case ["content", "text"] if kind == "string_too_long":
             return f"{where} is too long: at most {policy.max_message_chars} characters."
@@ -446,8 +423,8 @@ def compat_model(policy: Policy) -> type[CompatBody]:
     app_policy = policy  # the class bodies below name their own `policy`
     Text = Annotated[str, StringConstraints(max_length=policy.max_message_chars)]
     Content = content_type(Text)
-    UserContent = content_type(
-        Annotated[str, StringConstraints(max_length=policy.max_message_chars, pattern=NOT_BLANK)]
+    UserContent = user_content(
+        Annotated[str, StringConstraints(max_length=policy.max_message_chars, pattern=NOT_BLANK)], policy
     )
 
     class Message(Turn):
@@ -469,7 +446,7 @@ def compat_model(policy: Policy) -> type[CompatBody]:
 
         @model_validator(mode="after")
         def _not_blank(self) -> UserMessage:
-            if not "".join(self.texts()).strip():
+            if not "".join(self.texts()).strip() and not images.image_parts([self.wire()]):
                 raise PydanticCustomError("blank_content", "empty")
             return self
 
