@@ -1,4 +1,5 @@
-"""Image content parts: checked from their bytes (data URLs only), counted, and priced as prompt tokens.
+"""Image content parts: checked from their bytes (data URLs only) and priced as prompt tokens (the request models,
+schemas/parts.py, call `check` and count them).
 
 A part is OpenAI's `{"type": "image_url", "image_url": {"url": "data:image/png;base64,...", "detail": ...}}`.
 The type is read from the magic bytes and the pixel size from the header, never by decoding the image: a

@@ -25,7 +25,7 @@ from .base import (
     unknown_field,
 )
 from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
-from .parts import content_text, count_images, part_wording, user_content, wire
+from .parts import content_text, count_images, image_count, part_wording, user_content, wire
 
 CLIENT_ROLES = ("user", "assistant")
 TOO_LONG = "turn_too_long"  # a turn's text parts together
@@ -65,7 +65,7 @@ class ChatBody(Body):
 
     @field_validator("message", check_fields=False)
     @classmethod
-    def _said(cls, message: str | list[Any]) -> str | list[Any]:
+    def _one_turn(cls, message: str | list[Any]) -> str | list[Any]:
         check_turn(message, cls.policy)
         count_images([message], cls.policy)
         return message
@@ -171,7 +171,7 @@ def check_turn(content: str | list[Any], policy: Policy) -> None:
     text = content_text(content)
     if len(text) > policy.max_message_chars:
         raise PydanticCustomError(TOO_LONG, "too long")
-    if not text.strip() and not any(part.type == "image_url" for part in content):
+    if not text.strip() and not image_count(content):
         raise PydanticCustomError("blank_parts", "no text or image")
 
 

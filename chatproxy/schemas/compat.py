@@ -33,7 +33,7 @@ from .base import (
     unknown_field,
 )
 from .formats import JSON_NOTE, ResponseFormat, format_chars, upstream_format, wording_of
-from .parts import content_text, content_type, count_images, part_wording, user_content, wire
+from .parts import content_text, content_type, count_images, image_count, part_wording, user_content, wire
 
 MAX_TOOLS = 64
 MAX_TOOL_DESCRIPTION = 4096
@@ -446,7 +446,7 @@ def compat_model(policy: Policy) -> type[CompatBody]:
 
         @model_validator(mode="after")
         def _not_blank(self) -> UserMessage:
-            if not "".join(self.texts()).strip() and not images.image_parts([self.wire()]):
+            if not "".join(self.texts()).strip() and not image_count(self.content):
                 raise PydanticCustomError("blank_content", "empty")
             return self
 

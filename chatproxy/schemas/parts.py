@@ -39,9 +39,11 @@ def _content_kind(value: Any) -> str | None:
     return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
 
 
-def content_type(text: Any, part: Any = TextPart) -> Any:
-    """A message's content: a string (constrained by `text`) or a non-empty list of `part`."""
-    parts = Annotated[list[part], Field(min_length=1)]  # type: ignore[valid-type]
+TEXT_PARTS = Annotated[list[TextPart], Field(min_length=1)]
+
+
+def content_type(text: Any, parts: Any = TEXT_PARTS) -> Any:
+    """A message's content: a string (constrained by `text`) or a list of parts (text parts unless told)."""
     return Annotated[
         Annotated[text, Tag("text")] | Annotated[parts, Tag("parts")],
         Discriminator(_content_kind, custom_error_type="content_type", custom_error_message="string or parts"),
@@ -81,7 +83,7 @@ def image_parts(policy: Policy) -> Any:
             return {"type": "image_url", "image_url": self.image_url.model_dump()}
 
     def at_most(parts: list[Any]) -> list[Any]:
-        if sum(part.type == "image_url" for part in parts) > policy.max_images_per_message:
+        if image_count(parts) > policy.max_images_per_message:
             raise PydanticCustomError(TOO_MANY_IMAGES, "too many images")
         return parts
 
@@ -98,10 +100,7 @@ def image_parts(policy: Policy) -> Any:
 
 def user_content(text: Any, policy: Policy) -> Any:
     """A user's content: a string (constrained by `text`), or text and image parts."""
-    return Annotated[
-        Annotated[text, Tag("text")] | Annotated[image_parts(policy), Tag("parts")],
-        Discriminator(_content_kind, custom_error_type="content_type", custom_error_message="string or parts"),
-    ]
+    return content_type(text, image_parts(policy))
 
 
 def content_text(content: str | list[Any] | None) -> str:
@@ -116,12 +115,15 @@ def wire(content: str | list[Any] | None) -> str | list[dict[str, Any]] | None:
     return content if content is None or isinstance(content, str) else [part.wire() for part in content]
 
 
-def count_images(contents: list[Any], policy: Policy) -> int:
-    """How many images the request's contents carry, refused above CHATPROXY_MAX_IMAGES."""
-    found = sum(part.type == "image_url" for content in contents if isinstance(content, list) for part in content)
-    if found > policy.max_images:
+def image_count(content: str | list[Any] | None) -> int:
+    """How many images validated content carries."""
+    return sum(part.type == "image_url" for part in content) if isinstance(content, list) else 0
+
+
+def count_images(contents: list[Any], policy: Policy) -> None:
+    """The request's contents carry at most CHATPROXY_MAX_IMAGES images."""
+    if sum(map(image_count, contents)) > policy.max_images:
         raise problem(f"Too many images: at most {policy.max_images} per request.")
-    return found
 
 
 def part_wording(where: str, rest: list[Any], kind: str, msg: str, policy: Policy) -> str | None:
