@@ -3,11 +3,13 @@
 A wire format is a `Body` subclass built from the app's Policy (the caps are constraints of the model,
 so they are in its JSON Schema too). `Body.parse` validates a decoded body and raises the contract's 400
 with one sentence: the first problem, in the order a reader would fix them (unknown fields, then the fields
-in their order, an item's shape before its values), worded by the model's `wording`.
+in their order, an item's shape before its values; a model may `pick` otherwise, as the OpenAI-shaped
+/v1/responses and /v1/embeddings name the deepest), worded by the model's `wording`.
 
 A new wire format: a module with a Body subclass whose `wording` names its fields' errors (`problem()` for
 a rule a validator checks, already worded), a function that builds it from a Policy (caps as Field and
-StringConstraints arguments), and a field of schemas.RequestModels; its route calls `.parse(body)`, and its
+StringConstraints arguments; `documented()` for a cap a later check words itself), and a field of
+schemas.RequestModels; its route calls `.parse(body)`, and its
 Operation in openapi.py names it as `body`.
 """
 
