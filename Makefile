@@ -35,16 +35,28 @@ system-deps:
 	  else echo "not root: install$$missing yourself or those tests skip"; fi; \
 	fi
 
+# The tests that run real gunicorn, once more under the other worker class (gunicorn.conf.py: gevent by default):
+# both stay supported. tests/helpers.py passes CHATPROXY_WORKER_CLASS on to every gunicorn it starts.
+SERVER_TESTS := tests/test_deploy.py tests/test_streaming.py tests/test_soak.py tests/test_concurrency.py
+
 test: install system-deps
-	$(PY) -m pytest
+	CHATPROXY_WORKER_CLASS=gevent $(PY) -m pytest
+	CHATPROXY_WORKER_CLASS=gthread $(PY) -m pytest $(SERVER_TESTS)
 
 # ruff, configured in pyproject.toml: the lint rules and the formatting, checked (`ruff format .` fixes the latter).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# LiteLLM's proxy for bench path E, in a virtualenv of its own (bench/litellm-requirements.txt); a failed
+# install leaves no bench/.litellm/bin/litellm, and the bench then runs without path E.
+LITELLM := bench/.litellm/bin/litellm
+$(LITELLM): bench/litellm-requirements.txt
+	test -x bench/.litellm/bin/python || $(PYTHON) -m venv bench/.litellm
+	-bench/.litellm/bin/python -m pip install --quiet -r bench/litellm-requirements.txt
+
 # The benchmark (bench/run.py, under 10 minutes): writes BENCHMARKS.md, docs/bench.png and README's Performance figures.
-bench: install
+bench: install $(LITELLM)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py
 

@@ -1,7 +1,8 @@
 """gunicorn settings for chatproxy: `gunicorn -c gunicorn.conf.py` (see docs/deploy.md).
 
-Workers, threads, bind address and graceful timeout come from chatproxy's settings (the environment,
-then `.env`): CHATPROXY_WORKERS, CHATPROXY_THREADS, CHATPROXY_BIND, CHATPROXY_GRACEFUL_TIMEOUT.
+Workers, their class and size, bind address and graceful timeout come from chatproxy's settings (the
+environment, then `.env`): CHATPROXY_WORKERS, CHATPROXY_WORKER_CLASS, CHATPROXY_THREADS, CHATPROXY_BIND,
+CHATPROXY_GRACEFUL_TIMEOUT.
 Command-line flags still win over this file. Every setting is checked here, before gunicorn binds or
 forks: a bad one stops it naming the variable; on a reload it is refused and the previous settings stay.
 """
@@ -161,11 +162,24 @@ class GracefulThreadWorker(ThreadWorker):
                 listener.close()
 
 
-# gthread: each worker serves `threads` requests at once, and an open stream holds one thread for its
-# whole life, so workers x threads is how many answers can stream at the same time.
-worker_class = GracefulThreadWorker
+# Each worker serves CHATPROXY_THREADS requests at once, and an open stream holds one of them for its whole
+# life, so workers x CHATPROXY_THREADS is how many answers can stream at the same time. gevent (the default):
+# each is a greenlet, a few KiB, and a chunk's bytes move without handing the GIL between OS threads;
+# gthread: each is an OS thread. docs/deploy.md compares them.
+WORKER_CLASS = _setting("CHATPROXY_WORKER_CLASS")
 workers = _setting("CHATPROXY_WORKERS")
-threads = _setting("CHATPROXY_THREADS")
+if WORKER_CLASS == "gevent":
+    # gunicorn's gevent worker patches the standard library (gevent.monkey.patch_all) in the worker, after the
+    # fork and before it loads the app, so nothing that must be patched may be imported by this file (it imports
+    # neither chatproxy nor Flask nor the SDK). Once patched, psycopg 3 (3.1.14+) waits on gevent's hub by itself,
+    # redis-py, httpx and the SQLAlchemy pools' locks are gevent's, and nothing needs patching beyond the standard
+    # library (else: a gevent.events.GeventDidPatchBuiltinModulesEvent subscriber here, as Dify does for psycopg2
+    # and gRPC). On SIGTERM the gevent worker closes its own listening sockets.
+    worker_class = "gevent"
+    worker_connections = _setting("CHATPROXY_THREADS")
+else:
+    worker_class = GracefulThreadWorker
+    threads = _setting("CHATPROXY_THREADS")
 
 # No preload: create_app() runs in each worker after the fork, so every worker builds its own OpenAI
 # client (one per process, reused by all its threads) and its own Redis and database connections.

@@ -26,7 +26,7 @@ class Path:
     name: str
     port: int
     kind: str  # OPENAI or CHATPROXY
-    token: str = ""
+    token: str = ""  # the bearer token (OPENAI paths without one send a dummy key)
 
     def request(self, bench_id: str, n: int, stream: bool) -> bytes:
         """The raw HTTP request for one chat call of `n` deltas."""
@@ -41,7 +41,7 @@ class Path:
             }
             if stream:
                 body.update(stream=True, stream_options={"include_usage": True})
-            target, auth = "/v1/chat/completions", "Bearer sk-bench"
+            target, auth = "/v1/chat/completions", f"Bearer {self.token or 'sk-bench'}"
         else:
             body = {"messages": [{"role": "user", "content": f"bench:{bench_id}"}], "max_tokens": n, "stream": stream}
             target, auth = "/api/chat", f"Bearer {self.token}"

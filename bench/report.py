@@ -7,16 +7,26 @@ from pathlib import Path
 from typing import Any
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = "ABCDKPE"
-GOALS = (  # (figure key, goal text, test)
-    ("added_ttft_p50_ms", "added TTFT p50 ≤ 2 ms", lambda v: v is not None and v <= 2),
+ORDER = "ABCGVDFKPE"
+OURS = "CGV"  # chatproxy's own paths: the ratios section compares them with the others
+GOALS = (  # (figure key, goal text, test): issue 19's goals
+    ("added_ttft_p50_ms", "added TTFT p50 ≤ 1.5 ms", lambda v: v is not None and v <= 1.5),
     ("added_gap_p99_ms", "added inter-chunk gap p99 ≤ 1 ms at 1 stream", lambda v: v is not None and v <= 1),
     ("batched_gaps", "no batching (gaps < 1 ms) at 1 stream", lambda v: v == 0),
     ("sustained_streams", "≥ 256 sustained streams", lambda v: v is not None and v >= 256),
-    ("kib_per_stream", "≤ 100 KiB per open stream", lambda v: v is not None and v <= 100),
-    ("cpu_ms_per_1000_chunks", "≤ 50 ms CPU per 1,000 chunks", lambda v: v is not None and v <= 50),
+    ("kib_per_stream", "≤ 64 KiB per open stream", lambda v: v is not None and v <= 64),
+    ("cpu_ms_per_1000_chunks", "≤ 80 ms CPU per 1,000 chunks", lambda v: v is not None and v <= 80),
     ("reuse_pct", "≥ 99 % upstream connection reuse", lambda v: v is not None and v >= 99),
-    ("chunks_after_abort_max", "≤ 2 chunks after an abort", lambda v: v is not None and v <= 2),
+    ("chunks_after_abort_max", "≤ 1 chunk after a hang-up", lambda v: v is not None and v <= 1),
+)
+RATIOS = (  # (figure key, what it is, lower is better)
+    ("added_ttft_p50_ms", "added TTFT p50", True),
+    ("added_ttft_p99_ms", "added TTFT p99", True),
+    ("added_gap_p99_ms", "added gap p99", True),
+    ("sustained_streams", "sustained streams", False),
+    ("cpu_ms_per_1000_chunks", "CPU per 1,000 chunks", True),
+    ("kib_per_stream", "memory per open stream", True),
+    ("rps_p99_under_10ms", "whole replies/s (p99 < 10 ms)", False),
 )
 
 
@@ -132,11 +142,13 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "",
         *[f"- **{name[k]}**" for k in letters],
         "",
-        "gunicorn runs the shipped `gunicorn.conf.py` (gthread, 2 workers) with `CHATPROXY_THREADS=512` so that "
-        "threads are not the limit; nginx runs `deploy/nginx.conf`'s upstream and proxy directives without TLS. "
-        "App settings: " + ", ".join(f"`{k}={v}`" for k, v in results["app_settings"].items()) + "; every other "
-        "setting keeps its shipped default (`CHATPROXY_KEEPALIVE_SECONDS=10`: path K turns it off to show what "
-        "the pinger's reader thread costs).",
+        "gunicorn runs the shipped `gunicorn.conf.py` (2 workers; the gevent worker class for C, V and D, "
+        "gthread for G) with `CHATPROXY_THREADS=512` so that threads or greenlets are not the limit; the plain "
+        "proxy F runs under gunicorn's gthread worker with 2 workers and 512 threads too; nginx runs "
+        "`deploy/nginx.conf`'s upstream and proxy directives without TLS. App settings: "
+        + ", ".join(f"`{k}={v}`" for k, v in results["app_settings"].items())
+        + "; every other setting keeps its shipped default (`CHATPROXY_KEEPALIVE_SECONDS=10`; `--paths` with K "
+        "turns it off to show what the pinger costs).",
         "",
         (
             f"One-client figures: {results['plan']['rounds']} rounds after a warm-up, paths interleaved in a rotated "
@@ -148,6 +160,20 @@ def render(results: dict[str, Any], image: str | None) -> str:
     if image:
         out += ["", f"![Added TTFT and sustained streams per path]({image})"]
     out += ["", "## Goals", "", _goals(results, letters, name)]
+    ratios = _ratios(results, letters)
+    if ratios:
+        out += [
+            "",
+            "## Ratios",
+            "",
+            (
+                "Each of chatproxy's paths divided by another path of the same run (added figures: the added parts; "
+                "below 1 is better for times, CPU and memory, above 1 for streams and replies per second). "
+                "Issue 19 asks for C's added TTFT below F's (ratio < 1) and V within 10 % of C on every figure."
+            ),
+            "",
+            ratios,
+        ]
     out += [
         "",
         "## 1. Time to first token, one stream",
@@ -420,6 +446,24 @@ def _goals(results: dict[str, Any], letters: list[str], name: dict[str, str]) ->
     return _table(["Goal", *[name[k] for k in shown]], rows)
 
 
+def _ratios(results: dict[str, Any], letters: list[str]) -> str:
+    """Rows: a figure and one of our paths; columns: that path's value divided by each other path's."""
+    figures = results["figures"]
+    ours = [k for k in letters if k in OURS]
+    others = [k for k in letters if k != "A"]
+    rows = []
+    for key, label, _lower in RATIOS:
+        for k in ours:
+            mine = figures[k].get(key)
+            cells = []
+            for other in others:
+                theirs = figures[other].get(key)
+                ok = other != k and mine is not None and theirs is not None and abs(theirs) > 1e-9
+                cells.append(f"{mine / theirs:.2f}" if ok else "")
+            rows.append([f"{label}: {k} ÷", *cells])
+    return _table(["", *others], rows) if ours and others else ""
+
+
 def _levels(results: dict[str, Any], letters: list[str]) -> str:
     rows = []
     for k in letters:
@@ -551,7 +595,7 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         print("README.md has no bench markers: its Performance section was not updated")
         return
     figures, paths = results["figures"], results["paths"]
-    shown = [k for k in "BCDK" if k in figures]
+    shown = [k for k in "BCGVDFE" if k in figures]
     rows = [
         (
             "Added time to first token, p50 / p99 (1 stream)",

@@ -6,11 +6,14 @@
 Paths (the same load client and the same paced upstream for each):
     A  direct to the upstream                       (the reference: everything else is "added over A")
     B  nginx -> upstream                            (one HTTP hop done in C: the physical limit of a proxy)
-    C  gunicorn (gunicorn.conf.py) + chatproxy -> upstream
+    C  gunicorn (gunicorn.conf.py, gevent) + chatproxy's /api/chat -> upstream
+    G  C with CHATPROXY_WORKER_CLASS=gthread        (the other worker class)
+    V  C's server, at /v1/chat/completions          (the OpenAI-compatible endpoint, same server as C)
     D  nginx -> gunicorn + chatproxy -> upstream    (as deployed: deploy/nginx.conf's directives, no TLS)
-    K  C with CHATPROXY_KEEPALIVE_SECONDS=0         (what the keep-alive pinger's reader thread costs)
+    F  a plain Flask + SDK proxy (bench/plain_proxy.py, gunicorn gthread, 2 workers) -> upstream
+    K  C with CHATPROXY_KEEPALIVE_SECONDS=0         (what the keep-alive pinger costs; --paths only)
     P  C as of git revision --baseline REF          (before / after a change, measured in the same run)
-    E  a LiteLLM proxy -> upstream                  (only when `litellm` is installed in another environment)
+    E  a LiteLLM proxy -> upstream                  (`make bench` installs it in bench/.litellm, its own venv)
 
 The load client and the upstream share core 0; the servers under test (nginx, gunicorn) get core 1.
 """
@@ -46,8 +49,11 @@ from upstream import DELTAS, PACE  # noqa: E402
 NAMES = {
     "A": "direct",
     "B": "nginx only",
-    "C": "gunicorn + chatproxy",
+    "C": "gunicorn (gevent) + chatproxy",
+    "G": "gunicorn (gthread) + chatproxy",
+    "V": "C at /v1/chat/completions",
     "D": "nginx + gunicorn + chatproxy",
+    "F": "plain Flask + SDK proxy",
     "K": "C, keep-alive pings off",
     "P": "C at an earlier revision",
     "E": "LiteLLM proxy",
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds; paths A and C; writes only to --out")
-    parser.add_argument("--paths", help="letters to run, e.g. A,B,C,D,K,E (default: all; --quick: A,C)")
+    parser.add_argument("--paths", help="letters to run, e.g. A,B,C,G,V,D,F,K,E (default: all but K, P; --quick: A,C)")
     parser.add_argument("--out", type=FilePath, help="folder for results.json (default bench/results[/quick])")
     parser.add_argument(
         "--wait-quiet",
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="write results.json only")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
-    letters = [x.strip().upper() for x in (args.paths or ("A,C" if args.quick else "A,B,C,D,K,E")).split(",")]
+    letters = [x.strip().upper() for x in (args.paths or ("A,C" if args.quick else "A,B,C,G,V,D,F,E")).split(",")]
     if args.baseline and "P" not in letters:
         letters.append("P")
     out = args.out or (HERE / "results" / ("quick" if args.quick else "full"))
@@ -191,10 +197,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+LITELLM_VENV = HERE / ".litellm"  # `make bench` installs LiteLLM's proxy here (bench/litellm-requirements.txt)
+LITELLM_KEY = "sk-bench-litellm-master"  # its proxy refuses to start without a master key; callers send it
+
+
 def find_litellm() -> str | None:
-    """A `litellm` proxy executable installed outside this project's venv, or None (it is never installed here)."""
-    found = os.environ.get("LITELLM_BIN") or shutil.which("litellm")
-    if found and FilePath(found).resolve().is_relative_to(ROOT / ".venv"):
+    """A `litellm` proxy executable outside this project's venv (LITELLM_BIN, bench/.litellm, PATH), or None."""
+    bundled = LITELLM_VENV / "bin" / "litellm"
+    found = os.environ.get("LITELLM_BIN") or (str(bundled) if bundled.exists() else shutil.which("litellm"))
+    if found and FilePath(found).resolve().is_relative_to((ROOT / ".venv").resolve()):
         return None
     return found
 
@@ -204,13 +215,20 @@ def start_litellm(tmp: FilePath, binary: str, upstream_port: int, cpu: int | Non
     config = tmp / "litellm.yaml"
     config.write_text(
         "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
-        f"      api_base: http://127.0.0.1:{upstream_port}/v1\n      api_key: sk-bench\n",
+        f"      api_base: http://127.0.0.1:{upstream_port}/v1\n      api_key: sk-bench\n"
+        f"general_settings:\n  master_key: {LITELLM_KEY}\n",
         encoding="utf-8",
     )
     port = stack.free_port()
     log = tmp / "litellm.log"
+    env = {**os.environ, "LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_TELEMETRY": "False"}
     process = stack._spawn(
-        "litellm", [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)], log, cpu, cwd=tmp
+        "litellm",
+        [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        log,
+        cpu,
+        env,
+        cwd=tmp,
     )
     stack.wait_for_port(port, process, log, timeout=90)
     return stack.Proc("litellm", process, port, log)
@@ -242,11 +260,13 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
             procs.append(nginx_b)
             targets["B"] = Target(Path("B", NAMES["B"], nginx_b.port, OPENAI), nginx_b.worker_pids)
         token_hash = _hash_token(stack.TOKEN)
-        if "C" in letters or ("D" in letters and have_nginx):
+        if {"C", "V"} & set(letters) or ("D" in letters and have_nginx):
             app = stack.start_gunicorn(tmp, "C", stack.app_settings(tmp, upstream.port, token_hash), server_cpu)
             procs.append(app)
             if "C" in letters:
                 targets["C"] = Target(Path("C", NAMES["C"], app.port, CHATPROXY, stack.TOKEN), app.worker_pids)
+            if "V" in letters:
+                targets["V"] = Target(Path("V", NAMES["V"], app.port, OPENAI, stack.TOKEN), app.worker_pids)
             if "D" in letters and have_nginx:
                 nginx_d = stack.start_nginx(tmp, "D", app.port, server_cpu)
                 procs.append(nginx_d)
@@ -254,6 +274,19 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
                     Path("D", NAMES["D"], nginx_d.port, CHATPROXY, stack.TOKEN),
                     lambda n=nginx_d, a=app: n.worker_pids() + a.worker_pids(),
                 )
+        if "G" in letters:
+            app_g = stack.start_gunicorn(
+                tmp,
+                "G",
+                stack.app_settings(tmp, upstream.port, token_hash, CHATPROXY_WORKER_CLASS="gthread"),
+                server_cpu,
+            )
+            procs.append(app_g)
+            targets["G"] = Target(Path("G", NAMES["G"], app_g.port, CHATPROXY, stack.TOKEN), app_g.worker_pids)
+        if "F" in letters:
+            plain = stack.start_plain_proxy(tmp, upstream.port, server_cpu)
+            procs.append(plain)
+            targets["F"] = Target(Path("F", NAMES["F"], plain.port, OPENAI), plain.worker_pids)
         if "K" in letters:
             app_k = stack.start_gunicorn(
                 tmp,
@@ -281,12 +314,12 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
             if binary is None:
                 notes.append(
                     "E (LiteLLM proxy) skipped: no `litellm` executable outside this project's venv "
-                    "(set LITELLM_BIN to one; it is not a dependency and is never installed by the bench)."
+                    "(`make bench` installs one in bench/.litellm; or set LITELLM_BIN). It is not a dependency."
                 )
             else:
                 litellm = start_litellm(tmp, binary, upstream.port, server_cpu)
                 procs.append(litellm)
-                targets["E"] = Target(Path("E", NAMES["E"], litellm.port, OPENAI), litellm.worker_pids)
+                targets["E"] = Target(Path("E", NAMES["E"], litellm.port, OPENAI, LITELLM_KEY), litellm.worker_pids)
         raw = asyncio.run(measure(plan, targets, Upstream(upstream.port, upstream.process.pid), notes))
     finally:
         for proc in reversed(procs):

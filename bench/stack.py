@@ -151,6 +151,7 @@ def app_settings(tmp: Path, upstream_port: int, token_hash: str, **overrides: st
         "CHATPROXY_REDIS_URL": "",
         "CHATPROXY_TRUSTED_PROXIES": "1",
         "CHATPROXY_WORKERS": "2",
+        "CHATPROXY_WORKER_CLASS": "gevent",
         "CHATPROXY_THREADS": "512",
     }
     settings.update(overrides)
@@ -172,6 +173,19 @@ def start_gunicorn(tmp: Path, name: str, settings: dict[str, str], cpu: int | No
     wait_for_port(port, process, log)
     wait_for_health(port, process, log)
     return Proc(name, process, port, log)
+
+
+def start_plain_proxy(tmp: Path, upstream_port: int, cpu: int | None) -> Proc:
+    """bench/plain_proxy.py under gunicorn: gthread, 2 workers, 512 threads each, as chatproxy's G path gets."""
+    port = free_port()
+    log = tmp / "gunicorn-F.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))}
+    env.update(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1")
+    argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "512"]
+    argv += ["-b", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", "plain_proxy:app"]
+    process = _spawn("F", argv, log, cpu, env, ROOT / "bench")  # bench/ has no gunicorn.conf.py to pick up
+    wait_for_port(port, process, log)
+    return Proc("F", process, port, log)
 
 
 def wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:

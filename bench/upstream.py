@@ -184,7 +184,7 @@ class Upstream(asyncio.Protocol):
             self.first = request_id
             STATS.connections[request_id[:1]] = STATS.connections.get(request_id[:1], 0) + 1
         STATS.request_counts[request_id[:1]] = STATS.request_counts.get(request_id[:1], 0) + 1
-        n = max(1, min(DELTAS, int(body.get("max_tokens") or DELTAS)))
+        n = max(1, min(DELTAS, int(body.get("max_tokens") or body.get("max_completion_tokens") or DELTAS)))
         model = str(body.get("model") or "gpt-4o-mini")
         prompt = sum(len(str(m.get("content", ""))) // 4 + 4 for m in body.get("messages", [])) + 3
         record: dict[str, Any] = {

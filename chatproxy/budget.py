@@ -7,7 +7,9 @@ decides which rows a caller's reservation must fit; a reservation is one atomic 
 them (a transaction of conditional UPDATEs, in key order so concurrent ones cannot deadlock).
 
 A request's reservation is also written down as a hold, in the same transaction; settling deletes it in
-the transaction that adjusts the counters. A hold nobody settled (a killed worker, a database error at
+the transaction that adjusts the counters. Both transactions can carry the caller's own statements
+(`then`): metering opens the call's ledger row in the reservation's and closes it in the settlement's,
+one database round trip on each side of the upstream call. A hold nobody settled (a killed worker, a database error at
 settle time) expires, and the sweeper settles it from the ledger: the request's closed rows at their
 cost, its rows still `interrupted` at the estimated prompt cost (outcome `abandoned`).
 """
@@ -113,6 +115,13 @@ class Reservation:
 
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys or (EVERYONE, self.identity))))
+
+
+InTransaction = Callable[[Connection], None]  # more work for the same transaction (the ledger's row)
+
+
+class Undone(Exception):
+    """Raised by an InTransaction to roll its whole transaction back (the counters are left as they were)."""
 
 
 class _Refused(Exception):
@@ -231,9 +240,15 @@ class SqlCounters:
         create_tables(self.engine, self.metadata)
 
     def reserve(
-        self, day: date, caps: Sequence[Cap], cost_micros: int, tokens: int, hold: dict[str, Any] | None = None
+        self,
+        day: date,
+        caps: Sequence[Cap],
+        cost_micros: int,
+        tokens: int,
+        hold: dict[str, Any] | None = None,
+        then: InTransaction | None = None,
     ) -> Cap | None:
-        """One transaction: make sure every row exists, a conditional UPDATE per row, then write the hold.
+        """One transaction: make sure every row exists, a conditional UPDATE per row, write the hold, run `then`.
 
         Rows are taken in key order, the same in every transaction that touches several, so two of them
         cannot deadlock. Returns the cap that refused (everything rolled back), or None.
@@ -256,18 +271,29 @@ class SqlCounters:
                         raise _Refused(cap)  # rolls back the rows already reserved on
                 if hold is not None:
                     conn.execute(self._hold, hold)
+                if then is not None:
+                    then(conn)
         except _Refused as refused:
             return refused.cap
         return None
 
-    def finish(self, day: date, keys: Sequence[str], deltas: dict[str, int], hold_id: str | None = None) -> bool:
-        """Add `deltas` to every row (key order, like reserve) and delete the hold, in one transaction.
+    def finish(
+        self,
+        day: date,
+        keys: Sequence[str],
+        deltas: dict[str, int],
+        hold_id: str | None = None,
+        then: InTransaction | None = None,
+    ) -> bool:
+        """Delete the hold, run `then`, and add `deltas` to every row (key order, like reserve), in one transaction.
 
         False, changing nothing, when the hold is gone: the sweeper has settled the reservation already.
         """
         with self.engine.begin() as conn:
             if hold_id is not None and conn.execute(self._unhold, {"b_id": hold_id}).rowcount != 1:
                 return False
+            if then is not None:
+                then(conn)
             self._add(conn, day, keys, deltas)
         return True
 
@@ -386,11 +412,14 @@ class Budget:
         *,
         caps: Sequence[Cap] | None = None,
         hold: Hold | None = None,
+        then: InTransaction | None = None,
     ) -> Reservation:
         """Hold a call's worst-case cost and tokens on every row of `caps` (default: global and identity).
 
         Raises 429 budget_exceeded, naming the cap that refused, with Retry-After until it resets (UTC
         midnight), or 503 budget_unavailable. With `hold`, the sweeper settles what the caller never does.
+        `then` runs in the same transaction once the reservation fits (one database round trip for both);
+        what it raises rolls the reservation back and reaches the caller.
         """
         if identity == EVERYONE or cost_micros < 0 or tokens < 0:
             raise ValueError("reserve needs a real identity and non-negative amounts")
@@ -407,7 +436,7 @@ class Budget:
             None,
         )
         try:
-            refused = alone or self.counters.reserve(day, caps, cost_micros, tokens, record)
+            refused = alone or self.counters.reserve(day, caps, cost_micros, tokens, record, then)
         except SQLAlchemyError:
             log.exception("budget counters unavailable")
             raise ApiError(
@@ -425,9 +454,12 @@ class Budget:
             identity, day, cost_micros, tokens, tuple(cap.key for cap in caps), record["id"] if record else None
         )
 
-    def settle(self, reservation: Reservation, actual_cost_micros: int, actual_tokens: int) -> None:
-        """Replace the reservation by what the call really cost (may exceed it). Errors are logged, not raised."""
-        self._finish(
+    def settle(
+        self, reservation: Reservation, actual_cost_micros: int, actual_tokens: int, then: InTransaction | None = None
+    ) -> bool:
+        """Replace the reservation by what the call really cost (may exceed it), running `then` in the same
+        transaction. Errors are logged, not raised: False when the database failed and nothing changed."""
+        return self._finish(
             reservation,
             {
                 "reserved_micros": -reservation.cost_micros,
@@ -435,11 +467,14 @@ class Budget:
                 "reserved_tokens": -reservation.tokens,
                 "spent_tokens": actual_tokens,
             },
+            then,
         )
 
-    def release(self, reservation: Reservation) -> None:
-        """Give the reservation back (the call cost nothing). Errors are logged, not raised."""
-        self._finish(reservation, {"reserved_micros": -reservation.cost_micros, "reserved_tokens": -reservation.tokens})
+    def release(self, reservation: Reservation, then: InTransaction | None = None) -> bool:
+        """Give the reservation back (the call cost nothing), running `then` in the same transaction; as settle."""
+        return self._finish(
+            reservation, {"reserved_micros": -reservation.cost_micros, "reserved_tokens": -reservation.tokens}, then
+        )
 
     def sweep(self, now: datetime | None = None) -> int:
         """Settle every expired hold from the ledger (see SqlCounters.sweep_hold); the number this call settled."""
@@ -476,16 +511,19 @@ class Budget:
             "expires_at": naive_utc(now + timedelta(seconds=hold.seconds)),
         }
 
-    def _finish(self, reservation: Reservation, deltas: dict[str, int]) -> None:
+    def _finish(self, reservation: Reservation, deltas: dict[str, int], then: InTransaction | None) -> bool:
         if reservation.done:
             log.warning("reservation for %s settled or released twice; ignored", reservation.identity)
-            return
+            return True
         reservation.done = True
         try:
-            if not self.counters.finish(reservation.day, reservation.keys, deltas, reservation.hold_id):
+            if not self.counters.finish(reservation.day, reservation.keys, deltas, reservation.hold_id, then):
                 log.warning(
                     "reservation for %s was settled by the sweeper before its request ended", reservation.identity
                 )
+        except Undone as undone:
+            log.warning("reservation for %s left to the budget sweeper: %s", reservation.identity, undone)
+            return False
         except SQLAlchemyError:
             log.exception(
                 "cannot update budget counters for %s: %s (the sweeper settles it when its hold expires)"
@@ -494,6 +532,8 @@ class Budget:
                 reservation.identity,
                 deltas,
             )
+            return False
+        return True
 
     def _sweep_if_due(self, now: datetime) -> None:
         """Start a sweep in the background at the first reservation, then every SWEEP_EVERY (per worker)."""

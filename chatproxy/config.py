@@ -480,11 +480,19 @@ SETTINGS: tuple[Setting, ...] = (
         "gunicorn worker processes (gunicorn.conf.py). More than one needs CHATPROXY_REDIS_URL for exact limits.",
     ),
     Setting(
+        "CHATPROXY_WORKER_CLASS",
+        "gevent",
+        _choice("gevent", "gthread"),
+        "How a gunicorn worker serves requests at once: gevent (a greenlet each; cheap, for many streams) "
+        "or gthread (an OS thread each). docs/deploy.md says which to choose.",
+    ),
+    Setting(
         "CHATPROXY_THREADS",
         "32",
         _int_range(1, 1000),
-        "Threads per gunicorn worker: each open stream holds one thread for its whole life; API requests get "
-        "all but 2, kept for /healthz, /readyz and /metrics (more in flight: 503 server_busy).",
+        "Requests one gunicorn worker serves at once (gthread: its threads; gevent: its greenlets), each open "
+        "stream holding one for its whole life; API requests get all but 2, kept for /healthz, /readyz and "
+        "/metrics (more in flight: 503 server_busy).",
     ),
     Setting(
         "CHATPROXY_BIND",
@@ -655,6 +663,7 @@ class Settings:
     classify_labels: tuple[str, ...]
     classify_model: str  # the default model when CHATPROXY_CLASSIFY_MODEL is empty
     workers: int
+    worker_class: str  # gevent or gthread
     threads: int  # gunicorn threads per worker: guarded requests leave a few for /healthz
     bind: str
     graceful_timeout: int

@@ -1,4 +1,8 @@
-"""One request's money: the budget reservation, and one ledger row per upstream attempt, closed in `finally`."""
+"""One request's money: the budget reservation, and one ledger row per upstream attempt, closed in `finally`.
+
+One database round trip before the first upstream byte and one after: the reservation opens the first
+attempt's ledger row in its transaction, and the settlement closes the last one in its own.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,18 @@ from typing import TYPE_CHECKING, TypeVar
 import httpx2
 import openai
 from flask import g, request
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import metrics
-from .budget import Budget, Hold, Reservation
+from .budget import Budget, Hold, Reservation, Undone
 from .config import Settings
 from .dialects import Usage
 from .errors import ApiError
 from .models import ModelTable
 from .state import state
 from .upstream import AttemptFailed, NotSent, UnreadableAnswer
-from .usage import Ledger, estimate_tokens
+from .usage import Ledger, estimate_tokens, unavailable
 
 if TYPE_CHECKING:
     from .pipeline import Call
@@ -73,8 +79,9 @@ class Meter:
             self.models.worst_case_micros(chain, self.prompt_estimate, 0),
             settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S,
         )
+        self._spare_row: int | None = None  # opened with the reservation, for the first attempt that goes out
         self.reservation: Reservation = self.budget.reserve(
-            self.identity, worst, self.prompt_estimate + call.max_output, caps=caps, hold=hold
+            self.identity, worst, self.prompt_estimate + call.max_output, caps=caps, hold=hold, then=self._open_spare
         )
         self.cost = 0
         self.tokens = 0
@@ -86,16 +93,22 @@ class Meter:
         self._lock = threading.Lock()
 
     def attempt(self, build: Build, send: Send[T]) -> Callable[[str, openai.Timeout], T]:
-        """Wrap one upstream attempt: build and encode its request, open its ledger row, send; close it on failure.
+        """Wrap one upstream attempt: build and encode its request, take its ledger row (the one the reservation
+        opened, for the first attempt; else a new one), send; close the row on failure.
 
-        A request that cannot be built or recorded raises NotSent before any row exists: it is not an upstream
-        failure (no retry, no cooldown, no upstream-error metric).
+        A request that cannot be built or recorded raises NotSent before a row is taken (the reservation's, unused,
+        is deleted at settlement): it is not an upstream failure (no retry, no cooldown, no upstream-error metric).
         """
 
         def attempt(model: str, timeout: openai.Timeout) -> T:
             try:
                 body = build(model)
-                row = self.ledger.open(self.request_id, self.identity, self.model, self.stream, self.client_request_id)
+                with self._lock:
+                    row, self._spare_row = self._spare_row, None
+                if row is None:
+                    row = self.ledger.open(
+                        self.request_id, self.identity, self.model, self.stream, self.client_request_id
+                    )
             except Exception as exc:
                 raise NotSent(exc) from exc
             begun = time.monotonic()
@@ -127,27 +140,43 @@ class Meter:
         names a response the upstream keeps for this row's identity."""
         with self._lock:
             row, self._open_row = self._open_row, None
-        if row is not None:
-            exact = usage is not None
-            if usage is None:
-                usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
-            if outcome == "ok" and model != self.model:
-                outcome = "fallback"
-            self._close(row, model, usage, exact, outcome, self._attempt_started, ttft, response_id)
-        self.settle()
+        if row is None:
+            self.settle()
+            return
+        exact = usage is not None
+        if usage is None:
+            usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
+        if outcome == "ok" and model != self.model:
+            outcome = "fallback"
+        self._close(row, model, usage, exact, outcome, self._attempt_started, ttft, response_id, settling=True)
 
-    def settle(self) -> None:
-        """Replace the reservation by the real cost (or release it when nothing was spent); once."""
+    def settle(self, last: Callable[[Connection], None] | None = None) -> bool:
+        """Replace the reservation by the real cost (or release it when nothing was spent), once, in one transaction
+        with closing the `last` row and deleting an unused spare one. False when that transaction did not happen
+        (settled already, the database failed, a row could not be closed): the caller then closes `last` on its
+        own, and the sweeper settles what is left from the rows."""
         with self._lock:
             if self._settled:
-                return
+                return False
             self._settled = True
+            spare, self._spare_row = self._spare_row, None
+
+        def in_transaction(conn: Connection) -> None:
+            if last is not None:
+                last(conn)
+            if spare is not None:
+                self.ledger.discard_in(conn, spare)
+
         if self._unrecorded:
             log.warning("request %s left to the budget sweeper: a ledger row could not be closed", self.request_id)
+            done = False
         elif self.cost or self.tokens:
-            self.budget.settle(self.reservation, self.cost, self.tokens)
+            done = self.budget.settle(self.reservation, self.cost, self.tokens, then=in_transaction)
         else:
-            self.budget.release(self.reservation)
+            done = self.budget.release(self.reservation, then=in_transaction)
+        if not done and spare is not None:  # never used: the sweeper would charge it a prompt
+            self._discard(spare)
+        return done
 
     def abandon(self) -> None:
         """The response was closed before its stream ran: record the open attempt as aborted."""
@@ -155,6 +184,22 @@ class Meter:
             self.finish(self.model, None, "", "aborted")
         else:
             self.settle()
+
+    def _open_spare(self, conn: Connection) -> None:
+        """Open the first attempt's row in the reservation's transaction (a failure undoes the reservation)."""
+        try:
+            self._spare_row = self.ledger.open_in(
+                conn, self.request_id, self.identity, self.model, self.stream, self.client_request_id
+            )
+        except SQLAlchemyError:
+            raise unavailable() from None
+
+    def _discard(self, row: int) -> None:
+        try:
+            with self.ledger.engine.begin() as conn:
+                self.ledger.discard_in(conn, row)
+        except SQLAlchemyError:
+            log.exception("cannot delete the unused usage row %s", row)
 
     def _close(
         self,
@@ -166,26 +211,36 @@ class Meter:
         begun: float,
         ttft: float | None,
         response_id: str | None = None,
+        *,
+        settling: bool = False,
     ) -> None:
+        """Close an attempt's row; `settling`: the request's last, closed in the settlement's transaction."""
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cost = self.models.cost_micros(model, prompt, completion, usage.cached_tokens) if prompt or completion else 0
         self.cost += cost
         self.tokens += prompt + completion
-        now = time.monotonic()
-        if not self.ledger.close(
-            row,
-            model_answered=model,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            tokens_exact=exact,
-            cost_micros=cost,
-            outcome=outcome,
-            latency_ms=round((now - begun) * 1000),
-            ttft_ms=None if ttft is None else round(ttft * 1000),
-            response_id=response_id,
-        ):
+        fields = {
+            "model_answered": model,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "tokens_exact": exact,
+            "cost_micros": cost,
+            "outcome": outcome,
+            "latency_ms": round((time.monotonic() - begun) * 1000),
+            "ttft_ms": None if ttft is None else round(ttft * 1000),
+            "response_id": response_id,
+        }
+        settled = False
+        if settling:
+
+            def close_last(conn: Connection) -> None:
+                if not self.ledger.close_in(conn, row, **fields):
+                    raise Undone(f"usage row {row} was already closed")
+
+            settled = self.settle(close_last)
+        if not settled and not self.ledger.close(row, **fields):
             # The counters must agree with the ledger: settling this cost while the row stays open would
             # count it twice or never; the sweeper settles the whole request from its rows instead.
             self._unrecorded = True

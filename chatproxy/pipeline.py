@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
-from flask import Response
+from flask import Response, request
 
 from . import metrics, sse
 from .dialects import Answer, Dialect
@@ -150,7 +150,10 @@ def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) 
         release_slot()
         raise
     _count_fallback(call.model, routed.model)
-    events = relay(routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline)
+    gone = sse.hangup_probe(request.environ)
+    events = relay(
+        routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline, gone
+    )
     response = Response(events, mimetype="text/event-stream", headers={**sse.HEADERS, MODEL_HEADER: routed.model})
     response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op

@@ -88,11 +88,13 @@ def relay(
     cooldowns: Cooldowns,
     keepalive: float,
     deadline: float,
+    gone: Callable[[], bool] = lambda: False,
 ) -> Iterator[bytes]:
     """Relay a committed stream through `writer`; it ends complete or with an error, and is always closed and metered.
 
-    A client that goes away raises GeneratorExit at the next yield: the upstream stream is cancelled in
-    `finally` and the attempt is recorded as aborted with what it cost so far.
+    A client that goes away is noticed at the next upstream event (`gone`, sse.hangup_probe), or raises
+    GeneratorExit at the next yield: the upstream stream is cancelled in `finally` and the attempt is
+    recorded as aborted with what it cost so far.
     """
     upstream, model = routed.value, routed.model
     tally = Tally()
@@ -112,7 +114,10 @@ def relay(
             if event is PING:
                 yield PING
                 continue
-            out = writer.event(event, dialect.observe(event, tally) or "", routed)
+            text = dialect.observe(event, tally) or ""  # counted first: the upstream bills it, relayed or not
+            if gone():
+                return  # aborted: the client hung up
+            out = writer.event(event, text, routed)
             if out:
                 yield out
         error = dialect.truncated(tally)

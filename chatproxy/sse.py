@@ -1,18 +1,21 @@
-"""Server-sent events: the one reader of upstream streams (raw lines, json.loads), framing, keep-alive pings."""
+"""Server-sent events: the one reader of upstream streams (raw lines, orjson), framing, keep-alive pings, hang-ups."""
 
 from __future__ import annotations
 
+import _socket
 import json
 import logging
 import queue
 import socket
 import ssl
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx2
 import openai
+import orjson
 
 from .upstream import UnreadableAnswer
 
@@ -24,9 +27,17 @@ _END = object()
 
 
 def data(event: Any) -> bytes:
-    """One `data:` event; json.dumps escapes every control character (and, ASCII-only, any lone surrogate an
-    upstream may send), so model text can neither break the framing nor fail to encode."""
-    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    """One `data:` event. JSON escapes every control character, so model text cannot break the framing.
+
+    orjson encodes a delta event in about a tenth of json.dumps's time (0.6 against 5.6 us; decoding an upstream
+    chunk: 2 against 7 us). What it refuses (a lone surrogate an upstream may send, an integer past 64 bits)
+    goes through json.dumps's ASCII-only output instead, which always encodes.
+    """
+    try:
+        encoded = orjson.dumps(event)
+    except TypeError:
+        encoded = json.dumps(event, separators=(",", ":")).encode()
+    return b"data: " + encoded + b"\n\n"
 
 
 def named(name: str, event: Any) -> bytes:
@@ -107,9 +118,12 @@ class EventStream:
 
 def _decode(payload: str) -> dict[str, Any]:
     try:
-        fields = json.loads(payload)
-    except ValueError as exc:
-        raise UnreadableAnswer("a malformed stream event") from exc
+        fields = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses but Python reads (a lone surrogate escape, NaN), as the SDK reads it
+            fields = json.loads(payload)
+        except ValueError as exc:
+            raise UnreadableAnswer("a malformed stream event") from exc
     if not isinstance(fields, dict):
         raise UnreadableAnswer("a stream event that is not a JSON object")
     return fields
@@ -135,10 +149,45 @@ def cancel(stream: EventStream) -> None:
         log.debug("closing the upstream stream raised", exc_info=True)
 
 
+def hangup_probe(environ: Mapping[str, Any]) -> Callable[[], bool]:
+    """A check whether the client has hung up: its socket reads as end-of-file (one peek that never waits).
+
+    Without it a hang-up shows only when a write fails, and the first write after it still succeeds (the
+    kernel buffers it): two more upstream chunks read and paid for. With it, at most one. gunicorn hands the
+    client socket over as `gunicorn.socket`; gevent's wraps the OS one (`_sock`), whose peek fails at once
+    instead of waiting. Elsewhere (TLS in gunicorn, another server) nothing is checked: writes still notice.
+    A client that shuts down its sending side while it still reads counts as gone; HTTP clients and nginx
+    keep both sides open until they are done.
+    """
+    sock = environ.get("gunicorn.socket")
+    sock = getattr(sock, "_sock", sock)
+    if not isinstance(sock, _socket.socket) or isinstance(sock, ssl.SSLSocket):  # the OS socket (gevent patches socket)
+        return _never
+    peek = sock.recv
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+    def gone() -> bool:
+        try:
+            return not peek(1, flags)  # b"": the client closed; a byte: its next request, pipelined
+        except BlockingIOError:
+            return False  # nothing to read: still there
+        except OSError:
+            return True  # reset
+
+    return gone
+
+
+def _never() -> bool:
+    return False
+
+
 def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
     """Yield items, and PING whenever none arrives for `interval` seconds (0: no pings, no thread)."""
     if interval <= 0:
         yield from items
+        return
+    if _green():
+        yield from _green_keepalive(items, interval)
         return
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     stopped = threading.Event()
@@ -169,6 +218,46 @@ def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
             yield item
     finally:
         stopped.set()
+
+
+def _green() -> bool:
+    """Whether this process runs under gevent (gunicorn's gevent worker patched threading)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def _green_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
+    """with_keepalive under gevent: a pump greenlet, and one timer per stream, restarted at each item, that
+    queues a PING after `interval` seconds of silence (no timeout object per item, no OS thread)."""
+    from gevent import get_hub, spawn
+    from gevent.queue import SimpleQueue
+
+    inbox: SimpleQueue = SimpleQueue()
+    timer = get_hub().loop.timer(interval, interval)
+
+    def pump() -> None:
+        try:
+            for item in items:
+                inbox.put(item)
+                timer.again(inbox.put, PING)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            inbox.put(_Raised(exc))
+        finally:
+            inbox.put(_END)
+
+    timer.start(inbox.put, PING)
+    reader = spawn(pump)
+    try:
+        while True:
+            item = inbox.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        timer.close()
+        reader.kill(block=False)  # the relay cancels the upstream stream, which wakes it anyway
 
 
 class _Raised:

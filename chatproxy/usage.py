@@ -228,9 +228,21 @@ class KeptResponse:
     tokens: int
 
 
+def unavailable() -> ApiError:
+    """The 503 for a call that cannot be recorded (logged with the database error)."""
+    log.exception("cannot write the usage ledger")
+    return ApiError(
+        503,
+        "ledger_unavailable",
+        "Usage cannot be recorded right now, so the request was not sent. Try again shortly.",
+        retry_after=5,
+    )
+
+
 # Built once: the keys of the parameters name the columns set (building expressions per call costs CPU).
 _INSERT = ledger_table.insert()
 _CLOSE = ledger_table.update().where(ledger_table.c.id == sa.bindparam("b_id"), ledger_table.c.closed_at.is_(None))
+_DISCARD = ledger_table.delete().where(ledger_table.c.id == sa.bindparam("b_id"), ledger_table.c.closed_at.is_(None))
 
 
 class Ledger:
@@ -258,6 +270,22 @@ class Ledger:
         self, request_id: str, identity: str, model_requested: str, stream: bool, client_request_id: str | None = None
     ) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
+        try:
+            with self.engine.begin() as conn:
+                return self.open_in(conn, request_id, identity, model_requested, stream, client_request_id)
+        except SQLAlchemyError:
+            raise unavailable() from None
+
+    def open_in(
+        self,
+        conn: sa.Connection,
+        request_id: str,
+        identity: str,
+        model_requested: str,
+        stream: bool,
+        client_request_id: str | None = None,
+    ) -> int:
+        """open() inside the caller's transaction (the budget reservation's); database errors propagate."""
         values = {
             "request_id": request_id[:64],
             "created_at": self.clock(),
@@ -267,20 +295,24 @@ class Ledger:
             "stream": stream,
             "client_request_id": client_request_id[:64] if client_request_id else None,
         }
+        return int(conn.execute(_INSERT, values).inserted_primary_key[0])
+
+    def close(self, row_id: int, **fields: Any) -> bool:
+        """Record how an open row's call ended; False if it was already closed or the database failed (logged).
+
+        `fields` are close_in's: model_answered, the token counts, tokens_exact, cost_micros, outcome, latency_ms,
+        ttft_ms.
+        """
         try:
             with self.engine.begin() as conn:
-                return int(conn.execute(_INSERT, values).inserted_primary_key[0])
+                return self.close_in(conn, row_id, **fields)
         except SQLAlchemyError:
-            log.exception("cannot write the usage ledger")
-            raise ApiError(
-                503,
-                "ledger_unavailable",
-                "Usage cannot be recorded right now, so the request was not sent. Try again shortly.",
-                retry_after=5,
-            ) from None
+            log.exception("cannot close usage row %s (it stays %r)", row_id, OPEN)
+            return False
 
-    def close(
+    def close_in(
         self,
+        conn: sa.Connection,
         row_id: int,
         *,
         model_answered: str | None,
@@ -295,7 +327,7 @@ class Ledger:
         reasoning_tokens: int = 0,
         response_id: str | None = None,
     ) -> bool:
-        """Record how an open row's call ended; False if it was already closed or the database failed (logged)."""
+        """close() inside the caller's transaction (the budget settlement's); database errors propagate."""
         if not _OUTCOME.match(outcome) or outcome == OPEN:
             raise ValueError(f"outcome must be a snake_case code other than {OPEN!r}; got {outcome!r}")
         values = {
@@ -313,12 +345,7 @@ class Ledger:
             "ttft_ms": ttft_ms,
             "closed_at": self.clock(),
         }
-        try:
-            with self.engine.begin() as conn:
-                closed = conn.execute(_CLOSE, values).rowcount == 1
-        except SQLAlchemyError:
-            log.exception("cannot close usage row %s (it stays %r)", row_id, OPEN)
-            return False
+        closed = conn.execute(_CLOSE, values).rowcount == 1
         if not closed:
             log.warning("usage row %s was already closed or does not exist", row_id)
         return closed
@@ -344,6 +371,10 @@ class Ledger:
                 retry_after=5,
             ) from None
         return None if row is None else KeptResponse(row.identity, row.prompt_tokens + row.completion_tokens)
+
+    def discard_in(self, conn: sa.Connection, row_id: int) -> None:
+        """Delete a row opened for an attempt that never went out (still open), inside the caller's transaction."""
+        conn.execute(_DISCARD, {"b_id": row_id})
 
     def rows(self, *, request_id: str | None = None, identity: str | None = None) -> list[dict[str, Any]]:
         """Rows as dicts in insertion order, optionally filtered (for tests and debugging)."""

@@ -171,14 +171,23 @@ def start_nginx(tmp: Path, upstream_port: int) -> Server:
 LIVING_MODELS = json.dumps({"gpt-4o": {"shutdown": None}, "gpt-4o-mini": {"shutdown": None}})
 
 
+def worker_class() -> dict[str, str]:
+    """The gunicorn worker class this test run asked for (`CHATPROXY_WORKER_CLASS=gthread pytest ...`), if any."""
+    chosen = os.environ.get("CHATPROXY_WORKER_CLASS")
+    return {"CHATPROXY_WORKER_CLASS": chosen} if chosen else {}
+
+
 def environment(settings: dict[str, str]) -> dict[str, str]:
-    """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`."""
+    """This process's environment without chatproxy's settings (nor a metrics folder), plus `settings`.
+
+    The run's worker class is kept: the Makefile runs the server tests once per worker class.
+    """
     inherited = {
         k: v
         for k, v in os.environ.items()
         if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(("CHATPROXY_", "OPENAI_", "AZURE_OPENAI_"))
     }
-    return {**inherited, "CHATPROXY_MODEL_TABLE": LIVING_MODELS, **settings}
+    return {**inherited, "CHATPROXY_MODEL_TABLE": LIVING_MODELS, **worker_class(), **settings}
 
 
 def start_gunicorn(settings: dict[str, str], *args: str, cwd: Path = ROOT) -> Server:

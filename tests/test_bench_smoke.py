@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end: `bench/run.py --quick` against the direct path (A) and gunicorn + app (C).
+"""The benchmark harness runs end to end: `bench/run.py --quick` against the direct path (A), gunicorn + app (C), the
+app's /v1/chat/completions (V) and the plain Flask + SDK proxy (F).
 
 Speed is measured by `make bench`, never asserted here: these checks hold on a slow or busy machine too.
 """
@@ -29,7 +30,7 @@ NUMBERS = (
 
 def test_quick_bench_writes_a_well_formed_result(tmp_path):
     run = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "bench/run.py", "--quick", "--paths", "A,C,V,F", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,7 +40,7 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path):
 
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
-    assert set(results["figures"]) == {"A", "C"}
+    assert set(results["figures"]) == {"A", "C", "V", "F"}
     for letter, figures in results["figures"].items():
         assert all(isinstance(figures[key], (int, float)) for key in NUMBERS), (letter, figures)
         # What the client received is byte-for-byte what the upstream sent, one delta per upstream chunk.
@@ -62,5 +63,6 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path):
         "## 4. Whole (non-streaming) replies",
         "## 5. Memory, CPU and threads",
         "## 6. Upstream connections and hang-ups",
+        "## Ratios",
     ):
         assert heading in report

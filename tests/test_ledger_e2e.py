@@ -219,6 +219,56 @@ def test_attempts_that_never_reached_the_upstream_cost_nothing(fake, settings_fo
     }
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_commits_once_before_the_upstream_and_once_after(fake, settings_for, database_url, stream):
+    """The reservation opens the attempt's ledger row in its transaction; the settlement closes it in its own."""
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
+    client, engine = app.test_client(), state(app).ledger.engine
+    assert client.post("/api/chat", json={"message": "warm up"}).status_code == 200  # schema, first sweep
+    commits: list[int] = []  # how many upstream calls the fake had seen at each commit
+
+    def counted(_conn: object) -> None:
+        commits.append(len(fake.chat_calls()))
+
+    sa.event.listen(engine, "commit", counted)
+    try:
+        response = client.post("/api/chat", json={"message": "hi", "stream": stream})
+        response.get_data()
+        response.close()
+    finally:
+        sa.event.remove(engine, "commit", counted)
+
+    assert response.status_code == 200
+    assert commits == [1, 2]
+    last = state(app).ledger.rows()[-1]
+    assert last["outcome"] == "ok" and last["tokens_exact"]
+    assert state(app).budget.totals()["spent_micros"] == sum(row["cost_micros"] for row in state(app).ledger.rows())
+    assert state(app).budget.totals()["reserved_micros"] == 0
+
+
+def test_a_ledger_row_that_cannot_be_opened_undoes_the_reservation_and_sends_nothing(fake, settings_for, database_url):
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL=database_url, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
+    client, engine = app.test_client(), state(app).ledger.engine
+    assert client.post("/api/chat", json={"message": "warm up"}).status_code == 200
+    calls = len(fake.chat_calls())
+
+    def blip(_conn, _cursor, statement: str, *_: object) -> None:
+        if statement.startswith("INSERT INTO ledger"):
+            raise sa.exc.OperationalError(statement, {}, Exception("the server closed the connection"))
+
+    sa.event.listen(engine, "before_cursor_execute", blip)
+    try:
+        response = client.post("/api/chat", json={"message": "hi", "stream": True})
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", blip)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "ledger_unavailable"
+    assert len(fake.chat_calls()) == calls
+    assert len(state(app).ledger.rows()) == 1  # the warm-up's
+    assert state(app).budget.totals()["reserved_micros"] == 0
+
+
 def test_a_connection_reset_after_the_upstream_read_the_request_is_charged_the_estimated_prompt(fake, settings_for):
     app = create_app(settings_for(CHATPROXY_MAX_RETRIES=1, CHATPROXY_PRICES=ONE_MICRO_PER_TOKEN))
     fake.script(Reply(reset=True))  # the upstream has the request (the fake recorded it), then the connection dies

@@ -560,6 +560,9 @@ def test_whole_chain_cooling_down_is_a_503_without_calling_upstream(make_app, fa
     unavailable(response)
     assert 29 <= int(response.headers["Retry-After"]) <= 30
     assert called(fake) == ["gpt-4o", "gpt-4o-mini"]
+    # The row the second call's reservation opened for its first attempt went with the released reservation.
+    assert [row["outcome"] for row in state(app).ledger.rows()] == ["upstream_http_503", "upstream_http_503"]
+    assert state(app).budget.totals()["reserved_micros"] == 0
 
 
 def test_cooldown_lasts_at_least_the_upstream_retry_after(make_app, fake):

@@ -1,10 +1,21 @@
-"""POST /api/chat with "stream": true: SSE events, no buffering, keep-alives, disconnects and failures."""
+"""POST /api/chat with "stream": true: SSE events, no buffering, keep-alives, disconnects and failures.
+
+The tests at the end run through real gunicorn (gunicorn.conf.py), in the worker class the run asks for:
+`make test` runs this file once per class (CHATPROXY_WORKER_CLASS=gevent, then gthread).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import pytest
+
 from chatproxy import create_app
-from chatproxy.demo.upstream import Reply
+from chatproxy.demo.upstream import FakeOpenAI, Reply
 from chatproxy.sse import data as sse
+from tests.browser import answer_text, answers, ask, open_chat, wait_state
+from tests.helpers import Server, start_gunicorn
 from tests.sse import parse_sse, post_stream
 
 
@@ -146,3 +157,103 @@ def test_bad_stream_request_is_refused_before_the_first_byte(client, fake):
     assert response.status_code == 400
     assert response.is_json
     assert fake.calls == []
+
+
+# --- through gunicorn, in the run's worker class ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gunicorn(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[Server]:
+    """gunicorn -c gunicorn.conf.py (2 workers, pings every 0.2 s, 1.5 s read timeout, SQLite) in front of the fake."""
+    ledger = tmp_path_factory.mktemp("streaming") / "ledger.db"
+    server = start_gunicorn(
+        {
+            "OPENAI_API_KEY": "sk-test-streaming",
+            "OPENAI_BASE_URL": _fake_server.base_url,
+            "CHATPROXY_SECRET_KEY": "streaming-test",
+            "CHATPROXY_MAX_RETRIES": "0",
+            "CHATPROXY_WORKERS": "2",
+            "CHATPROXY_ALLOW_ANONYMOUS": "true",
+            "CHATPROXY_RATE_LIMIT_ANONYMOUS": "100000/minute",
+            "CHATPROXY_DATABASE_URL": f"sqlite:///{ledger}",
+            "CHATPROXY_KEEPALIVE_SECONDS": "0.2",
+            "CHATPROXY_READ_TIMEOUT": "1.5",
+        }
+    )
+    yield server
+    server.stop()
+
+
+def test_gunicorn_runs_the_worker_class_asked_for(gunicorn):
+    asked = os.environ.get("CHATPROXY_WORKER_CLASS", "gevent")
+    named = {"gevent": "Using worker: gevent", "gthread": "Using worker: GracefulThreadWorker"}
+
+    assert any(named[asked] in line for line in gunicorn.output), gunicorn.output[:5]
+
+
+def test_a_stream_through_gunicorn_arrives_whole_and_exact(gunicorn, fake):
+    text = 'Grüße 🌍 "quoted" \\ back\nslash\u2028 and \u0000 nul'
+    fake.script(Reply(chunks=[text[:9], text[9:20], text[20:]]))
+
+    received, _ = post_stream(gunicorn.url, {"message": "hi", "stream": True})
+
+    assert received.status == 200
+    assert [e["type"] for e in received.events] == ["start", "delta", "delta", "delta", "done"]
+    assert received.text() == text
+    [call] = fake.chat_calls()
+    assert received.events[-1]["usage"]["completion_tokens"] == call.completion_tokens == 3
+
+
+def test_a_silent_upstream_gets_pings_through_gunicorn(gunicorn, fake):
+    fake.script(Reply(chunks=["slow ", "answer"], stall_after=1, stall=1.0))
+
+    received, _ = post_stream(gunicorn.url, {"message": "hi", "stream": True})
+
+    assert len(received.comments) >= 2 and set(received.comments) == {": ping"}
+    assert received.text() == "slow answer"
+    assert received.events[-1]["type"] == "done"
+
+
+def test_an_upstream_stalled_past_the_read_timeout_ends_with_an_error_event_through_gunicorn(gunicorn, fake):
+    fake.script(Reply(chunks=["one ", "two"], stall_after=1, stall=3.0))
+
+    received, _ = post_stream(gunicorn.url, {"message": "hi", "stream": True})
+
+    assert [e["type"] for e in received.events] == ["start", "delta", "error"]
+    assert received.events[-1]["code"] == "upstream_timeout"
+    assert set(received.comments) == {": ping"}  # pinged while it waited
+
+
+def test_a_hang_up_costs_at_most_one_more_upstream_chunk(gunicorn, fake):
+    fake.script(Reply(chunks=[f"t{i} " for i in range(60)], pace=0.1))
+
+    _received, hung_up_at = post_stream(gunicorn.url, {"message": "hi", "stream": True}, stop_after_deltas=3)
+
+    call = fake.chat_calls()[0]
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=5)
+    # gunicorn's client socket reads as closed at the next upstream chunk: the stream stops there, instead of
+    # at the second write after the hang-up (the first one still succeeds).
+    assert len([t for t in call.chunk_times if t > hung_up_at]) <= 1
+    assert not call.finished
+
+
+@pytest.mark.browser
+def test_the_page_streams_and_stops_an_answer_through_gunicorn(page, gunicorn, fake):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    fake.script(
+        Reply(chunks=["Streamed ", "through ", "gunicorn."], pace=0.05),
+        Reply(chunks=[f"w{i} " for i in range(80)], pace=0.1),
+    )
+    open_chat(page, gunicorn.url)
+
+    ask(page, "Stream")
+    wait_state(page, "done")
+    assert answer_text(page) == "Streamed through gunicorn."
+
+    ask(page, "Count slowly")
+    expect(answers(page).last.locator(".answer")).to_contain_text("w3")
+    page.locator("#stop").click()
+    wait_state(page, "stopped")
+    call = fake.chat_calls()[-1]
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=5), "the upstream never saw the close"
+    assert not call.finished
