@@ -16,6 +16,7 @@ from .budget import Budget, Caps, SqlCounters
 from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings
 from .cooldowns import from_settings as cooldowns_from
 from .keys import KeyStore
+from .schemas import request_models
 from .upstream import make_client
 from .usage import Ledger, default_database_url
 
@@ -86,6 +87,7 @@ def build_state(
         settings=settings,
         client=make_client(settings),
         models=table,
+        requests=request_models(settings),
         retiring=retiring,
         ledger=ledger,
         budget=Budget(counters, Caps.from_settings(settings)),

@@ -9,7 +9,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Request, g, has_app_context, request, session
 from flask.sessions import SecureCookieSessionInterface
@@ -22,6 +22,9 @@ from .end_users import end_user_secret, key_name, looks_like_jwt, verify
 from .errors import ApiError
 from .keys import DISABLED, EXPIRED, HS256, REVOKED, ApiKey, utc_now
 from .state import AppState, state
+
+if TYPE_CHECKING:
+    from .schemas.base import Policy
 
 log = logging.getLogger(__name__)
 
@@ -223,19 +226,22 @@ def _check_state(key: ApiKey) -> None:
 def allowed_models(settings: Settings | None = None, *, embedding: bool = False) -> tuple[str, ...]:
     """The allowlisted chat models (`embedding`: then the embedding models) this request's caller may ask for (an
     API key may have fewer); all outside a request."""
-    caller = g.get("caller") if has_app_context() else None
     settings = settings or state().settings
-    models = settings.every_model if embedding else settings.models
+    return _for_caller(settings.every_model if embedding else settings.models)
+
+
+def default_model(allowlist: Settings | Policy) -> str:
+    """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use (a key
+    without a chat model gets the default, which the pipeline refuses it)."""
+    allowed = _for_caller(allowlist.models)
+    return allowlist.default_model if allowlist.default_model in allowed or not allowed else allowed[0]
+
+
+def _for_caller(models: tuple[str, ...]) -> tuple[str, ...]:
+    caller = g.get("caller") if has_app_context() else None
     if caller is None or caller.key is None:
         return models
     return tuple(model for model in models if caller.key.allows(model))
-
-
-def default_model(settings: Settings) -> str:
-    """The model a request without one gets: CHATPROXY_DEFAULT_MODEL, or the first its API key may use (a key
-    without a chat model gets the default, which the pipeline refuses it)."""
-    allowed = allowed_models(settings)
-    return settings.default_model if settings.default_model in allowed or not allowed else allowed[0]
 
 
 def _csrf_ok(sent: str) -> bool:

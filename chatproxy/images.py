@@ -1,4 +1,5 @@
-"""Image content parts: checked from their bytes (data URLs only), counted, and priced as prompt tokens.
+"""Image content parts: checked from their bytes (data URLs only) and priced as prompt tokens (the request models,
+schemas/parts.py, call `check` and count them).
 
 A part is OpenAI's `{"type": "image_url", "image_url": {"url": "data:image/png;base64,...", "detail": ...}}`.
 The type is read from the magic bytes and the pixel size from the header, never by decoding the image: a
@@ -14,9 +15,8 @@ import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .config import Settings
 from .errors import invalid
 
 DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/=]*)$", re.IGNORECASE)
@@ -33,6 +33,13 @@ SHORT_SIDE = 768
 JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
+class Caps(Protocol):
+    """The image caps in force (Settings, or the request models' Policy)."""
+
+    max_image_bytes: int
+    max_image_side: int
+
+
 @dataclass(frozen=True)
 class Image:
     """What the header of a checked image says."""
@@ -43,41 +50,7 @@ class Image:
     animated: bool = False  # OpenAI takes still GIFs and WebPs only
 
 
-def parts(value: list[Any], where: str, settings: Settings) -> tuple[list[dict[str, Any]], str]:
-    """A message's checked list of text and image parts, rebuilt, and its text (for the character caps)."""
-    checked: list[dict[str, Any]] = []
-    count = 0
-    for index, part in enumerate(value):
-        at = f"{where}[{index}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
-            checked.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url" and set(part) == {"type", "image_url"}:
-            count += 1
-            if count > settings.max_images_per_message:
-                raise invalid(f"{where} has too many images: at most {settings.max_images_per_message} per message.")
-            checked.append({"type": "image_url", "image_url": _image_url(part["image_url"], at, settings)})
-        else:
-            raise invalid(
-                f'{at} must be {{"type": "text", "text": "..."}} or '
-                '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.'
-            )
-    text = text_of(checked)
-    if not count and not text.strip():
-        raise invalid(f"{where} must not be empty: send some text or an image.")
-    return checked, text
-
-
-def _image_url(value: Any, at: str, settings: Settings) -> dict[str, str]:
-    if not isinstance(value, dict) or not set(value) <= {"url", "detail"} or not isinstance(value.get("url"), str):
-        raise invalid(f'{at}.image_url must be {{"url": "data:image/...;base64,...", "detail"?}}.')
-    detail = value.get("detail", "auto")
-    if detail not in DETAILS:
-        raise invalid(f"{at}.image_url.detail must be one of: {', '.join(DETAILS)}.")
-    return {"url": check(value["url"], f"{at}.image_url.url", settings), "detail": detail}
-
-
-def check(url: str, where: str, settings: Settings) -> str:
+def check(url: str, where: str, caps: Caps) -> str:
     """The data URL of a good image as it is sent upstream (its media type in lower case), or the 400 naming
     what is wrong with it."""
     match = DATA_URL.match(url)
@@ -90,14 +63,14 @@ def check(url: str, where: str, settings: Settings) -> str:
     if declared not in KINDS:
         raise invalid(f"{where}: images must be PNG, JPEG, WebP or GIF, not {declared[:40]}.")
     encoded = match.group(2)
-    if len(encoded) > (settings.max_image_bytes + 2) // 3 * 4:  # refused before decoding
-        raise invalid(f"{where} is too large: at most {settings.max_image_bytes} bytes per image.")
+    if len(encoded) > (caps.max_image_bytes + 2) // 3 * 4:  # refused before decoding
+        raise invalid(f"{where} is too large: at most {caps.max_image_bytes} bytes per image.")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{where} is not valid base64.") from None
-    if len(data) > settings.max_image_bytes:
-        raise invalid(f"{where} is too large: at most {settings.max_image_bytes} bytes per image.")
+    if len(data) > caps.max_image_bytes:
+        raise invalid(f"{where} is too large: at most {caps.max_image_bytes} bytes per image.")
     image = read_header(data)
     if image is None:
         raise invalid(f"{where} is not a PNG, JPEG, WebP or GIF image (its bytes say otherwise).")
@@ -105,7 +78,7 @@ def check(url: str, where: str, settings: Settings) -> str:
         raise invalid(f"{where} says {declared} but its bytes are a {image.kind} image.")
     if image.animated:
         raise invalid(f"{where} is an animated {image.kind}: only still images are accepted.")
-    side = settings.max_image_side
+    side = caps.max_image_side
     if not (0 < image.width <= side and 0 < image.height <= side):
         raise invalid(
             f"{where} is {image.width} x {image.height} pixels: at most {side} x {side} (and at least 1 x 1)."
@@ -216,14 +189,6 @@ def image_parts(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for part in message["content"]
         if part.get("type") == "image_url"
     ]
-
-
-def count(messages: Iterable[Mapping[str, Any]], settings: Settings) -> int:
-    """How many images the request carries, refused above CHATPROXY_MAX_IMAGES."""
-    found = len(image_parts(messages))
-    if found > settings.max_images:
-        raise invalid(f"Too many images: at most {settings.max_images} per request.")
-    return found
 
 
 def prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:

@@ -350,6 +350,12 @@ def hold_slots() -> None:
     g.held_slots = (release, release_worker)
 
 
+def take_held_slots() -> Callable[[], None]:
+    """Take over the request's slots from the end of the request: a stream gives them back when its answer ends."""
+    held = g.pop("held_slots", ())
+    return lambda: _release(held)
+
+
 def _release_on_close(response: Response) -> Response:
     """A streamed body outlives the view: its request's slots go back when the server closes the response."""
     held = g.get("held_slots", ())

@@ -1,12 +1,14 @@
 """The OpenAPI 3.1 description of the HTTP API, built from the app's settings: GET /api/openapi.json.
 
 Each route is one entry of OPERATIONS: its summary, request body, success responses and the error codes
-it can answer with, by status. The spec lists an entry only when the app has that route, so a blueprint
-that is not registered is not described. tests/test_openapi.py fails when a route has no entry (or an
-entry no route), and when the code can raise an error code that a route's entry does not list.
+it can answer with, by status. A request body is the JSON Schema of the route's request model
+(chatproxy/schemas/, the same model that validates it), with the app's caps and allowlists; the models it
+is made of are in components/schemas. The spec lists an entry only when the app has that route, so a
+blueprint that is not registered is not described. tests/test_openapi.py fails when a route has no entry
+(or an entry no route).
 
-Adding a route: add an `Operation` to OPERATIONS under its (Flask rule, method), then run
-`python -m chatproxy.openapi` to rewrite docs/openapi.json.
+Adding a route: add an `Operation` to OPERATIONS under its (Flask rule, method), naming its request model
+if it takes a JSON body, then run `python -m chatproxy.openapi` to rewrite docs/openapi.json.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
-from pydantic import BaseModel
 
-from .api.embeddings import EmbeddingsBody
 from .config import Settings
-from .schemas import CLIENT_ROLES, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE
-from .schemas_responses import MIN_OUTPUT_TOKENS, ResponsesBody
+from .schemas.base import Untitled
 from .state import state
 
 bp = Blueprint("openapi", __name__)
@@ -31,7 +30,7 @@ bp = Blueprint("openapi", __name__)
 Schema = dict[str, Any]
 ERROR = "#/components/schemas/Error"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
-NOT_BLANK = r"\S"  # the server strips the text and refuses what is left empty
+REF = "#/components/schemas/{model}"
 
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
@@ -91,193 +90,12 @@ class Operation:
     summary: str
     responses: Callable[[Flask, Settings], dict[str, Any]]  # success responses: {"200": {...}}
     errors: dict[int, tuple[str, ...]]
-    body: Callable[[Flask, Settings], Schema] | None = None  # an application/json request body
+    # The application/json request body: its model, named as in schemas.RequestModels; the admin API's key fields
+    # (validated by keys.parse_fields, shared with the CLI) give their schema by a function.
+    body: str | Callable[[Flask, Settings], Schema] | None = None
     parameters: tuple[Schema, ...] = ()
     security: str = "guarded"  # guarded: any caller the guards let in; token: bearer tokens only; public
     openai_errors: bool = False  # /v1: error bodies also carry OpenAI's `type` and `param`
-
-
-# --- request schemas, from the same settings the validators read ---------------------------------------------
-
-
-def _text(settings: Settings, what: str) -> Schema:
-    return {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": settings.max_message_chars,
-        "pattern": NOT_BLANK,
-        "description": what,
-    }
-
-
-def _message(settings: Settings) -> Schema:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"enum": list(CLIENT_ROLES)},
-            "content": {"anyOf": [_text(settings, "One turn of the conversation."), user_parts(settings)]},
-        },
-    }
-
-
-TEXT_PART: Schema = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-}
-
-
-def user_parts(settings: Settings) -> Schema:
-    """A user turn as OpenAI's content parts: text, and images (images.py) for models that see."""
-    image = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["type", "image_url"],
-        "properties": {
-            "type": {"const": "image_url"},
-            "image_url": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["url"],
-                "properties": {
-                    "url": {
-                        "type": "string",
-                        "description": f"A base64 data URL (data:image/png;base64,...) of a PNG, JPEG, WebP or GIF "
-                        f"image of at most {settings.max_image_bytes} bytes and {settings.max_image_side} pixels "
-                        f"a side; remote URLs are refused.",
-                    },
-                    "detail": {"enum": ["auto", "low", "high"]},
-                },
-            },
-        },
-    }
-    return {
-        "type": "array",
-        "minItems": 1,
-        "items": {"oneOf": [TEXT_PART, image]},
-        "description": f"Text and image parts of a user turn: images only for models that see (GET /api/models), "
-        f"at most {settings.max_images_per_message} per message and {settings.max_images} per request.",
-    }
-
-
-def _response_format() -> Schema:
-    name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    json_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["name", "schema"],
-        "properties": {
-            "name": name,
-            "strict": {"type": "boolean"},
-            "description": {"type": "string"},
-            "schema": {"type": "object", "description": f"A JSON Schema, nested at most {MAX_SCHEMA_DEPTH} deep."},
-        },
-    }
-    return {
-        "oneOf": [
-            {"type": "null"},
-            {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["type"],
-                "properties": {"type": {"enum": ["text", "json_object"]}},
-            },
-            {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["type", "json_schema"],
-                "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema},
-            },
-        ],
-        "description": "Structured output: the JSON reply then carries `parsed`.",
-    }
-
-
-def chat_fields(settings: Settings) -> dict[str, Schema]:
-    """The fields of a /api/chat body (schemas.CHAT_FIELDS), with the caps in force."""
-    return {
-        "message": {"anyOf": [_text(settings, "The simple form: one user message."), user_parts(settings)]},
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": settings.max_messages,
-            "items": _message(settings),
-            "description": f"The conversation, ending with a user turn; at most "
-            f"{settings.max_total_chars} characters in all.",
-        },
-        "model": {"enum": [*settings.models, None], "description": f"Default: {settings.default_model}."},
-        "max_tokens": {
-            "type": ["integer", "null"],
-            "minimum": 1,
-            "description": f"Clamped to the server cap, {settings.max_tokens}.",
-        },
-        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_TEMPERATURE},
-        "response_format": _response_format(),
-        "stream": {"type": ["boolean", "null"], "description": "true: answer as text/event-stream."},
-    }
-
-
-def chat_request(_app: Flask, settings: Settings) -> Schema:
-    """POST /api/chat: `message` or `messages`, options; any other field is refused."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": chat_fields(settings),
-        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
-    }
-
-
-def classify_request(_app: Flask, settings: Settings) -> Schema:
-    """POST /api/classify: a text and, optionally, two or more of the configured labels."""
-    labels = list(settings.classify_labels)
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["text"],
-        "properties": {
-            "text": _text(settings, "The text to classify."),
-            "labels": {
-                "type": "array",
-                "minItems": 2,
-                "maxItems": len(labels),
-                "uniqueItems": True,
-                "items": {"enum": labels},
-            },
-        },
-    }
-
-
-def batch_request(app: Flask, settings: Settings) -> Schema:
-    """POST /api/batches: chat bodies (without `stream`) with unique custom ids, all for one model."""
-    fields = {k: v for k, v in chat_fields(settings).items() if k != "stream"}
-    fields["custom_id"] = {
-        "type": "string",
-        "pattern": r"^[^\x00-\x1f\x7f]{1,64}$",
-        "description": "Unique within the batch; names the line's result.",
-    }
-    item = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["custom_id"],
-        "properties": fields,
-        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
-    }
-    requests: Schema = {
-        "type": "array",
-        "minItems": 1,
-        "items": item,
-        "description": "All lines must ask for the same model.",
-    }
-    requests["maxItems"] = settings.batch_max_requests
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["requests"],
-        "properties": {"requests": requests},
-    }
 
 
 # --- success responses ---------------------------------------------------------------------------------------
@@ -498,160 +316,7 @@ def _const(
     return lambda _app, _settings: _ok(schema, description, media, status)
 
 
-# --- /v1: OpenAI's wire format (compat.py, compat_schemas.py) ------------------------------------------------
-
-
-def _bounded_text(limit: int, blank_ok: bool = False) -> Schema:
-    schema: Schema = {"type": "string", "maxLength": limit}
-    return schema if blank_ok else {**schema, "minLength": 1, "pattern": NOT_BLANK}
-
-
-def compat_request(_app: Flask, settings: Settings) -> Schema:
-    """POST /v1/chat/completions: the Chat Completions body, held to the same caps and allowlist as /api/chat."""
-    name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}
-    content = {
-        "anyOf": [
-            {"type": "string", "maxLength": settings.max_message_chars},
-            {"type": "array", "minItems": 1, "items": TEXT_PART},
-        ]
-    }
-    call = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["id", "function"],
-        "properties": {
-            "id": _bounded_text(256),
-            "type": {"const": "function"},
-            "function": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name", "arguments"],
-                "properties": {"name": name, "arguments": {"type": "string"}},
-            },
-        },
-    }
-
-    def message(role: str, required: list[str], **extra: Schema) -> Schema:
-        fields = {"role": {"const": role}, "content": content, "name": name, **extra}
-        return {"type": "object", "additionalProperties": False, "required": ["role", *required], "properties": fields}
-
-    tool = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["type", "function"],
-        "properties": {
-            "type": {"const": "function"},
-            "function": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name"],
-                "properties": {
-                    "name": name,
-                    "description": _bounded_text(4096, blank_ok=True),
-                    "strict": {"type": "boolean"},
-                    "parameters": {"type": "object"},
-                },
-            },
-        },
-    }
-    number = {"type": ["number", "null"]}
-    stop = _bounded_text(256, blank_ok=True) | {"minLength": 1}
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["messages"],
-        "properties": {
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": settings.max_messages,
-                "items": {
-                    "oneOf": [
-                        message("system", ["content"]),
-                        {
-                            **message("user", ["content"]),
-                            "properties": {
-                                **message("user", [])["properties"],
-                                "content": {
-                                    "anyOf": [
-                                        _text(settings, "The user's turn."),
-                                        user_parts(settings),
-                                    ]
-                                },
-                            },
-                        },
-                        {
-                            **message(
-                                "assistant",
-                                [],
-                                tool_calls={"type": ["array", "null"], "maxItems": 64, "items": call},
-                                refusal={"type": ["string", "null"]},
-                            ),
-                            "properties": {
-                                **message("assistant", [])["properties"],
-                                "content": {"anyOf": [content, {"type": "null"}]},
-                                "tool_calls": {"type": ["array", "null"], "maxItems": 64, "items": call},
-                                "refusal": {"type": ["string", "null"]},
-                            },
-                        },
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["role", "content", "tool_call_id"],
-                            "properties": {
-                                "role": {"const": "tool"},
-                                "content": content,
-                                "tool_call_id": _bounded_text(256),
-                            },
-                        },
-                    ]
-                },
-                "description": "The last message must come from the user or a tool.",
-            },
-            "model": {"enum": list(settings.models), "description": f"Default: {settings.default_model}."},
-            "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-            "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-            "temperature": {**number, "minimum": 0, "maximum": MAX_TEMPERATURE},
-            "top_p": {**number, "minimum": 0, "maximum": 1},
-            "presence_penalty": {**number, "minimum": -2, "maximum": 2},
-            "frequency_penalty": {**number, "minimum": -2, "maximum": 2},
-            "n": {"enum": [1, None]},
-            "stream": {"type": ["boolean", "null"]},
-            "stream_options": {
-                "type": ["object", "null"],
-                "additionalProperties": False,
-                "properties": {"include_usage": {"type": ["boolean", "null"]}},
-                "description": "Only with `stream: true`.",
-            },
-            "stop": {"anyOf": [stop, {"type": "array", "minItems": 1, "maxItems": 4, "items": stop}, {"type": "null"}]},
-            "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
-            "user": {"anyOf": [_bounded_text(256), {"type": "null"}]},
-            "safety_identifier": {"anyOf": [_bounded_text(64), {"type": "null"}]},
-            "tools": {"type": ["array", "null"], "minItems": 1, "maxItems": 64, "items": tool},
-            "tool_choice": {
-                "anyOf": [
-                    {"enum": ["none", "auto", "required", None]},
-                    {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["type", "function"],
-                        "properties": {
-                            "type": {"const": "function"},
-                            "function": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["name"],
-                                "properties": {"name": name},
-                            },
-                        },
-                    },
-                ],
-                "description": "Only with `tools`.",
-            },
-            "parallel_tool_calls": {"type": ["boolean", "null"], "description": "Only with `tools`."},
-            "response_format": _response_format(),
-        },
-    }
+# --- /v1: OpenAI's wire format (api/compat.py) ---------------------------------------------------------------
 
 
 def compat_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
@@ -709,43 +374,7 @@ def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
     return _ok(item, "The model.")
 
 
-# --- /v1/responses and /v1/embeddings: request schemas from their pydantic models ---------------------------------
-
-
-def pydantic_schema(model: type[BaseModel]) -> Schema:
-    """A pydantic model's JSON Schema with its definitions inlined (the document has no room for $defs), untitled."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            # pydantic's titles only repeat the field names; a property named "title" is a dict, and stays.
-            return {
-                key: inline(value) for key, value in node.items() if not (key == "title" and isinstance(value, str))
-            }
-        if isinstance(node, list):
-            return [inline(value) for value in node]
-        return node
-
-    return inline(schema)
-
-
-def responses_request(_app: Flask, settings: Settings) -> Schema:
-    """POST /v1/responses: the Responses body this proxy takes, with its allowlist."""
-    schema = pydantic_schema(ResponsesBody)
-    properties = schema["properties"]
-    for branch in properties["input"]["anyOf"]:
-        branch.update({"maxLength": settings.max_message_chars} if branch["type"] == "string" else {})
-        branch.update({"minItems": 1, "maxItems": settings.max_messages} if branch["type"] == "array" else {})
-    properties["max_output_tokens"]["anyOf"][0]["minimum"] = MIN_OUTPUT_TOKENS
-    properties["model"] = {
-        "enum": [*settings.models, None],
-        "description": f"Default: {settings.default_model}.",
-    }
-    return schema
+# --- /v1/responses and /v1/embeddings (api/responses.py, api/embeddings.py) ---------------------------------
 
 
 def responses_responses(_app: Flask, settings: Settings) -> dict[str, Any]:
@@ -784,17 +413,6 @@ def deleted_response(_app: Flask, _settings: Settings) -> dict[str, Any]:
     """The deletion's confirmation."""
     schema = {"type": "object", "required": ["id", "deleted"], "properties": {"deleted": {"const": True}}}
     return _ok(schema, "Deleted.")
-
-
-def embeddings_request(_app: Flask, settings: Settings) -> Schema:
-    """POST /v1/embeddings, with the embedding allowlist and the input caps."""
-    schema = pydantic_schema(EmbeddingsBody)
-    text = {"type": "string", "minLength": 1, "maxLength": settings.max_message_chars, "pattern": NOT_BLANK}
-    schema["properties"]["model"] = {"enum": [*settings.embedding_models, None]}
-    schema["properties"]["input"] = {
-        "anyOf": [text, {"type": "array", "minItems": 1, "maxItems": settings.embedding_max_inputs, "items": text}]
-    }
-    return schema
 
 
 def embeddings_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
@@ -1027,13 +645,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Answer a conversation as one JSON reply, or as an SSE stream with `stream: true`.",
         chat_responses,
         merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED),
-        body=chat_request,
+        body="chat",
     ),
     ("/api/classify", "post"): Operation(
         "Classify a text into one of the configured labels (structured outputs).",
         classify_responses,
         merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, STRUCTURED),
-        body=classify_request,
+        body="classify",
     ),
     ("/api/models", "get"): Operation("The models a client may ask for.", models_responses, merge(INTERNAL, GUARDED)),
     ("/api/usage", "get"): Operation(
@@ -1060,7 +678,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 504: ("upstream_timeout",),
             },
         ),
-        body=batch_request,
+        body="batch",
         security="token",
     ),
     ("/api/batches/<batch_id>", "get"): Operation(
@@ -1136,7 +754,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "OpenAI-compatible chat completions (JSON or SSE) for bearer tokens: base_url=<proxy>/v1.",
         compat_responses,
         merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM),
-        body=compat_request,
+        body="compat",
         security="token",
         openai_errors=True,
     ),
@@ -1159,7 +777,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "OpenAI's Responses API (JSON or semantic SSE events) for bearer tokens: base_url=<proxy>/v1.",
         responses_responses,
         merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",), 404: ("not_found",)}),
-        body=responses_request,
+        body="responses",
         security="token",
         openai_errors=True,
     ),
@@ -1183,7 +801,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Embeddings of one text or a list of texts, for bearer tokens.",
         embeddings_responses,
         merge(INTERNAL, GUARDED, JSON_BODY, UPSTREAM, {400: ("unsupported_in_azure_mode",)}),
-        body=embeddings_request,
+        body="embeddings",
         security="token",
         openai_errors=True,
     ),
@@ -1240,7 +858,9 @@ def _security(kind: str, settings: Settings) -> list[dict[str, list[str]]]:
     return [*anyone, {"bearerToken": []}, {"pageSession": [], "csrfToken": []}]
 
 
-def operation_object(rule: str, method: str, operation: Operation, app: Flask, settings: Settings) -> Schema:
+def operation_object(
+    rule: str, method: str, operation: Operation, app: Flask, settings: Settings, shared: Schema
+) -> Schema:
     """One OpenAPI operation object."""
     responses = operation.responses(app, settings)
     for response in responses.values():
@@ -1256,11 +876,21 @@ def operation_object(rule: str, method: str, operation: Operation, app: Flask, s
     if operation.parameters:
         found["parameters"] = [dict(parameter) for parameter in operation.parameters]
     if operation.body is not None:
-        found["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": operation.body(app, settings)}},
-        }
+        if isinstance(operation.body, str):
+            schema = request_schema(getattr(state(app).requests, operation.body), shared)
+        else:
+            schema = operation.body(app, settings)
+        found["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     return found
+
+
+def request_schema(model: type, shared: Schema) -> Schema:
+    """A request model's JSON Schema; the models it is made of go to `shared` (the document's components)."""
+    schema = model.model_json_schema(ref_template=REF, schema_generator=Untitled)
+    for name, definition in schema.pop("$defs", {}).items():
+        if shared.setdefault(name, definition) != definition:
+            raise ValueError(f"two request models named {name} differ")  # rename one of them
+    return schema
 
 
 def components(settings: Settings) -> Schema:
@@ -1383,9 +1013,13 @@ def build_spec(app: Flask) -> Schema:
     settings = state(app).settings
     served = app_operations(app)
     paths: dict[str, dict[str, Schema]] = {}
+    shared: Schema = {}  # the models request bodies are made of
     for (rule, method), operation in OPERATIONS.items():
         if (rule, method) in served:
-            paths.setdefault(openapi_path(rule), {})[method] = operation_object(rule, method, operation, app, settings)
+            found = operation_object(rule, method, operation, app, settings, shared)
+            paths.setdefault(openapi_path(rule), {})[method] = found
+    document = components(settings)
+    document["schemas"].update(sorted(shared.items()))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1396,7 +1030,7 @@ def build_spec(app: Flask) -> Schema:
             "405 method_not_allowed (with Allow) answer unknown paths and methods.",
         },
         "paths": dict(sorted(paths.items())),
-        "components": components(settings),
+        "components": document,
     }
 
 

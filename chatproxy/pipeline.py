@@ -25,7 +25,7 @@ from . import metrics, sse
 from .callers import allowed_models
 from .dialects import Answer, Dialect
 from .errors import ApiError, invalid
-from .limits import take_stream_slot
+from .limits import take_held_slots, take_stream_slot
 from .metering import Meter
 from .models import SAMPLING_DEFAULTS, ModelSpec
 from .relay import StreamWriter, Upstream, read_to_first, relay
@@ -171,13 +171,19 @@ def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) 
         raise
     _count_fallback(call.model, routed.model)
     gone = sse.hangup_probe(request.environ)
+    release_held = take_held_slots()
+
+    def release() -> None:
+        release_slot()
+        release_held()
+
     events = relay(
-        routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline, gone
+        routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline, gone, release
     )
     response = Response(events, mimetype="text/event-stream", headers={**sse.HEADERS, MODEL_HEADER: routed.model})
     response.call_on_close(routed.value.close)  # also when the generator never started
     response.call_on_close(meter.abandon)  # records the attempt if the generator never ran; else a no-op
-    response.call_on_close(release_slot)
+    response.call_on_close(release)
     return response
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 import openai
@@ -89,16 +89,40 @@ def relay(
     keepalive: float,
     deadline: float,
     gone: Callable[[], bool] = lambda: False,
+    release: Callable[[], None] = lambda: None,
 ) -> Iterator[bytes]:
     """Relay a committed stream through `writer`; it ends complete or with an error, and is always closed and metered.
 
     A client that goes away is noticed at the next upstream event (`gone`, sse.hangup_probe), or raises
     GeneratorExit at the next yield: the upstream stream is cancelled in `finally` and the attempt is
-    recorded as aborted with what it cost so far.
+    recorded as aborted with what it cost so far. The answer is recorded and the request's slots given back
+    (`release`) before its last bytes, so a client that asks again as soon as it has them finds them free.
     """
     upstream, model = routed.value, routed.model
     tally = Tally()
-    outcome = "aborted"  # unless the stream reaches its last event: the client went away
+    outcome, last = "aborted", b""  # unless the stream reaches its last event: the client went away
+    try:
+        outcome, last = yield from _relay(routed, dialect, writer, tally, cooldowns, keepalive, deadline, gone)
+    finally:
+        upstream.close()
+        meter.finish(model, tally.usage, tally.text, outcome, meter.ttft, tally.response_id)
+        release()
+    if last:
+        yield last
+
+
+def _relay(
+    routed: Routed[Upstream],
+    dialect: Dialect,
+    writer: StreamWriter,
+    tally: Tally,
+    cooldowns: Cooldowns,
+    keepalive: float,
+    deadline: float,
+    gone: Callable[[], bool],
+) -> Generator[bytes, None, tuple[str, bytes]]:
+    """Yield all but the last bytes; returns the outcome and the last bytes (the end or an error)."""
+    upstream, model = routed.value, routed.model
     try:
         first = writer.start(routed)
         if first:
@@ -106,17 +130,14 @@ def relay(
         for event in with_keepalive(upstream.events(), keepalive):
             if time.monotonic() > deadline:
                 log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", model)
-                outcome = "upstream_timeout"
-                yield writer.error(
-                    ApiError(504, "upstream_timeout", "The answer took too long and was cut short. Try again.")
-                )
-                return
+                error = ApiError(504, "upstream_timeout", "The answer took too long and was cut short. Try again.")
+                return error.code, writer.error(error)
             if event is PING:
                 yield PING
                 continue
             text = dialect.observe(event, tally) or ""  # counted first: the upstream bills it, relayed or not
             if gone():
-                return  # aborted: the client hung up
+                return "aborted", b""  # the client hung up
             out = writer.event(event, text, routed)
             if out:
                 yield out
@@ -124,20 +145,14 @@ def relay(
         if error is not None:
             log.warning("upstream stream from %s ended without a finish", model)
             cooldowns.failure(model, counted=True)  # the attempt was counted as answered at its first output
-            outcome = error.code
-            yield writer.error(error)
-            return
+            return error.code, writer.error(error)
         outcome = "content_filtered" if tally.finish_reason == "content_filter" else "ok"
-        yield writer.done(tally, routed)  # a filtered answer: the writer says so as its format does
+        return outcome, writer.done(tally, routed)  # a filtered answer: the writer says so as its format does
     except (openai.APIError, UnreadableAnswer) as exc:
         error = stream_failure(exc) if isinstance(exc, openai.APIError) else _unreadable()
         if error.code != "content_filtered":
             cooldowns.failure(model, counted=True)
-        outcome = error.code
-        yield writer.error(error)
-    finally:
-        upstream.close()
-        meter.finish(model, tally.usage, tally.text, outcome, meter.ttft, tally.response_id)
+        return error.code, writer.error(error)
 
 
 def _unreadable() -> ApiError:

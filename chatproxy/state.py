@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # types only: every module may import this one, so it imports
     from .keys import KeyStore
     from .limits import Slots
     from .models import ModelTable, Retirement
+    from .schemas import RequestModels
     from .usage import Ledger
 
 KEY = "chatproxy"
@@ -31,6 +32,7 @@ class AppState:
     settings: Settings
     client: OpenAI  # one per process, after gunicorn forks; reused by every request
     models: ModelTable  # what each model takes and costs
+    requests: RequestModels  # the request models, with this app's allowlist and caps
     retiring: tuple[Retirement, ...]  # configured models within 30 days of their shutdown
     ledger: Ledger
     budget: Budget  # counters in the ledger's database

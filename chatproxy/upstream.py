@@ -22,7 +22,7 @@ from openai import AzureOpenAI, OpenAI
 
 from .config import Settings
 from .errors import ApiError
-from .schemas import json_problem
+from .strict import json_problem
 
 log = logging.getLogger(__name__)
 

@@ -891,7 +891,7 @@ def write_reliability(report: Report, command: str) -> None:
         "and body documented, SSE events against their schema, schema-violating requests rejected, every error body "
         "the contract's. Per operation: " + ", ".join(f"{k} {v}" for k, v in st.get("by_operation", {}).items()) + ".",
         "- Property tests (tests/test_properties.py): any text through the SSE framing and back; any body "
-        "parse_chat_request accepts is within the caps.",
+        "/api/chat's request model accepts is within the caps.",
         "",
         "## Nothing lost",
         "",

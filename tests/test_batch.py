@@ -265,6 +265,7 @@ def test_page_sessions_and_anonymous_callers_are_refused(batch_app, fake):
         ({"requests": []}, "non-empty list"),
         ({"requests": "hi"}, "non-empty list"),
         ({"requests": [{"message": "no id"}]}, "custom_id"),
+        ({"requests": [{}]}, "custom_id"),  # found by schemathesis: was a 500
         ({"requests": [{"custom_id": "a", "message": "x"}, {"custom_id": "a", "message": "y"}]}, "used twice"),
         ({"requests": [{"custom_id": "a", "message": "x", "api_base": "http://evil"}]}, "Unknown field: 'api_base'"),
         ({"requests": [{"custom_id": "a", "message": "x"}], "callback": "x"}, "Unknown field: 'callback'"),

@@ -19,6 +19,7 @@ from chatproxy.callers import hash_token
 from chatproxy.demo.upstream import Reply
 from chatproxy.errors import ApiError
 from chatproxy.limits import Claim, RedisSlots
+from chatproxy.state import state
 from tests.helpers import REDIS_URL, free_port, page_session, start_gunicorn
 from tests.sse import post_stream
 
@@ -369,6 +370,27 @@ def test_finished_requests_give_their_slots_back(locked, fake, serve):
         statuses.append(received.status)
 
     assert statuses == [200] * 5
+
+
+def test_a_stream_gives_its_slots_back_with_its_last_event(locked, fake):
+    """A client that asks again the moment it has `done` finds its slot free and the answer recorded, although
+    the server has not yet closed the first response."""
+    app = locked(CHATPROXY_MAX_CONCURRENT=1, CHATPROXY_MAX_STREAMS=1)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first = client.post("/api/chat", json={"message": "hi", "stream": True}, headers=auth, buffered=False)
+    body = iter(first.response)
+    received = b""
+    while b'"done"' not in received:
+        received += next(body)
+
+    recorded = [row["outcome"] for row in state(app).ledger.rows()]
+    again = client.post("/api/chat", json={"message": "hi", "stream": True}, headers=auth)
+    answered = again.status_code, b'"done"' in again.data
+    first.close()
+
+    assert recorded == ["ok"]  # the first answer's row, closed before its last event
+    assert answered == (200, True)
 
 
 def test_a_stream_holds_its_callers_slot_until_it_ends(locked, fake, serve):

@@ -12,19 +12,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai._utils._json import openapi_dumps  # how the SDK encodes a request body
 
-from chatproxy.api.chat import chat_call
 from chatproxy.config import SETTINGS, validate
 from chatproxy.errors import ApiError
-from chatproxy.schemas import (
-    CHAT_FIELDS,
-    CLIENT_ROLES,
-    MAX_TEMPERATURE,
-    format_chars,
-    parse_chat_request,
-    parse_json_body,
-)
+from chatproxy.schemas import request_models
+from chatproxy.schemas.base import MAX_TEMPERATURE
+from chatproxy.schemas.chat import CLIENT_ROLES
+from chatproxy.schemas.formats import format_chars
 from chatproxy.sse import PING
 from chatproxy.sse import data as sse
+from chatproxy.strict import parse_json_body
 
 PROPERTY_SETTINGS = settings(
     max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -115,7 +111,7 @@ def test_every_frame_is_one_line_of_valid_utf8(text):
     assert json.loads(frame[6:-2]) == {"type": "delta", "content": text}
 
 
-# --- the request schema: whatever parse_chat_request accepts is within the caps ------------------------------
+# --- the request model: whatever /api/chat's model accepts is within the caps ------------------------------
 
 CAPS = {
     "CHATPROXY_MAX_MESSAGES": 4,
@@ -124,6 +120,7 @@ CAPS = {
     "CHATPROXY_MAX_TOKENS": 50,
 }
 SMALL = validate({**{s.name: s.default for s in SETTINGS}, "OPENAI_API_KEY": "sk-properties-test-key", **CAPS})
+CHAT = request_models(SMALL).chat
 
 # Text around the surrogate block too: a lone surrogate survives json.loads, and the SDK cannot send it.
 near_surrogates = st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010, exclude_categories=()), max_size=3)
@@ -220,32 +217,67 @@ bodies = st.one_of(near_valid, chaotic)
 )  # issue 14: the schema was outside the caps
 def test_any_request_the_schema_accepts_is_within_the_caps(body: dict[str, Any]):
     try:  # the body as it arrives: JSON text (NaN for a NaN, \ud800 escapes for lone surrogates)
-        chat = parse_chat_request(parse_json_body(json.dumps(body).encode(), "application/json"), SMALL)
+        call = CHAT.parse(parse_json_body(json.dumps(body).encode(), "application/json")).call()
     except ApiError as error:  # the only way to refuse: a 400 naming the problem, never another exception
         assert (error.status, error.code) == (400, "invalid_request")
         assert error.message and "Traceback" not in error.message
         return
 
-    assert set(body) <= CHAT_FIELDS
-    assert 1 <= len(chat.messages) <= SMALL.max_messages
-    assert all(set(m) == {"role", "content"} and m["role"] in CLIENT_ROLES for m in chat.messages)
-    assert all(isinstance(m["content"], str) and m["content"].strip() for m in chat.messages)
-    assert all(len(m["content"]) <= SMALL.max_message_chars for m in chat.messages)
-    assert sum(len(m["content"]) for m in chat.messages) <= SMALL.max_total_chars
-    assert all(m["content"].encode("utf-8") for m in chat.messages)  # no lone surrogates
-    assert chat.messages[-1]["role"] == "user"
-    assert isinstance(chat.max_tokens, int) and not isinstance(chat.max_tokens, bool)
-    assert 1 <= chat.max_tokens <= SMALL.max_tokens
-    assert chat.temperature is None or (
-        isinstance(chat.temperature, float)
-        and math.isfinite(chat.temperature)
-        and 0 <= chat.temperature <= MAX_TEMPERATURE
+    messages, response_format = call.body["messages"][1:], call.body.get("response_format")  # after our system prompt
+    temperature = call.sampling.get("temperature")
+    assert set(body) <= set(CHAT.model_fields)
+    assert 1 <= len(messages) <= SMALL.max_messages
+    assert all(set(m) == {"role", "content"} and m["role"] in CLIENT_ROLES for m in messages)
+    assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages)
+    assert all(len(m["content"]) <= SMALL.max_message_chars for m in messages)
+    assert sum(len(m["content"]) for m in messages) <= SMALL.max_total_chars
+    assert all(m["content"].encode("utf-8") for m in messages)  # no lone surrogates
+    assert messages[-1]["role"] == "user"
+    assert isinstance(call.max_output, int) and not isinstance(call.max_output, bool)
+    assert 1 <= call.max_output <= SMALL.max_tokens
+    assert temperature is None or (
+        isinstance(temperature, float) and math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE
     )
-    assert chat.model in SMALL.models
-    assert isinstance(chat.stream, bool)
-    assert chat.response_format is None or chat.response_format["type"] in ("json_object", "json_schema")
-    assert sum(len(m["content"]) for m in chat.messages) + format_chars(chat.response_format) <= SMALL.max_total_chars
-    openapi_dumps({"model": chat.model, **chat_call(chat, SMALL).body})  # the SDK can encode what goes upstream
+    assert call.model in SMALL.models
+    assert isinstance(call.stream, bool)
+    assert response_format is None or response_format["type"] in ("json_object", "json_schema")
+    assert sum(len(m["content"]) for m in messages) + format_chars(response_format) <= SMALL.max_total_chars
+    openapi_dumps({"model": call.model, **call.body})  # the SDK can encode what goes upstream
+
+
+# A batch body: lines that are chat bodies with or without a custom_id (or `stream`), or anything else.
+batch_lines = st.one_of(
+    st.tuples(
+        st.fixed_dictionaries(
+            {}, optional={"custom_id": st.one_of(st.sampled_from(["a", "b", " ", "a\n", "x" * 65]), json_values)}
+        ),
+        bodies,
+    ).map(lambda parts: {**parts[0], **parts[1]}),
+    json_values,
+)
+batch_bodies = st.fixed_dictionaries(
+    {}, optional={"requests": st.one_of(st.lists(batch_lines, max_size=4), json_values), "callback": json_values}
+)
+classify_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "text": st.one_of(st.text(max_size=14), json_values),
+        "labels": st.one_of(st.lists(st.one_of(st.sampled_from(["billing", "other", "x"]), json_values)), json_values),
+        "model": json_values,
+    },
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.one_of(batch_bodies.map(lambda b: ("batch", b)), classify_bodies.map(lambda b: ("classify", b))))
+@example(("batch", {"requests": [{}]}))  # found by schemathesis: a line without custom_id was a 500
+def test_any_batch_or_classify_body_is_accepted_or_a_400(kind_and_body: tuple[str, dict[str, Any]]):
+    kind, body = kind_and_body
+    try:
+        getattr(request_models(SMALL), kind).parse(parse_json_body(json.dumps(body).encode(), "application/json"))
+    except ApiError as error:  # never another exception: a wording that cannot word the error would be a 500
+        assert (error.status, error.code) == (400, "invalid_request")
+        assert error.message and "Traceback" not in error.message
 
 
 @PROPERTY_SETTINGS

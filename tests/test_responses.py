@@ -16,7 +16,7 @@ from chatproxy import create_app
 from chatproxy.callers import hash_token
 from chatproxy.demo.upstream import Reply
 from chatproxy.metering import ROW_HEADER
-from chatproxy.schemas_responses import parse_responses_request
+from chatproxy.schemas.responses import parse_responses_request
 from chatproxy.sse import EventStream
 from chatproxy.state import state
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import redis
 
-from chatproxy import create_app, schemas
+from chatproxy import create_app, strict
 from chatproxy.callers import hash_token
 from chatproxy.cooldowns import Gate, RedisCooldowns
 from chatproxy.state import state
@@ -249,7 +249,7 @@ def test_poison_on_one_worker_leaves_the_shared_redis_cooldowns_alone(make_app, 
 @pytest.fixture
 def edge_off(monkeypatch):
     """Simulate an edge that misses a case (a bug): parse_json_body lets every value through."""
-    monkeypatch.setattr(schemas, "check_strict", lambda value, prefix="": None, raising=False)
+    monkeypatch.setattr(strict, "check_strict", lambda value, prefix="": None, raising=False)
 
 
 def upstream_errors(client) -> float:

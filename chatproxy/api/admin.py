@@ -12,8 +12,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..callers import admin_required
 from ..errors import ApiError, invalid
 from ..keys import KeyRefused, NoSuchKey, check_name, parse_fields, utc_now
-from ..schemas import parse_json_body
 from ..state import state
+from ..strict import parse_json_body
 from ..usage import is_end_user, key_of, usd
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")

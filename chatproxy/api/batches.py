@@ -6,8 +6,8 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from ..batches import service
 from ..callers import tokens_only
-from ..schemas import parse_json_body
 from ..state import state
+from ..strict import parse_json_body
 
 bp = Blueprint("batch", __name__)
 TOKENS_ONLY = "The Batch API is for bearer tokens: send Authorization: Bearer <token>."
@@ -20,8 +20,7 @@ def create_batch() -> Response:
     settings = state().settings
     request.max_content_length = settings.batch_max_body_bytes  # batches may be larger than chat bodies
     body = parse_json_body(request.get_data(cache=False), request.content_type)
-    lines = service.parse_requests(body, settings, settings.batch_max_requests)
-    view = service.submit(lines, g.identity, g.caller.key)
+    view = service.submit(service.parse_requests(body), g.identity, g.caller.key)
     response = jsonify(view)
     response.status_code = 202
     response.headers["Location"] = url_for("batch.batch_status", batch_id=view["id"])

@@ -8,25 +8,23 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template, request
 
-from .. import images, sse
+from .. import sse
 from ..callers import allowed_models, csrf_token, default_model, has_page_session
-from ..config import Settings
-from ..dialects import CHAT, Answer, Tally, Usage
+from ..dialects import Answer, Tally, Usage
 from ..errors import ApiError
 from ..limits import count_new_session
-from ..pipeline import Call, serve
+from ..pipeline import serve
 from ..relay import Upstream
 from ..router import Routed
-from ..schemas import ChatRequest, parse_chat_request, parse_json_body
 from ..sse import Event
 from ..state import state
+from ..strict import parse_json_body
 from ..upstream import content_filtered
-from ..usage import estimate_prompt, estimate_tokens
+from ..usage import estimate_tokens
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("chat", __name__)
-JSON_NOTE = "Reply with a JSON object."
 
 
 @bp.get("/")
@@ -78,36 +76,9 @@ def model_details() -> dict[str, dict[str, Any]]:
 @bp.post("/api/chat")
 def chat() -> Response:
     """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
-    settings = state().settings
-    chat_request = parse_chat_request(parse_json_body(request.get_data(cache=False), request.content_type), settings)
-    call = chat_call(chat_request, settings)
-    return serve(call, ChatWire(structured=chat_request.response_format is not None, prompt=call.prompt_estimate))
-
-
-def chat_call(chat_request: ChatRequest, settings: Settings) -> Call:
-    """The Chat Completions call for an /api/chat request: our system prompt first, then the client's turns."""
-    system = chat_request.system_prompt or settings.system_prompt
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *chat_request.messages]
-    body: dict[str, Any] = {"messages": messages}
-    sampling = {} if chat_request.temperature is None else {"temperature": chat_request.temperature}
-    response_format = chat_request.response_format
-    if response_format is not None:
-        body["response_format"] = response_format
-        asks_json = any("json" in images.text_of(m["content"]).lower() for m in messages)
-        if response_format["type"] == "json_object" and not asks_json:
-            # OpenAI refuses JSON mode unless a message asks for JSON; say it in our system message.
-            messages[0] = {"role": "system", "content": f"{system}\n\n{JSON_NOTE}"}
-    return Call(
-        dialect=CHAT,
-        model=chat_request.model,
-        body=body,
-        max_output=chat_request.max_tokens,
-        stream=chat_request.stream,
-        prompt_estimate=estimate_prompt(messages, response_format) + images.prompt_tokens(messages),
-        sampling=sampling,
-        reasoning_effort=chat_request.reasoning_effort,
-        images=len(images.image_parts(messages)),
-    )
+    body = parse_json_body(request.get_data(cache=False), request.content_type)
+    call = state().requests.chat.parse(body).call()
+    return serve(call, ChatWire(structured="response_format" in call.body, prompt=call.prompt_estimate))
 
 
 class ChatWire:

@@ -6,20 +6,18 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..config import Settings
 from ..dialects import CHAT, Answer
-from ..errors import ApiError, invalid
+from ..errors import ApiError
 from ..pipeline import Call, serve
 from ..router import Routed
-from ..schemas import parse_json_body
 from ..state import state
+from ..strict import parse_json_body
 from ..upstream import content_filtered
 from ..usage import estimate_prompt
 from .chat import parsed
 
 bp = Blueprint("classify", __name__)
 
-FIELDS = frozenset({"text", "labels"})
 MAX_ANSWER_TOKENS = 300
 STEADY = {"temperature": 0.0}  # the same text, the same label: for models that take a temperature at all
 SYSTEM_PROMPT = (
@@ -55,7 +53,8 @@ def classify() -> Response:
     """Classify a text into one of the allowed labels."""
     app_state = state()
     settings = app_state.settings
-    text, labels = _validate(parse_json_body(request.get_data(cache=False), request.content_type), settings)
+    req = app_state.requests.classify.parse(parse_json_body(request.get_data(cache=False), request.content_type))
+    text, labels = req.text, list(req.labels)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
     response_format = schema(labels)
     spec = app_state.models.spec(settings.classify_model)
@@ -85,26 +84,6 @@ class Classification:
         result = _checked(parsed(answer.body["choices"][0]), self.labels)
         usage = answer.usage.public() if answer.usage else None
         return jsonify({**result, "model": routed.model, "degraded": routed.degraded, "usage": usage})
-
-
-def _validate(body: dict[str, Any], settings: Settings) -> tuple[str, list[str]]:
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise invalid(f"Unknown field: {unknown[0][:64]!r}. Allowed fields: labels, text.")
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise invalid("'text' must be a non-empty string.")
-    if len(text) > settings.max_message_chars:
-        raise invalid(f"'text' is too long: at most {settings.max_message_chars} characters.")
-    labels = body.get("labels", list(settings.classify_labels))
-    if (
-        not isinstance(labels, list)
-        or len(labels) < 2
-        or not all(isinstance(label, str) and label in settings.classify_labels for label in labels)
-        or len(set(labels)) != len(labels)
-    ):  # set() only once every label is a (hashable) string
-        raise invalid(f"'labels' must be two or more different labels from: {', '.join(settings.classify_labels)}.")
-    return text, labels
 
 
 def _checked(parsed: Any, labels: list[str]) -> dict[str, Any]:

@@ -13,24 +13,20 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from .. import images, sse
+from .. import sse
 from ..callers import allowed_models, token_required
-from ..compat_schemas import CompatRequest, parse_compat_request
-from ..dialects import CHAT, Answer, Tally
+from ..dialects import Answer, Tally
 from ..errors import ApiError
-from ..models import SAMPLING_DEFAULTS
-from ..pipeline import Call, serve
+from ..pipeline import serve
 from ..relay import Upstream
 from ..router import Routed
-from ..schemas import parse_json_body
 from ..sse import Event
 from ..state import state
-from ..usage import estimate_prompt
+from ..strict import parse_json_body
 
 bp = Blueprint("compat", __name__, url_prefix="/v1")
 DONE = b"data: [DONE]\n\n"
 TOKENS_ONLY = "The OpenAI-compatible API needs a token: send it as the API key (Authorization: Bearer <token>)."
-TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 
 
 @bp.after_request
@@ -80,30 +76,9 @@ def _model(name: str) -> dict[str, Any]:
 @token_required(TOKENS_ONLY)
 def chat_completions() -> Response:
     """A chat completion as one JSON object, or as `chat.completion.chunk` events when `stream` is true."""
-    req = parse_compat_request(parse_json_body(request.get_data(cache=False), request.content_type), state().settings)
-    return serve(compat_call(req), OpenAIChunks(req.include_usage, g.request_id))
-
-
-def compat_call(req: CompatRequest) -> Call:
-    """The Chat Completions call: the client's options as validated; the cap, sampling and reasoning effort are
-    sent per model, as each takes them."""
-    token_param = next(name for name in TOKEN_PARAMS if name in req.options)
-    per_model = {token_param, *SAMPLING_DEFAULTS, "reasoning_effort"}
-    options = {name: value for name, value in req.options.items() if name not in per_model}
-    metered = req.metered  # the turns as plain text, tools included: what the prompt estimate counts
-    estimate = [{"role": "system", "content": metered.system_prompt}, *metered.messages]
-    return Call(
-        dialect=CHAT,
-        model=req.model,
-        body={"messages": req.messages, **options},
-        max_output=req.options[token_param],
-        stream=req.stream,
-        prompt_estimate=estimate_prompt(estimate, metered.response_format) + images.prompt_tokens(req.messages),
-        sampling={name: req.options[name] for name in SAMPLING_DEFAULTS if name in req.options},
-        reasoning_effort=req.options.get("reasoning_effort"),
-        end_user=req.options.get("safety_identifier") or req.options.get("user"),
-        images=len(images.image_parts(req.messages)),
-    )
+    body = parse_json_body(request.get_data(cache=False), request.content_type)
+    req = state().requests.compat.parse(body)
+    return serve(req.call(), OpenAIChunks(req.include_usage, g.request_id))
 
 
 class OpenAIChunks:

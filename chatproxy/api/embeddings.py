@@ -3,36 +3,20 @@ budgets and ledger as every other call (the SDK's `client.embeddings.create`).""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from flask import Blueprint, Response, jsonify, request
-from pydantic import Field, ValidationError
 
 from ..callers import token_required
-from ..compat_schemas import MAX_USER
 from ..dialects import EMBEDDINGS, Answer
 from ..errors import ApiError, invalid
 from ..pipeline import Call, serve
 from ..router import Routed
-from ..schemas import parse_json_body
-from ..schemas_responses import Strict, sentence
 from ..state import state
+from ..strict import parse_json_body
 from ..usage import estimate_tokens
 from .compat import TOKENS_ONLY, openai_error_fields
 
 bp = Blueprint("embeddings", __name__, url_prefix="/v1")
 bp.after_request(openai_error_fields)
-MAX_DIMENSIONS = 3072
-
-
-class EmbeddingsBody(Strict):
-    """POST /v1/embeddings: text inputs only (token arrays are not taken)."""
-
-    model: str | None = None
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(default=None, ge=1, le=MAX_DIMENSIONS)
-    user: str | None = Field(default=None, max_length=MAX_USER)
 
 
 @bp.post("/embeddings")
@@ -42,10 +26,7 @@ def embeddings() -> Response:
     settings = state().settings
     if settings.azure_endpoint:
         raise ApiError(400, "unsupported_in_azure_mode", "Embeddings are not available in Azure OpenAI mode.")
-    try:
-        req = EmbeddingsBody.model_validate(parse_json_body(request.get_data(cache=False), request.content_type))
-    except ValidationError as exc:
-        raise invalid(sentence(exc, EmbeddingsBody)) from None
+    req = state().requests.embeddings.parse(parse_json_body(request.get_data(cache=False), request.content_type))
     allowed = settings.embedding_models
     model = req.model if req.model is not None else (allowed[0] if allowed else "")
     if model not in allowed:

@@ -25,10 +25,10 @@ from ..pipeline import Call, serve
 from ..relay import Upstream
 from ..responses_dialect import TERMINAL, Responses
 from ..router import Routed
-from ..schemas import parse_json_body
-from ..schemas_responses import parse_responses_request
+from ..schemas.responses import parse_responses_request
 from ..sse import Event
 from ..state import state
+from ..strict import parse_json_body
 from ..usage import KeptResponse
 from .compat import TOKENS_ONLY, openai_error_fields
 

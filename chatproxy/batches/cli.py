@@ -21,8 +21,8 @@ import click
 from flask.cli import AppGroup
 
 from ..errors import ApiError
-from ..schemas import check_strict
 from ..state import state
+from ..strict import check_strict
 from . import service as batch
 
 batch_group = AppGroup("batch", help="Run requests through the Batch API at half price (as identity cli:local).")
@@ -181,12 +181,9 @@ def submit_command(file: Path, fmt: str, wait_: bool, output: Path | None, poll:
     if output is not None and not wait_ and not demo:
         raise click.UsageError("-o/--output needs --wait (or use `batch results ID -o FILE` later).")
     items, numbers = read_items(file, fmt)
-    settings = state().settings
     lines = _api(
         batch.parse_requests,
         {"requests": items},
-        settings,
-        settings.batch_max_requests,
         lambda index: f"{file.name} line {numbers[index]}",
     )
     view = _api(batch.submit, lines, batch.CLI_IDENTITY)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +21,12 @@ from typing import Any, TypeVar
 import openai
 
 from .. import metrics
-from ..api.chat import chat_call
 from ..budget import Reservation
-from ..config import Settings
 from ..errors import ApiError, invalid
 from ..keys import ApiKey
 from ..models import ModelTable
 from ..pipeline import Call, params_for, plan
-from ..schemas import parse_chat_request
+from ..schemas.batch import Where, items
 from ..state import AppState, state
 from ..upstream import DEFAULT_RETRY_AFTER, as_failure, content_filtered
 from .store import BATCH_ID, batches_table  # noqa: F401 - re-exported for callers that name batches by id
@@ -43,7 +40,6 @@ CLI_IDENTITY = "cli:local"  # who `python -m chatproxy batch ...` acts as: it ru
 FINISHED = frozenset({"completed", "failed", "expired", "cancelled"})  # the upstream's final statuses
 POLL_SECONDS = 30  # Retry-After while a batch is still running
 LOOKUP_LIMIT = 100  # newest upstream batches searched for one whose create timed out
-_CUSTOM_ID = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -74,42 +70,18 @@ class Outcome:
         return {"custom_id": self.custom_id, "content": self.content}
 
 
-def parse_requests(
-    body: Any, settings: Settings, max_requests: int, where: Callable[[int], str] = lambda index: f"requests[{index}]"
-) -> list[BatchLine]:
+def parse_requests(body: dict[str, Any], where: Where = items) -> list[BatchLine]:
     """Validate {"requests": [...]}: each item a /api/chat body plus a unique custom_id, one model, no stream."""
-    if not isinstance(body, dict) or set(body) != {"requests"}:
-        extra = sorted(set(body) - {"requests"}) if isinstance(body, dict) else []
-        raise invalid(
-            f'Unknown field: {extra[0][:64]!r}. The body is {{"requests": [...]}}.'
-            if extra
-            else 'The body must be {"requests": [...]}.'
-        )
-    items = body["requests"]
-    if not isinstance(items, list) or not items:
-        raise invalid("'requests' must be a non-empty list of {custom_id, message or messages, ...} objects.")
-    if len(items) > max_requests:
-        raise invalid(f"Too many requests: at most {max_requests} in one batch.")
+    app_state = state()
+    batch = app_state.requests.batch.parse(body, where=where)
     lines: list[BatchLine] = []
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise invalid(f"{where(index)} must be an object.")
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not _CUSTOM_ID.fullmatch(custom_id) or not custom_id.strip():
-            raise invalid(f"{where(index)}: 'custom_id' must be a string of 1 to 64 printable characters.")
-        if custom_id in seen:
-            raise invalid(f"{where(index)}: custom_id {custom_id!r} is used twice; each must be unique.")
-        seen.add(custom_id)
-        if "stream" in item:
-            raise invalid(f"{where(index)} ({custom_id}): 'stream' is not allowed in a batch.")
+    for index, item in enumerate(batch.requests):
+        call = item.call()
         try:
-            chat = parse_chat_request({k: v for k, v in item.items() if k != "custom_id"}, settings)
-            call = chat_call(chat, settings)
-            plan(call, state())  # what the model refuses is refused here, before anything is reserved or uploaded
+            plan(call, app_state)  # what the model refuses is refused here, before anything is reserved or uploaded
         except ApiError as exc:
-            raise invalid(f"{where(index)} ({custom_id}): {exc.message}") from None
-        lines.append(BatchLine(custom_id, call))
+            raise invalid(f"{where(index)} ({item.custom_id}): {exc.message}") from None
+        lines.append(BatchLine(item.custom_id, call))
     models = sorted({line.call.model for line in lines})
     if len(models) > 1:
         raise invalid(

@@ -2,7 +2,8 @@
 
 The model checks shapes; `parse_responses_request` adds what depends on the settings and the model table
 (allowlist, caps, hosted tools, images, reasoning, store) and builds the body sent upstream. Faults that
-/v1/chat/completions also has get the same sentences (compat_schemas.py).
+/v1/chat/completions also has get the same sentences (schemas/compat.py). `OpenAIBody` is the base of the
+OpenAI-shaped bodies whose errors are worded from their path (this one and /v1/embeddings).
 """
 
 from __future__ import annotations
@@ -11,15 +12,27 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import Discriminator, Field, Tag
+from pydantic_core import ErrorDetails
 
-from .callers import default_model
-from .compat_schemas import JSON_NOTE, MAX_SAFETY_IDENTIFIER, MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_USER, NAME
-from .config import Settings
-from .errors import invalid
-from .models import ModelTable
-from .schemas import EFFORTS, MAX_SCHEMA_DEPTH, MAX_TEMPERATURE, SCHEMA_NAME, check_total, too_deep
-from .usage import estimate_prompt
+from ..callers import default_model
+from ..config import Settings
+from ..errors import invalid
+from ..models import ModelTable
+from ..usage import estimate_prompt
+from .base import (
+    EFFORTS,
+    MAX_SCHEMA_DEPTH,
+    MAX_TEMPERATURE,
+    NAME_PATTERN,
+    Body,
+    Policy,
+    check_total,
+    documented,
+    too_deep,
+)
+from .compat import MAX_SAFETY_IDENTIFIER, MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_USER
+from .formats import JSON_NOTE
 
 MIN_OUTPUT_TOKENS = 16  # the Responses API refuses a smaller max_output_tokens
 MAX_IMAGES = 8
@@ -32,31 +45,56 @@ MAX_ANNOTATIONS = 256  # an earlier answer's citations (hosted web search), sent
 HOSTED_TOOL_CHARS = 8_192  # a hosted tool's settings (JSON), e.g. an MCP server's allowed tools
 
 
-class Strict(BaseModel):
-    """Exact types (no "1" for 1, no 1 for true) and no field the model does not name."""
+class OpenAIBody(Body):
+    """An OpenAI-shaped body: its most specific error is named, worded from its path (`prefix`: where it sits)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    @classmethod
+    def pick(cls, errors: list[ErrorDetails]) -> ErrorDetails:
+        """A union (input: a string or a list) reports each branch; the deepest error is about the one meant."""
+        return max(errors, key=lambda error: len(error["loc"]))
+
+    @classmethod
+    def wording(cls, error: ErrorDetails, data: dict[str, Any], prefix: str = "", **hints: Any) -> str:
+        """The error as one sentence, in the /v1 chat wording where the fault is the same."""
+        path = _path(error["loc"], prefix)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            if not prefix and len(error["loc"]) == 1:
+                supported = ", ".join(cls.model_fields)
+                return f"Unknown or unsupported field: {str(error['loc'][0])[:64]!r}. Supported: {supported}."
+            return f"{path} is not a supported field."
+        if path in SENTENCES:
+            return SENTENCES[path]
+        if kind == "union_tag_invalid":
+            tags = str((error.get("ctx") or {}).get("expected_tags") or ", ".join(ITEM_TYPES)).replace("'", "")
+            return f"{path}.type must be one of: {tags}."
+        if kind == "missing":
+            return f"{path} is required."
+        if kind in ("bool_type", "bool_parsing"):
+            return f"{path} must be true or false."
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"{path}: {message[0].lower()}{message[1:]}." if message else f"{path} is not valid."
 
 
-class InputText(Strict):
+class InputText(OpenAIBody):
     type: Literal["input_text"]
     text: str
 
 
-class InputImage(Strict):
+class InputImage(OpenAIBody):
     type: Literal["input_image"]
     image_url: str = Field(max_length=MAX_IMAGE_URL_CHARS)
     detail: Literal["auto", "low", "high"] = "auto"
 
 
-class OutputText(Strict):
+class OutputText(OpenAIBody):
     type: Literal["output_text"]
     text: str
     annotations: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_ANNOTATIONS)
     logprobs: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ANNOTATIONS)
 
 
-class Refusal(Strict):
+class Refusal(OpenAIBody):
     type: Literal["refusal"]
     refusal: str
 
@@ -64,7 +102,7 @@ class Refusal(Strict):
 Part = Annotated[InputText | InputImage | OutputText | Refusal, Field(discriminator="type")]
 
 
-class Message(Strict):
+class InputMessage(OpenAIBody):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | Annotated[list[Part], Field(min_length=1)]
@@ -73,16 +111,16 @@ class Message(Strict):
     phase: str | None = Field(default=None, max_length=64)
 
 
-class FunctionCall(Strict):
+class FunctionCallItem(OpenAIBody):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1, max_length=MAX_ID)
-    name: str = Field(pattern=NAME.pattern)
+    name: str = Field(pattern=NAME_PATTERN)
     arguments: str
     id: str | None = Field(default=None, max_length=MAX_ID)
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class FunctionCallOutput(Strict):
+class FunctionCallOutput(OpenAIBody):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=MAX_ID)
     output: str
@@ -90,12 +128,12 @@ class FunctionCallOutput(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class SummaryText(Strict):
+class SummaryText(OpenAIBody):
     type: Literal["summary_text"]
     text: str
 
 
-class ReasoningItem(Strict):
+class ReasoningItem(OpenAIBody):
     type: Literal["reasoning"]
     id: str = Field(max_length=MAX_ID)
     summary: list[SummaryText] = Field(default_factory=list)
@@ -128,50 +166,50 @@ def _item_type(value: Any) -> str | None:
 
 
 Item = Annotated[
-    Annotated[Message, Tag("message")]
-    | Annotated[FunctionCall, Tag("function_call")]
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutput, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type),
 ]
 
 
-class Reasoning(Strict):
+class Reasoning(OpenAIBody):
     effort: Literal[EFFORTS] | None = None  # type: ignore[valid-type]
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class JsonSchemaFormat(Strict):
+class TextJsonSchema(OpenAIBody):
     type: Literal["json_schema"]
-    name: str = Field(pattern=SCHEMA_NAME.pattern)
+    name: str = Field(pattern=NAME_PATTERN)
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
     description: str | None = None
 
 
-class PlainFormat(Strict):
+class TextPlainFormat(OpenAIBody):
     type: Literal["text", "json_object"]
 
 
-class Text(Strict):
-    format: Annotated[JsonSchemaFormat | PlainFormat, Field(discriminator="type")] | None = None
+class TextOptions(OpenAIBody):
+    format: Annotated[TextJsonSchema | TextPlainFormat, Field(discriminator="type")] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class FunctionTool(Strict):
+class FunctionTool(OpenAIBody):
     type: Literal["function"]
-    name: str = Field(pattern=NAME.pattern)
+    name: str = Field(pattern=NAME_PATTERN)
     description: str | None = Field(default=None, max_length=MAX_TOOL_DESCRIPTION)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolChoiceFunction(Strict):
+class ToolChoiceFunction(OpenAIBody):
     type: Literal["function"]
     name: str
 
 
-class ToolChoiceHosted(Strict):
+class ToolChoiceHosted(OpenAIBody):
     type: str = Field(max_length=64)
 
 
@@ -179,17 +217,17 @@ MetadataKey = Annotated[str, Field(max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=MAX_METADATA_CHARS)]
 
 
-class ResponsesBody(Strict):
+class ResponsesBody(OpenAIBody):
     """POST /v1/responses: the fields this proxy takes (a subset of OpenAI's; any other is a 400)."""
 
     model: str | None = None
     input: str | list[Item]
     instructions: str | None = None
-    max_output_tokens: int | None = None
+    max_output_tokens: Annotated[int, documented(minimum=MIN_OUTPUT_TOKENS)] | None = None
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, ge=0, le=1)
     reasoning: Reasoning | None = None
-    text: Text | None = None
+    text: TextOptions | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | ToolChoiceHosted | None = None
     parallel_tool_calls: bool | None = None
@@ -201,6 +239,23 @@ class ResponsesBody(Strict):
     safety_identifier: str | None = Field(default=None, max_length=MAX_SAFETY_IDENTIFIER)
     prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER)
     truncation: Literal["auto", "disabled"] | None = None
+
+
+def responses_model(policy: Policy) -> type[ResponsesBody]:
+    """The /v1/responses body with this app's allowlist and caps in its schema (`parse_responses_request` checks
+    them, in the /v1 chat wording)."""
+
+    class ResponsesRequestBody(ResponsesBody):
+        __doc__ = ResponsesBody.__doc__
+        model: Annotated[
+            str | None, documented(enum=[*policy.models, None], description=f"Default: {policy.default_model}.")
+        ] = None
+        input: (
+            Annotated[str, documented(maxLength=policy.max_message_chars)]
+            | Annotated[list[Item], documented(minItems=1, maxItems=policy.max_messages)]
+        )
+
+    return ResponsesRequestBody
 
 
 @dataclass(frozen=True)
@@ -224,10 +279,9 @@ class ResponsesRequest:
 
 def parse_responses_request(raw: dict[str, Any], settings: Settings, table: ModelTable) -> ResponsesRequest:
     """Validate a Responses body against the allowlist, the caps, the system-prompt policy and the settings."""
-    try:
-        req = ResponsesBody.model_validate(raw)
-    except ValidationError as exc:
-        raise invalid(sentence(exc)) from None
+    from . import request_models  # the package imports this module
+
+    req = request_models(settings).responses.parse(raw)
     model = req.model if req.model is not None else default_model(settings)
     if model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
@@ -287,7 +341,7 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
 
 def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]], int, int]:
     """The input items to send (the client's instructions first in 'prepend' mode), their characters, their images."""
-    given: list[Any] = [Message(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    given: list[Any] = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     if not given:
         raise invalid("'input' must be a non-empty string or a non-empty list of input items.")
     if len(given) > settings.max_messages:
@@ -302,11 +356,11 @@ def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]]
         where = f"input[{index}]"
         chars, pictures = _size(item)
         _check_length(chars, where, settings)
-        if isinstance(item, Message) and item.role in ("system", "developer") and replace:
+        if isinstance(item, InputMessage) and item.role in ("system", "developer") and replace:
             continue  # the server's instructions replace the client's
-        if isinstance(item, Message) and item.role == "user" and not _text_of(item).strip() and not pictures:
+        if isinstance(item, InputMessage) and item.role == "user" and not _text_of(item).strip() and not pictures:
             raise invalid(f"{where}.content must not be empty.")
-        if isinstance(item, Message) and item.role != "user" and pictures:
+        if isinstance(item, InputMessage) and item.role != "user" and pictures:
             raise invalid(f"{where}: only user messages may carry images.")
         total += chars
         images += pictures
@@ -314,14 +368,14 @@ def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]]
     if images > MAX_IMAGES:
         raise invalid(f"Too many images: at most {MAX_IMAGES} per request.")
     last = given[-1]
-    if not (isinstance(last, Message) and last.role == "user") and not isinstance(last, FunctionCallOutput):
+    if not (isinstance(last, InputMessage) and last.role == "user") and not isinstance(last, FunctionCallOutput):
         raise invalid("The last input item must be a user message or a function_call_output.")
     return items, total, images
 
 
 def _size(item: Any) -> tuple[int, int]:
     """An input item's characters of text, and its images."""
-    if isinstance(item, Message):
+    if isinstance(item, InputMessage):
         parts = [] if isinstance(item.content, str) else item.content
         for part in parts:
             if isinstance(part, InputImage) and not part.image_url.startswith(("https://", "data:image/")):
@@ -332,11 +386,11 @@ def _size(item: Any) -> tuple[int, int]:
 
 def _text_of(item: Any) -> str:
     """An input item's text, for size checks and token estimates."""
-    if isinstance(item, Message):
+    if isinstance(item, InputMessage):
         if isinstance(item.content, str):
             return item.content
         return "".join(getattr(part, "text", None) or getattr(part, "refusal", "") for part in item.content)
-    if isinstance(item, FunctionCall):
+    if isinstance(item, FunctionCallItem):
         return item.name + item.arguments
     if isinstance(item, FunctionCallOutput):
         return item.output
@@ -365,10 +419,7 @@ def _tools(raw: list[dict[str, Any]] | None, settings: Settings) -> tuple[list[d
     for index, tool in enumerate(raw):
         kind = tool.get("type")
         if kind == "function":
-            try:
-                checked = FunctionTool.model_validate(tool)
-            except ValidationError as exc:
-                raise invalid(sentence(exc, FunctionTool, f"tools[{index}]")) from None
+            checked = FunctionTool.parse(tool, prefix=f"tools[{index}]")
             if checked.name in names:
                 raise invalid(f"tools[{index}].name must be 1-64 letters, digits, '_' or '-', and unique.")
             if checked.parameters is not None and too_deep(checked.parameters):
@@ -415,30 +466,6 @@ def _tools_text(tools: list[dict[str, Any]]) -> list[dict[str, str]]:
 def _check_length(chars: int, where: str, settings: Settings) -> None:
     if chars > settings.max_message_chars:
         raise invalid(f"{where} is too long: at most {settings.max_message_chars} characters.")
-
-
-def sentence(exc: ValidationError, model: type[BaseModel] = ResponsesBody, prefix: str = "") -> str:
-    """The most specific validation error as one sentence, in the /v1 chat wording where the fault is the same."""
-    # A union (input: a string or a list) reports each branch; the deepest error is about the branch that was meant.
-    error = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
-    path = _path(error["loc"], prefix)
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        if not prefix and len(error["loc"]) == 1:
-            supported = ", ".join(model.model_fields)
-            return f"Unknown or unsupported field: {str(error['loc'][0])[:64]!r}. Supported: {supported}."
-        return f"{path} is not a supported field."
-    if path in SENTENCES:
-        return SENTENCES[path]
-    if kind == "union_tag_invalid":
-        tags = str((error.get("ctx") or {}).get("expected_tags") or ", ".join(ITEM_TYPES)).replace("'", "")
-        return f"{path}.type must be one of: {tags}."
-    if kind == "missing":
-        return f"{path} is required."
-    if kind in ("bool_type", "bool_parsing"):
-        return f"{path} must be true or false."
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{path}: {message[0].lower()}{message[1:]}." if message else f"{path} is not valid."
 
 
 SENTENCES = {
