@@ -545,3 +545,23 @@ def test_an_input_image_counts_in_the_reservation_by_the_model_s_rule(settings_f
     assert text.status_code == 200
     assert (image.status_code, image.get_json()["error"]["code"]) == (429, "budget_exceeded")
     assert len(fake.calls) == calls
+
+
+def test_a_timed_out_attempt_is_recorded_with_its_model_s_image_count(settings_for, fake) -> None:
+    """gpt-4o-mini times out (billed: the upstream had the prompt), gpt-4o answers: each row counts the image as
+    its own model bills it, the estimate for the first, the upstream's usage for the second."""
+    app = create_app(
+        settings_for(CHATPROXY_FALLBACK_CHAIN="gpt-4o-mini,gpt-4o", CHATPROXY_READ_TIMEOUT=0.2, CHATPROXY_MAX_RETRIES=0)
+    )
+    fake.for_model("gpt-4o-mini", Reply(delay=1.0))
+    square = image_part(data_url(jpeg(1024, 1024), "image/jpeg"))
+    client = app.test_client()
+
+    text = client.post("/api/chat", json={"model": "gpt-4o-mini", "messages": asking(), "max_tokens": 16})
+    image = client.post("/api/chat", json={"model": "gpt-4o-mini", "messages": asking(square), "max_tokens": 16})
+
+    assert text.get_json()["model"] == image.get_json()["model"] == "gpt-4o"
+    timed_out_text, answered_text, timed_out_image, answered_image = state(app).ledger.rows()
+    assert timed_out_image["outcome"] == "upstream_timeout" and timed_out_image["tokens_exact"] is False
+    assert timed_out_image["prompt_tokens"] - timed_out_text["prompt_tokens"] == 2833 + 4 * 5667  # gpt-4o-mini
+    assert answered_image["prompt_tokens"] - answered_text["prompt_tokens"] == 765  # gpt-4o: 85 + 4 x 170
