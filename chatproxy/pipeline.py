@@ -23,6 +23,7 @@ from flask import Response, request
 from . import metrics, sse
 from .dialects import Answer, Dialect
 from .errors import invalid
+from .images import Picture
 from .limits import take_held_slots, take_stream_slot
 from .metering import Meter
 from .models import SAMPLING_DEFAULTS, ModelSpec
@@ -43,10 +44,10 @@ class Call:
     body: dict[str, Any]  # sent as is to every model: messages (our system prompt first), tools, formats
     max_output: int  # the output-token cap (reasoning included), already clamped to the server's
     stream: bool
-    prompt_estimate: int  # tokens of everything the upstream reads as prompt, for the worst-case reservation
+    prompt_estimate: int  # tokens of the prompt's text (images: below), for the worst-case reservation
     sampling: dict[str, float] = field(default_factory=dict)  # temperature, top_p, penalties: per model, below
     reasoning_effort: str | None = None  # for models that reason
-    images: int = 0  # image inputs: only models that see may answer
+    images: tuple[Picture, ...] = ()  # only models that see may answer; each model prices them its own way
 
 
 class Adapter(StreamWriter, Protocol):
