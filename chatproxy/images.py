@@ -1,5 +1,5 @@
 """Image content parts: checked from their bytes (data URLs only) and priced as prompt tokens (the request models,
-schemas/parts.py, call `check` and count them).
+schemas/parts.py and schemas/responses.py, call `check`; `pictures` gives what the model table prices per model).
 
 A part is OpenAI's `{"type": "image_url", "image_url": {"url": "data:image/png;base64,...", "detail": ...}}`.
 The type is read from the magic bytes and the pixel size from the header, never by decoding the image: a
@@ -15,6 +15,7 @@ import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol
 
 from .errors import invalid
@@ -22,14 +23,15 @@ from .errors import invalid
 DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/=]*)$", re.IGNORECASE)
 KINDS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WebP", "image/gif": "GIF"}
 DETAILS = ("auto", "low", "high")
-# OpenAI's image tokens for gpt-4o-class models (docs/models.md cites the page): 85 for `low`; for `high`
-# (and `auto`, counted as its worst case) the image is scaled to fit 2048 x 2048, then its shorter side
-# to 768, and each 512 px tile costs 170 on top of the 85.
-BASE_TOKENS = 85
-TILE_TOKENS = 170
+# OpenAI's two ways of counting an image's tokens (docs/models.md "Images" cites the guide). Tiles: the image is
+# scaled to fit 2048 x 2048, then its shorter side to 768, and each 512 px tile costs the model's tile tokens on
+# top of its base (`low`: the base alone; `auto` is counted as its worst case, `high`). Patches: the 32 px patches
+# that cover the image, at most 1,536, times the model's multiplier.
 TILE = 512
 FIT = 2048
 SHORT_SIDE = 768
+PATCH = 32
+MAX_PATCHES = 1536
 JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
@@ -38,6 +40,34 @@ class Caps(Protocol):
 
     max_image_bytes: int
     max_image_side: int
+
+
+@dataclass(frozen=True)
+class Picture:
+    """What an image costs by: its pixel size and the detail asked for."""
+
+    width: int
+    height: int
+    detail: str = "auto"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A model that counts 512 px tiles: `base` tokens per image, plus `tile` per tile at detail high."""
+
+    base: int
+    tile: int
+
+
+@dataclass(frozen=True)
+class Patches:
+    """A model that counts 32 px patches (at most 1,536 per image) times `multiplier`; detail changes nothing."""
+
+    multiplier: Fraction
+
+
+Rule = Tiles | Patches
+GPT_4O = Tiles(85, 170)  # the count for a table that names no rule at all
 
 
 @dataclass(frozen=True)
@@ -191,23 +221,36 @@ def image_parts(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """The prompt tokens the images of checked messages cost, as OpenAI counts them for gpt-4o-class models."""
-    total = 0
+def pictures(messages: Iterable[Mapping[str, Any]]) -> tuple[Picture, ...]:
+    """The size and detail of each readable image of `messages` (checked ones all are), for pricing per model."""
+    found = []
     for part in image_parts(messages):
         image_url = part["image_url"]
-        if image_url.get("detail") == "low":
-            total += BASE_TOKENS
-            continue
-        image = header_of(image_url["url"])
-        total += tokens(image.width, image.height) if image else BASE_TOKENS
-    return total
+        image = header_of(image_url.get("url"))
+        if image is not None:
+            found.append(Picture(image.width, image.height, image_url.get("detail") or "auto"))
+    return tuple(found)
 
 
-def tokens(width: int, height: int) -> int:
-    """OpenAI's tokens for one image at detail high: 85 plus 170 per 512 px tile after scaling."""
+def tokens(rule: Rule, picture: Picture) -> int:
+    """The prompt tokens one image costs on a model counting by `rule`, as OpenAI bills them (rounded up)."""
+    if isinstance(rule, Patches):
+        return math.ceil(patches(picture.width, picture.height) * rule.multiplier)
+    if picture.detail == "low":
+        return rule.base
+    return rule.base + rule.tile * tiles(picture.width, picture.height)
+
+
+def tiles(width: int, height: int) -> int:
+    """The 512 px tiles of an image at detail high, after scaling it to fit 2048 x 2048 and its shorter side to 768."""
     scale = min(1.0, FIT / max(width, height))
     width, height = width * scale, height * scale
     scale = min(1.0, SHORT_SIDE / min(width, height))
     width, height = width * scale, height * scale
-    return BASE_TOKENS + TILE_TOKENS * math.ceil(width / TILE) * math.ceil(height / TILE)
+    return math.ceil(width / TILE) * math.ceil(height / TILE)
+
+
+def patches(width: int, height: int) -> int:
+    """The 32 px patches covering an image, at most 1,536: the guide scales a larger image down to fit (1800 x 2400
+    to 1,452 patches), but measured bills reach the cap (docs/models.md), so the cap is the worst case counted."""
+    return min(MAX_PATCHES, math.ceil(width / PATCH) * math.ceil(height / PATCH))

@@ -75,8 +75,11 @@ class Meter:
         )
         self.started = time.monotonic()
         self.prompt_estimate = call.prompt_estimate
-        # The worst case over every model the router may try: each one's output cap, reasoning included, at its rates.
-        worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output)
+        self.images = call.images
+        # The worst case over every model the router may try: each one's output cap, reasoning included, and the
+        # images as that model counts them, at its rates.
+        worst = self.models.worst_case_micros(chain, self.prompt_estimate, call.max_output, pictures=self.images)
+        most_prompt = max(self.prompt_of(model) for model in chain)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
         caps = (
@@ -88,13 +91,13 @@ class Meter:
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
         hold = Hold(
             self.request_id,
-            self.prompt_estimate,
-            self.models.worst_case_micros(chain, self.prompt_estimate, 0),
+            most_prompt,
+            self.models.worst_case_micros(chain, self.prompt_estimate, 0, pictures=self.images),
             settings.total_timeout + settings.read_timeout + HOLD_MARGIN_S,
         )
         self._spare_row: int | None = None  # opened with the reservation, for the first attempt that goes out
         self.reservation: Reservation = self.budget.reserve(
-            self.identity, worst, self.prompt_estimate + call.max_output, caps=caps, hold=hold, then=self._open_spare
+            self.identity, worst, most_prompt + call.max_output, caps=caps, hold=hold, then=self._open_spare
         )
         self.cost = 0
         self.tokens = 0
@@ -129,7 +132,7 @@ class Meter:
                 code = outcome_of(exc)
                 metrics.record_upstream_error(code)
                 billed = reached_upstream(exc)  # estimated prompt: billed once received, answer or not
-                self._close(row, model, Usage(self.prompt_estimate if billed else 0, 0), not billed, code, begun, None)
+                self._close(row, model, Usage(self.prompt_of(model) if billed else 0, 0), not billed, code, begun, None)
                 raise
             self._open_row = row
             self._attempt_started = begun
@@ -156,10 +159,14 @@ class Meter:
             return
         exact = usage is not None
         if usage is None:
-            usage = Usage(self.prompt_estimate, estimate_tokens(completion_text))
+            usage = Usage(self.prompt_of(model), estimate_tokens(completion_text))
         if outcome == "ok" and model != self.model:
             outcome = "fallback"
         self._close(row, model, usage, exact, outcome, self._attempt_started, ttft, response_id, settling=True)
+
+    def prompt_of(self, model: str) -> int:
+        """The estimated prompt tokens of this request on `model`: its text, and its images as `model` counts them."""
+        return self.prompt_estimate + self.models.image_tokens(model, self.images)
 
     def settle(self, last: Callable[[Connection], None] | None = None) -> bool:
         """Replace the reservation by the real cost (or release it when nothing was spent), once, in one transaction

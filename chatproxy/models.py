@@ -16,11 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import images
 from .config import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ FIELDS = (
     "reasoning_efforts",
     "default_effort",
     "images",
+    "image_tokens",
     "context_window",
     "max_output",
     "prices",
@@ -91,6 +94,7 @@ class ModelSpec:
     reasoning_efforts: tuple[str, ...]
     default_effort: str | None
     images: bool
+    image_tokens: images.Rule | None  # how OpenAI counts its image input; None: not documented (the table's most)
     context_window: int
     max_output: int
     prices: Prices
@@ -148,6 +152,8 @@ class ModelTable:
         self._prefixes = sorted((n[:-1] for n in self._specs if n.endswith("*")), key=len, reverse=True)
         self.openai_upstream = openai_upstream
         self.unknown = _unknown_spec(self._specs.values(), openai_upstream)
+        rules = {spec.image_tokens for spec in self._specs.values() if spec.image_tokens is not None}
+        self._image_rules = tuple(rules) or (images.GPT_4O,)
         self._warned: set[str] = set()
 
     @property
@@ -186,15 +192,30 @@ class ModelTable:
         )
         return -(-numerator // (MICROS * (BATCH_DIVISOR if batch else 1)))
 
+    def image_tokens(self, model: str, pictures: Iterable[images.Picture]) -> int:
+        """The prompt tokens `pictures` cost on `model`, by its rule; a model whose rule is not documented is counted
+        by whichever rule of the table counts each image highest."""
+        rule = self.spec(model).image_tokens
+        rules = self._image_rules if rule is None else (rule,)
+        return sum(max(images.tokens(each, picture) for each in rules) for picture in pictures)
+
     def worst_case_micros(
-        self, models: Iterable[str], prompt_tokens: int, max_output_tokens: int | None = None, batch: bool = False
+        self,
+        models: Iterable[str],
+        prompt_tokens: int,
+        max_output_tokens: int | None = None,
+        batch: bool = False,
+        pictures: Iterable[images.Picture] = (),
     ) -> int:
-        """The most a call could cost on any of `models`; no cap means each model's max output (reasoning included)."""
+        """The most a call could cost on any of `models`: `prompt_tokens` of text plus `pictures` at each model's own
+        image count; no cap means each model's max output (reasoning included)."""
         costs = []
+        pictures = tuple(pictures)
         for model in models:
             spec = self.spec(model)
             output = spec.max_output if max_output_tokens is None else min(max_output_tokens, spec.max_output)
-            costs.append(self.cost_micros(model, prompt_tokens, output, batch=batch))
+            prompt = prompt_tokens + self.image_tokens(model, pictures)
+            costs.append(self.cost_micros(model, prompt, output, batch=batch))
         if not costs:
             raise ValueError("worst_case_micros needs at least one model")
         return max(costs)
@@ -233,6 +254,7 @@ def _unknown_spec(specs: Iterable[ModelSpec], openai_upstream: bool) -> ModelSpe
         reasoning_efforts=(),
         default_effort=None,
         images=False,
+        image_tokens=None,
         context_window=max(s.context_window for s in chats),
         max_output=max(s.max_output for s in chats),
         prices=Prices(dearest),
@@ -367,6 +389,26 @@ def _text(optional: bool) -> Any:
     return parse
 
 
+def _image_rule(value: Any, where: str) -> images.Rule | None:
+    """`{"tile": [base, per_tile]}`, `{"patch": multiplier}` or null (not documented)."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        tile, patch = value.get("tile"), value.get("patch")
+        if isinstance(tile, list) and len(tile) == 2 and all(type(n) is int and n >= 0 for n in tile):
+            return images.Tiles(*tile)
+        if (
+            isinstance(patch, int | Decimal)
+            and not isinstance(patch, bool)
+            and Decimal(patch).is_finite()
+            and patch > 0
+        ):
+            return images.Patches(Fraction(Decimal(patch)))
+    raise SettingsError(
+        f'{where} must be null, {{"tile": [base tokens, tokens per tile]}} or {{"patch": multiplier}}; got {value!r}.'
+    )
+
+
 def _prices(value: Any, where: str) -> Prices:
     base = _rates(value, where, _PRICE_KEYS)
     long = value.get("long_context")
@@ -412,6 +454,7 @@ _FIELD_PARSERS = {
     "reasoning_efforts": _efforts,
     "default_effort": _choice(EFFORTS, optional=True),
     "images": _flag,
+    "image_tokens": _image_rule,
     "context_window": _count(1),
     "max_output": _count(0),
     "prices": _prices,

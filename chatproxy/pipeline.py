@@ -25,6 +25,7 @@ from . import metrics, sse
 from .callers import allowed_models
 from .dialects import Answer, Dialect
 from .errors import ApiError, invalid
+from .images import Picture
 from .limits import take_held_slots, take_stream_slot
 from .metering import Meter
 from .models import SAMPLING_DEFAULTS, ModelSpec
@@ -45,10 +46,10 @@ class Call:
     body: dict[str, Any]  # sent as is to every model: messages (our system prompt first), tools, formats
     max_output: int  # the output-token cap (reasoning included), already clamped to the server's
     stream: bool
-    prompt_estimate: int  # tokens of everything the upstream reads as prompt, for the worst-case reservation
+    prompt_estimate: int  # tokens of the prompt's text (images: below), for the worst-case reservation
     sampling: dict[str, float] = field(default_factory=dict)  # temperature, top_p, penalties: per model, below
     reasoning_effort: str | None = None  # for models that reason
-    images: int = 0  # image inputs: only models that see may answer
+    images: tuple[Picture, ...] = ()  # only models that see may answer; each model prices them its own way
     end_user: str | None = None  # the end user it is for (ledger column end_user): /v1's user, an end-user token's sub
 
 

@@ -80,7 +80,7 @@ def estimate_tokens(text: str) -> int:
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
     """Prompt tokens of a chat: each message's text estimate + 4 per message, + 3 for the reply priming.
 
-    Image parts are not text: images.prompt_tokens counts them."""
+    Image parts are not text: the model table counts them per model (ModelTable.image_tokens)."""
     total = REPLY_PRIMING_TOKENS
     for message in messages:
         total += PER_MESSAGE_TOKENS + estimate_tokens(text_of(message.get("content")))

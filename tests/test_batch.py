@@ -105,8 +105,8 @@ def test_submit_answers_202_and_uploads_our_system_prompt_and_capped_max_tokens(
     assert view["id"].startswith("batch_") and view["request_counts"]["total"] == 4
     assert response.headers["Location"].endswith(f"/api/batches/{view['id']}")
     assert [(c.method, c.path) for c in fake.calls] == [("POST", "/v1/files"), ("POST", "/v1/batches")]
-    upstream = next(iter(fake.batch_api.batches.values()))
-    assert upstream.endpoint == "/v1/chat/completions" and upstream.metadata == {"chatproxy_batch": view["id"]}
+    [upstream] = [b for b in fake.batch_api.batches.values() if b.metadata == {"chatproxy_batch": view["id"]}]
+    assert upstream.endpoint == "/v1/chat/completions"
     assert fake.batch_api.files[upstream.input_file_id].purpose == "batch"
     lines = [json.loads(line) for line in fake.batch_api.files[upstream.input_file_id].data.splitlines()]
     assert [line["custom_id"] for line in lines] == ["greet", "broken", "chat", "long"]

@@ -17,7 +17,10 @@ from openai import OpenAI
 
 from chatproxy import create_app
 from chatproxy.callers import hash_token
-from chatproxy.images import tokens
+from chatproxy.config import SettingsError
+from chatproxy.demo.upstream import Reply
+from chatproxy.images import Picture
+from chatproxy.models import load_table
 from chatproxy.state import state
 
 TOKEN = "cpx_images-token-0123456789abcdefgh"
@@ -309,11 +312,103 @@ def test_the_data_url_is_sent_with_its_media_type_in_lower_case(client, fake) ->
 # --- the price of an image ----------------------------------------------------------------------------------------
 
 
-def test_openai_s_image_token_examples() -> None:
-    """The worked examples of OpenAI's vision guide (docs/models.md)."""
-    assert tokens(1024, 1024) == 765  # scaled to 768 x 768: 4 tiles
-    assert tokens(2048, 4096) == 1105  # to 1024 x 2048, then 768 x 1536: 6 tiles
-    assert tokens(64, 48) == 255  # one tile
+SQUARE = Picture(1024, 1024)  # 4 tiles once scaled to 768 x 768; 32 x 32 = 1,024 patches
+
+
+@pytest.mark.parametrize(
+    ("model", "picture", "expected"),
+    [
+        ("gpt-4o", SQUARE, 85 + 4 * 170),  # the guide's worked examples
+        ("gpt-4o", Picture(2048, 4096, "high"), 85 + 6 * 170),  # to 1024 x 2048, then 768 x 1536: 6 tiles
+        ("gpt-4o", Picture(4096, 8192, "low"), 85),
+        ("gpt-4o", Picture(64, 48), 85 + 170),
+        ("gpt-4.1", SQUARE, 85 + 4 * 170),
+        ("gpt-4o-mini", SQUARE, 2833 + 4 * 5667),
+        ("gpt-4o-mini", Picture(1024, 1024, "low"), 2833),
+        ("gpt-5", SQUARE, 70 + 4 * 140),
+        ("o3", SQUARE, 75 + 4 * 150),
+        ("gpt-4.1-mini", SQUARE, 1659),  # 1,024 patches x 1.62 = 1,658.88, billed whole
+        ("gpt-4.1-mini", Picture(1024, 1024, "low"), 1659),  # patch models ignore detail
+        ("gpt-4.1-nano", SQUARE, 2520),  # x 2.46
+        ("gpt-5-mini", Picture(256, 256), 104),  # 64 patches x 1.62 = 103.68
+        ("gpt-5-nano", SQUARE, 2520),
+        ("o4-mini", SQUARE, 1762),  # x 1.72
+        ("gpt-4.1-mini", Picture(1800, 2400), 2489),  # past 1,536 patches: the cap, x 1.62 = 2,488.32
+        ("gpt-5.5", SQUARE, 2833 + 4 * 5667),  # no documented rule: the table's highest count for the image
+    ],
+)
+def test_each_model_counts_an_image_as_openai_bills_it(model, picture, expected) -> None:
+    assert load_table().image_tokens(model, [picture, picture]) == 2 * expected
+
+
+def test_the_worst_case_prices_each_model_of_the_chain_with_its_own_image_count() -> None:
+    table = load_table()
+
+    worst = table.worst_case_micros(["gpt-4o", "gpt-4o-mini"], 100, 16, pictures=[SQUARE])
+
+    assert table.cost_micros("gpt-4o", 100 + 765, 16) < table.cost_micros("gpt-4o-mini", 100 + 25_501, 16) == worst
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [({"tile": [100, 200]}, 100 + 4 * 200), ({"patch": 1.5}, 1536), (None, 2833 + 4 * 5667)],
+    ids=["tile", "patch", "undocumented"],
+)
+def test_an_override_sets_a_model_s_rule(rule, expected) -> None:
+    table = load_table(json.dumps({"acme-vision": {"images": True, "image_tokens": rule}}))
+
+    assert table.image_tokens("acme-vision", [SQUARE]) == expected
+
+
+@pytest.mark.parametrize("rule", [{"tile": [85]}, {"patch": 0}, {"patch": True}, {"tiles": [85, 170]}, 85])
+def test_a_bad_rule_stops_start_up_naming_the_entry(rule) -> None:
+    with pytest.raises(SettingsError, match="'acme-vision' 'image_tokens' must be null, "):
+        load_table(json.dumps({"acme-vision": {"image_tokens": rule}}))
+
+
+PRICED = {
+    "gpt-4o-mini": 2833 + 4 * 5667,  # tiles
+    "gpt-4.1-mini": 1659,  # patches
+}
+
+
+@pytest.mark.parametrize("model", PRICED)
+def test_the_reservation_covers_what_the_image_is_billed(settings_for, fake, tmp_path, model) -> None:
+    """The fake bills the image by the model's rule; a budget just above that admits the call, a budget below the
+    image's own tokens refuses it before anything is sent (a gpt-4o count, 765, would have let it through)."""
+    square = image_part(data_url(jpeg(1024, 1024), "image/jpeg"))
+    plain = create_app(settings_for(CHATPROXY_MODELS=model, CHATPROXY_DEFAULT_MODEL=model)).test_client()
+    text = plain.post("/api/chat", json={"messages": asking(), "max_tokens": 16}).get_json()
+    billed = plain.post("/api/chat", json={"messages": asking(square), "max_tokens": 16}).get_json()
+    assert billed["usage"]["prompt_tokens"] - text["usage"]["prompt_tokens"] == PRICED[model]
+
+    def with_budget(tokens: int):
+        settings = settings_for(
+            CHATPROXY_MODELS=model, CHATPROXY_DEFAULT_MODEL=model, CHATPROXY_DAILY_TOKEN_BUDGET=tokens
+        )
+        app = create_app({**settings, "CHATPROXY_DATABASE_URL": f"sqlite:///{tmp_path / f'{tokens}.db'}"})  # unspent
+        return app.test_client().post("/api/chat", json={"messages": asking(square), "max_tokens": 16})
+
+    calls = len(fake.chat_calls())
+    below = with_budget(PRICED[model] + 16 - 1)
+    assert (below.status_code, below.get_json()["error"]["code"]) == (429, "budget_exceeded")
+    assert len(fake.chat_calls()) == calls
+    assert with_budget(billed["usage"]["prompt_tokens"] + 16 + 50).status_code == 200
+
+
+def test_an_answer_without_usage_is_recorded_with_the_model_s_image_count(settings_for, fake) -> None:
+    """A stream whose upstream reports no usage: the row and the done event estimate the image as billed."""
+    app = create_app(settings_for(CHATPROXY_MODELS="gpt-4o-mini", CHATPROXY_DEFAULT_MODEL="gpt-4o-mini"))
+    fake.script(Reply(omit_usage=True))
+    square = image_part(data_url(jpeg(1024, 1024), "image/jpeg"))
+
+    response = app.test_client().post("/api/chat", json={"messages": asking(square), "stream": True})
+
+    done = [json.loads(line[6:]) for line in response.get_data(as_text=True).splitlines() if line.startswith("data:")]
+    assert done[-1]["type"] == "done" and done[-1]["usage"]["estimated"] is True
+    assert done[-1]["usage"]["prompt_tokens"] > PRICED["gpt-4o-mini"]
+    (row,) = state(app).ledger.rows()
+    assert (row["tokens_exact"], row["prompt_tokens"]) == (False, done[-1]["usage"]["prompt_tokens"])
 
 
 def test_the_reservation_counts_the_image(settings_for, fake) -> None:
@@ -350,3 +445,123 @@ def test_a_batch_line_with_a_refused_image_is_a_400_and_nothing_is_uploaded(clie
     assert response.get_json()["error"]["message"].startswith("requests[0] (q1): ")
     assert expected in response.get_json()["error"]["message"]
     assert fake.calls == []
+
+
+# --- /v1/responses: the same checks, caps and prices ----------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def responses_input(*images: dict, text: str = "What is in this picture?") -> list[dict]:
+    """A Responses user message of text and input_image parts."""
+    return [{"role": "user", "content": [{"type": "input_text", "text": text}, *images]}]
+
+
+def input_image(url: str, **extra: str) -> dict:
+    """The Responses API's image part."""
+    return {"type": "input_image", "image_url": url, **extra}
+
+
+def test_an_input_image_arrives_upstream_and_is_billed_by_the_model_s_rule(sdk, app, fake) -> None:
+    url = data_url(jpeg(1024, 1024), "image/jpeg")
+
+    response = sdk.responses.create(model="gpt-4o", input=responses_input(input_image(url, detail="high")))
+    text_only = sdk.responses.create(model="gpt-4o", input=responses_input())
+
+    image, plain = fake.responses_calls()
+    assert image.body["input"][-1]["content"][1] == {"type": "input_image", "image_url": url, "detail": "high"}
+    assert response.usage.input_tokens - text_only.usage.input_tokens == 765  # gpt-4o: 85 + 4 tiles of 170
+    assert [row["prompt_tokens"] for row in state(app).ledger.rows()] == [image.prompt_tokens, plain.prompt_tokens]
+
+
+RESPONSES_BAD = {
+    "remote-url": (
+        input_image("https://example.com/cat.png"),
+        "input[0].content[1].image_url must be a base64 data URL (data:image/png;base64,...): images are sent "
+        "inline, the server fetches no URL.",
+    ),
+    "file-url": (input_image("file:///etc/passwd"), "input[0].content[1].image_url must be a base64 data URL"),
+    "not-an-image": (input_image(data_url(b"hello, I am text " * 4)), "is not a PNG, JPEG, WebP or GIF image"),
+    "mismatched-type": (input_image(data_url(png(8, 8), "image/jpeg")), "says image/jpeg but its bytes are a PNG"),
+    "unsupported-type": (input_image(data_url(b"<svg/>", "image/svg+xml")), "must be PNG, JPEG, WebP or GIF"),
+    "bomb": (input_image(data_url(BOMB)), "input[0].content[1].image_url is 100000 x 100000 pixels"),
+    "animated-gif": (input_image(data_url(gif(8, 8, frames=2), "image/gif")), "is an animated GIF"),
+    "bad-detail": (input_image(data_url(png(8, 8)), detail="ultra"), "input[0].content[1].detail"),
+}
+
+
+@pytest.mark.parametrize("case", RESPONSES_BAD, ids=list(RESPONSES_BAD))
+def test_a_bad_input_image_is_a_400_and_nothing_is_sent(app, client, fake, case) -> None:
+    part, expected = RESPONSES_BAD[case]
+
+    response = client.post("/v1/responses", json={"model": "gpt-4o", "input": responses_input(part)}, headers=AUTH)
+
+    assert response.status_code == 400
+    assert expected in response.get_json()["error"]["message"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert fake.calls == []
+    nothing_happened(app, fake)
+
+
+@pytest.mark.parametrize(
+    ("settings", "messages", "expected"),
+    [
+        ({}, [5], "input[0].content has too many images: at most 4 per message."),
+        ({}, [3, 3, 3], "Too many images: at most 8 per request."),
+        ({"CHATPROXY_MAX_IMAGES": 1}, [1, 1], "Too many images: at most 1 per request."),
+        ({"CHATPROXY_MAX_IMAGES_PER_MESSAGE": 0}, [1], "input[0].content has too many images: at most 0 per message."),
+    ],
+    ids=["per-message", "per-request", "max-images-setting", "images-off"],
+)
+def test_too_many_input_images_are_a_400(settings_for, fake, settings, messages, expected) -> None:
+    app = create_app(settings_for(CHATPROXY_API_TOKENS=f"alice={hash_token(TOKEN)}", **MODELS, **settings))
+    turns = []
+    for count in messages:
+        turns += [*responses_input(*[input_image(data_url(png(8, 8)))] * count), {"role": "assistant", "content": "ok"}]
+
+    response = app.test_client().post("/v1/responses", json={"model": "gpt-4o", "input": turns[:-1]}, headers=AUTH)
+
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"] == expected
+    nothing_happened(app, fake)
+
+
+def test_an_input_image_counts_in_the_reservation_by_the_model_s_rule(settings_for, fake) -> None:
+    app = create_app(
+        settings_for(
+            CHATPROXY_API_TOKENS=f"alice={hash_token(TOKEN)}",
+            CHATPROXY_MODELS="gpt-4o-mini",
+            CHATPROXY_DEFAULT_MODEL="gpt-4o-mini",
+            CHATPROXY_DAILY_TOKEN_BUDGET=PRICED["gpt-4o-mini"] + 16 - 1,  # the text fits; the image's 25,501 do not
+        )
+    )
+    square = input_image(data_url(jpeg(1024, 1024), "image/jpeg"))
+    client = app.test_client()
+
+    text = client.post("/v1/responses", json={"input": responses_input(), "max_output_tokens": 16}, headers=AUTH)
+    calls = len(fake.calls)
+    image = client.post("/v1/responses", json={"input": responses_input(square), "max_output_tokens": 16}, headers=AUTH)
+
+    assert text.status_code == 200
+    assert (image.status_code, image.get_json()["error"]["code"]) == (429, "budget_exceeded")
+    assert len(fake.calls) == calls
+
+
+def test_a_timed_out_attempt_is_recorded_with_its_model_s_image_count(settings_for, fake) -> None:
+    """gpt-4o-mini times out (billed: the upstream had the prompt), gpt-4o answers: each row counts the image as
+    its own model bills it, the estimate for the first, the upstream's usage for the second."""
+    app = create_app(
+        settings_for(CHATPROXY_FALLBACK_CHAIN="gpt-4o-mini,gpt-4o", CHATPROXY_READ_TIMEOUT=0.2, CHATPROXY_MAX_RETRIES=0)
+    )
+    fake.for_model("gpt-4o-mini", Reply(delay=1.0))
+    square = image_part(data_url(jpeg(1024, 1024), "image/jpeg"))
+    client = app.test_client()
+
+    text = client.post("/api/chat", json={"model": "gpt-4o-mini", "messages": asking(), "max_tokens": 16})
+    image = client.post("/api/chat", json={"model": "gpt-4o-mini", "messages": asking(square), "max_tokens": 16})
+
+    assert text.get_json()["model"] == image.get_json()["model"] == "gpt-4o"
+    timed_out_text, answered_text, timed_out_image, answered_image = state(app).ledger.rows()
+    assert timed_out_image["outcome"] == "upstream_timeout" and timed_out_image["tokens_exact"] is False
+    assert timed_out_image["prompt_tokens"] - timed_out_text["prompt_tokens"] == 2833 + 4 * 5667  # gpt-4o-mini
+    assert answered_image["prompt_tokens"] - answered_text["prompt_tokens"] == 765  # gpt-4o: 85 + 4 x 170

@@ -23,6 +23,10 @@ from chatproxy.state import state
 ALICE = "cpx_responses-token-for-alice-0123456789"
 BOB = "cpx_responses-token-for-bob-0123456789ab"
 SYSTEM = "You are the proxy's assistant."
+PIXEL = (  # a 1 x 1 PNG
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 WEATHER = {
     "type": "function",
     "name": "get_weather",
@@ -326,7 +330,7 @@ def test_a_streamed_stored_response_is_recorded_for_its_owner(sdk, fake):
         ({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "last input item"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "file:///etc/passwd"}]}]},
-            "https:// URL or a data:image",
+            "input[0].content[0].image_url must be a base64 data URL",
         ),
         ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name is required"),
         ({"input": "hi", "previous_response_id": "resp_123"}, "No response with id 'resp_123'"),
@@ -348,7 +352,7 @@ def test_bad_requests_are_4xx_naming_the_problem_with_nothing_upstream(make_app,
 def test_an_image_to_a_text_only_model_is_refused(make_app, fake):
     table = json.dumps({"gpt-4o": {"shutdown": None}, "gpt-4o-mini": {"shutdown": None, "images": False}})
     app = make_app(CHATPROXY_MODEL_TABLE=table)
-    image = {"type": "input_image", "image_url": "https://example.com/cat.png"}
+    image = {"type": "input_image", "image_url": PIXEL}
     body = {
         "model": "gpt-4o-mini",
         "input": [{"role": "user", "content": [{"type": "input_text", "text": "?"}, image]}],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template, request
@@ -77,16 +78,21 @@ def model_details() -> dict[str, dict[str, Any]]:
 def chat() -> Response:
     """Answer a chat request as one JSON reply, or as an SSE stream when `stream` is true."""
     body = parse_json_body(request.get_data(cache=False), request.content_type)
-    call = state().requests.chat.parse(body).call()
-    return serve(call, ChatWire(structured="response_format" in call.body, prompt=call.prompt_estimate))
+    app_state = state()
+    call = app_state.requests.chat.parse(body).call()
+
+    def prompt(model: str) -> int:
+        return call.prompt_estimate + app_state.models.image_tokens(model, call.images)
+
+    return serve(call, ChatWire(structured="response_format" in call.body, prompt=prompt))
 
 
 class ChatWire:
     """Our wire format: {role, content, model, degraded, finish_reason, usage[, parsed]}, or start/delta/done events."""
 
-    def __init__(self, *, structured: bool, prompt: int) -> None:
+    def __init__(self, *, structured: bool, prompt: Callable[[str], int]) -> None:
         self.structured = structured
-        self.prompt = prompt  # the prompt's estimate, for a stream whose upstream reports no usage
+        self.prompt = prompt  # the prompt's estimate on a model, for a stream whose upstream reports no usage
 
     def reply(self, answer: Answer, routed: Routed[Answer]) -> Response:
         """The JSON reply; a filtered answer (recorded: it was billed) is refused."""
@@ -125,7 +131,7 @@ class ChatWire:
         if tally.usage is not None:
             usage = tally.usage.public()
         else:  # some servers (llama.cpp) ignore stream_options.include_usage: say what we estimate instead
-            usage = {**Usage(self.prompt, estimate_tokens(tally.text)).public(), "estimated": True}
+            usage = {**Usage(self.prompt(routed.model), estimate_tokens(tally.text)).public(), "estimated": True}
         return sse.data(
             {
                 "type": "done",

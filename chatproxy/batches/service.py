@@ -113,13 +113,15 @@ def input_file(lines: list[BatchLine], app_state: AppState) -> bytes:
 
 
 def worst_case(lines: list[BatchLine], table: ModelTable) -> tuple[int, int]:
-    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema included) + its output cap
-    (reasoning included), at batch prices."""
+    """Micro-dollars and tokens to reserve: every line's estimated prompt (schema and images included) + its output
+    cap (reasoning included), at batch prices."""
     cost = tokens = 0
     for line in lines:
         call = line.call
-        cost += table.worst_case_micros([call.model], call.prompt_estimate, call.max_output, batch=True)
-        tokens += call.prompt_estimate + call.max_output
+        cost += table.worst_case_micros(
+            [call.model], call.prompt_estimate, call.max_output, batch=True, pictures=call.images
+        )
+        tokens += call.prompt_estimate + table.image_tokens(call.model, call.images) + call.max_output
     return cost, tokens
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from functools import cache
 from typing import Any
 
 from .. import images
+from ..models import ModelTable, load_table
 
 DEMO_TEXT = (
     "This answer comes from the offline demo upstream, not from OpenAI. "
@@ -22,10 +24,17 @@ def count_tokens(text: str) -> int:
 
 def prompt_tokens(body: dict) -> int:
     """The prompt tokens of a request body: its messages' text, counted by `count_tokens`, and its images, counted
-    as OpenAI counts them (images.prompt_tokens)."""
+    as OpenAI counts them for the model (the shipped model table's rule)."""
     messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
     text = sum(count_tokens(str(_text(m.get("content")))) for m in messages)
-    return text + images.prompt_tokens(messages)
+    pictures = images.pictures(messages)
+    return text + (_table().image_tokens(str(body.get("model") or ""), pictures) if pictures else 0)
+
+
+@cache
+def _table() -> ModelTable:
+    """The shipped model table: OpenAI's own rules, whatever the proxy's settings override."""
+    return load_table()
 
 
 def _text(content: Any) -> Any:

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from ..images import text_of
 from .answers import _unsupported, parameter_error
 
 MIN_OUTPUT_TOKENS = 16
@@ -40,8 +41,15 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any]:
         kind = item.get("type", "message")
         if kind == "message":
             content = item.get("content")
-            if isinstance(content, list):
-                content = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+            if isinstance(content, list):  # text, and input images as chat image parts (for their tokens)
+                parts = [p for p in content if isinstance(p, dict)]
+                text = "".join(str(p.get("text") or "") for p in parts)
+                seen = [
+                    {"type": "image_url", "image_url": {"url": p.get("image_url"), "detail": p.get("detail", "auto")}}
+                    for p in parts
+                    if p.get("type") == "input_image"
+                ]
+                content = [{"type": "text", "text": text}, *seen] if seen else text
             messages.append({"role": item.get("role"), "content": content})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name")}}
@@ -204,7 +212,7 @@ def summary_for(body: dict[str, Any], chat: dict[str, Any], reasoning: int) -> s
     if not reasoning or not (body.get("reasoning") or {}).get("summary"):
         return None
     last = next((m.get("content") for m in reversed(chat["messages"]) if m.get("role") == "user"), "")
-    return f"Thinking about: {last}"
+    return f"Thinking about: {text_of(last)}"
 
 
 def reasoning_item(item_id: str, summary: str) -> dict[str, Any]:

@@ -113,10 +113,10 @@ class ChatBody(Body):
             body=body,
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(getattr(self, "stream", False)),
-            prompt_estimate=estimate_prompt(messages, response_format) + images.prompt_tokens(messages),
+            prompt_estimate=estimate_prompt(messages, response_format),
             sampling={} if self.temperature is None else {"temperature": float(self.temperature)},
             reasoning_effort=self.reasoning_effort,
-            images=len(images.image_parts(messages)),
+            images=images.pictures(messages),
         )
 
     @classmethod

@@ -301,10 +301,10 @@ class CompatBody(Body):
             body={"messages": [{"role": "system", "content": system}, *messages], **options},
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(self.stream),
-            prompt_estimate=estimate_prompt(estimate, response_format) + images.prompt_tokens(messages),
+            prompt_estimate=estimate_prompt(estimate, response_format),
             sampling={name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None},
             reasoning_effort=self.reasoning_effort,
-            images=len(images.image_parts(messages)),
+            images=images.pictures(messages),
             end_user=self.safety_identifier or self.user,
         )
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag
 from pydantic_core import ErrorDetails
 
+from .. import images
 from ..callers import default_model
 from ..config import Settings
 from ..errors import invalid
@@ -35,9 +36,6 @@ from .compat import MAX_SAFETY_IDENTIFIER, MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_
 from .formats import JSON_NOTE
 
 MIN_OUTPUT_TOKENS = 16  # the Responses API refuses a smaller max_output_tokens
-MAX_IMAGES = 8
-MAX_IMAGE_URL_CHARS = 1_000_000  # a data: URL of about 750 kB; larger images should be sent as https URLs
-IMAGE_TOKENS = 2_500  # the most one image costs as input on any vision model of the table (high detail)
 MAX_ID = 256
 MAX_METADATA = 16
 MAX_METADATA_CHARS = 512
@@ -83,8 +81,11 @@ class InputText(OpenAIBody):
 
 class InputImage(OpenAIBody):
     type: Literal["input_image"]
-    image_url: str = Field(max_length=MAX_IMAGE_URL_CHARS)
-    detail: Literal["auto", "low", "high"] = "auto"
+    image_url: str = Field(
+        description="A base64 data URL (data:image/png;base64,...) of a PNG, JPEG, WebP or GIF image, within the "
+        "image caps of /v1/chat/completions; remote URLs are refused."
+    )
+    detail: Literal[images.DETAILS] = "auto"  # type: ignore[valid-type]
 
 
 class OutputText(OpenAIBody):
@@ -270,8 +271,8 @@ class ResponsesRequest:
     sampling: dict[str, float]
     effort: str | None
     summary: str | None
-    images: int
-    prompt_estimate: int  # without what a previous response adds (the adapter adds it once it is known)
+    images: tuple[images.Picture, ...]
+    prompt_estimate: int  # the text's, without what a previous response adds (the adapter adds it once it is known)
     previous_response_id: str | None
     client_instructions: str | None  # what the client sees as the response's `instructions` (ours stay private)
     end_user: str | None  # safety_identifier or user as sent (the ledger's end_user)
@@ -296,7 +297,7 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         raise invalid(f"{model} does not reason: 'reasoning' is not accepted for it.")
     if reasoning.effort is not None and not spec.takes_effort(reasoning.effort):
         raise invalid(f"'reasoning.effort' for {model} must be one of: {', '.join(spec.reasoning_efforts)}.")
-    items, chars, images = _input(req, settings)
+    items, chars, pictures = _input(req, settings)
     tools, tool_chars = _tools(req.tools, settings)
     body: dict[str, Any] = {"input": items}
     if tools:
@@ -314,7 +315,8 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
     if text:
         body["text"] = text
     instructions = settings.system_prompt
-    if format_ and format_["type"] == "json_object" and "json" not in (instructions + json.dumps(items)).lower():
+    asks_json = "json" in (instructions + json.dumps(_as_text(items))).lower()  # not in an image's base64
+    if format_ and format_["type"] == "json_object" and not asks_json:
         instructions = f"{instructions}\n\n{JSON_NOTE}"  # OpenAI refuses JSON mode unless the input asks for JSON
     body["instructions"] = instructions
     body["store"] = bool(req.store)
@@ -331,16 +333,17 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         sampling={name: getattr(req, name) for name in ("temperature", "top_p") if getattr(req, name) is not None},
         effort=reasoning.effort,
         summary=reasoning.summary,
-        images=images,
-        prompt_estimate=estimate + images * IMAGE_TOKENS,
+        images=pictures,
+        prompt_estimate=estimate,
         previous_response_id=req.previous_response_id,
         client_instructions=req.instructions,
         end_user=req.safety_identifier or req.user,
     )
 
 
-def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]], int, int]:
-    """The input items to send (the client's instructions first in 'prepend' mode), their characters, their images."""
+def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]], int, tuple[images.Picture, ...]]:
+    """The input items to send (the client's instructions first in 'prepend' mode), their characters, their images
+    (checked as /v1 chat's image parts are, within the same caps)."""
     given: list[Any] = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     if not given:
         raise invalid("'input' must be a non-empty string or a non-empty list of input items.")
@@ -351,37 +354,45 @@ def _input(req: ResponsesBody, settings: Settings) -> tuple[list[dict[str, Any]]
     if req.instructions is not None and not replace:
         _check_length(len(req.instructions), "'instructions'", settings)
         items.append({"type": "message", "role": "system", "content": req.instructions})
-    total, images = len(req.instructions or "") if not replace else 0, 0
+    total = len(req.instructions or "") if not replace else 0
+    seen: list[dict[str, Any]] = []  # the image parts sent, as chat image parts
     for index, item in enumerate(given):
         where = f"input[{index}]"
-        chars, pictures = _size(item)
+        chars = len(_text_of(item))
         _check_length(chars, where, settings)
         if isinstance(item, InputMessage) and item.role in ("system", "developer") and replace:
             continue  # the server's instructions replace the client's
-        if isinstance(item, InputMessage) and item.role == "user" and not _text_of(item).strip() and not pictures:
+        dumped = item.model_dump(exclude_none=True)
+        parts = _images(item, dumped, where, settings)
+        if isinstance(item, InputMessage) and item.role == "user" and not _text_of(item).strip() and not parts:
             raise invalid(f"{where}.content must not be empty.")
-        if isinstance(item, InputMessage) and item.role != "user" and pictures:
-            raise invalid(f"{where}: only user messages may carry images.")
         total += chars
-        images += pictures
-        items.append(item.model_dump(exclude_none=True))
-    if images > MAX_IMAGES:
-        raise invalid(f"Too many images: at most {MAX_IMAGES} per request.")
+        seen += parts
+        items.append(dumped)
+    if len(seen) > settings.max_images:
+        raise invalid(f"Too many images: at most {settings.max_images} per request.")
     last = given[-1]
     if not (isinstance(last, InputMessage) and last.role == "user") and not isinstance(last, FunctionCallOutput):
         raise invalid("The last input item must be a user message or a function_call_output.")
-    return items, total, images
+    return items, total, images.pictures([{"content": seen}])
 
 
-def _size(item: Any) -> tuple[int, int]:
-    """An input item's characters of text, and its images."""
-    if isinstance(item, InputMessage):
-        parts = [] if isinstance(item.content, str) else item.content
-        for part in parts:
-            if isinstance(part, InputImage) and not part.image_url.startswith(("https://", "data:image/")):
-                raise invalid("An input_image's image_url must be an https:// URL or a data:image/... URL.")
-        return len(_text_of(item)), sum(isinstance(part, InputImage) for part in parts)
-    return len(_text_of(item)), 0
+def _images(item: Any, dumped: dict[str, Any], where: str, settings: Settings) -> list[dict[str, Any]]:
+    """A message's input images, checked by images.py (their data URLs as sent written into `dumped`), as chat
+    image parts; only a user's message may carry them, at most CHATPROXY_MAX_IMAGES_PER_MESSAGE."""
+    if not isinstance(item, InputMessage) or isinstance(item.content, str):
+        return []
+    found = [(index, part) for index, part in enumerate(item.content) if isinstance(part, InputImage)]
+    if found and item.role != "user":
+        raise invalid(f"{where}: only user messages may carry images.")
+    if len(found) > settings.max_images_per_message:
+        raise invalid(f"{where}.content has too many images: at most {settings.max_images_per_message} per message.")
+    parts = []
+    for index, part in found:
+        url = images.check(part.image_url, f"{where}.content[{index}].image_url", settings)
+        dumped["content"][index]["image_url"] = url
+        parts.append({"type": "image_url", "image_url": {"url": url, "detail": part.detail}})
+    return parts
 
 
 def _text_of(item: Any) -> str:
