@@ -15,6 +15,7 @@ from .batches.store import BatchStore
 from .budget import Budget, Caps, SqlCounters
 from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings
 from .cooldowns import from_settings as cooldowns_from
+from .keys import KeyStore
 from .schemas import request_models
 from .upstream import make_client
 from .usage import Ledger, default_database_url
@@ -78,8 +79,10 @@ def build_state(
     ledger = Ledger(settings.database_url or default_database_url(instance_path))
     counters = SqlCounters(ledger.engine)
     batches = BatchStore(ledger)
+    keys = KeyStore(ledger.engine, cache_seconds=settings.key_cache_seconds)
     ledger.schema.add(counters.metadata)  # created with the ledger's tables, on first use
     ledger.schema.add(batches.metadata)
+    ledger.schema.add(keys.metadata)
     return state.AppState(
         settings=settings,
         client=make_client(settings),
@@ -91,6 +94,7 @@ def build_state(
         batches=batches,
         cooldowns=cooldowns_from(settings),
         tokens=parse_tokens(settings.api_tokens),
+        keys=keys,
         limiter=limits.make_limiter(settings),
         slots=limits.make_slots(settings),
         redis=redis_client.client(settings.redis_url) if settings.redis_url else None,

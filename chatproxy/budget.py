@@ -2,7 +2,9 @@
 
 Counter rows per (day, key) hold what was spent and what is reserved by calls in flight, in the ledger's
 database (SQLite or PostgreSQL). A key is a cap's row: "*" for everyone, "*public" for all callers without
-a bearer token, "public-ip:<addr>" for one client address of theirs, or the caller's identity. `caps_for`
+a bearer token, "public-ip:<addr>" for one client address of theirs, the caller's identity, "key:<name>"
+for an API key's daily budget, "month:key:<name>" for its monthly one (a "month:" row lives on the first
+day of its UTC month), and "end-user:<identity>" for an end user of a key. `caps_for`
 decides which rows a caller's reservation must fit; a reservation is one atomic check-and-add over all of
 them (a transaction of conditional UPDATEs, in key order so concurrent ones cannot deadlock).
 
@@ -33,7 +35,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import ApiError
-from .usage import create_tables, ledger_table
+from .keys import ApiKey
+from .usage import create_tables, ledger_table, usd
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ PUBLIC_KINDS = frozenset({"page", "origin", "anonymous"})  # callers without a b
 FIELDS = ("spent_micros", "reserved_micros", "spent_tokens", "reserved_tokens")
 # Which cap refused a reservation (the 429 message names it); ALONE: the call is bigger than a cap by itself.
 GLOBAL, PUBLIC_SHARE, PUBLIC_IP, IDENTITY, ALONE = "global", "public", "public_ip", "identity", "alone"
+KEY_DAILY, KEY_MONTHLY, END_USER = "key_daily", "key_monthly", "end_user"  # an API key's own caps
+MONTH = "month:"  # the prefix of a counter row that spans a UTC calendar month
 ABANDONED = "abandoned"  # the outcome the sweeper gives a ledger row its worker never closed
 SWEEP_EVERY = timedelta(seconds=60)  # how often each worker looks for expired holds
 SWEEP_BATCH = 100  # holds settled per look
@@ -115,6 +120,11 @@ class Reservation:
 
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys or (EVERYONE, self.identity))))
+
+
+def row_day(day: date, key: str) -> date:
+    """The `day` of counter row `key` for a reservation made on `day`: a monthly row's is its month's first."""
+    return day.replace(day=1) if key.startswith(MONTH) else day
 
 
 InTransaction = Callable[[Connection], None]  # more work for the same transaction (the ledger's row)
@@ -256,10 +266,10 @@ class SqlCounters:
         ordered = sorted(caps, key=lambda cap: cap.key)
         try:
             with self.engine.begin() as conn:
-                conn.execute(self._ensure, [{"b_day": day, "b_who": cap.key} for cap in ordered])
+                conn.execute(self._ensure, [{"b_day": row_day(day, cap.key), "b_who": cap.key} for cap in ordered])
                 for cap in ordered:
                     params = {
-                        "b_day": day,
+                        "b_day": row_day(day, cap.key),
                         "b_who": cap.key,
                         "b_cost": cost_micros,
                         "b_tokens": tokens,
@@ -300,7 +310,7 @@ class SqlCounters:
     def _add(self, conn: Connection, day: date, keys: Sequence[str], deltas: dict[str, int]) -> None:
         update = self._adjust_statement(tuple(deltas))
         amounts = {f"b_{name}": amount for name, amount in deltas.items()}
-        conn.execute(update, [{"b_day": day, "b_who": key, **amounts} for key in sorted(keys)])
+        conn.execute(update, [{"b_day": row_day(day, key), "b_who": key, **amounts} for key in sorted(keys)])
 
     def expired_holds(self, now: datetime, limit: int = SWEEP_BATCH) -> list[dict[str, Any]]:
         """Holds past their expiry, oldest first."""
@@ -346,7 +356,9 @@ class SqlCounters:
         """One row's counters (zeros when it does not exist)."""
         c = self.table.c
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(*(c[name] for name in FIELDS)).where(c.day == day, c.identity == key)).first()
+            row = conn.execute(
+                sa.select(*(c[name] for name in FIELDS)).where(c.day == row_day(day, key), c.identity == key)
+            ).first()
         return {name: int(row._mapping[name]) if row else 0 for name in FIELDS}
 
 
@@ -372,6 +384,13 @@ def seconds_to_midnight(now: datetime) -> int:
     return max(1, math.ceil((midnight - now).total_seconds()))
 
 
+def month_end(now: datetime) -> datetime:
+    """The next first of a month at 00:00 UTC, when monthly budgets start afresh."""
+    now = now.astimezone(UTC) if now.tzinfo else now.replace(tzinfo=UTC)
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
 class Budget:
     """Daily spend and token caps (global, public, per client IP, per identity), enforced by reservations."""
 
@@ -386,14 +405,23 @@ class Budget:
         """Create the counters and holds tables (SQL) if they are missing."""
         self.counters.create_schema()
 
-    def caps_for(self, identity: str, kind: str = "token", ip: str | None = None) -> tuple[Cap, ...]:
+    def caps_for(
+        self,
+        identity: str,
+        kind: str = "token",
+        ip: str | None = None,
+        key: ApiKey | None = None,
+        end_user_micros: int | None = None,
+    ) -> tuple[Cap, ...]:
         """The caps a caller's reservation must fit: the one place that decides which counter rows apply.
 
         Everyone fits the global cap. Callers without a bearer token (`kind` page, origin or anonymous)
         also share the public cap, so a public page cannot spend what server-side callers need, and each
         client IP of theirs has its own cap, so one address cannot spend the public share by minting
         sessions. The identity cap applies to every caller except an allowed origin: anyone can send that
-        Origin header, so one shared cap would let one client lock out every user of the frontend.
+        Origin header, so one shared cap would let one client lock out every user of the frontend. An API
+        `key` adds its own daily and monthly caps, and an end user of it (an identity under the key's)
+        the key's per-end-user daily cap, or `end_user_micros` (its token's own) where that is lower.
         """
         caps = self.caps
         chosen = [Cap(GLOBAL, EVERYONE, caps.daily_micros, caps.daily_tokens)]
@@ -402,7 +430,42 @@ class Budget:
             chosen.append(Cap(PUBLIC_IP, f"public-ip:{ip or 'unknown'}", caps.public_ip_daily_micros))
         if kind != "origin":
             chosen.append(Cap(IDENTITY, identity, caps.identity_daily_micros, caps.identity_daily_tokens))
+        if key is not None:
+            if key.daily_micros or key.daily_tokens:
+                chosen.append(Cap(KEY_DAILY, f"key:{key.name}", key.daily_micros or 0, key.daily_tokens or 0))
+            if key.monthly_micros or key.monthly_tokens:
+                monthly = Cap(KEY_MONTHLY, f"{MONTH}key:{key.name}", key.monthly_micros or 0, key.monthly_tokens or 0)
+                chosen.append(monthly)
+            limits = [m for m in (key.end_user_daily_micros, end_user_micros) if m]
+            if limits and identity != f"token:{key.name}":
+                chosen.append(Cap(END_USER, f"end-user:{identity}", min(limits)))
         return tuple(chosen)
+
+    def standing(self, caps: Sequence[Cap]) -> list[dict[str, Any]]:
+        """What is left of each capped row of `caps` (reservations in flight count as spent), and when it resets."""
+        now = self.clock()
+        day = utc_day(now)
+        midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        shown = []
+        for cap in caps:
+            if not (cap.micros or cap.tokens):
+                continue
+            used = self.counters.totals(day, cap.key)
+            money = used["spent_micros"] + used["reserved_micros"]
+            tokens = used["spent_tokens"] + used["reserved_tokens"]
+            monthly = cap.key.startswith(MONTH)
+            shown.append(
+                {
+                    "cap": cap.name,
+                    "period": "month" if monthly else "day",
+                    "limit_usd": usd(cap.micros) if cap.micros else None,
+                    "remaining_usd": usd(max(0, cap.micros - money)) if cap.micros else None,
+                    "limit_tokens": cap.tokens or None,
+                    "remaining_tokens": max(0, cap.tokens - tokens) if cap.tokens else None,
+                    "resets_at": f"{month_end(now) if monthly else midnight:%Y-%m-%dT%H:%M:%SZ}",
+                }
+            )
+        return shown
 
     def reserve(
         self,
@@ -449,7 +512,7 @@ class Budget:
             self._sweep_if_due(now)
         if refused:
             log.info("budget refused %s for %s (%s cap, row %s)", cost_micros, identity, refused.name, refused.key)
-            raise ApiError(429, "budget_exceeded", _MESSAGES[refused.name], retry_after=seconds_to_midnight(now))
+            raise refusal(refused, now)
         return Reservation(
             identity, day, cost_micros, tokens, tuple(cap.key for cap in caps), record["id"] if record else None
         )
@@ -550,11 +613,25 @@ class Budget:
             log.warning("cannot sweep expired budget reservations now; the next sweep tries again", exc_info=True)
 
 
+def refusal(cap: Cap, now: datetime) -> ApiError:
+    """The 429 budget_exceeded naming the cap that refused, with Retry-After until it resets."""
+    if cap.name == KEY_MONTHLY or (cap.name == ALONE and cap.key.startswith(MONTH)):
+        resets = month_end(now)
+        seconds = max(1, math.ceil((resets - now.astimezone(UTC)).total_seconds()))
+        return ApiError(
+            429, "budget_exceeded", _MESSAGES[cap.name].format(resets=f"{resets:%Y-%m-%d}"), retry_after=seconds
+        )
+    return ApiError(429, "budget_exceeded", _MESSAGES[cap.name], retry_after=seconds_to_midnight(now))
+
+
 _MESSAGES = {
     GLOBAL: "The service has reached its usage limit for today. Try again after midnight UTC.",
     PUBLIC_SHARE: "The service has reached its usage limit for today for callers without an API token. "
     "Try again after midnight UTC.",
     PUBLIC_IP: "Your network address has reached its usage limit for today. Try again after midnight UTC.",
     IDENTITY: "You have reached your usage limit for today. Try again after midnight UTC.",
-    ALONE: "This request could cost more than the daily limit allows. Ask for fewer tokens (max_tokens).",
+    ALONE: "This request could cost more than a spending limit allows. Ask for fewer tokens (max_tokens).",
+    KEY_DAILY: "This API key has reached its daily budget. It resets at midnight UTC.",
+    KEY_MONTHLY: "This API key has reached its monthly budget. It resets on {resets} at 00:00 UTC.",
+    END_USER: "You have reached your daily budget in this app. It resets at midnight UTC.",
 }

@@ -16,7 +16,7 @@ from flask.cli import FlaskGroup
 
 from . import logs
 from .commands import new_token
-from .config import ROOT, raw_settings
+from .config import EPHEMERAL_SECRET, ROOT, raw_settings
 from .demo.app import create_dev_app
 
 
@@ -25,6 +25,7 @@ def cli_app() -> Flask:
     overrides: dict[str, object] = {}
     if not raw_settings(ROOT / ".env")["CHATPROXY_SECRET_KEY"].strip():
         overrides["CHATPROXY_SECRET_KEY"] = secrets.token_hex(32)  # a command serves no page sessions
+        overrides[EPHEMERAL_SECRET] = True
     return create_dev_app(overrides, say=lambda text: click.echo(text, err=True))
 
 

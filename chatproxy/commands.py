@@ -1,4 +1,4 @@
-"""The app's commands: init-db, usage, batch, new-token (`python -m chatproxy ...`, `flask --app chatproxy ...`)."""
+"""The app's commands: init-db, usage, batch, keys, new-token (`python -m chatproxy ...`, `flask --app ...`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flask.cli import with_appcontext
 from .batches.cli import batch_group
 from .callers import hash_token
 from .config import ROOT, raw_settings
+from .key_commands import keys_group
 from .reports import usage_command
 from .state import state
 
@@ -20,7 +21,7 @@ TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def init_app(app: Flask) -> None:
     """Register every command on the app."""
-    for command in (init_db_command, usage_command, batch_group, new_token):
+    for command in (init_db_command, usage_command, batch_group, keys_group, new_token):
         app.cli.add_command(command)
 
 

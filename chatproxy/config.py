@@ -172,6 +172,10 @@ def _api_version(value: str) -> str:
 _api_version.allowed = "an Azure OpenAI API version such as 2024-10-21"  # type: ignore[attr-defined]
 
 
+# In app.config when a command made up CHATPROXY_SECRET_KEY for itself: what it derives from it is of no use.
+EPHEMERAL_SECRET = "CHATPROXY_EPHEMERAL_SECRET_KEY"  # noqa: S105 - a config flag's name
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default, its parser and what it means."""
@@ -290,7 +294,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Bearer tokens for server-side clients: one comma-separated list of name=sha256:HEX "
         "(`python -m chatproxy new-token NAME` prints the whole line with a new token added).",
     ),
-    Setting("CHATPROXY_ADMIN_TOKENS", "", _optional_list, "Token names that may read /api/usage and /metrics."),
+    Setting(
+        "CHATPROXY_ADMIN_TOKENS",
+        "",
+        _optional_list,
+        "CHATPROXY_API_TOKENS names that may read /api/usage and /metrics and manage API keys (/api/admin/keys).",
+    ),
+    Setting(
+        "CHATPROXY_TOKEN_AUDIENCE",
+        "chatproxy",
+        _text,
+        "The `aud` every signed end-user token must carry (README: End-user tokens).",
+    ),
+    Setting(
+        "CHATPROXY_KEY_CACHE_SECONDS",
+        "5",
+        _float_range(0, 60),
+        "How long a worker trusts an API key it looked up in the database: a revoked, disabled or changed key "
+        "takes effect on every worker within this many seconds.",
+    ),
     Setting(
         "CHATPROXY_ALLOW_ANONYMOUS",
         "false",
@@ -631,6 +653,8 @@ class Settings:
     allowed_origins: tuple[str, ...]
     api_tokens: tuple[str, ...]
     admin_tokens: tuple[str, ...]
+    token_audience: str
+    key_cache_seconds: float
     allow_anonymous: bool
     trusted_proxies: int
     rate_limit_page: str
@@ -680,6 +704,11 @@ class Settings:
     azure_api_key: str
     azure_api_version: str
     azure_deployments: tuple[tuple[str, str], ...]  # (alias, deployment) pairs; empty outside Azure mode
+
+    @property
+    def every_model(self) -> tuple[str, ...]:
+        """Every allowlisted model: the chat models, then the embedding models."""
+        return tuple(dict.fromkeys((*self.models, *self.embedding_models)))
 
 
 # Settings that were replaced. Set anywhere, they stop start-up saying what replaced them: silently ignoring

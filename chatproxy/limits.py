@@ -61,6 +61,7 @@ def make_slots(settings: Settings) -> Slots:
 def init_app(app: Flask) -> None:
     """Rate limits (after identify_caller: limits need the caller), then the in-flight counts."""
     state(app).limiter.init_app(app)
+    app.after_request(_rate_limit_headers)
     app.before_request(hold_slots)  # after the limiter's hook: a rate-limited request takes no slot
     app.after_request_funcs.setdefault(None, []).insert(0, _release_on_close)  # the last after_request to run
     app.teardown_request(_release_unless_streaming)
@@ -108,13 +109,45 @@ def _limit_key() -> str:
 def _limit_for_caller() -> str:
     settings = state().settings
     caller = g.get("caller")
+    if caller is not None and caller.key is not None and caller.key.rate_limit:
+        return caller.key.rate_limit  # an API key's own, per end user for its end-user tokens
     kind = caller.kind if caller else "page"
     return {
         "page": settings.rate_limit_page,
         "token": settings.rate_limit_token,
+        "end_user": settings.rate_limit_token,
         "origin": settings.rate_limit_origin,
         "anonymous": settings.rate_limit_anonymous,
     }[kind]
+
+
+def rate_limit_state(writes: bool = False) -> dict[str, int] | None:
+    """The caller's rate limit as counted for this request: limit, remaining, reset (epoch seconds); None if none.
+
+    With `writes`, the bucket the caller's POSTs count in, whatever this request's method (reads have their own).
+    """
+    current = state().limiter.current_limit
+    caller = g.get("caller")
+    if current is None or caller is None:
+        return None
+    try:
+        read = f"read:{caller.limit_key}"
+        if writes and read in current.request_args:  # [key prefix, bucket, scope]: the same limit, the other bucket
+            args = [caller.limit_key if arg == read else arg for arg in current.request_args]
+            reset, remaining = state().limiter.limiter.get_window_stats(current.limit, *args)
+            return {"limit": current.limit.amount, "remaining": remaining, "reset": int(reset + 1)}
+        return {"limit": current.limit.amount, "remaining": current.remaining, "reset": current.reset_at}
+    except redis.RedisError:
+        return None  # the limiter counts per process meanwhile; no numbers are better than wrong ones
+
+
+def _rate_limit_headers(response: Response) -> Response:
+    """X-RateLimit-Limit, -Remaining and -Reset (epoch seconds) of the bucket an API request counted in."""
+    shown = rate_limit_state()
+    if shown is not None:
+        for name, value in shown.items():
+            response.headers[f"X-RateLimit-{name.title()}"] = str(value)
+    return response
 
 
 def _rate_limited(limit: RequestLimit) -> Response:
@@ -129,7 +162,7 @@ def _not_limited() -> bool:
     """Limits apply to API calls and to loading the page (which mints sessions); not to health or static files."""
     if request.method == "OPTIONS":
         return True
-    return not (request.path.startswith(GUARDED_PREFIXES) or request.endpoint == "chat.page")
+    return not (request.path.startswith(GUARDED_PREFIXES) or request.endpoint in ("chat.page", "admin_page.sign_in"))
 
 
 @dataclass(frozen=True)
@@ -346,19 +379,21 @@ def take_stream_slot() -> Callable[[], None]:
     """Take one of the caller's stream slots, or refuse with 429; returns the (idempotent) release.
 
     Slots are counted per rate-limit key: for an allowed origin that is origin and client IP, since
-    anyone can send that Origin and must not lock the frontend's other users out.
+    anyone can send that Origin and must not lock the frontend's other users out. An API key may set its own
+    number (max_streams).
     """
-    settings = state().settings
+    key = g.caller.key
+    most = key.max_streams if key is not None and key.max_streams else state().settings.max_streams
     return hold(
         state().slots.shared,
         [
             Claim(
                 f"streams:{g.caller.limit_key}",
-                settings.max_streams,
+                most,
                 ApiError(
                     429,
                     "rate_limited",
-                    f"At most {settings.max_streams} answers can stream at once. Wait for one to finish.",
+                    f"At most {most} answers can stream at once. Wait for one to finish.",
                     retry_after=1,
                 ),
             )

@@ -64,6 +64,15 @@ class Meter:
         self.client_request_id: str | None = g.get("client_request_id")
         self.model = call.model
         self.stream = call.stream
+        # What each attempt's ledger row opens with (Ledger.open's arguments).
+        self._row_fields = (
+            self.request_id,
+            self.identity,
+            self.model,
+            self.stream,
+            self.client_request_id,
+            call.end_user,
+        )
         self.started = time.monotonic()
         self.prompt_estimate = call.prompt_estimate
         self.images = call.images
@@ -73,7 +82,11 @@ class Meter:
         most_prompt = max(self.prompt_of(model) for model in chain)
         caller = g.get("caller")
         # The client address is the one the guards count per-IP limits under (ProxyFix has applied).
-        caps = self.budget.caps_for(self.identity, caller.kind if caller else "token", request.remote_addr)
+        caps = (
+            self.budget.caps_for(self.identity, caller.kind, request.remote_addr, caller.key, caller.end_user_micros)
+            if caller
+            else self.budget.caps_for(self.identity, "token", request.remote_addr)
+        )
         # If this request never settles (its worker is killed, the database fails at that moment), the sweeper
         # settles it once no request can still be running: its open attempts at the estimated prompt's cost.
         hold = Hold(
@@ -109,9 +122,7 @@ class Meter:
                 with self._lock:
                     row, self._spare_row = self._spare_row, None
                 if row is None:
-                    row = self.ledger.open(
-                        self.request_id, self.identity, self.model, self.stream, self.client_request_id
-                    )
+                    row = self.ledger.open(*self._row_fields)
             except Exception as exc:
                 raise NotSent(exc) from exc
             begun = time.monotonic()
@@ -195,9 +206,7 @@ class Meter:
     def _open_spare(self, conn: Connection) -> None:
         """Open the first attempt's row in the reservation's transaction (a failure undoes the reservation)."""
         try:
-            self._spare_row = self.ledger.open_in(
-                conn, self.request_id, self.identity, self.model, self.stream, self.client_request_id
-            )
+            self._spare_row = self.ledger.open_in(conn, *self._row_fields)
         except SQLAlchemyError:
             raise unavailable() from None
 

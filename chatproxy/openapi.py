@@ -35,15 +35,26 @@ REF = "#/components/schemas/{model}"
 # Errors every route of a kind can answer with, before its view runs (guards.py, errors.py, Flask-Limiter).
 INTERNAL = {500: ("internal_error",)}
 GUARDED = {
-    401: ("unauthorized",),
+    401: (
+        "unauthorized",
+        "key_revoked",
+        "key_expired",
+        "key_disabled",
+        "token_invalid",
+        "token_expired",
+        "token_not_yet_valid",
+        "token_wrong_audience",
+        "token_invalid_signature",
+    ),
     403: ("forbidden_origin", "csrf_failed"),
     429: ("rate_limited",),
-    503: ("server_busy",),
+    503: ("server_busy", "keys_unavailable"),
 }
 JSON_BODY = {400: ("invalid_request",), 413: ("payload_too_large",), 415: ("unsupported_media_type",)}
 # A call to the model: the budget and the ledger first (no call without them), then the router.
 UPSTREAM = {
     400: ("invalid_request", "context_length_exceeded", "content_filtered"),
+    403: ("model_not_allowed",),  # an API key's list of models
     429: ("rate_limited", "budget_exceeded"),
     502: ("upstream_auth_failed", "upstream_rejected"),
     503: ("upstream_unavailable", "ledger_unavailable", "budget_unavailable"),
@@ -79,7 +90,9 @@ class Operation:
     summary: str
     responses: Callable[[Flask, Settings], dict[str, Any]]  # success responses: {"200": {...}}
     errors: dict[int, tuple[str, ...]]
-    body: str | None = None  # the application/json request body: its model, named as in schemas.RequestModels
+    # The application/json request body: its model, named as in schemas.RequestModels; the admin API's key fields
+    # (validated by keys.parse_fields, shared with the CLI) give their schema by a function.
+    body: str | Callable[[Flask, Settings], Schema] | None = None
     parameters: tuple[Schema, ...] = ()
     security: str = "guarded"  # guarded: any caller the guards let in; token: bearer tokens only; public
     openai_errors: bool = False  # /v1: error bodies also carry OpenAI's `type` and `param`
@@ -222,6 +235,8 @@ def usage_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
                 "by_day",
                 "by_model",
                 "by_identity",
+                "by_key",
+                "by_end_user",
                 "groups",
             ],
             "properties": {
@@ -233,6 +248,8 @@ def usage_responses(_app: Flask, _settings: Settings) -> dict[str, Any]:
                 "by_day": rows,
                 "by_model": rows,
                 "by_identity": rows,
+                "by_key": rows,
+                "by_end_user": rows,
                 "groups": rows,
             },
         },
@@ -293,8 +310,10 @@ def batch_results(_app: Flask, _settings: Settings) -> dict[str, Any]:
     )
 
 
-def _const(schema: Schema, description: str, media: str = "application/json") -> Callable[..., dict[str, Any]]:
-    return lambda _app, _settings: _ok(schema, description, media)
+def _const(
+    schema: Schema, description: str, media: str = "application/json", status: str = "200"
+) -> Callable[..., dict[str, Any]]:
+    return lambda _app, _settings: _ok(schema, description, media, status)
 
 
 # --- /v1: OpenAI's wire format (api/compat.py) ---------------------------------------------------------------
@@ -337,7 +356,7 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     item = {
         "type": "object",
         "required": ["id", "object"],
-        "properties": {"id": {"enum": allowlisted(settings)}, "object": {"const": "model"}},
+        "properties": {"id": {"enum": list(settings.every_model)}, "object": {"const": "model"}},
     }
     return _ok(
         {
@@ -349,14 +368,9 @@ def compat_models(_app: Flask, settings: Settings) -> dict[str, Any]:
     )
 
 
-def allowlisted(settings: Settings) -> list[str]:
-    """The chat models, then the embedding models."""
-    return list(dict.fromkeys((*settings.models, *settings.embedding_models)))
-
-
 def models_by_id(_app: Flask, settings: Settings) -> dict[str, Any]:
     """One allowlisted model."""
-    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": allowlisted(settings)}}}
+    item = {"type": "object", "required": ["id", "object"], "properties": {"id": {"enum": list(settings.every_model)}}}
     return _ok(item, "The model.")
 
 
@@ -421,6 +435,198 @@ DAY_PARAMETERS = tuple(
     for name in ("since", "until")
 )
 
+# --- per-caller control: /api/limits (api/limits.py) and API keys in the database (api/admin.py) -----------
+
+USD_OR_NULL: Schema = {"type": ["string", "null"], "pattern": r"^\d+\.\d{6}$"}
+COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 1}
+TIME_OR_NULL: Schema = {"type": ["string", "null"], "format": "date-time"}
+API_KEY: Schema = {
+    "type": "object",
+    "required": ["name", "status", "token_hint", "models", "daily_budget_usd", "monthly_budget_usd", "disabled"],
+    "properties": {
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "disabled", "expired", "revoked"]},
+        "token_hint": {"type": "string"},
+        "owner": {"type": "string"},
+        "models": {"type": ["array", "null"], "items": {"type": "string"}},
+        "rate_limit": {"type": ["string", "null"]},
+        "max_streams": COUNT_OR_NULL,
+        "daily_budget_usd": USD_OR_NULL,
+        "monthly_budget_usd": USD_OR_NULL,
+        "daily_tokens": COUNT_OR_NULL,
+        "monthly_tokens": COUNT_OR_NULL,
+        "end_user_daily_budget_usd": USD_OR_NULL,
+        "expires_at": TIME_OR_NULL,
+        "disabled": {"type": "boolean"},
+        "revoked_at": TIME_OR_NULL,
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "last_used_at": TIME_OR_NULL,
+        "end_user_tokens": {"enum": ["HS256", "EdDSA", "ES256", None]},
+    },
+}
+WITH_TOKEN: Schema = {
+    "type": "object",
+    "required": ["key", "token"],
+    "properties": {"key": API_KEY, "token": {"type": "string", "description": "Shown this once."}},
+}
+KEY_NAME = ({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},)
+# Every admin route runs its store action through one helper, which answers any of these.
+ADMIN = {400: ("invalid_request",), 403: ("forbidden",), 404: ("not_found",), 503: ("keys_unavailable",)}
+
+
+def key_fields(_app: Flask, settings: Settings, required: tuple[str, ...] = ()) -> Schema:
+    """A key's settable fields (null clears a limit)."""
+    money = {"anyOf": [{"type": "string"}, {"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]}
+    fields: Schema = {
+        "owner": {"type": ["string", "null"], "maxLength": 200},
+        "models": {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(settings.every_model)}},
+        "rate_limit": {"type": ["string", "null"], "description": "e.g. 60/minute"},
+        "max_streams": {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000},
+        "daily_budget_usd": money,
+        "monthly_budget_usd": money,
+        "end_user_daily_budget_usd": money,
+        "daily_tokens": COUNT_OR_NULL,
+        "monthly_tokens": COUNT_OR_NULL,
+        "expires_at": TIME_OR_NULL,
+        "disabled": {"type": "boolean"},
+        "end_user_key": {
+            "type": ["string", "null"],
+            "description": "'hs256', or a PEM public key (Ed25519: EdDSA, P-256: ES256); null: no end-user tokens.",
+        },
+    }
+    if required:
+        fields = {"name": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"}, **fields}
+    return {"type": "object", "additionalProperties": False, "required": list(required), "properties": fields}
+
+
+LEFT: Schema = {
+    "type": "object",
+    "required": ["cap", "period", "limit_usd", "remaining_usd", "limit_tokens", "remaining_tokens", "resets_at"],
+    "properties": {
+        "cap": {"enum": ["public_ip", "identity", "key_daily", "key_monthly", "end_user"]},
+        "period": {"enum": ["day", "month"]},
+        "limit_usd": USD_OR_NULL,
+        "remaining_usd": USD_OR_NULL,
+        "limit_tokens": COUNT_OR_NULL,
+        "remaining_tokens": {"type": ["integer", "null"], "minimum": 0},
+        "resets_at": {"type": "string", "format": "date-time"},
+    },
+}
+WINDOW: Schema = {
+    "type": ["object", "null"],
+    "required": ["limit", "remaining", "reset"],
+    "properties": {k: {"type": "integer", "minimum": 0} for k in ("limit", "remaining", "reset")},
+}
+CALLER_LIMITS: Schema = {
+    "type": "object",
+    "required": ["identity", "budgets", "rate_limit"],
+    "properties": {
+        "identity": {"type": "string"},
+        "budgets": {"type": "array", "items": LEFT},
+        "rate_limit": WINDOW,
+    },
+}
+
+OVERVIEW: Schema = {
+    "type": "object",
+    "required": ["today", "month", "caps", "keys", "top_end_users", "errors"],
+    "properties": {
+        "today": {"type": "string"},
+        "month": {"type": "string"},
+        "daily_cap_usd": USD_OR_NULL,
+        "caps": {"type": "array", "items": {"type": "object"}},
+        "keys": {"type": "array", "items": {"type": "object"}},
+        "top_end_users": {"type": "array", "items": {"type": "object"}},
+        "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "since": {"type": "string", "format": "date"},
+    },
+}
+ADMIN_FORM = {403: ("forbidden",), 404: ("not_found",)}  # the operator's page answers HTML, and errors as JSON
+
+PER_CALLER: dict[tuple[str, str], Operation] = {
+    ("/admin", "get"): Operation(
+        "The operator's page (HTML): the sign-in form, or the dashboard for a signed-in admin session.",
+        _const({"type": "string"}, "The page.", "text/html"),
+        INTERNAL,
+        security="public",
+    ),
+    ("/admin/sign-in", "post"): Operation(
+        "Sign in to the operator's page with an admin token (form fields token and csrf); 303 to /admin.",
+        lambda _app, _settings: {"303": {"description": "To /admin: signed in, or the form saying why not."}},
+        merge(INTERNAL, {429: ("rate_limited",)}),
+        security="public",
+    ),
+    ("/admin/sign-out", "post"): Operation(
+        "End the admin session (form field csrf); 303 to /admin.",
+        lambda _app, _settings: {"303": {"description": "To /admin."}},
+        INTERNAL,
+        security="public",
+    ),
+    ("/admin/chart.svg", "get"): Operation(
+        "Spend per day over the last 30 days, by model or by key (?by=key), for an admin session.",
+        _const({"type": "string"}, "An SVG chart.", "image/svg+xml"),
+        merge(INTERNAL, ADMIN_FORM),
+        parameters=({"name": "by", "in": "query", "required": False, "schema": {"enum": ["model", "key"]}},),
+        security="public",
+    ),
+    ("/api/admin/overview", "get"): Operation(
+        "Spend today and this month against the service's caps, per key, top end users, errors by code (admins).",
+        _const(OVERVIEW, "The overview."),
+        merge(INTERNAL, GUARDED, {403: ("forbidden",), 503: ("ledger_unavailable",)}),
+    ),
+    ("/api/limits", "get"): Operation(
+        "The caller's own budgets (what is left today and this month, and when each resets) and its rate limit.",
+        _const(CALLER_LIMITS, "The caller's limits."),
+        merge(INTERNAL, GUARDED, {503: ("budget_unavailable",)}),
+    ),
+    ("/api/admin/keys", "get"): Operation(
+        "Every API key in the database (admin tokens only).",
+        _const(
+            {"type": "object", "required": ["data"], "properties": {"data": {"type": "array", "items": API_KEY}}},
+            "Keys.",
+        ),
+        merge(INTERNAL, GUARDED, ADMIN),
+        security="token",
+    ),
+    ("/api/admin/keys", "post"): Operation(
+        "Make an API key; its token is in this answer only (admin tokens only).",
+        _const(WITH_TOKEN, "The key and its token.", status="201"),
+        merge(INTERNAL, GUARDED, JSON_BODY, ADMIN),
+        body=lambda app, settings: key_fields(app, settings, ("name",)),
+        security="token",
+    ),
+    ("/api/admin/keys/<name>", "get"): Operation(
+        "One API key (admin tokens only).",
+        _const(API_KEY, "The key."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>", "patch"): Operation(
+        "Change an API key's limits; null clears one (admin tokens only).",
+        _const(API_KEY, "The key as changed."),
+        merge(INTERNAL, GUARDED, JSON_BODY, ADMIN),
+        body=key_fields,
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>/revoke", "post"): Operation(
+        "Revoke an API key for good (admin tokens only).",
+        _const(API_KEY, "The revoked key."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+    ("/api/admin/keys/<name>/rotate", "post"): Operation(
+        "A new token for an API key; the old one stops working (admin tokens only).",
+        _const(WITH_TOKEN, "The key and its new token."),
+        merge(INTERNAL, GUARDED, ADMIN),
+        parameters=KEY_NAME,
+        security="token",
+    ),
+}
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/", "get"): Operation(
         "The chat page (HTML); starts a page session and gives it a CSRF token.",
@@ -464,7 +670,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             JSON_BODY,
             {
                 400: ("context_length_exceeded", "content_filtered"),
-                403: ("forbidden",),
+                403: ("forbidden", "model_not_allowed"),
                 404: ("not_found",),
                 429: ("budget_exceeded",),
                 502: ("upstream_auth_failed", "upstream_rejected"),
@@ -599,6 +805,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         security="token",
         openai_errors=True,
     ),
+    **PER_CALLER,
 }
 
 
@@ -669,7 +876,10 @@ def operation_object(
     if operation.parameters:
         found["parameters"] = [dict(parameter) for parameter in operation.parameters]
     if operation.body is not None:
-        schema = request_schema(getattr(state(app).requests, operation.body), shared)
+        if isinstance(operation.body, str):
+            schema = request_schema(getattr(state(app).requests, operation.body), shared)
+        else:
+            schema = operation.body(app, settings)
         found["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     return found
 
@@ -779,7 +989,8 @@ def components(settings: Settings) -> Schema:
             "bearerToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "A token from `flask --app chatproxy new-token NAME`.",
+                "description": "A token from `flask --app chatproxy new-token NAME` or `keys create NAME` (an API key "
+                "in the database), or a signed end-user token (a JWT) an app's backend minted for its user.",
             },
             "pageSession": {
                 "type": "apiKey",

@@ -11,18 +11,20 @@ settlement of the budget and the ledger, in `finally` and when the response is c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import openai
-from flask import Response, request
+from flask import Response, g, request
 
 from . import metrics, sse
+from .callers import allowed_models
 from .dialects import Answer, Dialect
-from .errors import invalid
+from .errors import ApiError, invalid
 from .images import Picture
 from .limits import take_held_slots, take_stream_slot
 from .metering import Meter
@@ -48,6 +50,7 @@ class Call:
     sampling: dict[str, float] = field(default_factory=dict)  # temperature, top_p, penalties: per model, below
     reasoning_effort: str | None = None  # for models that reason
     images: tuple[Picture, ...] = ()  # only models that see may answer; each model prices them its own way
+    end_user: str | None = None  # the end user it is for (ledger column end_user): /v1's user, an end-user token's sub
 
 
 class Adapter(StreamWriter, Protocol):
@@ -63,9 +66,15 @@ def plan(call: Call, app_state: AppState) -> list[str]:
     The requested model must take the call as it is (CHATPROXY_UNSUPPORTED_PARAMS=drop lets a sampling
     parameter it refuses be left out instead). A fallback model is tried only if it can answer the call at
     all (images need a model that sees); a sampling parameter or reasoning effort it does not take is left
-    out for it (its answer is marked degraded anyway).
+    out for it (its answer is marked degraded anyway). An API key with a list of models gets none other,
+    asked for or as a fallback.
     """
     table, settings = app_state.models, app_state.settings
+    allowed = allowed_models(settings, embedding=True)
+    if call.model not in allowed:
+        raise ApiError(
+            403, "model_not_allowed", f"This API key may not use {call.model}. It may use: {', '.join(allowed)}."
+        )
     spec = table.spec(call.model)
     for name, value in call.sampling.items():
         if not spec.allows_sampling(name, value, call.reasoning_effort) and settings.unsupported_params == "refuse":
@@ -78,7 +87,8 @@ def plan(call: Call, app_state: AppState) -> list[str]:
     if call.images and not spec.images:
         raise invalid(f"{call.model} does not accept images. Choose a model that does, or send text only.")
     fallbacks = candidates(call.model, settings)[1:]
-    return [call.model, *(name for name in fallbacks if not call.images or table.spec(name).images)]
+    usable = [name for name in fallbacks if name in allowed and (not call.images or table.spec(name).images)]
+    return [call.model, *usable]
 
 
 def _refused_sampling(model: str, spec: ModelSpec, name: str, value: float) -> str:
@@ -101,12 +111,22 @@ def params_for(call: Call, model: str, app_state: AppState) -> dict[str, Any]:
     params.update(call.dialect.options(spec, min(call.max_output, spec.max_output), sampling, effort))
     if call.stream:
         params.update(call.dialect.stream_params)
+    if call.end_user and "user" not in params and "safety_identifier" not in params:
+        params["safety_identifier"] = safety_identifier(call.end_user)  # OpenAI: a hash, never the user's name
     return params
+
+
+def safety_identifier(end_user: str) -> str:
+    """What OpenAI is told about an end user it has no identifier for: a hash (64 characters, its limit)."""
+    return hashlib.sha256(f"chatproxy end user\0{end_user}".encode()).hexdigest()
 
 
 def serve(call: Call, adapter: Adapter) -> Response:
     """Answer `call`: a JSON reply or a stream, written by `adapter`."""
     app_state = state()
+    caller = g.get("caller")
+    if caller is not None and caller.kind == "end_user" and call.end_user is None:
+        call = replace(call, end_user=caller.identity)
     deadline = time.monotonic() + app_state.settings.total_timeout
     return _stream(call, adapter, app_state, deadline) if call.stream else _reply(call, adapter, app_state, deadline)
 

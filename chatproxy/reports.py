@@ -13,7 +13,7 @@ from flask.cli import with_appcontext
 
 from .errors import invalid
 from .state import state
-from .usage import default_range, usd
+from .usage import default_range, key_of, usd
 
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -73,6 +73,9 @@ def text_report(report: dict[str, Any]) -> str:
     if not report["groups"]:
         lines.append("No usage in this range.")
         return "\n".join(lines)
+    for title, name, entries in (("key", "key", report["by_key"]), ("end user", "identity", report["by_end_user"])):
+        if entries:
+            lines.append(f"By {title}: " + ", ".join(f"{e[name]} ${e['cost_usd']} ({e['requests']})" for e in entries))
     header = ("day", "model", "identity", "requests", "prompt", "cached", "completion", "reasoning", "USD")
     rows = [
         (
@@ -96,14 +99,15 @@ def text_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def spend_chart_svg(report: dict[str, Any]) -> str:
-    """Stacked bars of spend per UTC day, one colour per model, as a standalone SVG document."""
+def spend_chart_svg(report: dict[str, Any], by: str = "model") -> str:
+    """Stacked bars of spend per UTC day, one colour per model (or per API key), as a standalone SVG document."""
     since, until = date.fromisoformat(report["since"]), date.fromisoformat(report["until"])
     days = [since + timedelta(days=i) for i in range((until - since).days + 1)]
-    models = sorted({g["model"] for g in report["groups"]})
+    series = (lambda g: key_of(g["identity"])) if by == "key" else (lambda g: g["model"])
+    models = sorted({series(g) for g in report["groups"]})
     spend: dict[tuple[str, str], int] = {}
     for group in report["groups"]:
-        key = (group["day"], group["model"])
+        key = (group["day"], series(group))
         spend[key] = spend.get(key, 0) + group["cost_micros"]
     day_totals = [sum(spend.get((d.isoformat(), m), 0) for m in models) for d in days]
     top = _nice_ceiling(max(day_totals, default=0))
@@ -117,9 +121,9 @@ def spend_chart_svg(report: dict[str, Any]) -> str:
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">',
-        f"<title>Spend per day by model, {escape(report['since'])} to {escape(report['until'])} (USD)</title>",
+        f"<title>Spend per day by {by}, {escape(report['since'])} to {escape(report['until'])} (USD)</title>",
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
-        f'<text x="{left}" y="22" font-size="14">Spend per day by model (USD), '
+        f'<text x="{left}" y="22" font-size="14">Spend per day by {by} (USD), '
         f"{escape(report['since'])} to {escape(report['until'])}</text>",
     ]
     for i in range(5):  # gridlines and y labels at 0, 25, 50, 75, 100 %

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # types only: every module may import this one, so it imports
     from .budget import Budget
     from .config import Settings
     from .cooldowns import Cooldowns
+    from .keys import KeyStore
     from .limits import Slots
     from .models import ModelTable, Retirement
     from .schemas import RequestModels
@@ -37,7 +38,8 @@ class AppState:
     budget: Budget  # counters in the ledger's database
     batches: BatchStore  # in the ledger's database
     cooldowns: Cooldowns
-    tokens: dict[str, bytes]  # bearer token name -> SHA-256 digest
+    tokens: dict[str, bytes]  # bearer token name -> SHA-256 digest (CHATPROXY_API_TOKENS)
+    keys: KeyStore  # API keys in the ledger's database
     limiter: Limiter
     slots: Slots  # requests in flight: per caller, per client IP, streams; shared through Redis when set
     redis: Redis | None

@@ -61,6 +61,7 @@ ledger_table = sa.Table(
     sa.Column("client_request_id", sa.String(64)),  # the X-Request-ID the client sent, if it was sane
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),  # part of prompt_tokens
     sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # part of completion_tokens
+    sa.Column("end_user", sa.String(256)),  # /v1's user or safety_identifier, an end-user token's identity
     # The id of a response the upstream keeps (/v1/responses with store): only this row's identity may use it.
     sa.Column("response_id", sa.String(128), index=True),
 )
@@ -267,12 +268,18 @@ class Ledger:
         self.engine.dispose()
 
     def open(
-        self, request_id: str, identity: str, model_requested: str, stream: bool, client_request_id: str | None = None
+        self,
+        request_id: str,
+        identity: str,
+        model_requested: str,
+        stream: bool,
+        client_request_id: str | None = None,
+        end_user: str | None = None,
     ) -> int:
         """Insert an `interrupted` row before the upstream call; return its id. Raises 503 if the ledger is down."""
         try:
             with self.engine.begin() as conn:
-                return self.open_in(conn, request_id, identity, model_requested, stream, client_request_id)
+                return self.open_in(conn, request_id, identity, model_requested, stream, client_request_id, end_user)
         except SQLAlchemyError:
             raise unavailable() from None
 
@@ -284,6 +291,7 @@ class Ledger:
         model_requested: str,
         stream: bool,
         client_request_id: str | None = None,
+        end_user: str | None = None,
     ) -> int:
         """open() inside the caller's transaction (the budget reservation's); database errors propagate."""
         values = {
@@ -294,6 +302,7 @@ class Ledger:
             "outcome": OPEN,
             "stream": stream,
             "client_request_id": client_request_id[:64] if client_request_id else None,
+            "end_user": end_user[:256] if end_user else None,
         }
         return int(conn.execute(_INSERT, values).inserted_primary_key[0])
 
@@ -424,11 +433,24 @@ class Ledger:
             "by_day": _roll_up(groups, "day"),
             "by_model": _roll_up(groups, "model"),
             "by_identity": _roll_up(groups, "identity"),
+            "by_key": _roll_up([{**g, "key": key_of(g["identity"])} for g in groups], "key"),
+            "by_end_user": _roll_up([g for g in groups if is_end_user(g["identity"])], "identity"),
             "groups": groups,
         }
 
 
 METRICS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_micros")
+
+
+def key_of(identity: str) -> str:
+    """The API key (or kind of caller) an identity spends under: token:web/alice -> web, session:... -> session."""
+    kind, _, rest = identity.partition(":")
+    return rest.partition("/")[0] if kind == "token" else kind
+
+
+def is_end_user(identity: str) -> bool:
+    """Whether an identity is an end user of an API key (token:<key>/<sub>)."""
+    return identity.startswith("token:") and "/" in identity
 
 
 def usd(micros: int) -> str:

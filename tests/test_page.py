@@ -452,7 +452,7 @@ def test_no_console_errors_under_a_strict_csp(page, fake, app, serve):
     assert "<script src=" in html and 'rel="stylesheet"' in html
 
 
-@pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js", "images.js"])
+@pytest.mark.parametrize("name", ["chat.js", "markdown.js", "conversations.js", "images.js", "admin.js"])
 def test_script_never_parses_text_as_html(name):
     source = (ROOT / "static" / name).read_text(encoding="utf-8")
     for sink in (
@@ -475,6 +475,7 @@ def test_script_never_parses_text_as_html(name):
 
 def test_every_script_on_the_page_is_checked():
     assert sorted(p.name for p in (ROOT / "static").glob("*.js")) == [
+        "admin.js",
         "chat.js",
         "conversations.js",
         "images.js",

@@ -70,6 +70,10 @@ TOKEN_ONLY = {
     "/v1/responses/{response_id}",
     "/v1/embeddings",
     "/metrics",
+    "/api/admin/keys",
+    "/api/admin/keys/{name}",
+    "/api/admin/keys/{name}/revoke",
+    "/api/admin/keys/{name}/rotate",
 }
 
 

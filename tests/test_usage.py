@@ -388,7 +388,8 @@ def test_default_ledger_is_a_wal_sqlite_file_in_the_instance_folder(settings_for
         assert path.is_file()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds", "batches"}
+    tables = {"ledger", "budget_counters", "budget_holds", "batches", "api_keys"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == tables
     assert state(app).budget.counters.engine is ledger.engine
 
 
@@ -403,7 +404,8 @@ def test_init_db_creates_the_tables(settings_for, tmp_path: Path) -> None:
     result = app.test_cli_runner().invoke(args=["init-db"])
     assert result.exit_code == 0, result.output
     assert "Ledger ready at sqlite:///" in result.output
-    assert set(sa.inspect(ledger.engine).get_table_names()) == {"ledger", "budget_counters", "budget_holds", "batches"}
+    tables = {"ledger", "budget_counters", "budget_holds", "batches", "api_keys"}
+    assert set(sa.inspect(ledger.engine).get_table_names()) == tables
 
 
 def _previous_ledger(url: str) -> None:

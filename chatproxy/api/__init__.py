@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import batches, chat, classify, compat, embeddings, responses, usage
+from . import admin, admin_page, batches, chat, classify, compat, embeddings, limits, responses, usage
 
 
 def init_app(app: Flask) -> None:
     """Register every endpoint's blueprint."""
-    for module in (chat, compat, responses, embeddings, classify, batches, usage):
+    for module in (chat, compat, responses, embeddings, classify, batches, usage, admin, limits, admin_page):
         app.register_blueprint(module.bp)

@@ -20,7 +20,7 @@ def create_batch() -> Response:
     settings = state().settings
     request.max_content_length = settings.batch_max_body_bytes  # batches may be larger than chat bodies
     body = parse_json_body(request.get_data(cache=False), request.content_type)
-    view = service.submit(service.parse_requests(body), g.identity)
+    view = service.submit(service.parse_requests(body), g.identity, g.caller.key)
     response = jsonify(view)
     response.status_code = 202
     response.headers["Location"] = url_for("batch.batch_status", batch_id=view["id"])

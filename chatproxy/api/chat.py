@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, render_template, request
 
 from .. import sse
-from ..callers import csrf_token, has_page_session
+from ..callers import allowed_models, csrf_token, default_model, has_page_session
 from ..dialects import Answer, Tally, Usage
 from ..errors import ApiError
 from ..limits import count_new_session
@@ -53,8 +53,11 @@ def page() -> str:
 @bp.get("/api/models")
 def models() -> Response:
     """The models a client may ask for, and the default."""
-    settings = state().settings
-    return jsonify({"models": list(settings.models), "default": settings.default_model, "details": model_details()})
+    names = allowed_models()
+    details = model_details()
+    return jsonify(
+        {"models": list(names), "default": default_model(state().settings), "details": {n: details[n] for n in names}}
+    )
 
 
 def model_details() -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .. import sse
-from ..callers import token_required
+from ..callers import allowed_models, token_required
 from ..dialects import Answer, Tally
 from ..errors import ApiError
 from ..pipeline import serve
@@ -55,22 +55,17 @@ def error_type(status: int, code: str) -> str:
 @bp.get("/models")
 @token_required(TOKENS_ONLY)
 def models() -> Response:
-    """The allowlisted models (chat, then embedding), as OpenAI lists models."""
-    return jsonify({"object": "list", "data": [_model(name) for name in _allowlisted()]})
+    """The allowlisted models this caller may use (chat, then embedding), as OpenAI lists models."""
+    return jsonify({"object": "list", "data": [_model(name) for name in allowed_models(embedding=True)]})
 
 
 @bp.get("/models/<path:model>")
 @token_required(TOKENS_ONLY)
 def model(model: str) -> Response:
     """One allowlisted model; any other name is OpenAI's 404 for a model that does not exist."""
-    if model not in _allowlisted():
+    if model not in allowed_models(embedding=True):
         raise ApiError(404, "not_found", f"The model '{model[:64]}' does not exist or you do not have access to it.")
     return jsonify(_model(model))
-
-
-def _allowlisted() -> tuple[str, ...]:
-    settings = state().settings
-    return tuple(dict.fromkeys((*settings.models, *settings.embedding_models)))
 
 
 def _model(name: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def embeddings() -> Response:
         max_output=0,
         stream=False,
         prompt_estimate=sum(estimate_tokens(text) for text in inputs),
+        end_user=req.user,
     )
     return serve(call, Vectors())
 

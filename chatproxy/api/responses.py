@@ -61,6 +61,7 @@ def create() -> Response:
         sampling=req.sampling,
         reasoning_effort=req.effort,
         images=req.images,
+        end_user=req.end_user,
     )
     return serve(call, ResponsesEvents(req.client_instructions))
 

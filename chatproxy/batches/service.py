@@ -23,6 +23,7 @@ import openai
 from .. import metrics
 from ..budget import Reservation
 from ..errors import ApiError, invalid
+from ..keys import ApiKey
 from ..models import ModelTable
 from ..pipeline import Call, params_for, plan
 from ..schemas.batch import Where, items
@@ -124,13 +125,17 @@ def worst_case(lines: list[BatchLine], table: ModelTable) -> tuple[int, int]:
     return cost, tokens
 
 
-def submit(lines: list[BatchLine], identity: str) -> dict[str, Any]:
-    """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view."""
+def submit(lines: list[BatchLine], identity: str, key: ApiKey | None = None) -> dict[str, Any]:
+    """Reserve the worst case, upload the input file and create the upstream batch; the batch's public view.
+
+    An API `key`'s own budgets hold the reservation too (the rows it was made on are kept with the batch).
+    """
     app_state = state()
     store, budget = app_state.batches, app_state.budget
     data = input_file(lines, app_state)  # built first: a request we cannot build holds no reservation and no row
     cost, tokens = worst_case(lines, app_state.models)
-    reservation = budget.reserve(identity, cost, tokens)  # 429 budget_exceeded before anything is uploaded
+    caps = budget.caps_for(identity, key=key) if key is not None else None
+    reservation = budget.reserve(identity, cost, tokens, caps=caps)  # 429 budget_exceeded before any upload
     batch_id = f"batch_{secrets.token_hex(16)}"  # unguessable, and not the upstream's id
     try:
         store.insert(batch_id, identity, lines, reservation)
@@ -389,7 +394,8 @@ def _record(row: dict[str, Any], lines: list[Outcome]) -> None:
         )
     if not store.record_once(row["id"], rows):
         return
-    reservation = Reservation(row["owner"], row["reserved_day"], row["reserved_micros"], row["reserved_tokens"])
+    keys = tuple(json.loads(row["reserved_keys"])) if row.get("reserved_keys") else ()
+    reservation = Reservation(row["owner"], row["reserved_day"], row["reserved_micros"], row["reserved_tokens"], keys)
     if cost or tokens:
         app_state.budget.settle(reservation, cost, tokens)
     else:

@@ -45,6 +45,7 @@ batches_table = sa.Table(
     sa.Column("reserved_micros", sa.BigInteger, nullable=False),
     sa.Column("reserved_tokens", sa.BigInteger, nullable=False),
     sa.Column("results_recorded", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reserved_keys", sa.Text),  # JSON list of the counter rows reserved on; NULL: global and owner's
 )
 
 
@@ -74,6 +75,7 @@ class BatchStore:
             "reserved_day": reservation.day,
             "reserved_micros": reservation.cost_micros,
             "reserved_tokens": reservation.tokens,
+            "reserved_keys": json.dumps(list(reservation.keys)),
         }
         with _database("store a new batch"), self.engine.begin() as conn:
             conn.execute(batches_table.insert().values(**values))

@@ -160,12 +160,15 @@ class FakeOpenAI:
                 self._per_model[model] = reply
 
     def reset(self) -> None:
-        """Forget calls, scripts and per-model rules."""
+        """Forget calls, scripts, per-model rules, stored responses, files and batches."""
         with self._lock:
             self.calls.clear()
             self._script.clear()
             self._per_model.clear()
             self.stored.clear()
+        with self.batch_api.lock:
+            self.batch_api.files.clear()
+            self.batch_api.batches.clear()
 
     def responses_calls(self) -> list[Call]:
         """The calls made to POST /responses."""

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field, StringConstraints, ValidationInfo, field
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .. import images
+from ..callers import default_model
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
@@ -108,7 +109,7 @@ class ChatBody(Body):
         asked = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
         return Call(
             dialect=CHAT,
-            model=self.model or policy.default_model,
+            model=self.model or default_model(policy),
             body=body,
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(getattr(self, "stream", False)),

@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints, ValidationInfo, field_validator, 
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .. import images
+from ..callers import default_model
 from ..dialects import CHAT
 from ..pipeline import Call
 from ..usage import estimate_prompt
@@ -41,6 +42,7 @@ MAX_ID = 256  # tool call ids
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_USER = 256
+MAX_SAFETY_IDENTIFIER = 64  # OpenAI's limit
 ROLES = ("system", "user", "assistant", "tool")
 SAMPLING = {"temperature": (0.0, MAX_TEMPERATURE), "top_p": (0.0, 1.0)} | dict.fromkeys(
     ("presence_penalty", "frequency_penalty"), (-2.0, 2.0)
@@ -182,6 +184,7 @@ class CompatBody(Body):
         seed: int | None
         stop: Any
         user: str | None
+        safety_identifier: str | None
         tools: list[Tool] | None
         tool_choice: Any
         parallel_tool_calls: bool | None
@@ -270,7 +273,7 @@ class CompatBody(Body):
         policy = self.policy
         messages = [turn.wire() for turn in self.turns()]
         options: dict[str, Any] = {}
-        for name in ("seed", "stop", "user"):
+        for name in ("seed", "stop", "user", "safety_identifier"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         tools = self.upstream_tools
@@ -294,7 +297,7 @@ class CompatBody(Body):
             estimate.append({"role": "system", "content": json.dumps(tools)})
         return Call(
             dialect=CHAT,
-            model=self.model,
+            model=self.model if "model" in self.model_fields_set else default_model(policy),
             body={"messages": [{"role": "system", "content": system}, *messages], **options},
             max_output=policy.max_tokens if asked is None else min(asked, policy.max_tokens),
             stream=bool(self.stream),
@@ -302,6 +305,7 @@ class CompatBody(Body):
             sampling={name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None},
             reasoning_effort=self.reasoning_effort,
             images=images.pictures(messages),
+            end_user=self.safety_identifier or self.user,
         )
 
     @classmethod
@@ -334,6 +338,8 @@ class CompatBody(Body):
                 return f"'stop' must be a string or a list of 1 to {MAX_STOP} strings."
             case ("user", *_):
                 return f"'user' must be a non-empty string of at most {MAX_USER} characters."
+            case ("safety_identifier", *_):
+                return f"'safety_identifier' must be a non-empty string of at most {MAX_SAFETY_IDENTIFIER} characters."
             case ("stream",):
                 return flag("stream")
             case ("stream_options", "include_usage"):
@@ -509,6 +515,9 @@ def compat_model(policy: Policy) -> type[CompatBody]:
         seed: Annotated[int | None, Field(ge=-(2**63), le=2**63 - 1)] = None
         stop: StopText | Annotated[list[StopText], Field(min_length=1, max_length=MAX_STOP)] | None = None
         user: Annotated[str, StringConstraints(min_length=1, max_length=MAX_USER, pattern=NOT_BLANK)] | None = None
+        safety_identifier: (
+            Annotated[str, StringConstraints(min_length=1, max_length=MAX_SAFETY_IDENTIFIER, pattern=NOT_BLANK)] | None
+        ) = None
         reasoning_effort: Effort | None = None
         tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
         tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(

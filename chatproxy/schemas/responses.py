@@ -16,6 +16,7 @@ from pydantic import Discriminator, Field, Tag
 from pydantic_core import ErrorDetails
 
 from .. import images
+from ..callers import default_model
 from ..config import Settings
 from ..errors import invalid
 from ..models import ModelTable
@@ -31,7 +32,7 @@ from .base import (
     documented,
     too_deep,
 )
-from .compat import MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_USER
+from .compat import MAX_SAFETY_IDENTIFIER, MAX_TOOL_DESCRIPTION, MAX_TOOLS, MAX_USER
 from .formats import JSON_NOTE
 
 MIN_OUTPUT_TOKENS = 16  # the Responses API refuses a smaller max_output_tokens
@@ -236,7 +237,7 @@ class ResponsesBody(OpenAIBody):
     stream: bool | None = None
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA)
     user: str | None = Field(default=None, max_length=MAX_USER)
-    safety_identifier: str | None = Field(default=None, max_length=MAX_USER)
+    safety_identifier: str | None = Field(default=None, max_length=MAX_SAFETY_IDENTIFIER)
     prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER)
     truncation: Literal["auto", "disabled"] | None = None
 
@@ -274,6 +275,7 @@ class ResponsesRequest:
     prompt_estimate: int  # the text's, without what a previous response adds (the adapter adds it once it is known)
     previous_response_id: str | None
     client_instructions: str | None  # what the client sees as the response's `instructions` (ours stay private)
+    end_user: str | None  # safety_identifier or user as sent (the ledger's end_user)
 
 
 def parse_responses_request(raw: dict[str, Any], settings: Settings, table: ModelTable) -> ResponsesRequest:
@@ -281,7 +283,7 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
     from . import request_models  # the package imports this module
 
     req = request_models(settings).responses.parse(raw)
-    model = req.model if req.model is not None else settings.default_model
+    model = req.model if req.model is not None else default_model(settings)
     if model not in settings.models:
         raise invalid(f"Unknown model. Allowed models: {', '.join(settings.models)}.")
     spec = table.spec(model)
@@ -335,6 +337,7 @@ def parse_responses_request(raw: dict[str, Any], settings: Settings, table: Mode
         prompt_estimate=estimate,
         previous_response_id=req.previous_response_id,
         client_instructions=req.instructions,
+        end_user=req.safety_identifier or req.user,
     )
 
 
