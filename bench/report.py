@@ -405,17 +405,15 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "",
         "`bench/profile.py streams|replies` records the gunicorn workers under this load with py-spy (install it "
         "by hand; it is no dependency) and prints the top functions. Per request, the work before the first "
-        "token is the guards, the budget reservation and the ledger row (four SQL transactions) and the SDK "
-        "building the upstream request (its parameter transform is now the largest part). Two fixes from that "
-        "profile: the budget's and ledger's statements are built once with bound parameters instead of per call, "
-        "and SQLite runs WAL with `synchronous=NORMAL` (no fsync per commit); in process (cProfile, then CPU time "
-        "over 200 requests) a one-chunk stream went from 6.1 to 3.0 ms of CPU and a JSON reply from 6.5 to 2.1 ms. "
-        "Per chunk: "
-        "httpcore/h11 reading the chunked body, decoding the event, and with keep-alive pings on, handing each "
-        "chunk from the reader thread to the response thread. `/api/chat` reads the upstream stream with "
-        "`streaming.RawStream` (raw SSE lines and `json.loads`) instead of the SDK's `Stream`, which built a "
-        "pydantic object per chunk and dropped the connection after each stream; path P, when present, is the "
-        "code before that change, measured in the same run.",
+        "token is identifying and limiting the caller, validating the body (the pydantic request models: about "
+        "20 us for /api/chat, about 100 us for a /v1 body with tools), one database transaction that reserves the "
+        "budget and opens the ledger row, and building the upstream request; after the last token, one "
+        "transaction settles the budget and closes the row. Per chunk: httpcore/h11 reading the chunked body, "
+        "decoding the event (orjson), the wire adapter's bytes, and the worker class's socket I/O (gevent's hub, or "
+        "gthread's handoff from the keep-alive reader thread). Every streaming route reads the upstream with the "
+        "same raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
+        "writers wait on SQLite's file lock; under gevent that wait blocks the whole worker (docs/deploy.md): "
+        "PostgreSQL is the ledger for concurrency.",
     ]
     notes = [*results["notes"], *results["level_notes"]]
     if results["server_log_problems"]:
