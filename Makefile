@@ -35,13 +35,13 @@ system-deps:
 	  else echo "not root: install$$missing yourself or those tests skip"; fi; \
 	fi
 
-# The tests that run real gunicorn, once more under the other worker class (gunicorn.conf.py: gevent by default):
+# The tests that run real gunicorn, once more under the other worker class (gunicorn.conf.py: gthread by default):
 # both stay supported. tests/helpers.py passes CHATPROXY_WORKER_CLASS on to every gunicorn it starts.
 SERVER_TESTS := tests/test_deploy.py tests/test_streaming.py tests/test_soak.py tests/test_concurrency.py
 
 test: install system-deps
-	CHATPROXY_WORKER_CLASS=gevent $(PY) -m pytest
-	CHATPROXY_WORKER_CLASS=gthread $(PY) -m pytest $(SERVER_TESTS)
+	CHATPROXY_WORKER_CLASS=gthread $(PY) -m pytest
+	CHATPROXY_WORKER_CLASS=gevent $(PY) -m pytest $(SERVER_TESTS)
 
 # ruff, configured in pyproject.toml: the lint rules and the formatting, checked (`ruff format .` fixes the latter).
 lint: install

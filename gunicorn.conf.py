@@ -163,9 +163,9 @@ class GracefulThreadWorker(ThreadWorker):
 
 
 # Each worker serves CHATPROXY_THREADS requests at once, and an open stream holds one of them for its whole
-# life, so workers x CHATPROXY_THREADS is how many answers can stream at the same time. gevent (the default):
-# each is a greenlet, a few KiB, and a chunk's bytes move without handing the GIL between OS threads;
-# gthread: each is an OS thread. docs/deploy.md compares them.
+# life, so workers x CHATPROXY_THREADS is how many answers can stream at the same time. gthread (the default):
+# each is an OS thread; gevent: each is a greenlet, a few KiB, and a chunk's bytes move without handing the GIL
+# between OS threads. docs/deploy.md compares them.
 WORKER_CLASS = _setting("CHATPROXY_WORKER_CLASS")
 workers = _setting("CHATPROXY_WORKERS")
 if WORKER_CLASS == "gevent":

@@ -503,10 +503,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CHATPROXY_WORKER_CLASS",
-        "gevent",
+        "gthread",
         _choice("gevent", "gthread"),
-        "How a gunicorn worker serves requests at once: gevent (a greenlet each; cheap, for many streams) "
-        "or gthread (an OS thread each). docs/deploy.md says which to choose.",
+        "How a gunicorn worker serves requests at once: gthread (an OS thread each) or gevent (a greenlet "
+        "each: less memory per open stream; use it with PostgreSQL). docs/deploy.md says which to choose.",
     ),
     Setting(
         "CHATPROXY_THREADS",
