@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from chatproxy import create_app
+from chatproxy.config import SETTINGS
 from chatproxy.demo.upstream import FakeOpenAI, Reply
 from chatproxy.sse import data as sse
 from tests.browser import answer_text, answers, ask, open_chat, wait_state
@@ -185,7 +186,8 @@ def gunicorn(_fake_server: FakeOpenAI, tmp_path_factory) -> Iterator[Server]:
 
 
 def test_gunicorn_runs_the_worker_class_asked_for(gunicorn):
-    asked = os.environ.get("CHATPROXY_WORKER_CLASS", "gevent")
+    shipped = next(setting.default for setting in SETTINGS if setting.name == "CHATPROXY_WORKER_CLASS")
+    asked = os.environ.get("CHATPROXY_WORKER_CLASS", shipped)
     named = {"gevent": "Using worker: gevent", "gthread": "Using worker: GracefulThreadWorker"}
 
     assert any(named[asked] in line for line in gunicorn.output), gunicorn.output[:5]

@@ -399,14 +399,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             tools: list[dict[str, Any]] | None,
         ) -> None:
             """The semantic events of one response, with the scripted faults between its deltas."""
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream; charset=utf-8")
-            self.send_header("cache-control", "no-cache")
-            self.send_header("connection", "close")
-            for key, value in reply.headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.close_connection = True
+            self._open_stream(reply, "text/event-stream; charset=utf-8")
             created = int(time.time())
             sequence = iter(range(1_000_000))
 
@@ -523,17 +516,21 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.connection.close()
 
-        def _stream(
-            self, call: Call, body: dict, reply: Reply, text: str, tools: list[dict[str, Any]] | None = None
-        ) -> None:
+        def _open_stream(self, reply: Reply, content_type: str) -> None:
+            """The headers of an event stream (and the reply's scripted ones); the connection closes after it."""
             self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-type", content_type)
             self.send_header("cache-control", "no-cache")
             self.send_header("connection", "close")
             for key, value in reply.headers.items():
                 self.send_header(key, value)
             self.end_headers()
             self.close_connection = True
+
+        def _stream(
+            self, call: Call, body: dict, reply: Reply, text: str, tools: list[dict[str, Any]] | None = None
+        ) -> None:
+            self._open_stream(reply, "text/event-stream")
             model = reply.model or body.get("model")
             chunks: list[Any] = reply.chunks if reply.chunks is not None else _split(text)
             if tools:

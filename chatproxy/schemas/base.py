@@ -27,6 +27,8 @@ from pydantic import (
     GetJsonSchemaHandler,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -191,6 +193,17 @@ def check_total(message_chars: int, other_chars: int, policy: Policy) -> None:
 def json_chars(value: Any) -> int:
     """Characters of `value` as JSON text (what tools and schemas add to the prompt)."""
     return len(json.dumps(value, ensure_ascii=False))
+
+
+class TokenCapped(Body):
+    """A chat body: the output cap comes as `max_tokens` or `max_completion_tokens`, never both."""
+
+    @field_validator("max_completion_tokens", check_fields=False)
+    @classmethod
+    def _one_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("max_tokens") is not None:
+            raise problem("Send 'max_tokens' or 'max_completion_tokens', not both.")
+        return value
 
 
 class Untitled(GenerateJsonSchema):

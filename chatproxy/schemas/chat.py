@@ -20,6 +20,7 @@ from .base import (
     Body,
     Effort,
     Policy,
+    TokenCapped,
     check_total,
     flag,
     problem,
@@ -34,7 +35,7 @@ NOT_TEXT = "{where} must be a non-empty string (or, from the user, a list of tex
 CUSTOM_ID = r"^(?=.*\S)[^\x00-\x1f\x7f]{1,64}(?!\n)$"  # printable, not blank; (?!\n): Python's $ allows one
 
 
-class ChatBody(Body):
+class ChatBody(TokenCapped):
     """What /api/chat bodies and batch lines share: the conversation, checked against the caps, and the Call."""
 
     policy: ClassVar[Policy]
@@ -78,13 +79,6 @@ class ChatBody(Body):
             [info.data["message"]] if info.data.get("message") else [t.content for t in info.data.get("messages") or ()]
         )
         check_total(sum(len(content_text(turn)) for turn in turns), format_chars(upstream_format(value)), cls.policy)
-        return value
-
-    @field_validator("max_completion_tokens", check_fields=False)
-    @classmethod
-    def _one_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("max_tokens") is not None:
-            raise problem("Send 'max_tokens' or 'max_completion_tokens', not both.")
         return value
 
     def turns(self) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from .base import (
     Name,
     Policy,
     SchemaObject,
+    TokenCapped,
     check_total,
     flag,
     json_chars,
@@ -170,7 +171,7 @@ class StreamOptions(Body):
     include_usage: bool | None = None
 
 
-class CompatBody(Body):
+class CompatBody(TokenCapped):
     """The validated request; `call()` is what the pipeline sends for any model of its chain."""
 
     policy: ClassVar[Policy]
@@ -206,13 +207,6 @@ class CompatBody(Body):
             raise problem("The last message must come from the user or a tool.")
         count_images([turn.content for turn in kept], cls.policy)
         return messages
-
-    @field_validator("max_completion_tokens", check_fields=False)
-    @classmethod
-    def _one_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("max_tokens") is not None:
-            raise problem("Send 'max_tokens' or 'max_completion_tokens', not both.")
-        return value
 
     @field_validator("tools", check_fields=False)
     @classmethod
