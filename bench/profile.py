@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("mode", choices=("streams", "replies"))
     parser.add_argument("--level", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--worker-class", choices=("gthread", "gevent"), default="gthread")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(FilePath(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -82,7 +83,7 @@ def main() -> int:
     pin = stack.can_pin()
     upstream = stack.start_upstream(tmp, 0 if pin else None)
     app = stack.start_gunicorn(
-        tmp, "C", stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN)), 1 if pin else None
+        tmp, "C", stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN), CHATPROXY_WORKER_CLASS=args.worker_class), 1 if pin else None
     )
     try:
         target = scenarios.Target(Path("C", "gunicorn + chatproxy", app.port, CHATPROXY, stack.TOKEN), app.worker_pids)

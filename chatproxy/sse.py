@@ -56,12 +56,14 @@ class Event(dict):
 
 
 class EventStream:
-    """An upstream SSE body read as raw lines and decoded by json.loads alone: no SDK model per event.
+    """An upstream SSE body read as bytes and decoded by orjson alone: no SDK model per event.
 
     The SDK's Stream builds a pydantic object per chunk, the largest per-chunk cost of a stream
-    (BENCHMARKS.md). Reading the raw body keeps the SDK's auth, base URL, timeouts and HTTP errors, and
-    raises what the SDK raises: APITimeoutError / APIConnectionError for a broken read; an event that is
-    not a JSON object is an UnreadableAnswer. The stream ends at `data: [DONE]` or at the body's end.
+    (BENCHMARKS.md), and httpx's iter_lines adds four generator layers and a text decoder per network read.
+    This reads the response's byte stream itself (content-decoded by httpx only when the upstream compressed
+    it), splits lines in bytes and hands orjson bytes. It keeps the SDK's auth, base URL, timeouts and HTTP
+    errors, and raises what the SDK raises: APITimeoutError / APIConnectionError for a broken read; an event
+    that is not a JSON object is an UnreadableAnswer. The stream ends at `data: [DONE]` or at the body's end.
     After a complete read, close() drains the body so the connection goes back to the pool (the SDK's
     sync Stream drops it: a new upstream connection for every stream).
     """
@@ -69,7 +71,8 @@ class EventStream:
     def __init__(self, response: httpx2.Response) -> None:
         self.response = response
         self.ended = False  # read to [DONE] or to the body's end
-        self._lines = response.iter_lines()
+        plain = response.headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
+        self._pieces = iter(response.stream) if plain else response.iter_bytes()
         self._events = self._read()
 
     def __iter__(self) -> Iterator[Event]:
@@ -80,28 +83,44 @@ class EventStream:
 
     def _read(self) -> Iterator[Event]:
         name: str | None = None
-        lines: list[str] = []
+        lines: list[bytes] = []
+        rest = b""
+        pieces = self._pieces
         while True:
             try:
-                line = next(self._lines, None)
+                piece = next(pieces, None)
             except httpx2.TimeoutException as exc:
                 raise openai.APITimeoutError(request=self.response.request) from exc
             except (httpx2.RequestError, ssl.SSLError) as exc:
                 raise openai.APIConnectionError(request=self.response.request) from exc
-            if line:
-                if line.startswith("data:"):
-                    lines.append(line[6:] if line.startswith("data: ") else line[5:])
-                elif line.startswith("event:"):
-                    name = line[6:].strip()
-                continue  # comments (": ping") and other fields are skipped
-            if lines:  # a blank line (or the body's end) completes an event
-                payload, lines = "\n".join(lines), []
-                if payload.startswith("[DONE]"):
-                    self.ended = True
-                    return
-                yield Event(name, _decode(payload))
-                name = None
-            if line is None:
+            if piece is None:
+                complete, rest = [rest, b""] if rest else [], b""
+            else:
+                rest += piece
+                if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be half of a CRLF still to come
+                    held = rest.endswith(b"\r")
+                    rest = rest[:-1] if held else rest
+                    rest = rest.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+                *complete, rest = rest.split(b"\n")
+            for line in complete:
+                if line:
+                    if line.startswith(b"data:"):
+                        lines.append(line[6:] if line.startswith(b"data: ") else line[5:])
+                    elif line.startswith(b"event:"):
+                        name = line[6:].strip().decode("utf-8", "replace")
+                    continue  # comments (": ping") and other fields are skipped
+                if lines:  # a blank line completes an event
+                    payload, lines = b"\n".join(lines), []
+                    if payload.startswith(b"[DONE]"):
+                        self.ended = True
+                        return
+                    yield Event(name, _decode(payload))
+                    name = None
+            if piece is None:
+                if lines:  # the body's end completes an event too
+                    payload = b"\n".join(lines)
+                    if not payload.startswith(b"[DONE]"):
+                        yield Event(name, _decode(payload))
                 self.ended = True
                 return
 
@@ -109,19 +128,19 @@ class EventStream:
         """Close the response; a stream read to its end has the rest of its body read, to keep the connection."""
         if self.ended and not self.response.is_closed:
             try:
-                for _ in self._lines:
+                for _ in self._pieces:
                     pass
             except Exception:
                 log.debug("reading the end of a finished upstream stream failed", exc_info=True)
         self.response.close()
 
 
-def _decode(payload: str) -> dict[str, Any]:
+def _decode(payload: bytes) -> dict[str, Any]:
     try:
         fields = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        try:  # what orjson refuses but Python reads (a lone surrogate escape, NaN), as the SDK reads it
-            fields = json.loads(payload)
+        try:  # what orjson refuses but Python reads (a lone surrogate escape, NaN, bad UTF-8), as the SDK reads it
+            fields = json.loads(payload.decode("utf-8", "replace"))
         except ValueError as exc:
             raise UnreadableAnswer("a malformed stream event") from exc
     if not isinstance(fields, dict):

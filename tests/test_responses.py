@@ -709,9 +709,11 @@ def decoded(chunks) -> EventStream:
     return EventStream(httpx2.Response(200, content=iter(chunks), request=request))
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
 @pytest.mark.parametrize("size", [1, 2, 3, 7, len(RESPONSES_WIRE)])
-def test_the_decoder_reads_event_lines_split_anywhere(size):
-    chunks = [RESPONSES_WIRE[i : i + size] for i in range(0, len(RESPONSES_WIRE), size)]
+def test_the_decoder_reads_event_lines_split_anywhere(size, ending):
+    wire = RESPONSES_WIRE.replace(b"\n", ending)  # SSE allows CRLF and CR line ends too
+    chunks = [wire[i : i + size] for i in range(0, len(wire), size)]
 
     events = list(decoded(chunks))
 
