@@ -10,7 +10,22 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import api, callers, commands, errors, limits, logs, models, openapi, ops, redis_client, security, startup, state
+from . import (
+    api,
+    callers,
+    commands,
+    errors,
+    limits,
+    logs,
+    models,
+    openapi,
+    ops,
+    redis_client,
+    security,
+    sse,
+    startup,
+    state,
+)
 from .batches.store import BatchStore
 from .budget import Budget, Caps, SqlCounters
 from .config import ROOT, Settings, SettingsError, parse_tokens, raw_settings
@@ -48,6 +63,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     security.init_app(app, settings)
     ops.init_app(app)  # its timer is the first before_request hook: refused requests are timed too
+    app.wsgi_app = sse.expose_write(app.wsgi_app)  # type: ignore[method-assign]  # pings mid-read (sse.IdlePings)
     callers.init_app(app)  # who is calling, before the limits that count them
     limits.init_app(app)
     api.init_app(app)

@@ -179,7 +179,16 @@ def _stream(call: Call, adapter: Adapter, app_state: AppState, deadline: float) 
         release_held()
 
     events = relay(
-        routed, call.dialect, adapter, meter, app_state.cooldowns, settings.keepalive_seconds, deadline, gone, release
+        routed,
+        call.dialect,
+        adapter,
+        meter,
+        app_state.cooldowns,
+        settings.keepalive_seconds,
+        deadline,
+        gone,
+        release,
+        request.environ,
     )
     response = Response(events, mimetype="text/event-stream", headers={**sse.HEADERS, MODEL_HEADER: routed.model})
     response.call_on_close(routed.value.close)  # also when the generator never started

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
-from typing import Protocol
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any, Protocol
 
 import openai
 
@@ -14,7 +14,7 @@ from .dialects import Dialect, Tally
 from .errors import ApiError
 from .metering import Meter
 from .router import Routed
-from .sse import PING, Event, EventStream, cancel, with_keepalive
+from .sse import PING, ClientGone, Event, EventStream, PastDeadline, cancel, with_keepalive
 from .upstream import AttemptFailed, UnreadableAnswer, stream_failure
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def relay(
     deadline: float,
     gone: Callable[[], bool] = lambda: False,
     release: Callable[[], None] = lambda: None,
+    environ: Mapping[str, Any] | None = None,
 ) -> Iterator[bytes]:
     """Relay a committed stream through `writer`; it ends complete or with an error, and is always closed and metered.
 
@@ -97,12 +98,13 @@ def relay(
     GeneratorExit at the next yield: the upstream stream is cancelled in `finally` and the attempt is
     recorded as aborted with what it cost so far. The answer is recorded and the request's slots given back
     (`release`) before its last bytes, so a client that asks again as soon as it has them finds them free.
+    `environ` lets a threaded server's pings be written from inside the upstream read (sse.with_keepalive).
     """
     upstream, model = routed.value, routed.model
     tally = Tally()
     outcome, last = "aborted", b""  # unless the stream reaches its last event: the client went away
     try:
-        outcome, last = yield from _relay(routed, dialect, writer, tally, cooldowns, keepalive, deadline, gone)
+        outcome, last = yield from _relay(routed, dialect, writer, tally, cooldowns, keepalive, deadline, gone, environ)
     finally:
         upstream.close()
         meter.finish(model, tally.usage, tally.text, outcome, meter.ttft, tally.response_id)
@@ -120,18 +122,18 @@ def _relay(
     keepalive: float,
     deadline: float,
     gone: Callable[[], bool],
+    environ: Mapping[str, Any] | None,
 ) -> Generator[bytes, None, tuple[str, bytes]]:
     """Yield all but the last bytes; returns the outcome and the last bytes (the end or an error)."""
     upstream, model = routed.value, routed.model
+    events = with_keepalive(upstream.events(), keepalive, upstream.stream, environ, deadline)
     try:
         first = writer.start(routed)
         if first:
             yield first
-        for event in with_keepalive(upstream.events(), keepalive):
+        for event in events:
             if time.monotonic() > deadline:
-                log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", model)
-                error = ApiError(504, "upstream_timeout", "The answer took too long and was cut short. Try again.")
-                return error.code, writer.error(error)
+                return _past_deadline(model, writer)
             if event is PING:
                 yield PING
                 continue
@@ -153,6 +155,19 @@ def _relay(
         if error.code != "content_filtered":
             cooldowns.failure(model, counted=True)
         return error.code, writer.error(error)
+    except ClientGone:
+        return "aborted", b""  # a ping written while the upstream was silent failed
+    except PastDeadline:
+        return _past_deadline(model, writer)
+    finally:
+        events.close()  # gives the upstream connection its own read back (sse.IdlePings) before it is closed
+
+
+def _past_deadline(model: str, writer: StreamWriter) -> tuple[str, bytes]:
+    """The end of a stream cut at the request's deadline."""
+    log.warning("stream from %s cut at CHATPROXY_TOTAL_TIMEOUT", model)
+    error = ApiError(504, "upstream_timeout", "The answer took too long and was cut short. Try again.")
+    return error.code, writer.error(error)
 
 
 def _unreadable() -> ApiError:

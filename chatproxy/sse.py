@@ -6,10 +6,12 @@ import _socket
 import json
 import logging
 import queue
+import select
 import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -200,14 +202,117 @@ def _never() -> bool:
     return False
 
 
-def with_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
-    """Yield items, and PING whenever none arrives for `interval` seconds (0: no pings, no thread)."""
+WRITE = "chatproxy.write"  # environ key: the server's write callable (PEP 3333), kept by expose_write
+
+
+def expose_write(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI middleware that keeps start_response's write callable in the environ, for pings written mid-read."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], Any]:
+            write = start_response(status, headers, exc_info)
+            environ[WRITE] = write
+            return write
+
+        return wsgi_app(environ, keep)
+
+    return app
+
+
+class Interrupted(Exception):
+    """Raised from inside an upstream read that idle_pings broke off."""
+
+
+class ClientGone(Interrupted):
+    """A ping could not be written: the client hung up."""
+
+
+class PastDeadline(Interrupted):
+    """The upstream stayed silent past the request's deadline."""
+
+
+def with_keepalive(
+    items: Iterable[Any],
+    interval: float,
+    stream: EventStream | None = None,
+    environ: Mapping[str, Any] | None = None,
+    deadline: float = float("inf"),
+) -> Iterator[Any]:
+    """Yield items, and ping whenever none arrives for `interval` seconds (0: no pings, no thread).
+
+    Under gevent a pump greenlet and a timer; under a threaded server that gave us its write callable
+    (gunicorn, werkzeug's), the ping is written from inside the upstream read itself (idle_pings: no thread
+    per stream); elsewhere (the test client, TLS through a proxy) a pump thread and a queue.
+    """
     if interval <= 0:
         yield from items
         return
     if _green():
         yield from _green_keepalive(items, interval)
         return
+    pings = idle_pings(stream, interval, environ, deadline) if stream is not None and environ is not None else None
+    if pings is not None:
+        try:
+            yield from items
+        finally:
+            pings.remove()
+        return
+    yield from _threaded_keepalive(items, interval)
+
+
+def idle_pings(stream: EventStream, interval: float, environ: Mapping[str, Any], deadline: float) -> IdlePings | None:
+    """IdlePings on this stream's upstream connection, where the server's write works mid-answer (gunicorn,
+    werkzeug's server; not the test client) and the connection is a plain or TLS socket (not TLS in TLS)."""
+    write = environ.get(WRITE)
+    network = stream.response.extensions.get("network_stream")
+    sock = network.get_extra_info("socket") if network is not None else None
+    served = "gunicorn.socket" in environ or "werkzeug.socket" in environ
+    if write is None or not served or not isinstance(sock, socket.socket) or type(network).__name__ != "SyncStream":
+        return None
+    return IdlePings(network, sock, interval, write, deadline)
+
+
+class IdlePings:
+    """Ping from inside the upstream read: poll the upstream socket for `interval`, write a ping, poll again.
+
+    The handler thread is the one blocked in the read and the one that writes the answer, so a ping written
+    there through the server's write callable cannot interleave with a chunk. The read keeps its own timeout;
+    a write that fails raises ClientGone, a silence past `deadline` PastDeadline (both end the read).
+    """
+
+    def __init__(
+        self, network: Any, sock: socket.socket, interval: float, write: Callable[[bytes], Any], deadline: float
+    ) -> None:
+        self.network, self.sock, self.interval, self.write, self.deadline = network, sock, interval, write, deadline
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN | select.POLLPRI)
+        self.read = network.read
+        network.read = self._read  # this connection's reads, until remove()
+
+    def _read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes the socket no longer shows
+            return self.read(max_bytes, timeout)
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = self.interval if limit is None else min(self.interval, limit - time.monotonic())
+            if wait <= 0 or self.poller.poll(wait * 1000):
+                break
+            if time.monotonic() > self.deadline:
+                raise PastDeadline
+            try:
+                self.write(PING)
+            except OSError as exc:
+                raise ClientGone from exc
+        return self.read(max_bytes, None if limit is None else max(limit - time.monotonic(), 0.001))
+
+    def remove(self) -> None:
+        """Give the connection its own read back (before it returns to the pool)."""
+        self.network.__dict__.pop("read", None)
+
+
+def _threaded_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
+    """with_keepalive with a pump thread reading `items` and a queue the consumer waits on with a timeout."""
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     stopped = threading.Event()
 

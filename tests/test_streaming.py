@@ -7,6 +7,7 @@ The tests at the end run through real gunicorn (gunicorn.conf.py), in the worker
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from chatproxy import create_app
 from chatproxy.config import SETTINGS
 from chatproxy.demo.upstream import FakeOpenAI, Reply
+from chatproxy import sse as sse_module
 from chatproxy.sse import data as sse
 from tests.browser import answer_text, answers, ask, open_chat, wait_state
 from tests.helpers import Server, start_gunicorn
@@ -141,6 +143,34 @@ def test_silent_upstream_gets_keepalive_pings(fake, settings_for, serve):
     assert received.events[-1]["type"] == "done"
 
 
+def test_a_served_stream_pings_from_its_own_thread_without_a_pump(fake, settings_for, serve, mocker):
+    pump = mocker.spy(sse_module, "_threaded_keepalive")
+    app = create_app(settings_for(CHATPROXY_KEEPALIVE_SECONDS=0.1))
+    fake.script(Reply(chunks=["slow ", "answer"], stall_after=1, stall=0.6))
+
+    received, _ = post_stream(serve(app), {"message": "hi", "stream": True})
+
+    assert len(received.comments) >= 3 and set(received.comments) == {": ping"}
+    assert received.text() == "slow answer"
+    assert pump.call_count == 0  # the handler thread wrote the pings while it waited on the upstream
+
+
+def test_an_upstream_silent_past_the_deadline_ends_with_a_timeout_event_while_pinging(fake, settings_for, serve):
+    app = create_app(settings_for(CHATPROXY_TOTAL_TIMEOUT=1, CHATPROXY_READ_TIMEOUT=5, CHATPROXY_KEEPALIVE_SECONDS=0.2))
+    fake.script(Reply(chunks=["one ", "two"], stall_after=1, stall=2.5))
+
+    started = time.monotonic()
+    received, _ = post_stream(serve(app), {"message": "hi", "stream": True})
+
+    assert time.monotonic() - started < 2.0  # at the first ping past the deadline, not at the read timeout
+    assert [e["type"] for e in received.events] == ["start", "delta", "error"]
+    assert received.events[-1]["code"] == "upstream_timeout"
+    assert set(received.comments) == {": ping"}
+    call = fake.chat_calls()[0]
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=1)  # closed, not left to time out
+    assert not call.finished
+
+
 def test_refused_stream_is_a_json_error_not_an_event_stream(client, fake):
     fake.script(Reply(status=429, headers={"retry-after-ms": "2000"}))
 
@@ -236,6 +266,17 @@ def test_a_hang_up_costs_at_most_one_more_upstream_chunk(gunicorn, fake):
     # gunicorn's client socket reads as closed at the next upstream chunk: the stream stops there, instead of
     # at the second write after the hang-up (the first one still succeeds).
     assert len([t for t in call.chunk_times if t > hung_up_at]) <= 1
+    assert not call.finished
+
+
+def test_a_hang_up_while_the_upstream_is_silent_closes_it_at_the_next_pings(gunicorn, fake):
+    fake.script(Reply(chunks=["first ", "late"], stall_after=1, stall=1.3))
+
+    _received, hung_up_at = post_stream(gunicorn.url, {"message": "hi", "stream": True}, stop_after_deltas=1)
+
+    call = fake.chat_calls()[0]
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=5)
+    assert call.disconnected_at - hung_up_at < 0.9  # pings every 0.2 s: the second write after a hang-up fails
     assert not call.finished
 
 

@@ -472,7 +472,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                         send("error", code=error.get("code"), message=error.get("message"), param=None)
                         return
                     if reply.stall_after is not None and i == reply.stall_after:
-                        time.sleep(reply.stall)
+                        self._stall(call, reply.stall)
                     extra = {} if tools else {"logprobs": []}
                     send(delta_kind, count=True, **where, delta=piece, **extra)
                     call.completion_tokens += 1
@@ -578,7 +578,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                         self._write(call, b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
                         return
                     if reply.stall_after is not None and i == reply.stall_after:
-                        time.sleep(reply.stall)
+                        self._stall(call, reply.stall)
                     delta = piece if isinstance(piece, dict) else {"content": piece}
                     self._send(call, {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     call.completion_tokens += 1
@@ -603,6 +603,18 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 call.finished = True
             except (BrokenPipeError, ConnectionResetError, OSError):
                 return
+
+        def _stall(self, call: Call, seconds: float) -> None:
+            """Send nothing for `seconds`, watching the connection as a server's TCP stack would: a client that
+            closes it ends the stall (raised as the next write would)."""
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0:
+                time.sleep(min(left, 0.05))
+                try:
+                    _peer_closed(self.connection)
+                except OSError:
+                    call.disconnected_at = time.time()
+                    raise
 
         def _send(self, call: Call, payload: dict, count: bool = True) -> None:
             self._write(call, b"data: " + json.dumps(payload).encode() + b"\n\n")
