@@ -83,7 +83,10 @@ def main() -> int:
     pin = stack.can_pin()
     upstream = stack.start_upstream(tmp, 0 if pin else None)
     app = stack.start_gunicorn(
-        tmp, "C", stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN), CHATPROXY_WORKER_CLASS=args.worker_class), 1 if pin else None
+        tmp,
+        "C",
+        stack.app_settings(tmp, upstream.port, hash_token(stack.TOKEN), CHATPROXY_WORKER_CLASS=args.worker_class),
+        1 if pin else None,
     )
     try:
         target = scenarios.Target(Path("C", "gunicorn + chatproxy", app.port, CHATPROXY, stack.TOKEN), app.worker_pids)

@@ -14,8 +14,8 @@ GOALS = (  # (figure key, goal text, test): issue 19's goals
     ("added_gap_p99_ms", "added inter-chunk gap p99 ≤ 1 ms at 1 stream", lambda v: v is not None and v <= 1),
     ("batched_gaps", "no batching (gaps < 1 ms) at 1 stream", lambda v: v == 0),
     ("sustained_streams", "≥ 256 sustained streams", lambda v: v is not None and v >= 256),
-    ("kib_per_stream", "≤ 64 KiB per open stream", lambda v: v is not None and v <= 64),
-    ("cpu_ms_per_1000_chunks", "≤ 80 ms CPU per 1,000 chunks", lambda v: v is not None and v <= 80),
+    ("kib_per_stream", "≤ 64 KiB per open stream{at}", lambda v: v is not None and v <= 64),
+    ("cpu_ms_per_1000_chunks", "≤ 80 ms CPU per 1,000 chunks{at}", lambda v: v is not None and v <= 80),
     ("reuse_pct", "≥ 99 % upstream connection reuse", lambda v: v is not None and v >= 99),
     ("chunks_after_abort_max", "≤ 1 chunk after a hang-up", lambda v: v is not None and v <= 1),
 )
@@ -24,8 +24,8 @@ RATIOS = (  # (figure key, what it is, lower is better)
     ("added_ttft_p99_ms", "added TTFT p99", True),
     ("added_gap_p99_ms", "added gap p99", True),
     ("sustained_streams", "sustained streams", False),
-    ("cpu_ms_per_1000_chunks", "CPU per 1,000 chunks", True),
-    ("kib_per_stream", "memory per open stream", True),
+    ("cpu_ms_per_1000_chunks", "CPU per 1,000 chunks{at}", True),
+    ("kib_per_stream", "memory per open stream{at}", True),
     ("rps_p99_under_10ms", "whole replies/s (p99 < 10 ms)", False),
 )
 
@@ -69,6 +69,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def common_level(results: dict[str, Any]) -> int | None:
+    """The one sustained level at which every path's CPU and memory figures were taken (bench/run.py
+    `common_level`), or None if they were taken at different levels (no level measured by all)."""
+    found = {f["cpu_level"] for k, f in results["figures"].items() if k != "A" and f.get("cpu_level") is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _at(results: dict[str, Any]) -> str:
+    """ " at N streams", the suffix of the CPU and memory labels, or "" without a common level."""
+    level = common_level(results)
+    return "" if level is None else f" at {level} stream" + ("" if level == 1 else "s")
 
 
 def reuse_pct(f: dict[str, Any]) -> float | None:
@@ -325,10 +338,18 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "",
         (
             "Memory: resident memory of the serving workers (gunicorn's workers; nginx's worker) halfway through "
-            "a level, minus their memory before the sustained-stream climb, per open stream, at the path's highest "
-            "measured level. CPU: user + system time of those workers (from /proc) during a level, per 1,000 deltas "
-            "delivered, at 32 streams (or the highest level measured); it includes each stream's per-request work "
-            "(guards, ledger rows, budget, the upstream request), spread over its 64 deltas."
+            "a level, minus their memory before the sustained-stream climb, per open stream. CPU: user + system "
+            "time of those workers (from /proc) during a level, per 1,000 deltas delivered; it includes each "
+            "stream's per-request work (guards, ledger rows, budget, the upstream request), spread over its 64 "
+            "deltas. Both change with the level (fixed costs amortise over more streams), so the Goals, the Ratios "
+            "and README compare every path at one level: "
+            + (
+                f"{common_level(results)} streams, the highest level every path measured (a path's first failing "
+                "level is measured too)."
+                if common_level(results) is not None
+                else "none here: no level was measured by every path, so each path's figure is at its own level."
+            )
+            + " The same figures at each path's highest passing level are beside them; every level is in section 3."
         ),
         "",
         _table(
@@ -340,6 +361,8 @@ def render(results: dict[str, Any], image: str | None) -> str:
                 "CPU ms per 1,000 chunks",
                 "at level",
                 "× B",
+                "KiB / CPU ms at the highest passing level",
+                "that level",
                 "threads idle",
                 "threads at level",
             ],
@@ -352,6 +375,8 @@ def render(results: dict[str, Any], image: str | None) -> str:
                     _v(f.get("cpu_ms_per_1000_chunks"), 1),
                     _v(f.get("cpu_level")),
                     _x(f.get("x_b_cpu_ms_per_1000_chunks")),
+                    f"{_v(f.get('kib_per_stream_top'), 1)} / {_v(f.get('cpu_ms_per_1000_chunks_top'), 1)}",
+                    _v(f.get("top_level")),
                     _v(f.get("threads_idle")),
                     _v(f.get("threads_at_level")),
                 ]
@@ -436,7 +461,7 @@ def _goals(results: dict[str, Any], letters: list[str], name: dict[str, str]) ->
     shown = [k for k in letters if k not in ("A",)]
     rows = []
     for key, text, test in GOALS:
-        cells = [text]
+        cells = [text.format(at=_at(results))]
         for k in shown:
             value = reuse_pct(figures[k]) if key == "reuse_pct" else figures[k].get(key)
             cells.append(f"{_v(value)} {'✓' if test(value) else '✗'}")
@@ -458,7 +483,7 @@ def _ratios(results: dict[str, Any], letters: list[str]) -> str:
                 theirs = figures[other].get(key)
                 ok = other != k and mine is not None and theirs is not None and abs(theirs) > 1e-9
                 cells.append(f"{mine / theirs:.2f}" if ok else "")
-            rows.append([f"{label}: {k} ÷", *cells])
+            rows.append([f"{label.format(at=_at(results))}: {k} ÷", *cells])
     return _table(["", *others], rows) if ours and others else ""
 
 
@@ -603,8 +628,8 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         ("Chunks batched together", lambda f: str(f["batched_gaps"])),
         ("Sustained concurrent streams", lambda f: str(f["sustained_streams"])),
         ("Added latency of a whole reply, p50", lambda f: f"{_v(f.get('added_json_p50_ms'), 1)} ms"),
-        ("CPU per 1,000 chunks", lambda f: f"{_v(f.get('cpu_ms_per_1000_chunks'), 0)} ms"),
-        ("Memory per open stream", lambda f: f"{_v(f.get('kib_per_stream'), 0)} KiB"),
+        (f"CPU per 1,000 chunks{_at(results)}", lambda f: f"{_v(f.get('cpu_ms_per_1000_chunks'), 0)} ms"),
+        (f"Memory per open stream{_at(results)}", lambda f: f"{_v(f.get('kib_per_stream'), 0)} KiB"),
         ("Upstream connection reuse", lambda f: f"{_v(reuse_pct(f), 1)} %"),
         ("Chunks the upstream sent after a hang-up (max)", lambda f: _v(f["chunks_after_abort_max"])),
     ]

@@ -506,6 +506,7 @@ def _reuse(
 def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The figures per path: raw values, added over A, ratio of the added part to B's."""
     figures: dict[str, dict[str, Any]] = {}
+    common = common_level(raw)
     for letter, rounds in raw["one_client"].items():
         if not rounds:
             continue
@@ -547,17 +548,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         f["rps_p99_under_10ms"] = best["rps"] if best else 0
         f["rps_clients"] = best["clients"] if best else None
         f["rps_client_limited"] = bool(best and best["core_busy"].get("0", 0) > CLIENT_BUSY)
-        at = max((p for p in levels if p["open_streams_sampled"]), key=lambda p: p["level"], default=None)
-        base = raw["baseline_memory"].get(letter, {})
-        if at and at["rss_bytes"] and at["open_streams_sampled"] and letter != "A":
-            f["memory_level"] = at["level"]
-            f["kib_per_stream"] = round((at["rss_bytes"] - base.get("rss", 0)) / 1024 / at["open_streams_sampled"], 1)
-            f["threads_at_level"] = at["threads"]
-            f["threads_idle"] = base.get("threads")
-        reference = next((p for p in levels if p["level"] == 32), levels[-1] if levels else None)
-        if reference and letter != "A":
-            f["cpu_level"] = reference["level"]
-            f["cpu_ms_per_1000_chunks"] = reference["server_cpu_ms_per_1000_chunks"]
+        if letter != "A":
+            _resources(f, levels, raw["baseline_memory"].get(letter, {}), common)
         aborts = raw["aborts"].get(letter, {})
         f["chunks_after_abort_median"] = median(aborts.get("chunks_after_abort", []))
         f["chunks_after_abort_max"] = max(aborts.get("chunks_after_abort", []), default=None)
@@ -565,6 +557,43 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         figures[letter] = f
     _added(figures)
     return figures
+
+
+def common_level(raw: dict[str, Any]) -> int | None:
+    """The highest sustained level that every path but A measured (passed or not), or None if there is none.
+
+    CPU per chunk falls as the level rises (fixed costs amortise) and memory per stream changes with it, so
+    paths are compared at one level: a path's own highest level would compare different loads.
+    """
+    measured = [{p["level"] for p in points} for letter, points in raw["sustained"].items() if letter != "A" and points]
+    shared = set.intersection(*measured) if measured else set()
+    return max(shared) if shared else None
+
+
+def _resources(f: dict[str, Any], levels: list[dict[str, Any]], base: dict[str, Any], common: int | None) -> None:
+    """Memory per open stream and CPU per 1,000 chunks at the common level (`common`); the same at the path's
+    highest passing level (or its highest measured) as `*_top` figures, for reference."""
+
+    def kib(point: dict[str, Any]) -> float | None:
+        if not point["rss_bytes"] or not point["open_streams_sampled"]:
+            return None
+        return round((point["rss_bytes"] - base.get("rss", 0)) / 1024 / point["open_streams_sampled"], 1)
+
+    if not levels:
+        return
+    passed = [p for p in levels if p["passed"]]
+    top = max(passed or levels, key=lambda p: p["level"])
+    f["top_level"] = top["level"]
+    f["kib_per_stream_top"] = kib(top)
+    f["cpu_ms_per_1000_chunks_top"] = top["server_cpu_ms_per_1000_chunks"]
+    at = next((p for p in levels if p["level"] == common), None) if common is not None else top
+    if at is None:
+        return
+    f["cpu_level"] = f["memory_level"] = at["level"]
+    f["cpu_ms_per_1000_chunks"] = at["server_cpu_ms_per_1000_chunks"]
+    f["kib_per_stream"] = kib(at)
+    f["threads_at_level"] = at["threads"]
+    f["threads_idle"] = base.get("threads")
 
 
 ADDED = (
