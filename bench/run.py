@@ -16,6 +16,8 @@ Paths (the same load client and the same paced upstream for each):
     E  a LiteLLM proxy -> upstream                  (`make bench` installs it in bench/.litellm, its own venv)
 
 The load client and the upstream share core 0; the servers under test (nginx, gunicorn) get core 1.
+After the paths, with every server stopped, bench/cost.py measures the app in one process (no WSGI server):
+CPU per request and per chunk, and a profile by layer (BENCHMARKS.md section 7; `--no-cost` skips it).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class Plan:
     ramp: float = (DELTAS + 1) * PACE  # starts spread over one stream's length
     hold: float = 2.2
     budget_s: float = 420.0  # the measurements stop starting new work after this
+    cost_reps: int = 30  # bench/cost.py: streams of each kind (1 and 64 deltas), in-process
+    cost_concurrency: int = 5  # its 64-delta streams at a time
 
 
 QUICK = Plan(
@@ -95,6 +99,8 @@ QUICK = Plan(
     ramp=0.2,
     hold=0.3,
     budget_s=60.0,
+    cost_reps=2,
+    cost_concurrency=2,
 )
 
 
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", metavar="REF", help="also run path P: C as of this git revision")
     parser.add_argument("--no-report", action="store_true", help="write results.json only")
+    parser.add_argument("--no-cost", action="store_true", help="skip bench/cost.py (where the CPU goes)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     letters = [x.strip().upper() for x in (args.paths or ("A,C" if args.quick else "A,B,C,G,V,D,F,E")).split(",")]
@@ -122,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = wait_for_quiet(args.wait_quiet if args.wait_quiet is not None else (0 if args.quick else 90))
     started = time.monotonic()
     started_utc = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    two_cores = stack.can_pin()  # asked before run() pins this process to core 0
     results = run(plan, letters, args.baseline)
+    results["cost"] = None if args.no_cost else run_cost(plan, results["notes"], two_cores)
     results["started_utc"] = started_utc
     results["quiet_wait"] = quiet
     results["command"] = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -339,6 +348,29 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
     }
     shutil.rmtree(tmp, ignore_errors=True)
     return raw
+
+
+def run_cost(plan: Plan, notes: list[str], two_cores: bool) -> dict[str, Any] | None:
+    """bench/cost.py in a process of its own (after every server has stopped): where the CPU goes, in-process."""
+    say(f"where the CPU goes: {plan.cost_reps} streams of 1 and of {DELTAS} deltas, in-process")
+    with tempfile.TemporaryDirectory(prefix="chatproxy-cost-") as tmp:
+        out = FilePath(tmp) / "cost.json"
+        argv = [sys.executable, str(HERE / "cost.py"), "--reps", str(plan.cost_reps)]
+        argv += ["--concurrency", str(plan.cost_concurrency), "--out", str(out)]
+        widen = (lambda: os.sched_setaffinity(0, {0, 1})) if two_cores else None  # it pins itself and its upstream
+        done = subprocess.run(
+            argv,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            preexec_fn=widen,  # sched_setaffinity only: this process is pinned to core 0
+        )
+        if done.returncode != 0 or not out.exists():
+            notes.append(f"bench/cost.py failed (exit {done.returncode}): {(done.stderr or done.stdout)[-400:]}")
+            return None
+        return json.loads(out.read_text(encoding="utf-8"))
 
 
 def _hash_token(token: str) -> str:
