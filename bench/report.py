@@ -631,7 +631,7 @@ def _irreducible(cost: dict[str, Any]) -> str:
     http, waits, threads = rows["http"], rows["socket_waits"], rows["thread_waits"]
     line = (
         "**What cannot be removed in Python**, as far as these figures show: per chunk, a pure-Python HTTP/1.1 "
-        f"client's parse of each read of the upstream's chunked body (httpcore2 and h11): about "
+        f"client's work on each read of the upstream's chunked body (httpcore2's read, h11's parse): about "
         f"{http['chunk_ms'] * 1000:.0f} µs and {http['chunk_calls']:.0f} Python calls ({http['chunk_pct']:.0f} % "
         "of a chunk's CPU); and the system calls and wake-ups of the thread that sleeps in the socket read until "
         f"each chunk arrives: about {waits['chunk_ms'] * 1000:.0f} µs ({waits['chunk_pct']:.0f} %). The WSGI "
