@@ -14,8 +14,8 @@ GOALS = (  # (figure key, goal text, test): issue 19's goals
     ("added_gap_p99_ms", "added inter-chunk gap p99 ≤ 1 ms at 1 stream", lambda v: v is not None and v <= 1),
     ("batched_gaps", "no batching (gaps < 1 ms) at 1 stream", lambda v: v == 0),
     ("sustained_streams", "≥ 256 sustained streams", lambda v: v is not None and v >= 256),
-    ("kib_per_stream", "≤ 64 KiB per open stream", lambda v: v is not None and v <= 64),
-    ("cpu_ms_per_1000_chunks", "≤ 80 ms CPU per 1,000 chunks", lambda v: v is not None and v <= 80),
+    ("kib_per_stream", "≤ 64 KiB per open stream{at}", lambda v: v is not None and v <= 64),
+    ("cpu_ms_per_1000_chunks", "≤ 80 ms CPU per 1,000 chunks{at}", lambda v: v is not None and v <= 80),
     ("reuse_pct", "≥ 99 % upstream connection reuse", lambda v: v is not None and v >= 99),
     ("chunks_after_abort_max", "≤ 1 chunk after a hang-up", lambda v: v is not None and v <= 1),
 )
@@ -24,8 +24,8 @@ RATIOS = (  # (figure key, what it is, lower is better)
     ("added_ttft_p99_ms", "added TTFT p99", True),
     ("added_gap_p99_ms", "added gap p99", True),
     ("sustained_streams", "sustained streams", False),
-    ("cpu_ms_per_1000_chunks", "CPU per 1,000 chunks", True),
-    ("kib_per_stream", "memory per open stream", True),
+    ("cpu_ms_per_1000_chunks", "CPU per 1,000 chunks{at}", True),
+    ("kib_per_stream", "memory per open stream{at}", True),
     ("rps_p99_under_10ms", "whole replies/s (p99 < 10 ms)", False),
 )
 
@@ -69,6 +69,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def common_level(results: dict[str, Any]) -> int | None:
+    """The one sustained level at which every path's CPU and memory figures were taken (bench/run.py
+    `common_level`), or None if they were taken at different levels (no level measured by all)."""
+    found = {f["cpu_level"] for k, f in results["figures"].items() if k != "A" and f.get("cpu_level") is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _at(results: dict[str, Any]) -> str:
+    """ " at N streams", the suffix of the CPU and memory labels, or "" without a common level."""
+    level = common_level(results)
+    return "" if level is None else f" at {level} stream" + ("" if level == 1 else "s")
 
 
 def reuse_pct(f: dict[str, Any]) -> float | None:
@@ -325,10 +338,18 @@ def render(results: dict[str, Any], image: str | None) -> str:
         "",
         (
             "Memory: resident memory of the serving workers (gunicorn's workers; nginx's worker) halfway through "
-            "a level, minus their memory before the sustained-stream climb, per open stream, at the path's highest "
-            "measured level. CPU: user + system time of those workers (from /proc) during a level, per 1,000 deltas "
-            "delivered, at 32 streams (or the highest level measured); it includes each stream's per-request work "
-            "(guards, ledger rows, budget, the upstream request), spread over its 64 deltas."
+            "a level, minus their memory before the sustained-stream climb, per open stream. CPU: user + system "
+            "time of those workers (from /proc) during a level, per 1,000 deltas delivered; it includes each "
+            "stream's per-request work (guards, ledger rows, budget, the upstream request), spread over its 64 "
+            "deltas. Both change with the level (fixed costs amortise over more streams), so the Goals, the Ratios "
+            "and README compare every path at one level: "
+            + (
+                f"{common_level(results)} streams, the highest level every path measured (a path's first failing "
+                "level is measured too)."
+                if common_level(results) is not None
+                else "none here: no level was measured by every path, so each path's figure is at its own level."
+            )
+            + " The same figures at each path's highest passing level are beside them; every level is in section 3."
         ),
         "",
         _table(
@@ -340,6 +361,8 @@ def render(results: dict[str, Any], image: str | None) -> str:
                 "CPU ms per 1,000 chunks",
                 "at level",
                 "× B",
+                "KiB / CPU ms at the highest passing level",
+                "that level",
                 "threads idle",
                 "threads at level",
             ],
@@ -352,6 +375,8 @@ def render(results: dict[str, Any], image: str | None) -> str:
                     _v(f.get("cpu_ms_per_1000_chunks"), 1),
                     _v(f.get("cpu_level")),
                     _x(f.get("x_b_cpu_ms_per_1000_chunks")),
+                    f"{_v(f.get('kib_per_stream_top'), 1)} / {_v(f.get('cpu_ms_per_1000_chunks_top'), 1)}",
+                    _v(f.get("top_level")),
                     _v(f.get("threads_idle")),
                     _v(f.get("threads_at_level")),
                 ]
@@ -399,19 +424,22 @@ def render(results: dict[str, Any], image: str | None) -> str:
             ],
         ),
     ]
+    cost = results.get("cost")
+    if cost:
+        out += ["", "## 7. Where the CPU goes", "", *_cost(cost)]
     out += [
         "",
         "## Where the time goes",
         "",
-        "`bench/profile.py streams|replies` records the gunicorn workers under this load with py-spy (install it "
-        "by hand; it is no dependency) and prints the top functions. Per request, the work before the first "
-        "token is identifying and limiting the caller, validating the body (the pydantic request models: about "
-        "20 us for /api/chat, about 100 us for a /v1 body with tools), one database transaction that reserves the "
-        "budget and opens the ledger row, and building the upstream request; after the last token, one "
-        "transaction settles the budget and closes the row. Per chunk: httpcore/h11 reading the chunked body, "
+        "Section 7 measures it in-process; `bench/profile.py streams|replies` records the gunicorn workers under this"
+        " load with py-spy (install it by hand; it is no dependency) and prints the top functions. Per request, the "
+        "work before the first token is identifying and limiting the caller, validating the body (the pydantic "
+        "request models: about 20 us for /api/chat, about 100 us for a /v1 body with tools), one database transaction"
+        " that reserves the budget and opens the ledger row, and building the upstream request; after the last token,"
+        " one transaction settles the budget and closes the row. Per chunk: httpcore/h11 reading the chunked body, "
         "decoding the event (orjson), the wire adapter's bytes, and the worker class's socket I/O (gevent's hub, or "
-        "gthread's handoff from the keep-alive reader thread). Every streaming route reads the upstream with the "
-        "same raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
+        "gthread's handoff from the keep-alive reader thread). Every streaming route reads the upstream with the same"
+        " raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
         "writers wait on SQLite's file lock; under gevent that wait blocks the whole worker (docs/deploy.md): "
         "PostgreSQL is the ledger for concurrency.",
     ]
@@ -422,6 +450,205 @@ def render(results: dict[str, Any], image: str | None) -> str:
     notes += [f"{k}: {len(e)} one-client errors, e.g. {e[0]}" for k, e in errors.items()]
     out += ["", "## Notes", "", *([f"- {n}" for n in notes] or ["- none: no errors, no server log problems."])]
     return "\n".join(out) + "\n"
+
+
+GOAL_CPU_MS = 80.0  # issue 19: ms of CPU per 1,000 chunks on 64-chunk streams, per-request work included
+PARAGRAPH_GROUPS = (  # the floor paragraph names layers in these groups
+    ("Flask/werkzeug's request handling", ("flask", "werkzeug")),
+    ("SQLAlchemy and sqlite3 (the ledger and budget transactions)", ("sqlalchemy",)),
+    ("the SDK's HTTP stack (httpx2/httpcore2/h11)", ("http",)),
+    ("the openai SDK", ("openai",)),
+    ("pydantic", ("pydantic",)),
+    ("flask_limiter/limits", ("limits",)),
+    ("prometheus_client", ("prometheus",)),
+    ("chatproxy's own code", ("chatproxy",)),
+    ("the standard library", ("stdlib",)),
+    ("reading the upstream's socket (system calls, wake-ups)", ("socket_waits",)),
+    ("threads waiting on each other (queue gets, locks: wake-ups)", ("thread_waits",)),
+    ("the test client (in place of the WSGI server)", ("harness",)),
+    ("other packages", ("other",)),
+)
+
+
+def _cost(cost: dict[str, Any]) -> list[str]:
+    """Section 7 from bench/cost.py's figures: CPU per request and per chunk, the profile by layer, the floor."""
+    cpu, table = cost["cpu"], cost["layers"]
+    default, off = cpu["default"], cpu.get("no_keepalive")
+    deltas, reps = cost["deltas"], cost["reps"]
+    request, chunk = default["request_ms"], default["chunk_ms"]
+    lines = [
+        (
+            "`bench/cost.py`, run after every server above has stopped: the app built by `chatproxy.create_app()` "
+            "with the settings above (the gthread worker class, a SQLite ledger in a temporary folder), in one "
+            "process, served by Flask's test client: no gunicorn, no socket between client and app, so these are "
+            "chatproxy's own figures per request and per chunk, without the WSGI server's. The upstream is the same "
+            "paced one, in a process of its own"
+            + ("; it runs on core 0, the app's process on core 1. " if cost["pinned"] else ". ")
+            + f"{reps} streams of 1 delta one after another, then {reps} of {deltas} deltas, "
+            f"{cost['concurrency']} at a time, their starts spread so that no two streams' work overlaps; the two "
+            "apps below take turns (1-delta streams, half the long ones, the other half, 1-delta streams again). "
+            "CPU is the process's user + system time (every thread): per request = a 1-delta stream, per extra "
+            f"chunk = (a {deltas}-delta stream − a 1-delta stream) / {deltas - 1}. With the app idle the process "
+            f"used {cost['idle_cpu_ms_per_s']:.2f} ms of CPU per second."
+        ),
+        "",
+    ]
+    rows = []
+    for label, c in (
+        ("default (`CHATPROXY_KEEPALIVE_SECONDS=10`: a pump thread per stream)", default),
+        ("`CHATPROXY_KEEPALIVE_SECONDS=0` (no pump thread)", off),
+    ):
+        if c:
+            rows.append(
+                [
+                    label,
+                    f"{c['request_ms']:.2f} ({_batches(c, 1)})",
+                    f"{c['stream_ms']:.2f} ({_batches(c, deltas)})",
+                    f"{c['chunk_ms'] * 1000:.0f}",
+                    f"{c['stream_ms'] / deltas * 1000:.0f}",
+                    f"{c['system_share']:.0%}",
+                    f"{c['context_switches_per_chunk']:.2f}",
+                ]
+            )
+    lines += [
+        _table(
+            [
+                "App",
+                "CPU per request (1-delta stream), ms (each batch)",
+                f"CPU per {deltas}-delta stream, ms (each batch)",
+                "CPU per extra chunk, µs",
+                f"ms per 1,000 chunks on {deltas}-chunk streams (per-request work included)",
+                "kernel share",
+                "context switches per extra chunk",
+            ],
+            rows,
+        ),
+        "",
+        (
+            "A cProfile of the same streams in the default app (every thread the app starts is profiled) on each "
+            "thread's CPU clock, so time blocked in socket reads, queue gets, lock and GIL waits counts nothing; "
+            "grouped by the layer each Python function belongs to; a C function counts in the layer of the Python "
+            "function that called it (sqlite3's in SQLAlchemy's), and the CPU the waiting calls themselves use "
+            "(the system call, the wake-up, taking the GIL back) is in two layers of its own. cProfile costs about the "
+            "same for every call it sees, so layers of many small calls look heavier than they are: that cost "
+            f"(here {table['profiler_us_per_event'][str(deltas)]:.2f} µs per call, the profiled CPU minus the CPU "
+            "measured above, over the calls) is taken off each layer by its number of calls and the rest scaled "
+            "to the measured CPU; times are estimates, shares of measured figures. Python calls are counted exactly."
+        ),
+        "",
+    ]
+    names = dict(table["names"])
+    layer_rows = [
+        [
+            names[key],
+            f"{row['request_ms']:.2f}",
+            f"{row['request_pct']:.1f}",
+            f"{row['request_calls']:.0f}",
+            f"{row['chunk_ms'] * 1000:.1f}",
+            f"{row['chunk_pct']:.1f}",
+            f"{row['chunk_calls']:.1f}",
+        ]
+        for key, row in table["rows"].items()
+    ]
+    layer_rows.append(
+        [
+            "**all (measured CPU)**",
+            f"**{request:.2f}**",
+            "100",
+            f"{table['python_calls_per_request']:.0f}",
+            f"**{chunk * 1000:.1f}**",
+            "100",
+            f"{table['python_calls_per_chunk']:.1f}",
+        ]
+    )
+    lines += [
+        _table(
+            [
+                "Layer",
+                "per request, ms",
+                "%",
+                "Python calls per request",
+                "per extra chunk, µs",
+                "%",
+                "Python calls per chunk",
+            ],
+            layer_rows,
+        ),
+        "",
+        _floor(cost),
+        "",
+        _irreducible(cost),
+    ]
+    return lines
+
+
+def _batches(c: dict[str, Any], deltas: int) -> str:
+    """CPU per stream of each batch of `deltas`-delta streams, ms: the spread between batches."""
+    return ", ".join(f"{b['cpu_s'] / b['reps'] * 1000:.2f}" for b in c.get("batches", []) if b["deltas"] == deltas)
+
+
+def _shares(rows: dict[str, dict[str, float]], key: str) -> str:
+    """'a % in X, b % in Y, ...' over PARAGRAPH_GROUPS, largest first; groups under 1 % summed at the end."""
+    parts = [(sum(rows[k][key] for k in keys if k in rows), text) for text, keys in PARAGRAPH_GROUPS]
+    parts.sort(key=lambda item: -item[0])
+    named = [f"{pct:.0f} % in {text}" for pct, text in parts if pct >= 1]
+    rest = [pct for pct, _text in parts if pct < 1]
+    if rest:
+        named.append(f"under 1 % each in the {len(rest)} other layers")
+    return ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else "".join(named)
+
+
+def _floor(cost: dict[str, Any]) -> str:
+    """The generated paragraph: where a request's and a chunk's CPU goes, and what that means for the goal."""
+    default, rows = cost["cpu"]["default"], cost["layers"]["rows"]
+    deltas = cost["deltas"]
+    request, chunk = default["request_ms"], default["chunk_ms"]
+    fixed = request / deltas * 1000  # ms per 1,000 chunks from the per-request work alone
+    per_chunk = chunk * 1000  # ms per 1,000 chunks from the per-chunk work alone
+    ours_request = rows["chatproxy"]["request_ms"]
+    ours_chunk = rows["chatproxy"]["chunk_ms"] * 1000
+    if fixed > GOAL_CPU_MS and per_chunk > GOAL_CPU_MS:
+        verdict = f"each on its own is over the goal of {GOAL_CPU_MS:.0f} ms"
+    elif fixed > GOAL_CPU_MS:
+        verdict = f"the per-request work alone is over the goal of {GOAL_CPU_MS:.0f} ms"
+    elif per_chunk > GOAL_CPU_MS:
+        verdict = f"the per-chunk work alone is over the goal of {GOAL_CPU_MS:.0f} ms"
+    else:
+        verdict = f"together {fixed + per_chunk:.0f} ms against the goal of {GOAL_CPU_MS:.0f} ms"
+    return (
+        f"**The floor.** Of {request:.1f} ms per request, {_shares(rows, 'request_pct')}. Of {chunk * 1000:.0f} µs "
+        f"per extra chunk, {_shares(rows, 'chunk_pct')}. On {deltas}-chunk streams the per-request work alone is "
+        f"{fixed:.0f} ms per 1,000 chunks and the per-chunk work {per_chunk:.0f} ms per 1,000 chunks: {verdict}, "
+        f"in-process, before any WSGI server's work; chatproxy's own code is {ours_request:.2f} ms of the request "
+        f"and {ours_chunk:.0f} µs of the chunk."
+    )
+
+
+def _irreducible(cost: dict[str, Any]) -> str:
+    """The generated line: what cannot be removed in Python per chunk, as far as these figures show it."""
+    default, off = cost["cpu"]["default"], cost["cpu"].get("no_keepalive")
+    rows = cost["layers"]["rows"]
+    http, waits, threads = rows["http"], rows["socket_waits"], rows["thread_waits"]
+    line = (
+        "**What cannot be removed in Python**, as far as these figures show: per chunk, a pure-Python HTTP/1.1 "
+        f"client's work on each read of the upstream's chunked body (httpcore2's read, h11's parse): about "
+        f"{http['chunk_ms'] * 1000:.0f} µs and {http['chunk_calls']:.0f} Python calls ({http['chunk_pct']:.0f} % "
+        "of a chunk's CPU); and the system calls and wake-ups of the thread that sleeps in the socket read until "
+        f"each chunk arrives: about {waits['chunk_ms'] * 1000:.0f} µs ({waits['chunk_pct']:.0f} %). The WSGI "
+        "server's write of each "
+        "chunk to the client's socket is not in these figures (the test client has no socket): in gunicorn it "
+        "comes on top."
+    )
+    if off:
+        handoff = (default["chunk_ms"] - off["chunk_ms"]) * 1000
+        switches = default["context_switches_per_chunk"] - off["context_switches_per_chunk"]
+        line += (
+            " The hand-off of each chunk from the keep-alive pump thread to the response's thread (a queue and a "
+            f"GIL switch) measured {handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against "
+            f"keep-alive pings off (the profile: {threads['chunk_ms'] * 1000:.0f} µs per chunk inside queue gets "
+            "and lock waits): it goes with CHATPROXY_KEEPALIVE_SECONDS=0, and gevent's worker has no pump thread."
+        )
+    return line
 
 
 def _median_ms(values: list[float]) -> float | None:
@@ -436,7 +663,7 @@ def _goals(results: dict[str, Any], letters: list[str], name: dict[str, str]) ->
     shown = [k for k in letters if k not in ("A",)]
     rows = []
     for key, text, test in GOALS:
-        cells = [text]
+        cells = [text.format(at=_at(results))]
         for k in shown:
             value = reuse_pct(figures[k]) if key == "reuse_pct" else figures[k].get(key)
             cells.append(f"{_v(value)} {'✓' if test(value) else '✗'}")
@@ -458,7 +685,7 @@ def _ratios(results: dict[str, Any], letters: list[str]) -> str:
                 theirs = figures[other].get(key)
                 ok = other != k and mine is not None and theirs is not None and abs(theirs) > 1e-9
                 cells.append(f"{mine / theirs:.2f}" if ok else "")
-            rows.append([f"{label}: {k} ÷", *cells])
+            rows.append([f"{label.format(at=_at(results))}: {k} ÷", *cells])
     return _table(["", *others], rows) if ours and others else ""
 
 
@@ -603,8 +830,8 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         ("Chunks batched together", lambda f: str(f["batched_gaps"])),
         ("Sustained concurrent streams", lambda f: str(f["sustained_streams"])),
         ("Added latency of a whole reply, p50", lambda f: f"{_v(f.get('added_json_p50_ms'), 1)} ms"),
-        ("CPU per 1,000 chunks", lambda f: f"{_v(f.get('cpu_ms_per_1000_chunks'), 0)} ms"),
-        ("Memory per open stream", lambda f: f"{_v(f.get('kib_per_stream'), 0)} KiB"),
+        (f"CPU per 1,000 chunks{_at(results)}", lambda f: f"{_v(f.get('cpu_ms_per_1000_chunks'), 0)} ms"),
+        (f"Memory per open stream{_at(results)}", lambda f: f"{_v(f.get('kib_per_stream'), 0)} KiB"),
         ("Upstream connection reuse", lambda f: f"{_v(reuse_pct(f), 1)} %"),
         ("Chunks the upstream sent after a hang-up (max)", lambda f: _v(f["chunks_after_abort_max"])),
     ]

@@ -16,6 +16,8 @@ Paths (the same load client and the same paced upstream for each):
     E  a LiteLLM proxy -> upstream                  (`make bench` installs it in bench/.litellm, its own venv)
 
 The load client and the upstream share core 0; the servers under test (nginx, gunicorn) get core 1.
+After the paths, with every server stopped, bench/cost.py measures the app in one process (no WSGI server):
+CPU per request and per chunk, and a profile by layer (BENCHMARKS.md section 7; `--no-cost` skips it).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class Plan:
     ramp: float = (DELTAS + 1) * PACE  # starts spread over one stream's length
     hold: float = 2.2
     budget_s: float = 420.0  # the measurements stop starting new work after this
+    cost_reps: int = 30  # bench/cost.py: streams of each kind (1 and 64 deltas), in-process
+    cost_concurrency: int = 5  # its 64-delta streams at a time
 
 
 QUICK = Plan(
@@ -95,6 +99,8 @@ QUICK = Plan(
     ramp=0.2,
     hold=0.3,
     budget_s=60.0,
+    cost_reps=2,
+    cost_concurrency=2,
 )
 
 
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", metavar="REF", help="also run path P: C as of this git revision")
     parser.add_argument("--no-report", action="store_true", help="write results.json only")
+    parser.add_argument("--no-cost", action="store_true", help="skip bench/cost.py (where the CPU goes)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     letters = [x.strip().upper() for x in (args.paths or ("A,C" if args.quick else "A,B,C,G,V,D,F,E")).split(",")]
@@ -122,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = wait_for_quiet(args.wait_quiet if args.wait_quiet is not None else (0 if args.quick else 90))
     started = time.monotonic()
     started_utc = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    two_cores = stack.can_pin()  # asked before run() pins this process to core 0
     results = run(plan, letters, args.baseline)
+    results["cost"] = None if args.no_cost else run_cost(plan, results["notes"], two_cores)
     results["started_utc"] = started_utc
     results["quiet_wait"] = quiet
     results["command"] = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -341,6 +350,29 @@ def run(plan: Plan, letters: list[str], baseline: str | None = None) -> dict[str
     return raw
 
 
+def run_cost(plan: Plan, notes: list[str], two_cores: bool) -> dict[str, Any] | None:
+    """bench/cost.py in a process of its own (after every server has stopped): where the CPU goes, in-process."""
+    say(f"where the CPU goes: {plan.cost_reps} streams of 1 and of {DELTAS} deltas, in-process")
+    with tempfile.TemporaryDirectory(prefix="chatproxy-cost-") as tmp:
+        out = FilePath(tmp) / "cost.json"
+        argv = [sys.executable, str(HERE / "cost.py"), "--reps", str(plan.cost_reps)]
+        argv += ["--concurrency", str(plan.cost_concurrency), "--out", str(out)]
+        widen = (lambda: os.sched_setaffinity(0, {0, 1})) if two_cores else None  # it pins itself and its upstream
+        done = subprocess.run(
+            argv,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            preexec_fn=widen,  # sched_setaffinity only: this process is pinned to core 0
+        )
+        if done.returncode != 0 or not out.exists():
+            notes.append(f"bench/cost.py failed (exit {done.returncode}): {(done.stderr or done.stdout)[-400:]}")
+            return None
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
 def _hash_token(token: str) -> str:
     from chatproxy.callers import hash_token
 
@@ -506,6 +538,7 @@ def _reuse(
 def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The figures per path: raw values, added over A, ratio of the added part to B's."""
     figures: dict[str, dict[str, Any]] = {}
+    common = common_level(raw)
     for letter, rounds in raw["one_client"].items():
         if not rounds:
             continue
@@ -547,17 +580,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         f["rps_p99_under_10ms"] = best["rps"] if best else 0
         f["rps_clients"] = best["clients"] if best else None
         f["rps_client_limited"] = bool(best and best["core_busy"].get("0", 0) > CLIENT_BUSY)
-        at = max((p for p in levels if p["open_streams_sampled"]), key=lambda p: p["level"], default=None)
-        base = raw["baseline_memory"].get(letter, {})
-        if at and at["rss_bytes"] and at["open_streams_sampled"] and letter != "A":
-            f["memory_level"] = at["level"]
-            f["kib_per_stream"] = round((at["rss_bytes"] - base.get("rss", 0)) / 1024 / at["open_streams_sampled"], 1)
-            f["threads_at_level"] = at["threads"]
-            f["threads_idle"] = base.get("threads")
-        reference = next((p for p in levels if p["level"] == 32), levels[-1] if levels else None)
-        if reference and letter != "A":
-            f["cpu_level"] = reference["level"]
-            f["cpu_ms_per_1000_chunks"] = reference["server_cpu_ms_per_1000_chunks"]
+        if letter != "A":
+            _resources(f, levels, raw["baseline_memory"].get(letter, {}), common)
         aborts = raw["aborts"].get(letter, {})
         f["chunks_after_abort_median"] = median(aborts.get("chunks_after_abort", []))
         f["chunks_after_abort_max"] = max(aborts.get("chunks_after_abort", []), default=None)
@@ -565,6 +589,43 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         figures[letter] = f
     _added(figures)
     return figures
+
+
+def common_level(raw: dict[str, Any]) -> int | None:
+    """The highest sustained level that every path but A measured (passed or not), or None if there is none.
+
+    CPU per chunk falls as the level rises (fixed costs amortise) and memory per stream changes with it, so
+    paths are compared at one level: a path's own highest level would compare different loads.
+    """
+    measured = [{p["level"] for p in points} for letter, points in raw["sustained"].items() if letter != "A" and points]
+    shared = set.intersection(*measured) if measured else set()
+    return max(shared) if shared else None
+
+
+def _resources(f: dict[str, Any], levels: list[dict[str, Any]], base: dict[str, Any], common: int | None) -> None:
+    """Memory per open stream and CPU per 1,000 chunks at the common level (`common`); the same at the path's
+    highest passing level (or its highest measured) as `*_top` figures, for reference."""
+
+    def kib(point: dict[str, Any]) -> float | None:
+        if not point["rss_bytes"] or not point["open_streams_sampled"]:
+            return None
+        return round((point["rss_bytes"] - base.get("rss", 0)) / 1024 / point["open_streams_sampled"], 1)
+
+    if not levels:
+        return
+    passed = [p for p in levels if p["passed"]]
+    top = max(passed or levels, key=lambda p: p["level"])
+    f["top_level"] = top["level"]
+    f["kib_per_stream_top"] = kib(top)
+    f["cpu_ms_per_1000_chunks_top"] = top["server_cpu_ms_per_1000_chunks"]
+    at = next((p for p in levels if p["level"] == common), None) if common is not None else top
+    if at is None:
+        return
+    f["cpu_level"] = f["memory_level"] = at["level"]
+    f["cpu_ms_per_1000_chunks"] = at["server_cpu_ms_per_1000_chunks"]
+    f["kib_per_stream"] = kib(at)
+    f["threads_at_level"] = at["threads"]
+    f["threads_idle"] = base.get("threads")
 
 
 ADDED = (

@@ -1,5 +1,5 @@
 """The benchmark harness runs end to end: `bench/run.py --quick` against the direct path (A), gunicorn + app (C), the
-app's /v1/chat/completions (V) and the plain Flask + SDK proxy (F).
+app's /v1/chat/completions (V) and the plain Flask + SDK proxy (F), then bench/cost.py (the app in-process, profiled).
 
 Speed is measured by `make bench`, never asserted here: these checks hold on a slow or busy machine too.
 """
@@ -64,5 +64,14 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path):
         "## 5. Memory, CPU and threads",
         "## 6. Upstream connections and hang-ups",
         "## Ratios",
+        "## 7. Where the CPU goes",
     ):
         assert heading in report
+    # bench/cost.py ran (in-process CPU per request and per chunk, the profile by layer) and its section renders.
+    cost = results["cost"]
+    assert cost is not None, results["notes"]
+    assert cost["cpu"]["default"]["request_ms"] > 0 and cost["cpu"]["no_keepalive"]["stream_ms"] > 0, cost["cpu"]
+    assert cost["layers"]["python_calls_per_request"] > 0 and cost["layers"]["python_calls_per_chunk"] > 0
+    assert "**The floor.** Of " in report and "**What cannot be removed in Python**" in report
+    # CPU and memory are compared at one level, named in the Goals.
+    assert "≤ 80 ms CPU per 1,000 chunks at 2 streams" in report
