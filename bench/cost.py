@@ -13,7 +13,8 @@ are chatproxy's own work per request and per chunk, without gunicorn's socket I/
    long ones: their mean), and of `reps` streams of 64 deltas, `concurrency` at a time (their starts spread
    so that no two streams' work overlaps). CPU per request = a 1-delta stream; per extra chunk =
    (64-delta - 1-delta) / 63. The same again in a second app with CHATPROXY_KEEPALIVE_SECONDS=0 (no
-   per-stream pump thread).
+   keep-alive check: by default the stream's thread polls the upstream socket before each read, as under
+   gunicorn's gthread worker; the test client marks its environ as a real server's for that).
 2. A cProfile of the default app's streams (every thread the app starts is profiled too), on each thread's
    CPU clock (time blocked in socket reads, queue gets, lock and GIL waits counts nothing), grouped by the
    layer each Python function belongs to; C functions count in the layer of the Python function that
@@ -185,6 +186,11 @@ def group(stats: pstats.Stats) -> dict[str, Any]:
     }
 
 
+# The environ key a real server sets (werkzeug's; gunicorn's is gunicorn.socket): with it, keep-alive pings are
+# polled for by the stream's own thread (sse.IdlePings), as under gunicorn's gthread worker, not by a pump thread.
+SERVED = {"werkzeug.socket": None}
+
+
 class App:
     """One app and its test client, with a stream runner."""
 
@@ -205,7 +211,7 @@ class App:
             self.count += 1
             bench_id = f"Z{self.name}-{deltas}-{self.count}"
         body = {"messages": [{"role": "user", "content": f"bench:{bench_id}"}], "max_tokens": deltas, "stream": True}
-        response = self.client.post("/api/chat", json=body, headers=self.headers, buffered=False)
+        response = self.client.post("/api/chat", json=body, headers=self.headers, buffered=False, environ_base=SERVED)
         try:
             seen = sum(piece.count(b'"delta"') for piece in response.response)
         finally:

@@ -438,8 +438,8 @@ def render(results: dict[str, Any], image: str | None) -> str:
         " that reserves the budget and opens the ledger row, and building the upstream request; after the last token,"
         " one transaction settles the budget and closes the row. Per chunk: httpcore/h11 reading the chunked body, "
         "decoding the event (orjson), the wire adapter's bytes, and the worker class's socket I/O (gevent's hub, or "
-        "gthread's handoff from the keep-alive reader thread). Every streaming route reads the upstream with the same"
-        " raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
+        "gthread's poll of the upstream socket for keep-alive pings). Every streaming route reads the upstream with "
+        "the same raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
         "writers wait on SQLite's file lock; under gevent that wait blocks the whole worker (docs/deploy.md): "
         "PostgreSQL is the ledger for concurrency.",
     ]
@@ -495,8 +495,8 @@ def _cost(cost: dict[str, Any]) -> list[str]:
     ]
     rows = []
     for label, c in (
-        ("default (`CHATPROXY_KEEPALIVE_SECONDS=10`: a pump thread per stream)", default),
-        ("`CHATPROXY_KEEPALIVE_SECONDS=0` (no pump thread)", off),
+        ("default (`CHATPROXY_KEEPALIVE_SECONDS=10`: the stream's thread polls for pings)", default),
+        ("`CHATPROXY_KEEPALIVE_SECONDS=0` (no keep-alive check)", off),
     ):
         if c:
             rows.append(
@@ -643,10 +643,10 @@ def _irreducible(cost: dict[str, Any]) -> str:
         handoff = (default["chunk_ms"] - off["chunk_ms"]) * 1000
         switches = default["context_switches_per_chunk"] - off["context_switches_per_chunk"]
         line += (
-            " The hand-off of each chunk from the keep-alive pump thread to the response's thread (a queue and a "
-            f"GIL switch) measured {handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against "
-            f"keep-alive pings off (the profile: {threads['chunk_ms'] * 1000:.0f} µs per chunk inside queue gets "
-            "and lock waits): it goes with CHATPROXY_KEEPALIVE_SECONDS=0, and gevent's worker has no pump thread."
+            " Keep-alive pings as gthread sends them (the stream's own thread polls the upstream socket for "
+            f"CHATPROXY_KEEPALIVE_SECONDS before each read and writes a ping itself; no pump thread) measured "
+            f"{handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against pings off (the "
+            f"profile: {threads['chunk_ms'] * 1000:.0f} µs per chunk inside queue gets and lock waits)."
         )
     return line
 
