@@ -27,6 +27,7 @@ from sqlalchemy.pool import StaticPool
 
 from .errors import ApiError
 from .images import text_of
+from .wal import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,10 @@ def make_engine(url: str) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # wait for the write lock, do not fail
         # WAL + NORMAL: no fsync per commit; a killed worker loses nothing, a power cut may lose the last commits.
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run off the request path (wal.Checkpointer)
         cursor.close()
 
+    sa.event.listen(engine, "commit", Checkpointer(database, SQLITE_BUSY_TIMEOUT_MS / 1000).after_commit)
     return engine
 
 

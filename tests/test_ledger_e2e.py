@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import uuid
@@ -368,3 +369,27 @@ def test_a_worker_killed_mid_stream_leaves_a_hold_that_the_sweeper_settles(fake,
         }, key
     ledger.dispose()
     engine.dispose()
+
+
+def test_sqlite_commits_reach_the_database_file_from_a_background_checkpoint(fake, settings_for, tmp_path):
+    ledger = tmp_path / "ledger.db"
+    app = create_app(settings_for(CHATPROXY_DATABASE_URL=f"sqlite:///{ledger}"))
+    client = app.test_client()
+
+    for i in range(5):
+        assert client.post("/api/chat", json={"message": f"hi {i}"}).status_code == 200
+
+    def rows_in_the_file() -> int:
+        """Ledger rows in the database file itself (immutable: the WAL, where commits land first, is not read)."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{ledger}?immutable=1", uri=True)) as conn:
+                return conn.execute("SELECT count(*) FROM ledger WHERE outcome = 'ok'").fetchone()[0]
+        except sqlite3.DatabaseError:  # read while a checkpoint writes it
+            return -1
+
+    # Five requests are far from SQLite's own checkpoint at 1,000 WAL pages, which a request would pay for.
+    assert fake.wait_for(lambda: rows_in_the_file() == 5, timeout=3)
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # a new connection: the default
+    with state(app).ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0  # the app's: never in a commit

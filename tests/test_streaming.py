@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from chatproxy import create_app
+from chatproxy import sse as sse_module
 from chatproxy.config import SETTINGS
 from chatproxy.demo.upstream import FakeOpenAI, Reply
-from chatproxy import sse as sse_module
 from chatproxy.sse import data as sse
 from tests.browser import answer_text, answers, ask, open_chat, wait_state
 from tests.helpers import Server, start_gunicorn
