@@ -9,7 +9,6 @@ import queue
 import select
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -240,15 +239,12 @@ def with_keepalive(
 ) -> Iterator[Any]:
     """Yield items, and ping whenever none arrives for `interval` seconds (0: no pings, no thread).
 
-    Under gevent a pump greenlet and a timer; under a threaded server that gave us its write callable
-    (gunicorn, werkzeug's), the ping is written from inside the upstream read itself (idle_pings: no thread
-    per stream); elsewhere (the test client, TLS through a proxy) a pump thread and a queue.
+    Under a server that gave us its write callable (gunicorn's gthread and gevent workers, werkzeug's server)
+    the ping is written from inside the upstream read itself (idle_pings: no thread or greenlet per stream);
+    elsewhere (the test client, TLS through a proxy) a pump thread (a greenlet under gevent) and a queue.
     """
     if interval <= 0:
         yield from items
-        return
-    if _green():
-        yield from _green_keepalive(items, interval)
         return
     pings = idle_pings(stream, interval, environ, deadline) if stream is not None and environ is not None else None
     if pings is not None:
@@ -275,8 +271,9 @@ def idle_pings(stream: EventStream, interval: float, environ: Mapping[str, Any],
 class IdlePings:
     """Ping from inside the upstream read: poll the upstream socket for `interval`, write a ping, poll again.
 
-    The handler thread is the one blocked in the read and the one that writes the answer, so a ping written
-    there through the server's write callable cannot interleave with a chunk. The read keeps its own timeout;
+    The handler thread (or greenlet: gevent's poll yields to its hub) is the one blocked in the read and the
+    one that writes the answer, so a ping written there through the server's write callable cannot
+    interleave with a chunk. The read keeps its own timeout;
     a write that fails raises ClientGone, a silence past `deadline` PastDeadline (both end the read).
     """
 
@@ -342,46 +339,6 @@ def _threaded_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
             yield item
     finally:
         stopped.set()
-
-
-def _green() -> bool:
-    """Whether this process runs under gevent (gunicorn's gevent worker patched threading)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("threading")
-
-
-def _green_keepalive(items: Iterable[Any], interval: float) -> Iterator[Any]:
-    """with_keepalive under gevent: a pump greenlet, and one timer per stream, restarted at each item, that
-    queues a PING after `interval` seconds of silence (no timeout object per item, no OS thread)."""
-    from gevent import get_hub, spawn
-    from gevent.queue import SimpleQueue
-
-    inbox: SimpleQueue = SimpleQueue()
-    timer = get_hub().loop.timer(interval, interval)
-
-    def pump() -> None:
-        try:
-            for item in items:
-                inbox.put(item)
-                timer.again(inbox.put, PING)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            inbox.put(_Raised(exc))
-        finally:
-            inbox.put(_END)
-
-    timer.start(inbox.put, PING)
-    reader = spawn(pump)
-    try:
-        while True:
-            item = inbox.get()
-            if item is _END:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        timer.close()
-        reader.kill(block=False)  # the relay cancels the upstream stream, which wakes it anyway
 
 
 class _Raised:
