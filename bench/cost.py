@@ -15,12 +15,12 @@ are chatproxy's own work per request and per chunk, without gunicorn's socket I/
    (64-delta - 1-delta) / 63. The same again in a second app with CHATPROXY_KEEPALIVE_SECONDS=0 (no
    keep-alive check: by default the stream's thread polls the upstream socket before each read, as under
    gunicorn's gthread worker; the test client marks its environ as a real server's for that).
-2. A cProfile of the default app's streams (every thread the app starts is profiled too), on each thread's
-   CPU clock (time blocked in socket reads, queue gets, lock and GIL waits counts nothing), grouped by the
-   layer each Python function belongs to; C functions count in the layer of the Python function that
-   called them (sqlite3's in SQLAlchemy's), the waiting calls' own CPU as a layer of its own. cProfile costs
-   about the same per call: that cost (profiled CPU minus measured CPU) is taken off each layer by its
-   number of calls, and the rest is scaled to the CPU of step 1. Python function calls are counted exactly.
+2. Where it goes: the kernel's CPU (system time, measured in step 1) as a layer of its own, and the user CPU
+   split by a cProfile of the default app's streams (every thread the app starts is profiled too) on the
+   wall clock, with the calls that wait (socket reads, polls, queue gets, locks, sleeps) left out, grouped
+   by the layer each Python function belongs to; C functions count in the layer of the Python function
+   that called them (sqlite3's in SQLAlchemy's). The profiler's cost per call is not taken off
+   (layer_table). Python function calls are counted exactly.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ LAYERS = (  # (layer, what it is): the order of the report's table
     ("prometheus", "prometheus_client: metrics"),
     ("chatproxy", "chatproxy: our own code"),
     ("stdlib", "Python's standard library (threading, queue, json, logging, ...)"),
-    ("socket_waits", "inside socket reads and polls: their CPU (the system call, the wake-up, the GIL back)"),
-    ("thread_waits", "inside queue gets and lock waits: their CPU (the wake-up, the GIL back)"),
+    ("socket_waits", "the kernel: system calls (socket reads and writes, polls) and wake-ups (system CPU, measured)"),
     ("harness", "the test client: stands in for the WSGI server (environ in, iterator out)"),
     ("other", "other packages and generated code"),
 )
@@ -95,7 +94,10 @@ SOCKET_WAITS = re.compile(
     r"<method '(recv|recv_into|poll|select)' of '(_socket\.socket|select\.poll|select\.epoll)' objects>"
     r"|<built-in method select\.select>"
 )
-THREAD_WAITS = re.compile(r"<method '(get|acquire)' of '(_queue\.SimpleQueue|_thread\.lock|_thread\.RLock)' objects>")
+THREAD_WAITS = re.compile(
+    r"<method '(get|acquire)' of '(_queue\.SimpleQueue|_thread\.lock|_thread\.RLock)' objects>"
+    r"|<built-in method time\.sleep>"  # the SQLite checkpoint thread's wait (chatproxy/wal.py)
+)
 STDLIB = sysconfig.get_paths()["stdlib"]
 CHATPROXY_DIR = str(ROOT / "chatproxy") + os.sep
 
@@ -159,9 +161,8 @@ def group(stats: pstats.Stats) -> dict[str, Any]:
             continue
         wait = "socket_waits" if SOCKET_WAITS.fullmatch(name) else ""
         wait = wait or ("thread_waits" if THREAD_WAITS.fullmatch(name) else "")
-        if wait:  # the CPU of waiting: the system call, the wake-up, taking the GIL back
+        if wait:  # on the profile's wall clock this is the wait itself: left out (the kernel's CPU is measured)
             waits += own
-            seconds[wait] += own
             events[wait] += count
             continue
         if "sqlite3" in name:
@@ -271,7 +272,7 @@ def profiled(app: App, deltas: int, reps: int, concurrency: int) -> pstats.Stats
     original = threading.Thread.run
 
     def run(thread: threading.Thread) -> None:
-        profile = cProfile.Profile(time.thread_time_ns, 1e-9)  # each thread's CPU: waits count nothing
+        profile = cProfile.Profile()  # perf_counter: the thread CPU clock is a system call, ~1.5 us per event here
         profiles.append(profile)
         profile.runcall(original, thread)
 
@@ -298,6 +299,8 @@ def cpu_figures(short: dict[str, float], long: dict[str, float]) -> dict[str, fl
     switches per extra chunk. `short` and `long` are per-stream figures."""
     per_request, per_stream = short["cpu_s"] * 1000, long["cpu_s"] * 1000
     return {
+        "request_system_ms": round(short["system_s"] * 1000, 3),
+        "stream_system_ms": round(long["system_s"] * 1000, 3),
         "request_ms": round(per_request, 3),
         "stream_ms": round(per_stream, 3),
         "chunk_ms": round((per_stream - per_request) / (LONG - 1), 4),
@@ -375,24 +378,22 @@ def measure(reps: int, concurrency: int, keepalive_variant: bool = True) -> dict
 def layer_table(out: dict[str, Any]) -> dict[str, Any]:
     """Per layer: ms of real CPU per request and per extra chunk, and %.
 
-    The profile's clock is each thread's CPU time, so waiting (a socket read, the pump thread's queue, a
-    lock, the GIL) counts nothing. The profiler's own cost (the profile's total minus the CPU measured
-    without it) is taken off each layer in proportion to its profiler events; what is left is scaled to
-    the measured CPU (a no-op when the profiler's cost is the same per event)."""
+    The kernel's CPU (system time, measured: system calls, wake-ups) is a layer of its own; the user CPU is
+    split by each layer's share of the profile, whose clock is the wall clock (the thread CPU clock is a
+    system call per event, which skewed it), with waiting calls (socket reads, polls, queue gets, locks)
+    left out. The profiler's cost per call is not taken off (it falls partly on the caller's layer, partly
+    on the callee's), so layers of many small calls look heavier than they are."""
     cpu = out["cpu"]["default"]
     measured = {"1": cpu["request_ms"] / 1000, str(LONG): cpu["stream_ms"] / 1000}
     net: dict[str, dict[str, float]] = {}
     overhead: dict[str, float] = {}
+    kernel = {"1": cpu["request_system_ms"] / 1000, str(LONG): cpu["stream_system_ms"] / 1000}
     for key, profile in out["profile"].items():
-        total = sum(profile["seconds"].values())
-        per_event = max(0.0, total - measured[key]) / (sum(profile["events"].values()) or 1)
-        layers = {
-            layer: max(0.0, profile["seconds"].get(layer, 0.0) - per_event * profile["events"].get(layer, 0.0))
-            for layer, _text in LAYERS
-        }
-        left = sum(layers.values()) or 1e-9
-        net[key] = {layer: 1000 * measured[key] * value / left for layer, value in layers.items()}
-        overhead[key] = per_event * 1e6
+        total = sum(profile["seconds"].values()) or 1e-9
+        user = max(0.0, measured[key] - kernel[key])
+        net[key] = {layer: 1000 * user * profile["seconds"].get(layer, 0.0) / total for layer, _text in LAYERS}
+        net[key]["socket_waits"] = 1000 * kernel[key]
+        overhead[key] = max(0.0, total - user) / (sum(profile["events"].values()) or 1) * 1e6
     short, long = out["profile"]["1"], out["profile"][str(LONG)]
     rows = {}
     for layer, _text in LAYERS:

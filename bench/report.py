@@ -463,8 +463,7 @@ PARAGRAPH_GROUPS = (  # the floor paragraph names layers in these groups
     ("prometheus_client", ("prometheus",)),
     ("chatproxy's own code", ("chatproxy",)),
     ("the standard library", ("stdlib",)),
-    ("reading the upstream's socket (system calls, wake-ups)", ("socket_waits",)),
-    ("threads waiting on each other (queue gets, locks: wake-ups)", ("thread_waits",)),
+    ("the kernel (system calls, wake-ups)", ("socket_waits",)),
     ("the test client (in place of the WSGI server)", ("harness",)),
     ("other packages", ("other",)),
 )
@@ -525,15 +524,15 @@ def _cost(cost: dict[str, Any]) -> list[str]:
         ),
         "",
         (
-            "A cProfile of the same streams in the default app (every thread the app starts is profiled) on each "
-            "thread's CPU clock, so time blocked in socket reads, queue gets, lock and GIL waits counts nothing; "
-            "grouped by the layer each Python function belongs to; a C function counts in the layer of the Python "
-            "function that called it (sqlite3's in SQLAlchemy's), and the CPU the waiting calls themselves use "
-            "(the system call, the wake-up, taking the GIL back) is in two layers of its own. cProfile costs about the "
-            "same for every call it sees, so layers of many small calls look heavier than they are: that cost "
-            f"(here {table['profiler_us_per_event'][str(deltas)]:.2f} µs per call, the profiled CPU minus the CPU "
-            "measured above, over the calls) is taken off each layer by its number of calls and the rest scaled "
-            "to the measured CPU; times are estimates, shares of measured figures. Python calls are counted exactly."
+            "The kernel's CPU (system time, measured above: system calls, wake-ups) is a layer of its own; the "
+            "user CPU is split by a cProfile of the same streams in the default app (every thread the app starts "
+            "is profiled), on the wall clock with the calls that wait (socket reads, polls, queue gets, locks) "
+            "left out, grouped by the layer each Python function belongs to; a C function counts in the layer of "
+            "the Python function that called it (sqlite3's in SQLAlchemy's). cProfile adds a cost to every call it "
+            f"sees (here {table['profiler_us_per_event'][str(deltas)]:.2f} µs per call: the profile's excess over "
+            "the user CPU, over the calls), which is not taken off: it falls partly on the caller's layer, partly "
+            "on the callee's. So layers of many small calls look heavier than they are; times are estimates. "
+            "Python calls are counted exactly."
         ),
         "",
     ]
@@ -628,16 +627,15 @@ def _irreducible(cost: dict[str, Any]) -> str:
     """The generated line: what cannot be removed in Python per chunk, as far as these figures show it."""
     default, off = cost["cpu"]["default"], cost["cpu"].get("no_keepalive")
     rows = cost["layers"]["rows"]
-    http, waits, threads = rows["http"], rows["socket_waits"], rows["thread_waits"]
+    http, kernel = rows["http"], rows["socket_waits"]
     line = (
         "**What cannot be removed in Python**, as far as these figures show: per chunk, a pure-Python HTTP/1.1 "
         f"client's work on each read of the upstream's chunked body (httpcore2's read, h11's parse): about "
         f"{http['chunk_ms'] * 1000:.0f} µs and {http['chunk_calls']:.0f} Python calls ({http['chunk_pct']:.0f} % "
-        "of a chunk's CPU); and the system calls and wake-ups of the thread that sleeps in the socket read until "
-        f"each chunk arrives: about {waits['chunk_ms'] * 1000:.0f} µs ({waits['chunk_pct']:.0f} %). The WSGI "
-        "server's write of each "
-        "chunk to the client's socket is not in these figures (the test client has no socket): in gunicorn it "
-        "comes on top."
+        "of a chunk's CPU); and the kernel's work for each chunk (the system calls and the wake-up of the thread "
+        f"that sleeps until it arrives): about {kernel['chunk_ms'] * 1000:.0f} µs ({kernel['chunk_pct']:.0f} %). "
+        "The WSGI server's write of each chunk to the client's socket is not in these figures (the test client "
+        "has no socket): in gunicorn it comes on top."
     )
     if off:
         handoff = (default["chunk_ms"] - off["chunk_ms"]) * 1000
@@ -645,8 +643,7 @@ def _irreducible(cost: dict[str, Any]) -> str:
         line += (
             " Keep-alive pings as gthread sends them (the stream's own thread polls the upstream socket for "
             f"CHATPROXY_KEEPALIVE_SECONDS before each read and writes a ping itself; no pump thread) measured "
-            f"{handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against pings off (the "
-            f"profile: {threads['chunk_ms'] * 1000:.0f} µs per chunk inside queue gets and lock waits)."
+            f"{handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against pings off."
         )
     return line
 
