@@ -6,7 +6,6 @@ import _socket
 import json
 import logging
 import queue
-import select
 import socket
 import ssl
 import threading
@@ -14,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import httpcore2
 import httpx2
 import openai
 import orjson
@@ -258,50 +258,47 @@ def with_keepalive(
 
 def idle_pings(stream: EventStream, interval: float, environ: Mapping[str, Any], deadline: float) -> IdlePings | None:
     """IdlePings on this stream's upstream connection, where the server's write works mid-answer (gunicorn,
-    werkzeug's server; not the test client) and the connection is a plain or TLS socket (not TLS in TLS)."""
+    werkzeug's server; not the test client) and the connection is a socket's stream (not TLS in TLS)."""
     write = environ.get(WRITE)
     network = stream.response.extensions.get("network_stream")
-    sock = network.get_extra_info("socket") if network is not None else None
     served = "gunicorn.socket" in environ or "werkzeug.socket" in environ
-    if write is None or not served or not isinstance(sock, socket.socket) or type(network).__name__ != "SyncStream":
+    if write is None or not served or type(network).__name__ != "SyncStream":
         return None
-    return IdlePings(network, sock, interval, write, deadline)
+    return IdlePings(network, interval, write, deadline)
 
 
 class IdlePings:
-    """Ping from inside the upstream read: poll the upstream socket for `interval`, write a ping, poll again.
+    """Ping from inside the upstream read: read with a timeout of `interval`, write a ping on each timeout.
 
-    The handler thread (or greenlet: gevent's poll yields to its hub) is the one blocked in the read and the
-    one that writes the answer, so a ping written there through the server's write callable cannot
-    interleave with a chunk. The read keeps its own timeout;
-    a write that fails raises ClientGone, a silence past `deadline` PastDeadline (both end the read).
+    The handler thread (or greenlet) is the one blocked in the read and the one that writes the answer, so a
+    ping written there through the server's write callable cannot interleave with a chunk. A socket read
+    that times out has consumed nothing, so the read is simply tried again; it costs nothing per chunk that
+    a read with the connection's own timeout does not (CPython polls the socket before each timed read).
+    The read keeps its own timeout overall; a write that fails raises ClientGone, a silence past `deadline`
+    PastDeadline (both end the read).
     """
 
-    def __init__(
-        self, network: Any, sock: socket.socket, interval: float, write: Callable[[bytes], Any], deadline: float
-    ) -> None:
-        self.network, self.sock, self.interval, self.write, self.deadline = network, sock, interval, write, deadline
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN | select.POLLPRI)
+    def __init__(self, network: Any, interval: float, write: Callable[[bytes], Any], deadline: float) -> None:
+        self.network, self.interval, self.write, self.deadline = network, interval, write, deadline
         self.read = network.read
         network.read = self._read  # this connection's reads, until remove()
 
     def _read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes the socket no longer shows
-            return self.read(max_bytes, timeout)
         limit = None if timeout is None else time.monotonic() + timeout
         while True:
-            wait = self.interval if limit is None else min(self.interval, limit - time.monotonic())
-            if wait <= 0 or self.poller.poll(wait * 1000):
-                break
+            left = None if limit is None else limit - time.monotonic()
+            if left is not None and left <= self.interval:
+                return self.read(max_bytes, max(left, 0.001))  # the connection's own timeout, as it was
+            try:
+                return self.read(max_bytes, self.interval)
+            except httpcore2.ReadTimeout:
+                pass
             if time.monotonic() > self.deadline:
                 raise PastDeadline
             try:
                 self.write(PING)
             except OSError as exc:
                 raise ClientGone from exc
-        return self.read(max_bytes, None if limit is None else max(limit - time.monotonic(), 0.001))
 
     def remove(self) -> None:
         """Give the connection its own read back (before it returns to the pool)."""
