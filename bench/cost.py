@@ -13,7 +13,7 @@ are chatproxy's own work per request and per chunk, without gunicorn's socket I/
    long ones: their mean), and of `reps` streams of 64 deltas, `concurrency` at a time (their starts spread
    so that no two streams' work overlaps). CPU per request = a 1-delta stream; per extra chunk =
    (64-delta - 1-delta) / 63. The same again in a second app with CHATPROXY_KEEPALIVE_SECONDS=0 (no
-   keep-alive check: by default the stream's thread polls the upstream socket before each read, as under
+   keep-alive timeout: by default the stream's thread reads the upstream with one and pings on it, as under
    gunicorn's gthread worker; the test client marks its environ as a real server's for that).
 2. Where it goes: the kernel's CPU (system time, measured in step 1) as a layer of its own, and the user CPU
    split by a cProfile of the default app's streams (every thread the app starts is profiled too) on the

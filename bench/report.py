@@ -438,7 +438,7 @@ def render(results: dict[str, Any], image: str | None) -> str:
         " that reserves the budget and opens the ledger row, and building the upstream request; after the last token,"
         " one transaction settles the budget and closes the row. Per chunk: httpcore/h11 reading the chunked body, "
         "decoding the event (orjson), the wire adapter's bytes, and the worker class's socket I/O (gevent's hub, or "
-        "gthread's poll of the upstream socket for keep-alive pings). Every streaming route reads the upstream with "
+        "the keep-alive timeout on each upstream read). Every streaming route reads the upstream with "
         "the same raw SSE reader (`relay.py`, `sse.py`), not the SDK's `Stream`. With SQLite and more than one worker, "
         "writers wait on SQLite's file lock; under gevent that wait blocks the whole worker (docs/deploy.md): "
         "PostgreSQL is the ledger for concurrency.",
@@ -494,7 +494,7 @@ def _cost(cost: dict[str, Any]) -> list[str]:
     ]
     rows = []
     for label, c in (
-        ("default (`CHATPROXY_KEEPALIVE_SECONDS=10`: the stream's thread polls for pings)", default),
+        ("default (`CHATPROXY_KEEPALIVE_SECONDS=10`: the stream's thread pings on a read timeout)", default),
         ("`CHATPROXY_KEEPALIVE_SECONDS=0` (no keep-alive check)", off),
     ):
         if c:
@@ -639,10 +639,11 @@ def _irreducible(cost: dict[str, Any]) -> str:
     )
     if off:
         handoff = (default["chunk_ms"] - off["chunk_ms"]) * 1000
-        switches = default["context_switches_per_chunk"] - off["context_switches_per_chunk"]
+        switches = round(default["context_switches_per_chunk"] - off["context_switches_per_chunk"], 1) + 0.0
         line += (
-            " Keep-alive pings as gthread sends them (the stream's own thread polls the upstream socket for "
-            f"CHATPROXY_KEEPALIVE_SECONDS before each read and writes a ping itself; no pump thread) measured "
+            " Keep-alive pings as gunicorn's workers send them (the stream's own thread reads the upstream with "
+            "a timeout of CHATPROXY_KEEPALIVE_SECONDS and writes a ping itself on each timeout; no pump thread) "
+            "measured "
             f"{handoff:.0f} µs of CPU and {switches:.1f} context switches per chunk against pings off."
         )
     return line
