@@ -219,7 +219,7 @@ def expose_write(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Interrupted(Exception):
-    """Raised from inside an upstream read that idle_pings broke off."""
+    """Raised from inside an upstream read that IdlePings broke off."""
 
 
 class ClientGone(Interrupted):
