@@ -87,9 +87,8 @@ PACKAGES = {
     "limits": "limits",
     "prometheus_client": "prometheus",
 }
-# C functions that wait: a socket read until the upstream's next chunk, the pump thread's queue, locks and
-# events, polls. The profile's clock is thread CPU time, so the waiting itself counts nothing; what they cost
-# (the system call, the wake-up, taking the GIL back) is shown as a layer of its own.
+# C functions that wait: a socket read until the upstream's next chunk, polls, queues, locks, sleeps. On the
+# profile's wall clock their time is the wait itself, so it is left out; the kernel's CPU is measured instead.
 SOCKET_WAITS = re.compile(
     r"<method '(recv|recv_into|poll|select)' of '(_socket\.socket|select\.poll|select\.epoll)' objects>"
     r"|<built-in method select\.select>"
@@ -188,7 +187,7 @@ def group(stats: pstats.Stats) -> dict[str, Any]:
 
 
 # The environ key a real server sets (werkzeug's; gunicorn's is gunicorn.socket): with it, keep-alive pings are
-# polled for by the stream's own thread (sse.IdlePings), as under gunicorn's gthread worker, not by a pump thread.
+# written by the stream's own thread on a read timeout (sse.IdlePings), as under gunicorn, not by a pump thread.
 SERVED = {"werkzeug.socket": None}
 
 
@@ -245,7 +244,6 @@ class App:
             thread.start()
         for thread in threads:
             thread.join()
-        _join_pumps()
         cpu, after = time.process_time() - before, resource.getrusage(resource.RUSAGE_SELF)
         if errors:
             raise errors[0]
@@ -258,16 +256,8 @@ class App:
         }
 
 
-def _join_pumps(timeout: float = 5.0) -> None:
-    """Wait for the streams' pump threads to end, so that their work is inside the measurement."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread.name == "sse-pump":
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
 def profiled(app: App, deltas: int, reps: int, concurrency: int) -> pstats.Stats:
-    """A cProfile of a batch over every thread started meanwhile (the batch's workers and the pump threads)."""
+    """A cProfile of a batch over every thread started meanwhile (the batch's workers, the SQLite checkpoint thread)."""
     profiles: list[cProfile.Profile] = []
     original = threading.Thread.run
 

@@ -1,4 +1,4 @@
-"""Server-sent events: the one reader of upstream streams (raw lines, orjson), framing, keep-alive pings, hang-ups."""
+"""Server-sent events: the one reader of upstream streams (bytes, orjson), framing, keep-alive pings, hang-ups."""
 
 from __future__ import annotations
 
@@ -218,16 +218,12 @@ def expose_write(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
     return app
 
 
-class Interrupted(Exception):
-    """Raised from inside an upstream read that IdlePings broke off."""
+class ClientGone(Exception):
+    """Raised from inside an upstream read (IdlePings): a ping could not be written, the client hung up."""
 
 
-class ClientGone(Interrupted):
-    """A ping could not be written: the client hung up."""
-
-
-class PastDeadline(Interrupted):
-    """The upstream stayed silent past the request's deadline."""
+class PastDeadline(Exception):
+    """Raised from inside an upstream read (IdlePings): the upstream stayed silent past the request's deadline."""
 
 
 def with_keepalive(
